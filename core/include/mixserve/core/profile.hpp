@@ -1,0 +1,114 @@
+// Hardware profile: measured (mixserve-profile) or datasheet-derived operator costs.
+// The simulator interpolates these tables in log space and falls back to a roofline / alpha-beta
+// model outside them, saying which it used (CostSource).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "mixserve/core/types.hpp"
+
+namespace mixserve {
+
+// How a cost was obtained. Every predicted op carries one, and plans report them.
+#define MIXSERVE_COST_SOURCES(X)                                                          \
+  X(measured, "measured")         /* a profile point at this exact shape */               \
+  X(interpolated, "interpolated") /* between measured points */                           \
+  X(extrapolated, "extrapolated") /* scaled from the nearest measured point */           \
+  X(roofline, "roofline")         /* compute/memory ceilings of the profile */            \
+  X(alpha_beta, "alpha-beta")     /* link latency + bytes / bandwidth */                  \
+  X(datasheet, "datasheet")       /* roofline whose ceilings are datasheet numbers */
+enum class CostSource {
+#define MIXSERVE_X(e, s) e,
+  MIXSERVE_COST_SOURCES(MIXSERVE_X)
+#undef MIXSERVE_X
+};
+std::string_view to_string(CostSource s);
+
+#define MIXSERVE_COLL_OPS(X)                              \
+  X(all_reduce, "all_reduce")                             \
+  X(reduce_scatter, "reduce_scatter")                     \
+  X(all_gather, "all_gather")                             \
+  X(all_to_all, "all_to_all")                             \
+  X(send_recv, "send_recv")                               \
+  X(fused_ag_dispatch, "fused_ag_dispatch")               \
+  X(fused_rs_combine, "fused_rs_combine")
+enum class CollOp {
+#define MIXSERVE_X(e, s) e,
+  MIXSERVE_COLL_OPS(MIXSERVE_X)
+#undef MIXSERVE_X
+};
+std::string_view to_string(CollOp op);
+
+struct GemmPoint {          // C[m,n] = A[m,k] * B[k,n]
+  int64_t m = 0, n = 0, k = 0;
+  DType dtype = DType::bf16;
+  double time_us = 0;
+};
+
+struct ExpertGemmPoint {    // one grouped expert GEMM over all local experts
+  int num_experts = 0;      // local experts (groups)
+  int64_t tokens = 0;       // total routed rows over all groups
+  int64_t max_tokens = 0;   // rows of the most loaded expert
+  int active_experts = 0;   // experts with at least one row
+  int64_t n = 0, k = 0;     // per-expert weight [k, n]
+  DType dtype = DType::bf16;
+  std::string distribution; // "uniform", "zipf:1.2", "one-hot", ...
+  double time_us = 0;
+};
+
+struct ElementwisePoint {   // achieved bandwidth of a read+write kernel
+  double bytes = 0;         // bytes read + written
+  double time_us = 0;
+};
+
+struct AttentionPoint {
+  std::string kind;         // "prefill" | "decode"
+  std::string impl;         // "gqa" | "mla"
+  int batch = 0;            // sequences
+  int64_t q_len = 0;        // query tokens per sequence (1 for decode)
+  int64_t kv_len = 0;       // context per sequence
+  int num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  double time_us = 0;
+};
+
+struct CollectivePoint {
+  CollOp op = CollOp::all_reduce;
+  int group_size = 0;       // ranks in the collective
+  int nodes = 1;            // nodes it spans (1 = intra-node); emulated structures say so in `group`
+  std::string group;        // "1x8", "2x4", "rail:2x4", ...
+  double bytes = 0;         // nccl-tests convention: per-rank buffer size
+  double time_us = 0;
+};
+
+struct HardwareProfile {
+  int version = 1;
+  std::string name;                  // "h200-datasheet", "h200"
+  std::string gpu;                   // "H200"
+  std::string source = "datasheet";  // "datasheet" | "measured"
+  int sm_count = 0;
+  double memory_GiB = 0;
+  // Roofline ceilings (measured peaks when source == measured).
+  double peak_tflops_bf16 = 0;
+  double peak_tflops_fp8 = 0;
+  double peak_tflops_fp32 = 0;
+  double mem_bw_GBps = 0;
+  // Datasheet fudge, stated: achievable fraction of each ceiling (1.0 for measured peaks).
+  double gemm_efficiency = 1.0;
+  double mem_efficiency = 1.0;
+  double kernel_launch_us = 0;       // fixed cost per kernel (launch + tail)
+  std::vector<GemmPoint> gemm;
+  std::vector<ExpertGemmPoint> experts;
+  std::vector<ElementwisePoint> elementwise;
+  std::vector<AttentionPoint> attention;
+  std::vector<CollectivePoint> collectives;
+  std::map<std::string, std::string> versions;  // driver, cuda, cublas, nccl
+  std::string measured_on;           // host / date
+  std::string notes;                 // e.g. "collectives are alpha-beta until measured"
+  Provenance provenance;
+
+  bool is_datasheet() const { return source == "datasheet"; }
+};
+
+}  // namespace mixserve

@@ -1,0 +1,1 @@
+// Layout search: implemented by the planner work.

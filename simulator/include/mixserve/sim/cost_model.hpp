@@ -1,0 +1,75 @@
+// Step-cost model: how long one forward step of a layout takes for a given batch composition.
+// The planner calls it for uniform analytic batches; the serving simulator for the exact
+// batches its scheduler forms. Two implementations behind one interface (STYLE.md §4):
+//   "mixserve" — per-op costs from the hardware profile (tables, roofline, alpha-beta), fused
+//                schedules costed round by round, MoE load at the most loaded rank;
+//   "paper"    — the MixServe paper's Eqs. 4-11, for comparison.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "mixserve/core/cluster.hpp"
+#include "mixserve/core/layout.hpp"
+#include "mixserve/core/model.hpp"
+#include "mixserve/core/plan.hpp"
+#include "mixserve/core/profile.hpp"
+#include "mixserve/core/workload.hpp"
+
+namespace mixserve::sim {
+
+// What one DP-attention replica runs in one step (vLLM-style mixed batch).
+struct ReplicaBatch {
+  int64_t prefill_tokens = 0;      // new tokens of prefill chunks this step
+  int num_prefill_seqs = 0;
+  double prefill_attn_pairs = 0;   // sum over chunks of chunk_len * (context_before + (chunk_len+1)/2):
+                                   // (query, key) pairs of causal attention for the chunks
+  int num_decode = 0;              // decode sequences (one new token each)
+  int64_t decode_context = 0;      // sum of context lengths the decodes attend to
+  int64_t tokens() const { return prefill_tokens + num_decode; }
+  bool empty() const { return tokens() == 0; }
+};
+
+// Routing load model for the MoE block.
+struct RoutingModel {
+  std::string kind = "uniform";    // "uniform" | "zipf" (power-law skew) | "histogram"
+  double skew = 0;                 // zipf exponent (0 = uniform)
+  std::vector<double> expert_share;// histogram: fraction of routed tokens per expert (sums to 1)
+};
+
+struct StepCost {
+  double time_us = 0;              // wall time of the step (all PP stages of one micro-batch)
+  double stage_time_us = 0;        // slowest pipeline stage
+  std::vector<OpCost> ops;         // filled when breakdown requested
+};
+
+struct CostModelOptions {
+  RoutingModel routing;
+  bool want_breakdown = false;
+};
+
+class StepCostModel {
+ public:
+  virtual ~StepCostModel() = default;
+  virtual std::string name() const = 0;
+  // per_replica.size() == layout.attn_dp; replicas step together through MoE layers.
+  virtual StepCost step(std::span<const ReplicaBatch> per_replica, bool breakdown) const = 0;
+  // Memory per GPU for these limits; fills kv_tokens / kv_blocks capacity.
+  virtual MemoryBreakdown memory(const RuntimeLimits& limits) const = 0;
+};
+
+// name: "mixserve" | "paper". Throws InputError on an unknown name.
+std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const ModelSpec& m,
+                                               const ClusterSpec& c, const HardwareProfile& p,
+                                               const Layout& l, const CostModelOptions& opt);
+
+// Analytic serving metrics for a steady batch (no simulation): TTFT of a prefill of mean input
+// length (plus queueing at the workload's rate if finite), ITL of a decode step at the batch
+// limit with mean context, throughput of the saturated batch. Used to rank layouts.
+PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l,
+                                  const WorkloadSpec& w, const RuntimeLimits& limits,
+                                  std::vector<OpCost>* breakdown = nullptr);
+
+}  // namespace mixserve::sim

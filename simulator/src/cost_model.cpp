@@ -1,0 +1,1 @@
+// Cost model: implemented by the cost-model work (see cost_model.hpp).
