@@ -1,0 +1,85 @@
+// Per-op time prediction backends behind one small interface (STYLE.md §4).
+//   roofline timer: max(compute / (peak * efficiency), bytes / (bandwidth * efficiency)) per
+//                   kernel plus launch cost; collectives by alpha-beta per domain.
+//   profile timer:  interpolates the HardwareProfile's measured tables in log-log space inside
+//                   their range and falls back to the roofline / alpha-beta outside it.
+// Every answer carries the CostSource it came from. Times are microseconds, sizes are bytes.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "mixserve/core/cluster.hpp"
+#include "mixserve/core/profile.hpp"
+#include "mixserve/core/types.hpp"
+
+namespace mixserve::sim {
+
+struct OpTime {
+  double time_us = 0;
+  CostSource source = CostSource::roofline;
+};
+
+// Where a group of ranks lives: `size` ranks spread evenly over `nodes` nodes (1 = one node).
+struct CommGroup {
+  int size = 1;
+  int nodes = 1;
+  int per_node() const { return nodes > 0 ? size / nodes : size; }
+  bool spans_nodes() const { return nodes > 1; }
+};
+
+// One grouped expert GEMM over the experts of one rank: rows_i x k times k x n per expert.
+struct ExpertGemmShape {
+  int num_experts = 1;         // local experts (groups)
+  double rows = 0;             // routed rows over all local experts
+  double active_experts = 1;   // experts with at least one row (their weights are read)
+  int64_t n = 0, k = 0;        // per-expert weight [k, n]
+  DType dtype = DType::bf16;   // weight dtype (its compute class sets the peak)
+};
+
+// Core attention (softmax(QK^T)V) of one rank, without projections.
+struct AttentionShape {
+  bool decode = false;
+  bool mla = false;
+  int batch = 0;               // sequences
+  double q_tokens = 0;         // query tokens over all sequences
+  double pairs = 0;            // (query, key) pairs over all sequences and queries
+  double context_tokens = 0;   // decode: keys read (sum of context lengths)
+  int heads = 0;               // query heads on this rank
+  int kv_heads = 0;            // KV heads on this rank (MLA: 1 latent)
+  int qk_dim = 0;              // per-head width of q.k (MLA decode: kv_lora + rope)
+  int v_dim = 0;               // per-head width of v (MLA decode: kv_lora)
+  double kv_bytes_per_token = 0;  // KV cache bytes read per context token on this rank
+  double act_bytes = 2;        // bytes per activation element
+};
+
+class OpTimer {
+ public:
+  virtual ~OpTimer() = default;
+  // C[m,n] = A[m,k] * W[k,n]; `dtype` is the weight dtype.
+  virtual OpTime gemm(double m, int64_t n, int64_t k, DType dtype) const = 0;
+  virtual OpTime expert_gemm(const ExpertGemmShape& s) const = 0;
+  virtual OpTime attention(const AttentionShape& s) const = 0;
+  // A memory-bound kernel moving `bytes` (read + written).
+  virtual OpTime memory_op(double bytes) const = 0;
+  // nccl-tests convention for `bytes`: all_reduce: the buffer; reduce_scatter: the input
+  // (full) buffer; all_gather: the output (full) buffer; all_to_all: the rank's whole send
+  // buffer (including its own share); send_recv: the message.
+  virtual OpTime collective(CollOp op, CommGroup g, double bytes) const = 0;
+};
+
+// Roofline + alpha-beta from the profile's peaks x efficiencies and the cluster's links.
+// Sources: `datasheet` when the profile is a datasheet profile, else `roofline`; collectives
+// are `alpha_beta`. The profile and cluster are copied.
+std::unique_ptr<OpTimer> make_roofline_timer(const HardwareProfile& p, const ClusterSpec& c);
+
+// Profile tables first (measured at an exact point, interpolated between points in log-log
+// space; GEMMs use the (n, k) family nearest in log distance and scale by the roofline ratio,
+// tagged extrapolated), roofline / alpha-beta outside the measured range.
+std::unique_ptr<OpTimer> make_profile_timer(const HardwareProfile& p, const ClusterSpec& c);
+
+// Log-log interpolation of y(x) on points sorted by x. Returns false (and leaves `y` alone)
+// when x lies outside [xs.front(), xs.back()]; sets `exact` when x equals a point.
+bool interpolate_loglog(const double* xs, const double* ys, int n, double x, double& y,
+                        bool& exact);
+
+}  // namespace mixserve::sim
