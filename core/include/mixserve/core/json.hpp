@@ -19,5 +19,6 @@ nlohmann::json to_json(const PredictedMetrics& m);
 nlohmann::json to_json(const OpCost& o);
 nlohmann::json to_json(const PlanCandidate& c);
 nlohmann::json to_json(const RankInfo& r);
+nlohmann::json to_json(const RuntimeLimits& r);
 
 }  // namespace mixserve

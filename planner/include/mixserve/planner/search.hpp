@@ -1,0 +1,148 @@
+// Layout search (STYLE.md §3): enumerate every (attn TP x DP, MoE TP x EP, PP, MoE comm) of a
+// cluster, filter with named legality predicates, rank by an objective with commented
+// tie-breaks, and evaluate the paper's Table II baselines beside the winner.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "mixserve/core/cluster.hpp"
+#include "mixserve/core/layout.hpp"
+#include "mixserve/core/model.hpp"
+#include "mixserve/core/plan.hpp"
+#include "mixserve/core/profile.hpp"
+#include "mixserve/core/workload.hpp"
+#include "mixserve/sim/cost_model.hpp"
+
+namespace mixserve::planner {
+
+// What the search minimises (ttft, itl) or maximises (throughput). One table feeds the enum,
+// its name and the CLI choices.
+#define MIXSERVE_OBJECTIVES(X)                                      \
+  X(ttft, "ttft")             /* mean time to first token, lower */ \
+  X(itl, "itl")               /* mean decode step, lower */         \
+  X(throughput, "throughput") /* total tokens/s, higher */
+enum class Objective {
+#define MIXSERVE_X(e, s) e,
+  MIXSERVE_OBJECTIVES(MIXSERVE_X)
+#undef MIXSERVE_X
+};
+std::string_view to_string(Objective o);
+std::optional<Objective> parse_objective(std::string_view s);
+std::vector<std::string> objective_names();
+
+// --- Enumeration ----------------------------------------------------------------------------
+// Every layout of a world of `world_size` GPUs: powers of two with
+// attn_tp * attn_dp == moe_tp * moe_ep == world_size / pp, and the MoE comm algorithms that
+// apply to the MoE degrees:
+//   tp_allreduce            only when moe_ep == 1;
+//   nccl_a2a                whenever moe_ep > 1;
+//   rs_a2a_ag and fused     when moe_ep > 1, moe_tp > 1 and attn_tp == moe_tp: the hybrid
+//                           schedules shard the hidden dimension over the MoE TP group, which
+//                           needs the tokens replicated in that group, i.e. the attention TP
+//                           group is the MoE TP group.
+// Degrees may exceed GPUs per node (TP across nodes stays legal, as in AIConfigurator; the cost
+// model prices the inter-node links).
+std::vector<Layout> enumerate_layouts(int world_size);
+
+// Runtime-limit candidates: max_num_seqs = 1, 2, 4, ... up to max_batch (max_batch itself
+// included when it is not a power of two) times each max_num_batched_tokens choice.
+std::vector<RuntimeLimits> limit_candidates(int max_batch,
+                                            const std::vector<int64_t>& batched_tokens,
+                                            int64_t max_model_len);
+
+// --- Legality predicates ----------------------------------------------------------------------
+struct PredicateInput {
+  const ModelSpec& model;
+  const ClusterSpec& cluster;
+  const Layout& layout;
+  const MemoryBreakdown* memory = nullptr;  // only fits_memory reads it
+};
+using PredicateFn = bool (*)(const PredicateInput&);
+struct Predicate {
+  std::string_view name;
+  std::string_view rule;     // one line, printed beside the rejection count
+  PredicateFn fn;
+  bool per_candidate;        // false: judged once per layout; true: per (layout, limits)
+};
+// The one table: heads_divisible, kv_heads, experts_divisible, expert_width_divisible,
+// layers_divisible_pp, fits_memory (last; needs the cost model's memory breakdown).
+const std::vector<Predicate>& predicates();
+// Name of the first structural (per-layout) predicate the layout fails, or nullopt.
+std::optional<std::string_view> first_structural_failure(const ModelSpec& m, const ClusterSpec& c,
+                                                         const Layout& l);
+
+// --- Baselines (paper.md §7.5 Table II), generalised to N nodes x G GPUs ------------------------
+struct BaselineDef {
+  std::string_view name;         // CLI name
+  std::string_view description;  // what the paper ran
+};
+const std::vector<BaselineDef>& baseline_defs();
+std::vector<std::string> baseline_names();
+// The layout of a named baseline on this cluster, or nullopt when it does not apply (e.g. TP8 on
+// fewer than 8 GPUs). Throws InputError for an unknown name.
+std::optional<Layout> baseline_layout(std::string_view name, const ClusterSpec& c);
+
+// --- Search -----------------------------------------------------------------------------------
+struct SearchOptions {
+  Objective objective = Objective::throughput;
+  std::string cost_model = "mixserve";
+  sim::RoutingModel routing;
+  int max_batch = 256;                                   // max_num_seqs ceiling per DP replica
+  std::vector<int64_t> batched_tokens = {2048, 4096, 8192, 16384};
+  int64_t max_model_len = 0;                             // 0 = model max
+  int top = 10;                                          // candidates that get a breakdown
+  std::vector<std::string> baselines;                    // empty = all of Table II
+};
+
+struct SearchInputs {
+  ModelSpec model;
+  ClusterSpec cluster;
+  HardwareProfile profile;
+  WorkloadSpec workload;
+};
+
+struct PredicateCount {
+  std::string name;
+  std::string rule;
+  int64_t rejected = 0;
+  int64_t checked = 0;
+  bool per_candidate = false;
+};
+
+struct BaselineResult {
+  std::string name;
+  std::string description;
+  std::optional<Layout> layout;            // nullopt: not applicable to this cluster
+  std::optional<PlanCandidate> candidate;  // nullopt: not applicable or illegal
+  std::string rejected_by;                 // predicate name or "not applicable"
+};
+
+struct SearchResult {
+  std::vector<PlanCandidate> ranked;       // best limits per legal layout, best first
+  std::vector<BaselineResult> baselines;
+  std::vector<PredicateCount> rejections;  // one per predicate, table order
+  int64_t layouts = 0;                     // enumerated
+  int64_t evaluations = 0;                 // (layout, limits) pairs costed
+};
+
+// Full search. Throws InputError naming the cluster when no layout fits.
+SearchResult search(const SearchInputs& in, const SearchOptions& opt);
+
+// One layout at its best limits for the objective (used for baselines and --explain), with
+// the per-op breakdown. nullopt plus the failing predicate's name when illegal.
+std::optional<PlanCandidate> evaluate_layout(const SearchInputs& in, const SearchOptions& opt,
+                                             const Layout& l, std::string* rejected_by = nullptr);
+
+// True when a is better than b for the objective, with the tie-breaks applied.
+bool better(const PlanCandidate& a, const PlanCandidate& b, Objective o, const ClusterSpec& c);
+
+// GPUs that belong to a TP or EP group spanning more than one node (first tie-break).
+int cross_node_gpus(const Layout& l, const ClusterSpec& c);
+
+// Bytes per GPU that do not depend on the KV budget (second tie-break).
+double fixed_memory_bytes(const MemoryBreakdown& m);
+
+}  // namespace mixserve::planner
