@@ -1,0 +1,119 @@
+// cuBLASLt GEMMs in the layout of a linear layer, and grouped expert GEMMs built on them.
+//
+//   out[m, n] = act[m, k] · weight[n, k]^T      (row-major; bf16 output, fp32 accumulation)
+//
+// dtypes (mixserve::DType): bf16 (bf16 operands); fp8_e4m3 (e4m3 operands, one fp32 scale each,
+// per tensor); fp8_block (e4m3 operands with DeepSeek-style scales: one fp32 per 1x128 block of
+// the activations and per 128x128 block of the weights, see the *_scale_count helpers).
+// cuBLAS sees the weight as its A (transposed) and the activations as its B, so out is D in
+// column-major n x m, i.e. row-major [m, n].
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include "mixserve/core/types.hpp"
+
+namespace mixserve::gpu {
+
+inline constexpr int64_t kFp8BlockSize = 128;  // DeepSeek-V3 quantisation block
+
+struct GemmShape {
+  int64_t m = 0, n = 0, k = 0;
+  DType dtype = DType::bf16;
+};
+
+// "" when the shape can run, else why not (dtype unsupported, k or n not a multiple of the
+// alignment cuBLASLt needs: 8 elements for bf16, 16 for fp8).
+std::string gemm_unsupported_reason(const GemmShape& s);
+
+// Rows the activation and output buffers must have: fp8_block rounds m up to a multiple of 4
+// (cuBLASLt's VEC128 scale layout); other dtypes use m.
+int64_t gemm_rows_padded(const GemmShape& s);
+// fp8_block activation scales: [ceil(k/128)][rows_padded], token index fastest.
+int64_t act_scale_count(const GemmShape& s);
+int64_t act_scale_index(const GemmShape& s, int64_t row, int64_t k_block);
+// fp8_block weight scales: [ceil(n/128)][round_up(ceil(k/128), 4)], k block fastest
+// (DeepSeek's weight_scale_inv [n/128, k/128] with the k blocks padded to a multiple of 4).
+int64_t weight_scale_count(const GemmShape& s);
+int64_t weight_scale_index(const GemmShape& s, int64_t n_block, int64_t k_block);
+
+struct GemmOperands {
+  const void* act = nullptr;            // [rows_padded, k]
+  const void* weight = nullptr;         // [n, k]
+  void* out = nullptr;                  // [rows_padded, n] bf16
+  const float* act_scale = nullptr;     // fp8: device scalar (fp8_e4m3) or act_scale_count floats
+  const float* weight_scale = nullptr;  // fp8: device scalar (fp8_e4m3) or weight_scale_count floats
+};
+
+class LtHandle {
+ public:
+  LtHandle();
+  ~LtHandle();
+  LtHandle(const LtHandle&) = delete;
+  LtHandle& operator=(const LtHandle&) = delete;
+  cublasLtHandle_t get() const { return h_; }
+
+ private:
+  cublasLtHandle_t h_ = nullptr;
+};
+
+// One planned GEMM: descriptors and the heuristic's algorithm are chosen once at construction.
+class LtGemm {
+ public:
+  static constexpr std::size_t kWorkspaceBytes = 32u << 20;
+  LtGemm(const LtHandle& h, const GemmShape& s, void* workspace, std::size_t workspace_bytes);
+  ~LtGemm();
+  LtGemm(const LtGemm&) = delete;
+  LtGemm& operator=(const LtGemm&) = delete;
+  void run(const GemmOperands& ops, cudaStream_t stream) const;
+  const GemmShape& shape() const { return s_; }
+  double flops() const { return 2.0 * double(s_.m) * double(s_.n) * double(s_.k); }
+
+ private:
+  cublasLtHandle_t h_;
+  GemmShape s_;
+  void* workspace_;
+  std::size_t workspace_bytes_;
+  cublasLtMatmulDesc_t desc_ = nullptr;
+  cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
+  cublasLtMatmulAlgo_t algo_{};
+};
+
+// Grouped expert GEMM: for every expert e with tokens, out[rows of e] = act[rows of e] · W_e^T.
+// Rows are grouped by expert in order (the permuted layout after dispatch); experts with no
+// tokens launch nothing. One cuBLASLt GEMM per non-empty expert, back to back on one stream
+// (planned once per distinct row count). Token counts are host values: see DESIGN.md pitfalls.
+class ExpertGemm {
+ public:
+  ExpertGemm(const LtHandle& h, int num_experts, int64_t n, int64_t k, DType dtype,
+             void* workspace, std::size_t workspace_bytes);
+  void set_counts(const std::vector<int64_t>& tokens_per_expert);
+  // Row offset of each expert's first row (rows of fp8_block experts are padded to 4).
+  const std::vector<int64_t>& row_offsets() const { return offsets_; }
+  int64_t total_rows() const { return total_rows_; }
+  // act [total_rows, k]; weights [E, n, k]; out [total_rows, n]; scales: fp8_e4m3 one act scalar
+  // and E weight scalars; fp8_block per-expert scale blocks laid out back to back.
+  void run(const void* act, const void* weights, void* out, const float* act_scale,
+           const float* weight_scale, cudaStream_t stream) const;
+  int64_t act_scale_offset(int e) const { return act_scale_offsets_[e]; }
+  double flops() const;
+
+ private:
+  const LtHandle& h_;
+  int num_experts_;
+  int64_t n_, k_;
+  DType dtype_;
+  void* workspace_;
+  std::size_t workspace_bytes_;
+  std::vector<int64_t> counts_, offsets_, act_scale_offsets_;
+  int64_t total_rows_ = 0;
+  std::map<int64_t, std::unique_ptr<LtGemm>> plans_;
+};
+
+}  // namespace mixserve::gpu

@@ -1,0 +1,162 @@
+#include "mixserve/gpu/gemm.hpp"
+
+#include <fmt/format.h>
+
+#include "mixserve/gpu/check.hpp"
+
+namespace mixserve::gpu {
+
+namespace {
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+bool is_fp8(DType d) { return d == DType::fp8_e4m3 || d == DType::fp8_block; }
+int64_t elem_bytes(DType d) { return is_fp8(d) ? 1 : 2; }
+}  // namespace
+
+std::string gemm_unsupported_reason(const GemmShape& s) {
+  if (s.dtype != DType::bf16 && s.dtype != DType::fp8_e4m3 && s.dtype != DType::fp8_block)
+    return fmt::format("dtype {} is not one of bf16, fp8, fp8_block128", to_string(s.dtype));
+  if (s.m < 1 || s.n < 1 || s.k < 1) return fmt::format("m, n, k must be >= 1 (got {}, {}, {})", s.m, s.n, s.k);
+  const int64_t align = is_fp8(s.dtype) ? 16 : 8;  // 16-byte rows
+  if (s.k % align != 0) return fmt::format("k={} is not a multiple of {}", s.k, align);
+  if (s.n % align != 0) return fmt::format("n={} is not a multiple of {}", s.n, align);
+  return {};
+}
+
+int64_t gemm_rows_padded(const GemmShape& s) {
+  return s.dtype == DType::fp8_block ? round_up(s.m, 4) : s.m;
+}
+int64_t act_scale_count(const GemmShape& s) {
+  return ceil_div(s.k, kFp8BlockSize) * gemm_rows_padded(s);
+}
+int64_t act_scale_index(const GemmShape& s, int64_t row, int64_t k_block) {
+  return k_block * gemm_rows_padded(s) + row;
+}
+int64_t weight_scale_count(const GemmShape& s) {
+  return ceil_div(s.n, kFp8BlockSize) * round_up(ceil_div(s.k, kFp8BlockSize), 4);
+}
+int64_t weight_scale_index(const GemmShape& s, int64_t n_block, int64_t k_block) {
+  return n_block * round_up(ceil_div(s.k, kFp8BlockSize), 4) + k_block;
+}
+
+LtHandle::LtHandle() { MIXSERVE_CUBLAS_CHECK(cublasLtCreate(&h_)); }
+LtHandle::~LtHandle() {
+  if (h_) cublasLtDestroy(h_);
+}
+
+LtGemm::LtGemm(const LtHandle& h, const GemmShape& s, void* workspace, std::size_t workspace_bytes)
+    : h_(h.get()), s_(s), workspace_(workspace), workspace_bytes_(workspace_bytes) {
+  if (const auto why = gemm_unsupported_reason(s); !why.empty())
+    throw InputError(fmt::format("GEMM m={} n={} k={} {}: {}", s.m, s.n, s.k, to_string(s.dtype), why));
+  const cudaDataType_t in_type = is_fp8(s.dtype) ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  const int64_t rows = gemm_rows_padded(s);
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+  if (s.dtype == DType::fp8_block) {
+    const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;  // weight
+    const int32_t b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;      // activations
+    MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &a_mode, sizeof(a_mode)));
+    MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &b_mode, sizeof(b_mode)));
+  }
+  if (is_fp8(s.dtype)) {
+    // The heuristic needs the scale pointers set; real ones are set again in run().
+    const void* placeholder = workspace_;
+    MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &placeholder, sizeof(placeholder)));
+    MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &placeholder, sizeof(placeholder)));
+  }
+  // A = weight: k x n column-major (ld k), transposed. B = act: k x rows (ld k). D: n x rows (ld n).
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_, in_type, s.k, s.n, s.k));
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_, in_type, s.k, rows, s.k));
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d_, CUDA_R_16BF, s.n, rows, s.n));
+  cublasLtMatmulPreference_t pref = nullptr;
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h_, desc_, a_, b_, d_, d_, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  MIXSERVE_CUBLAS_CHECK(st);
+  if (found == 0)
+    throw RuntimeError(fmt::format("cuBLASLt has no algorithm for GEMM m={} n={} k={} {}", s.m, s.n,
+                                   s.k, to_string(s.dtype)));
+  algo_ = result.algo;
+}
+
+LtGemm::~LtGemm() {
+  if (d_) cublasLtMatrixLayoutDestroy(d_);
+  if (b_) cublasLtMatrixLayoutDestroy(b_);
+  if (a_) cublasLtMatrixLayoutDestroy(a_);
+  if (desc_) cublasLtMatmulDescDestroy(desc_);
+}
+
+void LtGemm::run(const GemmOperands& ops, cudaStream_t stream) const {
+  if (is_fp8(s_.dtype)) {
+    if (!ops.act_scale || !ops.weight_scale) throw RuntimeError("fp8 GEMM run without scale pointers");
+    MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ops.weight_scale, sizeof(ops.weight_scale)));
+    MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &ops.act_scale, sizeof(ops.act_scale)));
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatmul(h_, desc_, &alpha, ops.weight, a_, ops.act, b_, &beta, ops.out, d_,
+                                       ops.out, d_, &algo_, workspace_, workspace_bytes_, stream));
+}
+
+ExpertGemm::ExpertGemm(const LtHandle& h, int num_experts, int64_t n, int64_t k, DType dtype,
+                       void* workspace, std::size_t workspace_bytes)
+    : h_(h), num_experts_(num_experts), n_(n), k_(k), dtype_(dtype), workspace_(workspace),
+      workspace_bytes_(workspace_bytes) {
+  if (num_experts < 1) throw InputError(fmt::format("expert GEMM: num_experts={} must be >= 1", num_experts));
+  if (const auto why = gemm_unsupported_reason({1, n, k, dtype}); !why.empty())
+    throw InputError(fmt::format("expert GEMM n={} k={} {}: {}", n, k, to_string(dtype), why));
+}
+
+void ExpertGemm::set_counts(const std::vector<int64_t>& tokens_per_expert) {
+  if (static_cast<int>(tokens_per_expert.size()) != num_experts_)
+    throw InputError(fmt::format("expert GEMM: {} token counts for {} experts", tokens_per_expert.size(), num_experts_));
+  counts_ = tokens_per_expert;
+  offsets_.assign(num_experts_, 0);
+  act_scale_offsets_.assign(num_experts_, 0);
+  int64_t row = 0, scale = 0;
+  for (int e = 0; e < num_experts_; ++e) {
+    const int64_t c = counts_[e];
+    if (c < 0) throw InputError(fmt::format("expert GEMM: expert {} has {} tokens", e, c));
+    offsets_[e] = row;
+    act_scale_offsets_[e] = scale;
+    if (c == 0) continue;
+    const GemmShape s{c, n_, k_, dtype_};
+    row += gemm_rows_padded(s);
+    if (dtype_ == DType::fp8_block) scale += act_scale_count(s);
+    if (!plans_.count(c)) plans_.emplace(c, std::make_unique<LtGemm>(h_, s, workspace_, workspace_bytes_));
+  }
+  total_rows_ = row;
+}
+
+void ExpertGemm::run(const void* act, const void* weights, void* out, const float* act_scale,
+                     const float* weight_scale, cudaStream_t stream) const {
+  const int64_t eb = elem_bytes(dtype_);
+  const int64_t wscale_per_expert = weight_scale_count({1, n_, k_, dtype_});
+  for (int e = 0; e < num_experts_; ++e) {
+    if (counts_[e] == 0) continue;
+    GemmOperands ops;
+    ops.act = static_cast<const char*>(act) + offsets_[e] * k_ * eb;
+    ops.weight = static_cast<const char*>(weights) + int64_t(e) * n_ * k_ * eb;
+    ops.out = static_cast<char*>(out) + offsets_[e] * n_ * 2;
+    if (dtype_ == DType::fp8_e4m3) {
+      ops.act_scale = act_scale;
+      ops.weight_scale = weight_scale + e;
+    } else if (dtype_ == DType::fp8_block) {
+      ops.act_scale = act_scale + act_scale_offsets_[e];
+      ops.weight_scale = weight_scale + e * wscale_per_expert;
+    }
+    plans_.at(counts_[e])->run(ops, stream);
+  }
+}
+
+double ExpertGemm::flops() const {
+  double f = 0;
+  for (int64_t c : counts_) f += 2.0 * double(c) * double(n_) * double(k_);
+  return f;
+}
+
+}  // namespace mixserve::gpu
