@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -52,7 +53,19 @@ struct WorkloadSpec {
   double slo_tpot_ms = 0;
   bool approximate = false;  // true for built-in approximations (sharegpt-like)
   std::string notes;
+  // Engine limits the workload asks for (0 = take the plan's). The paper's setting: 16, 4096.
+  int max_num_seqs = 0;      // max batch (sequences per DP replica)
+  int64_t max_seq_len = 0;   // input + output tokens per request; longer requests are clamped
+  // MoE routing the simulator's cost model assumes: "uniform" | "zipf" (power law, exponent
+  // routing_skew) | "histogram" (routing_file: per-layer expert token counts, CSV rows = layers).
+  std::string routing = "uniform";
+  double routing_skew = 0;
+  std::string routing_file;
+  double slo_e2el_ms = 0;    // 0 = no SLO
 };
+
+std::string_view to_string(ArrivalKind k);
+std::string_view to_string(LengthKind k);
 
 // Engine limits the plan fixes and the executor and simulator obey (vLLM names).
 struct RuntimeLimits {

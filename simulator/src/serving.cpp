@@ -1,0 +1,602 @@
+// Discrete-event serving simulator: see serving.hpp for the engine model.
+#include "mixserve/sim/serving.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <limits>
+#include <queue>
+
+#include <fmt/format.h>
+
+#include "mixserve/core/error.hpp"
+
+namespace mixserve::sim {
+
+namespace {
+
+constexpr int32_t kNone = -1;
+
+struct Seq {
+  int64_t input = 0, output = 0;
+  int64_t generated = 0;   // tokens produced so far
+  int64_t computed = 0;    // tokens whose KV is in the cache
+  int64_t blocks = 0;      // KV blocks held
+  double last_token_s = 0;
+  int64_t sched_stamp = -1;  // step id it was last scheduled in
+  int slot = 0, replica = 0;
+  int preemptions = 0;
+  bool done = false;
+  int64_t len() const { return input + generated; }
+};
+
+// One scheduler: a (micro-batch slot, replica) pair, with its own queues and KV blocks.
+struct Unit {
+  std::deque<int32_t> waiting;
+  std::vector<int32_t> running;
+  int64_t free_blocks = 0;
+  int64_t unfinished = 0;
+  bool has_work() const { return !running.empty() || !waiting.empty(); }
+};
+
+struct Scheduled {
+  int32_t seq;
+  int64_t tokens;
+};
+
+int64_t blocks_for(int64_t tokens, int64_t block_tokens) {
+  return (tokens + block_tokens - 1) / block_tokens;
+}
+
+class Engine {
+ public:
+  Engine(const StepCostModel& cm, const ServingConfig& cfg, const RequestStream& stream)
+      : cm_(cm), cfg_(cfg), stream_(stream) {
+    const auto& L = cfg.limits;
+    if (cfg.num_replicas < 1 || cfg.pp < 1)
+      throw InputError(fmt::format("serving config: num_replicas ({}) and pp ({}) must be >= 1",
+                                   cfg.num_replicas, cfg.pp));
+    if (L.max_num_seqs < 1 || L.max_num_batched_tokens < 1 || L.kv_block_tokens < 1)
+      throw InputError("serving config: limits max_num_seqs, max_num_batched_tokens and "
+                       "kv_block_tokens must be >= 1");
+    if (L.kv_blocks < cfg.pp)
+      throw InputError(fmt::format("serving config: limits.kv_blocks = {}: expected at least one "
+                                   "block per pipeline micro-batch slot ({})", L.kv_blocks, cfg.pp));
+    block_tokens_ = L.kv_block_tokens;
+    blocks_per_unit_ = L.kv_blocks / cfg.pp;
+    units_.resize(static_cast<size_t>(cfg.pp * cfg.num_replicas));
+    for (auto& u : units_) u.free_blocks = blocks_per_unit_;
+    const size_t n = stream.requests.size();
+    seqs_.resize(n);
+    res_.requests.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const Request& r = stream.requests[i];
+      if (r.input_tokens < 1 || r.output_tokens < 1)
+        throw InputError(fmt::format("request {}: input and output tokens must be >= 1", r.id));
+      // With recompute the longest prefill is input + output - 1 tokens.
+      const int64_t kv_need = blocks_for(r.input_tokens + r.output_tokens - 1, block_tokens_);
+      if (kv_need > blocks_per_unit_)
+        throw InputError(fmt::format(
+            "request {} ({} + {} tokens) needs {} KV blocks; a replica's scheduler holds {} "
+            "(kv_blocks {} / pp {}): raise the KV capacity or cap max_seq_len",
+            r.id, r.input_tokens, r.output_tokens, kv_need, blocks_per_unit_, L.kv_blocks, cfg.pp));
+      if (!L.chunked_prefill && r.input_tokens + r.output_tokens - 1 > L.max_num_batched_tokens)
+        throw InputError(fmt::format(
+            "request {}: a prefill of up to {} tokens exceeds max_num_batched_tokens ({}) and "
+            "chunked prefill is off", r.id, r.input_tokens + r.output_tokens - 1,
+            L.max_num_batched_tokens));
+      if (r.replica >= cfg.num_replicas)
+        throw InputError(fmt::format("request {}: replica {} not in the plan (replicas: {})", r.id,
+                                     r.replica, cfg.num_replicas));
+      seqs_[i].input = r.input_tokens;
+      seqs_[i].output = r.output_tokens;
+      auto& rr = res_.requests[i];
+      rr.id = r.id;
+      rr.input_tokens = r.input_tokens;
+      rr.output_tokens = r.output_tokens;
+      rr.arrival_s = r.arrival_s;
+    }
+    if (stream.closed_loop_users > 0) {
+      const size_t first = std::min<size_t>(n, static_cast<size_t>(stream.closed_loop_users));
+      for (size_t i = 0; i < first; ++i) issue_closed(static_cast<int32_t>(i), 0.0);
+      next_unissued_ = first;
+    }
+    ready_.assign(static_cast<size_t>(cfg.pp), 0.0);
+    parked_.assign(static_cast<size_t>(cfg.pp), true);
+    batches_.resize(static_cast<size_t>(cfg.num_replicas));
+    sched_.resize(static_cast<size_t>(cfg.num_replicas));
+  }
+
+  SimResult run() {
+    const int64_t n = static_cast<int64_t>(seqs_.size());
+    while (finished_ < n) {
+      int v = pick_slot();
+      if (v < 0) {  // nothing runnable: jump to the next arrival
+        const double t = next_arrival_time();
+        if (!std::isfinite(t))
+          throw RuntimeError("serving simulator: requests left unfinished with nothing to run");
+        admit_until(t);
+        continue;
+      }
+      const double t_start = std::max(ready_[static_cast<size_t>(v)], entry_free_);
+      admit_until(t_start);
+      if (!slot_has_work(v)) {
+        parked_[static_cast<size_t>(v)] = true;
+        continue;
+      }
+      run_step(v, t_start);
+      if (cfg_.progress && cfg_.progress_every > 0 && steps_ % cfg_.progress_every == 0)
+        cfg_.progress(SimProgress{t_start, finished_, n, steps_});
+    }
+    if (cfg_.progress) cfg_.progress(SimProgress{last_end_, finished_, n, steps_});
+    for (size_t i = 0; i < seqs_.size(); ++i) res_.requests[i].preemptions = seqs_[i].preemptions;
+    res_.metrics = compute_metrics(res_, cfg_);
+    auto& m = res_.metrics;
+    m.num_steps = steps_;
+    m.num_preemptions = preemptions_;
+    m.num_empty_replica_steps = empty_replica_steps_;
+    m.mean_step_time_ms = steps_ > 0 ? step_time_sum_us_ * 1e-3 / double(steps_) : 0;
+    m.mean_tokens_per_step = steps_ > 0 ? double(tokens_sum_) / double(steps_) : 0;
+    m.busy_fraction = m.duration_s > 0 ? busy_s_ / m.duration_s : 0;
+    m.max_output_tokens_per_s = 0;
+    for (int64_t c : tokens_per_second_) m.max_output_tokens_per_s =
+        std::max(m.max_output_tokens_per_s, double(c));
+    m.kv_blocks_per_replica = cfg_.limits.kv_blocks;
+    return std::move(res_);
+  }
+
+ private:
+  Unit& unit(int slot, int replica) {
+    return units_[static_cast<size_t>(slot * cfg_.num_replicas + replica)];
+  }
+  bool slot_has_work(int v) {
+    for (int r = 0; r < cfg_.num_replicas; ++r)
+      if (unit(v, r).has_work()) return true;
+    return false;
+  }
+
+  // The unparked slot that can start first (lowest index on ties), or -1.
+  int pick_slot() const {
+    int best = -1;
+    for (int v = 0; v < cfg_.pp; ++v) {
+      if (parked_[static_cast<size_t>(v)]) continue;
+      if (best < 0 || ready_[static_cast<size_t>(v)] < ready_[static_cast<size_t>(best)]) best = v;
+    }
+    return best;
+  }
+
+  double next_arrival_time() const {
+    double t = std::numeric_limits<double>::infinity();
+    if (stream_.closed_loop_users == 0 && next_open_ < stream_.requests.size())
+      t = stream_.requests[next_open_].arrival_s;
+    if (!closed_.empty()) t = std::min(t, closed_.top().first);
+    return t;
+  }
+
+  void issue_closed(int32_t i, double t) {
+    res_.requests[static_cast<size_t>(i)].arrival_s = t;
+    closed_.emplace(t, i);
+  }
+
+  void admit_until(double t) {
+    if (stream_.closed_loop_users == 0) {
+      while (next_open_ < stream_.requests.size() && stream_.requests[next_open_].arrival_s <= t) {
+        route(static_cast<int32_t>(next_open_), stream_.requests[next_open_].arrival_s);
+        ++next_open_;
+      }
+    }
+    while (!closed_.empty() && closed_.top().first <= t) {
+      const auto [ta, i] = closed_.top();
+      closed_.pop();
+      route(i, ta);
+    }
+  }
+
+  void route(int32_t i, double t_arrival) {
+    const Request& req = stream_.requests[static_cast<size_t>(i)];
+    int r = req.replica;
+    if (r < 0) {
+      if (cfg_.router == RouterKind::round_robin) {
+        r = static_cast<int>(rr_next_++ % static_cast<uint64_t>(cfg_.num_replicas));
+      } else {
+        r = 0;
+        for (int k = 1; k < cfg_.num_replicas; ++k)
+          if (replica_load(k) < replica_load(r)) r = k;
+      }
+    }
+    int v = 0;  // micro-batch slot: the least loaded of the replica's
+    for (int k = 1; k < cfg_.pp; ++k)
+      if (unit(k, r).unfinished < unit(v, r).unfinished) v = k;
+    Seq& s = seqs_[static_cast<size_t>(i)];
+    s.slot = v;
+    s.replica = r;
+    res_.requests[static_cast<size_t>(i)].replica = r;
+    Unit& u = unit(v, r);
+    u.waiting.push_back(i);
+    ++u.unfinished;
+    if (parked_[static_cast<size_t>(v)]) {
+      parked_[static_cast<size_t>(v)] = false;
+      ready_[static_cast<size_t>(v)] = std::max(ready_[static_cast<size_t>(v)], t_arrival);
+    }
+  }
+
+  int64_t replica_load(int r) {
+    int64_t l = 0;
+    for (int v = 0; v < cfg_.pp; ++v) l += unit(v, r).unfinished;
+    return l;
+  }
+
+  void preempt(Unit& u, size_t j) {
+    const int32_t victim = u.running[j];
+    Seq& s = seqs_[static_cast<size_t>(victim)];
+    u.free_blocks += s.blocks;
+    s.blocks = 0;
+    s.computed = 0;
+    ++s.preemptions;
+    ++preemptions_;
+    u.running.erase(u.running.begin() + static_cast<std::ptrdiff_t>(j));
+    u.waiting.push_front(victim);
+  }
+
+  // Schedules the running sequences in order; returns false if a preemption happened.
+  bool schedule_running(Unit& u, int64_t& budget, std::vector<Scheduled>& out) {
+    bool preempted = false;
+    for (size_t i = 0; i < u.running.size() && budget > 0; ++i) {
+      const int32_t si = u.running[i];
+      Seq& s = seqs_[static_cast<size_t>(si)];
+      if (s.sched_stamp == steps_) continue;  // admitted this step (prefill-first)
+      const int64_t n = std::min(s.len() - s.computed, budget);
+      const int64_t need = blocks_for(s.computed + n, block_tokens_) - s.blocks;
+      bool self_preempted = false;
+      while (need > u.free_blocks) {
+        // Evict the newest running sequence not already scheduled in this step (may be s).
+        size_t j = u.running.size() - 1;
+        while (j > i && seqs_[static_cast<size_t>(u.running[j])].sched_stamp == steps_) --j;
+        preempted = true;
+        preempt(u, j);
+        if (j == i) {
+          self_preempted = true;
+          break;
+        }
+      }
+      if (self_preempted) break;
+      u.free_blocks -= need;
+      s.blocks += need;
+      s.sched_stamp = steps_;
+      budget -= n;
+      out.push_back({si, n});
+    }
+    return !preempted;
+  }
+
+  void schedule_waiting(Unit& u, int64_t& budget, std::vector<Scheduled>& out) {
+    const auto& L = cfg_.limits;
+    while (!u.waiting.empty() && budget > 0 &&
+           static_cast<int64_t>(u.running.size()) < L.max_num_seqs) {
+      const int32_t si = u.waiting.front();
+      Seq& s = seqs_[static_cast<size_t>(si)];
+      const int64_t want = s.len() - s.computed;
+      if (!L.chunked_prefill && want > budget) break;
+      const int64_t n = std::min(want, budget);
+      const int64_t need = blocks_for(s.computed + n, block_tokens_) - s.blocks;
+      if (need > u.free_blocks) break;
+      u.waiting.pop_front();
+      u.running.push_back(si);
+      u.free_blocks -= need;
+      s.blocks += need;
+      s.sched_stamp = steps_;
+      budget -= n;
+      out.push_back({si, n});
+    }
+  }
+
+  void schedule(Unit& u, std::vector<Scheduled>& out) {
+    out.clear();
+    int64_t budget = cfg_.limits.max_num_batched_tokens;
+    if (cfg_.limits.decode_first) {
+      // vLLM V1: running requests first; no new admissions in a step that had to preempt.
+      if (schedule_running(u, budget, out)) schedule_waiting(u, budget, out);
+    } else {
+      schedule_waiting(u, budget, out);
+      schedule_running(u, budget, out);
+    }
+  }
+
+  void run_step(int v, double t_start) {
+    int64_t tokens = 0;
+    int empty = 0;
+    for (int r = 0; r < cfg_.num_replicas; ++r) {
+      auto& list = sched_[static_cast<size_t>(r)];
+      schedule(unit(v, r), list);
+      ReplicaBatch b;
+      for (const auto& [si, n] : list) {
+        const Seq& s = seqs_[static_cast<size_t>(si)];
+        if (s.computed > 0 && n == 1 && s.len() - s.computed == 1) {
+          ++b.num_decode;
+          b.decode_context += s.len();
+        } else {
+          b.prefill_tokens += n;
+          ++b.num_prefill_seqs;
+          b.prefill_attn_pairs += double(n) * (double(s.computed) + double(n + 1) / 2.0);
+        }
+      }
+      tokens += b.tokens();
+      empty += b.empty() ? 1 : 0;
+      batches_[static_cast<size_t>(r)] = b;
+    }
+    if (tokens == 0)
+      throw RuntimeError("serving simulator: a slot with queued work formed an empty step");
+    const StepCost c = cm_.step(batches_, false);
+    if (!(c.time_us > 0))
+      throw RuntimeError(fmt::format("cost model '{}' returned a step time of {} us",
+                                     cm_.name(), c.time_us));
+    const double stage_us = c.stage_time_us > 0 ? c.stage_time_us : c.time_us / cfg_.pp;
+    const double t_end = t_start + c.time_us * 1e-6;
+    entry_free_ = cfg_.pp > 1 ? t_start + stage_us * 1e-6 : t_end;
+    ready_[static_cast<size_t>(v)] = t_end;
+    busy_s_ += std::max(0.0, t_end - std::max(t_start, covered_until_));
+    covered_until_ = std::max(covered_until_, t_end);
+    last_end_ = std::max(last_end_, t_end);
+    if (cfg_.record_steps) res_.steps.push_back(StepRecord{t_start, c.time_us, v, batches_});
+    ++steps_;
+    step_time_sum_us_ += c.time_us;
+    tokens_sum_ += tokens;
+    empty_replica_steps_ += empty;
+
+    for (int r = 0; r < cfg_.num_replicas; ++r) {
+      Unit& u = unit(v, r);
+      bool any_done = false;
+      for (const auto& [si, n] : sched_[static_cast<size_t>(r)]) {
+        Seq& s = seqs_[static_cast<size_t>(si)];
+        s.computed += n;
+        if (s.computed < s.len()) continue;  // chunked prefill continues next step
+        auto& rr = res_.requests[static_cast<size_t>(si)];
+        if (s.generated == 0) {
+          rr.first_token_s = t_end;
+        } else {
+          res_.itls_ms.push_back((t_end - s.last_token_s) * 1e3);
+        }
+        ++s.generated;
+        s.last_token_s = t_end;
+        const auto bucket = static_cast<size_t>(t_end);
+        if (bucket >= tokens_per_second_.size()) tokens_per_second_.resize(bucket + 1, 0);
+        ++tokens_per_second_[bucket];
+        if (s.generated == s.output) {
+          s.done = true;
+          any_done = true;
+          rr.finish_s = t_end;
+          u.free_blocks += s.blocks;
+          s.blocks = 0;
+          --u.unfinished;
+          ++finished_;
+          if (stream_.closed_loop_users > 0 && next_unissued_ < seqs_.size())
+            issue_closed(static_cast<int32_t>(next_unissued_++), t_end);
+        }
+      }
+      if (any_done)
+        std::erase_if(u.running, [&](int32_t si) { return seqs_[static_cast<size_t>(si)].done; });
+    }
+  }
+
+  const StepCostModel& cm_;
+  const ServingConfig& cfg_;
+  const RequestStream& stream_;
+  int64_t block_tokens_ = 16, blocks_per_unit_ = 0;
+  std::vector<Seq> seqs_;
+  std::vector<Unit> units_;
+  std::vector<double> ready_;
+  std::vector<bool> parked_;
+  double entry_free_ = 0, busy_s_ = 0, covered_until_ = 0, last_end_ = 0;
+  size_t next_open_ = 0, next_unissued_ = 0;
+  using Pending = std::pair<double, int32_t>;
+  std::priority_queue<Pending, std::vector<Pending>, std::greater<>> closed_;
+  uint64_t rr_next_ = 0;
+  int64_t finished_ = 0, steps_ = 0, preemptions_ = 0, empty_replica_steps_ = 0, tokens_sum_ = 0;
+  double step_time_sum_us_ = 0;
+  std::vector<int64_t> tokens_per_second_;
+  std::vector<ReplicaBatch> batches_;
+  std::vector<std::vector<Scheduled>> sched_;
+  SimResult res_;
+};
+
+}  // namespace
+
+std::string_view to_string(RouterKind r) {
+  switch (r) {
+#define MIXSERVE_X(e, s) \
+  case RouterKind::e:    \
+    return s;
+    MIXSERVE_ROUTERS(MIXSERVE_X)
+#undef MIXSERVE_X
+  }
+  return "?";
+}
+
+std::optional<RouterKind> parse_router(std::string_view s) {
+#define MIXSERVE_X(e, str) \
+  if (s == str) return RouterKind::e;
+  MIXSERVE_ROUTERS(MIXSERVE_X)
+#undef MIXSERVE_X
+  return std::nullopt;
+}
+
+std::vector<std::string> router_names() {
+  return {
+#define MIXSERVE_X(e, s) s,
+      MIXSERVE_ROUTERS(MIXSERVE_X)
+#undef MIXSERVE_X
+  };
+}
+
+double percentile(std::span<const double> sorted, double q) {
+  if (sorted.empty()) return 0;
+  const double pos = q / 100.0 * double(sorted.size() - 1);
+  const auto lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, sorted.size() - 1);
+  return sorted[lo] + (pos - double(lo)) * (sorted[hi] - sorted[lo]);
+}
+
+LatencyStats latency_stats(std::vector<double> v) {
+  LatencyStats s;
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  double sum = 0;
+  for (double x : v) sum += x;
+  s.mean = sum / double(v.size());
+  double ss = 0;
+  for (double x : v) ss += (x - s.mean) * (x - s.mean);
+  s.stddev = std::sqrt(ss / double(v.size()));
+  s.median = percentile(v, 50);
+  s.p90 = percentile(v, 90);
+  s.p99 = percentile(v, 99);
+  return s;
+}
+
+ServingMetrics compute_metrics(const SimResult& r, const ServingConfig& cfg) {
+  ServingMetrics m;
+  std::vector<double> ttft, tpot, e2el;
+  ttft.reserve(r.requests.size());
+  e2el.reserve(r.requests.size());
+  const bool any_slo = cfg.slo_ttft_ms > 0 || cfg.slo_tpot_ms > 0 || cfg.slo_e2el_ms > 0;
+  std::vector<std::pair<double, int>> events;  // (time, +1 arrival / -1 finish)
+  events.reserve(2 * r.requests.size());
+  for (const auto& q : r.requests) {
+    ++m.completed;
+    m.total_input_tokens += q.input_tokens;
+    m.total_output_tokens += q.output_tokens;
+    m.duration_s = std::max(m.duration_s, q.finish_s);
+    ttft.push_back(q.ttft_ms());
+    e2el.push_back(q.e2el_ms());
+    if (q.output_tokens > 1) tpot.push_back(q.tpot_ms());
+    const bool good = (cfg.slo_ttft_ms <= 0 || q.ttft_ms() <= cfg.slo_ttft_ms) &&
+                      (cfg.slo_tpot_ms <= 0 || q.tpot_ms() <= cfg.slo_tpot_ms) &&
+                      (cfg.slo_e2el_ms <= 0 || q.e2el_ms() <= cfg.slo_e2el_ms);
+    m.good_requests += good ? 1 : 0;
+    events.emplace_back(q.arrival_s, 1);
+    events.emplace_back(q.finish_s, -1);
+  }
+  std::sort(events.begin(), events.end());  // finishes (-1) before arrivals at equal times
+  int64_t cur = 0;
+  for (const auto& e : events) {
+    cur += e.second;
+    m.max_concurrent_requests = std::max(m.max_concurrent_requests, cur);
+  }
+  if (m.duration_s > 0) {
+    m.request_throughput = double(m.completed) / m.duration_s;
+    m.output_throughput = double(m.total_output_tokens) / m.duration_s;
+    m.total_token_throughput = double(m.total_input_tokens + m.total_output_tokens) / m.duration_s;
+    m.request_goodput = any_slo ? double(m.good_requests) / m.duration_s : 0;
+  }
+  m.slo_attainment = m.completed > 0 ? double(m.good_requests) / double(m.completed) : 0;
+  m.ttft = latency_stats(std::move(ttft));
+  m.tpot = latency_stats(std::move(tpot));
+  m.itl = latency_stats(r.itls_ms);
+  m.e2el = latency_stats(std::move(e2el));
+  return m;
+}
+
+SimResult simulate(const StepCostModel& cm, const ServingConfig& cfg, const RequestStream& stream) {
+  if (stream.requests.empty()) throw InputError("serving simulator: no requests to simulate");
+  Engine e(cm, cfg, stream);
+  return e.run();
+}
+
+ServingConfig serving_config_for(const StepCostModel& cm, const Layout& layout,
+                                 const RuntimeLimits& limits, const WorkloadSpec& w) {
+  ServingConfig cfg;
+  cfg.num_replicas = layout.attn_dp;
+  cfg.pp = layout.pp;
+  cfg.limits = limits;
+  if (w.max_num_seqs > 0) cfg.limits.max_num_seqs = w.max_num_seqs;
+  if (w.max_seq_len > 0) cfg.limits.max_model_len = w.max_seq_len;
+  if (cfg.limits.kv_blocks <= 0) {
+    const MemoryBreakdown mem = cm.memory(cfg.limits);
+    if (!mem.fits || mem.kv_tokens <= 0)
+      throw InputError(fmt::format("layout '{}': the memory model leaves no room for a KV cache "
+                                   "(kv_tokens {})", layout.name(), mem.kv_tokens));
+    cfg.limits.kv_blocks = mem.kv_tokens / std::max(1, cfg.limits.kv_block_tokens);
+  }
+  cfg.slo_ttft_ms = w.slo_ttft_ms;
+  cfg.slo_tpot_ms = w.slo_tpot_ms;
+  cfg.slo_e2el_ms = w.slo_e2el_ms;
+  return cfg;
+}
+
+CapacityResult capacity_search(const StepCostModel& cm, const ServingConfig& base,
+                               const WorkloadSpec& w, const CapacityOptions& opt, int num_gpus) {
+  if (w.arrival != ArrivalKind::poisson && w.arrival != ArrivalKind::gamma)
+    throw InputError(fmt::format("workload '{}': the capacity search varies the request rate, so "
+                                 "the arrival kind must be poisson or gamma, not {}",
+                                 w.name, to_string(w.arrival)));
+  if (opt.slo_ttft_ms <= 0 && opt.slo_tpot_ms <= 0 && opt.slo_e2el_ms <= 0)
+    throw InputError("capacity search: set at least one SLO (ttft, tpot or e2el)");
+  if (!(opt.attainment > 0 && opt.attainment <= 1) || !(opt.start_rate > 0) ||
+      !(opt.rel_tol > 0) || opt.num_requests < 1)
+    throw InputError("capacity search: expected attainment in (0, 1], start_rate > 0, "
+                     "rel_tol > 0, num_requests >= 1");
+  ServingConfig cfg = base;
+  cfg.slo_ttft_ms = opt.slo_ttft_ms;
+  cfg.slo_tpot_ms = opt.slo_tpot_ms;
+  cfg.slo_e2el_ms = opt.slo_e2el_ms;
+  cfg.record_steps = false;
+  cfg.progress = nullptr;
+  WorkloadSpec wl = w;
+  wl.num_requests = opt.num_requests;
+
+  CapacityResult out;
+  auto run_at = [&](double rate) {
+    wl.rate = rate;
+    ++out.simulations;
+    return simulate(cm, cfg, generate_requests(wl)).metrics;
+  };
+  auto ok = [&](const ServingMetrics& m) { return m.slo_attainment >= opt.attainment; };
+
+  double lo = 0, hi = 0;
+  ServingMetrics best;
+  double rate = opt.start_rate;
+  ServingMetrics m = run_at(rate);
+  if (ok(m)) {
+    lo = rate;
+    best = m;
+    while (out.simulations < opt.max_simulations) {
+      rate *= 2;
+      m = run_at(rate);
+      if (!ok(m)) {
+        hi = rate;
+        break;
+      }
+      lo = rate;
+      best = m;
+    }
+  } else {
+    hi = rate;
+    while (out.simulations < opt.max_simulations && rate > opt.start_rate * 1e-6) {
+      rate /= 2;
+      m = run_at(rate);
+      if (ok(m)) {
+        lo = rate;
+        best = m;
+        break;
+      }
+      hi = rate;
+    }
+  }
+  if (lo > 0 && hi > 0) {
+    while ((hi - lo) / hi > opt.rel_tol && out.simulations < opt.max_simulations) {
+      const double mid = 0.5 * (lo + hi);
+      m = run_at(mid);
+      if (ok(m)) {
+        lo = mid;
+        best = m;
+      } else {
+        hi = mid;
+      }
+    }
+  }
+  out.max_rate = lo;
+  out.max_rate_per_gpu = num_gpus > 0 ? lo / num_gpus : 0;
+  out.at_max = best;
+  return out;
+}
+
+}  // namespace mixserve::sim
