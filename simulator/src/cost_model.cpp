@@ -1,1 +1,665 @@
-// Cost model: implemented by the cost-model work (see cost_model.hpp).
+// The "mixserve" step-cost model (cost_model.hpp), make_cost_model and analytic_metrics.
+//
+// One step, per pipeline stage, on the critical path:
+//   dense layer: max over DP replicas of (attention block + dense FFN);
+//   MoE layer:   max over DP replicas of (attention block + router) + the MoE block, which the
+//                replicas go through together (the slowest replica and the most loaded EP rank
+//                set the pace);
+//   first stage: embedding; last stage: final norm + LM head for one row per sequence;
+//   every stage but the last: send/recv of the activations to the next stage.
+// StepCost.time_us sums the stages (one micro-batch through the pipeline); stage_time_us is the
+// slowest stage. Attention block: norm (+ the elementwise passes of kCostConstants), QKV
+// projections (MLA: replicated down-projections, TP-sharded up-projections), core attention
+// (prefill pairs / decode context), o_proj, all-reduce over attn_tp.
+// MoE block, with T_g = the source tokens of one MoE TP group (T_rep * moe_tp / attn_tp, at
+// most all tokens) and rows = the expected maximum over EP ranks of routed rows (moe_load):
+//   tp_allreduce: one all-reduce over moe_tp (with attn_dp > 1: all-gather of all replicas'
+//                 tokens over the stage before, reduce-scatter after);
+//   nccl_a2a:     each rank dispatches T_g/moe_tp tokens as (token, expert) rows of full hidden,
+//                 pairwise all-to-all over the EP group, no dedup; all-gather / reduce-scatter
+//                 over moe_tp when moe_tp > 1; all-to-all back; all-gather over attn_tp to
+//                 restore the replicated hidden states;
+//   fused:        AG-Dispatch and RS-Combine costed round by round on two streams
+//                 (cost_moe_comm.hpp), rows deduplicated per destination group, hidden/moe_tp
+//                 slices on the rails, plus the final all-gather;
+//   rs_a2a_ag:    the same operations as fused, summed without overlap.
+// Expert GEMMs are grouped GEMMs over the E/moe_ep local experts on `rows` rows, reading the
+// weights of the experts expected to receive at least one token.
+#include "mixserve/sim/cost_model.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/sim/cost_constants.hpp"
+#include "mixserve/sim/cost_moe_comm.hpp"
+#include "mixserve/sim/cost_shapes.hpp"
+#include "mixserve/sim/moe_load.hpp"
+#include "mixserve/sim/op_timer.hpp"
+#include "mixserve/sim/paper_model.hpp"
+
+namespace mixserve::sim {
+namespace {
+
+constexpr const CostConstants& K = kCostConstants;
+
+// Op slots of the breakdown; names follow the executor's op names (plan.hpp OpCost).
+#define MIXSERVE_SIM_SLOTS(X)                                                        \
+  X(attn_norm, "attn.norm") X(attn_qkv, "attn.qkv_proj") X(attn_core, "attn.core")   \
+  X(attn_o, "attn.o_proj") X(attn_ar, "attn.allreduce") X(moe_router, "moe.router")  \
+  X(moe_reshard, "moe.reshard") X(moe_dispatch, "moe.dispatch")                      \
+  X(moe_experts, "moe.experts") X(moe_shared, "moe.shared")                          \
+  X(moe_combine, "moe.combine") X(dense_ffn, "dense.ffn")                            \
+  X(dense_ar, "dense.allreduce") X(embedding, "embedding") X(lm_head, "lm_head")     \
+  X(pp_send, "pp.send_recv")
+enum Slot {
+#define MIXSERVE_X(e, s) e,
+  MIXSERVE_SIM_SLOTS(MIXSERVE_X)
+#undef MIXSERVE_X
+  kSlots
+};
+constexpr const char* kSlotNames[] = {
+#define MIXSERVE_X(e, s) s,
+    MIXSERVE_SIM_SLOTS(MIXSERVE_X)
+#undef MIXSERVE_X
+};
+
+// Less reliable sources win when one slot mixes several (measured < ... < datasheet).
+CostSource worse(CostSource a, CostSource b) { return int(a) >= int(b) ? a : b; }
+
+struct Acc {
+  std::array<double, kSlots> t{};
+  std::array<CostSource, kSlots> s{};
+  std::array<bool, kSlots> used{};
+  void add(Slot i, OpTime o) {
+    t[i] += o.time_us;
+    s[i] = used[i] ? worse(s[i], o.source) : o.source;
+    used[i] = true;
+  }
+  void add(const Acc& o, double mult) {
+    for (int i = 0; i < kSlots; ++i) {
+      if (!o.used[i]) continue;
+      t[i] += o.t[i] * mult;
+      s[i] = used[i] ? worse(s[i], o.s[i]) : o.s[i];
+      used[i] = true;
+    }
+  }
+  double total() const {
+    double x = 0;
+    for (double v : t) x += v;
+    return x;
+  }
+};
+
+struct StageLayers {
+  int dense_full = 0, dense_sliding = 0, moe_full = 0, moe_sliding = 0;
+  bool first = false, last = false;
+  CommGroup send;  // to the next stage
+};
+
+class MixServeModel final : public StepCostModel {
+ public:
+  MixServeModel(const ModelSpec& m, const ClusterSpec& c, const HardwareProfile& p,
+                const Layout& l, const CostModelOptions& opt)
+      : m_(m), l_(l), opt_(opt), timer_(make_profile_timer(p, c)) {
+    check_layout(m, c, l);
+    capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
+    const int G = c.gpus_per_node, S = l.stage_size();
+    g_attn_tp_ = comm_group(1, l.attn_tp, G);
+    g_moe_tp_ = comm_group(1, l.moe_tp, G);
+    g_ep_ = comm_group(l.moe_tp, l.moe_ep, G);
+    g_stage_ = comm_group(1, S, G);
+    // Rail round i goes from EP index 0 to EP index i: i*moe_tp ranks away.
+    for (int i = 1; i < l.moe_ep; ++i) {
+      const bool inter = (i * l.moe_tp) / G != 0;
+      rail_.push_back(CommGroup{2, inter ? 2 : 1});
+    }
+    const auto ranges = stage_layer_ranges(m.num_layers, l.pp);
+    for (int s = 0; s < l.pp; ++s) {
+      StageLayers st;
+      for (int i = ranges[size_t(s)].first; i < ranges[size_t(s)].second; ++i) {
+        const LayerSpec& ls = m.layers[size_t(i)];
+        const bool sl = ls.sliding && m.attention.sliding_window > 0;
+        (ls.moe ? (sl ? st.moe_sliding : st.moe_full) : (sl ? st.dense_sliding : st.dense_full))++;
+      }
+      st.first = s == 0;
+      st.last = s == l.pp - 1;
+      const bool inter = S >= G || ((s + 1) * S) % G == 0;
+      st.send = CommGroup{2, inter ? 2 : 1};
+      stages_.push_back(st);
+    }
+    h_ = m.hidden_size;
+    act_ = dtype_bytes(m.activation_dtype);
+    const AttentionSpec& a = m.attention;
+    heads_ = a.num_heads / l.attn_tp;
+    mla_ = a.type == AttentionType::mla;
+    kv_heads_ = std::max(1, a.num_kv_heads / l.attn_tp);
+    E_ = m.moe.num_experts;
+    k_ = m.moe.top_k;
+    E_local_ = E_ > 0 ? E_ / l.moe_ep : 0;
+    if (E_ > 0) {
+      c_ep_ = expected_max_std_normal(l.moe_ep);
+      skewed_ = !(opt.routing.kind == "uniform" ||
+                  (opt.routing.kind == "zipf" && opt.routing.skew == 0));
+      if (skewed_) {  // max rows / tokens on a log grid of token counts, interpolated per step
+        for (double t = 1; t <= double(1 << 24); t *= 4) {
+          skew_tokens_.push_back(t);
+          skew_max_.push_back(expected_ep_load(t, E_, k_, l.moe_ep, opt.routing).max_rows);
+        }
+      } else {
+        expert_shares(E_, opt.routing);  // validates the routing model
+      }
+    }
+  }
+
+  std::string name() const override { return "mixserve"; }
+
+  StepCost step(std::span<const ReplicaBatch> per_replica, bool breakdown) const override {
+    if (int(per_replica.size()) != l_.attn_dp)
+      throw_input_error("step", "per_replica",
+                        fmt::format("{} replica batches (attn_dp)", l_.attn_dp),
+                        std::to_string(per_replica.size()));
+    // Per-replica per-layer blocks; identical consecutive replicas are costed once.
+    Acc best_full, best_slide, best_dense_full, best_dense_slide;
+    double t_full = -1, t_slide = -1, t_dfull = -1, t_dslide = -1;
+    double T_all = 0, T_max = 0, rows_max = 0;
+    bool any_prefill = false;
+    const ReplicaBatch* prev = nullptr;
+    const bool has_sliding = m_.attention.sliding_window > 0;
+    const bool has_dense = m_.num_dense_layers() > 0;
+    for (const ReplicaBatch& b : per_replica) {
+      T_all += double(b.tokens());
+      T_max = std::max(T_max, double(b.tokens()));
+      rows_max = std::max(rows_max, double(b.num_decode + b.num_prefill_seqs));
+      any_prefill |= b.prefill_tokens > 0;
+      if (prev != nullptr && same(*prev, b)) continue;
+      prev = &b;
+      const Acc full = attention_block(b, false);
+      Acc router;
+      if (E_ > 0) router = router_block(b);
+      pick(best_full, t_full, full, &router);
+      if (has_sliding) pick(best_slide, t_slide, attention_block(b, true), &router);
+      if (has_dense) {
+        const Acc ffn = dense_block(b);
+        pick(best_dense_full, t_dfull, full, &ffn);
+        if (has_sliding) pick(best_dense_slide, t_dslide, attention_block(b, true), &ffn);
+      }
+    }
+    Acc moe;
+    if (E_ > 0 && T_all > 0) moe = moe_block(T_all, T_max);
+
+    StepCost out;
+    Acc total;
+    for (const StageLayers& st : stages_) {
+      Acc stage;
+      stage.add(best_dense_full, st.dense_full);
+      stage.add(best_dense_slide, st.dense_sliding);
+      stage.add(best_full, st.moe_full);
+      stage.add(best_slide, st.moe_sliding);
+      stage.add(moe, st.moe_full + st.moe_sliding);
+      if (st.first && T_max > 0) {
+        stage.add(embedding, timer_->memory_op(2 * T_max * h_ * act_));
+        stage.add(embedding, timer_->collective(CollOp::all_reduce, g_attn_tp_, T_max * h_ * act_));
+      }
+      if (st.last && rows_max > 0) {
+        stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));
+        stage.add(lm_head, timer_->gemm(rows_max, m_.vocab_size / l_.attn_tp, h_, m_.activation_dtype));
+        stage.add(lm_head, timer_->collective(CollOp::all_gather, g_attn_tp_,
+                                              rows_max * m_.vocab_size * K.logits_bytes_per_element));
+      }
+      if (!st.last && T_max > 0)
+        stage.add(pp_send, timer_->collective(CollOp::send_recv, st.send, T_max * h_ * act_));
+      const double ts = stage.total();
+      out.time_us += ts;
+      out.stage_time_us = std::max(out.stage_time_us, ts);
+      if (breakdown) total.add(stage, 1.0);
+    }
+    if (breakdown) {
+      const char* phase = any_prefill ? "prefill" : "decode";
+      for (int i = 0; i < kSlots; ++i)
+        if (total.used[i] && total.t[i] > 0)
+          out.ops.push_back(OpCost{kSlotNames[i], phase, total.t[i], total.s[i]});
+    }
+    return out;
+  }
+
+  MemoryBreakdown memory(const RuntimeLimits& limits) const override {
+    MemoryBreakdown mb;
+    mb.capacity = capacity_bytes_;
+    mb.reserved = K.reserved_bytes;
+    const RankWeights w = rank_weights(m_, l_);
+    const double T = double(std::max<int64_t>(1, limits.max_num_batched_tokens));
+    const double T_all = T * l_.attn_dp;
+    // Activations at the peak of a layer for a full token budget.
+    double widest = mla_ ? double(m_.attention.q_lora_rank + m_.attention.kv_lora_rank +
+                                  heads_ * (m_.attention.qk_nope_head_dim + m_.attention.v_head_dim))
+                         : double((heads_ + 2 * kv_heads_) * m_.attention.head_dim);
+    widest = std::max(widest, 2.0 * m_.dense_intermediate_size / l_.attn_tp);
+    mb.activations = T * act_ * (K.activation_hidden_buffers * h_ + widest) +
+                     double(limits.max_num_seqs) * m_.vocab_size / l_.attn_tp *
+                         K.logits_bytes_per_element;
+    if (E_ > 0) {
+      const double rows = ep_rows_max(T_all);
+      const double I = double(m_.moe.expert_intermediate_size) / l_.moe_tp;
+      mb.activations += rows * act_ * (3 * I + h_);
+      const double Tg = group_tokens(T_all, T);
+      switch (l_.moe_comm) {
+        case MoeComm::tp_allreduce:
+          mb.comm_buffers = (l_.attn_dp > 1 ? T_all : Tg) * h_ * act_;
+          break;
+        case MoeComm::nccl_a2a: {
+          const double send_rows = Tg / l_.moe_tp * k_;
+          mb.comm_buffers = 2 * (send_rows + rows / l_.moe_tp) * h_ * act_;
+          break;
+        }
+        case MoeComm::rs_a2a_ag:
+        case MoeComm::fused: {
+          // Per-round receive buffers of the dispatch (slices), the gathered rows, the
+          // RS-Combine's O(output) home buffer and its per-round send slices.
+          const FusedRoundBytes fr = fused_round_bytes(Tg, h_, act_, E_, k_, l_.moe_tp,
+                                                       l_.moe_ep, true);
+          mb.comm_buffers = 2.0 * (l_.moe_ep - 1) * fr.p2p_bytes + l_.moe_ep * fr.gather_bytes +
+                            Tg * h_ * act_;
+          break;
+        }
+      }
+    }
+    const double kv_layer = kv_bytes_per_token_layer(m_, l_);
+    const double usable = capacity_bytes_ * limits.gpu_memory_utilization;
+    int64_t kv_tokens = std::numeric_limits<int64_t>::max();
+    double kv_space_min = std::numeric_limits<double>::infinity();
+    for (const StageLayers& st : stages_) {
+      const int n_moe = st.moe_full + st.moe_sliding;
+      const int n_dense = st.dense_full + st.dense_sliding;
+      const int n = n_moe + n_dense;
+      double wt = n * (w.attention_layer + w.norms_layer) +
+                  n_moe * (w.router_layer + w.experts_layer + w.shared_layer) +
+                  n_dense * w.dense_layer;
+      if (st.first) wt += w.embedding;
+      if (st.last) wt += w.lm_head;
+      mb.weights = std::max(mb.weights, wt);
+      const double space = usable - wt - mb.reserved - mb.activations - mb.comm_buffers;
+      kv_space_min = std::min(kv_space_min, space);
+      const int64_t tok = space > 0 && n > 0 ? int64_t(space / (kv_layer * n)) : 0;
+      kv_tokens = std::min(kv_tokens, tok);
+    }
+    mb.kv_cache = std::max(0.0, kv_space_min);
+    mb.kv_tokens = kv_tokens == std::numeric_limits<int64_t>::max() ? 0 : kv_tokens;
+    const int64_t need = limits.max_model_len > 0 ? limits.max_model_len
+                                                  : limits.max_num_batched_tokens;
+    mb.fits = kv_space_min > 0 && mb.kv_tokens >= need;
+    return mb;
+  }
+
+ private:
+  static bool same(const ReplicaBatch& a, const ReplicaBatch& b) {
+    return a.prefill_tokens == b.prefill_tokens && a.num_prefill_seqs == b.num_prefill_seqs &&
+           a.prefill_attn_pairs == b.prefill_attn_pairs && a.num_decode == b.num_decode &&
+           a.decode_context == b.decode_context;
+  }
+
+  static void pick(Acc& best, double& best_t, const Acc& a, const Acc* extra) {
+    Acc x = a;
+    if (extra != nullptr) x.add(*extra, 1.0);
+    const double t = x.total();
+    if (t > best_t) {
+      best = x;
+      best_t = t;
+    }
+  }
+
+  // Source tokens of one MoE TP group when one replica holds T_rep tokens.
+  double group_tokens(double T_all, double T_rep) const {
+    return std::min(T_all, T_rep * l_.moe_tp / l_.attn_tp);
+  }
+
+  double ep_rows_max(double T_all) const {
+    if (T_all <= 0) return 0;
+    if (l_.moe_ep == 1) return T_all * k_;
+    if (!skewed_) {
+      const int g = E_local_;
+      const double f = double(g) / E_;
+      const double fpc = E_ > 1 ? double(E_ - k_) / (E_ - 1) : 0.0;
+      const double mean = T_all * k_ / l_.moe_ep;
+      const double sigma = std::sqrt(T_all * k_ * f * (1 - f) * fpc);
+      return std::min(T_all * std::min(k_, g), mean + c_ep_ * sigma);
+    }
+    double y;
+    bool exact;
+    const int n = int(skew_tokens_.size());
+    if (interpolate_loglog(skew_tokens_.data(), skew_max_.data(), n, T_all, y, exact)) return y;
+    const double mean = T_all * k_ / l_.moe_ep;  // beyond the grid: keep the last max/mean
+    const double last_ratio = skew_max_.back() / (skew_tokens_.back() * k_ / l_.moe_ep);
+    return mean * (T_all < skew_tokens_.front() ? skew_max_.front() / (double(k_) / l_.moe_ep)
+                                               : last_ratio);
+  }
+
+  Acc attention_block(const ReplicaBatch& b, bool sliding) const {
+    Acc a;
+    const double t = double(b.tokens());
+    if (t <= 0) return a;
+    const AttentionSpec& at = m_.attention;
+    const DType wd = m_.weight_dtype;
+    a.add(attn_norm, timer_->memory_op((1 + K.extra_elementwise_passes_per_layer) * 2 * t * h_ * act_));
+    int v_dim;
+    if (mla_) {
+      const int qk = at.qk_nope_head_dim + at.qk_rope_head_dim;
+      if (at.q_lora_rank > 0) {
+        a.add(attn_qkv, timer_->gemm(t, at.q_lora_rank + at.kv_lora_rank + at.qk_rope_head_dim, h_, wd));
+        a.add(attn_qkv, timer_->gemm(t, int64_t(heads_) * qk, at.q_lora_rank, wd));
+      } else {
+        a.add(attn_qkv, timer_->gemm(t, at.kv_lora_rank + at.qk_rope_head_dim, h_, wd));
+        a.add(attn_qkv, timer_->gemm(t, int64_t(heads_) * qk, h_, wd));
+      }
+      // kv_b up-projection (prefill) or its absorbed form (decode): the same weights and flops.
+      a.add(attn_qkv, timer_->gemm(t, int64_t(heads_) * (at.qk_nope_head_dim + at.v_head_dim),
+                                   at.kv_lora_rank, wd));
+      v_dim = at.v_head_dim;
+    } else {
+      a.add(attn_qkv, timer_->gemm(t, int64_t(heads_ + 2 * kv_heads_) * at.head_dim, h_, wd));
+      v_dim = at.head_dim;
+    }
+    const double window = sliding ? double(at.sliding_window) : 0.0;
+    const double kv_b = dtype_bytes(m_.kv_dtype);
+    if (b.num_decode > 0) {
+      AttentionShape s;
+      s.decode = true;
+      s.mla = mla_;
+      s.batch = b.num_decode;
+      s.q_tokens = b.num_decode;
+      s.context_tokens = double(b.decode_context);
+      if (window > 0) s.context_tokens = std::min(s.context_tokens, b.num_decode * window);
+      s.pairs = s.context_tokens;
+      s.heads = heads_;
+      s.act_bytes = act_;
+      if (mla_) {
+        s.kv_heads = 1;
+        s.qk_dim = at.kv_lora_rank + at.qk_rope_head_dim;
+        s.v_dim = at.kv_lora_rank;
+        s.kv_bytes_per_token = double(at.kv_lora_rank + at.qk_rope_head_dim) * kv_b;
+      } else {
+        s.kv_heads = kv_heads_;
+        s.qk_dim = s.v_dim = at.head_dim;
+        s.kv_bytes_per_token = 2.0 * kv_heads_ * at.head_dim * kv_b;
+      }
+      a.add(attn_core, timer_->attention(s));
+    }
+    if (b.prefill_tokens > 0) {
+      AttentionShape s;
+      s.decode = false;
+      s.mla = mla_;
+      s.batch = std::max(1, b.num_prefill_seqs);
+      s.q_tokens = double(b.prefill_tokens);
+      s.pairs = b.prefill_attn_pairs;
+      if (window > 0) s.pairs = std::min(s.pairs, s.q_tokens * window);
+      s.heads = heads_;
+      s.act_bytes = act_;
+      s.kv_heads = mla_ ? heads_ : kv_heads_;
+      s.qk_dim = mla_ ? at.qk_nope_head_dim + at.qk_rope_head_dim : at.head_dim;
+      s.v_dim = mla_ ? at.v_head_dim : at.head_dim;
+      a.add(attn_core, timer_->attention(s));
+    }
+    a.add(attn_o, timer_->gemm(t, h_, int64_t(heads_) * v_dim, wd));
+    a.add(attn_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
+    return a;
+  }
+
+  Acc router_block(const ReplicaBatch& b) const {
+    Acc a;
+    const double t = double(b.tokens());
+    if (t <= 0) return a;
+    a.add(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
+    a.add(moe_router, timer_->memory_op(2.0 * t * E_ * K.logits_bytes_per_element));
+    return a;
+  }
+
+  Acc dense_block(const ReplicaBatch& b) const {
+    Acc a;
+    const double t = double(b.tokens());
+    if (t <= 0 || m_.dense_intermediate_size <= 0) return a;
+    const int64_t I = m_.dense_intermediate_size / l_.attn_tp;
+    a.add(dense_ffn, timer_->memory_op(2 * t * h_ * act_));  // post-attention norm
+    a.add(dense_ffn, timer_->gemm(t, 2 * I, h_, m_.weight_dtype));
+    a.add(dense_ffn, timer_->memory_op(3.0 * t * I * act_));
+    a.add(dense_ffn, timer_->gemm(t, h_, I, m_.weight_dtype));
+    a.add(dense_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
+    return a;
+  }
+
+  Acc moe_block(double T_all, double T_rep) const {
+    Acc a;
+    const double Tg = group_tokens(T_all, T_rep);
+    const double rows = ep_rows_max(T_all);
+    const double mean_rows = T_all * k_ / l_.moe_ep;
+    const double imbalance = mean_rows > 0 ? rows / mean_rows : 1.0;
+    const DType ed = m_.expert_weight_dtype;
+    const int64_t I = m_.moe.expert_intermediate_size / l_.moe_tp;
+    // post-attention norm of the group's tokens
+    a.add(moe_experts, timer_->memory_op(2 * Tg * h_ * act_));
+    // Experts: permute + grouped gate/up + SiLU*mul + grouped down + unpermute.
+    const double active = expected_active_experts(T_all, E_, k_, E_local_);
+    a.add(moe_experts, timer_->memory_op(4.0 * rows * h_ * act_));
+    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, 2 * I, h_, ed}));
+    a.add(moe_experts, timer_->memory_op(3.0 * rows * I * act_));
+    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, h_, I, ed}));
+    if (m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0) {
+      const int64_t Is = m_.moe.shared_intermediate_size / l_.moe_tp;
+      a.add(moe_shared, timer_->gemm(Tg, 2 * Is, h_, ed));
+      a.add(moe_shared, timer_->memory_op(3.0 * Tg * Is * act_));
+      a.add(moe_shared, timer_->gemm(Tg, h_, Is, ed));
+    }
+    const double tok_bytes = h_ * act_;
+    switch (l_.moe_comm) {
+      case MoeComm::tp_allreduce:
+        if (l_.attn_dp > 1) {
+          a.add(moe_dispatch, timer_->collective(CollOp::all_gather, g_stage_, T_all * tok_bytes));
+          a.add(moe_combine, timer_->collective(CollOp::reduce_scatter, g_stage_, T_all * tok_bytes));
+        } else {
+          a.add(moe_combine, timer_->collective(CollOp::all_reduce, g_moe_tp_, Tg * tok_bytes));
+        }
+        break;
+      case MoeComm::nccl_a2a: {
+        const double send_rows = Tg / l_.moe_tp * k_;
+        const double recv_rows = rows / l_.moe_tp;
+        const double a2a_bytes = std::max(send_rows, recv_rows) * tok_bytes;
+        a.add(moe_dispatch, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
+        if (l_.moe_tp > 1) {
+          a.add(moe_dispatch, timer_->collective(CollOp::all_gather, g_moe_tp_, rows * tok_bytes));
+          a.add(moe_combine, timer_->collective(CollOp::reduce_scatter, g_moe_tp_, rows * tok_bytes));
+        }
+        a.add(moe_combine, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
+        a.add(moe_combine, timer_->memory_op(2.0 * send_rows * tok_bytes));  // weighted sum
+        if (l_.attn_tp > 1)
+          a.add(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
+        break;
+      }
+      case MoeComm::rs_a2a_ag:
+      case MoeComm::fused: {
+        const bool overlap = l_.moe_comm == MoeComm::fused;
+        FusedRoundBytes fr = fused_round_bytes(Tg, h_, act_, E_, k_, l_.moe_tp, l_.moe_ep, true);
+        // The most loaded group receives `imbalance` times the mean, at most every token.
+        const double scale = std::min(imbalance, fr.rows > 0 ? Tg / fr.rows : 1.0);
+        fr.rows *= std::max(1.0, scale);
+        fr.p2p_bytes *= std::max(1.0, scale);
+        fr.gather_bytes *= std::max(1.0, scale);
+        // moe_tp > attn_tp: a rank holds full rows of its own replica only; the group first
+        // exchanges hidden slices so rank t holds slice t of all its tokens, and the group's
+        // own tokens need an all-gather too.
+        double local_ag = 0;
+        if (l_.moe_tp > l_.attn_tp) {
+          a.add(moe_reshard, timer_->collective(CollOp::all_to_all, g_moe_tp_, T_rep * tok_bytes));
+          local_ag = timer_->collective(CollOp::all_gather, g_moe_tp_, fr.gather_bytes).time_us;
+        }
+        const int n = l_.moe_ep - 1;
+        std::array<double, 64> p2p{}, gat{}, rs{};
+        std::vector<double> p2p_v, gat_v, rs_v;
+        double* P = p2p.data();
+        double* A = gat.data();
+        double* R = rs.data();
+        if (n > 64) {
+          p2p_v.resize(size_t(n));
+          gat_v.resize(size_t(n));
+          rs_v.resize(size_t(n));
+          P = p2p_v.data();
+          A = gat_v.data();
+          R = rs_v.data();
+        }
+        CostSource src = CostSource::alpha_beta;
+        for (int i = 0; i < n; ++i) {
+          const OpTime p = timer_->collective(CollOp::send_recv, rail_[size_t(i)], fr.p2p_bytes);
+          const OpTime g = timer_->collective(CollOp::all_gather, g_moe_tp_, fr.gather_bytes);
+          const OpTime r = timer_->collective(CollOp::reduce_scatter, g_moe_tp_, fr.gather_bytes);
+          P[i] = p.time_us;
+          A[i] = g.time_us;
+          R[i] = r.time_us;
+          src = worse(worse(src, p.source), worse(g.source, r.source));
+        }
+        const double local_rs =
+            timer_->collective(CollOp::reduce_scatter, g_moe_tp_, fr.gather_bytes).time_us;
+        double t_dispatch, t_combine;
+        if (overlap) {
+          t_dispatch = fused_dispatch_time_us({P, size_t(n)}, {A, size_t(n)}, local_ag);
+          t_combine = fused_combine_time_us({R, size_t(n)}, {P, size_t(n)}, local_rs);
+        } else {
+          t_dispatch = local_ag;
+          t_combine = local_rs;
+          for (int i = 0; i < n; ++i) {
+            t_dispatch += P[i] + A[i];
+            t_combine += R[i] + P[i];
+          }
+        }
+        a.add(moe_dispatch, OpTime{t_dispatch, src});
+        a.add(moe_combine, OpTime{t_combine, src});
+        // Scatter-add of the weighted slices into the home rows, then the final all-gather.
+        a.add(moe_combine, timer_->memory_op(2.0 * (n + 1) * fr.p2p_bytes));
+        if (l_.moe_tp >= l_.attn_tp)
+          a.add(moe_combine, timer_->collective(CollOp::all_gather, g_moe_tp_, Tg * tok_bytes));
+        else
+          a.add(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
+        break;
+      }
+    }
+    return a;
+  }
+
+  ModelSpec m_;
+  Layout l_;
+  CostModelOptions opt_;
+  std::unique_ptr<OpTimer> timer_;
+  double capacity_bytes_ = 0;
+  CommGroup g_attn_tp_, g_moe_tp_, g_ep_, g_stage_;
+  std::vector<CommGroup> rail_;
+  std::vector<StageLayers> stages_;
+  int64_t h_ = 0;
+  double act_ = 2;
+  int heads_ = 0, kv_heads_ = 0;
+  bool mla_ = false;
+  int E_ = 0, k_ = 0, E_local_ = 0;
+  double c_ep_ = 0;
+  bool skewed_ = false;
+  std::vector<double> skew_tokens_, skew_max_;
+};
+
+bool saturated_arrivals(const WorkloadSpec& w) {
+  return w.arrival == ArrivalKind::burst || w.arrival == ArrivalKind::closed_loop ||
+         !(w.rate > 0) || !std::isfinite(w.rate);
+}
+
+}  // namespace
+
+std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const ModelSpec& m,
+                                               const ClusterSpec& c, const HardwareProfile& p,
+                                               const Layout& l, const CostModelOptions& opt) {
+  if (name == "mixserve") return std::make_unique<MixServeModel>(m, c, p, l, opt);
+  if (name == "paper") return make_paper_cost_model(m, c, p, l, opt);
+  throw_input_error("--cost-model", "cost_model", "one of mixserve, paper", name);
+}
+
+// analytic_metrics, for L_in / L_out the workload's mean lengths and n the decode batch:
+//   TTFT  = sum over chunks of step(prefill chunk of <= max_num_batched_tokens, its context)
+//           + W_q. W_q: each DP replica is one server with service rate mu = its saturated
+//           request rate (below), arrivals lambda = rate / attn_dp (Poisson split evenly).
+//           "mixserve": M/D/1, W_q = rho / (2 mu (1 - rho)); "paper": M/M/1 (Eq. 7),
+//           W_q = rho / (mu (1 - rho)). rho >= 1: TTFT = +inf (saturated).
+//   ITL   = step(n decodes per replica with context L_in + L_out/2 each) for one micro-batch
+//           through all PP stages; n = min(max_num_seqs, kv_tokens / (L_in + L_out)) split into
+//           pp micro-batches in flight, so each step carries n/pp sequences.
+//   per-replica saturated request rate = 1 / (L_out * ITL / n + prefill time of one request):
+//           decode steps are shared by n sequences, prefills are costed alone (pessimistic: in
+//           a mixed batch they share the weight reads with the decodes).
+//   throughput = attn_dp * rate * (L_in + L_out), capped at the offered load rate * (L_in +
+//           L_out) when the workload rate is finite; output_tok_s likewise with L_out.
+//   TPOT  = ITL (decode steps only; prefill interference is left to the serving simulator).
+PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l, const WorkloadSpec& w,
+                                  const RuntimeLimits& limits, std::vector<OpCost>* breakdown) {
+  PredictedMetrics pm;
+  const double L_in = std::max(1.0, w.input.expected());
+  const double L_out = std::max(1.0, w.output.expected());
+  const bool want = breakdown != nullptr;
+  std::vector<ReplicaBatch> batch(size_t(l.attn_dp));
+
+  // Prefill of one mean request on replica 0, chunked by the token budget.
+  const int64_t chunk = std::max<int64_t>(1, limits.chunked_prefill ? limits.max_num_batched_tokens
+                                                                    : int64_t(L_in));
+  double prefill_us = 0;
+  for (double done = 0; done < L_in;) {
+    const double len = std::min(double(chunk), L_in - done);
+    ReplicaBatch b;
+    b.prefill_tokens = int64_t(std::ceil(len));
+    b.num_prefill_seqs = 1;
+    b.prefill_attn_pairs = len * (done + (len + 1) / 2);
+    batch[0] = b;
+    const StepCost sc = cm.step(batch, want);
+    prefill_us += sc.time_us;
+    if (want) breakdown->insert(breakdown->end(), sc.ops.begin(), sc.ops.end());
+    done += len;
+  }
+  batch[0] = ReplicaBatch{};
+
+  const MemoryBreakdown mem = cm.memory(limits);
+  const double per_seq_kv = L_in + L_out;
+  double n = double(limits.max_num_seqs);
+  if (mem.kv_tokens > 0) n = std::min(n, std::floor(double(mem.kv_tokens) / per_seq_kv));
+  n = std::max(1.0, n);
+  const int per_mb = std::max(1, int(std::ceil(n / l.pp)));
+  const double ctx = L_in + L_out / 2;
+  for (ReplicaBatch& b : batch) {
+    b.num_decode = per_mb;
+    b.decode_context = int64_t(per_mb * ctx);
+  }
+  const StepCost dec = cm.step(batch, want);
+  if (want) breakdown->insert(breakdown->end(), dec.ops.begin(), dec.ops.end());
+  const double itl_us = dec.time_us;
+  pm.itl_ms = itl_us / 1e3;
+  pm.tpot_ms = pm.itl_ms;
+
+  const double per_request_us = L_out * itl_us / (double(per_mb) * l.pp) + prefill_us;
+  const double mu = 1e6 / per_request_us;  // requests/s per replica
+  const double sat_req_s = mu * l.attn_dp;
+  pm.throughput_tok_s = sat_req_s * (L_in + L_out);
+  pm.output_tok_s = sat_req_s * L_out;
+  double wq_us = 0;
+  if (!saturated_arrivals(w)) {
+    pm.request_rate = w.rate;
+    pm.throughput_tok_s = std::min(pm.throughput_tok_s, w.rate * (L_in + L_out));
+    pm.output_tok_s = std::min(pm.output_tok_s, w.rate * L_out);
+    const double lambda = w.rate / l.attn_dp;
+    const double rho = lambda / mu;
+    if (rho >= 1) {
+      wq_us = std::numeric_limits<double>::infinity();
+    } else {
+      const double mm1 = rho / (mu * (1 - rho)) * 1e6;
+      wq_us = cm.name() == "paper" ? mm1 : mm1 / 2;
+    }
+  }
+  pm.ttft_ms = (prefill_us + wq_us) / 1e3;
+  return pm;
+}
+
+}  // namespace mixserve::sim

@@ -22,4 +22,18 @@ struct EpLoad {
 EpLoad expected_ep_load(double total_tokens, int num_experts, int top_k, int ep,
                         const RoutingModel& routing);
 
+// Fraction of routed rows that goes to each expert (by expert id) under `routing`; sums to 1.
+// uniform: 1/E. zipf: share of popularity rank j proportional to (j+1)^-skew, the popularity
+// ranks placed on expert ids by a fixed pseudo-random permutation (hot experts are not
+// contiguous in id, so EP ranks get a realistic, deterministic mix). histogram: normalised.
+// Throws InputError when the routing model does not fit the expert count.
+std::vector<double> expert_shares(int num_experts, const RoutingModel& routing);
+
+// E[max of n independent standard normals] (0 for n = 1), by numerical integration.
+double expected_max_std_normal(int n);
+
+// Expected number of experts, out of `local_experts`, that receive at least one of `tokens`
+// tokens under uniform top-k routing: local * (1 - (1 - k/E)^tokens).
+double expected_active_experts(double tokens, int num_experts, int top_k, int local_experts);
+
 }  // namespace mixserve::sim

@@ -1,0 +1,361 @@
+// Roofline / alpha-beta and profile-table op timers (op_timer.hpp).
+#include "mixserve/sim/op_timer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/sim/cost_constants.hpp"
+
+namespace mixserve::sim {
+namespace {
+
+constexpr const CostConstants& K = kCostConstants;
+
+double peak_tflops(const HardwareProfile& p, DType d) {
+  switch (compute_class(d)) {
+    case DType::fp8_e4m3:
+      return p.peak_tflops_fp8 > 0 ? p.peak_tflops_fp8 : p.peak_tflops_bf16;
+    case DType::fp32:
+      return p.peak_tflops_fp32 > 0 ? p.peak_tflops_fp32 : p.peak_tflops_bf16 / 2;
+    default:
+      return p.peak_tflops_bf16;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Roofline + alpha-beta.
+class RooflineTimer final : public OpTimer {
+ public:
+  RooflineTimer(const HardwareProfile& p, const ClusterSpec& c) : p_(p), c_(c) {
+    if (p.mem_bw_GBps <= 0 || p.peak_tflops_bf16 <= 0)
+      throw_input_error(p.name.empty() ? "<profile>" : p.name, "peak_tflops_bf16 / mem_bw_GBps",
+                        "positive roofline ceilings");
+    src_ = p.is_datasheet() ? CostSource::datasheet : CostSource::roofline;
+    bytes_per_us_ = p.mem_bw_GBps * 1e3 * p.mem_efficiency;  // GB/s -> bytes/us
+    for (DType d : {DType::fp32, DType::bf16, DType::fp8_e4m3})
+      flops_per_us_[static_cast<int>(d)] = peak_tflops(p, d) * 1e6 * p.gemm_efficiency;
+    intra_Bpus_ = c.intra.bandwidth_GBps * 1e3 * K.intra_link_efficiency;
+    inter_Bpus_ = c.inter_bw_per_gpu_GBps() * 1e3 * K.inter_link_efficiency;
+    if (c.num_nodes > 1 && inter_Bpus_ <= 0)
+      throw_input_error(c.name.empty() ? "<cluster>" : c.name, "inter.bandwidth_GBps",
+                        "a positive NIC bandwidth and nics_per_node for a multi-node cluster");
+    if (intra_Bpus_ <= 0 && c.gpus_per_node > 1)
+      throw_input_error(c.name.empty() ? "<cluster>" : c.name, "intra.bandwidth_GBps",
+                        "a positive intra-node bandwidth");
+    intra_alpha_ = c.intra.latency_us > 0 ? c.intra.latency_us : K.intra_latency_fallback_us;
+    inter_alpha_ = c.inter.latency_us > 0 ? c.inter.latency_us : K.inter_latency_fallback_us;
+  }
+
+  OpTime gemm(double m, int64_t n, int64_t k, DType dtype) const override {
+    if (m <= 0) return {0, src_};
+    const double a_bytes = dtype_bytes(compute_class(dtype));
+    const double flops = 2.0 * m * double(n) * double(k);
+    const double bytes = m * double(k) * a_bytes + double(k) * double(n) * dtype_bytes(dtype) +
+                         m * double(n) * 2.0;
+    return {kernel(flops, bytes, dtype), src_};
+  }
+
+  OpTime expert_gemm(const ExpertGemmShape& s) const override {
+    if (s.rows <= 0) return {0, src_};
+    const double a_bytes = dtype_bytes(compute_class(s.dtype));
+    const double flops = 2.0 * s.rows * double(s.n) * double(s.k);
+    const double bytes = s.rows * double(s.k) * a_bytes +
+                         s.active_experts * double(s.k) * double(s.n) * dtype_bytes(s.dtype) +
+                         s.rows * double(s.n) * 2.0;
+    return {kernel(flops, bytes, s.dtype), src_};
+  }
+
+  OpTime attention(const AttentionShape& s) const override {
+    if (s.q_tokens <= 0) return {0, src_};
+    const double flops = 2.0 * s.pairs * s.heads * double(s.qk_dim + s.v_dim);
+    const double io_bytes =
+        s.q_tokens * s.heads * double(s.qk_dim + s.v_dim) * s.act_bytes;  // q in, o out
+    double kv_bytes;
+    if (s.decode) {
+      kv_bytes = s.context_tokens * s.kv_bytes_per_token;
+    } else {
+      // Prefill reads the new keys/values once per query block; count them once.
+      kv_bytes = s.q_tokens * s.kv_heads * double(s.qk_dim + s.v_dim) * s.act_bytes;
+    }
+    const double t_compute =
+        flops / (flops_per_us_[int(DType::bf16)] * K.attention_vs_gemm_efficiency);
+    const double mem_eff = s.decode ? K.attention_decode_mem_efficiency : 1.0;
+    const double t_mem = (io_bytes + kv_bytes) / (bytes_per_us_ * mem_eff);
+    return {std::max(t_compute, t_mem) + p_.kernel_launch_us, src_};
+  }
+
+  OpTime memory_op(double bytes) const override {
+    if (bytes <= 0) return {0, src_};
+    return {bytes / bytes_per_us_ + p_.kernel_launch_us, src_};
+  }
+
+  OpTime collective(CollOp op, CommGroup g, double bytes) const override {
+    if (g.size <= 1 || bytes <= 0) return {0, CostSource::alpha_beta};
+    double t;
+    if (!g.spans_nodes()) {
+      t = flat(op, g.size, bytes, intra_alpha_, intra_Bpus_, true);
+    } else if (g.per_node() <= 1) {
+      t = flat(op, g.size, bytes, inter_alpha_, inter_Bpus_, false);
+    } else {
+      t = hierarchical(op, g, bytes);
+    }
+    return {t + K.collective_launch_us, CostSource::alpha_beta};
+  }
+
+ private:
+  double kernel(double flops, double bytes, DType d) const {
+    const double f = flops_per_us_[static_cast<int>(compute_class(d))];
+    return std::max(flops / f, bytes / bytes_per_us_) + p_.kernel_launch_us;
+  }
+
+  // One flat domain (all ranks on one link type). paper.md §13.1.
+  static double flat(CollOp op, int p, double n, double a, double B, bool full_mesh) {
+    const double frac = double(p - 1) / p;
+    switch (op) {
+      case CollOp::all_reduce: {
+        const double ring = 2.0 * (p - 1) * a + 2.0 * frac * n / B;
+        if (full_mesh && n <= K.oneshot_allreduce_max_bytes) {
+          const double oneshot = a + (p - 1) * n / B;  // read every peer's full buffer
+          return std::min(ring, oneshot);
+        }
+        if (!full_mesh) {  // double binary tree: latency-optimal across nodes
+          const double tree = 2.0 * std::log2(double(p)) * a + 2.0 * n / B;
+          return std::min(ring, tree);
+        }
+        return ring;
+      }
+      case CollOp::reduce_scatter:
+      case CollOp::all_gather:
+        return (p - 1) * a + frac * n / B;
+      case CollOp::all_to_all:
+      case CollOp::fused_ag_dispatch:
+      case CollOp::fused_rs_combine:
+        return (p - 1) * a + frac * n / B;  // pairwise, p-1 rounds
+      case CollOp::send_recv:
+        return a + n / B;
+    }
+    return 0;
+  }
+
+  // Group of g.per_node() ranks in each of g.nodes nodes: intra step(s) + rail step.
+  double hierarchical(CollOp op, CommGroup g, double n) const {
+    const int m = g.per_node(), N = g.nodes;
+    switch (op) {
+      case CollOp::all_reduce:  // RS in node, AR on the rails of n/m, AG in node
+        return flat(CollOp::reduce_scatter, m, n, intra_alpha_, intra_Bpus_, true) +
+               flat(CollOp::all_reduce, N, n / m, inter_alpha_, inter_Bpus_, false) +
+               flat(CollOp::all_gather, m, n, intra_alpha_, intra_Bpus_, true);
+      case CollOp::reduce_scatter:
+        return flat(CollOp::reduce_scatter, m, n, intra_alpha_, intra_Bpus_, true) +
+               flat(CollOp::reduce_scatter, N, n / m, inter_alpha_, inter_Bpus_, false);
+      case CollOp::all_gather:
+        return flat(CollOp::all_gather, N, n / m, inter_alpha_, inter_Bpus_, false) +
+               flat(CollOp::all_gather, m, n, intra_alpha_, intra_Bpus_, true);
+      case CollOp::all_to_all:
+      case CollOp::fused_ag_dispatch:
+      case CollOp::fused_rs_combine: {
+        // NCCL posts all peers at once: the NIC carries (N-1)/N of the buffer, NVLink
+        // (m-1)/(m N); they run concurrently, each peer costs one message latency.
+        const double p = double(g.size);
+        const double t_inter = n * (N - 1) / N / inter_Bpus_;
+        const double t_intra = n * (m - 1) / p / intra_Bpus_;
+        return (m - 1) * intra_alpha_ + (p - m) * inter_alpha_ / m + std::max(t_inter, t_intra);
+      }
+      case CollOp::send_recv:
+        return inter_alpha_ + n / inter_Bpus_;
+    }
+    return 0;
+  }
+
+  HardwareProfile p_;
+  ClusterSpec c_;
+  CostSource src_;
+  double bytes_per_us_ = 0;
+  double flops_per_us_[8] = {};
+  double intra_Bpus_ = 0, inter_Bpus_ = 0;
+  double intra_alpha_ = 0, inter_alpha_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Profile tables.
+
+// A curve y(x) sorted by x, ready for log-log interpolation.
+struct Curve {
+  std::vector<double> x, y;
+  void sort_unique() {
+    std::vector<std::pair<double, double>> v;
+    for (size_t i = 0; i < x.size(); ++i)
+      if (x[i] > 0 && y[i] > 0) v.emplace_back(x[i], y[i]);
+    std::sort(v.begin(), v.end());
+    x.clear();
+    y.clear();
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (!x.empty() && v[i].first == x.back()) {  // repeated measurement: keep the mean
+        y.back() = 0.5 * (y.back() + v[i].second);
+        continue;
+      }
+      x.push_back(v[i].first);
+      y.push_back(v[i].second);
+    }
+  }
+  // Interpolated y; false when q lies outside the measured range.
+  bool at(double q, double& out, CostSource& src) const {
+    bool exact = false;
+    if (!interpolate_loglog(x.data(), y.data(), int(x.size()), q, out, exact)) return false;
+    src = exact ? CostSource::measured : CostSource::interpolated;
+    return true;
+  }
+};
+
+class ProfileTimer final : public OpTimer {
+ public:
+  ProfileTimer(const HardwareProfile& p, const ClusterSpec& c)
+      : roof_(std::make_unique<RooflineTimer>(p, c)) {
+    for (const GemmPoint& g : p.gemm) {
+      auto& f = gemm_[{int(compute_class(g.dtype)), g.n, g.k}];
+      f.x.push_back(double(g.m));
+      f.y.push_back(g.time_us);
+    }
+    for (auto& [key, f] : gemm_) f.sort_unique();
+    for (const ExpertGemmPoint& e : p.experts) {
+      auto& f = experts_[{int(compute_class(e.dtype)), e.num_experts, e.n, e.k}];
+      f.x.push_back(double(e.tokens));
+      f.y.push_back(e.time_us);
+    }
+    for (auto& [key, f] : experts_) f.sort_unique();
+    for (const ElementwisePoint& e : p.elementwise) {
+      elementwise_.x.push_back(e.bytes);
+      elementwise_.y.push_back(e.time_us);
+    }
+    elementwise_.sort_unique();
+    for (const AttentionPoint& a : p.attention) {
+      const bool decode = a.kind == "decode";
+      const double work = decode ? double(a.batch) * double(a.kv_len)
+                                 : double(a.batch) * double(a.q_len) *
+                                       (double(a.kv_len - a.q_len) + (a.q_len + 1) / 2.0);
+      auto& f = attention_[{decode, a.impl == "mla", a.num_heads, a.num_kv_heads, a.head_dim}];
+      f.x.push_back(work);
+      f.y.push_back(a.time_us);
+    }
+    for (auto& [key, f] : attention_) f.sort_unique();
+    for (const CollectivePoint& cp : p.collectives) {
+      auto& f = coll_[{int(cp.op), cp.group_size, cp.nodes}];
+      f.x.push_back(cp.bytes);
+      f.y.push_back(cp.time_us);
+    }
+    for (auto& [key, f] : coll_) f.sort_unique();
+  }
+
+  OpTime gemm(double m, int64_t n, int64_t k, DType dtype) const override {
+    const OpTime fallback = roof_->gemm(m, n, k, dtype);
+    if (gemm_.empty() || m <= 0) return fallback;
+    const int cls = int(compute_class(dtype));
+    // Nearest (n, k) family of the same compute class in log distance.
+    const Curve* best = nullptr;
+    double best_d = std::numeric_limits<double>::infinity();
+    int64_t bn = 0, bk = 0;
+    for (const auto& [key, f] : gemm_) {
+      if (std::get<0>(key) != cls) continue;
+      const double dn = std::log(double(std::get<1>(key)) / double(n));
+      const double dk = std::log(double(std::get<2>(key)) / double(k));
+      const double d = dn * dn + dk * dk;
+      if (d < best_d) {
+        best_d = d;
+        best = &f;
+        bn = std::get<1>(key);
+        bk = std::get<2>(key);
+      }
+    }
+    double t;
+    CostSource src;
+    if (best == nullptr || !best->at(m, t, src)) return fallback;
+    if (bn != n || bk != k) {  // scale the family's time by the roofline ratio of the shapes
+      const double ref = roof_->gemm(m, bn, bk, dtype).time_us;
+      if (ref <= 0) return fallback;
+      t *= fallback.time_us / ref;
+      src = CostSource::extrapolated;
+    }
+    return {t, src};
+  }
+
+  OpTime expert_gemm(const ExpertGemmShape& s) const override {
+    const OpTime fallback = roof_->expert_gemm(s);
+    auto it = experts_.find({int(compute_class(s.dtype)), s.num_experts, s.n, s.k});
+    double t;
+    CostSource src;
+    if (it == experts_.end() || !it->second.at(s.rows, t, src)) return fallback;
+    return {t, src};
+  }
+
+  OpTime attention(const AttentionShape& s) const override {
+    const OpTime fallback = roof_->attention(s);
+    // MLA decode tables are keyed by query heads and the latent width as head_dim.
+    auto it = attention_.find({s.decode, s.mla, s.heads, s.kv_heads, s.qk_dim});
+    double t;
+    CostSource src;
+    const double work = s.decode ? s.context_tokens : s.pairs;
+    if (it == attention_.end() || !it->second.at(work, t, src)) return fallback;
+    return {t, src};
+  }
+
+  OpTime memory_op(double bytes) const override {
+    double t;
+    CostSource src;
+    if (!elementwise_.at(bytes, t, src)) return roof_->memory_op(bytes);
+    return {t, src};
+  }
+
+  OpTime collective(CollOp op, CommGroup g, double bytes) const override {
+    if (g.size <= 1 || bytes <= 0) return {0, CostSource::alpha_beta};
+    auto it = coll_.find({int(op), g.size, g.nodes});
+    double t;
+    CostSource src;
+    if (it == coll_.end() || !it->second.at(bytes, t, src)) return roof_->collective(op, g, bytes);
+    return {t, src};
+  }
+
+ private:
+  std::unique_ptr<RooflineTimer> roof_;
+  std::map<std::tuple<int, int64_t, int64_t>, Curve> gemm_;
+  std::map<std::tuple<int, int, int64_t, int64_t>, Curve> experts_;
+  Curve elementwise_;
+  std::map<std::tuple<bool, bool, int, int, int>, Curve> attention_;
+  std::map<std::tuple<int, int, int>, Curve> coll_;
+};
+
+}  // namespace
+
+bool interpolate_loglog(const double* xs, const double* ys, int n, double x, double& y,
+                        bool& exact) {
+  if (n <= 0 || !(x >= xs[0]) || !(x <= xs[n - 1])) return false;
+  const double* hi = std::lower_bound(xs, xs + n, x);
+  const int i = int(hi - xs);
+  if (xs[i] == x) {
+    y = ys[i];
+    exact = true;
+    return true;
+  }
+  // xs[i-1] < x < xs[i]
+  const double lx0 = std::log(xs[i - 1]), lx1 = std::log(xs[i]);
+  const double ly0 = std::log(ys[i - 1]), ly1 = std::log(ys[i]);
+  const double w = (std::log(x) - lx0) / (lx1 - lx0);
+  y = std::exp(ly0 + w * (ly1 - ly0));
+  exact = false;
+  return true;
+}
+
+std::unique_ptr<OpTimer> make_roofline_timer(const HardwareProfile& p, const ClusterSpec& c) {
+  return std::make_unique<RooflineTimer>(p, c);
+}
+
+std::unique_ptr<OpTimer> make_profile_timer(const HardwareProfile& p, const ClusterSpec& c) {
+  return std::make_unique<ProfileTimer>(p, c);
+}
+
+}  // namespace mixserve::sim
