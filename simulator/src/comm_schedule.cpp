@@ -185,7 +185,7 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
   s.steps.assign(geo.num_ranks, std::vector<FusedStep>(Q));
   for (int r = 0; r < geo.num_ranks; ++r) {
     const int q = r / T, t = r % T;
-    int64_t home_tokens = routing[q].num_tokens;
+    const int64_t home_tokens = routing[q].num_tokens;
     for (int i = 0; i < Q; ++i) {
       FusedStep& st = s.steps[r][i];
       st.round = i;

@@ -1,6 +1,7 @@
 // Ranks-as-threads execution of the MoE communication schedules (host_exec.hpp).
 #include "mixserve/sim/host_exec.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -9,7 +10,6 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <algorithm>
 #include <mutex>
 #include <string>
 #include <thread>
