@@ -182,7 +182,7 @@ void read_deepseek(const JsonReader& r, ModelSpec& m, bool v3) {
   const int freq = r.has("moe_layer_freq") ? r.positive("moe_layer_freq") : 1;
   for (int i = 0; i < m.num_layers; ++i)
     m.layers[static_cast<size_t>(i)].moe = i >= first_k && i % freq == 0;
-  m.dense_intermediate_size = r.nonneg("intermediate_size", 0);
+  if (m.num_dense_layers() > 0) m.dense_intermediate_size = r.positive("intermediate_size");
   m.num_mtp_layers = r.nonneg("num_nextn_predict_layers", 0);
 
   if (r.has("quantization_config")) {
