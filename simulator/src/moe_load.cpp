@@ -4,8 +4,9 @@
 //  * uniform: each token picks k distinct experts, so the rows a token sends to one rank are
 //    hypergeometric: mean k*g/E, variance k*(g/E)*(1-g/E)*(E-k)/(E-1) with g = E/ep. Over T
 //    independent tokens the rank total is ~ Normal(T*k/ep, T*var); all ranks are alike, so
-//    E[max] = mean + sigma * E[max of ep standard normals] (the ranks' mild negative
-//    correlation, from the fixed total, is ignored: the estimate errs slightly high).
+//    E[max] = mean + sigma * E[max of ep standard normals]. The ranks' negative correlation
+//    (from the fixed total) is ignored, which errs low by a few percent for few ranks; the
+//    Monte-Carlo tests in tests/sim bound the error.
 //  * zipf / histogram: the T*k rows are treated as independent draws from the expert shares
 //    (multinomial), so rank r holds ~ Normal(T*k*q_r, T*k*q_r*(1-q_r)); E[max] over the
 //    non-identical ranks is integrated numerically: E[M] = lo + int_lo^hi (1 - prod_r

@@ -1,0 +1,294 @@
+// Step-cost models (cost_model.hpp, cost_moe_comm.hpp, paper_model.hpp): properties, volumes
+// against hand computation, and a memory-bound decode step against bytes / bandwidth.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/sim/cost_model.hpp"
+#include "mixserve/sim/cost_moe_comm.hpp"
+#include "mixserve/sim/paper_model.hpp"
+#include "sim_fixtures.hpp"
+
+using namespace mixserve;
+using namespace mixserve::sim;
+
+namespace {
+
+std::vector<ReplicaBatch> decode_batch(int replicas, int seqs, int64_t ctx) {
+  ReplicaBatch b;
+  b.num_decode = seqs;
+  b.decode_context = seqs * ctx;
+  return std::vector<ReplicaBatch>(size_t(replicas), b);
+}
+
+std::vector<ReplicaBatch> prefill_batch(int replicas, int64_t tokens) {
+  ReplicaBatch b;
+  b.prefill_tokens = tokens;
+  b.num_prefill_seqs = 1;
+  b.prefill_attn_pairs = double(tokens) * (tokens + 1) / 2;
+  return std::vector<ReplicaBatch>(size_t(replicas), b);
+}
+
+std::vector<Layout> sample_layouts(int nodes) {
+  const int P = 8 * nodes;
+  std::vector<Layout> ls = {
+      test::layout(8, nodes, 8, nodes, 1, MoeComm::fused),
+      test::layout(8, nodes, 8, nodes, 1, MoeComm::rs_a2a_ag),
+      test::layout(8, nodes, 1, P, 1, MoeComm::nccl_a2a),
+      test::layout(4, 2 * nodes, 8, nodes, 1, MoeComm::fused),
+      test::layout(8, nodes, 4, 2 * nodes, 1, MoeComm::fused),
+      test::layout(8, 1, 8, 1, nodes, MoeComm::tp_allreduce),
+  };
+  if (nodes == 2) ls.push_back(test::layout(16, 1, 16, 1, 1, MoeComm::tp_allreduce));
+  return ls;
+}
+
+}  // namespace
+
+TEST_CASE("more tokens never cheaper; more bandwidth never slower") {
+  const ModelSpec m = test::deepseek_r1();
+  const HardwareProfile p = test::h200_datasheet();
+  for (int nodes : {2, 4}) {
+    ClusterSpec slow = test::h200_cluster(nodes), fast = slow;
+    fast.intra.bandwidth_GBps *= 2;
+    fast.inter.bandwidth_GBps *= 2;
+    for (const Layout& l : sample_layouts(nodes)) {
+      CAPTURE(l.name());
+      for (const char* name : {"mixserve", "paper"}) {
+        CAPTURE(name);
+        auto cs = make_cost_model(name, m, slow, p, l, {});
+        auto cf = make_cost_model(name, m, fast, p, l, {});
+        double prev = 0;
+        for (int seqs = 1; seqs <= 1024; seqs *= 2) {
+          const auto b = decode_batch(l.attn_dp, seqs, 2048);
+          const StepCost s = cs->step(b, false);
+          CHECK(s.time_us >= prev);
+          CHECK(cf->step(b, false).time_us <= s.time_us);
+          CHECK(s.stage_time_us <= s.time_us);
+          prev = s.time_us;
+        }
+        prev = 0;
+        for (int64_t tok = 64; tok <= 32768; tok *= 2) {
+          const auto b = prefill_batch(l.attn_dp, tok);
+          const double t = cs->step(b, false).time_us;
+          CHECK(t >= prev);
+          CHECK(cf->step(b, false).time_us <= t);
+          prev = t;
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("fused dispatch/combine is never slower than RS, A2A, AG issued one after another") {
+  const ModelSpec m = test::deepseek_r1();
+  const HardwareProfile p = test::h200_datasheet();
+  for (int nodes : {2, 4, 8}) {
+    const ClusterSpec c = test::h200_cluster(nodes);
+    auto fused = make_cost_model("mixserve", m, c, p, test::layout(8, nodes, 8, nodes, 1, MoeComm::fused), {});
+    auto serial = make_cost_model("mixserve", m, c, p, test::layout(8, nodes, 8, nodes, 1, MoeComm::rs_a2a_ag), {});
+    for (int64_t tok : {1, 16, 256, 4096, 16384}) {
+      CAPTURE(nodes);
+      CAPTURE(tok);
+      const auto b = prefill_batch(nodes, tok);
+      const StepCost f = fused->step(b, true), s = serial->step(b, true);
+      CHECK(f.time_us <= s.time_us);
+      double fd = 0, sd = 0;
+      for (const OpCost& o : f.ops) fd += o.op == "moe.dispatch" || o.op == "moe.combine" ? o.time_us : 0;
+      for (const OpCost& o : s.ops) sd += o.op == "moe.dispatch" || o.op == "moe.combine" ? o.time_us : 0;
+      CHECK(fd <= sd);
+      if (nodes > 2 && tok >= 4096) CHECK(fd < sd);  // more than one rail round: real overlap
+    }
+  }
+}
+
+TEST_CASE("two-stream recurrences: the digest's closed forms for equal rounds") {
+  // paper.md §13.4: dispatch T = P + (n-2) max(P, A) + A over n-1 rail rounds.
+  for (auto [P, A] : {std::pair{3.0, 5.0}, {5.0, 3.0}, {4.0, 4.0}}) {
+    const int n = 6;
+    std::vector<double> p(n - 1, P), a(n - 1, A);
+    CHECK(fused_dispatch_time_us(p, a, 0) == doctest::Approx(P + (n - 2) * std::max(P, A) + A));
+    // Combine (RS-first): n-1 remote RS rounds of R each and a local one, sends of P:
+    // T = R + (n-2) max(R, P) + P when sends lag, n R when the reduce-scatters dominate.
+    const double R = A;
+    std::vector<double> r(n - 1, R);
+    const double expect = std::max(n * R, R + (n - 2) * std::max(R, P) + P);
+    CHECK(fused_combine_time_us(r, p, R) == doctest::Approx(expect));
+  }
+  // No rounds (one EP group): only the local gather.
+  CHECK(fused_dispatch_time_us({}, {}, 2.5) == 2.5);
+}
+
+TEST_CASE("fused rail bytes are 1/moe_tp of unfused EP bytes (paper Eq. 13)") {
+  // 4 nodes x 8 GPUs, 1024 tokens per node, h = 7168, bf16, E = 256, k = 8, no dedup:
+  // rows per destination node = 1024 * 8 / 4 = 2048; unfused EP sends them with full h from
+  // every rank: 2048 * 7168 * 2 B = 29,360,128 B per round; fused sends the h/8 slice.
+  const FusedRoundBytes f = fused_round_bytes(1024, 7168, 2.0, 256, 8, 8, 4, false);
+  CHECK(f.rows == doctest::Approx(2048.0));
+  CHECK(f.gather_bytes == doctest::Approx(29360128.0));
+  CHECK(f.p2p_bytes == doctest::Approx(29360128.0 / 8));
+  CHECK(3 * f.p2p_bytes == doctest::Approx(3 * 29360128.0 / 8));  // N-1 = 3 rail rounds
+  // With dedup a token crosses once per node: 1024 * (1 - C(192,8)/C(256,8)) rows.
+  double miss = 1;
+  for (int i = 0; i < 8; ++i) miss *= (192.0 - i) / (256.0 - i);
+  const FusedRoundBytes d = fused_round_bytes(1024, 7168, 2.0, 256, 8, 8, 4, true);
+  CHECK(d.rows == doctest::Approx(1024 * (1 - miss)).epsilon(1e-12));
+  CHECK(d.rows < f.rows);
+
+  // The paper's own volumes: Eq. 12 A2A(bshk, n_node) vs Eq. 13 A2A(bshk/n_proc, n_node) plus
+  // AG(bshk/n_proc, n_proc); b*s = 1024, h = 7168, 2 B, k = 8, n_proc = 8.
+  const PaperMoeVolumes e12 = paper_eq12_volumes(1024, 7168, 2.0, 8);
+  const PaperMoeVolumes e13 = paper_eq13_volumes(1024, 7168, 2.0, 8, 8);
+  CHECK(e12.ar_bytes == doctest::Approx(14680064.0));
+  CHECK(e12.a2a_bytes == doctest::Approx(117440512.0));
+  CHECK(e12.ag_bytes == 0.0);
+  CHECK(e13.ar_bytes == doctest::Approx(14680064.0));
+  CHECK(e13.a2a_bytes == doctest::Approx(14680064.0));
+  CHECK(e13.ag_bytes == doctest::Approx(14680064.0));
+}
+
+TEST_CASE("memory-bound decode step = bytes read / HBM bandwidth (hand computation)") {
+  // A small GQA MoE model on one GPU: one decode token with a 1-token context reads every
+  // weight it uses once; launch latency 0, no collectives, so the roofline time is the bytes
+  // over the bandwidth. Hand count, bf16 (2 B):
+  //   per layer: qkv 2048 x (16 + 2*4) * 128, o 2048 x 2048, router 2048 x 8,
+  //              2 active experts (= top_k for one token) x 3 x 2048 x 1024;
+  //   LM head 32000 x 2048.
+  ModelSpec m;
+  m.name = "tiny-moe";
+  m.hidden_size = 2048;
+  m.num_layers = 4;
+  m.vocab_size = 32000;
+  m.attention.type = AttentionType::gqa;
+  m.attention.num_heads = 16;
+  m.attention.num_kv_heads = 4;
+  m.attention.head_dim = 128;
+  m.moe.num_experts = 8;
+  m.moe.top_k = 2;
+  m.moe.expert_intermediate_size = 1024;
+  m.layers.assign(4, LayerSpec{});
+  HardwareProfile p = test::h200_datasheet(0.0);
+  p.mem_efficiency = 1.0;
+  const ClusterSpec c = test::h200_cluster(1, 1);
+  auto cm = make_cost_model("mixserve", m, c, p, test::layout(1, 1, 1, 1, 1, MoeComm::tp_allreduce), {});
+  const double h = 2048;
+  const double per_layer = h * 24 * 128 + h * h + h * 8 + 2 * 3 * h * 1024;
+  const double weight_bytes = 2 * (4 * per_layer + 32000 * h);
+  const double expect_us = weight_bytes / 4800e3;
+  const double t = cm->step(decode_batch(1, 1, 1), false).time_us;
+  // Activations, norms and the 1-token KV read add ~0.5% of bytes (hand: ~30 [1, h] passes
+  // per layer of 4 KiB vs 46 MiB of weights per layer); 2% bounds them.
+  CHECK(t == doctest::Approx(expect_us).epsilon(0.02));
+  CHECK(t >= expect_us);
+}
+
+TEST_CASE("DP replicas: the slowest replica sets the pace; breakdown adds up") {
+  const ModelSpec m = test::deepseek_r1();
+  const ClusterSpec c = test::h200_cluster(2);
+  auto cm = make_cost_model("mixserve", m, c, test::h200_datasheet(),
+                            test::layout(8, 2, 8, 2, 1, MoeComm::fused), {});
+  const auto small = decode_batch(2, 8, 1024), big = decode_batch(2, 64, 1024);
+  std::vector<ReplicaBatch> mixed = {big[0], small[1]};
+  const double ts = cm->step(small, false).time_us, tb = cm->step(big, false).time_us;
+  const StepCost tm = cm->step(mixed, true);
+  CHECK(tm.time_us > ts);
+  CHECK(tm.time_us <= tb);
+  double sum = 0;
+  for (const OpCost& o : tm.ops) {
+    sum += o.time_us;
+    CHECK(o.phase == "decode");
+    CHECK((o.source == CostSource::datasheet || o.source == CostSource::alpha_beta));
+  }
+  CHECK(sum == doctest::Approx(tm.time_us).epsilon(1e-9));
+  CHECK_THROWS_AS(cm->step(decode_batch(1, 8, 10), false), InputError);
+  CHECK(cm->step(decode_batch(2, 0, 0), false).time_us == 0.0);
+}
+
+TEST_CASE("skewed routing costs more than uniform; bad names and layouts are rejected") {
+  const ModelSpec m = test::deepseek_r1();
+  const ClusterSpec c = test::h200_cluster(4);
+  const Layout l = test::layout(8, 4, 1, 32, 1, MoeComm::nccl_a2a);
+  CostModelOptions zipf;
+  zipf.routing.kind = "zipf";
+  zipf.routing.skew = 1.01;
+  auto u = make_cost_model("mixserve", m, c, test::h200_datasheet(), l, {});
+  auto z = make_cost_model("mixserve", m, c, test::h200_datasheet(), l, zipf);
+  const auto b = prefill_batch(4, 4096);
+  CHECK(z->step(b, false).time_us > u->step(b, false).time_us);
+
+  CHECK_THROWS_AS(make_cost_model("vidur", m, c, test::h200_datasheet(), l, {}), InputError);
+  CHECK_THROWS_AS(make_cost_model("mixserve", m, c, test::h200_datasheet(),
+                                  test::layout(8, 4, 8, 4, 1, MoeComm::tp_allreduce), {}),
+                  InputError);
+  CHECK_THROWS_AS(make_cost_model("mixserve", m, c, test::h200_datasheet(),
+                                  test::layout(8, 2, 8, 2, 1, MoeComm::fused), {}),
+                  InputError);  // 16 GPUs on a 32-GPU cluster
+  CHECK_THROWS_AS(make_cost_model("mixserve", m, c, test::h200_datasheet(),
+                                  test::layout(3, 1, 1, 3, 1, MoeComm::nccl_a2a), {}),
+                  InputError);
+}
+
+TEST_CASE("a measured profile point shows up as the source of its op") {
+  const ModelSpec m = test::deepseek_r1();
+  const ClusterSpec c = test::h200_cluster(2);
+  HardwareProfile p = test::h200_datasheet();
+  p.source = "measured";
+  // attention all-reduce of 8 decode tokens over TP8: 8 * 7168 * 2 B.
+  p.collectives.push_back({CollOp::all_reduce, 8, 1, "1x8", 8 * 7168 * 2.0, 9.0});
+  auto cm = make_cost_model("mixserve", m, c, p, test::layout(8, 2, 8, 2, 1, MoeComm::fused), {});
+  const StepCost s = cm->step(decode_batch(2, 8, 100), true);
+  bool found = false;
+  for (const OpCost& o : s.ops)
+    if (o.op == "attn.allreduce") {
+      found = true;
+      CHECK(o.source == CostSource::measured);
+      CHECK(o.time_us == doctest::Approx(9.0 * 61));  // 61 layers on the critical path
+    }
+  CHECK(found);
+}
+
+TEST_CASE("analytic metrics: queueing, saturation and the offered-load cap") {
+  const ModelSpec m = test::deepseek_r1();
+  const ClusterSpec c = test::h200_cluster(2);
+  const Layout l = test::layout(8, 2, 8, 2, 1, MoeComm::fused);
+  RuntimeLimits lim;
+  lim.max_num_seqs = 64;
+  lim.max_num_batched_tokens = 4096;
+  lim.max_model_len = 8192;
+  WorkloadSpec w;
+  w.input.kind = LengthKind::fixed;
+  w.input.value = 1000;
+  w.output.kind = LengthKind::fixed;
+  w.output.value = 200;
+  for (const char* name : {"mixserve", "paper"}) {
+    CAPTURE(name);
+    auto cm = make_cost_model(name, m, c, test::h200_datasheet(), l, {});
+    w.arrival = ArrivalKind::burst;
+    std::vector<OpCost> ops;
+    const PredictedMetrics sat = analytic_metrics(*cm, l, w, lim, &ops);
+    CHECK(sat.ttft_ms > 0);
+    CHECK(sat.itl_ms > 0);
+    CHECK(sat.throughput_tok_s > 0);
+    CHECK(sat.output_tok_s == doctest::Approx(sat.throughput_tok_s * 200 / 1200));
+    CHECK_FALSE(ops.empty());
+    const double cap_req_s = sat.throughput_tok_s / 1200;
+    w.arrival = ArrivalKind::poisson;
+    w.rate = 0.5 * cap_req_s;
+    const PredictedMetrics half = analytic_metrics(*cm, l, w, lim);
+    CHECK(half.throughput_tok_s == doctest::Approx(w.rate * 1200));
+    // Waiting time on top of the same prefill: each of the 2 replicas serves rate/2 with
+    // mu = its saturated request rate, rho = 0.5. M/M/1: W = rho / (mu (1 - rho)) = 1/mu;
+    // M/D/1 ("mixserve"): half of that.
+    const double mu = cap_req_s / 2;
+    const double wq_ms = 1e3 * (std::string(name) == "paper" ? 1.0 : 0.5) / mu;
+    CHECK(half.ttft_ms - sat.ttft_ms == doctest::Approx(wq_ms).epsilon(1e-9));
+    w.rate = 0.9 * cap_req_s;
+    CHECK(analytic_metrics(*cm, l, w, lim).ttft_ms > half.ttft_ms);
+    w.rate = 2 * cap_req_s;
+    CHECK(std::isinf(analytic_metrics(*cm, l, w, lim).ttft_ms));
+  }
+}
