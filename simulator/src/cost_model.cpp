@@ -31,6 +31,9 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -97,6 +100,9 @@ struct Acc {
   }
 };
 
+std::vector<double> skewed_load_table(const std::vector<double>& tokens, int E, int k, int ep,
+                                      const RoutingModel& r);
+
 struct StageLayers {
   int dense_full = 0, dense_sliding = 0, moe_full = 0, moe_sliding = 0;
   bool first = false, last = false;
@@ -147,11 +153,9 @@ class MixServeModel final : public StepCostModel {
       c_ep_ = expected_max_std_normal(l.moe_ep);
       skewed_ = !(opt.routing.kind == "uniform" ||
                   (opt.routing.kind == "zipf" && opt.routing.skew == 0));
-      if (skewed_) {  // max rows / tokens on a log grid of token counts, interpolated per step
-        for (double t = 1; t <= double(1 << 24); t *= 4) {
-          skew_tokens_.push_back(t);
-          skew_max_.push_back(expected_ep_load(t, E_, k_, l.moe_ep, opt.routing).max_rows);
-        }
+      if (skewed_) {  // max rows on a log grid of token counts, interpolated per step
+        for (double t = 1; t <= double(1 << 24); t *= 4) skew_tokens_.push_back(t);
+        skew_max_ = skewed_load_table(skew_tokens_, E_, k_, l.moe_ep, opt.routing);
       } else {
         expert_shares(E_, opt.routing);  // validates the routing model
       }
@@ -565,6 +569,26 @@ class MixServeModel final : public StepCostModel {
   bool skewed_ = false;
   std::vector<double> skew_tokens_, skew_max_;
 };
+
+// The skewed-load table depends only on (E, k, ep, routing), which many layouts of one search
+// share; it costs ~0.5 ms to integrate, so it is computed once per key per process.
+std::vector<double> skewed_load_table(const std::vector<double>& tokens, int E, int k, int ep,
+                                      const RoutingModel& r) {
+  using Key = std::tuple<int, int, int, std::string, double, std::vector<double>>;
+  static std::mutex mu;
+  static std::map<Key, std::vector<double>> cache;
+  const Key key{E, k, ep, r.kind, r.skew, r.expert_share};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  std::vector<double> out;
+  for (double t : tokens) out.push_back(expected_ep_load(t, E, k, ep, r).max_rows);
+  std::lock_guard<std::mutex> lock(mu);
+  cache.emplace(key, out);
+  return out;
+}
 
 bool saturated_arrivals(const WorkloadSpec& w) {
   return w.arrival == ArrivalKind::burst || w.arrival == ArrivalKind::closed_loop ||
