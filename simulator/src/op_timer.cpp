@@ -160,12 +160,13 @@ class RooflineTimer final : public OpTimer {
       case CollOp::all_to_all:
       case CollOp::fused_ag_dispatch:
       case CollOp::fused_rs_combine: {
-        // NCCL posts all peers at once: the NIC carries (N-1)/N of the buffer, NVLink
-        // (m-1)/(m N); they run concurrently, each peer costs one message latency.
+        // Pairwise over p-1 peers, each costing one message latency of its domain; the bytes
+        // for remote nodes ((N-1)/N of the buffer) go through the NIC share while the
+        // in-node share ((m-1)/(m N)) goes over NVLink at the same time.
         const double p = double(g.size);
         const double t_inter = n * (N - 1) / N / inter_Bpus_;
         const double t_intra = n * (m - 1) / p / intra_Bpus_;
-        return (m - 1) * intra_alpha_ + (p - m) * inter_alpha_ / m + std::max(t_inter, t_intra);
+        return (m - 1) * intra_alpha_ + (p - m) * inter_alpha_ + std::max(t_inter, t_intra);
       }
       case CollOp::send_recv:
         return inter_alpha_ + n / inter_Bpus_;

@@ -91,11 +91,12 @@ TEST_CASE("alpha-beta collectives: hand-computed values") {
   // Reduce-scatter over 4 nodes, one GPU each (a rail): (p-1)a + (p-1)/p n/B.
   CHECK(t->collective(CollOp::reduce_scatter, {4, 4}, n).time_us ==
         doctest::Approx(L + 3 * an + 0.75 * n / Bn).epsilon(1e-12));
-  // Pairwise all-to-all over 2 nodes x 8: NIC carries half, NVLink 7/16, concurrently.
+  // Pairwise all-to-all over 2 nodes x 8: 7 in-node and 8 remote peers; the NIC carries
+  // half the buffer, NVLink 7/16 of it, concurrently.
   const ClusterSpec c2 = test::h200_cluster(2);
   auto t2 = make_roofline_timer(p, c2);
   CHECK(t2->collective(CollOp::all_to_all, {16, 2}, n).time_us ==
-        doctest::Approx(L + 7 * ai + 8 * an / 8 + std::max(n * 0.5 / Bn, n * 7 / 16 / Bi))
+        doctest::Approx(L + 7 * ai + 8 * an + std::max(n * 0.5 / Bn, n * 7 / 16 / Bi))
             .epsilon(1e-12));
   // Hierarchical all-reduce, 2 nodes x 8: RS in node + AR of n/8 on the rails + AG in node.
   const double rs = 7 * ai + 7.0 / 8 * n / Bi;
@@ -140,4 +141,73 @@ TEST_CASE("roofline: memory-bound and compute-bound GEMMs, more bandwidth never 
                 ts->collective(CollOp(op), g, b).time_us);
         }
   }
+}
+
+TEST_CASE("profile timer: expert, attention and elementwise tables") {
+  HardwareProfile p = test::h200_datasheet();
+  p.source = "measured";
+  // Grouped expert GEMM, 32 local experts of [7168, 512] fp8: tokens 256 -> 100 us, 1024 -> 200.
+  for (auto [tok, t] : {std::pair{256, 100.0}, {1024, 200.0}}) {
+    ExpertGemmPoint e;
+    e.num_experts = 32;
+    e.tokens = tok;
+    e.n = 512;
+    e.k = 7168;
+    e.dtype = DType::fp8_block;
+    e.time_us = t;
+    p.experts.push_back(e);
+  }
+  AttentionPoint a;  // decode, GQA 8 q heads / 1 KV head of 128: work = batch * kv_len
+  a.kind = "decode";
+  a.impl = "gqa";
+  a.num_heads = 8;
+  a.num_kv_heads = 1;
+  a.head_dim = 128;
+  a.batch = 16;
+  a.q_len = 1;
+  a.kv_len = 1024;
+  a.time_us = 30;
+  p.attention.push_back(a);
+  a.kv_len = 4096;
+  a.time_us = 60;
+  p.attention.push_back(a);
+  p.elementwise.push_back({1e6, 5.0});
+  p.elementwise.push_back({1e8, 50.0});
+  const ClusterSpec c = test::h200_cluster(1);
+  auto prof = make_profile_timer(p, c);
+  auto roof = make_roofline_timer(p, c);
+
+  ExpertGemmShape s{32, 512, 20, 512, 7168, DType::fp8_block};
+  OpTime o = prof->expert_gemm(s);
+  CHECK(o.source == CostSource::interpolated);
+  CHECK(o.time_us == doctest::Approx(100 * std::sqrt(2.0)).epsilon(1e-12));  // midway in log
+  s.rows = 4096;
+  CHECK(prof->expert_gemm(s).time_us == roof->expert_gemm(s).time_us);
+  s.rows = 512;
+  s.num_experts = 16;  // no table for 16 local experts
+  CHECK(prof->expert_gemm(s).source == CostSource::roofline);
+
+  AttentionShape q;
+  q.decode = true;
+  q.batch = 16;
+  q.q_tokens = 16;
+  q.context_tokens = 16 * 2048.0;
+  q.pairs = q.context_tokens;
+  q.heads = 8;
+  q.kv_heads = 1;
+  q.qk_dim = q.v_dim = 128;
+  q.kv_bytes_per_token = 2 * 128 * 2;
+  o = prof->attention(q);
+  CHECK(o.source == CostSource::interpolated);
+  CHECK(o.time_us == doctest::Approx(30 * std::sqrt(2.0)).epsilon(1e-12));
+  q.context_tokens = 16 * 1024.0;
+  CHECK(prof->attention(q).source == CostSource::measured);
+  CHECK(prof->attention(q).time_us == 30.0);
+  q.heads = 16;
+  CHECK(prof->attention(q).time_us == roof->attention(q).time_us);
+
+  o = prof->memory_op(1e7);
+  CHECK(o.source == CostSource::interpolated);
+  CHECK(o.time_us == doctest::Approx(5 * std::sqrt(10.0)).epsilon(1e-12));
+  CHECK(prof->memory_op(1e9).time_us == roof->memory_op(1e9).time_us);
 }

@@ -74,7 +74,14 @@ std::unique_ptr<OpTimer> make_roofline_timer(const HardwareProfile& p, const Clu
 
 // Profile tables first (measured at an exact point, interpolated between points in log-log
 // space; GEMMs use the (n, k) family nearest in log distance and scale by the roofline ratio,
-// tagged extrapolated), roofline / alpha-beta outside the measured range.
+// tagged extrapolated), roofline / alpha-beta outside the measured range. Table keys:
+//   gemm:        (compute class, n, k), curve over m;
+//   experts:     exact (compute class, local experts, n, k), curve over total rows (the point's
+//                distribution and active-expert count are not used);
+//   attention:   exact (kind, impl, num_heads, num_kv_heads, head_dim = the q.k width), curve
+//                over work = batch * kv_len (decode) or causal (query, key) pairs (prefill,
+//                queries taken as the last q_len positions of kv_len);
+//   elementwise: curve over bytes; collectives: (op, group_size, nodes), curve over bytes.
 std::unique_ptr<OpTimer> make_profile_timer(const HardwareProfile& p, const ClusterSpec& c);
 
 // Log-log interpolation of y(x) on points sorted by x. Returns false (and leaves `y` alone)
