@@ -4,6 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
+#include <limits>
 #include <map>
 #include <set>
 
@@ -76,14 +77,17 @@ void emit_limits(YAML::Emitter& out, const RuntimeLimits& r) {
   out << YAML::EndMap;
 }
 
+// Infinite predictions (an unstable queue) are written as YAML's .inf.
+std::string num_or_inf(double v) { return std::isinf(v) ? (v > 0 ? ".inf" : "-.inf") : fmt_num(v); }
+
 void emit_metrics(YAML::Emitter& out, const PredictedMetrics& m) {
   out << YAML::Flow << YAML::BeginMap;
-  out << YAML::Key << "ttft_ms" << YAML::Value << fmt_num(m.ttft_ms);
-  out << YAML::Key << "itl_ms" << YAML::Value << fmt_num(m.itl_ms);
-  out << YAML::Key << "tpot_ms" << YAML::Value << fmt_num(m.tpot_ms);
-  out << YAML::Key << "throughput_tok_s" << YAML::Value << fmt_num(m.throughput_tok_s);
-  out << YAML::Key << "output_tok_s" << YAML::Value << fmt_num(m.output_tok_s);
-  out << YAML::Key << "request_rate" << YAML::Value << fmt_num(m.request_rate);
+  out << YAML::Key << "ttft_ms" << YAML::Value << num_or_inf(m.ttft_ms);
+  out << YAML::Key << "itl_ms" << YAML::Value << num_or_inf(m.itl_ms);
+  out << YAML::Key << "tpot_ms" << YAML::Value << num_or_inf(m.tpot_ms);
+  out << YAML::Key << "throughput_tok_s" << YAML::Value << num_or_inf(m.throughput_tok_s);
+  out << YAML::Key << "output_tok_s" << YAML::Value << num_or_inf(m.output_tok_s);
+  out << YAML::Key << "request_rate" << YAML::Value << num_or_inf(m.request_rate);
   out << YAML::EndMap;
 }
 
@@ -187,13 +191,19 @@ RuntimeLimits read_limits(const YamlMap& m) {
 PredictedMetrics read_metrics(const YamlMap& m) {
   m.allow_keys({"ttft_ms", "itl_ms", "tpot_ms", "throughput_tok_s", "output_tok_s",
                 "request_rate"});
+  // Each is a number >= 0 or .inf (a queue that does not drain at the workload's rate).
+  const auto value = [&m](std::string_view key) {
+    const YAML::Node n = m.node(key);
+    if (n && n.IsScalar() && n.Scalar() == ".inf") return std::numeric_limits<double>::infinity();
+    return m.nonneg_num(key, 0);
+  };
   PredictedMetrics p;
-  p.ttft_ms = m.nonneg_num("ttft_ms", 0);
-  p.itl_ms = m.nonneg_num("itl_ms", 0);
-  p.tpot_ms = m.nonneg_num("tpot_ms", 0);
-  p.throughput_tok_s = m.nonneg_num("throughput_tok_s", 0);
-  p.output_tok_s = m.nonneg_num("output_tok_s", 0);
-  p.request_rate = m.nonneg_num("request_rate", 0);
+  p.ttft_ms = value("ttft_ms");
+  p.itl_ms = value("itl_ms");
+  p.tpot_ms = value("tpot_ms");
+  p.throughput_tok_s = value("throughput_tok_s");
+  p.output_tok_s = value("output_tok_s");
+  p.request_rate = value("request_rate");
   return p;
 }
 
@@ -232,8 +242,8 @@ PlanCandidate read_candidate(const YamlMap& m) {
   c.rank = m.nonneg_int("rank", 0);
   c.label = m.str("label", "");
   c.layout = read_layout(m.map("layout"));
-  if (m.has("name") && m.str("name") != c.layout.name())
-    m.fail("name", fmt::format("'{}' (the name of its layout)", c.layout.name()), m.str("name"));
+  // "name" is informational (Layout::name() of the layout, rewritten on every write); the
+  // layout mapping is what counts.
   c.limits = read_limits(m.map("limits"));
   c.metrics = read_metrics(m.map("predicted"));
   c.memory = read_memory(m.map("memory"));
@@ -405,8 +415,8 @@ void validate_metrics(const PlanCandidate& c, const std::string& origin, const s
       {"ttft_ms", c.metrics.ttft_ms}, {"itl_ms", c.metrics.itl_ms},
       {"throughput_tok_s", c.metrics.throughput_tok_s}};
   for (const auto& [k, v] : vals)
-    if (!std::isfinite(v) || v < 0)
-      throw_input_error(origin, fmt::format("{}.predicted.{}", key, k), "a finite number >= 0",
+    if (std::isnan(v) || v < 0)  // .inf is legal: a queue that does not drain at the rate
+      throw_input_error(origin, fmt::format("{}.predicted.{}", key, k), "a number >= 0 or .inf",
                         fmt_num(v));
 }
 

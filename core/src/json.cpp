@@ -1,6 +1,8 @@
 // JSON views of the core structs, with the same key names as the YAML files.
 #include "mixserve/core/json.hpp"
 
+#include <cmath>
+
 namespace mixserve {
 
 using nlohmann::json;
@@ -75,7 +77,8 @@ json to_json(const PlanCandidate& c) {
               {"limits", to_json(c.limits)},
               {"predicted", to_json(c.metrics)},
               {"memory", to_json(c.memory)},
-              {"ttft_ms", c.metrics.ttft_ms},
+              {"ttft_ms", c.metrics.ttft_ms},  // null when infinite (saturated)
+              {"saturated", !std::isfinite(c.metrics.ttft_ms)},
               {"itl_ms", c.metrics.itl_ms},
               {"throughput_tok_s", c.metrics.throughput_tok_s},
               {"memory_per_gpu_bytes", c.memory.weights + c.memory.kv_cache +

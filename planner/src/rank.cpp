@@ -44,14 +44,21 @@ bool better(const PlanCandidate& a, const PlanCandidate& b, Objective o, const C
   const double ca = cost_of(a.metrics, o), cb = cost_of(b.metrics, o);
   const double scale = std::max(std::abs(ca), std::abs(cb));
   if (std::isfinite(scale) ? std::abs(ca - cb) > kTieRelative * scale : ca != cb) return ca < cb;
-  // Tie-break 1: fewer GPUs in groups that communicate across nodes (less exposure to the
+  // Tie-break 1: the other latency. Throughput ties whenever both layouts serve the offered load
+  // (analytic_metrics caps it at rate * tokens), and then the one that answers sooner is better;
+  // TTFT ties break on ITL, ITL ties on TTFT.
+  const Objective second = o == Objective::ttft ? Objective::itl : Objective::ttft;
+  const double sa = cost_of(a.metrics, second), sb = cost_of(b.metrics, second);
+  const double s2 = std::max(std::abs(sa), std::abs(sb));
+  if (std::isfinite(s2) ? std::abs(sa - sb) > kTieRelative * s2 : sa != sb) return sa < sb;
+  // Tie-break 2: fewer GPUs in groups that communicate across nodes (less exposure to the
   // slower, shared inter-node fabric than the model assumes).
   const int xa = cross_node_gpus(a.layout, c), xb = cross_node_gpus(b.layout, c);
   if (xa != xb) return xa < xb;
-  // Tie-break 2: less fixed memory per GPU (more room for KV, more headroom).
+  // Tie-break 3: less fixed memory per GPU (more room for KV, more headroom).
   const double ma = fixed_memory_bytes(a.memory), mb = fixed_memory_bytes(b.memory);
   if (ma != mb) return ma < mb;
-  // Tie-break 3 (determinism): the smaller batch limit, then the name.
+  // Tie-break 4 (determinism): the smaller batch limit, then the name.
   if (a.limits.max_num_seqs != b.limits.max_num_seqs)
     return a.limits.max_num_seqs < b.limits.max_num_seqs;
   if (a.limits.max_num_batched_tokens != b.limits.max_num_batched_tokens)

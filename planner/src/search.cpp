@@ -77,8 +77,9 @@ std::optional<PlanCandidate> evaluate_layout(const SearchInputs& in, const Searc
 SearchResult search(const SearchInputs& in, const SearchOptions& opt) {
   const ClusterSpec& c = in.cluster;
   const int world = c.world_size();
+  const std::string origin = in.cluster_origin.empty() ? c.name : in.cluster_origin;
   if (!is_pow2(world))
-    throw_input_error(c.name, "num_nodes * gpus_per_node", "a power of two (degrees are powers of two)",
+    throw_input_error(origin, "num_nodes * gpus_per_node", "a power of two (degrees are powers of two)",
                       std::to_string(world));
   const auto limits = limits_of(opt);
 
@@ -110,7 +111,7 @@ SearchResult search(const SearchInputs& in, const SearchOptions& opt) {
     if (e.best) res.ranked.push_back(std::move(*e.best));
   }
   if (res.ranked.empty())
-    throw_input_error(c.name, "num_nodes",
+    throw_input_error(origin, "num_nodes",
                       fmt::format("enough GPUs for model '{}': none of the {} layouts on {} x {} "
                                   "{} ({:.0f} GiB each) passes every predicate, fits_memory "
                                   "rejected {} of {} candidates",

@@ -215,7 +215,11 @@ TEST_CASE("tie-break helpers") {
   a.layout = lay(8, 1, 8, 1, 2);
   b.layout = lay(8, 2, 8, 2);
   a.metrics.throughput_tok_s = b.metrics.throughput_tok_s = 100;
-  CHECK(better(a, b, Objective::throughput, c));  // tie on the objective: fewer cross-node GPUs
+  CHECK(better(a, b, Objective::throughput, c));  // tie on everything: fewer cross-node GPUs
+  b.metrics.ttft_ms = 5;
+  a.metrics.ttft_ms = 6;
+  CHECK(better(b, a, Objective::throughput, c));  // throughput tie: lower TTFT first
+  a.metrics.ttft_ms = b.metrics.ttft_ms = 0;
   b.metrics.throughput_tok_s = 101;
   CHECK(better(b, a, Objective::throughput, c));
   a.metrics.ttft_ms = 10;

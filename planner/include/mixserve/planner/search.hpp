@@ -91,7 +91,7 @@ struct SearchOptions {
   std::string cost_model = "mixserve";
   sim::RoutingModel routing;
   int max_batch = 256;                                   // max_num_seqs ceiling per DP replica
-  std::vector<int64_t> batched_tokens = {2048, 4096, 8192, 16384};
+  std::vector<int64_t> batched_tokens = {1024, 2048, 4096, 8192, 16384, 32768};
   int64_t max_model_len = 0;                             // 0 = model max
   int top = 10;                                          // candidates that get a breakdown
   std::vector<std::string> baselines;                    // empty = all of Table II
@@ -102,6 +102,7 @@ struct SearchInputs {
   ClusterSpec cluster;
   HardwareProfile profile;
   WorkloadSpec workload;
+  std::string cluster_origin;  // file or name the cluster came from, for error messages
 };
 
 struct PredicateCount {
@@ -135,6 +136,20 @@ SearchResult search(const SearchInputs& in, const SearchOptions& opt);
 // the per-op breakdown. nullopt plus the failing predicate's name when illegal.
 std::optional<PlanCandidate> evaluate_layout(const SearchInputs& in, const SearchOptions& opt,
                                              const Layout& l, std::string* rejected_by = nullptr);
+
+// The plan file of a search: the winner, its rank map, the shown alternatives and the baselines.
+Plan make_plan(const SearchInputs& in, const SearchOptions& opt, const SearchResult& r,
+               Provenance provenance);
+
+// Parses Layout::name() ("attn TP8xDP2 | moe TP8xEP2 | PP1 | fused"); nullopt if malformed.
+std::optional<Layout> parse_layout_name(std::string_view s);
+
+// Ratios of the chosen plan against a baseline: TTFT and ITL as baseline / chosen (> 1 means
+// the chosen plan is faster), throughput as chosen / baseline - 1 in percent.
+struct Ratios {
+  double ttft_x = 0, itl_x = 0, throughput_gain_pct = 0;
+};
+Ratios ratios(const PredictedMetrics& chosen, const PredictedMetrics& baseline);
 
 // True when a is better than b for the objective, with the tie-breaks applied.
 bool better(const PlanCandidate& a, const PlanCandidate& b, Objective o, const ClusterSpec& c);

@@ -1,0 +1,279 @@
+// mixserve-plan search: enumerate, filter, rank; print the top N, the predicate rejections and
+// the paper's baselines with ratios; --explain prints one layout's per-op breakdown; -o writes
+// the plan atomically (after every check has passed, so a failure leaves no file behind).
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+
+#include <fmt/format.h>
+
+#include "cli_common.hpp"
+#include "mixserve/core/error.hpp"
+#include "mixserve/core/io.hpp"
+#include "mixserve/core/json.hpp"
+#include "mixserve/planner/cli.hpp"
+
+namespace mixserve::planner {
+
+namespace {
+
+struct SearchConfig {
+  InputOptions inputs;
+  std::string objective = "throughput";
+  std::string cost_model = "mixserve";
+  int top = 10;
+  std::string explain;
+  std::vector<std::string> baselines;
+  bool json = false;
+  std::string output;
+};
+
+// --explain: a 1-based rank of the list, a baseline name, or a layout name.
+PlanCandidate find_explained(const std::string& what, const SearchResult& r,
+                             const SearchInputs& in, const SearchOptions& opt) {
+  char* end = nullptr;
+  const long rank = std::strtol(what.c_str(), &end, 10);
+  if (!what.empty() && end && *end == '\0') {
+    if (rank < 1 || rank > static_cast<long>(r.ranked.size()))
+      throw_input_error("--explain", "rank",
+                        fmt::format("a rank in 1..{}", r.ranked.size()), what);
+    PlanCandidate c = r.ranked[static_cast<size_t>(rank - 1)];
+    if (c.breakdown.empty())
+      if (auto e = evaluate_layout(in, opt, c.layout)) c = *e, c.rank = static_cast<int>(rank);
+    return c;
+  }
+  for (const auto& b : r.baselines)
+    if (b.name == what) {
+      if (!b.candidate)
+        throw_input_error("--explain", "baseline",
+                          "a baseline that is legal on this cluster", what + ": " + b.rejected_by);
+      return *b.candidate;
+    }
+  const auto l = parse_layout_name(what);
+  if (!l)
+    throw_input_error("--explain", "layout",
+                      "a rank, a baseline name, or a layout name such as "
+                      "'attn TP8xDP2 | moe TP8xEP2 | PP1 | fused'",
+                      what);
+  std::string why;
+  auto c = evaluate_layout(in, opt, *l, &why);
+  if (!c) throw_input_error("--explain", "layout", "a legal layout of this cluster", what + ": rejected by " + why);
+  for (const auto& rc : r.ranked)
+    if (rc.layout == *l) c->rank = rc.rank;
+  return *c;
+}
+
+std::string breakdown_table(const PlanCandidate& c) {
+  std::string out = fmt::format("per-op breakdown of {} (max_num_seqs {}, max_num_batched_tokens {})\n",
+                                c.layout.name(), c.limits.max_num_seqs,
+                                c.limits.max_num_batched_tokens);
+  for (const char* phase : {"prefill", "decode"}) {
+    double total = 0;
+    for (const auto& o : c.breakdown)
+      if (o.phase == phase) total += o.time_us;
+    out += fmt::format("  {} step ({:.1f} us)\n", phase, total);
+    out += fmt::format("    {:<24} {:>12} {:>7}  {}\n", "op", "time(us)", "share", "source");
+    for (const auto& o : c.breakdown)
+      if (o.phase == phase)
+        out += fmt::format("    {:<24} {:>12.1f} {:>6.1f}%  {}\n", o.op, o.time_us,
+                           total > 0 ? 100 * o.time_us / total : 0.0, to_string(o.source));
+  }
+  return out;
+}
+
+std::string candidate_row(const std::string& tag, const PlanCandidate& c) {
+  const double used = fixed_memory_bytes(c.memory) + c.memory.kv_cache;
+  return fmt::format("{:<16} {:<44} {:>5} {:>6} {:>9.1f} {:>8.2f} {:>10.1f} {:>8.1f} {:>8.1f}", tag,
+                     c.layout.name(), c.limits.max_num_seqs, c.limits.max_num_batched_tokens,
+                     c.metrics.ttft_ms, c.metrics.itl_ms, c.metrics.throughput_tok_s,
+                     to_gib(c.memory.weights), to_gib(used));
+}
+
+std::string table_header(const char* first) {
+  return fmt::format("{:<16} {:<44} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", first, "layout",
+                     "seqs", "tokens", "TTFT", "ITL", "throughput", "weights", "mem/GPU") +
+         fmt::format("{:<16} {:<44} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", "", "", "", "",
+                     "(ms)", "(ms)", "(tok/s)", "(GiB)", "(GiB)");
+}
+
+int run_search(const SearchConfig& cfg) {
+  LoadedInputs loaded = load_inputs(cfg.inputs);
+  const SearchInputs& in = loaded.in;
+  SearchOptions opt;
+  opt.objective = *parse_objective(cfg.objective);  // CLI11 IsMember checked it
+  opt.cost_model = cfg.cost_model;
+  opt.top = cfg.top;
+  opt.baselines = cfg.baselines;
+  const WorkloadSpec& w = in.workload;
+  if (w.routing == "zipf") {
+    opt.routing.kind = "zipf";
+    opt.routing.skew = w.routing_skew;
+  } else if (w.routing != "uniform") {
+    throw_input_error(cfg.inputs.workload, "routing",
+                      "uniform or zipf for the planner (histogram routing is simulate-only)",
+                      w.routing);
+  }
+  opt.max_batch = w.max_num_seqs > 0 ? w.max_num_seqs : 256;
+  opt.max_model_len = w.max_seq_len;
+
+  const auto t0 = std::chrono::steady_clock::now();
+  const SearchResult r = search(in, opt);
+  const double wall_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const PlanCandidate& best = r.ranked.front();
+
+  std::optional<PlanCandidate> explained;
+  if (!cfg.explain.empty()) explained = find_explained(cfg.explain, r, in, opt);
+
+  // Build and validate the plan before printing anything: a plan that would not pass `check`
+  // is a bug, and no file is written unless it passes.
+  std::string plan_text;
+  if (!cfg.output.empty()) {
+    std::vector<std::pair<std::string, std::string>> texts = loaded.texts;
+    const Plan plan = make_plan(in, opt, r, make_provenance("mixserve-plan", texts));
+    validate_plan(plan, cfg.output);
+    plan_text = plan_to_yaml(plan);
+  }
+
+  const std::string note = datasheet_note(in.profile);
+  const size_t shown = std::min(r.ranked.size(), static_cast<size_t>(std::max(cfg.top, 1)));
+  if (cfg.json) {
+    nlohmann::json ranked = nlohmann::json::array();
+    for (size_t i = 0; i < shown; ++i) ranked.push_back(to_json(r.ranked[i]));
+    nlohmann::json baselines = nlohmann::json::array();
+    for (const auto& b : r.baselines) {
+      nlohmann::json j = b.candidate ? to_json(*b.candidate) : nlohmann::json::object();
+      j["name"] = b.name;
+      j["description"] = b.description;
+      j["legal"] = b.candidate.has_value();
+      if (b.layout) j["layout"] = to_json(*b.layout);
+      if (!b.candidate) j["rejected_by"] = b.rejected_by;
+      if (b.candidate) {
+        const Ratios q = ratios(best.metrics, b.candidate->metrics);
+        j["ratios"] = {{"ttft_x", q.ttft_x},
+                       {"itl_x", q.itl_x},
+                       {"throughput_gain_pct", q.throughput_gain_pct}};
+      }
+      baselines.push_back(j);
+    }
+    nlohmann::json rejections = nlohmann::json::array();
+    for (const auto& c : r.rejections)
+      rejections.push_back({{"predicate", c.name},
+                            {"rule", c.rule},
+                            {"rejected", c.rejected},
+                            {"checked", c.checked},
+                            {"unit", c.per_candidate ? "candidates" : "layouts"}});
+    nlohmann::json doc{
+        {"command", "search"},
+        {"model", in.model.name},
+        {"cluster", in.cluster.name},
+        {"world_size", in.cluster.world_size()},
+        {"workload", w.name},
+        {"profile", {{"name", in.profile.name}, {"source", in.profile.source}}},
+        {"datasheet_estimates", in.profile.is_datasheet()},
+        {"objective", cfg.objective},
+        {"cost_model", cfg.cost_model},
+        {"routing", opt.routing.kind == "zipf" ? fmt::format("zipf:{}", opt.routing.skew) : "uniform"},
+        {"max_batch", opt.max_batch},
+        {"max_model_len", opt.max_model_len},
+        {"layouts", r.layouts},
+        {"evaluations", r.evaluations},
+        {"wall_s", wall_s},
+        {"rejections", rejections},
+        {"chosen", to_json(best)},
+        {"ranked", ranked},
+        {"baselines", baselines},
+        {"plan_file", cfg.output.empty() ? nlohmann::json(nullptr) : nlohmann::json(cfg.output)}};
+    if (!note.empty()) doc["note"] = note;
+    if (explained) doc["explain"] = to_json(*explained);
+    if (!plan_text.empty()) write_file_atomic(cfg.output, plan_text);
+    std::printf("%s\n", doc.dump(2).c_str());
+    return 0;
+  }
+
+  const ClusterSpec& c = in.cluster;
+  std::string out = fmt::format(
+      "mixserve-plan search: {} on {} ({} x {} {}, {:.0f} GiB), workload {} (rate {} req/s, "
+      "input ~{:.0f}, output ~{:.0f} tokens)\n",
+      in.model.name, c.name, c.num_nodes, c.gpus_per_node, c.gpu_model, c.gpu_memory_GiB, w.name,
+      w.rate, w.input.expected(), w.output.expected());
+  if (!note.empty()) out += note + "\n";
+  out += fmt::format("objective {}, cost model {}, routing {}, batch limit {}, max model len {}\n",
+                     cfg.objective, cfg.cost_model,
+                     opt.routing.kind == "zipf" ? fmt::format("zipf:{}", opt.routing.skew)
+                                                : std::string("uniform"),
+                     opt.max_batch, opt.max_model_len > 0 ? std::to_string(opt.max_model_len)
+                                                           : std::string("model max"));
+  out += fmt::format("searched {} layouts, {} (layout, limits) evaluations in {:.3f} s\n\n",
+                     r.layouts, r.evaluations, wall_s);
+
+  out += "legality predicates (each rule counted on its own; a layout may fail several)\n";
+  for (const auto& p : r.rejections)
+    out += fmt::format("  {:<24} rejected {:>6} of {:>6} {:<10}  {}\n", p.name, p.rejected,
+                       p.checked, p.per_candidate ? "candidates" : "layouts", p.rule);
+
+  out += fmt::format("\ntop {} of {} legal layouts by {} (each at its best limits)\n", shown,
+                     r.ranked.size(), cfg.objective);
+  out += table_header("#");
+  for (size_t i = 0; i < shown; ++i)
+    out += candidate_row(fmt::format("{}{}", i + 1, i == 0 ? " chosen" : ""), r.ranked[i]) + "\n";
+
+  out += "\nbaselines (paper Table II, generalised to this cluster)\n";
+  out += table_header("name");
+  for (const auto& b : r.baselines) {
+    if (b.candidate) {
+      out += candidate_row(b.name, *b.candidate) + "\n";
+    } else {
+      out += fmt::format("{:<16} {:<44} {}\n", b.name, b.layout ? b.layout->name() : "-",
+                         b.rejected_by == "not applicable" ? "not applicable to this cluster"
+                                                           : "illegal: " + b.rejected_by);
+    }
+  }
+  out += "\nchosen vs baselines (TTFT and ITL: baseline / chosen; throughput: chosen / baseline - 1)\n";
+  out += fmt::format("  {:<16} {:>9} {:>8} {:>12}\n", "baseline", "TTFT", "ITL", "throughput");
+  for (const auto& b : r.baselines) {
+    if (!b.candidate) continue;
+    const Ratios q = ratios(best.metrics, b.candidate->metrics);
+    // A saturated baseline (TTFT infinite: its queue does not drain at this rate) has no ratio.
+    const std::string ttft = std::isfinite(q.ttft_x) ? fmt::format("{:.2f}x", q.ttft_x)
+                                                     : std::string("saturated");
+    out += fmt::format("  {:<16} {:>9} {:>7.2f}x {:>+11.1f}%\n", b.name, ttft, q.itl_x,
+                       q.throughput_gain_pct);
+  }
+  if (explained) out += "\n" + breakdown_table(*explained);
+  if (!plan_text.empty()) {
+    write_file_atomic(cfg.output, plan_text);
+    out += fmt::format("\nplan written to {} (check it with: mixserve-plan check {})\n", cfg.output,
+                       cfg.output);
+  }
+  std::fputs(out.c_str(), stdout);
+  return 0;
+}
+
+}  // namespace
+
+CommandRunner register_search(CLI::App& app) {
+  auto cfg = std::make_shared<SearchConfig>();
+  CLI::App* sub = app.add_subcommand("search", "search the parallel layouts of a model on a cluster");
+  add_input_options(*sub, cfg->inputs);
+  sub->add_option("--objective", cfg->objective, "what to optimise")
+      ->check(CLI::IsMember(objective_names()))
+      ->capture_default_str();
+  sub->add_option("--cost-model", cfg->cost_model, "step-cost model")
+      ->check(CLI::IsMember(std::vector<std::string>{"mixserve", "paper"}))
+      ->capture_default_str();
+  sub->add_option("--top", cfg->top, "layouts to print (and keep as plan alternatives)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  sub->add_option("--explain", cfg->explain,
+                  "print the per-op breakdown of a layout: its rank, a baseline name or a "
+                  "layout name");
+  sub->add_option("--baseline", cfg->baselines, "baselines to compare (default: all of Table II)")
+      ->check(CLI::IsMember(baseline_names()));
+  sub->add_flag("--json", cfg->json, "print one JSON document on stdout");
+  sub->add_option("-o,--output", cfg->output, "write the plan YAML here (atomically)");
+  return [cfg] { return run_search(*cfg); };
+}
+
+}  // namespace mixserve::planner

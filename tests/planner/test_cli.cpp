@@ -1,0 +1,241 @@
+// Runs the built mixserve-plan binary: every bad input gives exit 2 and one line naming the file
+// and key, creates no plan file and leaves an existing one untouched; --json documents parse.
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "mixserve/core/io.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Run {
+  int code = -1;
+  std::string out, err;
+};
+
+fs::path scratch() {
+  static const fs::path dir = [] {
+    fs::path d = fs::temp_directory_path() /
+                 ("mixserve-plan-cli-" + std::to_string(static_cast<long>(::getpid())));
+    fs::create_directories(d);
+    return d;
+  }();
+  return dir;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+void spit(const fs::path& p, const std::string& text) {
+  std::ofstream f(p);
+  f << text;
+}
+
+Run run(const std::string& args) {
+  const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
+  const std::string cmd = std::string("'") + MIXSERVE_PLAN_EXE + "' " + args + " > '" +
+                          out.string() + "' 2> '" + err.string() + "'";
+  const int status = std::system(cmd.c_str());
+  Run r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+
+std::string shipped(const std::string& rel) {
+  return slurp(fs::path(MIXSERVE_SOURCE_DIR) / rel);
+}
+
+// Replace the first line that starts (after indentation) with `key:`.
+std::string replace_line(const std::string& text, const std::string& key, const std::string& line) {
+  std::istringstream in(text);
+  std::string out, l;
+  bool done = false;
+  while (std::getline(in, l)) {
+    const size_t s = l.find_first_not_of(' ');
+    if (!done && s != std::string::npos && l.compare(s, key.size() + 1, key + ":") == 0) {
+      if (!line.empty()) out += l.substr(0, s) + line + "\n";
+      done = true;
+      continue;
+    }
+    out += l + "\n";
+  }
+  REQUIRE_MESSAGE(done, key);
+  return out;
+}
+
+const char* kSearch = "search --model qwen3-235b-a22b --cluster h20-2x8 --workload sharegpt-paper";
+
+}  // namespace
+
+TEST_CASE("bad inputs: exit 2, one line naming file and key, no plan file, existing file kept") {
+  const std::string model = shipped("configs/models/qwen3-235b-a22b.yaml");
+  const std::string cluster = shipped("configs/clusters/h20-2x8.yaml");
+  const fs::path m = scratch() / "model.yaml", c = scratch() / "cluster.yaml";
+  const fs::path hf = scratch() / "config.json";
+
+  struct Case {
+    const char* what;
+    std::string setup_file;   // written to `file` before the run ("" = none)
+    fs::path file;
+    std::string args;         // after the output option
+    std::string expect;       // substrings of the error line
+    std::string expect_key;
+  };
+  const std::string model_args = "--cluster h20-2x8 --workload sharegpt-paper --model ";
+  const Case cases[] = {
+      {"malformed model YAML", "hidden_size: [4096\nnum_layers: 94\n", m,
+       "search " + model_args + m.string(), m.string(), ""},
+      {"truncated model YAML", model.substr(0, model.size() / 2), m,
+       "search " + model_args + m.string(), m.string(), ""},
+      {"missing key", replace_line(model, "hidden_size", ""), m,
+       "search " + model_args + m.string(), m.string(), "hidden_size"},
+      {"negative size", replace_line(model, "hidden_size", "hidden_size: -4096"), m,
+       "search " + model_args + m.string(), m.string(), "hidden_size"},
+      {"zero size", replace_line(model, "num_experts", "num_experts: 0"), m,
+       "search " + model_args + m.string(), m.string(), "num_experts"},
+      {"non-power-of-two cluster", replace_line(cluster, "nodes", "nodes: 3"), c,
+       "search --model qwen3-235b-a22b --workload sharegpt-paper --cluster " + c.string(),
+       c.string(), "nodes"},
+      {"unsupported architecture",
+       R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32})",
+       hf, "search " + model_args + hf.string(), hf.string(), "architectures"},
+      {"malformed config.json", R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": )",
+       hf, "search " + model_args + hf.string(), hf.string(), ""},
+      {"cluster too small", replace_line(replace_line(cluster, "nodes", "nodes: 1"),
+                                         "gpus_per_node", "gpus_per_node: 1"),
+       c, "search --model deepseek-r1 --workload sharegpt-paper --cluster " + c.string(),
+       c.string(), "num_nodes"},
+      {"unknown option", "", "", std::string(kSearch) + " --frobnicate 3", "--frobnicate", ""},
+      {"bad objective", "", "", std::string(kSearch) + " --objective fastest", "fastest", ""},
+      {"bad routing", "", "", std::string(kSearch) + " --routing zipf:x", "--routing", "routing"},
+      {"missing model file", "", "", "search " + model_args + "/nonexistent/m.yaml",
+       "/nonexistent/m.yaml", ""},
+      {"unknown shipped model", "", "", "search " + model_args + "no-such-model", "no-such-model",
+       ""},
+      {"bad baseline", "", "", std::string(kSearch) + " --baseline sglang", "sglang", ""},
+  };
+  const fs::path plan = scratch() / "plan.yaml";
+  for (const Case& k : cases) {
+    CAPTURE(k.what);
+    if (!k.setup_file.empty()) spit(k.file, k.setup_file);
+    for (bool existing : {false, true}) {
+      CAPTURE(existing);
+      fs::remove(plan);
+      if (existing) spit(plan, "sentinel: untouched\n");
+      const Run r = run(k.args + " -o " + plan.string());
+      CAPTURE(r.err);
+      CHECK(r.code == 2);
+      // One line on stderr.
+      CHECK(!r.err.empty());
+      CHECK(r.err.find('\n') == r.err.size() - 1);
+      if (!k.expect.empty()) CHECK(r.err.find(k.expect) != std::string::npos);
+      if (!k.expect_key.empty()) CHECK(r.err.find(k.expect_key) != std::string::npos);
+      if (existing)
+        CHECK(slurp(plan) == "sentinel: untouched\n");
+      else
+        CHECK_FALSE(fs::exists(plan));
+    }
+  }
+  // No temporary files left beside the output.
+  for (const auto& e : fs::directory_iterator(scratch()))
+    CHECK_MESSAGE(e.path().filename().string().find("plan.yaml.") == std::string::npos,
+                  e.path().string());
+}
+
+TEST_CASE("--json documents parse and carry the promised fields") {
+  Run d = run("describe --model deepseek-r1 --json");
+  REQUIRE(d.code == 0);
+  const auto dj = nlohmann::json::parse(d.out);
+  // Published: 671B total, 37B active (paper.md §7.3; serving-and-models.md A.2).
+  CHECK(dj.at("total_params").get<double>() == doctest::Approx(671e9).epsilon(0.01));
+  CHECK(dj.at("active_params").get<double>() == doctest::Approx(37.5e9).epsilon(0.02));
+  CHECK(dj.at("kv_bytes_per_token").get<double>() > 0);
+
+  const fs::path plan = scratch() / "json-plan.yaml";
+  fs::remove(plan);
+  Run s = run(std::string(kSearch) + " --top 5 --json -o " + plan.string());
+  CAPTURE(s.err);
+  REQUIRE(s.code == 0);
+  const auto sj = nlohmann::json::parse(s.out);
+  REQUIRE(sj.at("ranked").is_array());
+  CHECK(sj.at("ranked").size() == 5);
+  for (const auto& c : sj.at("ranked")) {
+    CHECK(c.at("layout").contains("attn_tp"));
+    CHECK(c.at("layout").contains("moe_comm"));
+    CHECK(c.at("ttft_ms").get<double>() > 0);
+    CHECK(c.at("itl_ms").get<double>() > 0);
+    CHECK(c.at("throughput_tok_s").get<double>() > 0);
+    CHECK(c.at("memory_per_gpu_bytes").get<double>() > 0);
+  }
+  // Ranked by throughput, best first.
+  for (size_t i = 1; i < sj.at("ranked").size(); ++i)
+    CHECK(sj["ranked"][i - 1]["throughput_tok_s"].get<double>() >=
+          sj["ranked"][i]["throughput_tok_s"].get<double>());
+  REQUIRE(sj.at("baselines").size() == 5);
+  for (const auto& b : sj.at("baselines")) {
+    CAPTURE(b.dump());
+    CHECK(b.contains("name"));
+    if (b.at("legal").get<bool>()) {
+      // A saturated baseline (queue never drains at this rate) has TTFT null in JSON.
+      if (!b.at("saturated").get<bool>()) CHECK(b.at("ttft_ms").get<double>() > 0);
+      CHECK(b.at("itl_ms").get<double>() > 0);
+      CHECK(b.contains("ratios"));
+    }
+  }
+  CHECK(sj.at("datasheet_estimates").get<bool>());
+  CHECK(sj.at("evaluations").get<int64_t>() > 0);
+
+  // The written plan passes check, in text and JSON.
+  REQUIRE(fs::exists(plan));
+  Run c = run("check " + plan.string());
+  CAPTURE(c.err);
+  CHECK(c.code == 0);
+  CHECK(c.out.rfind("OK ", 0) == 0);
+  Run cj = run("check --json " + plan.string());
+  CHECK(cj.code == 0);
+  CHECK(nlohmann::json::parse(cj.out).at("ok").get<bool>());
+
+  // A tampered plan fails check with exit 2 and the key.
+  std::string text = slurp(plan);
+  const size_t pos = text.find("moe_tp_rank: ", text.find("{rank: 1,"));
+  REQUIRE(pos != std::string::npos);
+  text.replace(pos, 14, "moe_tp_rank: 7");
+  const fs::path bad = scratch() / "bad-plan.yaml";
+  spit(bad, text);
+  Run cb = run("check " + bad.string());
+  CHECK(cb.code == 2);
+  CHECK(cb.err.find("rank_map[1].moe_tp_rank") != std::string::npos);
+
+  // An error under --json is still one JSON document on stdout.
+  Run e = run(std::string(kSearch) + " --objective fastest --json");
+  CHECK(e.code == 2);
+  CHECK_FALSE(nlohmann::json::parse(e.out).at("ok").get<bool>());
+}
+
+TEST_CASE("the datasheet note is printed for datasheet profiles") {
+  Run s = run(std::string(kSearch) + " --top 3");
+  CAPTURE(s.err);
+  REQUIRE(s.code == 0);
+  CHECK(s.out.find("costs: datasheet estimates (profile ") != std::string::npos);
+  CHECK(s.out.find("vllm-tp-pp") != std::string::npos);
+  CHECK(s.out.find("fits_memory") != std::string::npos);
+  Run x = run(std::string(kSearch) + " --top 3 --explain 1");
+  REQUIRE(x.code == 0);
+  CHECK(x.out.find("per-op breakdown") != std::string::npos);
+}
