@@ -23,6 +23,7 @@ struct Seq {
   int64_t computed = 0;    // tokens whose KV is in the cache
   int64_t blocks = 0;      // KV blocks held
   double last_token_s = 0;
+  bool bad = false;          // missed an SLO
   int64_t sched_stamp = -1;  // step id it was last scheduled in
   int slot = 0, replica = 0;
   int preemptions = 0;
@@ -110,6 +111,10 @@ class Engine {
   SimResult run() {
     const int64_t n = static_cast<int64_t>(seqs_.size());
     while (finished_ < n) {
+      if (cfg_.stop_after_bad > 0 && bad_ >= cfg_.stop_after_bad) {
+        res_.stopped_early = true;
+        break;
+      }
       int v = pick_slot();
       if (v < 0) {  // nothing runnable: jump to the next arrival
         const double t = next_arrival_time();
@@ -130,6 +135,12 @@ class Engine {
     }
     if (cfg_.progress) cfg_.progress(SimProgress{last_end_, finished_, n, steps_});
     for (size_t i = 0; i < seqs_.size(); ++i) res_.requests[i].preemptions = seqs_[i].preemptions;
+    if (res_.stopped_early) {
+      std::vector<RequestResult> done;
+      for (size_t i = 0; i < seqs_.size(); ++i)
+        if (seqs_[i].done) done.push_back(res_.requests[i]);
+      res_.requests = std::move(done);
+    }
     res_.metrics = compute_metrics(res_, cfg_);
     auto& m = res_.metrics;
     m.num_steps = steps_;
@@ -302,6 +313,11 @@ class Engine {
     }
   }
 
+  void mark_bad(Seq& s) {
+    if (!s.bad) ++bad_;
+    s.bad = true;
+  }
+
   void run_step(int v, double t_start) {
     int64_t tokens = 0;
     int empty = 0;
@@ -353,6 +369,7 @@ class Engine {
         auto& rr = res_.requests[static_cast<size_t>(si)];
         if (s.generated == 0) {
           rr.first_token_s = t_end;
+          if (cfg_.slo_ttft_ms > 0 && rr.ttft_ms() > cfg_.slo_ttft_ms) mark_bad(s);
         } else {
           res_.itls_ms.push_back((t_end - s.last_token_s) * 1e3);
         }
@@ -365,6 +382,9 @@ class Engine {
           s.done = true;
           any_done = true;
           rr.finish_s = t_end;
+          if ((cfg_.slo_tpot_ms > 0 && rr.tpot_ms() > cfg_.slo_tpot_ms) ||
+              (cfg_.slo_e2el_ms > 0 && rr.e2el_ms() > cfg_.slo_e2el_ms))
+            mark_bad(s);
           u.free_blocks += s.blocks;
           s.blocks = 0;
           --u.unfinished;
@@ -391,7 +411,7 @@ class Engine {
   using Pending = std::pair<double, int32_t>;
   std::priority_queue<Pending, std::vector<Pending>, std::greater<>> closed_;
   uint64_t rr_next_ = 0;
-  int64_t finished_ = 0, steps_ = 0, preemptions_ = 0, empty_replica_steps_ = 0, tokens_sum_ = 0;
+  int64_t finished_ = 0, bad_ = 0, steps_ = 0, preemptions_ = 0, empty_replica_steps_ = 0, tokens_sum_ = 0;
   double step_time_sum_us_ = 0;
   std::vector<int64_t> tokens_per_second_;
   std::vector<ReplicaBatch> batches_;
@@ -531,9 +551,10 @@ CapacityResult capacity_search(const StepCostModel& cm, const ServingConfig& bas
   if (opt.slo_ttft_ms <= 0 && opt.slo_tpot_ms <= 0 && opt.slo_e2el_ms <= 0)
     throw InputError("capacity search: set at least one SLO (ttft, tpot or e2el)");
   if (!(opt.attainment > 0 && opt.attainment <= 1) || !(opt.start_rate > 0) ||
-      !(opt.rel_tol > 0) || opt.num_requests < 1)
+      !(opt.rel_tol > 0) || opt.num_requests < 1 || opt.max_requests < opt.num_requests ||
+      !(opt.trial_duration_s >= 0))
     throw InputError("capacity search: expected attainment in (0, 1], start_rate > 0, "
-                     "rel_tol > 0, num_requests >= 1");
+                     "rel_tol > 0, 1 <= num_requests <= max_requests, trial_duration_s >= 0");
   ServingConfig cfg = base;
   cfg.slo_ttft_ms = opt.slo_ttft_ms;
   cfg.slo_tpot_ms = opt.slo_tpot_ms;
@@ -541,15 +562,25 @@ CapacityResult capacity_search(const StepCostModel& cm, const ServingConfig& bas
   cfg.record_steps = false;
   cfg.progress = nullptr;
   WorkloadSpec wl = w;
-  wl.num_requests = opt.num_requests;
 
   CapacityResult out;
+  bool last_stopped = false;
   auto run_at = [&](double rate) {
     wl.rate = rate;
+    const double want = std::ceil(rate * opt.trial_duration_s);
+    wl.num_requests = static_cast<int>(
+        std::clamp(want, double(opt.num_requests), double(opt.max_requests)));
+    // More than (1 - attainment) * n bad requests decide the trial: stop there.
+    cfg.stop_after_bad =
+        static_cast<int64_t>(std::floor((1 - opt.attainment) * wl.num_requests)) + 1;
     ++out.simulations;
-    return simulate(cm, cfg, generate_requests(wl)).metrics;
+    SimResult r = simulate(cm, cfg, generate_requests(wl));
+    last_stopped = r.stopped_early;
+    return r.metrics;
   };
-  auto ok = [&](const ServingMetrics& m) { return m.slo_attainment >= opt.attainment; };
+  auto ok = [&](const ServingMetrics& m) {
+    return !last_stopped && m.slo_attainment >= opt.attainment;
+  };
 
   double lo = 0, hi = 0;
   ServingMetrics best;

@@ -376,7 +376,8 @@ TEST_CASE("capacity search: rescaling time rescales the capacity") {
   CapacityOptions opt;
   opt.slo_ttft_ms = 200;
   opt.slo_tpot_ms = 25;
-  opt.num_requests = 400;
+  opt.num_requests = 200;
+  opt.trial_duration_s = 3;  // trials of max(200, 3 s of arrivals) requests
   opt.rel_tol = 0.01;
   const LinearCost fast(2000, 20, 0.01);
   const LinearCost slow(4000, 40, 0.02);
@@ -384,6 +385,7 @@ TEST_CASE("capacity search: rescaling time rescales the capacity") {
   CapacityOptions opt2 = opt;
   opt2.slo_ttft_ms *= 2;
   opt2.slo_tpot_ms *= 2;
+  opt2.trial_duration_s *= 2;
   opt2.start_rate = 0.5;
   const CapacityResult b = capacity_search(slow, cfg, w, opt2, 8);
   CAPTURE(a.max_rate);
@@ -392,6 +394,8 @@ TEST_CASE("capacity search: rescaling time rescales the capacity") {
   CHECK(a.at_max.slo_attainment >= 0.9);
   CHECK(a.max_rate_per_gpu == doctest::Approx(a.max_rate / 8));
   CHECK(b.max_rate * 2 == doctest::Approx(a.max_rate).epsilon(0.03));
+  // The trial at the found rate spans the requested arrival window.
+  CHECK(a.at_max.completed == std::max<int64_t>(200, int64_t(std::ceil(a.max_rate * 3))));
   // A burst workload has no rate to search.
   WorkloadSpec burst = w;
   burst.arrival = ArrivalKind::burst;

@@ -53,6 +53,9 @@ struct ServingConfig {
   double slo_ttft_ms = 0, slo_tpot_ms = 0, slo_e2el_ms = 0;
   std::function<void(const SimProgress&)> progress;  // called about every progress_every steps
   int64_t progress_every = 20000;
+  // > 0: stop as soon as this many requests have missed an SLO (the capacity search's verdict
+  // is already "not sustained"); the result then holds only the finished requests.
+  int64_t stop_after_bad = 0;
 };
 
 // Derives the config of a plan's layout: DP replicas, PP, the limits, KV blocks from the cost
@@ -114,6 +117,7 @@ struct SimResult {
   std::vector<double> itls_ms;           // every inter-token gap of every request
   std::vector<StepRecord> steps;         // when record_steps
   ServingMetrics metrics;
+  bool stopped_early = false;            // stop_after_bad was reached
 };
 
 // Runs the stream to completion. Throws InputError when a request can never be served (longer
@@ -127,8 +131,13 @@ ServingMetrics compute_metrics(const SimResult& r, const ServingConfig& cfg);
 struct CapacityOptions {
   double slo_ttft_ms = 0, slo_tpot_ms = 0, slo_e2el_ms = 0;  // at least one > 0
   double attainment = 0.9;     // fraction of requests that must meet every SLO (DistServe)
-  int num_requests = 2000;     // per trial simulation (the workload's lengths and seed)
-  double rel_tol = 0.02;       // stop when (hi - lo) / hi < rel_tol
+  // Each trial draws max(num_requests, rate * trial_duration_s) requests (capped at
+  // max_requests) from the workload (its lengths and seed): the arrivals must span long enough
+  // for an overloaded system to show a growing queue, not just fill its batch slots.
+  int num_requests = 200;
+  double trial_duration_s = 60;
+  int max_requests = 50000;
+  double rel_tol = 0.03;       // stop when (hi - lo) / hi < rel_tol
   double start_rate = 1.0;     // req/s; the search doubles / halves from here to bracket
   int max_simulations = 30;
 };
@@ -138,8 +147,9 @@ struct CapacityResult {
   ServingMetrics at_max;         // metrics of the run at max_rate
   int simulations = 0;
 };
-// Binary search on the Poisson (or gamma) rate of `w` for the highest rate whose run meets
-// the SLO attainment. Throws InputError for closed-loop, burst or trace workloads.
+// Binary search on the Poisson (or gamma) rate of `w` for the highest rate whose trial meets
+// the SLO attainment (a trial stops early once too many requests missed an SLO). Throws
+// InputError for closed-loop, burst or trace workloads.
 CapacityResult capacity_search(const StepCostModel& cm, const ServingConfig& cfg,
                                const WorkloadSpec& w, const CapacityOptions& opt, int num_gpus);
 
