@@ -183,6 +183,7 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
   // Per-rank steps and bytes.
   const double slice_row_bytes = static_cast<double>(s.slice_elems) * geo.elem_bytes;
   s.steps.assign(geo.num_ranks, std::vector<FusedStep>(Q));
+  s.final_ag_bytes.assign(geo.num_ranks, {});
   for (int r = 0; r < geo.num_ranks; ++r) {
     const int q = r / T, t = r % T;
     const int64_t home_tokens = routing[q].num_tokens;
@@ -214,9 +215,11 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
         add_bytes(st.combine_bytes, st.send_inter_node, rs_rows * slice_row_bytes);
       }
       add_bytes(st.combine_bytes, false, collective_bytes(geo, rs_rows, T));
-      if (i == Q - 1) add_bytes(st.combine_bytes, false, collective_bytes(geo, home_tokens, T));
     }
+    add_bytes(s.final_ag_bytes[r], false, collective_bytes(geo, home_tokens, T));
   }
+  for (int i = 1; i < Q; ++i) s.combine_order.push_back(i);
+  s.combine_order.push_back(0);
   s.dispatch_rounds.resize(Q);
   s.combine_rounds.resize(Q);
   for (int i = 0; i < Q; ++i) {
@@ -228,6 +231,9 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
     s.dispatch_rounds[i] = summarize(d);
     s.combine_rounds[i] = summarize(c);
   }
+  std::vector<const RankRoundBytes*> f;
+  for (const auto& b : s.final_ag_bytes) f.push_back(&b);
+  s.final_ag = summarize(f);
   return s;
 }
 

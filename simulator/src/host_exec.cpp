@@ -73,7 +73,7 @@ namespace {
 using Buf = std::vector<double>;
 constexpr double kPoison = std::numeric_limits<double>::quiet_NaN();
 
-enum class Phase : int { dispatch = 0, combine = 1, counts = 2 };
+enum class Phase : int { dispatch = 0, combine = 1, counts = 2, final_all_gather = 3 };
 enum class Kind : int { rail = 0, all_gather = 1, reduce_scatter = 2, final_all_gather = 3, a2a = 4 };
 
 struct Tag {
@@ -94,11 +94,14 @@ class Transport {
   Transport(const CommGeometry& geo, int rounds, double timeout_s)
       : geo_(geo), boxes_(geo.num_ranks), timeout_(timeout_s),
         dispatch_(geo.num_ranks, std::vector<RankRoundBytes>(rounds)),
-        combine_(geo.num_ranks, std::vector<RankRoundBytes>(rounds)) {}
+        combine_(geo.num_ranks, std::vector<RankRoundBytes>(rounds)),
+        final_(geo.num_ranks, std::vector<RankRoundBytes>(1)) {}
 
   void send(int src, int dst, Tag tag, Buf data) {
     if (tag.phase != Phase::counts) {
-      auto& per_round = (tag.phase == Phase::dispatch ? dispatch_ : combine_)[src];
+      auto& per_round = (tag.phase == Phase::dispatch   ? dispatch_
+                         : tag.phase == Phase::combine  ? combine_
+                                                        : final_)[src];
       if (tag.round < 0 || tag.round >= static_cast<int>(per_round.size()))
         throw RuntimeError("host transport: round " + std::to_string(tag.round) + " out of range");
       const double bytes = static_cast<double>(data.size()) * geo_.elem_bytes;
@@ -162,6 +165,11 @@ class Transport {
 
   std::vector<std::vector<RankRoundBytes>> take_dispatch() { return std::move(dispatch_); }
   std::vector<std::vector<RankRoundBytes>> take_combine() { return std::move(combine_); }
+  std::vector<RankRoundBytes> take_final() {
+    std::vector<RankRoundBytes> out;
+    for (const auto& f : final_) out.push_back(f[0]);
+    return out;
+  }
 
  private:
   struct Box {
@@ -174,7 +182,7 @@ class Transport {
   double timeout_;
   std::atomic<bool> abort_{false};
   std::mutex count_mu_;
-  std::vector<std::vector<RankRoundBytes>> dispatch_, combine_;
+  std::vector<std::vector<RankRoundBytes>> dispatch_, combine_, final_;
 };
 
 // Per-rank completion flags between its two streams (the CUDA events of the GPU executor).
@@ -330,7 +338,7 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
         for (int c = 0; c < hs; ++c) rs.xr[(r0 + k) * h + t * hs + c] = in[k * hs + c];
       dflags[r]->set(i);
     }
-    for (int i = 0; i < Q; ++i) {
+    for (int i : s.combine_order) {
       const FusedStep& fs = s.steps[r][i];
       cflags[r]->wait(i);
       Buf in;
@@ -391,8 +399,8 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
                                xs.pair_weight[p],
                                std::span<double>(rs.partial).subspan(row * h, h));
       }
-    // Combine: reduce-scatter the rows of home (q + i) mod Q, round by round.
-    for (int i = 0; i < Q; ++i) {
+    // Combine: reduce-scatter the rows of home (q + i) mod Q, round by round in combine_order.
+    for (int i : s.combine_order) {
       const FusedStep& fs = s.steps[r][i];
       const int b = fs.combine_send_block;
       const int64_t r0 = xs.block_row_offset[b], n = xs.block_row_offset[b + 1] - r0;
@@ -416,13 +424,13 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
     const int64_t n = routing[q].num_tokens;
     for (int u = 0; u < T; ++u)
       if (u != t)
-        tr.send(r, q * T + u, {Phase::combine, Q - 1, Kind::final_all_gather}, rs.y_slice);
+        tr.send(r, q * T + u, {Phase::final_all_gather, 0, Kind::final_all_gather}, rs.y_slice);
     for (int64_t k = 0; k < n; ++k)
       for (int c = 0; c < hs; ++c) rs.y[k * h + t * hs + c] = rs.y_slice[k * hs + c];
     for (int u = 0; u < T; ++u) {
       if (u == t) continue;
-      const Buf in = tr.recv(r, q * T + u, {Phase::combine, Q - 1, Kind::final_all_gather});
-      expect_size(in, n * hs, "final all-gather", Q - 1);
+      const Buf in = tr.recv(r, q * T + u, {Phase::final_all_gather, 0, Kind::final_all_gather});
+      expect_size(in, n * hs, "final all-gather", 0);
       for (int64_t k = 0; k < n; ++k)
         for (int c = 0; c < hs; ++c) rs.y[k * h + u * hs + c] = in[k * hs + c];
     }
@@ -437,6 +445,7 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
   for (auto& rs : st) res.rank_output.push_back(std::move(rs.y));
   res.dispatch_bytes = tr.take_dispatch();
   res.combine_bytes = tr.take_combine();
+  res.final_ag_bytes = tr.take_final();
   return res;
 }
 

@@ -41,6 +41,15 @@ inline double pow2_weight(std::mt19937_64& rng) {
 // k distinct experts out of E; `cdf` empty = uniform, else sampled from the cumulative weights.
 inline void draw_distinct(std::mt19937_64& rng, int E, int k, const std::vector<double>& cdf,
                           int32_t* out) {
+  if (cdf.empty() && 4 * k <= E) {  // rejection: cheap when collisions are rare
+    for (int j = 0; j < k;) {
+      const int32_t e = static_cast<int32_t>(rng() % static_cast<uint64_t>(E));
+      bool dup = false;
+      for (int i = 0; i < j; ++i) dup |= out[i] == e;
+      if (!dup) out[j++] = e;
+    }
+    return;
+  }
   if (cdf.empty()) {
     std::vector<int32_t> perm(E);
     for (int e = 0; e < E; ++e) perm[e] = e;

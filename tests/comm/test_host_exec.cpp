@@ -71,6 +71,10 @@ int64_t count_byte_mismatches(const FusedSchedule& s, const HostExecResult& res)
       bad += res.combine_bytes[r][i].inter_bytes != st.combine_bytes.inter_bytes;
       bad += res.combine_bytes[r][i].intra_bytes != st.combine_bytes.intra_bytes;
     }
+  for (int r = 0; r < s.geo.num_ranks; ++r) {
+    bad += res.final_ag_bytes[r].inter_bytes != s.final_ag_bytes[r].inter_bytes;
+    bad += res.final_ag_bytes[r].intra_bytes != s.final_ag_bytes[r].intra_bytes;
+  }
   return bad;
 }
 

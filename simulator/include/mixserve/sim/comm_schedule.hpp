@@ -18,7 +18,9 @@
 //    RS-Combine ("RS-first"), round i = 0..Q-1: the group reduce-scatters the partial sums of
 //    the rows whose home is group (q+i) mod Q, rank t sends its reduced slice t back along the
 //    rail to ((q+i) mod Q, t) (nothing for i = 0), receives from ((q-i) mod Q, t) and
-//    scatter-adds into its home slice Y_t; a final all-gather restores full rows.
+//    scatter-adds into its home slice Y_t; a final all-gather restores full rows. Rounds are
+//    issued in combine_order = 1, ..., Q-1, 0: the local rows need no rail, so they go last and
+//    the first rail send starts as early as possible.
 //    Tokens with several experts in one group cross the rail once each way: the group's top-k
 //    weights are applied on the expert side when the (token, expert) outputs are folded back
 //    into the token's row (ExpertSide::row_pair_*), before the reduce-scatter.
@@ -120,7 +122,7 @@ struct FusedStep {
   // (= (Q - i) mod Q: the rows that came from home send_group).
   int combine_send_block = 0;
   RankRoundBytes dispatch_bytes;  // rail send of round i + its all-gather (none in round 0)
-  RankRoundBytes combine_bytes;   // reduce-scatter of round i + rail send (+ final AG, last round)
+  RankRoundBytes combine_bytes;   // reduce-scatter of round i + its rail send
 };
 
 struct FusedSchedule {
@@ -133,8 +135,12 @@ struct FusedSchedule {
   std::vector<std::vector<int32_t>> route;
   std::vector<ExpertSide> expert_side;        // [Q]
   std::vector<std::vector<FusedStep>> steps;  // [num_ranks][Q], steps[r][i].round == i
-  // Per round (index i = 0..Q-1) over ranks. Combine round Q-1 includes the final all-gather.
+  std::vector<int> combine_order;             // combine rounds in issue order: 1..Q-1, 0
+  // Per round (index i = 0..Q-1) over ranks.
   std::vector<RoundBytesSummary> dispatch_rounds, combine_rounds;
+  // The combine's final all-gather of the home rows, after the last scatter-add.
+  std::vector<RankRoundBytes> final_ag_bytes;  // [num_ranks]
+  RoundBytesSummary final_ag;
 
   int group_of(int rank) const { return rank / group_size; }
   int slice_of(int rank) const { return rank % group_size; }

@@ -38,6 +38,8 @@ struct HostExecResult {
   // Bytes each rank actually sent, per round (fused: [P][Q]; EP: [P][1]), counted as
   // elements * geo.elem_bytes. Counts exchanged by the EP schedule are not included.
   std::vector<std::vector<RankRoundBytes>> dispatch_bytes, combine_bytes;
+  // Fused only: the combine's final all-gather, [P] (the split EP's is in combine_bytes).
+  std::vector<RankRoundBytes> final_ag_bytes;
 };
 
 // inputs[q]: replica q's token rows [num_tokens, hidden] (replicated on its ranks).
