@@ -1,6 +1,7 @@
 // The exact fused schedule against the cost model's expectation: the rows that cross a rail
 // per (source, destination) group, averaged over many seeded uniform routings, must match
-// sim::expected_rows_to_group (moe_load.hpp) and the closed form derived here independently.
+// sim::expected_rows_to_group (moe_load.hpp) and the closed form derived here independently,
+// and the per-round volumes the step-cost model uses (sim::fused_round_bytes).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -9,6 +10,7 @@
 
 #include "comm_test_util.hpp"
 #include "mixserve/sim/comm_schedule.hpp"
+#include "mixserve/sim/cost_moe_comm.hpp"
 #include "mixserve/sim/moe_load.hpp"
 
 namespace {
@@ -38,7 +40,7 @@ TEST_CASE("per-round inter-node bytes of the fused schedule match the MoE load m
         CAPTURE(k);
         std::mt19937_64 rng(7 + 1009ull * (N * 100 + G * 10 + k) + E);
         const sim::CommGeometry g = test::hybrid_geometry(N, G, E, k, h);
-        std::vector<double> round_bytes(N, 0.0);
+        std::vector<double> round_bytes(N, 0.0), dispatch_intra(N, 0.0), combine_intra(N, 0.0);
         int64_t asymmetric = 0;
         for (int it = 0; it < samples; ++it) {
           std::vector<sim::ReplicaRouting> routing;
@@ -48,6 +50,8 @@ TEST_CASE("per-round inter-node bytes of the fused schedule match the MoE load m
           for (int r = 0; r < N * G; ++r)
             for (int i = 1; i < N; ++i) {
               round_bytes[i] += s.steps[r][i].dispatch_bytes.inter_bytes;
+              dispatch_intra[i] += s.steps[r][i].dispatch_bytes.intra_bytes;
+              combine_intra[i] += s.steps[r][i].combine_bytes.intra_bytes;
               // Combine sends the same rows back: what (q+i) sent q in its dispatch round N-i.
               asymmetric += s.steps[r][i].combine_bytes.inter_bytes !=
                             s.steps[s.steps[r][i].send_group * G + r % G][N - i]
@@ -59,10 +63,20 @@ TEST_CASE("per-round inter-node bytes of the fused schedule match the MoE load m
         const double model = sim::expected_rows_to_group(n, E, k, E / N) * slice_bytes;
         const double closed = n * hit_probability(E, k, E / N) * slice_bytes;
         CHECK(model == doctest::Approx(closed).epsilon(1e-9));
+        // The step-cost model's per-round volumes (cost_moe_comm.hpp): rail bytes per rank and
+        // the intra-group all-gather / reduce-scatter size, of which a rank sends (G-1)/G.
+        const sim::FusedRoundBytes fr =
+            sim::fused_round_bytes(n, h, g.elem_bytes, E, k, G, N, /*dedup=*/true);
+        CHECK(fr.p2p_bytes == doctest::Approx(model).epsilon(1e-9));
+        const double coll_sent = fr.gather_bytes * (G - 1) / G;
+        const double per_round = samples * N * G;
         for (int i = 1; i < N; ++i) {
-          const double mean = round_bytes[i] / (samples * N * G);
           CAPTURE(i);
-          CHECK(mean == doctest::Approx(model).epsilon(0.02));
+          CHECK(round_bytes[i] / per_round == doctest::Approx(model).epsilon(0.02));
+          if (G > 1) {
+            CHECK(dispatch_intra[i] / per_round == doctest::Approx(coll_sent).epsilon(0.02));
+            CHECK(combine_intra[i] / per_round == doctest::Approx(coll_sent).epsilon(0.02));
+          }
         }
       }
 }
