@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
       {"describe", planner::register_describe(app)},
       {"search", planner::register_search(app)},
       {"check", planner::register_check(app)},
+      {"simulate", planner::register_simulate(app)},
   };
   try {
     app.parse(argc, argv);
@@ -52,7 +53,7 @@ int main(int argc, char** argv) {
   try {
     for (auto& [name, run] : commands)
       if (app.got_subcommand(name)) return run();
-    report_error(json, kExitInput, "no subcommand (describe, search, check)");
+    report_error(json, kExitInput, "no subcommand (describe, search, check, simulate)");
     return kExitInput;
   } catch (const InputError& e) {
     report_error(json, kExitInput, first_line(e.what()));

@@ -30,16 +30,8 @@ int main(int argc, char** argv) {
 
     planner::SearchInputs in;
     in.model = load_model("deepseek-r1");
-    // 8 x 8 H200 (datasheet): NVLink 4 450 GB/s per direction per GPU, one 400 Gb/s NIC per GPU.
-    in.cluster.name = "h200-8x8";
-    in.cluster.num_nodes = 8;
-    in.cluster.gpus_per_node = 8;
-    in.cluster.gpu_model = "H200";
-    in.cluster.gpu_memory_GiB = 140;
-    in.cluster.intra = {"nvlink4", 450, 3};
-    in.cluster.inter = {"infiniband-ndr", 50, 5};
-    in.cluster.nics_per_node = 8;
-    in.cluster.profile = "h200-datasheet";
+    in.cluster = load_cluster("h200-8x8");
+    in.cluster_origin = "h200-8x8";
     in.profile = load_profile(in.cluster.profile);
     in.workload = load_workload("sharegpt-paper");
     planner::SearchOptions opt;
