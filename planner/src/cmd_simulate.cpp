@@ -4,6 +4,7 @@
 // result JSON, a per-request CSV and a Chrome trace of the steps.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -38,7 +39,8 @@ struct SimulateConfig {
   double slo_ttft_ms = 0, slo_tpot_ms = 0, slo_e2el_ms = 0;
   bool capacity = false;
   double attainment = 0.9;
-  int capacity_requests = 2000;
+  int capacity_requests = 200;
+  double trial_seconds = 60;
   std::string output_json, output_csv, trace, plot, plot_metric = "ttft";
   bool json = false, quiet = false;
 };
@@ -126,6 +128,8 @@ int run_simulate(const SimulateConfig& o) {
     copt2.slo_e2el_ms = w.slo_e2el_ms;
     copt2.attainment = o.attainment;
     copt2.num_requests = o.capacity_requests;
+    copt2.trial_duration_s = o.trial_seconds;
+    copt2.max_requests = std::max(copt2.max_requests, o.capacity_requests);
     copt2.start_rate = w.rate;
     const sim::CapacityResult c = sim::capacity_search(*cm, cfg, w, copt2, gpus);
     nlohmann::json j = sim::metrics_to_json(c.at_max, cfg);
@@ -236,8 +240,13 @@ CommandRunner register_simulate(CLI::App& app) {
   sub->add_option("--attainment", o->attainment, "fraction of requests that must meet the SLOs")
       ->check(CLI::Range(0.01, 1.0))
       ->capture_default_str();
-  sub->add_option("--capacity-requests", o->capacity_requests, "requests per capacity trial")
+  sub->add_option("--capacity-requests", o->capacity_requests,
+                  "minimum requests per capacity trial")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  sub->add_option("--trial-seconds", o->trial_seconds,
+                  "arrival window of each capacity trial (requests = max(minimum, rate * window))")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   sub->add_option("--output-json", o->output_json, "write the result JSON (vLLM key names)");
   sub->add_option("--output-csv", o->output_csv, "write one CSV row per request");
