@@ -336,4 +336,11 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
   return s;
 }
 
+int64_t ep_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica,
+                         EpSource source) {
+  const int64_t rows_per_token = std::min(geo.top_k, geo.experts_per_rank_group());
+  const int64_t copies = source == EpSource::replicated ? geo.attn_tp : 1;
+  return max_tokens_per_replica * geo.attn_dp * rows_per_token * copies;
+}
+
 }  // namespace mixserve::sim

@@ -175,6 +175,23 @@ TEST_CASE("capacity bound covers every routing") {
   CHECK(s.expert_side[1].num_rows() == 0);
 }
 
+TEST_CASE("EP capacity bound is reached when every token goes to rank 0's experts") {
+  std::mt19937_64 rng(4);
+  // 2 nodes x 2 GPUs, 16 experts: rank 0 owns experts 0..3; top-2 -> experts 0, 1 for all.
+  const CommGeometry g = test::ep_geometry(2, 2, 16, 2, 4);
+  std::vector<ReplicaRouting> routing;
+  for (int q = 0; q < 2; ++q)
+    routing.push_back(test::make_routing(test::RoutingKind::same_experts, q, 5, 16, 2, rng));
+  for (EpSource src : {EpSource::split, EpSource::replicated}) {
+    const EpSchedule s = build_ep_schedule(g, routing, src);
+    // 2 replicas x 5 tokens x 2 rows, twice over when both TP ranks dispatch every token.
+    const int64_t expect = 2 * 5 * 2 * (src == EpSource::replicated ? 2 : 1);
+    CHECK(s.ranks[0].recv_rows() == expect);
+    CHECK(ep_capacity_rows(g, 5, src) == expect);
+    for (int r = 1; r < 4; ++r) CHECK(s.ranks[r].recv_rows() == 0);
+  }
+}
+
 TEST_CASE("bad geometry and routing are rejected with InputError") {
   std::mt19937_64 rng(1);
   std::vector<ReplicaRouting> two{

@@ -197,4 +197,10 @@ struct EpSchedule {
 EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRouting> routing,
                              EpSource source = EpSource::split);
 
+// Rows one rank must be able to receive in the EP dispatch (and hold for the combine) for a
+// step of at most `max_tokens_per_replica` tokens per replica: every source token sends
+// min(top_k, E/P) rows to it; `replicated` multiplies by attn_tp. [rows, hidden].
+int64_t ep_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica,
+                         EpSource source = EpSource::split);
+
 }  // namespace mixserve::sim
