@@ -614,9 +614,13 @@ std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const Mo
 //   ITL   = step(n decodes per replica with context L_in + L_out/2 each) for one micro-batch
 //           through all PP stages; n = min(max_num_seqs, kv_tokens / (L_in + L_out)) split into
 //           pp micro-batches in flight, so each step carries n/pp sequences.
-//   per-replica saturated request rate = 1 / (L_out * ITL / n + prefill time of one request):
-//           decode steps are shared by n sequences, prefills are costed alone (pessimistic: in
-//           a mixed batch they share the weight reads with the decodes).
+//   per-replica saturated request rate = 1 / (L_out * S_dec / (n/pp) + S_pf), where S_dec is
+//           the slowest pipeline stage of the decode step (pp micro-batches of n/pp sequences
+//           keep the stages busy, so the pipeline advances at its slowest stage) and S_pf the
+//           marginal cost of one request's prefill riding in mixed batches (chunked prefill,
+//           vLLM V1 / Sarathi): sum over its chunks (token budget minus the decodes) of
+//           stage_time(decodes + chunk) - stage_time(decodes). The prefill thus shares the
+//           weight reads with the decodes instead of being costed alone.
 //   throughput = attn_dp * rate * (L_in + L_out), capped at the offered load rate * (L_in +
 //           L_out) when the workload rate is finite; output_tok_s likewise with L_out.
 //   TPOT  = ITL (decode steps only; prefill interference is left to the serving simulator).
@@ -631,7 +635,7 @@ PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l, cons
   // Prefill of one mean request on replica 0, chunked by the token budget.
   const int64_t chunk = std::max<int64_t>(1, limits.chunked_prefill ? limits.max_num_batched_tokens
                                                                     : int64_t(L_in));
-  double prefill_us = 0;
+  double prefill_us = 0;  // alone on an idle engine: the TTFT's service part
   for (double done = 0; done < L_in;) {
     const double len = std::min(double(chunk), L_in - done);
     ReplicaBatch b;
@@ -663,7 +667,22 @@ PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l, cons
   pm.itl_ms = itl_us / 1e3;
   pm.tpot_ms = pm.itl_ms;
 
-  const double per_request_us = L_out * itl_us / (double(per_mb) * l.pp) + prefill_us;
+  // Marginal prefill cost of one request inside mixed batches.
+  const int64_t mixed_chunk = std::max<int64_t>(
+      1, (limits.chunked_prefill ? limits.max_num_batched_tokens : int64_t(L_in)) - per_mb);
+  double marginal_us = 0;
+  for (double done = 0; done < L_in;) {
+    const double len = std::min(double(mixed_chunk), L_in - done);
+    ReplicaBatch b = batch[0];
+    b.prefill_tokens = int64_t(std::ceil(len));
+    b.num_prefill_seqs = 1;
+    b.prefill_attn_pairs = len * (done + (len + 1) / 2);
+    std::swap(batch[0], b);
+    marginal_us += std::max(0.0, cm.step(batch, false).stage_time_us - dec.stage_time_us);
+    std::swap(batch[0], b);
+    done += len;
+  }
+  const double per_request_us = L_out * dec.stage_time_us / double(per_mb) + marginal_us;
   const double mu = 1e6 / per_request_us;  // requests/s per replica
   const double sat_req_s = mu * l.attn_dp;
   pm.throughput_tok_s = sat_req_s * (L_in + L_out);
