@@ -1,0 +1,60 @@
+// mixserve-profile's library side: measures GEMMs, grouped expert GEMMs, elementwise bandwidth,
+// peaks and collectives on this machine and fills a HardwareProfile plus result rows (JSON).
+// Tables go to the caller's stream in nccl-tests style; progress goes to the progress stream.
+#pragma once
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mixserve/core/profile.hpp"
+#include "mixserve/gpu/timing.hpp"
+
+namespace mixserve::profiler {
+
+struct ProfileConfig {
+  int device = 0;
+  std::string name = "h200";
+  std::vector<std::string> models = {"deepseek-v3", "qwen3-235b-a22b", "mixtral-8x7b"};
+  std::vector<int> tp = {1, 2, 4, 8};
+  std::vector<int> ep = {8, 32};
+  std::vector<int64_t> m_grid;              // GEMM token sweep; empty: powers of 2 from 1 to 16384
+  std::vector<int64_t> generic_dims = {1024, 4096, 16384};
+  std::vector<int64_t> expert_rows;         // routed rows sweep; empty: powers of 4 from 4 to 65536
+  std::vector<std::string> distributions = {"uniform", "zipf:1.2", "empty:0.5"};
+  gpu::TimingOptions timing;                // warm-up, flush; timed_iters is the maximum
+  double target_ms_per_point = 25;          // fewer timed runs for long ops (at least min_iters)
+  int min_iters = 8;
+  // comm (nccl-tests -b -e -f), group sizes: powers of 2 up to the visible GPUs (or `gpus`)
+  int64_t comm_min_bytes = 8, comm_max_bytes = int64_t(1) << 30, comm_factor = 2;
+  int gpus = 0;
+  int comm_iters = 20, comm_warmup = 5;
+  bool dry_run = false;                     // list shapes and a roofline time estimate only
+};
+
+struct Output {
+  std::ostream& table;     // nccl-tests style tables
+  std::ostream& progress;  // progress lines
+  nlohmann::json rows = nlohmann::json::array();
+};
+
+// Provenance fields of `p` from the device (name, SMs, memory, clocks, versions, date, host).
+void describe_machine(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+// Peaks measured now: bf16 and fp8 cuBLASLt on 8192^3, fp32 cuBLAS SGEMM on 8192^3, device copy
+// bandwidth (read + write) of a 2 GiB cudaMemcpy, and the event-timed duration of a minimal kernel.
+void measure_peaks(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+void profile_gemm(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+void profile_experts(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+void profile_elementwise(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+// Collectives on 2, 4, ... GPUs of this node driven by one process (NCCL_NVLS_ENABLE=0).
+// Returns the total number of wrong elements (0 expected).
+int64_t profile_comm(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+
+// The prediction check: times `count` GEMM and expert shapes that are not in the profile's grid
+// and compares with the simulator's profile-table timer reading `p`. Returns the median relative
+// error |pred - meas| / meas.
+double check_predictions(const ProfileConfig& cfg, const HardwareProfile& p, int count, Output& out);
+
+}  // namespace mixserve::profiler

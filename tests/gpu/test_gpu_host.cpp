@@ -1,0 +1,105 @@
+// CPU tests (label unit) of the GPU side's host logic: rank-map groups for communicators and the
+// profiler's shapes and token distributions. Expected values are derived by hand in comments.
+#include <doctest/doctest.h>
+
+#include <numeric>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/core/io.hpp"
+#include "mixserve/gpu/groups.hpp"
+#include "mixserve/profiler/shapes.hpp"
+
+using namespace mixserve;
+
+namespace {
+// 2 nodes x 4 GPUs, attention TP4 x DP2, MoE TP4 x EP2 (the MixServe hybrid on 8 GPUs):
+// TP inside the node, DP / EP across nodes.
+std::vector<RankInfo> hybrid_2x4() {
+  std::vector<RankInfo> m(8);
+  for (int r = 0; r < 8; ++r) {
+    m[r].rank = r;
+    m[r].node = r / 4;
+    m[r].local_gpu = r % 4;
+    m[r].attn_tp_rank = r % 4;
+    m[r].attn_dp_rank = r / 4;
+    m[r].moe_tp_rank = r % 4;
+    m[r].moe_ep_rank = r / 4;
+  }
+  return m;
+}
+}  // namespace
+
+TEST_CASE("communicator groups of the 2x4 hybrid rank map") {
+  const auto m = hybrid_2x4();
+  using G = std::vector<std::vector<int>>;
+  CHECK(gpu::groups_of(m, gpu::GroupKind::world) == G{{0, 1, 2, 3, 4, 5, 6, 7}});
+  CHECK(gpu::groups_of(m, gpu::GroupKind::attn_tp) == G{{0, 1, 2, 3}, {4, 5, 6, 7}});
+  CHECK(gpu::groups_of(m, gpu::GroupKind::attn_dp) == G{{0, 4}, {1, 5}, {2, 6}, {3, 7}});
+  CHECK(gpu::groups_of(m, gpu::GroupKind::moe_tp) == G{{0, 1, 2, 3}, {4, 5, 6, 7}});
+  CHECK(gpu::groups_of(m, gpu::GroupKind::moe_ep) == G{{0, 4}, {1, 5}, {2, 6}, {3, 7}});
+  CHECK(gpu::groups_of(m, gpu::GroupKind::rail) == G{{0, 4}, {1, 5}, {2, 6}, {3, 7}});
+  CHECK(gpu::group_colors(m, gpu::GroupKind::rail) == std::vector<int>{0, 1, 2, 3, 0, 1, 2, 3});
+  auto bad = m;
+  bad[3].rank = 5;
+  CHECK_THROWS_AS(gpu::group_colors(bad, gpu::GroupKind::world), InputError);
+  for (auto k : {gpu::GroupKind::world, gpu::GroupKind::attn_tp, gpu::GroupKind::rail})
+    CHECK(gpu::parse_group_kind(gpu::to_string(k)) == k);
+  CHECK(!gpu::parse_group_kind("tensor"));
+}
+
+TEST_CASE("tokens per expert: sums, uniform spread, skew, empty experts") {
+  using profiler::tokens_per_expert;
+  for (const char* d : {"uniform", "zipf:1.2", "empty:0.5"})
+    for (int64_t rows : {int64_t(0), int64_t(1), int64_t(7), int64_t(1000), int64_t(65536)}) {
+      const auto c = tokens_per_expert(d, 12, rows);
+      INFO(d << " rows " << rows);
+      CHECK(std::accumulate(c.begin(), c.end(), int64_t(0)) == rows);
+    }
+  // 10 rows over 4 experts: 3, 3, 2, 2.
+  CHECK(tokens_per_expert("uniform", 4, 10) == std::vector<int64_t>{3, 3, 2, 2});
+  // zipf:1 over 3 experts with 11 rows: shares 1, 1/2, 1/3 of 11/(11/6) = 6, 3, 2.
+  CHECK(tokens_per_expert("zipf:1", 3, 11) == std::vector<int64_t>{6, 3, 2});
+  // empty:0.5 over 8 experts: the first 4 get nothing, 8 rows over the other 4.
+  CHECK(tokens_per_expert("empty:0.5", 8, 8) == std::vector<int64_t>{0, 0, 0, 0, 2, 2, 2, 2});
+  CHECK_THROWS_AS(tokens_per_expert("normal", 4, 10), InputError);
+}
+
+TEST_CASE("geometric sizes follow nccl-tests -b -e -f") {
+  CHECK(profiler::geometric_sizes(8, 64, 2) == std::vector<int64_t>{8, 16, 32, 64});
+  CHECK(profiler::geometric_sizes(8, 100, 4) == std::vector<int64_t>{8, 32});
+  CHECK(profiler::geometric_sizes(1, int64_t(1) << 30, 2).size() == 31u);
+  CHECK_THROWS_AS(profiler::geometric_sizes(0, 8, 2), InputError);
+}
+
+TEST_CASE("GEMM families of DeepSeek-V3 at TP8 follow its config") {
+  const ModelSpec m = load_model("deepseek-v3");
+  const auto f = profiler::model_gemm_families(m, 8);
+  auto find = [&](const std::string& op) {
+    for (const auto& g : f)
+      if (g.label.find(op) != std::string::npos) return g;
+    FAIL("no family " << op);
+    return f.front();
+  };
+  // o_proj: out hidden 7168, in 128 heads x 128 v_head_dim / 8 = 2048.
+  CHECK(find("attn.o_proj").n == 7168);
+  CHECK(find("attn.o_proj").k == 2048);
+  // q_b: 128 heads x (128 + 64) / 8 = 3072 out, q_lora 1536 in.
+  CHECK(find("attn.q_b").n == 3072);
+  CHECK(find("attn.q_b").k == 1536);
+  // fused q_a + kv_a: 1536 + 512 + 64 = 2112 out, replicated.
+  CHECK(find("attn.qkv_a").n == 2112);
+  // dense FFN 18432 / 8 = 2304: gate_up 4608 x 7168, down 7168 x 2304.
+  CHECK(find("dense.gate_up").n == 4608);
+  CHECK(find("dense.down").k == 2304);
+  // lm_head: 129280 / 8 = 16160 x 7168, bf16.
+  CHECK(find("lm_head").n == 16160);
+  CHECK(find("lm_head").dtype == DType::bf16);
+  CHECK(find("attn.o_proj").dtype == m.weight_dtype);
+  const auto e = profiler::model_expert_families(m, 1, 8);
+  REQUIRE(e.size() == 2u);
+  // 256 experts / EP8 = 32 local; gate_up 2 x 2048 = 4096 x 7168; down 7168 x 2048.
+  CHECK(e[0].num_experts == 32);
+  CHECK(e[0].n == 4096);
+  CHECK(e[1].k == 2048);
+  CHECK(e[0].dtype == DType::fp8_block);
+}

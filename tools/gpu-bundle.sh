@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds the GPU binaries (Hopper sm_90a + portable compute_80 PTX) and bundles what a GPU host
+# needs into a folder (default: <repo>/gpu-bundle, git-ignored):
+#   bin/  mixserve-profile and the GPU test binaries (label gpu / multigpu / unit lists in tests-*.txt)
+#   lib/  the shared libraries a CUDA 13 host may lack (fmt, yaml-cpp, cudart); the binaries find
+#         them through tools/gpu-test.sh's LD_LIBRARY_PATH. cuBLAS and NCCL are the host's own.
+# Usage: tools/gpu-bundle.sh [bundle-dir]     (env: MIXSERVE_GPU_BUILD, default <repo>/build-gpu)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUNDLE="${1:-$ROOT/gpu-bundle}"
+BUILD="${MIXSERVE_GPU_BUILD:-$ROOT/build-gpu}"
+TARGETS=(mixserve-profile test_gpu_compute test_gpu_comm test_gpu_host)
+
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+grep -q 'MIXSERVE_HAVE_CUDA' "$BUILD/CMakeCache.txt" || true
+cmake --build "$BUILD" -j "${MIXSERVE_JOBS:-2}" --target "${TARGETS[@]}"
+
+rm -rf "$BUNDLE"
+mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
+cp "$BUILD/profiler/mixserve-profile" "$BUNDLE/bin/"
+for t in test_gpu_compute test_gpu_comm test_gpu_host; do cp "$BUILD/tests/gpu/$t" "$BUNDLE/bin/"; done
+# Test lists by label, from CTest itself (the binaries run directly on the host: no CTest there).
+for label in gpu multigpu unit; do
+  ctest --test-dir "$BUILD" -N -L "^${label}\$" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z_]*\)$/\1/p' \
+    > "$BUNDLE/tests-$label.txt"
+done
+# Shared libraries the host image may not have: everything the binaries link that is not glibc,
+# libstdc++/libgcc, the driver, cuBLAS or NCCL (those come from the host).
+for bin in "$BUNDLE"/bin/*; do
+  ldd "$bin" | awk '/=> \//{print $3}'
+done | sort -u | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|libstdc++.so*|libgcc_s.so*|ld-linux*|libcuda.so*) ;;
+    libcublas.so*|libcublasLt.so*|libnccl.so*) ;;
+    *) cp -L "$lib" "$BUNDLE/lib/" ;;
+  esac
+done
+( cd "$ROOT" && git rev-parse HEAD 2>/dev/null || echo unknown ) > "$BUNDLE/commit.txt"
+du -sh "$BUNDLE"
+ls -l "$BUNDLE/bin" "$BUNDLE/lib"

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs ON the GPU host, from the repository root, with a bundle made by tools/gpu-bundle.sh:
+# environment report, GPU tests (labels gpu, multigpu, unit), the profiler (compute tables on one
+# GPU, then collectives on every GPU merged into the same profile), and the prediction check.
+# Usage: tools/gpu-test.sh <bundle-dir> <log-dir> [profile-name]
+# Writes to <log-dir> (8 files at most): tests.log, profile.log, progress.log,
+# <name>-compute.yaml, <name>.yaml, profile.json, comm.json, check.json.
+set -uo pipefail
+BUNDLE="$(cd "${1:?bundle dir}" && pwd)"
+LOGS="${2:?log dir}"
+NAME="${3:-h200}"
+mkdir -p "$LOGS"
+export MIXSERVE_DATA_DIR="$(pwd)"
+export NCCL_NVLS_ENABLE=0                  # never NVLink multicast on these machines
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# NCCL 2.28.9 from the Python wheel first, then the host's CUDA libraries, then the bundle.
+LDP="$BUNDLE/lib"
+for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib \
+         /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib; do
+  [ -d "$d" ] && LDP="$d:$LDP"
+done
+export LD_LIBRARY_PATH="$LDP${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+BIN="$BUNDLE/bin"
+NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
+
+{
+  echo "# host $(hostname)  $(date -u +%Y-%m-%dT%H:%M:%SZ)  bundle commit $(cat "$BUNDLE/commit.txt" 2>/dev/null)"
+  nvidia-smi
+  nvidia-smi topo -m 2>&1 | head -20
+  echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  ldd "$BIN/mixserve-profile" | grep -E "not found|cublas|nccl|cudart|fmt|yaml"
+  status=0
+  for label in unit gpu multigpu; do
+    for t in $(cat "$BUNDLE/tests-$label.txt" 2>/dev/null); do
+      echo "=== [$label] $t"
+      timeout 300 "$BIN/$t"
+      rc=$?
+      case $rc in
+        0) echo "=== [$label] $t: PASSED" ;;
+        77) echo "=== [$label] $t: SKIPPED" ;;
+        *) echo "=== [$label] $t: FAILED (exit $rc)"; status=1 ;;
+      esac
+    done
+  done
+  echo "=== tests: $([ $status -eq 0 ] && echo all passed or skipped || echo FAILURES)"
+} > "$LOGS/tests.log" 2>&1
+tail -n 40 "$LOGS/tests.log" | grep -E "^===|skipped|FAILED|error" | tail -n 20
+
+P="$BIN/mixserve-profile"
+# 1) compute tables and peaks on GPU 0 (collectives left out here: --gpus 1)
+timeout 330 "$P" all --gpus 1 --name "$NAME" -o "$LOGS/$NAME-compute.yaml" --json "$LOGS/profile.json" \
+  > "$LOGS/profile.log" 2> "$LOGS/progress.log"
+echo "=== profile (compute) exit $?"
+# 2) collectives on every GPU of the node, merged into the same profile
+if [ "$NGPU" -ge 2 ] && [ -f "$LOGS/$NAME-compute.yaml" ]; then
+  timeout 150 "$P" comm --merge "$LOGS/$NAME-compute.yaml" -o "$LOGS/$NAME.yaml" --json "$LOGS/comm.json" \
+    -b 8 -e 1073741824 -f 2 >> "$LOGS/profile.log" 2>> "$LOGS/progress.log"
+  echo "=== profile (comm, $NGPU GPUs) exit $?"
+else
+  cp "$LOGS/$NAME-compute.yaml" "$LOGS/$NAME.yaml" 2>/dev/null
+fi
+# 3) prediction check: 30 shapes off the grid, predicted from the profile just written
+if [ -f "$LOGS/$NAME.yaml" ]; then
+  timeout 120 "$P" check --profile "$LOGS/$NAME.yaml" --count 30 --json "$LOGS/check.json" \
+    >> "$LOGS/profile.log" 2>> "$LOGS/progress.log"
+  echo "=== check exit $?"
+fi
+grep -E "^# (Peaks|  |Verdict|Avg bus|Out of|all |gemm|experts)" "$LOGS/profile.log" | tail -n 40
