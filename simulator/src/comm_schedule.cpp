@@ -115,7 +115,7 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
   FusedSchedule s;
   s.geo = geo;
   const int Q = geo.moe_ep, T = geo.moe_tp, K = geo.top_k;
-  const int epg = geo.experts_per_rank_group();
+  const int epg = geo.experts_per_ep_rank();
   s.num_groups = Q;
   s.group_size = T;
   s.slice_elems = geo.hidden / T;
@@ -259,7 +259,7 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
   s.geo = geo;
   s.source = source;
   const int P = geo.num_ranks, A = geo.attn_tp, K = geo.top_k;
-  const int epr = geo.experts_per_rank_group();
+  const int epr = geo.experts_per_ep_rank();
   const double row_bytes = static_cast<double>(geo.hidden) * geo.elem_bytes;
   s.ranks.resize(P);
   for (int r = 0; r < P; ++r) {
@@ -338,7 +338,7 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
 
 int64_t ep_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica,
                          EpSource source) {
-  const int64_t rows_per_token = std::min(geo.top_k, geo.experts_per_rank_group());
+  const int64_t rows_per_token = std::min(geo.top_k, geo.experts_per_ep_rank());
   const int64_t copies = source == EpSource::replicated ? geo.attn_tp : 1;
   return max_tokens_per_replica * geo.attn_dp * rows_per_token * copies;
 }

@@ -275,7 +275,7 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
   const CommGeometry& g = s.geo;
   check_inputs(g, routing, inputs);
   const int P = g.num_ranks, Q = s.num_groups, T = s.group_size, h = g.hidden;
-  const int hs = s.slice_elems, epg = g.experts_per_rank_group();
+  const int hs = s.slice_elems, epg = g.experts_per_ep_rank();
   if (kToyIntermediate % T != 0)
     throw RuntimeError("host executor: toy expert needs moe_tp | " +
                        std::to_string(kToyIntermediate));
@@ -456,7 +456,7 @@ HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRoutin
   const CommGeometry& g = s.geo;
   check_inputs(g, routing, inputs);
   const int P = g.num_ranks, A = g.attn_tp, K = g.top_k, h = g.hidden;
-  const int epr = g.experts_per_rank_group();
+  const int epr = g.experts_per_ep_rank();
   Transport tr(g, 1, timeout_s);
   std::vector<Buf> out(P);
 

@@ -192,6 +192,30 @@ TEST_CASE("EP capacity bound is reached when every token goes to rank 0's expert
   }
 }
 
+TEST_CASE("geometry of a layout: one pipeline stage, activation bytes, legality") {
+  ClusterSpec c;
+  c.num_nodes = 4;
+  c.gpus_per_node = 8;
+  ModelSpec m;
+  m.hidden_size = 7168;
+  m.moe.num_experts = 256;
+  m.moe.top_k = 8;
+  m.activation_dtype = DType::bf16;
+  Layout l;
+  l.attn_tp = l.moe_tp = 8;
+  l.attn_dp = l.moe_ep = 2;
+  l.pp = 2;
+  l.moe_comm = MoeComm::fused;
+  const CommGeometry g = make_comm_geometry(c, m, l);
+  CHECK(g.num_ranks == 16);  // one stage of 2 nodes
+  CHECK(g.gpus_per_node == 8);
+  CHECK(g.hidden == 7168);
+  CHECK(g.elem_bytes == 2);
+  CHECK(g.experts_per_ep_rank() == 128);
+  l.moe_ep = 4;  // 8 x 4 != 8 x 2
+  CHECK_THROWS_AS(make_comm_geometry(c, m, l), InputError);
+}
+
 TEST_CASE("bad geometry and routing are rejected with InputError") {
   std::mt19937_64 rng(1);
   std::vector<ReplicaRouting> two{

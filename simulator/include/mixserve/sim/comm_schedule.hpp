@@ -49,7 +49,8 @@ struct CommGeometry {
   double elem_bytes = 2;      // bytes per element on the wire (activation dtype)
 
   int node_of(int rank) const { return rank / gpus_per_node; }
-  int experts_per_rank_group() const { return num_experts / moe_ep; }
+  // Experts owned by one EP index (a group of moe_tp ranks).
+  int experts_per_ep_rank() const { return num_experts / moe_ep; }
 };
 
 // Geometry of one pipeline stage of `l` on `c` for model `m`. Throws InputError when the layout
