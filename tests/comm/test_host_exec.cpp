@@ -201,3 +201,22 @@ TEST_CASE("the check can fail: a corrupted schedule gives wrong elements or an e
     CHECK_THROWS_AS(run_fused_on_host(s, p.routing, p.inputs, 0.5), RuntimeError);
   }
 }
+
+TEST_CASE("a step with no tokens anywhere moves nothing and finishes") {
+  for (auto [N, G] : {std::pair{1, 2}, {2, 4}}) {
+    CAPTURE(N);
+    CAPTURE(G);
+    const int hidden = 2 * G;
+    std::vector<ReplicaRouting> routing(N);
+    std::vector<std::vector<double>> inputs(N);
+    const CommGeometry hg = test::hybrid_geometry(N, G, 8, 2, hidden);
+    const FusedSchedule fs = build_fused_schedule(hg, routing);
+    const HostExecResult fr = run_fused_on_host(fs, routing, inputs);
+    for (const auto& y : fr.rank_output) CHECK(y.empty());
+    CHECK(count_byte_mismatches(fs, fr) == 0);
+    const EpSchedule es = build_ep_schedule(test::ep_geometry(N, G, 8, 2, hidden), routing);
+    const HostExecResult er = run_ep_on_host(es, routing, inputs);
+    for (const auto& y : er.rank_output) CHECK(y.empty());
+    CHECK(count_byte_mismatches(es, er) == 0);
+  }
+}
