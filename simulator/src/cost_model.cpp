@@ -113,7 +113,7 @@ class MixServeModel final : public StepCostModel {
  public:
   MixServeModel(const ModelSpec& m, const ClusterSpec& c, const HardwareProfile& p,
                 const Layout& l, const CostModelOptions& opt)
-      : m_(m), l_(l), opt_(opt), timer_(make_profile_timer(p, c)) {
+      : m_(m), l_(l), timer_(make_profile_timer(p, c)) {
     check_layout(m, c, l);
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
     const int G = c.gpus_per_node, S = l.stage_size();
@@ -554,7 +554,6 @@ class MixServeModel final : public StepCostModel {
 
   ModelSpec m_;
   Layout l_;
-  CostModelOptions opt_;
   std::unique_ptr<OpTimer> timer_;
   double capacity_bytes_ = 0;
   CommGroup g_attn_tp_, g_moe_tp_, g_ep_, g_stage_;
