@@ -47,12 +47,22 @@ void emit_comm(YAML::Emitter& out, const Layout& l) {
       << YAML::Key << "op" << YAML::Value << (l.attn_tp > 1 ? "all_reduce" : "none")
       << YAML::Key << "group" << YAML::Value << "attn_tp" << YAML::Key << "size" << YAML::Value
       << l.attn_tp << YAML::EndMap;
-  const char* moe_ops = "all_reduce";
+  // The operations the MoE block issues (the simulator's cost model costs the same ones).
+  std::string moe_ops;
   switch (l.moe_comm) {
-    case MoeComm::tp_allreduce: moe_ops = l.moe_tp > 1 ? "all_reduce" : "none"; break;
-    case MoeComm::nccl_a2a: moe_ops = "all_to_all dispatch + all_to_all combine"; break;
+    case MoeComm::tp_allreduce:
+      moe_ops = l.moe_tp == 1 ? "none"
+                : l.attn_dp > 1 ? "all_gather of the DP replicas' tokens, reduce_scatter after"
+                                : "all_reduce";
+      break;
+    case MoeComm::nccl_a2a:
+      moe_ops = l.moe_tp > 1 ? "all_to_all dispatch, all_gather/reduce_scatter over moe_tp, "
+                               "all_to_all combine"
+                             : "all_to_all dispatch, all_to_all combine";
+      if (l.attn_tp > 1) moe_ops += ", all_gather over attn_tp";
+      break;
     case MoeComm::rs_a2a_ag: moe_ops = "reduce_scatter, all_to_all, all_gather (sequential)"; break;
-    case MoeComm::fused: moe_ops = "fused_ag_dispatch + fused_rs_combine"; break;
+    case MoeComm::fused: moe_ops = "fused_ag_dispatch, fused_rs_combine (overlapped rounds)"; break;
   }
   out << YAML::Key << "moe" << YAML::Value << YAML::Flow << YAML::BeginMap << YAML::Key
       << "algorithm" << YAML::Value << std::string(to_string(l.moe_comm)) << YAML::Key << "ops"

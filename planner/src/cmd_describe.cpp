@@ -1,11 +1,13 @@
 // mixserve-plan describe --model M: parameters (total, active, per component), weight bytes by
 // dtype, KV-cache bytes per token.
+#include <cmath>
 #include <cstdio>
 #include <map>
 #include <memory>
 
 #include <fmt/format.h>
 
+#include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/core/json.hpp"
 #include "mixserve/planner/cli.hpp"
@@ -24,16 +26,26 @@ std::string billions(int64_t n) { return fmt::format("{:.2f} B", static_cast<dou
 int run_describe(const DescribeConfig& cfg) {
   const ModelSpec m = load_model(cfg.model);
   const ParamBreakdown p = count_params(m);
-  // Expert weights (routed + shared) are stored in expert_weight_dtype, the rest in weight_dtype.
-  const int64_t expert_params = p.routed_experts + p.shared_experts;
-  const int64_t other_params = p.total() - expert_params;
+  // Bytes per dtype, by the storage rule of weight_bytes() (model.cpp): quantised checkpoints
+  // keep embeddings, LM head, norms and router in 16 bits; attention and dense FFN use
+  // weight_dtype; routed and shared experts expert_weight_dtype. The sum must equal
+  // weight_bytes(), checked below so the two views cannot drift apart.
+  const DType wide = dtype_bytes(m.weight_dtype) >= 2.0 ? m.weight_dtype : DType::bf16;
   std::map<std::string, double> bytes_by_dtype;
-  bytes_by_dtype[std::string(to_string(m.expert_weight_dtype))] +=
-      static_cast<double>(expert_params) * dtype_bytes(m.expert_weight_dtype);
-  bytes_by_dtype[std::string(to_string(m.weight_dtype))] +=
-      static_cast<double>(other_params) * dtype_bytes(m.weight_dtype);
+  const auto add = [&](DType d, int64_t params) {
+    if (params > 0)
+      bytes_by_dtype[std::string(to_string(d))] += static_cast<double>(params) * dtype_bytes(d);
+  };
+  add(wide, p.embedding + p.lm_head + p.norms + p.router);
+  add(m.weight_dtype, p.attention + p.dense_ffn);
+  add(m.expert_weight_dtype, p.routed_experts + p.shared_experts);
   const double kv = kv_bytes_per_token(m);
   const double total_bytes = weight_bytes(m);
+  double listed = 0;
+  for (const auto& [d, b] : bytes_by_dtype) listed += b;
+  if (std::abs(listed - total_bytes) > 1e-9 * total_bytes)
+    throw RuntimeError(fmt::format("describe: bytes by dtype sum to {} but weight_bytes() is {}",
+                                   listed, total_bytes));
 
   if (cfg.json) {
     nlohmann::json by_dtype = nlohmann::json::object();

@@ -84,16 +84,16 @@ std::string breakdown_table(const PlanCandidate& c) {
 
 std::string candidate_row(const std::string& tag, const PlanCandidate& c) {
   const double used = fixed_memory_bytes(c.memory) + c.memory.kv_cache;
-  return fmt::format("{:<16} {:<44} {:>5} {:>6} {:>9.1f} {:>8.2f} {:>10.1f} {:>8.1f} {:>8.1f}", tag,
+  return fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9.1f} {:>8.2f} {:>10.1f} {:>8.1f} {:>8.1f}", tag,
                      c.layout.name(), c.limits.max_num_seqs, c.limits.max_num_batched_tokens,
                      c.metrics.ttft_ms, c.metrics.itl_ms, c.metrics.throughput_tok_s,
                      to_gib(c.memory.weights), to_gib(used));
 }
 
 std::string table_header(const char* first) {
-  return fmt::format("{:<16} {:<44} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", first, "layout",
+  return fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", first, "layout",
                      "seqs", "tokens", "TTFT", "ITL", "throughput", "weights", "mem/GPU") +
-         fmt::format("{:<16} {:<44} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", "", "", "", "",
+         fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", "", "", "", "",
                      "(ms)", "(ms)", "(tok/s)", "(GiB)", "(GiB)");
 }
 
@@ -225,7 +225,7 @@ int run_search(const SearchConfig& cfg) {
     if (b.candidate) {
       out += candidate_row(b.name, *b.candidate) + "\n";
     } else {
-      out += fmt::format("{:<16} {:<44} {}\n", b.name, b.layout ? b.layout->name() : "-",
+      out += fmt::format("{:<16} {:<47} {}\n", b.name, b.layout ? b.layout->name() : "-",
                          b.rejected_by == "not applicable" ? "not applicable to this cluster"
                                                            : "illegal: " + b.rejected_by);
     }
