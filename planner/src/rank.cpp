@@ -44,6 +44,10 @@ bool better(const PlanCandidate& a, const PlanCandidate& b, Objective o, const C
   const double ca = cost_of(a.metrics, o), cb = cost_of(b.metrics, o);
   const double scale = std::max(std::abs(ca), std::abs(cb));
   if (std::isfinite(scale) ? std::abs(ca - cb) > kTieRelative * scale : ca != cb) return ca < cb;
+  // Tie-break 0: both saturated (TTFT or ITL infinite: the queue never drains at the rate):
+  // the one that serves more tokens/s is better.
+  if (!std::isfinite(ca) && a.metrics.throughput_tok_s != b.metrics.throughput_tok_s)
+    return a.metrics.throughput_tok_s > b.metrics.throughput_tok_s;
   // Tie-break 1: the other latency. Throughput ties whenever both layouts serve the offered load
   // (analytic_metrics caps it at rate * tokens), and then the one that answers sooner is better;
   // TTFT ties break on ITL, ITL ties on TTFT.

@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 
 #include "mixserve/core/error.hpp"
@@ -225,4 +226,12 @@ TEST_CASE("tie-break helpers") {
   a.metrics.ttft_ms = 10;
   b.metrics.ttft_ms = 20;
   CHECK(better(a, b, Objective::ttft, c));
+  // Both saturated: the one serving more tokens/s wins, whatever the ITL.
+  a.metrics.ttft_ms = b.metrics.ttft_ms = std::numeric_limits<double>::infinity();
+  a.metrics.itl_ms = 1;
+  b.metrics.itl_ms = 2;
+  a.metrics.throughput_tok_s = 50;
+  b.metrics.throughput_tok_s = 60;
+  CHECK(better(b, a, Objective::ttft, c));
+  CHECK_FALSE(better(a, b, Objective::ttft, c));
 }
