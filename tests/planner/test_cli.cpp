@@ -239,3 +239,16 @@ TEST_CASE("the datasheet note is printed for datasheet profiles") {
   REQUIRE(x.code == 0);
   CHECK(x.out.find("per-op breakdown") != std::string::npos);
 }
+
+TEST_CASE("the shipped example plans pass check") {
+  int plans = 0;
+  for (const auto& e : fs::directory_iterator(fs::path(MIXSERVE_SOURCE_DIR) / "configs/plans")) {
+    if (e.path().extension() != ".yaml") continue;
+    ++plans;
+    const Run r = run("check " + e.path().string());
+    CAPTURE(e.path().string());
+    CAPTURE(r.err);
+    CHECK(r.code == 0);
+  }
+  CHECK(plans >= 1);
+}
