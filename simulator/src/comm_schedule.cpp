@@ -120,6 +120,14 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
   s.group_size = T;
   s.slice_elems = geo.hidden / T;
 
+  // Destination group of every top-k slot (-1: empty slot), one division per slot.
+  std::vector<std::vector<int32_t>> slot_group(Q);
+  for (int src = 0; src < Q; ++src) {
+    const auto& ids = routing[src].topk_ids;
+    slot_group[src].resize(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) slot_group[src][i] = ids[i] < 0 ? -1 : ids[i] / epg;
+  }
+
   // route[s][d]: distinct tokens of replica s with an expert in group d, ascending.
   s.route.assign(static_cast<size_t>(Q) * Q, {});
   for (int src = 0; src < Q; ++src) {
@@ -127,9 +135,8 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
     std::vector<int> last_token(Q, -1);
     for (int tok = 0; tok < rt.num_tokens; ++tok)
       for (int j = 0; j < K; ++j) {
-        const int e = rt.topk_ids[static_cast<size_t>(tok) * K + j];
-        if (e < 0) continue;
-        const int d = e / epg;
+        const int d = slot_group[src][static_cast<size_t>(tok) * K + j];
+        if (d < 0) continue;
         if (last_token[d] != tok) {
           last_token[d] = tok;
           s.route[static_cast<size_t>(src) * Q + d].push_back(tok);
@@ -152,8 +159,8 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
       for (int32_t tok : s.route_rows(src, d)) {
         x.row_src_token.push_back(tok);
         for (int j = 0; j < K; ++j) {
+          if (slot_group[src][static_cast<size_t>(tok) * K + j] != d) continue;
           const int e = rt.topk_ids[static_cast<size_t>(tok) * K + j];
-          if (e < 0 || e / epg != d) continue;
           row_expert.push_back(e - d * epg);
           row_weight.push_back(rt.topk_weights[static_cast<size_t>(tok) * K + j]);
         }
