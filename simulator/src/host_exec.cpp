@@ -258,12 +258,16 @@ void run_threads(Transport& tr, int n_ranks, int streams, Fn&& fn,
 void check_inputs(const CommGeometry& g, std::span<const ReplicaRouting> routing,
                   std::span<const std::vector<double>> inputs) {
   if (inputs.size() != routing.size())
-    throw RuntimeError("host executor: " + std::to_string(inputs.size()) + " input tables for " +
-                       std::to_string(routing.size()) + " replicas");
+    throw_input_error("host executor", "inputs",
+                      "one table per replica (" + std::to_string(routing.size()) + ")",
+                      std::to_string(inputs.size()));
   for (size_t q = 0; q < inputs.size(); ++q)
     if (inputs[q].size() != static_cast<size_t>(routing[q].num_tokens) * g.hidden)
-      throw RuntimeError("host executor: inputs[" + std::to_string(q) + "] has " +
-                         std::to_string(inputs[q].size()) + " elements, expected num_tokens * hidden");
+      throw_input_error("host executor", "inputs[" + std::to_string(q) + "]",
+                        "num_tokens * hidden = " +
+                            std::to_string(static_cast<int64_t>(routing[q].num_tokens) * g.hidden) +
+                            " elements",
+                        std::to_string(inputs[q].size()));
 }
 
 }  // namespace
@@ -277,8 +281,9 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
   const int P = g.num_ranks, Q = s.num_groups, T = s.group_size, h = g.hidden;
   const int hs = s.slice_elems, epg = g.experts_per_ep_rank();
   if (kToyIntermediate % T != 0)
-    throw RuntimeError("host executor: toy expert needs moe_tp | " +
-                       std::to_string(kToyIntermediate));
+    throw_input_error("host executor", "moe_tp",
+                      "a divisor of the toy expert's width " + std::to_string(kToyIntermediate),
+                      std::to_string(T));
 
   Transport tr(g, Q, timeout_s);
   struct RankState {

@@ -42,8 +42,9 @@ struct HostExecResult {
   std::vector<RankRoundBytes> final_ag_bytes;
 };
 
-// inputs[q]: replica q's token rows [num_tokens, hidden] (replicated on its ranks).
-// Throws RuntimeError when a rank fails or waits on a message for more than timeout_s.
+// inputs[q]: replica q's token rows [num_tokens, hidden] (replicated on its ranks); routing must
+// be the one the schedule was built from. Throws InputError on inputs of the wrong shape,
+// RuntimeError when a rank fails or waits on a message or stream flag for more than timeout_s.
 HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const ReplicaRouting> routing,
                                  std::span<const std::vector<double>> inputs,
                                  double timeout_s = 60);
