@@ -24,6 +24,7 @@ struct SearchConfig {
   std::string cost_model = "mixserve";
   int top = 10;
   std::string explain;
+  std::string layout;
   std::vector<std::string> baselines;
   bool json = false;
   std::string output;
@@ -105,6 +106,19 @@ int run_search(const SearchConfig& cfg) {
   opt.cost_model = cfg.cost_model;
   opt.top = cfg.top;
   opt.baselines = cfg.baselines;
+  if (!cfg.layout.empty()) {
+    // A baseline name or a layout name: pin the search to it (e.g. to write a baseline's plan).
+    bool is_baseline = false;
+    for (const auto& n : baseline_names()) is_baseline = is_baseline || n == cfg.layout;
+    opt.only_layout = is_baseline ? baseline_layout(cfg.layout, in.cluster)
+                                  : parse_layout_name(cfg.layout);
+    if (!opt.only_layout)
+      throw_input_error("--layout", "layout",
+                        is_baseline ? std::string("a baseline that applies to this cluster")
+                                    : std::string("a baseline name or a layout name such as "
+                                                  "'attn TP8xDP2 | moe TP8xEP2 | PP1 | fused'"),
+                        cfg.layout);
+  }
   const WorkloadSpec& w = in.workload;
   if (w.routing == "zipf") {
     opt.routing.kind = "zipf";
@@ -269,6 +283,9 @@ CommandRunner register_search(CLI::App& app) {
   sub->add_option("--explain", cfg->explain,
                   "print the per-op breakdown of a layout: its rank, a baseline name or a "
                   "layout name");
+  sub->add_option("--layout", cfg->layout,
+                  "evaluate only this layout (a baseline name or a layout name), e.g. to write "
+                  "its plan for simulate");
   sub->add_option("--baseline", cfg->baselines, "baselines to compare (default: all of Table II)")
       ->check(CLI::IsMember(baseline_names()));
   sub->add_flag("--json", cfg->json, "print one JSON document on stdout");

@@ -88,7 +88,20 @@ SearchResult search(const SearchInputs& in, const SearchOptions& opt) {
     res.rejections.push_back({std::string(p.name), std::string(p.rule), 0, 0, p.per_candidate});
   PredicateCount& mem_count = res.rejections.back();
 
-  const auto layouts = enumerate_layouts(world);
+  std::vector<Layout> layouts = enumerate_layouts(world);
+  if (opt.only_layout) {
+    if (std::find(layouts.begin(), layouts.end(), *opt.only_layout) == layouts.end())
+      throw_input_error("--layout", "layout",
+                        fmt::format("a layout of the {}-GPU search space (degrees fold onto the "
+                                    "world size; fused / rs-a2a-ag need attn_tp == moe_tp > 1)",
+                                    world),
+                        opt.only_layout->name());
+    if (auto f = first_structural_failure(in.model, c, *opt.only_layout))
+      throw_input_error("--layout", "layout",
+                        fmt::format("a layout that passes every predicate ({} rejects it)", *f),
+                        opt.only_layout->name());
+    layouts = {*opt.only_layout};
+  }
   res.layouts = static_cast<int64_t>(layouts.size());
   for (const Layout& l : layouts) {
     // Every structural predicate is judged, so each count is what that rule alone rejects.

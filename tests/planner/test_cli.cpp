@@ -252,3 +252,23 @@ TEST_CASE("the shipped example plans pass check") {
   }
   CHECK(plans >= 1);
 }
+
+TEST_CASE("--layout pins the search to one layout (a baseline's plan for simulate)") {
+  const fs::path plan = scratch() / "pinned.yaml";
+  fs::remove(plan);
+  Run r = run(std::string(kSearch) + " --layout tutel-tp-ep-tp8 --json -o " + plan.string());
+  CAPTURE(r.err);
+  REQUIRE(r.code == 0);
+  const auto j = nlohmann::json::parse(r.out);
+  // paper.md §7.5: Tutel TP+EP on H20 = attn TP8 + DP2, MoE TP8 + EP2.
+  CHECK(j.at("chosen").at("layout").at("name") == "attn TP8xDP2 | moe TP8xEP2 | PP1 | rs-a2a-ag");
+  CHECK(j.at("layouts") == 1);
+  CHECK(run("check " + plan.string()).code == 0);
+  fs::remove(plan);
+  // Not in the search space (fused needs attn_tp == moe_tp): exit 2, names --layout, no file.
+  Run bad = run(std::string(kSearch) + " --layout 'attn TP4xDP4 | moe TP8xEP2 | PP1 | fused' -o " +
+                plan.string());
+  CHECK(bad.code == 2);
+  CHECK(bad.err.find("--layout") != std::string::npos);
+  CHECK_FALSE(fs::exists(plan));
+}

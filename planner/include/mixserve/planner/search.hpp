@@ -95,6 +95,7 @@ struct SearchOptions {
   int64_t max_model_len = 0;                             // 0 = model max
   int top = 10;                                          // candidates that get a breakdown
   std::vector<std::string> baselines;                    // empty = all of Table II
+  std::optional<Layout> only_layout;                     // --layout: evaluate just this one
 };
 
 struct SearchInputs {
