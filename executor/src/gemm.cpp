@@ -144,7 +144,7 @@ void ExpertGemm::run(const void* act, const void* weights, void* out, const floa
     ops.out = static_cast<char*>(out) + offsets_[e] * n_ * 2;
     if (dtype_ == DType::fp8_e4m3) {
       ops.act_scale = act_scale;
-      ops.weight_scale = weight_scale + e;
+      ops.weight_scale = weight_scale + e * kScaleStrideFloats;
     } else if (dtype_ == DType::fp8_block) {
       ops.act_scale = act_scale + act_scale_offsets_[e];
       ops.weight_scale = weight_scale + e * wscale_per_expert;

@@ -88,6 +88,10 @@ gpu::TimingResult time_gemm(GpuContext& ctx, const ProfileConfig& cfg, const gpu
 
 }  // namespace
 
+std::vector<std::string> effective_models(const ProfileConfig& cfg) {
+  return cfg.models.empty() ? shipped_models() : cfg.models;
+}
+
 void describe_machine(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
   const gpu::DeviceInfo info = gpu::query_device(cfg.device);
   p.version = 1;
@@ -195,7 +199,7 @@ void measure_peaks(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
 
 void profile_gemm(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
   std::vector<GemmFamily> fams = generic_gemm_families(cfg.generic_dims);
-  for (const auto& name : cfg.models) {
+  for (const auto& name : effective_models(cfg)) {
     const ModelSpec m = load_model(name);
     for (int tp : cfg.tp)
       for (auto& f : model_gemm_families(m, tp)) fams.push_back(f);
@@ -266,7 +270,7 @@ void profile_gemm(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
 
 void profile_experts(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
   std::vector<ExpertFamily> fams;
-  for (const auto& name : cfg.models) {
+  for (const auto& name : effective_models(cfg)) {
     const ModelSpec m = load_model(name);
     for (int tp : {1, 8})
       for (int ep : cfg.ep)

@@ -15,6 +15,7 @@
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/gpu/runtime.hpp"
+#include "mixserve/gpu/timing.hpp"
 #include "mixserve/profiler/profiler.hpp"
 
 namespace {
@@ -35,25 +36,43 @@ std::string join_args(int argc, char** argv) {
   return s;
 }
 
-std::string notes_for(const mixserve::HardwareProfile& p, bool ran_comm) {
+// "iterations a..b, noise median x / p90 y" over the result rows of one bench, or "".
+std::string noise_summary(const nlohmann::json& rows, const std::string& bench) {
+  std::vector<double> noise;
+  int lo = 1 << 30, hi = 0;
+  for (const auto& r : rows)
+    if (r.value("bench", "") == bench && r.contains("noise")) {
+      noise.push_back(r["noise"].get<double>());
+      lo = std::min(lo, r.value("iters", 0));
+      hi = std::max(hi, r.value("iters", 0));
+    }
+  if (noise.empty()) return "";
+  const auto st = mixserve::gpu::summarize(noise);
+  return fmt::format("{} {} points, {}-{} timed runs each, noise (p90-p10)/median: median {:.3f}, p90 {:.3f}; ",
+                     bench, noise.size(), lo, hi, st.median, st.p90);
+}
+
+std::string collectives_sentence(const mixserve::HardwareProfile& p) {
   std::set<std::string> groups;
   for (const auto& c : p.collectives) groups.insert(c.group);
   std::string g;
   for (const auto& s : groups) g += (g.empty() ? "" : ", ") + s;
+  if (groups.empty()) return "Collectives need two GPUs or more and stay alpha-beta until measured.";
+  return fmt::format("Collectives measured for group shapes {} only (GPUs of one node, one process, NCCL, "
+                     "NCCL_NVLS_ENABLE=0, fp32, out-of-place); every other group size and all inter-node "
+                     "collectives stay alpha-beta.",
+                     g);
+}
+
+std::string notes_for(const mixserve::HardwareProfile& p, const nlohmann::json& rows) {
   std::string n = fmt::format(
       "Measured by mixserve-profile on one {} (device {}): peaks (cuBLASLt bf16/fp8 8192^3, SGEMM fp32, "
       "2 GiB device copy) are the roofline ceilings; GEMM, expert GEMM and elementwise tables. GEMM and "
       "expert times: CUDA events, median, L2 flushed before each run; expert GEMMs run one cuBLASLt GEMM "
       "per non-empty expert inside a CUDA graph. ",
       p.gpu, p.versions.count("device_name") ? p.versions.at("device_name") : p.gpu);
-  if (ran_comm && !groups.empty())
-    n += fmt::format("Collectives measured for group shapes {} only (GPUs of one node, one process, NCCL, "
-                     "NCCL_NVLS_ENABLE=0, fp32, out-of-place); every other group size and all inter-node "
-                     "collectives stay alpha-beta.",
-                     g);
-  else
-    n += "Collectives need two GPUs or more and stay alpha-beta until measured.";
-  return n;
+  for (const char* b : {"gemm", "experts", "elementwise", "comm"}) n += noise_summary(rows, b);
+  return n + collectives_sentence(p);
 }
 
 int run(const std::string& what, const Cli& cli, int argc, char** argv) {
@@ -99,12 +118,18 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
     const bool comm = all || what == "comm";
     if (comm) wrong = profiler::profile_comm(cfg, p, out);
     std::vector<std::pair<std::string, std::string>> inputs;
-    for (const auto& m : cfg.models) {
+    for (const auto& m : profiler::effective_models(cfg)) {
       const auto path = data_dir() / "configs" / "models" / (m + ".yaml");
       if (std::filesystem::exists(path)) inputs.emplace_back(path.string(), read_text_file(path));
     }
     p.provenance = make_provenance(fmt::format("mixserve-profile {} ({})", kMixServeVersion, join_args(argc, argv)), inputs);
-    p.notes = notes_for(p, comm || !p.collectives.empty());
+    if (!cli.merge.empty()) {  // keep the merged file's description and statistics, add this run's
+      const auto pos = p.notes.find("Collectives");
+      p.notes = (pos == std::string::npos ? p.notes + " " : p.notes.substr(0, pos)) + noise_summary(out.rows, "comm") +
+                collectives_sentence(p);
+    } else {
+      p.notes = notes_for(p, out.rows);
+    }
     if (wrong != 0) {
       fmt::print(std::cout, "# Verdict: FAIL ({} wrong collective elements), exit code 1\n", wrong);
       rc = kExitRuntime;
@@ -149,8 +174,8 @@ int main(int argc, char** argv) {
     s->add_option("--warmup", cfg.timing.warmup_iters, "maximum warm-up runs per point")->capture_default_str();
     s->add_option("--target-ms", cfg.target_ms_per_point, "timed milliseconds aimed for per point")->capture_default_str();
     s->add_flag("--no-flush", cli.no_flush, "do not flush the L2 before each timed run");
-    s->add_option("--models", cfg.models, "models whose shapes to measure (shipped names or YAML paths)")
-        ->delimiter(',')->capture_default_str();
+    s->add_option("--models", cfg.models, "models whose shapes to measure (shipped names or YAML paths; default: every shipped model)")
+        ->delimiter(',');
     s->add_option("--tp", cfg.tp, "attention TP degrees of the GEMM families")->delimiter(',')->capture_default_str();
     s->add_option("--ep", cfg.ep, "EP degrees of the expert families")->delimiter(',')->capture_default_str();
     s->add_option("--m", cfg.m_grid, "GEMM token sweep (default: 1, 2, 4, ..., 16384)")->delimiter(',');

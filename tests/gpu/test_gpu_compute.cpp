@@ -192,6 +192,7 @@ TEST_CASE("expert grouped GEMM vs float64 reference, with empty experts") {
                         {{2, 7, 0, 1}, 128, 128, DType::fp8_e4m3, kTolFp8}};
   uint64_t seed = 2000;
   for (const auto& c : cases) {
+   SUBCASE((std::string(to_string(c.d)) + " E=" + std::to_string(c.counts.size()) + " n=" + std::to_string(c.n)).c_str()) {
     const int E = static_cast<int>(c.counts.size());
     const int64_t eb = c.d == DType::bf16 ? 2 : 1;
     gpu::DeviceBuffer wsbuf(gpu::LtGemm::kWorkspaceBytes);
@@ -200,7 +201,7 @@ TEST_CASE("expert grouped GEMM vs float64 reference, with empty experts") {
     eg.set_counts(c.counts);
     const int64_t rows = std::max<int64_t>(eg.total_rows(), 1);
     const gpu::GemmShape one{1, c.n, c.k, c.d};
-    const int64_t wsc_per = c.d == DType::fp8_block ? gpu::weight_scale_count(one) : 1;
+    const int64_t wsc_per = c.d == DType::fp8_block ? gpu::weight_scale_count(one) : gpu::ExpertGemm::kScaleStrideFloats;
     int64_t n_as = 1;
     if (c.d == DType::fp8_block)
       for (int e = 0; e < E; ++e)
@@ -239,6 +240,7 @@ TEST_CASE("expert grouped GEMM vs float64 reference, with empty experts") {
     CHECK(rel_error(got, ref) < c.tol);
     CHECK(eg.flops() == doctest::Approx(2.0 * c.n * c.k *
                                         double(std::accumulate(c.counts.begin(), c.counts.end(), int64_t(0)))));
+   }
   }
 }
 

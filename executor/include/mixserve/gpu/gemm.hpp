@@ -98,7 +98,9 @@ class ExpertGemm {
   const std::vector<int64_t>& row_offsets() const { return offsets_; }
   int64_t total_rows() const { return total_rows_; }
   // act [total_rows, k]; weights [E, n, k]; out [total_rows, n]; scales: fp8_e4m3 one act scalar
-  // and E weight scalars; fp8_block per-expert scale blocks laid out back to back.
+  // and E weight scalars kScaleStrideFloats apart (cuBLASLt wants 16-byte aligned scale
+  // pointers); fp8_block per-expert scale blocks laid out back to back.
+  static constexpr int64_t kScaleStrideFloats = 4;
   void run(const void* act, const void* weights, void* out, const float* act_scale,
            const float* weight_scale, cudaStream_t stream) const;
   int64_t act_scale_offset(int e) const { return act_scale_offsets_[e]; }

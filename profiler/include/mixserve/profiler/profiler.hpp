@@ -17,7 +17,7 @@ namespace mixserve::profiler {
 struct ProfileConfig {
   int device = 0;
   std::string name = "h200";
-  std::vector<std::string> models = {"deepseek-v3", "qwen3-235b-a22b", "mixtral-8x7b"};
+  std::vector<std::string> models;          // empty: every shipped model (configs/models)
   std::vector<int> tp = {1, 2, 4, 8};
   std::vector<int> ep = {8, 32};
   std::vector<int64_t> m_grid;              // GEMM token sweep; empty: powers of 2 from 1 to 16384
@@ -33,6 +33,9 @@ struct ProfileConfig {
   int comm_iters = 20, comm_warmup = 5;
   bool dry_run = false;                     // list shapes and a roofline time estimate only
 };
+
+// cfg.models, or every shipped model when it is empty.
+std::vector<std::string> effective_models(const ProfileConfig& cfg);
 
 struct Output {
   std::ostream& table;     // nccl-tests style tables
