@@ -29,6 +29,7 @@ NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
   nvidia-smi topo -m 2>&1 | head -20
   echo "# LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   ldd "$BIN/mixserve-profile" | grep -E "not found|cublas|nccl|cudart|fmt|yaml"
+  echo "# mpirun: $(command -v mpirun || echo none) (MPI tests are not bundled: the host needs its own MPI build)"
   status=0
   for label in unit gpu multigpu; do
     for t in $(cat "$BUNDLE/tests-$label.txt" 2>/dev/null); do
