@@ -86,6 +86,10 @@ class Engine {
             "request {}: a prefill of up to {} tokens exceeds max_num_batched_tokens ({}) and "
             "chunked prefill is off", r.id, r.input_tokens + r.output_tokens - 1,
             L.max_num_batched_tokens));
+      if (L.max_model_len > 0 && r.input_tokens + r.output_tokens > L.max_model_len)
+        throw InputError(fmt::format(
+            "request {} ({} + {} tokens) is longer than max_model_len ({}): cap the workload's "
+            "limits.max_seq_len", r.id, r.input_tokens, r.output_tokens, L.max_model_len));
       if (r.replica >= cfg.num_replicas)
         throw InputError(fmt::format("request {}: replica {} not in the plan (replicas: {})", r.id,
                                      r.replica, cfg.num_replicas));

@@ -153,9 +153,14 @@ TEST_CASE("a full KV cache preempts by recompute and everything still finishes")
   // but exactly one new token per decode entry and per completed (re)prefill.
   CHECK(t.prefill + t.decode > in + out - 200);
   CHECK(r.itls_ms.size() == size_t(out - 200));
-  // A request longer than the whole cache is rejected up front.
+  // A request longer than the whole cache is rejected up front, and so is one longer than
+  // max_model_len.
   RequestStream big;
   big.requests.push_back(Request{0, 0.0, 1000, 100, -1});
+  CHECK_THROWS_AS(simulate(cm, cfg, big), InputError);
+  big.requests[0] = Request{0, 0.0, 300, 300, -1};
+  CHECK_NOTHROW(simulate(cm, cfg, big));
+  cfg.limits.max_model_len = 512;
   CHECK_THROWS_AS(simulate(cm, cfg, big), InputError);
 }
 

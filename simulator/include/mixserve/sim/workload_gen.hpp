@@ -1,6 +1,7 @@
 // Request streams from a WorkloadSpec: arrival times and (input, output) token counts, drawn
 // from seeded generators of our own (not <random>'s distributions, whose algorithms differ
-// between standard libraries), so a seed gives the same requests on every platform.
+// between standard libraries), so a seed gives the same requests with any standard library
+// (up to the last-bit accuracy of the platform's log/exp).
 // Arrival times and lengths use separate streams: changing the rate keeps the lengths.
 #pragma once
 #include <cstdint>
