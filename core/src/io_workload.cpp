@@ -116,14 +116,17 @@ void sharegpt_fill(LengthDist& d, const ShareGptParams& p) {
   d.max = p.max;
 }
 
+// Relative to the workload file's folder, made absolute so that the path survives being written
+// into another file (a plan embeds its workload).
 std::filesystem::path resolve_relative(const std::string& file, const std::string& origin) {
   namespace fs = std::filesystem;
   fs::path p(file);
   if (p.is_absolute()) return p;
   std::error_code ec;
   const fs::path base = fs::path(origin).parent_path();
-  if (!base.empty() && fs::is_directory(base, ec)) return base / p;
-  return p;
+  const fs::path joined = !base.empty() && fs::is_directory(base, ec) ? base / p : p;
+  const fs::path abs = fs::absolute(joined, ec);
+  return ec ? joined : abs.lexically_normal();
 }
 
 // CSV "length,weight" rows (a header row and '#' comments are skipped).
@@ -180,8 +183,8 @@ LengthDist parse_length(const YamlMap& parent, std::string_view key, bool input)
       break;
     case LengthKind::histogram:
       if (m.has("file")) {
-        d.file = m.str("file");
-        d.histogram = read_length_histogram(resolve_relative(d.file, m.origin()));
+        d.file = resolve_relative(m.str("file"), m.origin()).string();
+        d.histogram = read_length_histogram(d.file);
       } else {
         for (size_t i = 0; const auto& row : m.list("bins")) {
           const std::string path = fmt::format("{}[{}]", m.key_path("bins"), i++);

@@ -100,6 +100,15 @@ routing: {kind: zipf, skew: 1.2}
   CHECK(b.routing_skew == 1.2);
 }
 
+TEST_CASE("file paths in a workload resolve against its folder and survive re-embedding") {
+  const WorkloadSpec w = load_workload("tiny-trace");
+  CHECK(std::filesystem::path(w.trace_file).is_absolute());
+  // Written into a file elsewhere (as a plan embeds it) and read back: the same trace.
+  const WorkloadSpec again = parse_workload_yaml(workload_to_yaml(w), "/elsewhere/plan.yaml");
+  CHECK(again.trace_file == w.trace_file);
+  CHECK(generate_requests(again).requests.size() == 8);
+}
+
 TEST_CASE("bad workload files name the file, the key and the expected form") {
   const std::string ok_lengths = "input: {kind: fixed, value: 10}\noutput: {kind: fixed, value: 10}\n";
   std::string e = error_of("name: x\narrival: {kind: poison, rate: 1}\n" + ok_lengths +
