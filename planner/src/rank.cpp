@@ -41,13 +41,17 @@ constexpr double kTieRelative = 1e-9;
 }  // namespace
 
 bool better(const PlanCandidate& a, const PlanCandidate& b, Objective o, const ClusterSpec& c) {
+  // First, before any objective: a candidate that keeps up with the workload's rate (finite
+  // TTFT) beats one whose queue grows without bound. Otherwise minimising ITL would pick
+  // max_num_seqs = 1 and a queue that never drains.
+  const bool sa_ok = std::isfinite(a.metrics.ttft_ms), sb_ok = std::isfinite(b.metrics.ttft_ms);
+  if (sa_ok != sb_ok) return sa_ok;
+  // Both saturated: the one that serves more tokens/s is better, whatever the objective.
+  if (!sa_ok && a.metrics.throughput_tok_s != b.metrics.throughput_tok_s)
+    return a.metrics.throughput_tok_s > b.metrics.throughput_tok_s;
   const double ca = cost_of(a.metrics, o), cb = cost_of(b.metrics, o);
   const double scale = std::max(std::abs(ca), std::abs(cb));
   if (std::isfinite(scale) ? std::abs(ca - cb) > kTieRelative * scale : ca != cb) return ca < cb;
-  // Tie-break 0: both saturated (TTFT or ITL infinite: the queue never drains at the rate):
-  // the one that serves more tokens/s is better.
-  if (!std::isfinite(ca) && a.metrics.throughput_tok_s != b.metrics.throughput_tok_s)
-    return a.metrics.throughput_tok_s > b.metrics.throughput_tok_s;
   // Tie-break 1: the other latency. Throughput ties whenever both layouts serve the offered load
   // (analytic_metrics caps it at rate * tokens), and then the one that answers sooner is better;
   // TTFT ties break on ITL, ITL ties on TTFT.

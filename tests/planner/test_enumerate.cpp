@@ -234,4 +234,9 @@ TEST_CASE("tie-break helpers") {
   b.metrics.throughput_tok_s = 60;
   CHECK(better(b, a, Objective::ttft, c));
   CHECK_FALSE(better(a, b, Objective::ttft, c));
+  CHECK(better(b, a, Objective::itl, c));  // saturated both: throughput, not ITL, decides
+  // A candidate that keeps up beats a saturated one whatever the objective says.
+  a.metrics.ttft_ms = 500;
+  CHECK(better(a, b, Objective::itl, c));
+  CHECK(better(a, b, Objective::throughput, c));
 }
