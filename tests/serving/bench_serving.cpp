@@ -5,7 +5,7 @@
 //   2. capacity (goodput) search over 20 layouts of the same model and cluster: wall time
 //      (target < 10 s).
 // Usage: bench_serving [--requests N] [--rate R] [--layouts K] [--trial-seconds S]
-//                      [--json out.json]
+//                      [--json out.json (default bench_serving.json in the working folder)]
 // Exit code: 0 when every run completed (the verdict on the targets is printed, not enforced).
 #include <chrono>
 #include <cstdio>
@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
   double rate = 40;
   int max_layouts = 20;
   double trial_s = 60;
-  std::string json_path;
+  std::string json_path = "bench_serving.json";  // every run writes its JSON (STYLE.md §15)
   for (int i = 1; i < argc; ++i) {
     auto next = [&]() -> const char* {
       if (i + 1 >= argc) {
@@ -185,7 +185,7 @@ int main(int argc, char** argv) {
     std::printf("# capacity search: cpu %.3f s (wall %.3f s) for %d layouts (%d skipped as "
                 "illegal) (target < 10 s): %s\n", search_cpu, search_s, evaluated, skipped,
                 search_ok ? "MET" : "NOT MET");
-    if (!json_path.empty()) {
+    {
       const nlohmann::json j{{"benchmark", "bench_serving"},
                              {"version", kMixServeVersion},
                              {"timestamp", now_iso8601_utc()},
