@@ -20,9 +20,10 @@ mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
 cp "$BUILD/profiler/mixserve-profile" "$BUNDLE/bin/"
 for t in test_gpu_compute test_gpu_comm test_gpu_host; do cp "$BUILD/tests/gpu/$t" "$BUNDLE/bin/"; done
 # Test lists by label, from CTest itself (the binaries run directly on the host: no CTest there).
+# Only binaries in the bundle: test_gpu_comm_mpi needs the host's own MPI and is left out.
 for label in gpu multigpu unit; do
-  ctest --test-dir "$BUILD" -N -L "^${label}\$" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z_]*\)$/\1/p' \
-    > "$BUNDLE/tests-$label.txt"
+  ctest --test-dir "$BUILD" -N -L "^${label}\$" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z_]*\)$/\1/p' |
+    while read -r t; do [ -x "$BUNDLE/bin/$t" ] && echo "$t"; done > "$BUNDLE/tests-$label.txt"
 done
 # Shared libraries the host image may not have: everything the binaries link that is not glibc,
 # libstdc++/libgcc, the driver, cuBLAS or NCCL (those come from the host).
