@@ -17,17 +17,17 @@ void add_input_options(CLI::App& sub, InputOptions& o) {
   sub.add_option("--workload", o.workload,
                  "shipped workload name or workload YAML (or give --input-len and --output-len)");
   sub.add_option("--input-len", o.input_len, "fixed input tokens per request (overrides)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   sub.add_option("--output-len", o.output_len, "fixed output tokens per request (overrides)")
-      ->check(CLI::PositiveNumber);
-  sub.add_option("--rate", o.rate, "request rate, req/s (overrides)")->check(CLI::PositiveNumber);
+      ->check(positive());
+  sub.add_option("--rate", o.rate, "request rate, req/s (overrides)")->check(positive());
   sub.add_option("--max-batch", o.max_batch,
                  "batch limit: max_num_seqs candidates are powers of two up to it "
                  "(default: the workload's, else 256)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   sub.add_option("--max-model-len", o.max_model_len,
                  "max tokens per sequence (default: the workload's max_seq_len, else the model's)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   sub.add_option("--routing", o.routing, "MoE routing: uniform | zipf:<s> (default: the workload's)");
 }
 
@@ -96,6 +96,18 @@ LoadedInputs load_inputs(const InputOptions& o) {
 std::string datasheet_note(const HardwareProfile& p) {
   if (!p.is_datasheet()) return "";
   return fmt::format("costs: datasheet estimates (profile {}: source {})", p.name, p.source);
+}
+
+const CLI::Validator& positive() {
+  static const CLI::Validator v(
+      [](std::string& s) -> std::string {
+        char* end = nullptr;
+        const double x = std::strtod(s.c_str(), &end);
+        if (!s.empty() && end && *end == '\0' && std::isfinite(x) && x > 0) return "";
+        return "expected a number > 0, got '" + s + "'";
+      },
+      "> 0", "positive");
+  return v;
 }
 
 double to_gib(double bytes) { return bytes / (1024.0 * 1024.0 * 1024.0); }

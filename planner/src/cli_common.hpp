@@ -38,4 +38,7 @@ std::string datasheet_note(const HardwareProfile& p);
 
 double to_gib(double bytes);
 
+// CLI11 check: a finite number > 0, with a one-line message ("expected a number > 0, got '0'").
+const CLI::Validator& positive();
+
 }  // namespace mixserve::planner

@@ -278,7 +278,7 @@ CommandRunner register_search(CLI::App& app) {
       ->check(CLI::IsMember(std::vector<std::string>{"mixserve", "paper"}))
       ->capture_default_str();
   sub->add_option("--top", cfg->top, "layouts to print (and keep as plan alternatives)")
-      ->check(CLI::PositiveNumber)
+      ->check(positive())
       ->capture_default_str();
   sub->add_option("--explain", cfg->explain,
                   "print the per-op breakdown of a layout: its rank, a baseline name or a "

@@ -129,6 +129,10 @@ TEST_CASE("bad inputs: exit 2, one line naming file and key, no plan file, exist
       {"unknown shipped model", "", "", "search " + model_args + "no-such-model", "no-such-model",
        ""},
       {"bad baseline", "", "", std::string(kSearch) + " --baseline sglang", "sglang", ""},
+      {"zero batch limit", "", "", std::string(kSearch) + " --max-batch 0", "--max-batch",
+       "expected a number > 0"},
+      {"negative rate", "", "", std::string(kSearch) + " --rate -4", "--rate",
+       "expected a number > 0"},
   };
   const fs::path plan = scratch() / "plan.yaml";
   for (const Case& k : cases) {
