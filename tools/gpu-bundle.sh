@@ -23,7 +23,7 @@ for t in test_gpu_compute test_gpu_comm test_gpu_host; do cp "$BUILD/tests/gpu/$
 # Only binaries in the bundle: test_gpu_comm_mpi needs the host's own MPI and is left out.
 for label in gpu multigpu unit; do
   ctest --test-dir "$BUILD" -N -L "^${label}\$" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z_]*\)$/\1/p' |
-    while read -r t; do [ -x "$BUNDLE/bin/$t" ] && echo "$t"; done > "$BUNDLE/tests-$label.txt"
+    while read -r t; do if [ -x "$BUNDLE/bin/$t" ]; then echo "$t"; fi; done > "$BUNDLE/tests-$label.txt"
 done
 # Shared libraries the host image may not have: everything the binaries link that is not glibc,
 # libstdc++/libgcc, the driver, cuBLAS or NCCL (those come from the host).
