@@ -13,6 +13,8 @@
 //   slo: {ttft_ms: 2000, tpot_ms: 100, e2el_ms: 0}
 //   limits: {max_num_seqs: 16, max_seq_len: 4096}
 //   routing: {kind: zipf, skew: 1.2}        # uniform | zipf (skew) | histogram (file)
+//   approximate: false                      # true: the lengths only approximate a data set
+//                                           # (always true with kind: sharegpt)
 //   notes: "..."
 //
 // Relative file names (trace, histogram, routing) are resolved against the workload file's folder.
@@ -359,7 +361,9 @@ WorkloadSpec parse_workload_yaml(const std::string& text, const std::string& ori
     }
   }
   w.notes = m.str("notes", "");
-  w.approximate = w.input.kind == LengthKind::sharegpt || w.output.kind == LengthKind::sharegpt;
+  // Built-in sharegpt lengths are always an approximation; a file may also say so itself.
+  w.approximate = m.boolean("approximate", false) || w.input.kind == LengthKind::sharegpt ||
+                  w.output.kind == LengthKind::sharegpt;
   return w;
 }
 
@@ -412,6 +416,7 @@ std::string workload_to_yaml(const WorkloadSpec& w) {
   if (w.routing == "zipf") out << YAML::Key << "skew" << YAML::Value << fmt_num(w.routing_skew);
   if (w.routing == "histogram") out << YAML::Key << "file" << YAML::Value << w.routing_file;
   out << YAML::EndMap;
+  if (w.approximate) out << YAML::Key << "approximate" << YAML::Value << true;
   if (!w.notes.empty()) out << YAML::Key << "notes" << YAML::Value << w.notes;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";

@@ -112,7 +112,7 @@ int run_simulate(const SimulateConfig& o) {
   if (o.max_num_seqs > 0) limits.max_num_seqs = o.max_num_seqs;
   if (o.max_num_batched_tokens > 0) limits.max_num_batched_tokens = o.max_num_batched_tokens;
   if (o.no_chunked_prefill) limits.chunked_prefill = false;
-  if (!o.policy.empty()) limits.decode_first = o.policy == "decode-first";
+  if (!o.policy.empty()) limits.decode_first = o.policy == sim::kDecodeFirst;
   sim::ServingConfig cfg = sim::serving_config_for(*cm, layout, limits, w);
   if (o.max_num_seqs > 0) cfg.limits.max_num_seqs = o.max_num_seqs;  // the option wins
   cfg.router = *sim::parse_router(o.router);
@@ -224,7 +224,7 @@ CommandRunner register_simulate(CLI::App& app) {
       ->check(CLI::IsMember(sim::router_names()))
       ->capture_default_str();
   sub->add_option("--policy", o->policy, "scheduling order (default: the plan's)")
-      ->check(CLI::IsMember({"decode-first", "prefill-first"}));
+      ->check(CLI::IsMember({sim::kDecodeFirst, sim::kPrefillFirst}));
   sub->add_option("--max-num-seqs", o->max_num_seqs, "max sequences per replica (batch limit)");
   sub->add_option("--max-num-batched-tokens", o->max_num_batched_tokens,
                   "token budget per replica per step");

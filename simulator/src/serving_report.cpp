@@ -78,7 +78,7 @@ nlohmann::json metrics_to_json(const ServingMetrics& m, const ServingConfig& cfg
                           {"max_num_seqs", cfg.limits.max_num_seqs},
                           {"max_num_batched_tokens", cfg.limits.max_num_batched_tokens},
                           {"chunked_prefill", cfg.limits.chunked_prefill},
-                          {"policy", cfg.limits.decode_first ? "decode-first" : "prefill-first"},
+                          {"policy", std::string(policy_name(cfg.limits.decode_first))},
                           {"kv_block_tokens", cfg.limits.kv_block_tokens},
                           {"kv_blocks_per_replica", m.kv_blocks_per_replica}};
   return j;

@@ -56,6 +56,10 @@ TEST_CASE("every shipped workload loads, and sharegpt-like is labelled an approx
   const WorkloadSpec sg = load_workload("sharegpt-like");
   CHECK(sg.approximate);
   CHECK(!load_workload("fixed-1k-1k").approximate);
+  CHECK(parse_workload_yaml(workload_to_yaml(sg), "again.yaml").approximate);
+  CHECK(parse_workload_yaml("name: a\narrival: {kind: burst}\ninput: {kind: fixed, value: 3}\n"
+                            "output: {kind: fixed, value: 3}\nnum_requests: 1\napproximate: true\n",
+                            "a.yaml").approximate);
   const WorkloadSpec paper = load_workload("sharegpt-paper");
   CHECK(paper.max_num_seqs == 16);
   CHECK(paper.max_seq_len == 4096);

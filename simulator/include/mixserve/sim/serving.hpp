@@ -37,6 +37,13 @@ std::string_view to_string(RouterKind r);
 std::optional<RouterKind> parse_router(std::string_view s);
 std::vector<std::string> router_names();
 
+// Scheduling order names (RuntimeLimits::decode_first true / false), for the CLI and reports.
+inline constexpr const char* kDecodeFirst = "decode-first";
+inline constexpr const char* kPrefillFirst = "prefill-first";
+inline std::string_view policy_name(bool decode_first) {
+  return decode_first ? kDecodeFirst : kPrefillFirst;
+}
+
 struct SimProgress {
   double sim_time_s = 0;
   int64_t finished = 0, total = 0;
