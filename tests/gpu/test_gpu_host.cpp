@@ -103,3 +103,47 @@ TEST_CASE("GEMM families of DeepSeek-V3 at TP8 follow its config") {
   CHECK(e[1].k == 2048);
   CHECK(e[0].dtype == DType::fp8_block);
 }
+
+#if MIXSERVE_HAVE_NCCL
+#include "mixserve/gpu/comm.hpp"
+#include "mixserve/kernels/comm_check.cuh"
+
+TEST_CASE("collective sizes and bus factors follow nccl-tests") {
+  // nccl-tests PERFORMANCE.md: busbw = algbw * 2(n-1)/n for all-reduce, (n-1)/n for all-gather,
+  // reduce-scatter and all-to-all, 1 for send/recv.
+  CHECK(gpu::bus_factor(CollOp::all_reduce, 8) == doctest::Approx(1.75));
+  CHECK(gpu::bus_factor(CollOp::all_gather, 2) == doctest::Approx(0.5));
+  CHECK(gpu::bus_factor(CollOp::all_to_all, 4) == doctest::Approx(0.75));
+  CHECK(gpu::bus_factor(CollOp::send_recv, 8) == doctest::Approx(1.0));
+  // 64 bytes = 16 floats on 2 ranks: all-gather output 16 = 2 chunks of 8; reduce-scatter input 16.
+  const auto ag = gpu::coll_counts(CollOp::all_gather, 64, 2);
+  CHECK(ag.chunk_elems == 8u);
+  CHECK(ag.send_elems == 8u);
+  CHECK(ag.recv_elems == 16u);
+  const auto rs = gpu::coll_counts(CollOp::reduce_scatter, 64, 2);
+  CHECK(rs.send_elems == 16u);
+  CHECK(rs.recv_elems == 8u);
+  // 8 bytes over 4 ranks: not one whole float per rank.
+  CHECK(gpu::coll_counts(CollOp::all_to_all, 8, 4).chunk_elems == 0u);
+  CHECK_THROWS_AS(gpu::coll_counts(CollOp::fused_rs_combine, 64, 2), InputError);
+}
+
+TEST_CASE("exact-valued collective data: the documented expected values") {
+  kernels::CommCheckParams p;
+  p.nranks = 2;
+  p.rank = 1;
+  p.chunk_elements = 5;
+  // input(r, g) = (r + 1) * 1000 + g % 977
+  CHECK(kernels::comm_input_value(0, 980) == 1003.0f);
+  p.op = CollOp::all_reduce;  // 1000 + 2000 + 2 * (j % 977)
+  CHECK(kernels::comm_expected_value(p, 3) == 3006.0f);
+  p.op = CollOp::all_gather;  // j = 7: from rank 1, index 2
+  CHECK(kernels::comm_expected_value(p, 7) == 2002.0f);
+  p.op = CollOp::reduce_scatter;  // rank 1 owns indices 5..9: j = 1 -> g = 6: 3000 + 12
+  CHECK(kernels::comm_expected_value(p, 1) == 3012.0f);
+  p.op = CollOp::all_to_all;  // j = 2 from rank 0's chunk for rank 1: g = 5 + 2
+  CHECK(kernels::comm_expected_value(p, 2) == 1007.0f);
+  p.op = CollOp::send_recv;  // from rank 0
+  CHECK(kernels::comm_expected_value(p, 4) == 1004.0f);
+}
+#endif
