@@ -12,7 +12,6 @@ BUILD="${MIXSERVE_GPU_BUILD:-$ROOT/build-gpu}"
 TARGETS=(mixserve-profile test_gpu_compute test_gpu_comm test_gpu_host)
 
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
-grep -q 'MIXSERVE_HAVE_CUDA' "$BUILD/CMakeCache.txt" || true
 cmake --build "$BUILD" -j "${MIXSERVE_JOBS:-2}" --target "${TARGETS[@]}"
 
 rm -rf "$BUNDLE"

@@ -92,6 +92,8 @@ LtGemm::~LtGemm() {
 }
 
 void LtGemm::run(const GemmOperands& ops, cudaStream_t stream) const {
+  // The scale pointers live in the matmul descriptor, so one LtGemm must not run on two host
+  // threads at once (each thread plans its own).
   if (is_fp8(s_.dtype)) {
     if (!ops.act_scale || !ops.weight_scale) throw RuntimeError("fp8 GEMM run without scale pointers");
     MIXSERVE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ops.weight_scale, sizeof(ops.weight_scale)));
