@@ -131,6 +131,11 @@ int run_simulate(const SimulateConfig& o) {
     copt2.trial_duration_s = o.trial_seconds;
     copt2.max_requests = std::max(copt2.max_requests, o.capacity_requests);
     copt2.start_rate = w.rate;
+    if (show_progress)
+      copt2.on_trial = [](double rate, int requests, bool sustained) {
+        std::fprintf(stderr, "capacity trial: %.3f req/s, %d requests: %s\n", rate, requests,
+                     sustained ? "sustained" : "not sustained");
+      };
     const sim::CapacityResult c = sim::capacity_search(*cm, cfg, w, copt2, gpus);
     nlohmann::json j = sim::metrics_to_json(c.at_max, cfg);
     j["mixserve_capacity"] = {{"max_rate", c.max_rate},

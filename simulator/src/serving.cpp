@@ -583,7 +583,9 @@ CapacityResult capacity_search(const StepCostModel& cm, const ServingConfig& bas
     return r.metrics;
   };
   auto ok = [&](const ServingMetrics& m) {
-    return !last_stopped && m.slo_attainment >= opt.attainment;
+    const bool sustained = !last_stopped && m.slo_attainment >= opt.attainment;
+    if (opt.on_trial) opt.on_trial(wl.rate, wl.num_requests, sustained);
+    return sustained;
   };
 
   double lo = 0, hi = 0;

@@ -387,7 +387,16 @@ TEST_CASE("capacity search: rescaling time rescales the capacity") {
   opt.rel_tol = 0.01;
   const LinearCost fast(2000, 20, 0.01);
   const LinearCost slow(4000, 40, 0.02);
+  int trials = 0;
+  double best_sustained = 0;
+  opt.on_trial = [&](double rate, int, bool sustained) {
+    ++trials;
+    if (sustained) best_sustained = std::max(best_sustained, rate);
+  };
   const CapacityResult a = capacity_search(fast, cfg, w, opt, 8);
+  CHECK(trials == a.simulations);
+  CHECK(best_sustained == a.max_rate);
+  opt.on_trial = nullptr;
   CapacityOptions opt2 = opt;
   opt2.slo_ttft_ms *= 2;
   opt2.slo_tpot_ms *= 2;

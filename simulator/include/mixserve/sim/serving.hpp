@@ -147,6 +147,8 @@ struct CapacityOptions {
   double rel_tol = 0.03;       // stop when (hi - lo) / hi < rel_tol
   double start_rate = 1.0;     // req/s; the search doubles / halves from here to bracket
   int max_simulations = 30;
+  // Called after every trial (rate, requests, sustained?) -- e.g. a progress line.
+  std::function<void(double rate, int requests, bool sustained)> on_trial;
 };
 struct CapacityResult {
   double max_rate = 0;           // req/s the layout sustains within the SLOs (0 = none found)
