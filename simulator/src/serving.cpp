@@ -90,6 +90,10 @@ class Engine {
         throw InputError(fmt::format(
             "request {} ({} + {} tokens) is longer than max_model_len ({}): cap the workload's "
             "limits.max_seq_len", r.id, r.input_tokens, r.output_tokens, L.max_model_len));
+      if (stream.closed_loop_users == 0 && i > 0 && r.arrival_s < stream.requests[i - 1].arrival_s)
+        throw InputError(fmt::format("request {}: arrivals must be sorted by time (arrival_s {} "
+                                     "after {})", r.id, r.arrival_s,
+                                     stream.requests[i - 1].arrival_s));
       if (r.replica >= cfg.num_replicas)
         throw InputError(fmt::format("request {}: replica {} not in the plan (replicas: {})", r.id,
                                      r.replica, cfg.num_replicas));

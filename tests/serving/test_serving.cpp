@@ -163,6 +163,10 @@ TEST_CASE("a full KV cache preempts by recompute and everything still finishes")
   CHECK_NOTHROW(simulate(cm, cfg, big));
   cfg.limits.max_model_len = 512;
   CHECK_THROWS_AS(simulate(cm, cfg, big), InputError);
+  // Open-loop arrivals out of order are rejected, not silently reordered.
+  RequestStream unsorted;
+  unsorted.requests = {Request{0, 1.0, 10, 10, -1}, Request{1, 0.5, 10, 10, -1}};
+  CHECK_THROWS_AS(simulate(cm, cfg, unsorted), InputError);
 }
 
 TEST_CASE("simulation is deterministic for a seed") {
