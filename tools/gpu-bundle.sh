@@ -9,15 +9,16 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="${1:-$ROOT/gpu-bundle}"
 BUILD="${MIXSERVE_GPU_BUILD:-$ROOT/build-gpu}"
-TARGETS=(mixserve-profile test_gpu_compute test_gpu_comm test_gpu_host)
 
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$BUILD" -j "${MIXSERVE_JOBS:-2}" --target "${TARGETS[@]}"
+cmake --build "$BUILD" -j "${MIXSERVE_JOBS:-2}"
 
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
-cp "$BUILD/profiler/mixserve-profile" "$BUNDLE/bin/"
-for t in test_gpu_compute test_gpu_comm test_gpu_host; do cp "$BUILD/tests/gpu/$t" "$BUNDLE/bin/"; done
+# Every GPU program: the profiler and benchmarks (profiler/mixserve-*) and every test binary of
+# tests/gpu (test_gpu_*), whatever their number.
+find "$BUILD/profiler" -maxdepth 1 -type f -name 'mixserve-*' -perm -u+x -exec cp {} "$BUNDLE/bin/" \;
+find "$BUILD/tests/gpu" -maxdepth 1 -type f -name 'test_gpu_*' -perm -u+x -exec cp {} "$BUNDLE/bin/" \;
 # Test lists by label, from CTest itself (the binaries run directly on the host: no CTest there).
 # Only binaries in the bundle: test_gpu_comm_mpi needs the host's own MPI and is left out.
 for label in gpu multigpu unit; do

@@ -3,6 +3,7 @@
 # environment report, GPU tests (labels gpu, multigpu, unit), the profiler (compute tables on one
 # GPU, then collectives on every GPU merged into the same profile), and the prediction check.
 # Usage: tools/gpu-test.sh <bundle-dir> <log-dir> [profile-name]
+#   (MIXSERVE_GPU_TESTS_ONLY=1: the tests only, no profiling)
 # Writes to <log-dir> (8 files at most): tests.log, profile.log, progress.log,
 # <name>-compute.yaml, <name>.yaml, profile.json, comm.json, check.json.
 set -uo pipefail
@@ -47,6 +48,10 @@ NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
 } > "$LOGS/tests.log" 2>&1
 tail -n 40 "$LOGS/tests.log" | grep -E "^===|skipped|FAILED|error" | tail -n 20
 
+if [ "${MIXSERVE_GPU_TESTS_ONLY:-0}" = 1 ]; then
+  echo "=== MIXSERVE_GPU_TESTS_ONLY=1: profiler and prediction check not run"
+  exit $status
+fi
 P="$BIN/mixserve-profile"
 # 1) compute tables and peaks on GPU 0 (collectives left out here: --gpus 1)
 timeout 330 "$P" all --gpus 1 --name "$NAME" -o "$LOGS/$NAME-compute.yaml" --json "$LOGS/profile.json" \
