@@ -1,0 +1,451 @@
+#include "mixserve/kernels/attention.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/gpu/check.hpp"
+
+namespace mixserve::kernels {
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerCta = kWarps * 16;  // query rows (token, q head) of one CTA: 16 per warp
+constexpr int kKvTile = 64;               // cache positions per shared-memory tile
+constexpr int kPad = 8;                   // bf16 of padding per smem row: conflict-free fragment reads
+constexpr int kMaxGroup = 64;             // q heads per kv head
+constexpr float kLog2e = 1.4426950408889634f;
+static_assert(kKvTile % 16 == 0, "the P.V product walks the tile in k-slices of 16");
+static_assert(kThreads % kKvTile == 0, "the V loader gives each thread whole columns of the tile");
+
+// Shapes the kernels see, resolved once on the host.
+struct Launch {
+  int group = 1;             // q heads per kv head
+  int block_shift = 4;       // log2(block_tokens)
+  int num_splits = 1;
+  int split_tokens = 0;      // cache positions per split (a multiple of kKvTile)
+  float scale_log2 = 0.0f;   // softmax scale * log2(e): p = exp2((s - m) * scale_log2)
+  float* part_o = nullptr;   // [num_splits, num_tokens, q_heads, head_dim] unnormalised out
+  float2* part_ml = nullptr; // [num_splits, num_tokens, q_heads] (running max, sum)
+};
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// d += a (16x16, row-major) . b (16x8, column-major); bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Physical element offset of (position, kv head, dim 0) in a paged K or V pool.
+__device__ __forceinline__ int64_t cache_offset(const PagedKvCache& c, int seq, int pos, int kv_head,
+                                                int block_shift, int head_dim) {
+  const int64_t block = c.block_table[int64_t(seq) * c.max_blocks_per_seq + (pos >> block_shift)];
+  const int slot = pos & ((1 << block_shift) - 1);
+  return ((block << block_shift) + slot) * (int64_t(c.kv_heads) * head_dim) + int64_t(kv_head) * head_dim;
+}
+
+// grid (q_tiles * num_splits, num_seqs, kv_heads), kThreads threads. See attention.cuh.
+template <int kHeadDim>
+static __global__ void __launch_bounds__(kThreads) tc_attention_kernel(AttentionParams p, Launch L) {
+  static_assert(kHeadDim % 16 == 0, "the Q.K^T product walks head_dim in k-slices of 16");
+  constexpr int kVecPerRow = kHeadDim / 8;  // 16-byte vectors per cache row
+  __shared__ __align__(16) __nv_bfloat16 ks[kKvTile][kHeadDim + kPad];  // [position, dim]
+  __shared__ __align__(16) __nv_bfloat16 vt[kHeadDim][kKvTile + kPad];  // [dim, position] (V transposed)
+
+  const int num_q_tiles = gridDim.x / L.num_splits;
+  const int q_tile = num_q_tiles - 1 - int(blockIdx.x) / L.num_splits;  // heavy (late) tiles first
+  const int split = int(blockIdx.x) % L.num_splits;
+  const int seq = blockIdx.y, kvh = blockIdx.z;
+  const int q0 = p.q_start[seq];
+  const int q_len = p.q_start[seq + 1] - q0;
+  const int rows = q_len * L.group;  // rows of this (sequence, kv head): token-major, group heads each
+  const int row0 = q_tile * kRowsPerCta;
+  if (row0 >= rows) return;
+  const int ctx_before = p.seq_lens[seq] - q_len;
+  const int last_tok = (min(rows, row0 + kRowsPerCta) - 1) / L.group;
+  const int n_keys = ctx_before + last_tok + 1;  // the CTA's last row sees positions [0, n_keys)
+  const int k_begin = split * L.split_tokens;
+  const int k_end = min(n_keys, k_begin + L.split_tokens);
+  if (k_begin >= k_end) return;  // rows whose keys all lie in earlier splits: the merge skips this split
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;  // mma fragment coordinates: row group, thread in quad
+  const bool warp_active = row0 + warp * 16 < rows;
+
+  // The thread's two rows: r[0] (fragment rows 0-7) and r[1] (rows 8-15).
+  int pos[2];              // cache position of the row's token; -1 for rows past the sequence
+  int64_t head_off[2];     // element offset of the row in q / out: [num_tokens, q_heads, head_dim]
+  int tok_global[2], q_head[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row0 + warp * 16 + g + 8 * i;
+    const bool valid = r < rows;
+    const int tok = valid ? r / L.group : 0;
+    q_head[i] = kvh * L.group + (valid ? r % L.group : 0);
+    tok_global[i] = q0 + tok;
+    pos[i] = valid ? ctx_before + tok : -1;
+    head_off[i] = (int64_t(tok_global[i]) * p.q_heads + q_head[i]) * kHeadDim;
+  }
+
+  // Q fragments for the whole loop: [k-slice][4 registers of bf16x2], zero for invalid rows.
+  uint32_t qa[kHeadDim / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    const int c = kk * 16 + tq * 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      qa[kk][i] = pos[i] >= 0 ? *reinterpret_cast<const uint32_t*>(p.q + head_off[i] + c) : 0u;
+      qa[kk][i + 2] = pos[i] >= 0 ? *reinterpret_cast<const uint32_t*>(p.q + head_off[i] + c + 8) : 0u;
+    }
+  }
+
+  float o[kHeadDim / 8][4];  // [d n-tile][fragment]: rows r[0] (0,1) and r[1] (2,3)
+#pragma unroll
+  for (int dt = 0; dt < kHeadDim / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};  // running max of the raw scores
+  float l[2] = {0.0f, 0.0f};            // this thread's share of the running sum
+
+  for (int kt = k_begin; kt < k_end; kt += kKvTile) {
+    __syncthreads();  // the previous tile is consumed
+    // K tile: thread per 16-byte vector, row-major; positions past k_end read as zeros.
+    for (int c = tid; c < kKvTile * kVecPerRow; c += kThreads) {
+      const int row = c / kVecPerRow, vec = c % kVecPerRow, key = kt + row;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (key < k_end)
+        val = *reinterpret_cast<const uint4*>(p.cache.k + cache_offset(p.cache, seq, key, kvh, L.block_shift, kHeadDim) + vec * 8);
+      *reinterpret_cast<uint4*>(&ks[row][vec * 8]) = val;
+    }
+    // V tile, transposed on the way in; zeros past k_end (0 * garbage could be NaN).
+    for (int c = tid; c < kKvTile * kVecPerRow; c += kThreads) {
+      const int row = c % kKvTile, vec = c / kKvTile, key = kt + row;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (key < k_end)
+        val = *reinterpret_cast<const uint4*>(p.cache.v + cache_offset(p.cache, seq, key, kvh, L.block_shift, kHeadDim) + vec * 8);
+      const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&val);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) vt[vec * 8 + j][row] = e[j];
+    }
+    __syncthreads();
+    if (!warp_active) continue;
+
+    // S = Q K^T for the warp's 16 rows x 64 positions: [n-tile of 8 positions][fragment].
+    float s[kKvTile / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kKvTile / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + tq * 2]);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&ks[nt * 8 + g][kk * 16 + 8 + tq * 2]);
+        mma_bf16_16816(s[nt], qa[kk], b0, b1);
+      }
+    }
+    // Causal and range mask, then the online softmax update per row.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kKvTile / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, key = kt + nt * 8 + tq * 2 + (e % 2);
+        if (key >= k_end || key > pos[i]) s[nt][e] = -INFINITY;
+        tile_max[i] = fmaxf(tile_max[i], s[nt][e]);
+      }
+    float base[2], alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+      const float m_new = fmaxf(m[i], tile_max[i]);
+      base[i] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing seen yet stays at zero
+      alpha[i] = exp2f((m[i] - base[i]) * L.scale_log2);
+      m[i] = m_new;
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kKvTile / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f((s[nt][e] - base[e / 2]) * L.scale_log2);
+        l[e / 2] += s[nt][e];
+      }
+    // O += P V: the S accumulator layout of n-tiles 2j, 2j+1 is the A fragment of k-slice j.
+#pragma unroll
+    for (int j = 0; j < kKvTile / 16; ++j) {
+      const uint32_t pa[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
+                              pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]),
+                              pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&vt[dt * 8 + g][j * 16 + tq * 2]);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&vt[dt * 8 + g][j * 16 + 8 + tq * 2]);
+        mma_bf16_16816(o[dt], pa, b0, b1);
+      }
+    }
+  }
+  if (!warp_active) return;
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  if (L.num_splits == 1) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (pos[i] < 0) continue;
+      const float inv = 1.0f / l[i];
+#pragma unroll
+      for (int dt = 0; dt < kHeadDim / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(p.out + head_off[i] + dt * 8 + tq * 2) =
+            pack_bf16(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (pos[i] < 0) continue;
+    const int64_t idx = (int64_t(split) * p.num_tokens + tok_global[i]) * p.q_heads + q_head[i];
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt)
+      *reinterpret_cast<float2*>(L.part_o + idx * kHeadDim + dt * 8 + tq * 2) = make_float2(o[dt][2 * i], o[dt][2 * i + 1]);
+    if (tq == 0) L.part_ml[idx] = make_float2(m[i], l[i]);
+  }
+}
+
+// Sequence of a step token: the last s with q_start[s] <= token (binary search).
+__device__ __forceinline__ int seq_of_token(const int32_t* q_start, int num_seqs, int token) {
+  int lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (q_start[mid] <= token) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Merge of the splits: one warp per (token, q head); splits past the row's position are unused.
+template <int kHeadDim>
+static __global__ void merge_splits_kernel(AttentionParams p, Launch L) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= p.num_tokens * p.q_heads) return;
+  const int token = int(w / p.q_heads);
+  const int seq = seq_of_token(p.q_start, p.num_seqs, token);
+  const int q_len = p.q_start[seq + 1] - p.q_start[seq];
+  const int pos = p.seq_lens[seq] - q_len + (token - p.q_start[seq]);
+  const int used = min(L.num_splits, pos / L.split_tokens + 1);
+  const int64_t stride = p.num_tokens * int64_t(p.q_heads);  // between splits of one row
+  float mx = -INFINITY;
+  for (int s = 0; s < used; ++s) mx = fmaxf(mx, L.part_ml[s * stride + w].x);
+  float acc[kPerLane] = {};
+  float sum = 0.0f;
+  for (int s = 0; s < used; ++s) {
+    const float2 ml = L.part_ml[s * stride + w];
+    const float f = exp2f((ml.x - mx) * L.scale_log2);
+    sum += ml.y * f;
+    const float* src = L.part_o + (s * stride + w) * kHeadDim + lane * kPerLane;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) acc[j] += src[j] * f;
+  }
+  const float inv = 1.0f / sum;
+#pragma unroll
+  for (int j = 0; j < kPerLane; j += 2)
+    *reinterpret_cast<uint32_t*>(p.out + w * kHeadDim + lane * kPerLane + j) = pack_bf16(acc[j] * inv, acc[j + 1] * inv);
+}
+
+// AttentionImpl::simple: one warp per (token, q head), one key at a time, scalar fp32.
+template <int kHeadDim>
+static __global__ void simple_attention_kernel(AttentionParams p, Launch L) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= p.num_tokens * p.q_heads) return;
+  const int token = int(w / p.q_heads), head = int(w % p.q_heads);
+  const int seq = seq_of_token(p.q_start, p.num_seqs, token);
+  const int q_len = p.q_start[seq + 1] - p.q_start[seq];
+  const int pos = p.seq_lens[seq] - q_len + (token - p.q_start[seq]);
+  const int kvh = head / L.group;
+  float q[kPerLane], acc[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    q[j] = __bfloat162float(p.q[w * kHeadDim + lane + 32 * j]);
+    acc[j] = 0.0f;
+  }
+  float mx = -INFINITY, sum = 0.0f;
+  for (int key = 0; key <= pos; ++key) {
+    const int64_t off = cache_offset(p.cache, seq, key, kvh, L.block_shift, kHeadDim);
+    float dot = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) dot += q[j] * __bfloat162float(p.cache.k[off + lane + 32 * j]);
+#pragma unroll
+    for (int d = 16; d >= 1; d /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, d);
+    const float m_new = fmaxf(mx, dot);
+    const float alpha = exp2f((mx - m_new) * L.scale_log2), e = exp2f((dot - m_new) * L.scale_log2);
+    sum = sum * alpha + e;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) acc[j] = acc[j] * alpha + e * __bfloat162float(p.cache.v[off + lane + 32 * j]);
+    mx = m_new;
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) p.out[w * kHeadDim + lane + 32 * j] = __float2bfloat16_rn(acc[j] / sum);
+}
+
+bool aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; }
+int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+// "" when supported, else why not (the device is checked by is_supported).
+std::string unsupported_reason(const AttentionParams& p) {
+  const auto& c = p.cache;
+  if (p.num_seqs < 0 || p.num_tokens < 0)
+    return "num_seqs=" + std::to_string(p.num_seqs) + " num_tokens=" + std::to_string(p.num_tokens) + " (need >= 0)";
+  if (std::find(kAttentionHeadDims.begin(), kAttentionHeadDims.end(), c.head_dim) == kAttentionHeadDims.end())
+    return "head_dim=" + std::to_string(c.head_dim) + " (legal: 64, 128)";
+  if (std::find(kKvBlockTokens.begin(), kKvBlockTokens.end(), c.block_tokens) == kKvBlockTokens.end())
+    return "block_tokens=" + std::to_string(c.block_tokens) + " (legal: 8, 16, 32)";
+  if (c.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % c.kv_heads != 0 || p.q_heads / c.kv_heads > kMaxGroup)
+    return "q_heads=" + std::to_string(p.q_heads) + " kv_heads=" + std::to_string(c.kv_heads) +
+           " (need q_heads a multiple of kv_heads, at most 64 q heads per kv head)";
+  if (!(p.softmax_scale >= 0.0f) || !std::isfinite(p.softmax_scale))
+    return "softmax_scale=" + std::to_string(p.softmax_scale) + " (need > 0, or 0 for 1/sqrt(head_dim))";
+  if (p.impl != AttentionImpl::tensor_core && p.impl != AttentionImpl::simple) return "unknown impl";
+  if (p.num_splits < 0) return "num_splits=" + std::to_string(p.num_splits) + " (need >= 0; 0 = automatic)";
+  if (p.num_seqs == 0 || p.num_tokens == 0) return "";
+  if (!p.q || !p.out || !c.k || !c.v || !c.block_table || !p.q_start || !p.seq_lens)
+    return "a null pointer (q, out, cache.k, cache.v, cache.block_table, q_start, seq_lens must be set)";
+  if (!aligned16(p.q) || !aligned16(p.out) || !aligned16(c.k) || !aligned16(c.v))
+    return "q, out or the K/V pools not 16-byte aligned";
+  if (p.max_q_len <= 0 || p.max_seq_len < p.max_q_len)
+    return "max_q_len=" + std::to_string(p.max_q_len) + " max_seq_len=" + std::to_string(p.max_seq_len) +
+           " (need 0 < max_q_len <= max_seq_len)";
+  if (int64_t(p.max_seq_len) > int64_t(c.max_blocks_per_seq) * c.block_tokens)
+    return "max_seq_len=" + std::to_string(p.max_seq_len) + " exceeds max_blocks_per_seq * block_tokens = " +
+           std::to_string(int64_t(c.max_blocks_per_seq) * c.block_tokens);
+  return "";
+}
+
+int sm_count(int device) {
+  int sms = 0;
+  MIXSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// Splits and their length in positions (a multiple of kKvTile).
+void choose_splits(const AttentionParams& p, int device, int& num_splits, int& split_tokens) {
+  num_splits = 1;
+  split_tokens = std::max(kKvTile, ceil_div(p.max_seq_len, kKvTile) * kKvTile);
+  if (p.impl != AttentionImpl::tensor_core || p.num_seqs == 0 || p.num_tokens == 0) return;
+  int want = p.num_splits;
+  if (want == 0) {
+    // Aim at two CTAs per SM: decode grids (one q tile per (sequence, kv head)) are far smaller.
+    const int group = p.q_heads / p.cache.kv_heads;
+    const int64_t base = int64_t(ceil_div(int64_t(p.max_q_len) * group, kRowsPerCta)) * p.num_seqs * p.cache.kv_heads;
+    const int64_t target = 2 * int64_t(sm_count(device));
+    want = base >= target ? 1 : ceil_div(target, base);
+  }
+  split_tokens = std::max(kKvTile, ceil_div(ceil_div(p.max_seq_len, want), kKvTile) * kKvTile);
+  num_splits = ceil_div(p.max_seq_len, split_tokens);
+}
+
+// The one dispatch over head_dim (legal values: kAttentionHeadDims).
+template <template <int> class Fn, class... Args>
+void dispatch_head_dim(int head_dim, Args&&... args) {
+  switch (head_dim) {
+    case 64: Fn<64>::run(args...); break;
+    case 128: Fn<128>::run(args...); break;
+    default: throw InputError("attention: head_dim=" + std::to_string(head_dim) + " (legal: 64, 128)");
+  }
+}
+
+template <int D>
+struct RunTensorCore {
+  static void run(const AttentionParams& p, const Launch& L, cudaStream_t stream) {
+    const int q_tiles = ceil_div(int64_t(p.max_q_len) * L.group, kRowsPerCta);
+    const dim3 grid(unsigned(q_tiles * L.num_splits), unsigned(p.num_seqs), unsigned(p.cache.kv_heads));
+    tc_attention_kernel<D><<<grid, kThreads, 0, stream>>>(p, L);
+    MIXSERVE_LAUNCH_CHECK("tc_attention_kernel");
+    if (L.num_splits > 1) {
+      const int64_t warps = p.num_tokens * p.q_heads;
+      merge_splits_kernel<D><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(p, L);
+      MIXSERVE_LAUNCH_CHECK("merge_splits_kernel");
+    }
+  }
+};
+
+template <int D>
+struct RunSimple {
+  static void run(const AttentionParams& p, const Launch& L, cudaStream_t stream) {
+    const int64_t warps = p.num_tokens * p.q_heads;
+    simple_attention_kernel<D><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(p, L);
+    MIXSERVE_LAUNCH_CHECK("simple_attention_kernel");
+  }
+};
+
+}  // namespace
+
+bool is_supported(const AttentionParams& p, int device) {
+  if (!unsupported_reason(p).empty()) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+}
+
+int attention_num_splits(const AttentionParams& p, int device) {
+  int n = 1, len = 0;
+  choose_splits(p, device, n, len);
+  return n;
+}
+
+std::size_t attention_workspace_bytes(const AttentionParams& p, int device) {
+  const int n = attention_num_splits(p, device);
+  if (n <= 1) return 0;
+  const std::size_t rows = std::size_t(n) * std::size_t(p.num_tokens) * std::size_t(p.q_heads);
+  return rows * std::size_t(p.cache.head_dim) * sizeof(float) + rows * sizeof(float2);
+}
+
+void launch_attention(const AttentionParams& p, cudaStream_t stream) {
+  const std::string why = unsupported_reason(p);
+  if (!why.empty()) throw InputError("attention: unsupported parameters: " + why);
+  if (p.num_seqs == 0 || p.num_tokens == 0) return;
+  int device = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  Launch L;
+  L.group = p.q_heads / p.cache.kv_heads;
+  L.block_shift = 0;
+  while ((1 << L.block_shift) < p.cache.block_tokens) ++L.block_shift;
+  const float scale = p.softmax_scale > 0.0f ? p.softmax_scale : 1.0f / std::sqrt(float(p.cache.head_dim));
+  L.scale_log2 = scale * kLog2e;
+  choose_splits(p, device, L.num_splits, L.split_tokens);
+  if (L.num_splits > 1) {
+    const std::size_t need = attention_workspace_bytes(p, device);
+    if (!p.workspace || p.workspace_bytes < need || !aligned16(p.workspace))
+      throw InputError("attention: workspace of " + std::to_string(p.workspace_bytes) + " bytes given, " +
+                       std::to_string(need) + " needed (16-byte aligned) for " + std::to_string(L.num_splits) +
+                       " splits");
+    const std::size_t rows = std::size_t(L.num_splits) * std::size_t(p.num_tokens) * std::size_t(p.q_heads);
+    L.part_o = static_cast<float*>(p.workspace);                               // [splits, tokens, q_heads, head_dim]
+    L.part_ml = reinterpret_cast<float2*>(L.part_o + rows * p.cache.head_dim);  // [splits, tokens, q_heads]
+  }
+  if (p.impl == AttentionImpl::simple)
+    dispatch_head_dim<RunSimple>(p.cache.head_dim, p, L, stream);
+  else
+    dispatch_head_dim<RunTensorCore>(p.cache.head_dim, p, L, stream);
+}
+
+}  // namespace mixserve::kernels
