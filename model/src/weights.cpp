@@ -401,6 +401,15 @@ WeightSet load_weights(const ModelSpec& full, const fs::path& path, int num_laye
         c.origin, c.tensors.size(), arch, c.tensors.empty() ? "" : c.tensors.front().first,
         names::attn(0, "q_proj")));
 
+  // Our writer records the architecture; Hugging Face checkpoints carry only {"format": "pt"}.
+  for (const auto& f : c.files) {
+    const auto it = f->metadata().find("architecture");
+    if (it != f->metadata().end() && it->second != arch)
+      throw InputError(fmt::format("{}: __metadata__.architecture: expected {}, got {} (weights "
+                                   "of another model)",
+                                   f->path().string(), arch, it->second));
+  }
+
   std::set<std::string> seen;
   for (const auto& [name, loc] : c.tensors) {
     const std::string file = loc.file->path().string();
