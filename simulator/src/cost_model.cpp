@@ -105,6 +105,7 @@ std::vector<double> skewed_load_table(const std::vector<double>& tokens, int E, 
 
 struct StageLayers {
   int dense_full = 0, dense_sliding = 0, moe_full = 0, moe_sliding = 0;
+  int moe_begin = 0;  // index of the stage's first MoE layer among the model's MoE layers
   bool first = false, last = false;
   CommGroup send;  // to the next stage
 };
@@ -129,8 +130,10 @@ class MixServeModel final : public StepCostModel {
     const auto ranges = stage_layer_ranges(m.num_layers, l.pp);
     for (int s = 0; s < l.pp; ++s) {
       StageLayers st;
+      st.moe_begin = int(moe_layer_ids_.size());
       for (int i = ranges[size_t(s)].first; i < ranges[size_t(s)].second; ++i) {
         const LayerSpec& ls = m.layers[size_t(i)];
+        if (ls.moe) moe_layer_ids_.push_back(i);
         const bool sl = ls.sliding && m.attention.sliding_window > 0;
         (ls.moe ? (sl ? st.moe_sliding : st.moe_full) : (sl ? st.dense_sliding : st.dense_full))++;
       }
@@ -149,6 +152,7 @@ class MixServeModel final : public StepCostModel {
     E_ = m.moe.num_experts;
     k_ = m.moe.top_k;
     E_local_ = E_ > 0 ? E_ / l.moe_ep : 0;
+    routing_ = opt.routing;
     if (E_ > 0) {
       c_ep_ = expected_max_std_normal(l.moe_ep);
       skewed_ = !(opt.routing.kind == "uniform" ||
@@ -165,6 +169,40 @@ class MixServeModel final : public StepCostModel {
   std::string name() const override { return "mixserve"; }
 
   StepCost step(std::span<const ReplicaBatch> per_replica, bool breakdown) const override {
+    return step_impl(per_replica, breakdown, nullptr);
+  }
+
+  MoeLoadShape moe_load_shape() const override {
+    MoeLoadShape s;
+    if (E_ <= 0 || moe_layer_ids_.empty()) return s;
+    s.num_experts = E_;
+    s.top_k = k_;
+    s.ep = l_.moe_ep;
+    s.num_moe_layers = int(moe_layer_ids_.size());
+    s.moe_layer_ids = moe_layer_ids_;
+    s.routing = routing_;
+    return s;
+  }
+
+ protected:
+  StepCost step_with_load(std::span<const ReplicaBatch> per_replica, bool breakdown,
+                          const MoeStepLoad& load) const override {
+    return step_impl(per_replica, breakdown, &load);
+  }
+
+ private:
+  // load: nullptr or empty = the expected maximum over EP ranks. Otherwise the MoE block is
+  // costed at the step's smallest and largest per-layer loads and every layer in between is
+  // interpolated linearly between the two (exact where the block's time is linear in the rows
+  // over that range: expert GEMMs past the weight-read bound, alpha-beta transfers).
+  StepCost step_impl(std::span<const ReplicaBatch> per_replica, bool breakdown,
+                     const MoeStepLoad* load) const {
+    const int n_moe = int(moe_layer_ids_.size());
+    if (load != nullptr && !load->max_over_mean.empty() && load->max_over_mean.size() != 1 &&
+        int(load->max_over_mean.size()) != n_moe)
+      throw_input_error("step", "load.max_over_mean",
+                        fmt::format("0, 1 or {} values (one per MoE layer)", n_moe),
+                        std::to_string(load->max_over_mean.size()));
     if (int(per_replica.size()) != l_.attn_dp)
       throw_input_error("step", "per_replica",
                         fmt::format("{} replica batches (attn_dp)", l_.attn_dp),
@@ -195,8 +233,26 @@ class MixServeModel final : public StepCostModel {
         if (has_sliding) pick(best_dense_slide, t_dslide, attention_block(b, true), &ffn);
       }
     }
-    Acc moe;
-    if (E_ > 0 && T_all > 0) moe = moe_block(T_all, T_max);
+    // moe_lo at load r_lo, moe_hi at r_hi; per_layer: layer l weighs (r_l - r_lo)/(r_hi - r_lo)
+    // of moe_hi and the rest of moe_lo.
+    Acc moe_lo, moe_hi;
+    const std::vector<double>* per_layer = nullptr;
+    double r_lo = 0, r_hi = 0;
+    if (E_ > 0 && T_all > 0) {
+      if (load == nullptr || load->max_over_mean.empty()) {
+        moe_lo = moe_block(T_all, T_max, ep_rows_max(T_all));
+      } else {
+        const auto [lo, hi] =
+            std::minmax_element(load->max_over_mean.begin(), load->max_over_mean.end());
+        r_lo = *lo;
+        r_hi = *hi;
+        moe_lo = moe_block(T_all, T_max, rows_at(T_all, r_lo));
+        if (r_hi > r_lo) {
+          moe_hi = moe_block(T_all, T_max, rows_at(T_all, r_hi));
+          per_layer = &load->max_over_mean;
+        }
+      }
+    }
 
     StepCost out;
     Acc total;
@@ -206,7 +262,16 @@ class MixServeModel final : public StepCostModel {
       stage.add(best_dense_slide, st.dense_sliding);
       stage.add(best_full, st.moe_full);
       stage.add(best_slide, st.moe_sliding);
-      stage.add(moe, st.moe_full + st.moe_sliding);
+      const int n_stage_moe = st.moe_full + st.moe_sliding;
+      if (per_layer == nullptr) {
+        stage.add(moe_lo, n_stage_moe);
+      } else {
+        double w_hi = 0;
+        for (int i = st.moe_begin; i < st.moe_begin + n_stage_moe; ++i)
+          w_hi += ((*per_layer)[size_t(i)] - r_lo) / (r_hi - r_lo);
+        stage.add(moe_lo, n_stage_moe - w_hi);
+        stage.add(moe_hi, w_hi);
+      }
       if (st.first && T_max > 0) {
         stage.add(embedding, timer_->memory_op(2 * T_max * h_ * act_));
         stage.add(embedding, timer_->collective(CollOp::all_reduce, g_attn_tp_, T_max * h_ * act_));
@@ -323,6 +388,14 @@ class MixServeModel final : public StepCostModel {
     return std::min(T_all, T_rep * l_.moe_tp / l_.attn_tp);
   }
 
+  // Rows of the most loaded EP rank at `max_over_mean` times the mean: at least the mean, at
+  // most every token's full top-k on one rank.
+  double rows_at(double T_all, double max_over_mean) const {
+    const double mean = T_all * k_ / l_.moe_ep;
+    if (l_.moe_ep == 1) return mean;
+    return std::clamp(max_over_mean * mean, mean, std::max(mean, T_all * std::min(k_, E_local_)));
+  }
+
   double ep_rows_max(double T_all) const {
     if (T_all <= 0) return 0;
     if (l_.moe_ep == 1) return T_all * k_;
@@ -436,10 +509,10 @@ class MixServeModel final : public StepCostModel {
     return a;
   }
 
-  Acc moe_block(double T_all, double T_rep) const {
+  // rows: routed rows of the most loaded EP rank.
+  Acc moe_block(double T_all, double T_rep, double rows) const {
     Acc a;
     const double Tg = group_tokens(T_all, T_rep);
-    const double rows = ep_rows_max(T_all);
     const double mean_rows = T_all * k_ / l_.moe_ep;
     const double imbalance = mean_rows > 0 ? rows / mean_rows : 1.0;
     const DType ed = m_.expert_weight_dtype;
@@ -566,6 +639,8 @@ class MixServeModel final : public StepCostModel {
   int E_ = 0, k_ = 0, E_local_ = 0;
   double c_ep_ = 0;
   bool skewed_ = false;
+  RoutingModel routing_;
+  std::vector<int> moe_layer_ids_;
   std::vector<double> skew_tokens_, skew_max_;
 };
 

@@ -165,4 +165,116 @@ EpLoad expected_ep_load(double total_tokens, int num_experts, int top_k, int ep,
   return out;
 }
 
+MoeLoadSampler::MoeLoadSampler(const MoeLoadShape& shape, uint64_t seed)
+    : shape_(shape), rng_(seed ^ 0x6d6f652d6c6f6164ULL) {
+  const int E = shape.num_experts, ep = shape.ep;
+  check_shape(E, shape.top_k, ep);
+  if (shape.num_moe_layers < 1)
+    throw_input_error("routing model", "num_moe_layers", "at least one MoE layer",
+                      std::to_string(shape.num_moe_layers));
+  const RoutingModel& r = shape.routing;
+  uniform_ = r.kind == "uniform" || (r.kind == "zipf" && r.skew == 0);
+  std::vector<std::vector<double>> expert_rows;
+  if (r.kind == "histogram" && !r.layer_expert_share.empty()) {
+    for (const auto& row : r.layer_expert_share) {
+      double total = 0;
+      for (double x : row) total += x;
+      RoutingModel one = r;
+      if (total > 0) one.expert_share = row;  // an all-zero row (a dense layer): the pooled shares
+      expert_rows.push_back(expert_shares(E, one));  // validates and normalises
+    }
+  } else {
+    expert_rows.push_back(expert_shares(E, r));
+  }
+  const int g = E / ep;
+  for (const auto& share : expert_rows) {
+    std::vector<double> q(size_t(ep), 0.0), cdf(size_t(ep), 0.0);
+    double acc = 0;
+    for (int k = 0; k < ep; ++k) {
+      for (int e = k * g; e < (k + 1) * g; ++e) q[size_t(k)] += share[size_t(e)];
+      acc += q[size_t(k)];
+      cdf[size_t(k)] = acc;
+    }
+    cdf.back() = 1.0;
+    rank_share_.push_back(std::move(q));
+    rank_cdf_.push_back(std::move(cdf));
+  }
+  const int rows = int(rank_share_.size());
+  int max_id = -1;
+  for (int id : shape.moe_layer_ids) max_id = std::max(max_id, id);
+  for (int i = 0; i < shape.num_moe_layers; ++i) {
+    int row = 0;
+    if (rows == shape.num_moe_layers) row = i;
+    else if (rows > max_id && i < int(shape.moe_layer_ids.size())) row = shape.moe_layer_ids[size_t(i)];
+    else row = i % rows;
+    row_of_layer_.push_back(row);
+  }
+  perm_.resize(size_t(E));
+  for (int e = 0; e < E; ++e) perm_[size_t(e)] = e;
+  counts_.resize(size_t(ep));
+  y_.resize(size_t(ep));
+}
+
+double MoeLoadSampler::clamp_ratio(double max_rows, double tokens) const {
+  const double mean = tokens * shape_.top_k / shape_.ep;
+  const double cap = tokens * std::min(shape_.top_k, shape_.num_experts / shape_.ep);
+  return std::clamp(max_rows, mean, std::max(mean, cap)) / mean;
+}
+
+void MoeLoadSampler::sample(int64_t tokens, MoeStepLoad& out) {
+  if (double(tokens) * shape_.top_k / shape_.ep < kExactMeanRows)
+    sample_exact(tokens, out);
+  else
+    sample_normal(tokens, out);
+}
+
+void MoeLoadSampler::sample_exact(int64_t tokens, MoeStepLoad& out) {
+  const int L = shape_.num_moe_layers, ep = shape_.ep, k = shape_.top_k, E = shape_.num_experts;
+  out.max_over_mean.assign(size_t(L), 1.0);
+  if (tokens <= 0 || ep == 1) return;
+  const int g = E / ep;
+  for (int l = 0; l < L; ++l) {
+    std::fill(counts_.begin(), counts_.end(), 0.0);
+    if (uniform_) {
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int j = 0; j < k; ++j) {  // partial Fisher-Yates: perm_[0..k) a uniform k-subset
+          const int pick = j + int((rng_.next() >> 32) * uint64_t(E - j) >> 32);
+          std::swap(perm_[size_t(j)], perm_[size_t(pick)]);
+          counts_[size_t(perm_[size_t(j)] / g)] += 1;
+        }
+    } else {
+      const auto& cdf = rank_cdf_[size_t(row_of_layer_[size_t(l)])];
+      const int64_t n = tokens * k;
+      for (int64_t i = 0; i < n; ++i) {
+        const double u = rng_.uniform();
+        const size_t r = size_t(std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin());
+        counts_[std::min(r, size_t(ep - 1))] += 1;
+      }
+    }
+    out.max_over_mean[size_t(l)] =
+        clamp_ratio(*std::max_element(counts_.begin(), counts_.end()), double(tokens));
+  }
+}
+
+void MoeLoadSampler::sample_normal(int64_t tokens, MoeStepLoad& out) {
+  const int L = shape_.num_moe_layers, ep = shape_.ep, k = shape_.top_k, E = shape_.num_experts;
+  out.max_over_mean.assign(size_t(L), 1.0);
+  if (tokens <= 0 || ep == 1) return;
+  const double N = double(tokens) * k;
+  const double f = uniform_ ? (E > 1 ? double(E - k) / (E - 1) : 0.0) : 1.0;
+  const double sf = std::sqrt(f);
+  for (int l = 0; l < L; ++l) {
+    const auto& q = rank_share_[size_t(row_of_layer_[size_t(l)])];
+    double sum = 0;
+    for (int r = 0; r < ep; ++r) {
+      y_[size_t(r)] = std::sqrt(N * q[size_t(r)]) * rng_.normal();
+      sum += y_[size_t(r)];
+    }
+    double mx = -1e300;
+    for (int r = 0; r < ep; ++r)
+      mx = std::max(mx, N * q[size_t(r)] + sf * (y_[size_t(r)] - q[size_t(r)] * sum));
+    out.max_over_mean[size_t(l)] = clamp_ratio(mx, double(tokens));
+  }
+}
+
 }  // namespace mixserve::sim

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/sim/moe_load.hpp"
 
 namespace mixserve::sim {
 
@@ -114,6 +115,10 @@ class Engine {
     parked_.assign(static_cast<size_t>(cfg.pp), true);
     batches_.resize(static_cast<size_t>(cfg.num_replicas));
     sched_.resize(static_cast<size_t>(cfg.num_replicas));
+    if (cfg.sample_moe_load) {
+      const MoeLoadShape shape = cm.moe_load_shape();
+      if (shape.num_experts > 0 && shape.ep > 1) sampler_.emplace(shape, cfg.moe_load_seed);
+    }
   }
 
   SimResult run() {
@@ -161,6 +166,7 @@ class Engine {
     for (int64_t c : tokens_per_second_) m.max_output_tokens_per_s =
         std::max(m.max_output_tokens_per_s, double(c));
     m.kv_blocks_per_replica = cfg_.limits.kv_blocks;
+    m.mean_moe_max_over_mean = load_samples_ > 0 ? load_sum_ / double(load_samples_) : 0;
     return std::move(res_);
   }
 
@@ -350,7 +356,15 @@ class Engine {
     }
     if (tokens == 0)
       throw RuntimeError("serving simulator: a slot with queued work formed an empty step");
-    const StepCost c = cm_.step(batches_, false);
+    StepCost c;
+    if (sampler_) {
+      sampler_->sample(tokens, load_);
+      for (double x : load_.max_over_mean) load_sum_ += x;
+      load_samples_ += static_cast<int64_t>(load_.max_over_mean.size());
+      c = cm_.step(batches_, false, load_);
+    } else {
+      c = cm_.step(batches_, false);
+    }
     if (!(c.time_us > 0))
       throw RuntimeError(fmt::format("cost model '{}' returned a step time of {} us",
                                      cm_.name(), c.time_us));
@@ -361,7 +375,9 @@ class Engine {
     busy_s_ += std::max(0.0, t_end - std::max(t_start, covered_until_));
     covered_until_ = std::max(covered_until_, t_end);
     last_end_ = std::max(last_end_, t_end);
-    if (cfg_.record_steps) res_.steps.push_back(StepRecord{t_start, c.time_us, v, batches_});
+    if (cfg_.record_steps)
+      res_.steps.push_back(StepRecord{t_start, c.time_us, v, batches_,
+                                      sampler_ ? load_.max_over_mean : std::vector<double>{}});
     ++steps_;
     step_time_sum_us_ += c.time_us;
     tokens_sum_ += tokens;
@@ -424,6 +440,10 @@ class Engine {
   std::vector<int64_t> tokens_per_second_;
   std::vector<ReplicaBatch> batches_;
   std::vector<std::vector<Scheduled>> sched_;
+  std::optional<MoeLoadSampler> sampler_;
+  MoeStepLoad load_;
+  double load_sum_ = 0;
+  int64_t load_samples_ = 0;
   SimResult res_;
 };
 
@@ -547,6 +567,7 @@ ServingConfig serving_config_for(const StepCostModel& cm, const Layout& layout,
   cfg.slo_ttft_ms = w.slo_ttft_ms;
   cfg.slo_tpot_ms = w.slo_tpot_ms;
   cfg.slo_e2el_ms = w.slo_e2el_ms;
+  cfg.moe_load_seed = w.seed;
   return cfg;
 }
 

@@ -70,6 +70,8 @@ nlohmann::json metrics_to_json(const ServingMetrics& m, const ServingConfig& cfg
   j["mixserve_busy_fraction"] = m.busy_fraction;
   j["mixserve_good_requests"] = m.good_requests;
   j["mixserve_slo_attainment"] = m.slo_attainment;
+  j["mixserve_moe_load"] = m.mean_moe_max_over_mean > 0 ? "sampled" : "expected";
+  j["mixserve_mean_moe_max_over_mean"] = m.mean_moe_max_over_mean;
   j["mixserve_slo"] = {{"ttft_ms", cfg.slo_ttft_ms}, {"tpot_ms", cfg.slo_tpot_ms},
                        {"e2el_ms", cfg.slo_e2el_ms}};
   j["mixserve_engine"] = {{"num_replicas", cfg.num_replicas},
@@ -113,7 +115,8 @@ nlohmann::json chrome_trace(const SimResult& r) {
                          {{"prefill_tokens", b.prefill_tokens},
                           {"num_prefill_seqs", b.num_prefill_seqs},
                           {"num_decode", b.num_decode},
-                          {"decode_context", b.decode_context}}}});
+                          {"decode_context", b.decode_context},
+                          {"moe_max_over_mean", s.moe_max_over_mean}}}});
     }
   }
   return {{"traceEvents", std::move(events)}, {"displayTimeUnit", "ms"}};

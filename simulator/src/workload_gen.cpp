@@ -287,6 +287,11 @@ RoutingModel routing_from_workload(const WorkloadSpec& w) {
       throw InputError(fmt::format("{}: line {}: expected {} expert counts (as on the first row), "
                                    "got {}", w.routing_file, line_no, sum.size(), row.size()));
     for (size_t e = 0; e < row.size(); ++e) sum[e] += row[e];
+    double row_total = 0;
+    for (double x : row) row_total += x;
+    if (row_total > 0)
+      for (double& x : row) x /= row_total;
+    r.layer_expert_share.push_back(std::move(row));
   }
   double total = 0;
   for (double x : sum) total += x;

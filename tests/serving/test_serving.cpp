@@ -472,9 +472,14 @@ TEST_CASE("the real cost model drives a plan's layout end to end") {
   CHECK(r.metrics.completed == 300);
   REQUIRE(!r.steps.empty());
   int64_t mismatched = 0;
-  for (size_t i = 0; i < r.steps.size(); i += 97)
-    mismatched += r.steps[i].time_us != cm->step(r.steps[i].batches, false).time_us;
+  for (size_t i = 0; i < r.steps.size(); i += 97) {
+    // Every step carries the MoE load sampled for it (26 MoE layers), and costs exactly that.
+    CHECK(r.steps[i].moe_max_over_mean.size() == 26);
+    mismatched += r.steps[i].time_us !=
+                  cm->step(r.steps[i].batches, false, MoeStepLoad{r.steps[i].moe_max_over_mean}).time_us;
+  }
   CHECK(mismatched == 0);
+  CHECK(r.metrics.mean_moe_max_over_mean > 1.0);
   CHECK(r.metrics.ttft.p90 > 0);
   CHECK(r.metrics.itl.mean > 0);
 }

@@ -37,6 +37,25 @@ struct RoutingModel {
   std::string kind = "uniform";    // "uniform" | "zipf" (power-law skew) | "histogram"
   double skew = 0;                 // zipf exponent (0 = uniform)
   std::vector<double> expert_share;// histogram: fraction of routed tokens per expert (sums to 1)
+  // histogram: the file's rows (one per layer), each normalised to sum to 1; expert_share is
+  // their pooled total. The per-step load sampler (moe_load.hpp) draws layer l from row l.
+  std::vector<std::vector<double>> layer_expert_share;
+};
+
+// A sampled MoE load for one step (moe_load.hpp MoeLoadSampler): the most loaded EP rank's
+// routed rows divided by the mean rows per rank (>= 1), one value per MoE layer in model order,
+// or a single value for every MoE layer. Empty: the model's expected maximum.
+struct MoeStepLoad {
+  std::vector<double> max_over_mean;
+};
+
+// What a per-step load sampler needs to know about a model and layout (num_experts 0: the
+// cost model has no load term, so nothing to sample).
+struct MoeLoadShape {
+  int num_experts = 0, top_k = 0, ep = 1;
+  int num_moe_layers = 0;
+  std::vector<int> moe_layer_ids;  // model layer index of each MoE layer
+  RoutingModel routing;
 };
 
 struct StepCost {
@@ -56,8 +75,23 @@ class StepCostModel {
   virtual std::string name() const = 0;
   // per_replica.size() == layout.attn_dp; replicas step together through MoE layers.
   virtual StepCost step(std::span<const ReplicaBatch> per_replica, bool breakdown) const = 0;
+  // The same step with a sampled MoE load: models with a load-imbalance term ("mixserve") cost
+  // the given most loaded EP rank per layer instead of the expected one; the others ("paper")
+  // ignore it. load.max_over_mean must be empty, of size 1, or of num_moe_layers.
+  StepCost step(std::span<const ReplicaBatch> per_replica, bool breakdown,
+                const MoeStepLoad& load) const {
+    return step_with_load(per_replica, breakdown, load);
+  }
+  // What to sample for this model and layout; num_experts 0 when the model ignores the load.
+  virtual MoeLoadShape moe_load_shape() const { return {}; }
   // Memory per GPU for these limits; fills kv_tokens / kv_blocks capacity.
   virtual MemoryBreakdown memory(const RuntimeLimits& limits) const = 0;
+
+ protected:
+  virtual StepCost step_with_load(std::span<const ReplicaBatch> per_replica, bool breakdown,
+                                  const MoeStepLoad&) const {
+    return step(per_replica, breakdown);
+  }
 };
 
 // name: "mixserve" | "paper". Throws InputError on an unknown name.

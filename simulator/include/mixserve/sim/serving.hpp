@@ -63,6 +63,11 @@ struct ServingConfig {
   // > 0: stop as soon as this many requests have missed an SLO (the capacity search's verdict
   // is already "not sustained"); the result then holds only the finished requests.
   int64_t stop_after_bad = 0;
+  // MoE load per step: true = drawn each step from the cost model's routing model for the
+  // step's token count (moe_load.hpp MoeLoadSampler, seeded with moe_load_seed), when the cost
+  // model has a load term and EP > 1; false = the cost model's expected maximum every step.
+  bool sample_moe_load = true;
+  uint64_t moe_load_seed = 0;      // serving_config_for: the workload's seed
 };
 
 // Derives the config of a plan's layout: DP replicas, PP, the limits, KV blocks from the cost
@@ -91,6 +96,7 @@ struct StepRecord {
   double start_s = 0, time_us = 0;
   int micro_batch = 0;                 // PP slot
   std::vector<ReplicaBatch> batches;   // per replica
+  std::vector<double> moe_max_over_mean;  // the sampled load per MoE layer (empty: expected)
 };
 
 struct LatencyStats {                  // milliseconds
@@ -117,6 +123,9 @@ struct ServingMetrics {
   double mean_step_time_ms = 0, mean_tokens_per_step = 0;
   double busy_fraction = 0;            // time with a step in flight / duration
   int64_t kv_blocks_per_replica = 0;
+  // Mean over steps and MoE layers of the sampled most-loaded EP rank's rows / mean rows
+  // (0 when loads were not sampled).
+  double mean_moe_max_over_mean = 0;
 };
 
 struct SimResult {
