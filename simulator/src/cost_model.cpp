@@ -34,6 +34,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -103,6 +104,54 @@ struct Acc {
 std::vector<double> skewed_load_table(const std::vector<double>& tokens, int E, int k, int ep,
                                       const RoutingModel& r);
 
+// Memoises gemm(): a profile timer looks up the nearest measured (n, k) family on every call
+// (a scan with two logs per family), and a serving simulation asks for the same few (n, k)
+// shapes at the same token counts thousands of times. Bounded (cleared past kMaxEntries);
+// a mutex keeps the const cost model safe to share between threads.
+class GemmMemoTimer final : public OpTimer {
+ public:
+  explicit GemmMemoTimer(std::unique_ptr<OpTimer> inner) : inner_(std::move(inner)) {}
+  OpTime gemm(double m, int64_t n, int64_t k, DType dtype) const override {
+    const Key key{m, n, k, int(dtype)};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = cache_.find(key);
+      if (it != cache_.end()) return it->second;
+    }
+    const OpTime t = inner_->gemm(m, n, k, dtype);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cache_.size() >= kMaxEntries) cache_.clear();
+    cache_.emplace(key, t);
+    return t;
+  }
+  OpTime expert_gemm(const ExpertGemmShape& s) const override { return inner_->expert_gemm(s); }
+  OpTime attention(const AttentionShape& s) const override { return inner_->attention(s); }
+  OpTime memory_op(double bytes) const override { return inner_->memory_op(bytes); }
+  OpTime collective(CollOp op, CommGroup g, double bytes) const override {
+    return inner_->collective(op, g, bytes);
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = size_t(1) << 16;
+  struct Key {
+    double m;
+    int64_t n, k;
+    int dtype;
+    bool operator==(const Key&) const = default;
+  };
+  struct KeyHash {
+    size_t operator()(const Key& x) const {
+      size_t h = std::hash<double>()(x.m);
+      for (const uint64_t v : {uint64_t(x.n), uint64_t(x.k), uint64_t(x.dtype)})
+        h ^= std::hash<uint64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+      return h;
+    }
+  };
+  std::unique_ptr<OpTimer> inner_;
+  mutable std::mutex mu_;
+  mutable std::unordered_map<Key, OpTime, KeyHash> cache_;
+};
+
 struct StageLayers {
   int dense_full = 0, dense_sliding = 0, moe_full = 0, moe_sliding = 0;
   int moe_begin = 0;  // index of the stage's first MoE layer among the model's MoE layers
@@ -114,7 +163,7 @@ class MixServeModel final : public StepCostModel {
  public:
   MixServeModel(const ModelSpec& m, const ClusterSpec& c, const HardwareProfile& p,
                 const Layout& l, const CostModelOptions& opt)
-      : m_(m), l_(l), timer_(make_profile_timer(p, c)) {
+      : m_(m), l_(l), timer_(std::make_unique<GemmMemoTimer>(make_profile_timer(p, c))) {
     check_layout(m, c, l);
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
     const int G = c.gpus_per_node, S = l.stage_size();
