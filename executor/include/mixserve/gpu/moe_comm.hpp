@@ -1,0 +1,123 @@
+// GPU execution of the MoE communication schedules of sim/comm_schedule.hpp over a Transport
+// (transport.hpp): the same plain structs the simulator costs and the host executor
+// (sim/host_exec.hpp) runs, so the planner costs exactly what is moved here. docs/moe-comm.md.
+//
+// FusedMoeComm — MixServe fused AG-Dispatch / RS-Combine (and rs_a2a_ag: overlap off, both legs
+// of a rank on one stream). Per rank (q, t) two streams: "inter" runs the rail rounds (pack of
+// slice t of the rows for group (q+i) mod Q, grouped send/recv) and the home scatter-adds;
+// "intra" runs round 0's copy of the group's own rows, the group all-gather of the slices
+// received in round i (after an event from the inter stream), the experts, the reduce-scatter
+// of each combine round (the inter stream waits on its event before the rail send) and the final
+// all-gather after the last scatter-add. Received rows are kept slice-major per dispatch block
+// ([T][rows_i][h/T], moe_pack.cuh) so every all-gather / reduce-scatter is one contiguous call.
+// EpMoeComm — plain EP (MoeComm::nccl_a2a): counts exchanged (one round, then a host sync that
+// sizes the receives and checks them against the schedule), one grouped send/recv of the
+// (token, expert) rows, the experts, the rows sent back, the weighted combine at home and, for
+// EpSource::split, an all-gather of the combined rows in the attention replica (grouped
+// send/recv: the ranks' token ranges are uneven).
+// Buffers are preallocated at construction from the capacity bounds (fused_capacity_rows,
+// ep_capacity_rows) of `max_tokens_per_replica`; prepare() uploads one step's index tables and
+// rejects a step above the bound. Per step: prepare, write inputs, fork, dispatch, experts,
+// combine, join. Only the ranks the transport holds are touched.
+//
+// The experts are the toy FFN of sim/host_exec.hpp (f64 only, exact arithmetic) so the GPU result
+// must equal the host executor's and reference_moe() with 0 wrong elements; with another dtype
+// the communication runs on whatever the partial-sum buffers hold (the benchmark's case).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "mixserve/gpu/runtime.hpp"
+#include "mixserve/gpu/transport.hpp"
+#include "mixserve/kernels/moe_pack.cuh"
+#include "mixserve/sim/comm_schedule.hpp"
+
+namespace mixserve::gpu {
+
+class FusedMoeComm {
+ public:
+  // Throws InputError when the geometry does not fit the fused schedule or the transport.
+  FusedMoeComm(const sim::CommGeometry& geo, int64_t max_tokens_per_replica,
+               kernels::MoeDType dtype, Transport& transport);
+  ~FusedMoeComm();
+  FusedMoeComm(const FusedMoeComm&) = delete;
+  FusedMoeComm& operator=(const FusedMoeComm&) = delete;
+
+  // overlap = false: inter and intra work of a rank on one stream (MoeComm::rs_a2a_ag).
+  void set_overlap(bool overlap) { overlap_ = overlap; }
+  bool overlap() const { return overlap_; }
+
+  // Uploads the step's tables (synchronous). The schedule must have this object's geometry and
+  // have been built from `routing` (whose token counts size the outputs); it must outlive the
+  // step. InputError when the step exceeds max_tokens_per_replica.
+  void prepare(const sim::FusedSchedule& s, std::span<const sim::ReplicaRouting> routing);
+  // Rank r's input rows, [n_q, hidden] row-major (device, dtype), and its output after combine.
+  void* input(int rank) const;
+  void* output(int rank) const;
+  // Number of tokens of rank r's replica in the prepared step.
+  int64_t num_tokens(int rank) const;
+
+  // The rank's streams wait for `main[r]` (recorded now); join: main[r] waits for both streams.
+  // main: one stream per global rank (null for ranks not held here), on the rank's device.
+  void fork(std::span<const cudaStream_t> main);
+  void join(std::span<const cudaStream_t> main);
+
+  void dispatch();
+  // The toy expert (f64 only): partial sums of every received row on the intra streams.
+  void toy_experts();
+  void combine();
+
+ private:
+  struct Rank;
+  cudaStream_t inter(int r) const;
+  cudaStream_t intra(int r) const;
+  std::vector<cudaStream_t> streams(bool inter_leg) const;
+  sim::CommGeometry geo_;
+  int64_t cap_ = 0;
+  kernels::MoeDType dtype_;
+  int eb_ = 2;
+  Transport& tr_;
+  bool overlap_ = true;
+  const sim::FusedSchedule* s_ = nullptr;
+  std::vector<std::unique_ptr<Rank>> ranks_;  // [P], null for ranks not held here
+};
+
+class EpMoeComm {
+ public:
+  EpMoeComm(const sim::CommGeometry& geo, int64_t max_tokens_per_replica, sim::EpSource source,
+            kernels::MoeDType dtype, Transport& transport);
+  ~EpMoeComm();
+  EpMoeComm(const EpMoeComm&) = delete;
+  EpMoeComm& operator=(const EpMoeComm&) = delete;
+
+  void prepare(const sim::EpSchedule& s, std::span<const sim::ReplicaRouting> routing);
+  void* input(int rank) const;   // [n_replica, hidden]
+  void* output(int rank) const;  // [n_replica, hidden]; split: full after combine's all-gather
+  int64_t num_tokens(int rank) const;
+  void fork(std::span<const cudaStream_t> main);
+  void join(std::span<const cudaStream_t> main);
+
+  // Counts round, host sync (RuntimeError when the exchanged counts differ from the
+  // schedule's), pack and the grouped send/recv of the rows.
+  void dispatch();
+  void toy_experts();  // f64 only
+  void combine();
+
+ private:
+  struct Rank;
+  std::vector<cudaStream_t> streams() const;
+  sim::CommGeometry geo_;
+  int64_t cap_ = 0;
+  sim::EpSource source_;
+  kernels::MoeDType dtype_;
+  int eb_ = 2;
+  Transport& tr_;
+  const sim::EpSchedule* s_ = nullptr;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+};
+
+}  // namespace mixserve::gpu
