@@ -300,6 +300,7 @@ StepOutput ReferenceModel::step(const std::vector<SequenceStep>& batch) {
     Mat o = attn * L.wo.transpose();
     if (L.bo.size()) o.rowwise() += L.bo.transpose();
     x += o;
+    out.attn_hidden.emplace_back(x.data(), x.data() + x.size());
 
     // FFN: MoE with softmax top-k routing (sigmoid group-limited routing would be a second
     // routing function selected here) or dense SwiGLU.

@@ -166,12 +166,12 @@ SafetensorsFile::SafetensorsFile(fs::path path) : path_(std::move(path)) {
           "{}: tensors '{}' (bytes [{}, {})) and '{}' (bytes [{}, {})) overlap", file, a.name,
           a.begin, a.end, b.name, b.begin, b.end));
   }
+  for (size_t i = 0; i < tensors_.size(); ++i) by_name_.emplace(tensors_[i].name, i);
 }
 
 const StTensorInfo* SafetensorsFile::find(std::string_view name) const {
-  for (const auto& t : tensors_)
-    if (t.name == name) return &t;
-  return nullptr;
+  const auto it = by_name_.find(std::string(name));
+  return it == by_name_.end() ? nullptr : &tensors_[it->second];
 }
 
 std::vector<uint8_t> SafetensorsFile::read(const StTensorInfo& t) const {

@@ -60,9 +60,13 @@ TEST_CASE("reference: chunked prefill equals one-shot prefill (logits and every 
     const StepOutput b = two.step({{slice(toks, 6, 10), 6, {0, 1, 2}}});
     CHECK(full.num_tokens == 10);
     CHECK(max_rel_diff(concat(a.logits, b.logits), full.logits) < kTol);
-    for (int l = 0; l < m.num_layers; ++l)
+    REQUIRE(full.attn_hidden.size() == size_t(m.num_layers));
+    for (int l = 0; l < m.num_layers; ++l) {
       CHECK(max_rel_diff(concat(a.layer_hidden[size_t(l)], b.layer_hidden[size_t(l)]),
                          full.layer_hidden[size_t(l)]) < kTol);
+      CHECK(max_rel_diff(concat(a.attn_hidden[size_t(l)], b.attn_hidden[size_t(l)]),
+                         full.attn_hidden[size_t(l)]) < kTol);
+    }
     // The reference is not trivially zero.
     double mx = 0.0;
     for (double v : full.logits) mx = std::max(mx, std::fabs(v));
@@ -305,7 +309,7 @@ TEST_CASE("reference: hand-computed 1-layer tiny model") {
     k[size_t(t)] = rope(matvec(W("model.layers.0.self_attn.k_proj.weight"), xn), t);
     v[size_t(t)] = matvec(W("model.layers.0.self_attn.v_proj.weight"), xn);
   }
-  std::vector<double> expect_hidden, expect_logits;
+  std::vector<double> expect_attn, expect_hidden, expect_logits;
   std::vector<int32_t> expect_ids;
   for (int t = 0; t < 2; ++t) {
     std::vector<double> s(size_t(t + 1));
@@ -323,6 +327,7 @@ TEST_CASE("reference: hand-computed 1-layer tiny model") {
     const auto o = matvec(W("model.layers.0.self_attn.o_proj.weight"), att);
     std::vector<double> h(4);
     for (int i = 0; i < 4; ++i) h[size_t(i)] = x[size_t(t)][size_t(i)] + o[size_t(i)];
+    expect_attn.insert(expect_attn.end(), h.begin(), h.end());
     const auto hn = rms(h, W("model.layers.0.post_attention_layernorm.weight"));
     const auto lg = matvec(W("model.layers.0.block_sparse_moe.gate.weight"), hn);
     const double p0 = 1.0 / (1.0 + std::exp(lg[1] - lg[0]));  // softmax over two experts
@@ -344,6 +349,7 @@ TEST_CASE("reference: hand-computed 1-layer tiny model") {
   ReferenceModel r(w, KVCacheConfig{2, 3});
   const StepOutput out = r.step({{toks, 0, {2}}});
   CHECK(out.topk_ids[0] == expect_ids);
+  CHECK(max_rel_diff(out.attn_hidden[0], expect_attn) < kTol);
   CHECK(max_rel_diff(out.layer_hidden[0], expect_hidden) < kTol);
   CHECK(max_rel_diff(out.logits, expect_logits) < kTol);
   // Token 1 attends to token 0: its output depends on it (the test is not vacuous).

@@ -40,8 +40,11 @@ struct StepOutput {
   int64_t num_tokens = 0;             // rows, sequences in batch order, tokens in order
   std::vector<int64_t> seq_offsets;   // first row of each sequence; size = batch + 1
   std::vector<double> logits;         // [num_tokens, vocab]
-  std::vector<std::vector<double>> layer_hidden;  // [num_layers][num_tokens, hidden]: residual
-                                                  // stream after each layer
+  // Residual stream [num_layers][num_tokens, hidden] after each layer's attention block
+  // (x + attn(x)) and after the whole layer: compare the GPU layer by layer, and within a layer
+  // tell attention from FFN errors.
+  std::vector<std::vector<double>> attn_hidden;
+  std::vector<std::vector<double>> layer_hidden;
   // Routing per MoE layer ([num_tokens, top_k], in descending weight); empty for dense layers.
   std::vector<std::vector<int32_t>> topk_ids;
   std::vector<std::vector<double>> topk_weights;

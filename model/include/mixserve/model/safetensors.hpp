@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace mixserve::model {
@@ -64,6 +65,7 @@ class SafetensorsFile {
   std::filesystem::path path_;
   uint64_t data_start_ = 0;  // 8 + header length
   std::vector<StTensorInfo> tensors_;
+  std::unordered_map<std::string, size_t> by_name_;
   std::map<std::string, std::string> metadata_;
 };
 
