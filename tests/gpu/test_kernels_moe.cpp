@@ -1,0 +1,911 @@
+// GPU tests of the MoE layer kernels (rmsnorm, rope, router, permute, swiglu, combine) against the
+// float64 CPU references in ref_moe_kernels.hpp (STYLE.md §12-13): fresh seeded random inputs,
+// outputs poisoned before every run (bf16/fp32 NaN, int32 0x7f7f7f7f), awkward sizes (0, 1,
+// primes, widths that are not multiples of the 8-element vector, misaligned pointers) and the
+// real model shapes (Qwen3-30B-A3B, Mixtral-8x7B, OLMoE, gpt-oss, DeepSeek-V3). Index outputs
+// (top-k ids, permute maps, gathered rows) must match exactly: 0 wrong.
+// The benchmark (achieved GB/s vs the device copy measured in the same run) is the test case
+// "bench: ..." marked skip; run it with: test_gpu_kernels --no-skip -tc="bench*"
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/gpu/timing.hpp"
+#include "mixserve/kernels/combine.cuh"
+#include "mixserve/kernels/permute.cuh"
+#include "mixserve/kernels/rmsnorm.cuh"
+#include "mixserve/kernels/rope.cuh"
+#include "mixserve/kernels/router.cuh"
+#include "mixserve/kernels/swiglu.cuh"
+#include "ref_moe_kernels.hpp"
+#include "reference.hpp"
+
+using namespace mixserve;
+using namespace mixserve::test;
+using kernels::RouterScoring;
+using bf16 = __nv_bfloat16;
+
+namespace {
+
+// bf16 outputs: one rounding to bf16 (unit roundoff 2^-9 = 2e-3 per element, ~1e-3 norm-wise for
+// random data), bf16 inputs read exactly, fp32 accumulation (<= 16384 terms: ~1e-4 at worst);
+// the residual path rounds the sum once more before normalising. 1e-2 leaves margin, while any
+// indexing, layout or formula error gives O(1).
+constexpr double kTolBf16Out = 1e-2;
+// fp32 router weights: exp and the division within a few ulp, the softmax denominator a sum of
+// <= 256 fp32 terms (worst-case bound 256 * 2^-24 = 1.5e-5, typical sqrt of that); 3e-5 bounds it.
+constexpr double kTolRouterWeights = 3e-5;
+// Router selection scores computed in fp32 (sigmoid + bias, group sums of two): within ~1e-6 of
+// the float64 value for scores below 4 (a few ulp of 4.8e-7). Decisions closer than this are
+// genuine near-ties that either order resolves correctly; those tokens are not compared.
+constexpr double kRouterTieMargin = 4e-6;
+
+int device() {
+  int d = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&d));
+  return d;
+}
+
+// A device buffer of n elements (at least 16 bytes, so a zero-size case still gets a pointer).
+struct Dev {
+  gpu::DeviceBuffer buf;
+  explicit Dev(std::size_t bytes) : buf(std::max<std::size_t>(bytes, 16)) {}
+  void* get() const { return buf.get(); }
+  template <class T> T* as() const { return buf.as<T>(); }
+  void poison() const { MIXSERVE_CUDA_CHECK(cudaMemset(buf.get(), 0xff, buf.bytes())); }       // bf16/fp32 NaN
+  void poison_int() const { MIXSERVE_CUDA_CHECK(cudaMemset(buf.get(), 0x7f, buf.bytes())); }   // int32 0x7f7f7f7f
+};
+
+std::vector<bf16> rand_bf16(std::size_t n, uint64_t seed, float lo, float hi) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<bf16> v(n);
+  for (auto& x : v) x = __float2bfloat16_rn(d(rng));
+  return v;
+}
+std::vector<float> rand_f32(std::size_t n, uint64_t seed, float lo, float hi) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+bool is_nan_bits(const bf16& v) {
+  uint16_t b;
+  std::memcpy(&b, &v, 2);
+  return b == 0xffff;
+}
+uint16_t bits(const bf16& v) {
+  uint16_t b;
+  std::memcpy(&b, &v, 2);
+  return b;
+}
+
+void sync() { MIXSERVE_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+// Runs `f` and checks it throws InputError whose message contains `needle`.
+template <class F>
+void check_rejects(F&& f, const std::string& needle) {
+  bool thrown = false;
+  try {
+    f();
+  } catch (const InputError& e) {
+    thrown = true;
+    INFO("message: " << e.what());
+    CHECK(std::string(e.what()).find(needle) != std::string::npos);
+  }
+  INFO("expected an InputError containing '" << needle << "'");
+  CHECK(thrown);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+TEST_CASE("rmsnorm: float64 reference, with and without the residual add, awkward sizes and QK-norm") {
+  struct Case {
+    int64_t rows;
+    int width;
+    bool residual;
+    int misalign;  // elements added to every pointer (1: not 16-byte aligned, scalar path)
+  };
+  const std::vector<Case> cases = {
+      {0, 2048, true, 0},    {1, 2048, false, 0},  {1, 2048, true, 0},    {7, 2048, true, 0},
+      {131, 4096, true, 0},  {3, 1000, false, 0},  {5, 7, true, 0},       {13, 129, false, 0},
+      {1, 7168, true, 0},    {64, 8192, true, 0},  {2, 16384, false, 0},  {11, 2048, true, 1},
+      {7 * 32, 128, false, 0} /* QK-norm: Qwen3 q heads of 7 tokens */, {131 * 4, 128, false, 0},
+      {1, 1, false, 0},      {37, 512, true, 0},   {37, 520, true, 0}};
+  uint64_t seed = 1000;
+  for (const auto& c : cases) {
+    INFO("rows=" << c.rows << " width=" << c.width << " residual=" << c.residual << " misalign=" << c.misalign);
+    const std::size_t n = c.rows * c.width, pad = c.misalign;
+    const auto x = rand_bf16(n, ++seed, -2.0f, 2.0f), r = rand_bf16(n, ++seed, -2.0f, 2.0f);
+    const auto w = rand_bf16(c.width, ++seed, 0.5f, 1.5f);
+    Dev dx((n + pad) * 2), dr((n + pad) * 2), dro((n + pad) * 2), dw((c.width + pad) * 2), dout((n + pad) * 2);
+    upload(dx.as<bf16>() + pad, x);
+    upload(dr.as<bf16>() + pad, r);
+    upload(dw.as<bf16>() + pad, w);
+    dout.poison();
+    dro.poison();
+    kernels::RmsNormParams p;
+    p.x = dx.as<bf16>() + pad;
+    p.residual = c.residual ? dr.as<bf16>() + pad : nullptr;
+    p.residual_out = c.residual ? dro.as<bf16>() + pad : nullptr;
+    p.weight = dw.as<bf16>() + pad;
+    p.out = dout.as<bf16>() + pad;
+    p.num_rows = c.rows;
+    p.width = c.width;
+    p.eps = 1e-6f;
+    REQUIRE(kernels::is_supported(p, device()));
+    kernels::launch_rmsnorm(p, nullptr);
+    sync();
+    if (n == 0) continue;
+    const auto ref = moe_ref::rmsnorm(to_double(x), c.residual ? to_double(r) : std::vector<double>{}, to_double(w),
+                                      c.rows, c.width, 1e-6);
+    const auto got = to_double(download<bf16>(p.out, n));
+    REQUIRE(norm(ref.out) > 0);
+    CHECK(all_finite(got));
+    const double err = rel_error(got, ref.out);
+    INFO("rel error out " << err);
+    CHECK(err < kTolBf16Out);
+    if (c.residual) {
+      const auto got_r = to_double(download<bf16>(p.residual_out, n));
+      CHECK(all_finite(got_r));
+      CHECK(rel_error(got_r, ref.residual_out) < kTolBf16Out);
+    }
+  }
+}
+
+TEST_CASE("rmsnorm: in place (out = x, residual_out = residual) matches the out-of-place result") {
+  const int64_t rows = 131;
+  const int width = 2048;
+  const std::size_t n = rows * width;
+  const auto x = rand_bf16(n, 77, -2, 2), r = rand_bf16(n, 78, -2, 2), w = rand_bf16(width, 79, 0.5f, 1.5f);
+  Dev dx(n * 2), dr(n * 2), dw(width * 2), dout(n * 2), dro(n * 2);
+  upload(dx.as<bf16>(), x);
+  upload(dr.as<bf16>(), r);
+  upload(dw.as<bf16>(), w);
+  kernels::RmsNormParams p{dx.as<bf16>(), dr.as<bf16>(), dro.as<bf16>(), dw.as<bf16>(), dout.as<bf16>(), rows, width, 1e-6f};
+  kernels::launch_rmsnorm(p, nullptr);
+  sync();
+  const auto want_out = download<bf16>(dout.get(), n), want_res = download<bf16>(dro.get(), n);
+  p.out = dx.as<bf16>();
+  p.residual_out = dr.as<bf16>();
+  kernels::launch_rmsnorm(p, nullptr);
+  sync();
+  const auto got_out = download<bf16>(dx.get(), n), got_res = download<bf16>(dr.get(), n);
+  int64_t wrong = 0;
+  for (std::size_t i = 0; i < n; ++i) wrong += bits(got_out[i]) != bits(want_out[i]) || bits(got_res[i]) != bits(want_res[i]);
+  CHECK(wrong == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST_CASE("rope: float64 reference, model shapes, partial rotary, strided fused qkv, mixed positions") {
+  struct Case {
+    const char* name;
+    int64_t tokens;
+    int hq, hkv, head_dim, rotary_dim;
+    float theta;
+    bool fused_qkv;  // q and k inside one [tokens, (hq + 2 hkv) * head_dim] buffer
+    bool with_k;
+  };
+  const std::vector<Case> cases = {
+      {"qwen3-30b-a3b", 0, 32, 4, 128, 128, 1e6f, false, true},  {"qwen3-30b-a3b", 1, 32, 4, 128, 128, 1e6f, false, true},
+      {"qwen3-30b-a3b", 131, 32, 4, 128, 128, 1e6f, true, true}, {"mixtral-8x7b", 7, 32, 8, 128, 128, 1e6f, false, true},
+      {"olmoe", 13, 16, 16, 128, 128, 1e4f, true, true},         {"partial 64/32", 7, 8, 2, 64, 32, 1e4f, false, true},
+      {"head 256 rot 64", 5, 4, 1, 256, 64, 1e4f, false, true},  {"head 80 (odd vec)", 3, 5, 1, 80, 80, 1e4f, true, true},
+      {"q only, 1 head", 1, 1, 0, 2, 2, 500.0f, false, false},   {"head 256 full", 2, 2, 2, 256, 256, 1e6f, false, true}};
+  uint64_t seed = 2000;
+  for (const auto& c : cases) {
+    INFO(c.name << " tokens=" << c.tokens << " hq=" << c.hq << " hkv=" << c.hkv << " head_dim=" << c.head_dim
+                << " rotary_dim=" << c.rotary_dim << " fused=" << c.fused_qkv);
+    const int64_t qw = int64_t(c.hq) * c.head_dim, kw = int64_t(c.hkv) * c.head_dim;
+    const int64_t qs = c.fused_qkv ? qw + 2 * kw : qw, ks = c.fused_qkv ? qw + 2 * kw : kw;
+    const std::size_t nq = c.tokens * qs, nk = c.fused_qkv ? 0 : c.tokens * ks;
+    const auto q0 = rand_bf16(nq, ++seed, -2, 2), k0 = rand_bf16(nk, ++seed, -2, 2);
+    // Mixed batch: a prefill run 0..n-1 for the first half, decode positions up to 2^17 after.
+    std::mt19937_64 rng(++seed);
+    std::vector<int32_t> pos(c.tokens);
+    for (int64_t t = 0; t < c.tokens; ++t) pos[t] = t < c.tokens / 2 ? int32_t(t) : int32_t(rng() % 131072);
+    Dev dq(nq * 2), dk(nk * 2), dpos(c.tokens * 4);
+    upload(dq.as<bf16>(), q0);
+    upload(dk.as<bf16>(), k0);
+    upload(dpos.as<int32_t>(), pos);
+    kernels::RopeParams p;
+    p.q = dq.as<bf16>();
+    p.k = !c.with_k ? nullptr : c.fused_qkv ? dq.as<bf16>() + qw : dk.as<bf16>();
+    p.positions = dpos.as<int32_t>();
+    p.num_tokens = c.tokens;
+    p.num_q_heads = c.hq;
+    p.num_kv_heads = c.hkv;
+    p.head_dim = c.head_dim;
+    p.rotary_dim = c.rotary_dim;
+    p.theta = c.theta;
+    p.q_token_stride = c.fused_qkv ? qs : 0;
+    p.k_token_stride = c.fused_qkv ? ks : 0;
+    REQUIRE(kernels::is_supported(p, device()));
+    kernels::launch_rope(p, nullptr);
+    sync();
+    if (c.tokens == 0) continue;
+    // Reference on the same buffers; in the fused case k lives inside q's buffer at offset qw.
+    auto refq = to_double(q0);
+    moe_ref::rope(refq, c.tokens, qs, c.hq, c.head_dim, c.rotary_dim, c.theta, pos);
+    auto refk = to_double(k0);
+    if (c.with_k && c.fused_qkv) {
+      std::vector<double> tail(refq.begin() + qw, refq.end());
+      moe_ref::rope(tail, c.tokens, qs, c.hkv, c.head_dim, c.rotary_dim, c.theta, pos);
+      std::copy(tail.begin(), tail.end(), refq.begin() + qw);
+    } else if (c.with_k) {
+      moe_ref::rope(refk, c.tokens, ks, c.hkv, c.head_dim, c.rotary_dim, c.theta, pos);
+    }
+    const auto gotq = download<bf16>(dq.get(), nq), gotk = download<bf16>(dk.get(), nk);
+    // Rotated elements against the reference; all others (past rotary_dim, the v part) unchanged bit for bit.
+    std::vector<double> got_rot, ref_rot;
+    int64_t changed = 0;
+    auto sweep = [&](const std::vector<bf16>& got, const std::vector<bf16>& in, const std::vector<double>& ref,
+                     int64_t stride, int64_t first_head_off, int heads) {
+      for (int64_t t = 0; t < c.tokens; ++t)
+        for (int64_t col = 0; col < stride; ++col) {
+          const int64_t rel = col - first_head_off;
+          const bool rotated = rel >= 0 && rel < int64_t(heads) * c.head_dim && rel % c.head_dim < c.rotary_dim;
+          const std::size_t i = t * stride + col;
+          if (rotated) {
+            got_rot.push_back(double(__bfloat162float(got[i])));
+            ref_rot.push_back(ref[i]);
+          } else if (bits(got[i]) != bits(in[i])) {
+            ++changed;
+          }
+        }
+    };
+    if (c.fused_qkv) {
+      // q heads [0, qw) and k heads [qw, qw + kw) rotate; sweep once with both as one run of heads.
+      sweep(gotq, q0, refq, qs, 0, c.hq + (c.with_k ? c.hkv : 0));
+    } else {
+      sweep(gotq, q0, refq, qs, 0, c.hq);
+      if (c.with_k) sweep(gotk, k0, refk, ks, 0, c.hkv);
+    }
+    REQUIRE(norm(ref_rot) > 0);
+    CHECK(all_finite(got_rot));
+    const double err = rel_error(got_rot, ref_rot);
+    INFO("rel error " << err << ", untouched elements changed " << changed);
+    CHECK(err < kTolBf16Out);
+    CHECK(changed == 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+namespace {
+struct RouterCase {
+  const char* name;
+  int64_t tokens;
+  int E, k;
+  RouterScoring scoring;
+  bool renorm;
+  float scaling;
+  int groups, topk_groups;
+  bool bias;
+  float lo, hi;  // logit range; a coarse grid (step) makes exact ties
+  float step;
+};
+
+void run_router_case(const RouterCase& c, uint64_t seed) {
+  INFO(c.name << " tokens=" << c.tokens << " E=" << c.E << " k=" << c.k << " scoring=" << kernels::to_string(c.scoring)
+              << " renorm=" << c.renorm << " scaling=" << c.scaling << " groups=" << c.groups << "/" << c.topk_groups
+              << " bias=" << c.bias << " seed=" << seed);
+  auto logits = rand_f32(c.tokens * c.E, seed, c.lo, c.hi);
+  if (c.step > 0)
+    for (auto& v : logits) v = std::round(v / c.step) * c.step;
+  const auto bias = c.bias ? rand_f32(c.E, seed + 1, -0.5f, 0.5f) : std::vector<float>{};
+  Dev dl(logits.size() * 4), db(bias.size() * 4), dids(c.tokens * c.k * 4), dw(c.tokens * c.k * 4);
+  upload(dl.as<float>(), logits);
+  upload(db.as<float>(), bias);
+  dids.poison_int();
+  dw.poison();
+  kernels::RouterParams p;
+  p.logits = dl.as<float>();
+  p.correction_bias = c.bias ? db.as<float>() : nullptr;
+  p.topk_ids = dids.as<int32_t>();
+  p.topk_weights = dw.as<float>();
+  p.num_tokens = c.tokens;
+  p.num_experts = c.E;
+  p.top_k = c.k;
+  p.scoring = c.scoring;
+  p.renormalize = c.renorm;
+  p.routed_scaling = c.scaling;
+  p.num_groups = c.groups;
+  p.topk_groups = c.topk_groups;
+  REQUIRE(kernels::is_supported(p, device()));
+  kernels::launch_router(p, nullptr);
+  sync();
+  if (c.tokens == 0) return;
+  const auto ref = moe_ref::router(logits, bias, p);
+  const auto ids = download<int32_t>(dids.get(), c.tokens * c.k);
+  const auto w = download<float>(dw.get(), c.tokens * c.k);
+  int64_t wrong = 0, compared = 0, bad_ids = 0;
+  std::vector<double> got_w, ref_w;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    std::set<int32_t> distinct;
+    for (int j = 0; j < c.k; ++j) {
+      const int32_t id = ids[t * c.k + j];
+      bad_ids += id < 0 || id >= c.E;
+      distinct.insert(id);
+    }
+    bad_ids += int64_t(distinct.size()) != c.k;
+    if (ref.margin[t] < kRouterTieMargin) continue;  // a genuine near-tie in fp32: either order is right
+    ++compared;
+    for (int j = 0; j < c.k; ++j) {
+      wrong += ids[t * c.k + j] != ref.ids[t * c.k + j];
+      got_w.push_back(w[t * c.k + j]);
+      ref_w.push_back(ref.weights[t * c.k + j]);
+    }
+  }
+  INFO("wrong ids " << wrong << ", invalid/duplicate " << bad_ids << ", tokens compared " << compared << "/" << c.tokens);
+  CHECK(bad_ids == 0);
+  CHECK(wrong == 0);
+  CHECK(compared * 10 >= c.tokens * 9);
+  REQUIRE(norm(ref_w) > 0);
+  CHECK(all_finite(got_w));
+  const double err = rel_error(got_w, ref_w);
+  INFO("weights rel error " << err);
+  CHECK(err < kTolRouterWeights);
+}
+}  // namespace
+
+TEST_CASE("router: top-k ids exact and weights vs float64 for every model's scoring rule") {
+  using S = RouterScoring;
+  const std::vector<RouterCase> shapes = {
+      {"qwen3-30b-a3b", 0, 128, 8, S::softmax_topk, true, 1.0f, 1, 1, false, -4, 4, 0},
+      {"mixtral-8x7b", 0, 8, 2, S::softmax_topk, true, 1.0f, 1, 1, false, -4, 4, 0},
+      {"olmoe / qwen2-57b (no renorm)", 0, 64, 8, S::softmax_topk, false, 1.0f, 1, 1, false, -4, 4, 0},
+      {"gpt-oss-120b (top-k then softmax)", 0, 128, 4, S::topk_softmax, false, 1.0f, 1, 1, false, -4, 4, 0},
+      {"deepseek-v3 (sigmoid, bias, 8 groups keep 4)", 0, 256, 8, S::sigmoid, true, 2.5f, 8, 4, true, -4, 4, 0},
+      {"sigmoid no bias no groups", 0, 256, 8, S::sigmoid, false, 1.0f, 1, 1, false, -4, 4, 0},
+      {"sigmoid groups without bias", 0, 64, 6, S::sigmoid, true, 1.0f, 4, 2, false, -4, 4, 0},
+      {"E=200 in 8 groups of 25 keep 3", 0, 200, 8, S::sigmoid, true, 1.0f, 8, 3, true, -4, 4, 0},
+      {"E=7 k=3", 0, 7, 3, S::softmax_topk, false, 1.0f, 1, 1, false, -4, 4, 0},
+      {"E=1 k=1", 0, 1, 1, S::softmax_topk, true, 1.0f, 1, 1, false, -4, 4, 0},
+      {"E=33 k=5 sigmoid+bias", 0, 33, 5, S::sigmoid, true, 1.0f, 1, 1, true, -4, 4, 0},
+      {"E=97 k=8 topk_softmax", 0, 97, 8, S::topk_softmax, false, 1.0f, 1, 1, false, -4, 4, 0},
+      // Exact ties everywhere (logits on a grid of 1): the lower id must win, as in the reference.
+      {"ties: qwen3 grid", 0, 128, 8, S::softmax_topk, true, 1.0f, 1, 1, false, -2, 2, 1.0f},
+      {"ties: E=256 sigmoid grid", 0, 256, 8, S::sigmoid, false, 1.0f, 1, 1, false, -2, 2, 1.0f},
+      {"ties: gpt-oss grid", 0, 128, 4, S::topk_softmax, false, 1.0f, 1, 1, false, -2, 2, 0.5f},
+  };
+  uint64_t seed = 3000;
+  for (const int64_t tokens : {int64_t(0), int64_t(1), int64_t(7), int64_t(131), int64_t(1000)})
+    for (auto c : shapes) {
+      c.tokens = tokens;
+      run_router_case(c, seed += 7);
+    }
+}
+
+TEST_CASE("router: all-equal logits give ids 0..k-1 and equal weights") {
+  const int64_t tokens = 5;
+  for (const auto& [E, k] : std::vector<std::pair<int, int>>{{128, 8}, {8, 2}, {256, 8}, {1, 1}}) {
+    INFO("E=" << E << " k=" << k);
+    std::vector<float> logits(tokens * E, 0.25f);
+    Dev dl(logits.size() * 4), dids(tokens * k * 4), dw(tokens * k * 4);
+    upload(dl.as<float>(), logits);
+    dids.poison_int();
+    dw.poison();
+    kernels::RouterParams p;
+    p.logits = dl.as<float>();
+    p.topk_ids = dids.as<int32_t>();
+    p.topk_weights = dw.as<float>();
+    p.num_tokens = tokens;
+    p.num_experts = E;
+    p.top_k = k;
+    p.renormalize = false;
+    kernels::launch_router(p, nullptr);
+    sync();
+    const auto ids = download<int32_t>(dids.get(), tokens * k);
+    const auto w = download<float>(dw.get(), tokens * k);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int j = 0; j < k; ++j) {
+        CHECK(ids[t * k + j] == j);
+        CHECK(w[t * k + j] == doctest::Approx(1.0 / E).epsilon(1e-6));
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+namespace {
+struct PermuteCase {
+  const char* name;
+  int64_t tokens;
+  int k, E;
+  int64_t hidden;  // 0: no x (index maps only)
+  int id_range;    // ids drawn from [0, id_range) (> E: some dropped), distinct per token
+  bool minus_one;  // some ids are -1
+};
+
+void run_permute_case(const PermuteCase& c, uint64_t seed) {
+  INFO(c.name << " tokens=" << c.tokens << " k=" << c.k << " E=" << c.E << " hidden=" << c.hidden
+              << " id_range=" << c.id_range << " seed=" << seed);
+  const int64_t pairs = c.tokens * c.k;
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> ids(pairs);
+  std::vector<int32_t> pool(c.id_range);
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    std::iota(pool.begin(), pool.end(), 0);
+    for (int j = 0; j < c.k; ++j) {  // partial Fisher-Yates: k distinct ids per token
+      const int pick = j + int(rng() % uint64_t(c.id_range - j));
+      std::swap(pool[j], pool[pick]);
+      ids[t * c.k + j] = pool[j];
+      if (c.minus_one && rng() % 5 == 0) ids[t * c.k + j] = -1;
+    }
+  }
+  const auto x = rand_bf16(c.tokens * c.hidden, seed + 1, -2, 2);
+  Dev dids(pairs * 4), dx(x.size() * 2), dpx(pairs * c.hidden * 2), dcnt(c.E * 4), doff((c.E + 1) * 4),
+      dslot(pairs * 4), dtok(pairs * 4), dws(kernels::permute_workspace_bytes(c.tokens, c.k, c.E));
+  upload(dids.as<int32_t>(), ids);
+  upload(dx.as<bf16>(), x);
+  for (const Dev* d : {&dcnt, &doff, &dslot, &dtok, &dws}) d->poison_int();
+  dpx.poison();
+  kernels::PermuteParams p;
+  p.topk_ids = dids.as<int32_t>();
+  p.x = c.hidden > 0 ? dx.as<bf16>() : nullptr;
+  p.permuted_x = c.hidden > 0 ? dpx.as<bf16>() : nullptr;
+  p.expert_counts = dcnt.as<int32_t>();
+  p.expert_offsets = doff.as<int32_t>();
+  p.slot_row = dslot.as<int32_t>();
+  p.permuted_token = dtok.as<int32_t>();
+  p.workspace = dws.as<void>();
+  p.workspace_bytes = dws.buf.bytes();
+  p.num_tokens = c.tokens;
+  p.top_k = c.k;
+  p.num_experts = c.E;
+  p.hidden = c.hidden;
+  REQUIRE(kernels::is_supported(p, device()));
+  kernels::launch_permute(p, nullptr);
+  sync();
+  const auto ref = moe_ref::permute(ids, c.tokens, c.k, c.E);
+  const auto cnt = download<int32_t>(dcnt.get(), c.E), off = download<int32_t>(doff.get(), c.E + 1);
+  const auto slot = download<int32_t>(dslot.get(), pairs), tok = download<int32_t>(dtok.get(), pairs);
+  int64_t wrong_cnt = 0, wrong_off = 0, wrong_slot = 0, wrong_tok = 0, wrong_x = 0;
+  for (int e = 0; e < c.E; ++e) wrong_cnt += cnt[e] != ref.counts[e];
+  for (int e = 0; e <= c.E; ++e) wrong_off += off[e] != ref.offsets[e];
+  for (int64_t i = 0; i < pairs; ++i) {
+    wrong_slot += slot[i] != ref.slot_row[i];
+    wrong_tok += tok[i] != ref.permuted_token[i];
+  }
+  if (c.hidden > 0 && pairs > 0) {
+    const auto px = download<bf16>(dpx.get(), pairs * c.hidden);
+    for (int64_t r = 0; r < ref.offsets[c.E]; ++r)
+      for (int64_t h = 0; h < c.hidden; ++h)
+        wrong_x += bits(px[r * c.hidden + h]) != bits(x[ref.permuted_token[r] * c.hidden + h]);
+    for (int64_t r = ref.offsets[c.E]; r < pairs; ++r)  // rows past the routed ones stay untouched
+      for (int64_t h = 0; h < c.hidden; ++h) wrong_x += !is_nan_bits(px[r * c.hidden + h]);
+  }
+  INFO("wrong: counts " << wrong_cnt << " offsets " << wrong_off << " slot_row " << wrong_slot << " permuted_token "
+                        << wrong_tok << " permuted_x " << wrong_x << "; routed " << ref.offsets[c.E] << "/" << pairs);
+  CHECK(wrong_cnt == 0);
+  CHECK(wrong_off == 0);
+  CHECK(wrong_slot == 0);
+  CHECK(wrong_tok == 0);
+  CHECK(wrong_x == 0);
+}
+}  // namespace
+
+TEST_CASE("permute: device-side counts, offsets, stable expert-contiguous order and gather, exact") {
+  const std::vector<PermuteCase> cases = {
+      {"qwen3-30b-a3b", 0, 8, 128, 2048, 128, false},
+      {"qwen3-30b-a3b", 1, 8, 128, 2048, 128, false},
+      {"mixtral-8x7b", 7, 2, 8, 4096, 8, false},
+      {"qwen3-30b-a3b", 131, 8, 128, 2048, 128, false},
+      {"odd hidden", 131, 8, 256, 7, 256, false},
+      {"many chunks (prefill)", 4099, 8, 128, 2048, 128, false},
+      {"skew: 9 hot experts of 128", 3001, 8, 128, 0, 9, false},
+      {"deepseek-v3 E=256", 257, 8, 256, 0, 256, false},
+      {"EP: half the ids not local, some -1", 1000, 8, 64, 129, 128, true},
+      {"E=1 k=1", 13, 1, 1, 16, 1, false},
+      {"E=1024", 131, 8, 1024, 0, 1024, false},
+      {"one hot expert", 2500, 1, 64, 24, 1, false},
+  };
+  uint64_t seed = 4000;
+  for (const auto& c : cases) run_permute_case(c, seed += 11);
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST_CASE("swiglu: float64 reference (gate = first half), awkward sizes, device row count") {
+  struct Case {
+    int64_t rows, inter;
+    int misalign;
+    int32_t device_rows;  // < 0: no device row count
+  };
+  const std::vector<Case> cases = {{0, 768, 0, -1},    {1, 768, 0, -1},     {7, 768, 0, -1},   {131 * 8, 768, 0, -1},
+                                   {3, 14336, 0, -1},  {5, 7, 0, -1},       {13, 1, 0, -1},    {17, 768, 1, -1},
+                                   {100, 768, 0, 37},  {100, 129, 0, 0},    {64, 1408, 0, 64}, {131, 2048, 0, -1}};
+  uint64_t seed = 5000;
+  for (const auto& c : cases) {
+    INFO("rows=" << c.rows << " inter=" << c.inter << " misalign=" << c.misalign << " device_rows=" << c.device_rows);
+    const std::size_t nin = c.rows * 2 * c.inter, nout = c.rows * c.inter, pad = c.misalign;
+    const auto gu = rand_bf16(nin, ++seed, -4, 4);
+    Dev dgu((nin + pad) * 2), dout((nout + pad) * 2), dn(4);
+    upload(dgu.as<bf16>() + pad, gu);
+    upload(dn.as<int32_t>(), std::vector<int32_t>{c.device_rows});
+    dout.poison();
+    kernels::SwigluParams p;
+    p.gate_up = dgu.as<bf16>() + pad;
+    p.out = dout.as<bf16>() + pad;
+    p.num_rows = c.rows;
+    p.inter = c.inter;
+    p.num_rows_device = c.device_rows >= 0 ? dn.as<int32_t>() : nullptr;
+    REQUIRE(kernels::is_supported(p, device()));
+    kernels::launch_swiglu(p, nullptr);
+    sync();
+    if (nout == 0) continue;
+    const int64_t live = c.device_rows >= 0 ? std::min<int64_t>(c.rows, c.device_rows) : c.rows;
+    const auto got_all = download<bf16>(p.out, nout);
+    int64_t touched = 0;
+    for (std::size_t i = live * c.inter; i < nout; ++i) touched += !is_nan_bits(got_all[i]);
+    INFO("rows past the device count written: " << touched);
+    CHECK(touched == 0);
+    if (live == 0) continue;
+    const auto ref = moe_ref::swiglu(to_double(gu), live, c.inter);
+    const auto got = to_double(std::vector<bf16>(got_all.begin(), got_all.begin() + live * c.inter));
+    REQUIRE(norm(ref) > 0);
+    CHECK(all_finite(got));
+    const double err = rel_error(got, ref);
+    INFO("rel error " << err);
+    CHECK(err < kTolBf16Out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST_CASE("combine: float64 reference, shared expert with and without gate, dropped slots, deterministic") {
+  struct Case {
+    int64_t tokens;
+    int k;
+    int64_t hidden;
+    bool shared, gate, drop;
+    int misalign;
+  };
+  const std::vector<Case> cases = {
+      {0, 8, 2048, false, false, false, 0}, {1, 8, 2048, true, false, false, 0}, {7, 2, 4096, false, false, false, 0},
+      {131, 8, 2048, true, true, false, 0}, {5, 8, 7, true, true, true, 0},      {64, 2, 4096, false, false, true, 0},
+      {13, 1, 129, false, false, false, 0}, {31, 8, 2048, true, true, false, 1}, {1, 32, 64, false, false, false, 0},
+      {257, 6, 2048, true, false, false, 0}};
+  uint64_t seed = 6000;
+  for (const auto& c : cases) {
+    INFO("tokens=" << c.tokens << " k=" << c.k << " hidden=" << c.hidden << " shared=" << c.shared << " gate=" << c.gate
+                   << " drop=" << c.drop << " misalign=" << c.misalign);
+    const int64_t rows = c.tokens * c.k + 3;  // a few spare rows nobody reads
+    const std::size_t pad = c.misalign;
+    std::mt19937_64 rng(++seed);
+    std::vector<int32_t> slot(c.tokens * c.k);
+    std::iota(slot.begin(), slot.end(), 0);
+    std::shuffle(slot.begin(), slot.end(), rng);
+    if (c.drop)
+      for (auto& s : slot)
+        if (rng() % 3 == 0) s = -1;
+    const auto eo = rand_bf16(rows * c.hidden, ++seed, -2, 2);
+    const auto w = rand_f32(c.tokens * c.k, ++seed, 0.0f, 1.0f);
+    const auto sh = c.shared ? rand_bf16(c.tokens * c.hidden, ++seed, -2, 2) : std::vector<bf16>{};
+    const auto g = c.gate ? rand_f32(c.tokens, ++seed, -3, 3) : std::vector<float>{};
+    Dev deo((eo.size() + pad) * 2), dslot(slot.size() * 4), dw(w.size() * 4), dsh((sh.size() + pad) * 2), dg(g.size() * 4),
+        dout((c.tokens * c.hidden + pad) * 2);
+    upload(deo.as<bf16>() + pad, eo);
+    upload(dslot.as<int32_t>(), slot);
+    upload(dw.as<float>(), w);
+    upload(dsh.as<bf16>() + pad, sh);
+    upload(dg.as<float>(), g);
+    dout.poison();
+    kernels::CombineParams p;
+    p.expert_out = deo.as<bf16>() + pad;
+    p.slot_row = dslot.as<int32_t>();
+    p.topk_weights = dw.as<float>();
+    p.shared_out = c.shared ? dsh.as<bf16>() + pad : nullptr;
+    p.shared_gate = c.gate ? dg.as<float>() : nullptr;
+    p.out = dout.as<bf16>() + pad;
+    p.num_tokens = c.tokens;
+    p.top_k = c.k;
+    p.hidden = c.hidden;
+    REQUIRE(kernels::is_supported(p, device()));
+    kernels::launch_combine(p, nullptr);
+    sync();
+    if (c.tokens == 0) continue;
+    const auto first = download<bf16>(p.out, c.tokens * c.hidden);
+    const auto ref = moe_ref::combine(to_double(eo), slot, w, c.shared ? to_double(sh) : std::vector<double>{}, g,
+                                      c.tokens, c.k, c.hidden);
+    const auto got = to_double(first);
+    REQUIRE(norm(ref) > 0);
+    CHECK(all_finite(got));
+    const double err = rel_error(got, ref);
+    INFO("rel error " << err);
+    CHECK(err < kTolBf16Out);
+    // Deterministic: a second run gives the same bits.
+    dout.poison();
+    kernels::launch_combine(p, nullptr);
+    sync();
+    const auto second = download<bf16>(p.out, c.tokens * c.hidden);
+    int64_t differ = 0;
+    for (std::size_t i = 0; i < first.size(); ++i) differ += bits(first[i]) != bits(second[i]);
+    CHECK(differ == 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST_CASE("router -> permute -> combine round trip: renormalised weights give x back (Qwen3 and Mixtral shapes)") {
+  struct Case {
+    int64_t tokens;
+    int E, k;
+    int64_t hidden;
+  };
+  uint64_t seed = 7000;
+  for (const auto& c : std::vector<Case>{{131, 128, 8, 2048}, {7, 8, 2, 4096}, {1, 128, 8, 2048}, {4099, 128, 8, 64}}) {
+    INFO("tokens=" << c.tokens << " E=" << c.E << " k=" << c.k << " hidden=" << c.hidden);
+    const int64_t pairs = c.tokens * c.k;
+    const auto logits = rand_f32(c.tokens * c.E, ++seed, -4, 4);
+    const auto x = rand_bf16(c.tokens * c.hidden, ++seed, -2, 2);
+    Dev dl(logits.size() * 4), dx(x.size() * 2), dids(pairs * 4), dw(pairs * 4), dpx(pairs * c.hidden * 2), dcnt(c.E * 4),
+        doff((c.E + 1) * 4), dslot(pairs * 4), dtok(pairs * 4), dws(kernels::permute_workspace_bytes(c.tokens, c.k, c.E)),
+        dout(x.size() * 2);
+    upload(dl.as<float>(), logits);
+    upload(dx.as<bf16>(), x);
+    dout.poison();
+    gpu::Stream s;
+    kernels::RouterParams rp;
+    rp.logits = dl.as<float>();
+    rp.topk_ids = dids.as<int32_t>();
+    rp.topk_weights = dw.as<float>();
+    rp.num_tokens = c.tokens;
+    rp.num_experts = c.E;
+    rp.top_k = c.k;
+    rp.renormalize = true;
+    kernels::PermuteParams pp;
+    pp.topk_ids = dids.as<int32_t>();
+    pp.x = dx.as<bf16>();
+    pp.permuted_x = dpx.as<bf16>();
+    pp.expert_counts = dcnt.as<int32_t>();
+    pp.expert_offsets = doff.as<int32_t>();
+    pp.slot_row = dslot.as<int32_t>();
+    pp.permuted_token = dtok.as<int32_t>();
+    pp.workspace = dws.as<void>();
+    pp.workspace_bytes = dws.buf.bytes();
+    pp.num_tokens = c.tokens;
+    pp.top_k = c.k;
+    pp.num_experts = c.E;
+    pp.hidden = c.hidden;
+    kernels::CombineParams cp;
+    cp.expert_out = dpx.as<bf16>();
+    cp.slot_row = dslot.as<int32_t>();
+    cp.topk_weights = dw.as<float>();
+    cp.out = dout.as<bf16>();
+    cp.num_tokens = c.tokens;
+    cp.top_k = c.k;
+    cp.hidden = c.hidden;
+    kernels::launch_router(rp, s.get());  // no host sync between the three
+    kernels::launch_permute(pp, s.get());
+    kernels::launch_combine(cp, s.get());
+    s.synchronize();
+    const auto got = to_double(download<bf16>(dout.get(), x.size()));
+    const auto ref = to_double(x);
+    REQUIRE(norm(ref) > 0);
+    CHECK(all_finite(got));
+    const double err = rel_error(got, ref);
+    INFO("rel error " << err);
+    CHECK(err < kTolBf16Out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+TEST_CASE("launch_* reject unsupported parameters with a message listing the legal values; is_supported agrees") {
+  const int dev = device();
+  Dev buf(1 << 20);
+  auto* b = buf.as<bf16>();
+  auto* f = buf.as<float>();
+  auto* i32 = buf.as<int32_t>();
+
+  kernels::RmsNormParams rn{b, nullptr, nullptr, b, b, 4, kernels::kRmsNormMaxWidth + 1, 1e-6f};
+  CHECK_FALSE(kernels::is_supported(rn, dev));
+  check_rejects([&] { kernels::launch_rmsnorm(rn, nullptr); }, "legal: 1..16384");
+  rn.width = 7;  // not a multiple of the vector width: supported through the scalar path
+  CHECK(kernels::is_supported(rn, dev));
+  rn.residual = b;
+  CHECK_FALSE(kernels::is_supported(rn, dev));
+  check_rejects([&] { kernels::launch_rmsnorm(rn, nullptr); }, "residual_out is null");
+
+  kernels::RopeParams ro;
+  ro.q = b;
+  ro.positions = i32;
+  ro.num_tokens = 3;
+  ro.num_q_heads = 1;
+  ro.head_dim = 512;
+  ro.rotary_dim = 128;
+  CHECK_FALSE(kernels::is_supported(ro, dev));
+  check_rejects([&] { kernels::launch_rope(ro, nullptr); }, "legal: 1..256");
+  ro.head_dim = 128;
+  ro.rotary_dim = 33;
+  check_rejects([&] { kernels::launch_rope(ro, nullptr); }, "legal: even, 2..head_dim=128");
+  ro.rotary_dim = 64;
+  CHECK(kernels::is_supported(ro, dev));
+
+  kernels::RouterParams rt;
+  rt.logits = f;
+  rt.topk_ids = i32;
+  rt.topk_weights = f;
+  rt.num_tokens = 2;
+  rt.num_experts = 300;
+  rt.top_k = 8;
+  CHECK_FALSE(kernels::is_supported(rt, dev));
+  check_rejects([&] { kernels::launch_router(rt, nullptr); }, "legal: 1..256");
+  rt.num_experts = 128;
+  rt.top_k = 9;
+  check_rejects([&] { kernels::launch_router(rt, nullptr); }, "legal: 1..min(8");
+  rt.top_k = 8;
+  rt.scoring = RouterScoring::sigmoid;
+  rt.num_groups = 3;
+  check_rejects([&] { kernels::launch_router(rt, nullptr); }, "dividing num_experts=128");
+  rt.num_groups = 8;
+  rt.topk_groups = 0;
+  check_rejects([&] { kernels::launch_router(rt, nullptr); }, "legal: 1..num_groups=8");
+  rt.topk_groups = 4;
+  CHECK(kernels::is_supported(rt, dev));
+  rt.scoring = RouterScoring::softmax_topk;
+  check_rejects([&] { kernels::launch_router(rt, nullptr); }, "legal only with sigmoid");
+
+  kernels::PermuteParams pe;
+  pe.topk_ids = i32;
+  pe.expert_counts = i32;
+  pe.expert_offsets = i32;
+  pe.slot_row = i32;
+  pe.permuted_token = i32;
+  pe.num_tokens = 100;
+  pe.top_k = 8;
+  pe.num_experts = 2000;
+  CHECK_FALSE(kernels::is_supported(pe, dev));
+  check_rejects([&] { kernels::launch_permute(pe, nullptr); }, "legal: 1..1024");
+  pe.num_experts = 128;
+  pe.workspace = buf.get();
+  pe.workspace_bytes = 16;
+  check_rejects([&] { kernels::launch_permute(pe, nullptr); }, "permute_workspace_bytes");
+  pe.workspace_bytes = kernels::permute_workspace_bytes(100, 8, 128);
+  CHECK(kernels::is_supported(pe, dev));
+
+  kernels::SwigluParams sw{b, b, 5, 0, nullptr};
+  CHECK_FALSE(kernels::is_supported(sw, dev));
+  check_rejects([&] { kernels::launch_swiglu(sw, nullptr); }, "inter=0 (need >= 1)");
+  sw.inter = 7;
+  CHECK(kernels::is_supported(sw, dev));
+
+  kernels::CombineParams co;
+  co.expert_out = b;
+  co.slot_row = i32;
+  co.topk_weights = f;
+  co.out = b;
+  co.num_tokens = 3;
+  co.top_k = 40;
+  co.hidden = 7;
+  CHECK_FALSE(kernels::is_supported(co, dev));
+  check_rejects([&] { kernels::launch_combine(co, nullptr); }, "legal: 1..32");
+  co.top_k = 8;
+  CHECK(kernels::is_supported(co, dev));
+  co.shared_gate = f;
+  check_rejects([&] { kernels::launch_combine(co, nullptr); }, "shared_gate is set without shared_out");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (skipped by default; run with --no-skip -tc="bench*"): achieved bandwidth of the
+// memory-bound kernels at a decode and a prefill size of Qwen3-30B-A3B (and Mixtral's SwiGLU),
+// against a device-to-device copy timed in the same run and the profile's 4244.8 GB/s
+// (docs/profile-h200.md). Bytes are the fewest the op must move: each input read once, each output
+// written once. Timing: gpu::time_op, cold L2 (flushed before every run), CUDA graph, median of 50.
+TEST_CASE("bench: rmsnorm, swiglu, combine (and router, permute) achieved GB/s vs device copy" * doctest::skip()) {
+  const gpu::DeviceInfo info = gpu::query_device(device());
+  gpu::Stream s;
+  gpu::L2Flusher flusher(device());
+  gpu::TimingOptions opt;
+  opt.cuda_graph = true;
+  opt.flush_l2 = true;
+  constexpr double kProfileCopyGBps = 4244.8;
+  // Copy baseline: 1 GiB device to device (read + write counted).
+  const std::size_t copy_bytes = std::size_t(1) << 30;
+  Dev ca(copy_bytes), cb(copy_bytes);
+  MIXSERVE_CUDA_CHECK(cudaMemset(ca.buf.get(), 1, copy_bytes));
+  gpu::TimingOptions copt = opt;
+  copt.flush_l2 = false;
+  const auto ct = gpu::time_op(
+      [&](cudaStream_t st) { MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(cb.buf.get(), ca.buf.get(), copy_bytes, cudaMemcpyDeviceToDevice, st)); },
+      s.get(), copt, nullptr);
+  const double copy_GBps = 2.0 * copy_bytes / (ct.time_us.median * 1e3);
+  std::printf("# test_gpu_kernels bench  device %s (%d SMs)  cuda_runtime %s\n", info.name.c_str(), info.sm_count,
+              info.versions.count("cuda_runtime") ? info.versions.at("cuda_runtime").c_str() : "?");
+  std::printf("# timing: median of %d, cold L2, CUDA graph; copy 1 GiB D2D this run: %.1f GB/s (noise %.3f); profile: %.1f GB/s\n",
+              opt.timed_iters, copy_GBps, ct.time_us.noise(), kProfileCopyGBps);
+  std::printf("# %-10s %-34s %12s | %10s %9s %7s %8s %6s\n", "kernel", "shape", "bytes", "time(us)", "GB/s", "%copy",
+              "%profile", "noise");
+  auto report = [&](const char* kernel, const std::string& shape, double bytes, const std::function<void(cudaStream_t)>& op) {
+    const auto r = gpu::time_op(op, s.get(), opt, &flusher);
+    const double gbps = bytes / (r.time_us.median * 1e3);
+    std::printf("  %-10s %-34s %12.0f | %10.2f %9.1f %6.1f%% %7.1f%% %6.3f\n", kernel, shape.c_str(), bytes,
+                r.time_us.median, gbps, 100.0 * gbps / copy_GBps, 100.0 * gbps / kProfileCopyGBps, r.time_us.noise());
+    CHECK(r.time_us.median > 0);
+  };
+  const int H = 2048, E = 128, K = 8, I = 768;  // Qwen3-30B-A3B
+  for (const int64_t T : {int64_t(64), int64_t(8192)}) {
+    const char* phase = T == 64 ? "decode" : "prefill";
+    Dev x(T * H * 2), r(T * H * 2), ro(T * H * 2), w(H * 2), out(T * H * 2);
+    for (const Dev* d : {&x, &r, &w}) upload(d->as<bf16>(), rand_bf16(d->buf.bytes() / 2, 9000 + T, -1, 1));
+    kernels::RmsNormParams rn{x.as<bf16>(), nullptr, nullptr, w.as<bf16>(), out.as<bf16>(), T, H, 1e-6f};
+    report("rmsnorm", std::string(phase) + " T=" + std::to_string(T) + " h=2048", 2.0 * T * H * 2 + H * 2,
+           [&](cudaStream_t st) { kernels::launch_rmsnorm(rn, st); });
+    kernels::RmsNormParams rr = rn;
+    rr.residual = r.as<bf16>();
+    rr.residual_out = ro.as<bf16>();
+    report("rmsnorm+r", std::string(phase) + " T=" + std::to_string(T) + " h=2048", 4.0 * T * H * 2 + H * 2,
+           [&](cudaStream_t st) { kernels::launch_rmsnorm(rr, st); });
+    // SwiGLU over the T*K routed rows.
+    const int64_t rows = T * K;
+    Dev gu(rows * 2 * I * 2), so(rows * I * 2);
+    upload(gu.as<bf16>(), rand_bf16(rows * 2 * I, 9100 + T, -4, 4));
+    kernels::SwigluParams sp{gu.as<bf16>(), so.as<bf16>(), rows, I, nullptr};
+    report("swiglu", std::string(phase) + " rows=T*8=" + std::to_string(rows) + " I=768", 3.0 * rows * I * 2,
+           [&](cudaStream_t st) { kernels::launch_swiglu(sp, st); });
+    // Combine: T tokens, k=8 rows each from a shuffled expert-contiguous buffer.
+    Dev eo(rows * H * 2), slot(rows * 4), wt(rows * 4), co(T * H * 2);
+    upload(eo.as<bf16>(), rand_bf16(rows * H, 9200 + T, -1, 1));
+    std::vector<int32_t> perm(rows);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), std::mt19937_64(9300 + T));
+    upload(slot.as<int32_t>(), perm);
+    upload(wt.as<float>(), rand_f32(rows, 9400 + T, 0, 1));
+    kernels::CombineParams cp;
+    cp.expert_out = eo.as<bf16>();
+    cp.slot_row = slot.as<int32_t>();
+    cp.topk_weights = wt.as<float>();
+    cp.out = co.as<bf16>();
+    cp.num_tokens = T;
+    cp.top_k = K;
+    cp.hidden = H;
+    report("combine", std::string(phase) + " T=" + std::to_string(T) + " k=8 h=2048", double(rows) * H * 2 + T * H * 2 + rows * 8.0,
+           [&](cudaStream_t st) { kernels::launch_combine(cp, st); });
+    // Router and permute (latency-bound at decode; bytes: logits in, ids + weights out / ids in, maps + rows).
+    Dev lg(T * E * 4), ids(rows * 4), tw(rows * 4), px(rows * H * 2), cnt(E * 4), off((E + 1) * 4), sr(rows * 4), tok(rows * 4),
+        ws(kernels::permute_workspace_bytes(T, K, E));
+    upload(lg.as<float>(), rand_f32(T * E, 9500 + T, -4, 4));
+    kernels::RouterParams rp;
+    rp.logits = lg.as<float>();
+    rp.topk_ids = ids.as<int32_t>();
+    rp.topk_weights = tw.as<float>();
+    rp.num_tokens = T;
+    rp.num_experts = E;
+    rp.top_k = K;
+    rp.renormalize = true;
+    report("router", std::string(phase) + " T=" + std::to_string(T) + " E=128 k=8", T * E * 4.0 + rows * 8.0,
+           [&](cudaStream_t st) { kernels::launch_router(rp, st); });
+    kernels::launch_router(rp, s.get());
+    kernels::PermuteParams pp;
+    pp.topk_ids = ids.as<int32_t>();
+    pp.x = x.as<bf16>();
+    pp.permuted_x = px.as<bf16>();
+    pp.expert_counts = cnt.as<int32_t>();
+    pp.expert_offsets = off.as<int32_t>();
+    pp.slot_row = sr.as<int32_t>();
+    pp.permuted_token = tok.as<int32_t>();
+    pp.workspace = ws.as<void>();
+    pp.workspace_bytes = ws.buf.bytes();
+    pp.num_tokens = T;
+    pp.top_k = K;
+    pp.num_experts = E;
+    pp.hidden = H;
+    report("permute", std::string(phase) + " T=" + std::to_string(T) + " k=8 h=2048", double(T) * H * 2 + rows * H * 2.0 + rows * 12.0,
+           [&](cudaStream_t st) { kernels::launch_permute(pp, st); });
+  }
+  // Mixtral-8x7B SwiGLU at prefill: 4096 tokens * k=2 rows, I = 14336.
+  {
+    const int64_t rows = 4096 * 2, I2 = 14336;
+    Dev gu(rows * 2 * I2 * 2), so(rows * I2 * 2);
+    upload(gu.as<bf16>(), rand_bf16(rows * 2 * I2, 9600, -4, 4));
+    kernels::SwigluParams sp{gu.as<bf16>(), so.as<bf16>(), rows, I2, nullptr};
+    report("swiglu", "mixtral prefill rows=8192 I=14336", 3.0 * rows * I2 * 2, [&](cudaStream_t st) { kernels::launch_swiglu(sp, st); });
+  }
+  std::printf("# end of bench\n");
+}
