@@ -201,15 +201,120 @@ void ReferenceModel::reset_cache() {
   }
 }
 
+namespace {
+
+// The rows of one step: position and KV slot of every new token.
+struct StepRows {
+  std::vector<int64_t> pos;  // position of each row in its sequence
+  std::vector<int64_t> seq;  // batch index of each row
+  const std::vector<SequenceStep>* batch = nullptr;
+  int block_size = 0;
+  int64_t slot(int64_t seq_idx, int64_t p) const {
+    const auto& bt = (*batch)[size_t(seq_idx)].block_table;
+    return int64_t{bt[size_t(p / block_size)]} * block_size + p % block_size;
+  }
+};
+
+// GQA/MHA attention of one layer on the normed input xn [T, h]: projections (+bias), QK-norm,
+// RoPE, K/V written to the cache, causal attention over the cache, o_proj (+bias).
+// Returns [T, h]. MLA would be a second function of this shape.
+Mat attention_gqa(const ModelSpec& m, Layer& L, const Mat& xn, const StepRows& rows) {
+  const auto& a = m.attention;
+  const int64_t T = xn.rows();
+  const int hd = a.head_dim;
+  const int group = a.num_heads / a.num_kv_heads;
+  const double scale = 1.0 / std::sqrt(double(hd));
+  Mat q = xn * L.wq.transpose();
+  Mat k = xn * L.wk.transpose();
+  Mat v = xn * L.wv.transpose();
+  if (L.bq.size()) q.rowwise() += L.bq.transpose();
+  if (L.bk.size()) k.rowwise() += L.bk.transpose();
+  if (L.bv.size()) v.rowwise() += L.bv.transpose();
+  if (L.q_norm.size()) {  // per head (Qwen3) or whole projection (OLMoE): the weight's width
+    rms_norm_inplace(q, L.q_norm, m.rms_norm_eps);
+    rms_norm_inplace(k, L.k_norm, m.rms_norm_eps);
+  }
+  for (int64_t r = 0; r < T; ++r) {
+    rope_row(q, r, hd, rows.pos[size_t(r)], m.rope_theta);
+    rope_row(k, r, hd, rows.pos[size_t(r)], m.rope_theta);
+    const int64_t sl = rows.slot(rows.seq[size_t(r)], rows.pos[size_t(r)]);
+    L.k_cache.row(sl) = k.row(r);
+    L.v_cache.row(sl) = v.row(r);
+  }
+  Mat attn = Mat::Zero(T, int64_t{a.num_heads} * hd);
+  std::vector<double> p;
+  for (int64_t r = 0; r < T; ++r) {
+    const int64_t pos = rows.pos[size_t(r)];
+    const int64_t sq = rows.seq[size_t(r)];
+    p.resize(size_t(pos + 1));
+    for (int h = 0; h < a.num_heads; ++h) {
+      const int64_t qc = int64_t{h} * hd, kc = int64_t{h / group} * hd;
+      double mx = -INFINITY;
+      for (int64_t j = 0; j <= pos; ++j) {
+        const int64_t sl = rows.slot(sq, j);
+        p[size_t(j)] = scale * q.row(r).segment(qc, hd).dot(L.k_cache.row(sl).segment(kc, hd));
+        mx = std::max(mx, p[size_t(j)]);
+      }
+      double sum = 0.0;
+      for (int64_t j = 0; j <= pos; ++j) sum += p[size_t(j)] = std::exp(p[size_t(j)] - mx);
+      for (int64_t j = 0; j <= pos; ++j) {
+        const int64_t sl = rows.slot(sq, j);
+        attn.row(r).segment(qc, hd) += (p[size_t(j)] / sum) * L.v_cache.row(sl).segment(kc, hd);
+      }
+    }
+  }
+  Mat o = attn * L.wo.transpose();
+  if (L.bo.size()) o.rowwise() += L.bo.transpose();
+  return o;
+}
+
+// Routing of one token: softmax top-k. Sigmoid group-limited routing (DeepSeek) would be a
+// second case here; the constructor rejects models that need it.
+void route(const MoESpec& e, std::span<const double> logits, std::span<int32_t> ids,
+           std::span<double> weights) {
+  route_softmax_topk(logits, e.top_k, e.norm_topk_prob, e.routed_scaling_factor, ids, weights);
+}
+
+// MoE block on the normed input xn [T, h]: routing, the top-k experts weighted, the shared
+// expert (sigmoid-gated when it has a gate). ids/wts receive the routing [T, top_k].
+Mat moe_block(const ModelSpec& m, const Layer& L, const Mat& xn, std::vector<int32_t>& ids,
+              std::vector<double>& wts) {
+  const int64_t T = xn.rows();
+  const int k = m.moe.top_k;
+  const Mat logits = xn * L.router.transpose();  // [T, E]
+  ids.assign(size_t(T * k), 0);
+  wts.assign(size_t(T * k), 0.0);
+  Mat y = Mat::Zero(T, m.hidden_size);
+  for (int64_t r = 0; r < T; ++r) {
+    const Vec lr = logits.row(r).transpose();
+    const std::span<int32_t> id(ids.data() + r * k, size_t(k));
+    const std::span<double> wt(wts.data() + r * k, size_t(k));
+    route(m.moe, std::span<const double>(lr.data(), size_t(lr.size())), id, wt);
+    const Mat xr = xn.row(r);
+    for (int j = 0; j < k; ++j) y.row(r) += wt[size_t(j)] * L.experts[size_t(id[size_t(j)])](xr);
+  }
+  if (L.has_shared) {
+    Mat sh = L.shared(xn);
+    if (L.shared_gate.size())
+      for (int64_t r = 0; r < T; ++r)
+        sh.row(r) *= 1.0 / (1.0 + std::exp(-xn.row(r).dot(L.shared_gate)));
+    y += sh;
+  }
+  return y;
+}
+
+}  // namespace
+
 StepOutput ReferenceModel::step(const std::vector<SequenceStep>& batch) {
   Impl& s = *impl_;
   const ModelSpec& m = s.spec;
-  const auto& a = m.attention;
   const int bs = s.kv.block_size;
 
   // Validate the batch and lay out one row per new token.
   StepOutput out;
-  std::vector<int64_t> row_pos, row_seq;
+  StepRows rows;
+  rows.batch = &batch;
+  rows.block_size = bs;
   std::set<int32_t> used_blocks;
   out.seq_offsets.push_back(0);
   for (size_t q = 0; q < batch.size(); ++q) {
@@ -232,17 +337,13 @@ StepOutput ReferenceModel::step(const std::vector<SequenceStep>& batch) {
     for (size_t t = 0; t < sq.tokens.size(); ++t) {
       if (sq.tokens[t] < 0 || sq.tokens[t] >= m.vocab_size)
         bad(fmt::format("token {} = {} out of range [0, {})", t, sq.tokens[t], m.vocab_size));
-      row_pos.push_back(sq.position + int64_t(t));
-      row_seq.push_back(int64_t(q));
+      rows.pos.push_back(sq.position + int64_t(t));
+      rows.seq.push_back(int64_t(q));
     }
-    out.seq_offsets.push_back(int64_t(row_pos.size()));
+    out.seq_offsets.push_back(int64_t(rows.pos.size()));
   }
-  const int64_t T = int64_t(row_pos.size());
+  const int64_t T = int64_t(rows.pos.size());
   out.num_tokens = T;
-  auto slot = [&](int64_t row_seq_idx, int64_t pos) {
-    const auto& bt = batch[size_t(row_seq_idx)].block_table;
-    return int64_t{bt[size_t(pos / bs)]} * bs + pos % bs;
-  };
 
   Mat x(T, m.hidden_size);
   {
@@ -250,92 +351,19 @@ StepOutput ReferenceModel::step(const std::vector<SequenceStep>& batch) {
     for (const auto& sq : batch)
       for (int32_t tok : sq.tokens) x.row(r++) = s.embed.row(tok);
   }
-
-  const int hd = a.head_dim;
-  const int group = a.num_heads / a.num_kv_heads;
-  const double scale = 1.0 / std::sqrt(double(hd));
-  for (size_t li = 0; li < s.layers.size(); ++li) {
-    Layer& L = s.layers[li];
-    // Attention (GQA/MHA). MLA would be a second attention function selected here.
+  for (Layer& L : s.layers) {
     Mat xn = x;
     rms_norm_inplace(xn, L.ln1, m.rms_norm_eps);
-    Mat q = xn * L.wq.transpose();
-    Mat k = xn * L.wk.transpose();
-    Mat v = xn * L.wv.transpose();
-    if (L.bq.size()) q.rowwise() += L.bq.transpose();
-    if (L.bk.size()) k.rowwise() += L.bk.transpose();
-    if (L.bv.size()) v.rowwise() += L.bv.transpose();
-    if (L.q_norm.size()) {  // per head (Qwen3) or whole projection (OLMoE): the weight's width
-      rms_norm_inplace(q, L.q_norm, m.rms_norm_eps);
-      rms_norm_inplace(k, L.k_norm, m.rms_norm_eps);
-    }
-    for (int64_t r = 0; r < T; ++r) {
-      rope_row(q, r, hd, row_pos[size_t(r)], m.rope_theta);
-      rope_row(k, r, hd, row_pos[size_t(r)], m.rope_theta);
-      const int64_t sl = slot(row_seq[size_t(r)], row_pos[size_t(r)]);
-      L.k_cache.row(sl) = k.row(r);
-      L.v_cache.row(sl) = v.row(r);
-    }
-    Mat attn = Mat::Zero(T, int64_t{a.num_heads} * hd);
-    std::vector<double> p;
-    for (int64_t r = 0; r < T; ++r) {
-      const int64_t pos = row_pos[size_t(r)];
-      p.resize(size_t(pos + 1));
-      for (int h = 0; h < a.num_heads; ++h) {
-        const int64_t qc = int64_t{h} * hd, kc = int64_t{h / group} * hd;
-        double mx = -INFINITY;
-        for (int64_t j = 0; j <= pos; ++j) {
-          const int64_t sl = slot(row_seq[size_t(r)], j);
-          p[size_t(j)] = scale * q.row(r).segment(qc, hd).dot(L.k_cache.row(sl).segment(kc, hd));
-          mx = std::max(mx, p[size_t(j)]);
-        }
-        double sum = 0.0;
-        for (int64_t j = 0; j <= pos; ++j) sum += p[size_t(j)] = std::exp(p[size_t(j)] - mx);
-        for (int64_t j = 0; j <= pos; ++j) {
-          const int64_t sl = slot(row_seq[size_t(r)], j);
-          attn.row(r).segment(qc, hd) += (p[size_t(j)] / sum) * L.v_cache.row(sl).segment(kc, hd);
-        }
-      }
-    }
-    Mat o = attn * L.wo.transpose();
-    if (L.bo.size()) o.rowwise() += L.bo.transpose();
-    x += o;
+    x += attention_gqa(m, L, xn, rows);
     out.attn_hidden.emplace_back(x.data(), x.data() + x.size());
 
-    // FFN: MoE with softmax top-k routing (sigmoid group-limited routing would be a second
-    // routing function selected here) or dense SwiGLU.
     xn = x;
     rms_norm_inplace(xn, L.ln2, m.rms_norm_eps);
-    if (L.moe) {
-      const int k_top = m.moe.top_k;
-      const Mat logits = xn * L.router.transpose();  // [T, E]
-      std::vector<int32_t> ids(size_t(T * k_top));
-      std::vector<double> wts(size_t(T * k_top));
-      Mat y = Mat::Zero(T, m.hidden_size);
-      for (int64_t r = 0; r < T; ++r) {
-        const Vec lr = logits.row(r).transpose();
-        std::span<int32_t> id(ids.data() + r * k_top, size_t(k_top));
-        std::span<double> wt(wts.data() + r * k_top, size_t(k_top));
-        route_softmax_topk(std::span<const double>(lr.data(), size_t(lr.size())), k_top,
-                           m.moe.norm_topk_prob, m.moe.routed_scaling_factor, id, wt);
-        const Mat xr = xn.row(r);
-        for (int j = 0; j < k_top; ++j) y.row(r) += wt[size_t(j)] * L.experts[size_t(id[size_t(j)])](xr);
-      }
-      if (L.has_shared) {
-        Mat sh = L.shared(xn);
-        if (L.shared_gate.size())
-          for (int64_t r = 0; r < T; ++r)
-            sh.row(r) *= 1.0 / (1.0 + std::exp(-xn.row(r).dot(L.shared_gate)));
-        y += sh;
-      }
-      x += y;
-      out.topk_ids.push_back(std::move(ids));
-      out.topk_weights.push_back(std::move(wts));
-    } else {
-      x += L.dense(xn);
-      out.topk_ids.emplace_back();
-      out.topk_weights.emplace_back();
-    }
+    std::vector<int32_t> ids;
+    std::vector<double> wts;
+    x += L.moe ? moe_block(m, L, xn, ids, wts) : L.dense(xn);
+    out.topk_ids.push_back(std::move(ids));
+    out.topk_weights.push_back(std::move(wts));
     out.layer_hidden.emplace_back(x.data(), x.data() + x.size());
   }
 
