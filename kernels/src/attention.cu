@@ -59,6 +59,8 @@ template <int kHeadDim>
 static __global__ void __launch_bounds__(kThreads) tc_attention_kernel(AttentionParams p, Launch L) {
   static_assert(kHeadDim % 16 == 0, "the Q.K^T product walks head_dim in k-slices of 16");
   constexpr int kVecPerRow = kHeadDim / 8;  // 16-byte vectors per cache row
+  constexpr int kLoadsPerThread = kKvTile * kVecPerRow / kThreads;
+  static_assert(kKvTile * kVecPerRow % kThreads == 0, "the tile loader gives every thread the same count");
   __shared__ __align__(16) __nv_bfloat16 ks[kKvTile][kHeadDim + kPad];  // [position, dim]
   __shared__ __align__(16) __nv_bfloat16 vt[kHeadDim][kKvTile + kPad];  // [dim, position] (V transposed)
 
@@ -117,23 +119,29 @@ static __global__ void __launch_bounds__(kThreads) tc_attention_kernel(Attention
 
   for (int kt = k_begin; kt < k_end; kt += kKvTile) {
     __syncthreads();  // the previous tile is consumed
-    // K tile: thread per 16-byte vector, row-major; positions past k_end read as zeros.
-    for (int c = tid; c < kKvTile * kVecPerRow; c += kThreads) {
-      const int row = c / kVecPerRow, vec = c % kVecPerRow, key = kt + row;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (key < k_end)
-        val = *reinterpret_cast<const uint4*>(p.cache.k + cache_offset(p.cache, seq, key, kvh, L.block_shift, kHeadDim) + vec * 8);
-      *reinterpret_cast<uint4*>(&ks[row][vec * 8]) = val;
-    }
-    // V tile, transposed on the way in; zeros past k_end (0 * garbage could be NaN).
-    for (int c = tid; c < kKvTile * kVecPerRow; c += kThreads) {
-      const int row = c % kKvTile, vec = c / kKvTile, key = kt + row;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (key < k_end)
-        val = *reinterpret_cast<const uint4*>(p.cache.v + cache_offset(p.cache, seq, key, kvh, L.block_shift, kHeadDim) + vec * 8);
-      const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&val);
+    // K and V tiles: every load of the tile is issued before the first shared-memory store (16
+    // 16-byte loads in flight per thread at head_dim 128). K row-major, one thread per 16-byte
+    // vector; V transposed on the way in, a warp covering 32 consecutive positions of one vector
+    // column (conflict-free 2-byte stores). Positions past k_end read as zeros (0 * NaN is NaN).
+    uint4 kr[kLoadsPerThread], vr[kLoadsPerThread];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) vt[vec * 8 + j][row] = e[j];
+    for (int j = 0; j < kLoadsPerThread; ++j) {
+      const int c = tid + j * kThreads;
+      const int krow = c / kVecPerRow, kvec = c % kVecPerRow;
+      const int vrow = c % kKvTile, vvec = c / kKvTile;
+      kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
+      if (kt + krow < k_end)
+        kr[j] = *reinterpret_cast<const uint4*>(p.cache.k + cache_offset(p.cache, seq, kt + krow, kvh, L.block_shift, kHeadDim) + kvec * 8);
+      if (kt + vrow < k_end)
+        vr[j] = *reinterpret_cast<const uint4*>(p.cache.v + cache_offset(p.cache, seq, kt + vrow, kvh, L.block_shift, kHeadDim) + vvec * 8);
+    }
+#pragma unroll
+    for (int j = 0; j < kLoadsPerThread; ++j) {
+      const int c = tid + j * kThreads;
+      *reinterpret_cast<uint4*>(&ks[c / kVecPerRow][(c % kVecPerRow) * 8]) = kr[j];
+      const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&vr[j]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) vt[(c / kKvTile) * 8 + i][c % kKvTile] = e[i];
     }
     __syncthreads();
     if (!warp_active) continue;

@@ -251,7 +251,8 @@ TEST_CASE("attention: GQA ratios 1, 4, 8, 16, head_dim 64/128, block_tokens 8/16
       c.block_tokens = bt;
       c.seqs = {{0, 37}, {130, 1}, {61, 19}, {513, 1}};
       c.seed = seed++;
-      if (bt == 32) c.scale = 0.3f;
+      // Default scale (flat softmax), 1.0 (peaked: the running max moves a lot), 0.3 (between).
+      c.scale = bt == 8 ? 0.0f : bt == 16 ? 1.0f : 0.3f;
       run_all(c, {0, 2});
     }
 }
