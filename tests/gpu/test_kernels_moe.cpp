@@ -349,7 +349,7 @@ void run_router_case(const RouterCase& c, uint64_t seed) {
   INFO("wrong ids " << wrong << ", invalid/duplicate " << bad_ids << ", tokens compared " << compared << "/" << c.tokens);
   CHECK(bad_ids == 0);
   CHECK(wrong == 0);
-  CHECK(compared * 10 >= c.tokens * 9);
+  CHECK(c.tokens - compared <= std::max<int64_t>(1, c.tokens / 10));  // near-ties are rare: at most 10%
   REQUIRE(norm(ref_w) > 0);
   CHECK(all_finite(got_w));
   const double err = rel_error(got_w, ref_w);
