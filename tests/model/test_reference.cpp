@@ -357,3 +357,171 @@ TEST_CASE("reference: hand-computed 1-layer tiny model") {
   const StepOutput alone = r2.step({{{toks[1]}, 0, {0}}});
   CHECK(max_rel_diff(alone.logits, rows(out.logits, 1, 2, 5)) > 1e-6);
 }
+
+namespace {
+
+// An independent forward written with plain loops over std::vector (no Eigen, no cache, no
+// block tables): one sequence from position 0, full causal attention. Covers QKV bias, QK-norm
+// per head or over the whole projection, GQA, dense layers, shared expert with sigmoid gate,
+// tied embeddings. Returns the logits [n, vocab].
+std::vector<double> loop_forward(const WeightSet& w, const std::vector<int32_t>& toks) {
+  const ModelSpec& m = w.spec();
+  const Family f = w.family();
+  const auto& a = m.attention;
+  const size_t n = toks.size(), h = size_t(m.hidden_size), hd = size_t(a.head_dim);
+  const size_t nh = size_t(a.num_heads), nkv = size_t(a.num_kv_heads);
+  auto W = [&](const std::string& name) {
+    std::vector<double> v;
+    if (const Tensor* t = w.find(name))
+      for (uint16_t b : t->bf16) v.push_back(bf16_to_f32(b));
+    return v;
+  };
+  auto matvec = [](const std::vector<double>& M, const std::vector<double>& x) {
+    std::vector<double> y(M.size() / x.size(), 0.0);
+    for (size_t o = 0; o < y.size(); ++o)
+      for (size_t i = 0; i < x.size(); ++i) y[o] += M[o * x.size() + i] * x[i];
+    return y;
+  };
+  auto add = [](std::vector<double>& x, const std::vector<double>& b, double s = 1.0) {
+    for (size_t i = 0; i < b.size(); ++i) x[i] += s * b[i];
+  };
+  // RMSNorm over consecutive groups of g.size() values.
+  auto rms = [&](std::vector<double> x, const std::vector<double>& g) {
+    for (size_t c0 = 0; c0 < x.size(); c0 += g.size()) {
+      double ms = 0.0;
+      for (size_t i = 0; i < g.size(); ++i) ms += x[c0 + i] * x[c0 + i];
+      const double inv = 1.0 / std::sqrt(ms / double(g.size()) + m.rms_norm_eps);
+      for (size_t i = 0; i < g.size(); ++i) x[c0 + i] *= inv * g[i];
+    }
+    return x;
+  };
+  auto rope = [&](std::vector<double>& x, size_t pos) {
+    for (size_t c0 = 0; c0 < x.size(); c0 += hd)
+      for (size_t i = 0; i < hd / 2; ++i) {
+        const double ang = double(pos) * std::pow(m.rope_theta, -2.0 * double(i) / double(hd));
+        const double x1 = x[c0 + i], x2 = x[c0 + i + hd / 2];
+        x[c0 + i] = x1 * std::cos(ang) - x2 * std::sin(ang);
+        x[c0 + i + hd / 2] = x2 * std::cos(ang) + x1 * std::sin(ang);
+      }
+  };
+  auto swiglu = [&](const std::string& g, const std::string& u, const std::string& d,
+                    const std::vector<double>& x) {
+    auto gv = matvec(W(g), x);
+    const auto uv = matvec(W(u), x);
+    for (size_t i = 0; i < gv.size(); ++i) gv[i] = gv[i] / (1.0 + std::exp(-gv[i])) * uv[i];
+    return matvec(W(d), gv);
+  };
+  const auto E = W(names::embed());
+  std::vector<std::vector<double>> x(n);
+  for (size_t t = 0; t < n; ++t)
+    x[t].assign(E.begin() + long(size_t(toks[t]) * h), E.begin() + long(size_t(toks[t] + 1) * h));
+  for (int l = 0; l < m.num_layers; ++l) {
+    std::vector<std::vector<double>> q(n), k(n), v(n);
+    for (size_t t = 0; t < n; ++t) {
+      const auto xn = rms(x[t], W(names::input_norm(l)));
+      q[t] = matvec(W(names::attn(l, "q_proj")), xn);
+      k[t] = matvec(W(names::attn(l, "k_proj")), xn);
+      v[t] = matvec(W(names::attn(l, "v_proj")), xn);
+      add(q[t], W(names::attn(l, "q_proj", "bias")));
+      add(k[t], W(names::attn(l, "k_proj", "bias")));
+      add(v[t], W(names::attn(l, "v_proj", "bias")));
+      if (a.qk_norm) {
+        q[t] = rms(q[t], W(names::attn(l, "q_norm")));
+        k[t] = rms(k[t], W(names::attn(l, "k_norm")));
+      }
+      rope(q[t], t);
+      rope(k[t], t);
+    }
+    for (size_t t = 0; t < n; ++t) {
+      std::vector<double> att(nh * hd, 0.0);
+      for (size_t hh = 0; hh < nh; ++hh) {
+        const size_t g = hh / (nh / nkv);
+        std::vector<double> s(t + 1);
+        double mx = -1e300, z = 0.0;
+        for (size_t j = 0; j <= t; ++j) {
+          double d = 0.0;
+          for (size_t i = 0; i < hd; ++i) d += q[t][hh * hd + i] * k[j][g * hd + i];
+          s[j] = d / std::sqrt(double(hd));
+          mx = std::max(mx, s[j]);
+        }
+        for (auto& e : s) z += e = std::exp(e - mx);
+        for (size_t j = 0; j <= t; ++j)
+          for (size_t i = 0; i < hd; ++i) att[hh * hd + i] += s[j] / z * v[j][g * hd + i];
+      }
+      auto o = matvec(W(names::attn(l, "o_proj")), att);
+      add(o, W(names::attn(l, "o_proj", "bias")));
+      add(x[t], o);
+      const auto xn = rms(x[t], W(names::post_attn_norm(l)));
+      if (!m.layers[size_t(l)].moe) {
+        add(x[t], swiglu(names::dense(l, FfnProj::gate), names::dense(l, FfnProj::up),
+                         names::dense(l, FfnProj::down), xn));
+        continue;
+      }
+      const auto lg = matvec(W(names::router(f, l)), xn);
+      double mx = -1e300, z = 0.0;
+      for (double e : lg) mx = std::max(mx, e);
+      std::vector<double> p(lg.size());
+      for (size_t e = 0; e < p.size(); ++e) z += p[e] = std::exp(lg[e] - mx);
+      for (auto& e : p) e /= z;
+      // Top-k by repeated argmax (first maximum = lower id).
+      std::vector<bool> taken(p.size(), false);
+      std::vector<size_t> sel;
+      double kept = 0.0;
+      for (int j = 0; j < m.moe.top_k; ++j) {
+        size_t best = p.size();
+        for (size_t e = 0; e < p.size(); ++e)
+          if (!taken[e] && (best == p.size() || p[e] > p[best])) best = e;
+        taken[best] = true;
+        sel.push_back(best);
+        kept += p[best];
+      }
+      for (size_t e : sel) {
+        const double wt = (m.moe.norm_topk_prob ? p[e] / kept : p[e]) * m.moe.routed_scaling_factor;
+        add(x[t],
+            swiglu(names::expert(f, l, int(e), FfnProj::gate), names::expert(f, l, int(e), FfnProj::up),
+                   names::expert(f, l, int(e), FfnProj::down), xn),
+            wt);
+      }
+      if (m.moe.shared_intermediate_size > 0) {
+        double gate = 1.0;
+        if (m.moe.shared_expert_gate) {
+          double d = 0.0;
+          const auto sg = W(names::shared_expert_gate(l));
+          for (size_t i = 0; i < h; ++i) d += sg[i] * xn[i];
+          gate = 1.0 / (1.0 + std::exp(-d));
+        }
+        add(x[t],
+            swiglu(names::shared_expert(l, FfnProj::gate), names::shared_expert(l, FfnProj::up),
+                   names::shared_expert(l, FfnProj::down), xn),
+            gate);
+      }
+    }
+  }
+  const auto lm = W(m.tie_word_embeddings ? names::embed() : names::lm_head());
+  std::vector<double> logits;
+  for (size_t t = 0; t < n; ++t) {
+    const auto lo = matvec(lm, rms(x[t], W(names::final_norm())));
+    logits.insert(logits.end(), lo.begin(), lo.end());
+  }
+  return logits;
+}
+
+}  // namespace
+
+TEST_CASE("reference: equals an independent plain-loop forward on all four architectures") {
+  for (ModelSpec m : tiny_models()) {
+    for (bool bias : {false, true}) {
+      // Qwen3 and OLMoE also exist with attention_bias (q, k, v and o biases).
+      if (bias && m.architecture != "Qwen3MoeForCausalLM" && m.architecture != "OlmoeForCausalLM")
+        continue;
+      m.attention.qkv_bias = m.attention.o_bias = bias;
+      CAPTURE(m.architecture);
+      CAPTURE(bias);
+      const WeightSet w = synthetic_weights(m, 31);
+      const auto toks = random_tokens(7, m.vocab_size, 12);
+      ReferenceModel r(w, kKv);
+      const StepOutput o = r.step({{toks, 0, {5, 1}}});
+      CHECK(max_rel_diff(o.logits, loop_forward(w, toks)) < kTol);
+    }
+  }
+}
