@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "mixserve/core/error.hpp"
@@ -103,6 +104,11 @@ TEST_CASE("expected tensors: the sum of the shapes equals core's count_params (i
     }
     CHECK(sum == count_params(m).total());
     // And for the first-N-layers model.
+    ModelSpec biased = m;  // attention_bias: q, k, v and o biases
+    biased.attention.qkv_bias = biased.attention.o_bias = true;
+    int64_t sum_b = 0;
+    for (const auto& t : expected_tensors(biased)) sum_b += t.numel();
+    CHECK(sum_b == count_params(biased).total());
     const ModelSpec one = with_num_layers(m, 1);
     int64_t sum1 = 0;
     for (const auto& t : expected_tensors(one)) sum1 += t.numel();
@@ -367,15 +373,27 @@ TEST_CASE("weights: sharded index errors name the index, the shard and the tenso
     CHECK(contains(msg, index.string()));
     CHECK(contains(msg, shard));
   }
+  SUBCASE("a shard holds a tensor the index does not list") {
+    auto j = nlohmann::json::parse(read_text_file(index));
+    REQUIRE(j["weight_map"].erase("model.norm.weight") == 1);
+    write_file_atomic(index, j.dump(2));
+    const auto msg = input_error([&] { load_weights(m, dir.path); });
+    CHECK(contains(msg, index.string()));
+    CHECK(contains(msg, "'model.norm.weight' is not listed"));
+  }
   SUBCASE("the index puts a tensor in a shard that does not hold it") {
-    std::string text = read_text_file(index);
-    const std::string key = "\"model.embed_tokens.weight\": \"model-00001-of-";
-    const auto at = text.find(key);
-    REQUIRE(at != std::string::npos);
-    text.replace(at, key.size(), "\"model.embed_tokens.weight\": \"model-00002-of-");
-    write_file_atomic(index, text);
+    auto j = nlohmann::json::parse(read_text_file(index));
+    auto& map = j["weight_map"];
+    const std::string home = map["model.embed_tokens.weight"];
+    std::string other;
+    for (const auto& [name, shard] : map.items())
+      if (shard.get<std::string>() != home) other = shard.get<std::string>();
+    REQUIRE(!other.empty());
+    map["model.embed_tokens.weight"] = other;
+    write_file_atomic(index, j.dump(2));
     const auto msg = input_error([&] { load_weights(m, dir.path); });
     CHECK(contains(msg, index.string()));
     CHECK(contains(msg, "model.embed_tokens.weight"));
+    CHECK(contains(msg, "does not hold it"));
   }
 }
