@@ -3,6 +3,7 @@
 // tie-breaks, and evaluate the paper's Table II baselines beside the winner.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -15,6 +16,7 @@
 #include "mixserve/core/profile.hpp"
 #include "mixserve/core/workload.hpp"
 #include "mixserve/sim/cost_model.hpp"
+#include "mixserve/sim/serving.hpp"
 
 namespace mixserve::planner {
 
@@ -32,6 +34,12 @@ enum class Objective {
 std::string_view to_string(Objective o);
 std::optional<Objective> parse_objective(std::string_view s);
 std::vector<std::string> objective_names();
+
+// The goodput objective is not an analytic metric: the analytic ranking (by throughput)
+// pre-filters, the serving simulator re-scores the top K with a capacity search (GoodputOptions).
+inline constexpr std::string_view kGoodputObjective = "goodput";
+// The --objective choices: objective_names() and goodput.
+std::vector<std::string> search_objective_names();
 
 // --- Enumeration ----------------------------------------------------------------------------
 // Every layout of a world of `world_size` GPUs: powers of two with
@@ -86,6 +94,45 @@ std::vector<std::string> baseline_names();
 std::optional<Layout> baseline_layout(std::string_view name, const ClusterSpec& c);
 
 // --- Search -----------------------------------------------------------------------------------
+// --- Goodput objective ----------------------------------------------------------------------
+// Each of the analytic top `rescore_top` (and every legal baseline) gets the serving simulator's
+// capacity search (sim::capacity_search): the highest Poisson / gamma rate of the workload at
+// which at least slo_percentile % of the requests meet every SLO set (DistServe's SLO
+// attainment; it implies that the slo_percentile-th percentile of TTFT and of TPOT are each
+// within their SLO), reported per GPU as Vidur-Search's QPS per dollar. The re-scored
+// candidates are re-ranked by max_rate_per_gpu (ties: the analytic order).
+struct GoodputOptions {
+  double slo_ttft_ms = 0, slo_tpot_ms = 0;  // at least one > 0
+  double slo_percentile = 90;               // in (0, 100]
+  int rescore_top = 20;
+  double trial_duration_s = 60;             // sim::CapacityOptions::trial_duration_s
+  int min_requests = 200;                   // sim::CapacityOptions::num_requests
+  // > 0: also simulate each re-scored candidate at this many rates, evenly spaced up to its
+  // max rate (for the latency-throughput plot; GoodputScore::curve).
+  int curve_points = 0;
+  // Called with one line per finished candidate (progress display); never required.
+  std::function<void(const std::string&)> progress;
+};
+
+// One point of a candidate's latency-throughput curve.
+struct CurveSample {
+  double rate = 0;            // offered req/s
+  sim::ServingMetrics metrics;
+};
+
+struct GoodputScore {
+  double max_rate_req_s = 0;       // 0: no rate tried met the SLOs
+  double max_rate_per_gpu = 0;
+  sim::ServingMetrics at_max;      // the simulation at max_rate_req_s
+  int simulations = 0;
+  double start_rate = 0;           // where the capacity search started (analytic estimate)
+  std::vector<CurveSample> curve;  // curve_points rates, ascending
+};
+
+// The predicted metrics of a simulation at `rate` req/s (means, whole cluster): what the plan
+// file records for a candidate ranked by goodput.
+PredictedMetrics metrics_from_simulation(const sim::ServingMetrics& m, double rate);
+
 struct SearchOptions {
   Objective objective = Objective::throughput;
   std::string cost_model = "mixserve";
@@ -96,6 +143,8 @@ struct SearchOptions {
   int top = 10;                                          // candidates that get a breakdown
   std::vector<std::string> baselines;                    // empty = all of Table II
   std::optional<Layout> only_layout;                     // --layout: evaluate just this one
+  // Set: the goodput objective (objective is then the analytic pre-filter, throughput).
+  std::optional<GoodputOptions> goodput;
 };
 
 struct SearchInputs {
@@ -120,6 +169,7 @@ struct BaselineResult {
   std::optional<Layout> layout;            // nullopt: not applicable to this cluster
   std::optional<PlanCandidate> candidate;  // nullopt: not applicable or illegal
   std::string rejected_by;                 // predicate name or "not applicable"
+  std::optional<GoodputScore> goodput;     // goodput objective, legal baselines
 };
 
 struct SearchResult {
@@ -128,7 +178,16 @@ struct SearchResult {
   std::vector<PredicateCount> rejections;  // one per predicate, table order
   int64_t layouts = 0;                     // enumerated
   int64_t evaluations = 0;                 // (layout, limits) pairs costed
+  // Goodput objective: one score per re-scored candidate, ranked[i] <-> goodput[i] (the first
+  // goodput.size() entries of ranked, re-ranked by max_rate_per_gpu; their metrics are the
+  // simulation's at that rate).
+  std::vector<GoodputScore> goodput;
+  double goodput_wall_s = 0;
 };
+
+// The capacity search of one candidate (what search() runs for the goodput objective).
+GoodputScore score_goodput(const SearchInputs& in, const SearchOptions& opt,
+                           const PlanCandidate& cand, const GoodputOptions& g);
 
 // Full search. Throws InputError naming the cluster when no layout fits.
 SearchResult search(const SearchInputs& in, const SearchOptions& opt);
