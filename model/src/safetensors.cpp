@@ -29,8 +29,8 @@ constexpr StDTypeRow kStDTypes[] = {
 #undef MIXSERVE_X
 };
 
-// The format caps the header at 100 MB; a larger length is a corrupt file.
-constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+// The reference implementation caps the header at 100 MiB; a larger length is a corrupt file.
+constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
 
 std::string st_dtype_names() {
   std::string s;
