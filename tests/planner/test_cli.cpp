@@ -276,3 +276,106 @@ TEST_CASE("--layout pins the search to one layout (a baseline's plan for simulat
   CHECK(bad.err.find("--layout") != std::string::npos);
   CHECK_FALSE(fs::exists(plan));
 }
+
+TEST_CASE("--objective goodput: re-scored by the simulator, ranked by max request rate per GPU") {
+  const std::string base =
+      "search --model deepseek-v2-lite --cluster h200-1x8 --workload sharegpt-paper "
+      "--objective goodput --rescore-top 4 --trial-seconds 20";
+  const fs::path plan = scratch() / "goodput-plan.yaml", svg = scratch() / "pareto.svg",
+                 svg_itl = scratch() / "pareto.itl.svg";
+  for (const auto& p : {plan, svg, svg_itl}) fs::remove(p);
+  Run s = run(base + " --slo-ttft 2000 --slo-tpot 100 --json --progress -o " + plan.string() +
+              " --pareto-svg " + svg.string());
+  CAPTURE(s.err);
+  REQUIRE(s.code == 0);
+  const auto j = nlohmann::json::parse(s.out);  // progress went to stderr, not stdout
+  CHECK(s.err.find("goodput [1/") != std::string::npos);
+  CHECK(j.at("objective") == "goodput");
+  const auto& g = j.at("goodput");
+  CHECK(g.at("slo_ttft_ms").get<double>() == 2000);
+  CHECK(g.at("slo_tpot_ms").get<double>() == 100);
+  CHECK(g.at("slo_percentile").get<double>() == 90);
+  CHECK(g.at("rescored").get<int>() == 4);
+  const auto& ranked = j.at("ranked");
+  REQUIRE(ranked.size() >= 5);
+  const double gpus = j.at("world_size").get<double>();
+  for (size_t i = 0; i < 4; ++i) {
+    CAPTURE(i);
+    const auto& c = ranked[i];
+    REQUIRE(c.contains("max_rate_req_s"));
+    const double rate = c.at("max_rate_req_s").get<double>();
+    CHECK(rate > 0);
+    CHECK(c.at("max_rate_per_gpu").get<double>() == doctest::Approx(rate / gpus));
+    // The predicted metrics are the simulation's at that rate; the SLOs hold at p90.
+    CHECK(c.at("goodput").at("p90_ttft_ms").get<double>() <= 2000);
+    CHECK(c.at("goodput").at("p90_tpot_ms").get<double>() <= 100);
+    CHECK(c.at("goodput").at("slo_attainment").get<double>() >= 0.9);
+    if (i > 0)
+      CHECK(ranked[i - 1].at("max_rate_per_gpu").get<double>() >=
+            c.at("max_rate_per_gpu").get<double>());
+  }
+  CHECK_FALSE(ranked[4].contains("max_rate_req_s"));  // beyond --rescore-top: analytic only
+  CHECK(j.at("chosen").at("max_rate_per_gpu") == ranked[0].at("max_rate_per_gpu"));
+  int scored_baselines = 0;
+  for (const auto& b : j.at("baselines")) {
+    if (!b.at("legal").get<bool>()) continue;
+    ++scored_baselines;
+    CAPTURE(b.dump());
+    REQUIRE(b.contains("max_rate_per_gpu"));  // the same capacity search as the candidates
+    if (b.at("max_rate_per_gpu").get<double>() > 0)
+      CHECK(b.at("ratios").at("goodput_x").get<double>() ==
+            doctest::Approx(ranked[0].at("max_rate_per_gpu").get<double>() /
+                            b.at("max_rate_per_gpu").get<double>()));
+  }
+  CHECK(scored_baselines > 0);
+  // The plan records the objective, the SLOs and the metrics at the chosen rate.
+  REQUIRE(fs::exists(plan));
+  const mixserve::Plan p = mixserve::load_plan(plan.string());
+  CHECK(p.objective == "goodput");
+  CHECK(p.workload.slo_ttft_ms == 2000);
+  CHECK(p.chosen.metrics.request_rate ==
+        doctest::Approx(ranked[0].at("max_rate_req_s").get<double>()));
+  CHECK(run("check " + plan.string()).code == 0);
+  // Both plots, written whole.
+  for (const auto& f : {svg, svg_itl}) {
+    CAPTURE(f.string());
+    REQUIRE(fs::exists(f));
+    const std::string text = slurp(f);
+    CHECK(text.find("<svg") != std::string::npos);
+    CHECK(text.find("</svg>") != std::string::npos);
+  }
+}
+
+TEST_CASE("--objective goodput: bad SLO options exit 2 naming the option") {
+  const std::string base =
+      "search --model deepseek-v2-lite --cluster h200-1x8 --workload sharegpt-paper";
+  struct Case {
+    std::string args, needle;
+  };
+  for (const Case& c : {Case{" --objective goodput --slo-ttft 0", "--slo-ttft"},
+                        Case{" --objective goodput --slo-ttft -5", "--slo-ttft"},
+                        Case{" --objective goodput --slo-tpot 0", "--slo-tpot"},
+                        Case{" --objective goodput --slo-tpot -1", "--slo-tpot"},
+                        Case{" --objective goodput --slo-ttft 1000 --slo-percentile 150",
+                             "--slo-percentile"},
+                        Case{" --objective goodput --slo-ttft 1000 --slo-percentile 0",
+                             "--slo-percentile"},
+                        Case{" --objective goodput --slo-ttft 1000 --rescore-top 0",
+                             "--rescore-top"},
+                        Case{" --objective goodput", "--slo-ttft"},  // no SLO anywhere
+                        Case{" --objective throughput --slo-ttft 1000", "--slo-ttft"},
+                        Case{" --pareto-svg x.svg", "--pareto-svg"}}) {
+    CAPTURE(c.args);
+    Run r = run(base + c.args);
+    CAPTURE(r.err);
+    CHECK(r.code == 2);
+    CHECK(r.err.find(c.needle) != std::string::npos);
+    CHECK(r.out.empty());
+  }
+  // A workload whose rate cannot be varied: the capacity search says so (exit 2).
+  Run cl = run("search --model deepseek-v2-lite --cluster h200-1x8 --workload closed-loop-64 "
+               "--objective goodput --slo-ttft 1000");
+  CAPTURE(cl.err);
+  CHECK(cl.code == 2);
+  CHECK(cl.err.find("poisson or gamma") != std::string::npos);
+}
