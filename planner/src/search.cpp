@@ -126,6 +126,12 @@ GoodputScore score_goodput(const SearchInputs& in, const SearchOptions& opt,
   co.max_requests = std::max(co.max_requests, g.min_requests);
   co.trial_duration_s = g.trial_duration_s;
   co.start_rate = start;
+  // The sustained trials ran to completion: they are points of the latency-throughput curve.
+  std::vector<CurveSample> trials;
+  if (g.curve_points > 0)
+    co.on_trial_metrics = [&trials](double rate, const sim::ServingMetrics& m, bool sustained) {
+      if (sustained) trials.push_back({rate, m});
+    };
   const int gpus = in.cluster.world_size();
   const sim::CapacityResult cap = sim::capacity_search(*cm, cfg, w, co, gpus);
   GoodputScore out;
@@ -135,18 +141,27 @@ GoodputScore score_goodput(const SearchInputs& in, const SearchOptions& opt,
   out.simulations = cap.simulations;
   out.start_rate = start;
   if (g.curve_points > 0 && cap.max_rate > 0) {
+    // Fill up to curve_points with runs at fractions of the max rate not yet covered (no
+    // trial within 10% of it).
+    out.curve = std::move(trials);
     cfg.slo_ttft_ms = g.slo_ttft_ms;
     cfg.slo_tpot_ms = g.slo_tpot_ms;
     cfg.slo_e2el_ms = 0;
-    for (int i = 1; i <= g.curve_points; ++i) {
+    for (int i = 1; i <= g.curve_points && int(out.curve.size()) < g.curve_points; ++i) {
       WorkloadSpec wr = w;
       wr.rate = cap.max_rate * i / g.curve_points;
+      if (std::any_of(out.curve.begin(), out.curve.end(), [&](const CurveSample& c) {
+            return std::abs(c.rate - wr.rate) < 0.1 * wr.rate;
+          }))
+        continue;
       wr.num_requests = static_cast<int>(std::clamp(std::ceil(wr.rate * g.trial_duration_s),
                                                     double(co.num_requests),
                                                     double(co.max_requests)));
       out.curve.push_back({wr.rate, sim::simulate(*cm, cfg, sim::generate_requests(wr)).metrics});
       ++out.simulations;
     }
+    std::sort(out.curve.begin(), out.curve.end(),
+              [](const CurveSample& a, const CurveSample& b) { return a.rate < b.rate; });
   }
   return out;
 }

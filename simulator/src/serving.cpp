@@ -610,6 +610,7 @@ CapacityResult capacity_search(const StepCostModel& cm, const ServingConfig& bas
   auto ok = [&](const ServingMetrics& m) {
     const bool sustained = !last_stopped && m.slo_attainment >= opt.attainment;
     if (opt.on_trial) opt.on_trial(wl.rate, wl.num_requests, sustained);
+    if (opt.on_trial_metrics) opt.on_trial_metrics(wl.rate, m, sustained);
     return sustained;
   };
 

@@ -107,8 +107,9 @@ struct GoodputOptions {
   int rescore_top = 20;
   double trial_duration_s = 60;             // sim::CapacityOptions::trial_duration_s
   int min_requests = 200;                   // sim::CapacityOptions::num_requests
-  // > 0: also simulate each re-scored candidate at this many rates, evenly spaced up to its
-  // max rate (for the latency-throughput plot; GoodputScore::curve).
+  // > 0: keep a latency-throughput curve of at least this many rates per re-scored candidate
+  // (GoodputScore::curve): the capacity search's sustained trials, plus runs at i/curve_points
+  // of the max rate where no trial came within 10% of that rate.
   int curve_points = 0;
   // Called with one line per finished candidate (progress display); never required.
   std::function<void(const std::string&)> progress;
@@ -126,7 +127,7 @@ struct GoodputScore {
   sim::ServingMetrics at_max;      // the simulation at max_rate_req_s
   int simulations = 0;
   double start_rate = 0;           // where the capacity search started (analytic estimate)
-  std::vector<CurveSample> curve;  // curve_points rates, ascending
+  std::vector<CurveSample> curve;  // >= curve_points rates, ascending
 };
 
 // The predicted metrics of a simulation at `rate` req/s (means, whole cluster): what the plan

@@ -158,6 +158,9 @@ struct CapacityOptions {
   int max_simulations = 30;
   // Called after every trial (rate, requests, sustained?) -- e.g. a progress line.
   std::function<void(double rate, int requests, bool sustained)> on_trial;
+  // Called after every trial with its metrics (a trial that was not sustained may have been
+  // stopped early: its metrics then cover the requests finished so far).
+  std::function<void(double rate, const ServingMetrics& m, bool sustained)> on_trial_metrics;
 };
 struct CapacityResult {
   double max_rate = 0;           // req/s the layout sustains within the SLOs (0 = none found)
