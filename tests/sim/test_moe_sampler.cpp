@@ -250,8 +250,8 @@ TEST_CASE("cost model: a sampled load moves the step time as the expected load d
 
   // Skewed routing lengthens the step over uniform by about what the expected maxima give:
   // the mean over 300 sampled steps, per routing, vs the expected-load step times. Tolerance
-  // 2%: the sampler's correlated ranks raise the excess by ~3% (see above), a fraction of a
-  // percent of the step, plus Jensen's gap of a convex-ish step time in the load.
+  // 5% of the lengthening (~19% of a step here): the sampler's correlated ranks raise the
+  // excess load by ~3% (see above), plus Jensen's gap of a convex-ish step time in the load.
   const auto cu = make_cost_model("mixserve", m, c, p, l, {.routing = RoutingModel{}});
   const auto cz = make_cost_model("mixserve", m, c, p, l, {.routing = zipf(0.8)});
   MoeLoadSampler su(cu->moe_load_shape(), 1), sz(cz->moe_load_shape(), 1);
@@ -266,8 +266,8 @@ TEST_CASE("cost model: a sampled load moves the step time as the expected load d
   const double expected_ratio = cz->step(batch, false).time_us / cu->step(batch, false).time_us;
   CAPTURE(expected_ratio);
   CAPTURE(mz / mu);
-  CHECK(expected_ratio > 1.02);
-  CHECK(mz / mu == doctest::Approx(expected_ratio).epsilon(0.02));
+  CHECK(expected_ratio > 1.1);
+  CHECK(std::abs((mz / mu - 1) - (expected_ratio - 1)) < 0.05 * (expected_ratio - 1));
 
   // The paper model has no imbalance term: nothing to sample, and a load changes nothing.
   const auto paper = make_cost_model("paper", m, c, p, l, {.routing = zipf(0.8)});
