@@ -42,6 +42,7 @@ struct SimulateConfig {
   int capacity_requests = 200;
   double trial_seconds = 60;
   std::string output_json, output_csv, trace, plot, plot_metric = "ttft";
+  std::string moe_load = "sampled";  // per-step MoE load: sampled | expected
   bool json = false, quiet = false;
 };
 
@@ -80,6 +81,9 @@ void print_block(const sim::ServingMetrics& m, const sim::ServingConfig& cfg, do
   o += fmt::format("{:<40}{}\n", "Preemptions:", m.num_preemptions);
   o += fmt::format("{:<40}{}\n", "Empty replica-steps (DP idle):", m.num_empty_replica_steps);
   o += fmt::format("{:<40}{}\n", "KV blocks per replica:", m.kv_blocks_per_replica);
+  if (m.mean_moe_max_over_mean > 0)
+    o += fmt::format("{:<40}{:.3f}\n", "MoE load, max/mean EP rank (sampled):",
+                     m.mean_moe_max_over_mean);
   o += std::string(60, '=') + "\n";
   std::fputs(o.c_str(), stdout);
 }
@@ -117,6 +121,7 @@ int run_simulate(const SimulateConfig& o) {
   if (o.max_num_seqs > 0) cfg.limits.max_num_seqs = o.max_num_seqs;  // the option wins
   cfg.router = *sim::parse_router(o.router);
   cfg.record_steps = !o.trace.empty();
+  cfg.sample_moe_load = o.moe_load == "sampled";
   const bool show_progress = !o.quiet && ::isatty(STDERR_FILENO);
   const int gpus = plan.cluster.world_size();
   const std::string title = layout.name();
@@ -259,6 +264,11 @@ CommandRunner register_simulate(CLI::App& app) {
   sub->add_option("--plot", o->plot, "write an SVG of p90 latency vs throughput (per rate)");
   sub->add_option("--plot-metric", o->plot_metric, "latency on the plot's y axis")
       ->check(CLI::IsMember({"ttft", "itl"}))
+      ->capture_default_str();
+  sub->add_option("--moe-load", o->moe_load,
+                  "MoE load per step: sampled from the workload's routing each step, or the "
+                  "cost model's expected maximum")
+      ->check(CLI::IsMember({"sampled", "expected"}))
       ->capture_default_str();
   sub->add_flag("--json", o->json, "print the result JSON on stdout instead of the text block");
   sub->add_flag("--quiet", o->quiet, "no progress line on stderr");

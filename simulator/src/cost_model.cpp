@@ -12,7 +12,10 @@
 // projections (MLA: replicated down-projections, TP-sharded up-projections), core attention
 // (prefill pairs / decode context), o_proj, all-reduce over attn_tp.
 // MoE block, with T_g = the source tokens of one MoE TP group (T_rep * moe_tp / attn_tp, at
-// most all tokens) and rows = the expected maximum over EP ranks of routed rows (moe_load):
+// most all tokens) and rows = the routed rows of the most loaded EP rank: the expected maximum
+// (moe_load expected_ep_load), or the per-layer sampled load given to step(..., MoeStepLoad)
+// (the block costed at the step's smallest and largest layer load, layers in between
+// interpolated linearly):
 //   tp_allreduce: one all-reduce over moe_tp (with attn_dp > 1: all-gather of all replicas'
 //                 tokens over the stage before, reduce-scatter after);
 //   nccl_a2a:     each rank dispatches T_g/moe_tp tokens as (token, expert) rows of full hidden,

@@ -25,6 +25,9 @@
 //          2bsh l/d_PP, neither MLA nor GQA compression, nor TP sharding). No reserved memory,
 //          activations or buffers.
 //   Eq. 7 (M/M/1 queueing) is applied in analytic_metrics for the "paper" model.
+// No load-imbalance term: the paper costs the mean tokens per EP rank, so this model reports no
+// MoE load shape (the serving simulator samples nothing) and step(..., MoeStepLoad) ignores a
+// given load (StepCostModel's default).
 #include "mixserve/sim/paper_model.hpp"
 
 #include <algorithm>

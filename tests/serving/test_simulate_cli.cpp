@@ -75,6 +75,27 @@ TEST_CASE("simulate runs a searched plan and writes every output") {
   REQUIRE(sweep.code == 0);
   CHECK(nlohmann::json::parse(sweep.out)["runs"].size() == 2);
   CHECK(mixserve::read_text_file(svg).rfind("<svg", 0) == 0);
+
+  // --moe-load: sampled per step by default (when the layout has EP > 1), or expected; an EP8
+  // plan and the searched one (EP 1: nothing to sample).
+  const fs::path ep_plan = dir / "ep-plan.yaml";
+  REQUIRE(run("search --model deepseek-v2-lite --cluster h200-1x8 --workload sharegpt-like "
+              "--layout 'attn TP1xDP8 | moe TP1xEP8 | PP1 | a2a' -o " + ep_plan.string())
+              .code == 0);
+  for (const std::string mode : {"", "sampled", "expected", "ep1"}) {
+    CAPTURE(mode);
+    const std::string p = mode == "ep1" ? plan.string() : ep_plan.string();
+    const bool ep = mixserve::load_plan(p).chosen.layout.moe_ep > 1;
+    CHECK(ep == (mode != "ep1"));
+    const Run m = run("simulate --plan " + p + " --num-requests 50 --quiet --json" +
+                      (mode.empty() || mode == "ep1" ? std::string() : " --moe-load " + mode));
+    REQUIRE(m.code == 0);
+    const auto mj = nlohmann::json::parse(m.out);
+    const bool sampled = ep && mode != "expected";
+    CHECK(mj["mixserve_moe_load"] == (sampled ? "sampled" : "expected"));
+    CHECK((mj["mixserve_mean_moe_max_over_mean"].get<double>() > 1.0) == sampled);
+  }
+  CHECK(run("simulate --plan " + plan.string() + " --moe-load random").code == 2);
   fs::remove_all(dir);
 }
 
