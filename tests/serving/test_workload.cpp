@@ -46,7 +46,8 @@ double mean_of_samples(const LengthDist& d, int n, uint64_t seed) {
 
 TEST_CASE("every shipped workload loads, and sharegpt-like is labelled an approximation") {
   for (const char* name :
-       {"sharegpt-like", "sharegpt-paper", "fixed-1k-1k", "closed-loop-64", "tiny-trace"}) {
+       {"sharegpt-like", "sharegpt-paper", "sharegpt-skewed", "fixed-1k-1k", "closed-loop-64",
+        "tiny-trace"}) {
     CAPTURE(name);
     const WorkloadSpec w = load_workload(name);
     CHECK(w.name == name);
@@ -55,6 +56,10 @@ TEST_CASE("every shipped workload loads, and sharegpt-like is labelled an approx
   }
   const WorkloadSpec sg = load_workload("sharegpt-like");
   CHECK(sg.approximate);
+  const WorkloadSpec sk = load_workload("sharegpt-skewed");
+  CHECK(sk.approximate);
+  CHECK(routing_from_workload(sk).kind == "zipf");
+  CHECK(routing_from_workload(sk).skew == 1.0);
   CHECK(!load_workload("fixed-1k-1k").approximate);
   CHECK(parse_workload_yaml(workload_to_yaml(sg), "again.yaml").approximate);
   CHECK(parse_workload_yaml("name: a\narrival: {kind: burst}\ninput: {kind: fixed, value: 3}\n"
