@@ -1,0 +1,151 @@
+// Single-GPU forward of the MoE decoder family the CPU reference covers (Qwen3-MoE, Qwen2-MoE,
+// Mixtral, OLMoE): bf16 weights and activations, fp32 accumulation, the paged KV cache and the
+// step description of model/reference.hpp (sequences with their new tokens, the position of the
+// first one and a block table), so one batch can mix chunked prefill and decode.
+//
+// Per layer (one stream, in order):
+//   RMSNorm -> q, k, v GEMMs (cuBLASLt) (+ bias) -> QK-norm (per head, or over the whole
+//   projection when the norm weight has that width) -> RoPE -> KV write -> attention (mixed
+//   prefill/decode, attention.cuh) -> o GEMM -> residual add + RMSNorm (fused) ->
+//   MoE: router logits in fp32 -> softmax top-k -> device permute -> expert gate|up GEMMs ->
+//        SwiGLU -> expert down GEMMs -> weighted combine (+ shared expert, optional sigmoid gate)
+//   or dense SwiGLU FFN -> residual add.
+// Then the final RMSNorm and the LM head (the embedding when tied) for the last token of every
+// sequence, or every token (StepOptions::all_logits).
+//
+// Expert GEMMs, two paths (ExpertPath):
+//   cublaslt     ExpertGemm (gemm.hpp): one cuBLASLt GEMM per expert with tokens. Its row counts
+//                are host values, so every MoE layer copies the expert counts to the host and
+//                synchronises the stream once: such a step cannot be captured in a CUDA graph.
+//   device_gemv  launch_grouped_gemv (expert_gemm.hpp): one launch per projection for all experts,
+//                reading the permute's device-side offsets; no host sync, so the step can be
+//                captured in a CUDA graph. CUDA cores, weights re-read per 8 rows of an expert:
+//                for decode-sized steps.
+//   automatic    device_gemv when tokens * top_k <= device_gemv_max_rows, else cublaslt.
+// docs/forward.md gives the costs.
+//
+// Weight layouts on the device: q/k/v/o as Hugging Face [out, in]; the experts of a layer as one
+// [E, 2I, H] buffer whose expert e holds gate rows [0, I) then up rows [I, 2I) (SwiGLU reads
+// gate | up, swiglu.cuh) and one [E, H, I] down buffer; shared and dense FFNs likewise fused.
+//
+// Requirements (checked by the constructor, InputError naming the value): head_dim 64 or 128
+// (attention.cuh), block size 8/16/32, every GEMM n and k a multiple of 8 (hidden, q and kv widths,
+// FFN widths, vocab), experts <= 256, top_k <= 8, softmax scoring without groups or biases.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include "mixserve/core/model.hpp"
+#include "mixserve/gpu/gemm.hpp"
+#include "mixserve/gpu/runtime.hpp"
+#include "mixserve/model/reference.hpp"
+#include "mixserve/model/weights.hpp"
+
+namespace mixserve::gpu {
+
+enum class ExpertPath { automatic, cublaslt, device_gemv };
+
+struct GpuModelConfig {
+  int block_size = 16;           // tokens per KV block: 8, 16 or 32
+  int num_blocks = 0;            // KV blocks per layer; 0: from kv_memory_fraction
+  double kv_memory_fraction = 0.5;  // of the free device memory after weights and activations
+  int max_tokens_per_step = 256; // rows of the activation buffers
+  int max_seqs_per_step = 64;
+  int max_blocks_per_seq = 64;   // columns of the device block table
+  ExpertPath expert_path = ExpertPath::automatic;
+  int64_t device_gemv_max_rows = 512;  // automatic: routed rows (tokens * top_k) up to this
+};
+
+struct StepOptions {
+  bool all_logits = false;     // logits for every token (else the last token of each sequence)
+  bool record_hidden = false;  // copy the residual stream after every attention block and layer
+};
+
+struct GpuStepOutput {
+  int64_t num_tokens = 0;
+  std::vector<int64_t> seq_offsets;  // first row of each sequence; size batch + 1
+  std::vector<int64_t> logit_rows;   // token row of each logits row
+  std::vector<float> logits;         // [logit_rows, vocab]
+  // [num_layers][num_tokens, hidden] when record_hidden (see model::StepOutput).
+  std::vector<std::vector<float>> attn_hidden;
+  std::vector<std::vector<float>> layer_hidden;
+};
+
+class GpuModel {
+ public:
+  // Uploads the weights (bf16, fused layouts above) and allocates activations and the KV cache
+  // on the current device.
+  GpuModel(const model::WeightSet& weights, const GpuModelConfig& cfg);
+  // Weights drawn on the device (launch_fill_uniform, seeded; the variances of
+  // model::synthetic_weights) for timing models too large to build on the host. Not comparable
+  // with the CPU reference value by value.
+  GpuModel(const ModelSpec& spec, uint64_t seed, const GpuModelConfig& cfg);
+  ~GpuModel();
+  GpuModel(const GpuModel&) = delete;
+  GpuModel& operator=(const GpuModel&) = delete;
+
+  const ModelSpec& spec() const { return spec_; }
+  const GpuModelConfig& config() const { return cfg_; }
+  int num_blocks() const { return num_blocks_; }
+  double weight_bytes() const { return weight_bytes_; }
+  cudaStream_t stream() const { return stream_.get(); }
+  void set_expert_path(ExpertPath p) { cfg_.expert_path = p; }
+
+  // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
+  // the reference, plus the limits of the config).
+  GpuStepOutput step(const std::vector<model::SequenceStep>& batch, const StepOptions& opt = {});
+
+  // Timing interface: prepare() validates the batch and uploads its metadata; enqueue() runs the
+  // forward on `stream` and can be called repeatedly for the same prepared batch (the KV slots of
+  // its tokens are rewritten). With the cublaslt expert path it synchronises the stream once per
+  // MoE layer; with device_gemv it only enqueues (capturable in a CUDA graph).
+  void prepare(const std::vector<model::SequenceStep>& batch, const StepOptions& opt);
+  void enqueue(cudaStream_t stream);
+  // Waits for `stream` and copies the outputs of the last enqueue of the prepared batch back.
+  GpuStepOutput collect(cudaStream_t stream);
+  // Bytes a step of the prepared batch must read at least: the weights it touches (attention,
+  // norms, router, routed experts with tokens, shared/dense FFN, LM head) and the KV context.
+  // The experts touched are those of the last enqueue on the cublaslt path (0 before one).
+  double prepared_min_bytes() const;
+
+  void reset_cache();
+
+ private:
+  struct Layer;
+  void check_supported() const;
+  void allocate(bool from_host, const model::WeightSet* w, uint64_t seed);
+  void gemm(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
+            cudaStream_t s);
+  void ffn_moe(const Layer& L, int64_t T, cudaStream_t s);
+  void ffn_dense(const __nv_bfloat16* w13, const __nv_bfloat16* w2, int64_t inter, int64_t T,
+                 __nv_bfloat16* out, cudaStream_t s);
+
+  ModelSpec spec_;
+  GpuModelConfig cfg_;
+  Stream stream_;
+  LtHandle lt_;
+  DeviceBuffer lt_workspace_;
+  std::vector<DeviceBuffer> owned_;  // every weight and activation allocation
+  std::vector<Layer> layers_;
+  const __nv_bfloat16* embed_ = nullptr;  // [vocab, hidden]
+  const __nv_bfloat16* lm_head_ = nullptr;
+  const __nv_bfloat16* final_norm_ = nullptr;
+  double weight_bytes_ = 0;
+  int num_blocks_ = 0;
+  std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer
+  std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<LtGemm>> gemms_;
+  std::unique_ptr<ExpertGemm> expert_w13_, expert_w2_;
+
+  struct Act;
+  std::unique_ptr<Act> act_;
+  struct Prepared;
+  std::unique_ptr<Prepared> prep_;
+};
+
+}  // namespace mixserve::gpu

@@ -1,0 +1,482 @@
+// GPU model forward (executor/model_forward.hpp) against the float64 CPU reference
+// (model/reference.hpp), layer by layer (the residual stream after every attention block and every
+// layer) and on the logits, for small configurations of the four architectures (Qwen3-MoE,
+// Qwen2-MoE, Mixtral, OLMoE) over a scenario of steps sharing one paged cache: two sequences
+// prefilling (one in two chunks, one in one shot), decode after prefill, a mixed step (a new
+// sequence prefilling while the others decode) and a plain decode step, all with shuffled
+// (non-contiguous) block tables. Plus one full-width Qwen3-30B-A3B layer, bad input, and a
+// benchmark skipped by default:
+//   test_gpu_forward --test-case='bench*' --no-skip
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/core/io.hpp"
+#include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/model_forward.hpp"
+#include "mixserve/gpu/runtime.hpp"
+#include "mixserve/gpu/timing.hpp"
+#include "mixserve/model/bf16.hpp"
+#include "mixserve/model/reference.hpp"
+#include "mixserve/model/weights.hpp"
+
+using namespace mixserve;
+using mixserve::gpu::GpuModel;
+using mixserve::gpu::GpuModelConfig;
+using mixserve::gpu::StepOptions;
+using mixserve::model::SequenceStep;
+
+namespace {
+
+// Tolerances. The GPU keeps the residual stream and every activation in bf16 (unit roundoff
+// 2^-9 = 2e-3; a rounding adds ~1.1e-3 RMS relative error), accumulates in fp32, and per layer
+// rounds the residual twice, the normed input, q/k/v, the attention output, the o projection, the
+// gate|up, SwiGLU and down outputs and the combine: about ten roundings, partly averaging out,
+// which give ~3-6e-3 relative error per layer; errors carried into the next layer are passed on
+// (the norms rescale them, they do not shrink). kTolHiddenPerLayer = 2e-2 per layer, growing
+// linearly with depth (tolerance at layer l = (l + 1) * 2e-2), leaves 3x margin and still fails on
+// a real bug (a missing bias, norm, rope or a wrong expert gives 0.1-1).
+constexpr double kTolHiddenPerLayer = 2e-2;
+// Logits: the final hidden state's error plus the final norm and the LM head's bf16 output.
+constexpr double kTolLogitsExtra = 1e-2;
+// Router near-ties: the GPU's router logits carry the input's relative error ε (<= ~1e-2 deep in
+// the model) times O(1) logits (unit-RMS normed input, weights of variance 1/H). A token whose
+// reference k-th and (k+1)-th router logits are closer than kTieMargin may pick another expert
+// on the GPU, which legitimately changes that token's row by O(1): such rows are left out of
+// the comparison from that layer on (counted and printed), as are their logits.
+constexpr double kTieMargin = 0.03;
+// Top-1 token ids must agree wherever the reference's top-2 logit gap exceeds kTop1Gap (logits
+// are O(1); their GPU error is below ~2e-2).
+constexpr double kTop1Gap = 0.1;
+
+// Small configurations of the four architectures with head_dim 64 (the attention kernel supports
+// 64 and 128) and widths that are multiples of 8 (cuBLASLt), imported from config.json text.
+ModelSpec small_qwen3() {  // GQA 4/2, q width 256 != hidden 64, per-head QK-norm, dense layer 0
+  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "vocab_size": 96, "intermediate_size": 96, "moe_intermediate_size": 32, "num_experts": 8,
+    "num_experts_per_tok": 2, "norm_topk_prob": true, "mlp_only_layers": [0],
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
+                          "small-qwen3/config.json");
+}
+ModelSpec small_qwen2() {  // MHA, QKV bias, shared expert with sigmoid gate, tied embeddings
+  return import_hf_config(R"({"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+    "vocab_size": 88, "intermediate_size": 128, "moe_intermediate_size": 16, "num_experts": 5,
+    "num_experts_per_tok": 2, "norm_topk_prob": false, "shared_expert_intermediate_size": 40,
+    "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true})",
+                          "small-qwen2/config.json");
+}
+ModelSpec small_mixtral() {  // GQA 2/1, renormalised top-2
+  return import_hf_config(R"({"architectures": ["MixtralForCausalLM"], "hidden_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "vocab_size": 104, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": false})",
+                          "small-mixtral/config.json");
+}
+ModelSpec small_olmoe() {  // MHA, QK-norm over the whole projection, top-3 of 8, no renorm
+  return import_hf_config(R"({"architectures": ["OlmoeForCausalLM"], "hidden_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+    "vocab_size": 72, "intermediate_size": 24, "num_experts": 8, "num_experts_per_tok": 3,
+    "norm_topk_prob": false, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": false})",
+                          "small-olmoe/config.json");
+}
+
+std::vector<double> widen(const std::vector<uint16_t>& b) {
+  std::vector<double> d(b.size());
+  for (std::size_t i = 0; i < b.size(); ++i) d[i] = model::bf16_to_f32(b[i]);
+  return d;
+}
+
+// Per (row, layer): was the row's routing a near tie in the reference at this MoE layer?
+// Recomputes the router logits in float64 from the reference's post-attention residual.
+std::vector<std::vector<bool>> near_ties(const model::WeightSet& w, const model::StepOutput& ref) {
+  const ModelSpec& m = w.spec();
+  const int64_t H = m.hidden_size, T = ref.num_tokens;
+  const int E = m.moe.num_experts, K = m.moe.top_k;
+  std::vector<std::vector<bool>> tie(m.num_layers, std::vector<bool>(T, false));
+  const auto fam = w.family();
+  for (int l = 0; l < m.num_layers; ++l) {
+    if (!m.layers[l].moe || K >= E) continue;
+    const auto norm_w = widen(w.at(model::names::post_attn_norm(l)).bf16);
+    const auto router = widen(w.at(model::names::router(fam, l)).bf16);
+    for (int64_t t = 0; t < T; ++t) {
+      const double* x = &ref.attn_hidden[l][t * H];
+      double ss = 0;
+      for (int64_t c = 0; c < H; ++c) ss += x[c] * x[c];
+      const double inv = 1.0 / std::sqrt(ss / double(H) + m.rms_norm_eps);
+      std::vector<double> lg(E);
+      for (int e = 0; e < E; ++e) {
+        double a = 0;
+        for (int64_t c = 0; c < H; ++c) a += router[e * H + c] * x[c] * inv * norm_w[c];
+        lg[e] = a;
+      }
+      std::sort(lg.begin(), lg.end(), std::greater<>());
+      tie[l][t] = lg[K - 1] - lg[K] < kTieMargin;
+    }
+  }
+  return tie;
+}
+
+struct CompareStats {
+  int rows_total = 0;
+  int rows_excluded = 0;
+  int top1_checked = 0;
+};
+
+// Compares one step: residual stream per layer (attention block and whole layer) and logits of
+// every token, leaving out rows after a reference near-tie (see kTieMargin). `excluded` carries
+// the rows (by sequence and position) already diverged from earlier steps' ties: a row whose own
+// routing flipped in an earlier step is not re-run, so only its K/V (diluted by attention) is
+// carried; it needs no exclusion in later steps.
+void compare_step(const std::string& what, const model::WeightSet& w, const model::StepOutput& ref,
+                  const gpu::GpuStepOutput& got, CompareStats& st) {
+  const ModelSpec& m = w.spec();
+  const int64_t H = m.hidden_size, T = ref.num_tokens, V = m.vocab_size;
+  INFO(what);
+  REQUIRE(got.num_tokens == T);
+  REQUIRE(got.layer_hidden.size() == std::size_t(m.num_layers));
+  const auto tie = near_ties(w, ref);
+  std::vector<bool> diverged(T, false);
+  auto rel = [&](const std::vector<float>& g, const std::vector<double>& r, int64_t width, const char* name, int l,
+                 double tol) {
+    double num = 0, den = 0;
+    int64_t used = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (diverged[t]) continue;
+      ++used;
+      for (int64_t c = 0; c < width; ++c) {
+        const double d = double(g[t * width + c]) - r[t * width + c];
+        num += d * d;
+        den += r[t * width + c] * r[t * width + c];
+      }
+    }
+    if (used == 0) {
+      std::printf("  %-44s %-6s layer %d: every row left out (router near-ties)\n", what.c_str(), name, l);
+      return;
+    }
+    CHECK_MESSAGE(den > 0.0, what << " " << name << " layer " << l << ": reference all zeros");
+    const double e = std::sqrt(num / std::max(den, 1e-300));
+    std::printf("  %-44s %-6s layer %d: rel err %.2e (tol %.1e, %lld/%lld rows)\n", what.c_str(), name, l, e, tol,
+                (long long)used, (long long)T);
+    CHECK_MESSAGE(e <= tol, what << " " << name << " layer " << l << " rel err " << e << " > " << tol);
+  };
+  for (int l = 0; l < m.num_layers; ++l) {
+    const double tol = kTolHiddenPerLayer * (l + 1);
+    rel(got.attn_hidden[l], ref.attn_hidden[l], H, "attn", l, tol);
+    for (int64_t t = 0; t < T; ++t) diverged[t] = diverged[t] || tie[l][t];
+    rel(got.layer_hidden[l], ref.layer_hidden[l], H, "layer", l, tol);
+  }
+  st.rows_total += static_cast<int>(T);
+  for (int64_t t = 0; t < T; ++t) st.rows_excluded += diverged[t];
+  REQUIRE(got.logits.size() == std::size_t(T * V));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < V; ++c)
+      REQUIRE_MESSAGE(std::isfinite(got.logits[t * V + c]), what << " logit (" << t << ", " << c << ") not finite");
+  }
+  rel(got.logits, ref.logits, V, "logits", m.num_layers, kTolHiddenPerLayer * m.num_layers + kTolLogitsExtra);
+  for (int64_t t = 0; t < T; ++t) {
+    if (diverged[t]) continue;
+    std::vector<int64_t> idx(V);
+    std::iota(idx.begin(), idx.end(), 0);
+    const double* r = &ref.logits[t * V];
+    std::partial_sort(idx.begin(), idx.begin() + 2, idx.end(), [&](int64_t a, int64_t b) { return r[a] > r[b]; });
+    if (r[idx[0]] - r[idx[1]] < kTop1Gap) continue;
+    const float* g = &got.logits[t * V];
+    const int64_t gtop = std::max_element(g, g + V) - g;
+    CHECK_MESSAGE(gtop == idx[0], what << " row " << t << ": GPU top-1 " << gtop << ", reference " << idx[0]);
+    ++st.top1_checked;
+  }
+}
+
+// Runs the same steps on the GPU and on the reference and compares each.
+struct Pair {
+  model::WeightSet w;
+  model::ReferenceModel ref;
+  GpuModel gpu;
+  Pair(const ModelSpec& m, uint64_t seed, int block_size, int num_blocks, int max_tokens,
+       gpu::ExpertPath path = gpu::ExpertPath::automatic)
+      : w(model::synthetic_weights(m, seed)),
+        ref(w, model::KVCacheConfig{block_size, num_blocks}),
+        gpu(w, [&] {
+          GpuModelConfig c;
+          c.block_size = block_size;
+          c.num_blocks = num_blocks;
+          c.max_tokens_per_step = max_tokens;
+          c.max_seqs_per_step = 8;
+          c.max_blocks_per_seq = 64;
+          c.expert_path = path;
+          return c;
+        }()) {}
+  void run(const std::string& what, const std::vector<SequenceStep>& batch, CompareStats& st) {
+    const auto r = ref.step(batch);
+    StepOptions o;
+    o.all_logits = true;
+    o.record_hidden = true;
+    const auto g = gpu.step(batch, o);
+    compare_step(what, w, r, g, st);
+  }
+};
+
+std::vector<int32_t> random_tokens(std::mt19937_64& rng, int n, int vocab) {
+  std::uniform_int_distribution<int32_t> d(0, vocab - 1);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = d(rng);
+  return t;
+}
+
+// The scenario: sequences A (prefill in two chunks), C (one-shot prefill), then decodes, then
+// B joins (prefill while A and C decode), then everyone decodes. Blocks are a shuffled pool
+// handed out per sequence, so every block table is non-contiguous.
+void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path) {
+  const int block = 8, num_blocks = 40;
+  Pair p(m, seed, block, num_blocks, 64, path);
+  std::mt19937_64 rng(seed * 7919 + 1);
+  std::vector<int32_t> pool(num_blocks);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng);
+  auto take = [&](int n) {
+    std::vector<int32_t> t(pool.end() - n, pool.end());
+    pool.resize(pool.size() - n);
+    return t;
+  };
+  const auto a_tok = random_tokens(rng, 23, m.vocab_size);
+  const auto c_tok = random_tokens(rng, 19, m.vocab_size);
+  const auto b_tok = random_tokens(rng, 13, m.vocab_size);
+  const auto a_blocks = take(5), c_blocks = take(4), b_blocks = take(4);  // room for 40/32/32 tokens
+  CompareStats st;
+  const std::string name =
+      m.name + (path == gpu::ExpertPath::cublaslt ? " cublaslt" : " gemv") + " seed " + std::to_string(seed);
+  auto seq = [](std::vector<int32_t> tok, int64_t pos, std::vector<int32_t> bt) {
+    SequenceStep s;
+    s.tokens = std::move(tok);
+    s.position = pos;
+    s.block_table = std::move(bt);
+    return s;
+  };
+  auto slice = [](const std::vector<int32_t>& v, int a, int b) {
+    return std::vector<int32_t>(v.begin() + a, v.begin() + b);
+  };
+  // Step 1: A's first chunk (11 tokens) and C's whole prompt (19).
+  p.run(name + " prefill A[0,11) + C[0,19)", {seq(slice(a_tok, 0, 11), 0, a_blocks), seq(c_tok, 0, c_blocks)}, st);
+  // Step 2: A's second chunk (12 tokens, context 11) and C's first decode.
+  std::vector<int32_t> c_next = random_tokens(rng, 1, m.vocab_size);
+  p.run(name + " prefill A[11,23) + decode C@19", {seq(slice(a_tok, 11, 23), 11, a_blocks), seq(c_next, 19, c_blocks)},
+        st);
+  // Step 3: A decodes alone.
+  p.run(name + " decode A@23", {seq(random_tokens(rng, 1, m.vocab_size), 23, a_blocks)}, st);
+  // Step 4: mixed: B prefills 13 tokens while A and C decode.
+  p.run(name + " mixed B[0,13) + decode A@24, C@20",
+        {seq(random_tokens(rng, 1, m.vocab_size), 24, a_blocks), seq(b_tok, 0, b_blocks),
+         seq(random_tokens(rng, 1, m.vocab_size), 20, c_blocks)},
+        st);
+  // Step 5: everyone decodes.
+  p.run(name + " decode A@25, B@13, C@21",
+        {seq(random_tokens(rng, 1, m.vocab_size), 25, a_blocks), seq(random_tokens(rng, 1, m.vocab_size), 13, b_blocks),
+         seq(random_tokens(rng, 1, m.vocab_size), 21, c_blocks)},
+        st);
+  std::printf("%s: %d rows left out after router near-ties, %d top-1 ids checked\n", name.c_str(), st.rows_excluded,
+              st.top1_checked);
+  CHECK_MESSAGE(st.top1_checked > 0, name << ": no row had a clear top-1 (check kTop1Gap)");
+  CHECK_MESSAGE(2 * st.rows_excluded <= st.rows_total,
+                name << ": too many near-tie rows left out (" << st.rows_excluded << "/" << st.rows_total << ")");
+}
+
+}  // namespace
+
+TEST_CASE("forward: Qwen3-MoE (GQA, per-head QK-norm, dense first layer) vs the float64 reference") {
+  SUBCASE("experts: device GEMV") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::device_gemv); }
+  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt); }
+}
+TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) vs the float64 reference") {
+  SUBCASE("experts: device GEMV") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::device_gemv); }
+  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt); }
+}
+TEST_CASE("forward: Mixtral (GQA 2/1, renormalised top-2) vs the float64 reference") {
+  SUBCASE("experts: device GEMV") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::device_gemv); }
+  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt); }
+}
+TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 reference") {
+  SUBCASE("experts: device GEMV") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::device_gemv); }
+  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt); }
+}
+
+TEST_CASE("forward: last-token logits equal the all-token logits' last rows; poisoned outputs overwritten") {
+  const ModelSpec m = small_qwen3();
+  const auto w = model::synthetic_weights(m, 21);
+  GpuModelConfig c;
+  c.block_size = 16;
+  c.num_blocks = 8;
+  c.max_tokens_per_step = 32;
+  GpuModel g(w, c);
+  std::mt19937_64 rng(5);
+  SequenceStep a{random_tokens(rng, 9, m.vocab_size), 0, {3}};
+  SequenceStep b{random_tokens(rng, 4, m.vocab_size), 0, {1}};
+  StepOptions all;
+  all.all_logits = true;
+  const auto full = g.step({a, b}, all);
+  g.reset_cache();
+  const auto last = g.step({a, b});
+  REQUIRE(last.logit_rows == std::vector<int64_t>{8, 12});
+  for (int i = 0; i < 2; ++i)
+    for (int v = 0; v < m.vocab_size; ++v)
+      CHECK(last.logits[std::size_t(i) * m.vocab_size + v] ==
+            full.logits[std::size_t(last.logit_rows[i]) * m.vocab_size + v]);
+}
+
+TEST_CASE("forward: a decode step captured in a CUDA graph (device GEMV experts) replays to the same logits") {
+  const ModelSpec m = small_olmoe();
+  const auto w = model::synthetic_weights(m, 31);
+  GpuModelConfig c;
+  c.block_size = 16;
+  c.num_blocks = 8;
+  c.max_tokens_per_step = 32;
+  c.expert_path = gpu::ExpertPath::device_gemv;
+  GpuModel g(w, c);
+  std::mt19937_64 rng(6);
+  g.step({SequenceStep{random_tokens(rng, 20, m.vocab_size), 0, {5, 2}}, SequenceStep{random_tokens(rng, 7, m.vocab_size), 0, {0}}});
+  const std::vector<SequenceStep> dec{SequenceStep{random_tokens(rng, 1, m.vocab_size), 20, {5, 2}},
+                                      SequenceStep{random_tokens(rng, 1, m.vocab_size), 7, {0}}};
+  const auto eager = g.step(dec);
+  g.prepare(dec, StepOptions{});
+  cudaStream_t s = g.stream();
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MIXSERVE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  g.enqueue(s);
+  MIXSERVE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  MIXSERVE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < 3; ++i) MIXSERVE_CUDA_CHECK(cudaGraphLaunch(exec, s));
+  const auto replay = g.collect(s);
+  MIXSERVE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MIXSERVE_CUDA_CHECK(cudaGraphDestroy(graph));
+  REQUIRE(replay.logits.size() == eager.logits.size());
+  int differ = 0;
+  for (std::size_t i = 0; i < eager.logits.size(); ++i) differ += replay.logits[i] != eager.logits[i];
+  CHECK_MESSAGE(differ == 0, differ << " logits differ between the eager step and the graph replay");
+}
+
+TEST_CASE("forward: bad batches and unsupported models throw InputError") {
+  const ModelSpec m = small_mixtral();
+  const auto w = model::synthetic_weights(m, 3);
+  GpuModelConfig c;
+  c.block_size = 8;
+  c.num_blocks = 4;
+  c.max_tokens_per_step = 16;
+  c.max_seqs_per_step = 2;
+  c.max_blocks_per_seq = 4;
+  GpuModel g(w, c);
+  CHECK_THROWS_AS(g.step({}), InputError);
+  CHECK_THROWS_AS(g.step({SequenceStep{{}, 0, {0}}}), InputError);                 // no tokens
+  CHECK_THROWS_AS(g.step({SequenceStep{{1, m.vocab_size}, 0, {0}}}), InputError);  // id out of range
+  CHECK_THROWS_AS(g.step({SequenceStep{{1}, -1, {0}}}), InputError);               // negative position
+  CHECK_THROWS_AS(g.step({SequenceStep{std::vector<int32_t>(9, 1), 0, {0}}}), InputError);  // table too short
+  CHECK_THROWS_AS(g.step({SequenceStep{{1}, 0, {4}}}), InputError);                          // block out of range
+  CHECK_THROWS_AS(g.step({SequenceStep{{1}, 0, {2}}, SequenceStep{{2}, 0, {2}}}), InputError);  // shared block
+  CHECK_THROWS_AS(g.step({SequenceStep{std::vector<int32_t>(17, 1), 0, {0, 1, 2}}}), InputError);  // > max tokens
+  // head_dim 4 (the model tests' tiny Mixtral) is outside the attention kernel's 64/128.
+  const ModelSpec tiny = import_hf_config(R"({"architectures": ["MixtralForCausalLM"], "hidden_size": 16,
+    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "vocab_size": 32, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2})",
+                                          "tiny-mixtral/config.json");
+  CHECK_THROWS_AS(GpuModel(model::synthetic_weights(tiny, 1), c), InputError);
+}
+
+// One Qwen3-30B-A3B layer at full width (hidden 2048, 32/4 heads x 128, 128 experts x 768,
+// top-8) for shape coverage: compared with the reference on a few tokens (prefill of 5 and 3
+// tokens, then a decode of both). The vocabulary is cut to 4096 so that the float64 reference's
+// LM head stays small; the layer itself is the model's.
+TEST_CASE("forward: one full-width Qwen3-30B-A3B layer (vocab cut to 4096) vs the float64 reference") {
+  ModelSpec m = model::with_num_layers(load_model("qwen3-30b-a3b"), 1);
+  m.vocab_size = 4096;
+  const uint64_t seed = 30;
+  Pair p(m, seed, 16, 8, 16);
+  std::mt19937_64 rng(seed);
+  CompareStats st;
+  p.gpu.set_expert_path(gpu::ExpertPath::cublaslt);
+  p.run("qwen3-30b-a3b L1 prefill 5 + 3 (cuBLASLt)",
+        {SequenceStep{random_tokens(rng, 5, m.vocab_size), 0, {6}}, SequenceStep{random_tokens(rng, 3, m.vocab_size), 0, {2}}},
+        st);
+  p.gpu.set_expert_path(gpu::ExpertPath::device_gemv);
+  p.run("qwen3-30b-a3b L1 decode @5, @3 (GEMV)",
+        {SequenceStep{random_tokens(rng, 1, m.vocab_size), 5, {6}}, SequenceStep{random_tokens(rng, 1, m.vocab_size), 3, {2}}},
+        st);
+  std::printf("qwen3-30b-a3b L1: %d rows left out after router near-ties, %d top-1 ids checked\n", st.rows_excluded,
+              st.top1_checked);
+}
+
+// Decode and prefill step latency of Qwen3-30B-A3B with --num-layers 4 (device-drawn weights),
+// with the bytes the step must read (weights it touches, KV context, LM head) against the
+// device's measured copy bandwidth. Not a test: prints only.
+TEST_CASE("bench: Qwen3-30B-A3B --num-layers 4 decode b=1/64 and prefill 1x2048" * doctest::skip()) {
+  const ModelSpec m = model::with_num_layers(load_model("qwen3-30b-a3b"), 4);
+  GpuModelConfig c;
+  c.block_size = 16;
+  c.num_blocks = 8192;
+  c.max_tokens_per_step = 2048;
+  c.max_seqs_per_step = 64;
+  c.max_blocks_per_seq = 160;
+  GpuModel g(m, 7, c);
+  // Copy bandwidth (read + write bytes over time) of a 1 GiB device-to-device copy.
+  const std::size_t copy_bytes = std::size_t(1) << 30;
+  gpu::DeviceBuffer src(copy_bytes), dst(copy_bytes);
+  gpu::TimingOptions topt;
+  topt.warmup_iters = 3;
+  topt.timed_iters = 10;
+  topt.flush_l2 = false;
+  const auto copy = gpu::time_op(
+      [&](cudaStream_t s) { MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(dst.get(), src.get(), copy_bytes, cudaMemcpyDeviceToDevice, s)); },
+      g.stream(), topt, nullptr);
+  const double copy_GBs = 2.0 * double(copy_bytes) / (copy.time_us.median * 1e3);
+  std::printf("# device copy bandwidth: %.0f GB/s (read + write of %zu MiB, median of %d)\n", copy_GBs,
+              copy_bytes >> 20, topt.timed_iters);
+  std::printf("# model %s, %d layers, weights %.2f GB, KV blocks %d x %d tokens\n", m.name.c_str(), m.num_layers,
+              g.weight_bytes() / 1e9, g.num_blocks(), c.block_size);
+  std::printf("%-44s %10s %10s %10s %12s %10s\n", "case", "time(us)", "noise", "min GB", "GB/s", "% copy");
+  std::mt19937_64 rng(1);
+  // Bytes from a cuBLASLt-path run (it counts the experts with tokens), then the timed runs.
+  auto bench = [&](const std::string& name, const std::vector<SequenceStep>& batch, gpu::ExpertPath path, bool graph) {
+    g.set_expert_path(gpu::ExpertPath::cublaslt);
+    g.prepare(batch, StepOptions{});
+    g.enqueue(g.stream());
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+    const double gb = g.prepared_min_bytes() / 1e9;
+    g.set_expert_path(path);
+    topt.cuda_graph = graph;
+    const auto r = gpu::time_op([&](cudaStream_t s) { g.enqueue(s); }, g.stream(), topt, nullptr);
+    const double gbs = gb / (r.time_us.median * 1e-6);
+    std::printf("%-44s %10.1f %10.3f %10.3f %12.0f %9.1f%%\n", name.c_str(), r.time_us.median, r.time_us.noise(), gb,
+                gbs, 100.0 * gbs / copy_GBs);
+  };
+  auto decode = [&](int batch, int ctx) {
+    std::vector<SequenceStep> b;
+    const int blocks = (ctx + 1 + c.block_size - 1) / c.block_size;
+    for (int s = 0; s < batch; ++s) {
+      SequenceStep q;
+      q.tokens = random_tokens(rng, 1, m.vocab_size);
+      q.position = ctx;
+      for (int k = 0; k < blocks; ++k) q.block_table.push_back(s * blocks + k);
+      b.push_back(q);
+    }
+    return b;
+  };
+  for (int b : {1, 64}) {
+    const auto batch = decode(b, 1024);
+    const std::string n = "decode b=" + std::to_string(b) + " ctx=1024";
+    bench(n + " GEMV experts, CUDA graph", batch, gpu::ExpertPath::device_gemv, true);
+    bench(n + " GEMV experts, eager", batch, gpu::ExpertPath::device_gemv, false);
+    bench(n + " cuBLASLt experts, eager", batch, gpu::ExpertPath::cublaslt, false);
+  }
+  SequenceStep pre;
+  pre.tokens = random_tokens(rng, 2048, m.vocab_size);
+  for (int k = 0; k < 2048 / c.block_size; ++k) pre.block_table.push_back(k);
+  bench("prefill 1 x 2048 cuBLASLt experts, eager", {pre}, gpu::ExpertPath::cublaslt, false);
+}
