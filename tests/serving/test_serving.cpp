@@ -78,6 +78,19 @@ TEST_CASE("percentiles follow numpy's linear interpolation") {
   CHECK(s.mean == 2.5);
   CHECK(s.median == 2.5);
   CHECK(s.stddev == doctest::Approx(std::sqrt(1.25)));  // population std, as numpy.std
+  // latency_stats selects instead of sorting: the same order statistics as percentile() of the
+  // sorted values, exactly, at awkward sizes (with ties: values rounded to a coarse grid).
+  Rng rng(5);
+  for (size_t n : {size_t(1), size_t(2), size_t(3), size_t(7), size_t(10), size_t(101), size_t(997)}) {
+    CAPTURE(n);
+    std::vector<double> x(n);
+    for (double& e : x) e = std::round(rng.uniform() * 50) / 4;
+    const LatencyStats ls = latency_stats(x);
+    std::sort(x.begin(), x.end());
+    CHECK(ls.median == percentile(x, 50));
+    CHECK(ls.p90 == percentile(x, 90));
+    CHECK(ls.p99 == percentile(x, 99));
+  }
 }
 
 TEST_CASE("every request finishes exactly once and tokens are conserved") {
