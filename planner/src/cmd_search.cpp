@@ -417,19 +417,18 @@ int run_search(const SearchConfig& cfg) {
                                r.goodput.front().max_rate_per_gpu / b.goodput->max_rate_per_gpu)
                  : fmt::format("  {:<16} {:>9}\n", b.name, "(baseline meets the SLOs at no rate)");
     }
-  }
-  if (!goodput)
+  } else {
     out += "\nchosen vs baselines (TTFT and ITL: baseline / chosen; throughput: chosen / baseline - 1)\n";
-  if (!goodput)
     out += fmt::format("  {:<16} {:>9} {:>8} {:>12}\n", "baseline", "TTFT", "ITL", "throughput");
-  for (const auto& b : r.baselines) {
-    if (!b.candidate || goodput) continue;
-    const Ratios q = ratios(best.metrics, b.candidate->metrics);
-    // A saturated baseline (TTFT infinite: its queue does not drain at this rate) has no ratio.
-    const std::string ttft = std::isfinite(q.ttft_x) ? fmt::format("{:.2f}x", q.ttft_x)
-                                                     : std::string("saturated");
-    out += fmt::format("  {:<16} {:>9} {:>7.2f}x {:>+11.1f}%\n", b.name, ttft, q.itl_x,
-                       q.throughput_gain_pct);
+    for (const auto& b : r.baselines) {
+      if (!b.candidate) continue;
+      const Ratios q = ratios(best.metrics, b.candidate->metrics);
+      // A saturated baseline (TTFT infinite: its queue does not drain at this rate) has no ratio.
+      const std::string ttft = std::isfinite(q.ttft_x) ? fmt::format("{:.2f}x", q.ttft_x)
+                                                       : std::string("saturated");
+      out += fmt::format("  {:<16} {:>9} {:>7.2f}x {:>+11.1f}%\n", b.name, ttft, q.itl_x,
+                         q.throughput_gain_pct);
+    }
   }
   if (explained) out += "\n" + breakdown_table(*explained);
   if (!plan_text.empty()) {
