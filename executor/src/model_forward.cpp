@@ -265,7 +265,9 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     }
   }
 
-  // Activations.
+  // Activations, poisoned (0xffff is a bf16/fp32 NaN, -1 as int32) so that a row the forward fails
+  // to write shows up as NaN in the outputs.
+  const std::size_t first_activation = owned_.size();
   act_ = std::make_unique<Act>();
   Act& A = *act_;
   auto bf = [&](int64_t n) { return static_cast<bf16*>(alloc(std::size_t(n) * 2)); };
@@ -320,6 +322,8 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
                                               lt_workspace_.bytes());
   }
 
+  for (std::size_t i = first_activation; i < owned_.size(); ++i)
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(owned_[i].get(), 0xff, owned_[i].bytes(), s));
   // KV cache: [num_blocks, block, kv_heads, head_dim] per layer for K and for V.
   const std::size_t block_bytes = std::size_t(cfg_.block_size) * std::size_t(KVW) * 2;
   num_blocks_ = cfg_.num_blocks;

@@ -51,10 +51,11 @@ constexpr double kTolLogitsExtra = 1e-2;
 // reference k-th and (k+1)-th router logits are closer than kTieMargin may pick another expert
 // on the GPU, which legitimately changes that token's row by O(1): such rows are left out of
 // the comparison from that layer on (counted and printed), as are their logits.
-constexpr double kTieMargin = 0.03;
-// Top-1 token ids must agree wherever the reference's top-2 logit gap exceeds kTop1Gap (logits
-// are O(1); their GPU error is below ~2e-2).
-constexpr double kTop1Gap = 0.1;
+constexpr double kTieMargin = 0.05;
+// Top-1 token ids must agree wherever the reference's top-2 logit gap exceeds kTop1GapRel times
+// the RMS of that row's logits (an element's GPU error stays near the norm-wise logits error,
+// <= ~7e-2 of that RMS, twice over for two elements; tied embeddings give logits of RMS ~sqrt(hidden)).
+constexpr double kTop1GapRel = 0.25;
 
 // Small configurations of the four architectures with head_dim 64 (the attention kernel supports
 // 64 and 128) and widths that are multiples of 8 (cuBLASLt), imported from config.json text.
@@ -189,7 +190,9 @@ void compare_step(const std::string& what, const model::WeightSet& w, const mode
     std::iota(idx.begin(), idx.end(), 0);
     const double* r = &ref.logits[t * V];
     std::partial_sort(idx.begin(), idx.begin() + 2, idx.end(), [&](int64_t a, int64_t b) { return r[a] > r[b]; });
-    if (r[idx[0]] - r[idx[1]] < kTop1Gap) continue;
+    double ss = 0;
+    for (int64_t c = 0; c < V; ++c) ss += r[c] * r[c];
+    if (r[idx[0]] - r[idx[1]] < kTop1GapRel * std::sqrt(ss / double(V))) continue;
     const float* g = &got.logits[t * V];
     const int64_t gtop = std::max_element(g, g + V) - g;
     CHECK_MESSAGE(gtop == idx[0], what << " row " << t << ": GPU top-1 " << gtop << ", reference " << idx[0]);
@@ -285,7 +288,7 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path) {
         st);
   std::printf("%s: %d rows left out after router near-ties, %d top-1 ids checked\n", name.c_str(), st.rows_excluded,
               st.top1_checked);
-  CHECK_MESSAGE(st.top1_checked > 0, name << ": no row had a clear top-1 (check kTop1Gap)");
+  CHECK_MESSAGE(st.top1_checked > 0, name << ": no row had a clear top-1 (check kTop1GapRel)");
   CHECK_MESSAGE(2 * st.rows_excluded <= st.rows_total,
                 name << ": too many near-tie rows left out (" << st.rows_excluded << "/" << st.rows_total << ")");
 }
@@ -309,7 +312,11 @@ TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 refere
   SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt); }
 }
 
-TEST_CASE("forward: last-token logits equal the all-token logits' last rows; poisoned outputs overwritten") {
+// The LM head GEMM has another row count in the two runs (cuBLASLt may pick another kernel), so
+// the logits may differ by a bf16 rounding: kTolSameRows = 2^-7 of the row's largest logit.
+constexpr double kTolSameRows = 1.0 / 128;
+
+TEST_CASE("forward: last-token logits equal the all-token logits' last rows") {
   const ModelSpec m = small_qwen3();
   const auto w = model::synthetic_weights(m, 21);
   GpuModelConfig c;
@@ -326,10 +333,18 @@ TEST_CASE("forward: last-token logits equal the all-token logits' last rows; poi
   g.reset_cache();
   const auto last = g.step({a, b});
   REQUIRE(last.logit_rows == std::vector<int64_t>{8, 12});
-  for (int i = 0; i < 2; ++i)
-    for (int v = 0; v < m.vocab_size; ++v)
-      CHECK(last.logits[std::size_t(i) * m.vocab_size + v] ==
-            full.logits[std::size_t(last.logit_rows[i]) * m.vocab_size + v]);
+  for (int i = 0; i < 2; ++i) {
+    double big = 0, diff = 0;
+    for (int v = 0; v < m.vocab_size; ++v) {
+      const double a = last.logits[std::size_t(i) * m.vocab_size + v];
+      const double b = full.logits[std::size_t(last.logit_rows[i]) * m.vocab_size + v];
+      REQUIRE(std::isfinite(a));
+      big = std::max(big, std::fabs(b));
+      diff = std::max(diff, std::fabs(a - b));
+    }
+    CHECK(big > 0.0);
+    CHECK_MESSAGE(diff <= kTolSameRows * big, "sequence " << i << ": max diff " << diff << " of max " << big);
+  }
 }
 
 TEST_CASE("forward: a decode step captured in a CUDA graph (device GEMV experts) replays to the same logits") {
