@@ -455,21 +455,38 @@ TEST_CASE("bench: Qwen3-30B-A3B --num-layers 4 decode b=1/64 and prefill 1x2048"
               copy_bytes >> 20, topt.timed_iters);
   std::printf("# model %s, %d layers, weights %.2f GB, KV blocks %d x %d tokens\n", m.name.c_str(), m.num_layers,
               g.weight_bytes() / 1e9, g.num_blocks(), c.block_size);
-  std::printf("%-44s %10s %10s %10s %12s %10s\n", "case", "time(us)", "noise", "min GB", "GB/s", "% copy");
+  std::printf("%-44s %10s %10s %10s %12s %10s %9s\n", "case", "time(us)", "noise", "min GB", "GB/s", "% copy",
+              "TFLOP/s");
   std::mt19937_64 rng(1);
   // Bytes from a cuBLASLt-path run (it counts the experts with tokens), then the timed runs.
   auto bench = [&](const std::string& name, const std::vector<SequenceStep>& batch, gpu::ExpertPath path, bool graph) {
-    g.set_expert_path(gpu::ExpertPath::cublaslt);
-    g.prepare(batch, StepOptions{});
-    g.enqueue(g.stream());
-    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
-    const double gb = g.prepared_min_bytes() / 1e9;
-    g.set_expert_path(path);
-    topt.cuda_graph = graph;
-    const auto r = gpu::time_op([&](cudaStream_t s) { g.enqueue(s); }, g.stream(), topt, nullptr);
-    const double gbs = gb / (r.time_us.median * 1e-6);
-    std::printf("%-44s %10.1f %10.3f %10.3f %12.0f %9.1f%%\n", name.c_str(), r.time_us.median, r.time_us.noise(), gb,
-                gbs, 100.0 * gbs / copy_GBs);
+    try {
+      g.set_expert_path(gpu::ExpertPath::cublaslt);
+      g.prepare(batch, StepOptions{});
+      g.enqueue(g.stream());
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+      const double gb = g.prepared_min_bytes() / 1e9;
+      g.set_expert_path(path);
+      topt.cuda_graph = graph;
+      const auto r = gpu::time_op([&](cudaStream_t s) { g.enqueue(s); }, g.stream(), topt, nullptr);
+      const double gbs = gb / (r.time_us.median * 1e-6);
+      // Matrix FLOPs: per token and layer q/k/v/o, router and top_k experts; causal attention
+      // (QK^T and PV over the context, half the square for a prefill); the LM head per sequence.
+      const auto& a = m.attention;
+      const double H = m.hidden_size, QW = double(m.q_width()), KVW = double(a.num_kv_heads) * a.head_dim;
+      double flops = 0;
+      for (const auto& q : batch) {
+        const double n = double(q.tokens.size()), ctx = double(q.position) + n / 2.0;
+        flops += m.num_layers * (2 * n * (2 * H * QW + 2 * H * KVW + H * m.moe.num_experts +
+                                          3.0 * m.moe.top_k * H * m.moe.expert_intermediate_size) +
+                                 4 * n * ctx * QW);
+        flops += 2 * H * m.vocab_size;
+      }
+      std::printf("%-44s %10.1f %10.3f %10.3f %12.0f %9.1f%% %9.1f\n", name.c_str(), r.time_us.median,
+                  r.time_us.noise(), gb, gbs, 100.0 * gbs / copy_GBs, flops / (r.time_us.median * 1e6));
+    } catch (const std::runtime_error& e) {  // one failed row (e.g. a capture error) must not hide the others
+      FAIL_CHECK(name << ": " << e.what());
+    }
   };
   auto decode = [&](int batch, int ctx) {
     std::vector<SequenceStep> b;
