@@ -50,6 +50,7 @@
 #include "mixserve/sim/moe_load.hpp"
 #include "mixserve/sim/op_timer.hpp"
 #include "mixserve/sim/paper_model.hpp"
+#include "mixserve/sim/queueing.hpp"
 
 namespace mixserve::sim {
 namespace {
@@ -716,6 +717,31 @@ std::vector<double> skewed_load_table(const std::vector<double>& tokens, int E, 
   return out;
 }
 
+// Squared coefficient of variation of a length distribution (clamps ignored: an upper bound).
+double length_cv2(const LengthDist& d) {
+  const double m = d.expected();
+  if (!(m > 0)) return 0;
+  switch (d.kind) {
+    case LengthKind::fixed:
+      return 0;
+    case LengthKind::uniform:
+      return (d.max - d.min) * (d.max - d.min) / 12.0 / (m * m);
+    case LengthKind::normal:
+    case LengthKind::lognormal:
+    case LengthKind::sharegpt:
+      return d.stddev * d.stddev / (d.mean > 0 ? d.mean * d.mean : m * m);
+    case LengthKind::histogram: {
+      double sw = 0, sv = 0;
+      for (const auto& [len, wt] : d.histogram) {
+        sw += wt;
+        sv += wt * (double(len) - m) * (double(len) - m);
+      }
+      return sw > 0 ? sv / sw / (m * m) : 0;
+    }
+  }
+  return 1;
+}
+
 bool saturated_arrivals(const WorkloadSpec& w) {
   return w.arrival == ArrivalKind::burst || w.arrival == ArrivalKind::closed_loop ||
          !(w.rate > 0) || !std::isfinite(w.rate);
@@ -733,10 +759,18 @@ std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const Mo
 
 // analytic_metrics, for L_in / L_out the workload's mean lengths and n the decode batch:
 //   TTFT  = sum over chunks of step(prefill chunk of <= max_num_batched_tokens, its context)
-//           + W_q. W_q: each DP replica is one server with service rate mu = its saturated
-//           request rate (below), arrivals lambda = rate / attn_dp (Poisson split evenly).
-//           "mixserve": M/D/1, W_q = rho / (2 mu (1 - rho)); "paper": M/M/1 (Eq. 7),
-//           W_q = rho / (mu (1 - rho)). rho >= 1: TTFT = +inf (saturated).
+//           + W_q, arrivals lambda = rate / attn_dp per replica (Poisson split evenly).
+//           "mixserve": a replica is an M/G/n queue whose n servers are its sequence slots: a
+//           request holds a slot from admission to its last token (service rate per slot
+//           mu / n, mu the replica's saturated request rate below) and waits only when every
+//           slot is busy; W_q by Allen-Cunneen (queueing.hpp) with the service-time variability
+//           of the output lengths (cv^2 of the workload's output distribution, clamps ignored).
+//           Its prefill then starts at a step boundary of an engine that is decoding unless it
+//           is empty (probability exp(-a), a = offered erlangs: M/G/inf occupancy): on a busy
+//           engine TTFT's service part is half a decode step of waiting plus the mixed steps
+//           carrying its chunks (decode step + marginal prefill cost); on an idle one the
+//           prefill alone. "paper": one M/M/1 server per replica (Eq. 7), W_q = rho / (mu (1 -
+//           rho)), plus the idle-engine prefill. rho >= 1: TTFT = +inf (saturated).
 //   ITL   = step(n decodes per replica with context L_in + L_out/2 each) for one micro-batch
 //           through all PP stages; n = min(max_num_seqs, kv_tokens / (L_in + L_out)) split into
 //           pp micro-batches in flight, so each step carries n/pp sequences.
@@ -822,9 +856,14 @@ PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l, cons
     const double rho = lambda / mu;
     if (rho >= 1) {
       wq_us = std::numeric_limits<double>::infinity();
+    } else if (cm.name() == "paper") {
+      wq_us = rho / (mu * (1 - rho)) * 1e6;
     } else {
-      const double mm1 = rho / (mu * (1 - rho)) * 1e6;
-      wq_us = cm.name() == "paper" ? mm1 : mm1 / 2;
+      const double slot_rate = mu / n;  // requests/s one slot completes
+      wq_us = mgn_mean_wait(n, lambda, slot_rate, length_cv2(w.output)) * 1e6;
+      const double p_idle = std::exp(-lambda / slot_rate);
+      const double busy_us = 0.5 * itl_us + itl_us + marginal_us;
+      prefill_us = p_idle * prefill_us + (1 - p_idle) * busy_us;
     }
   }
   pm.ttft_ms = (prefill_us + wq_us) / 1e3;

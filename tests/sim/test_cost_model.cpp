@@ -9,6 +9,7 @@
 
 #include "mixserve/core/error.hpp"
 #include "mixserve/sim/cost_model.hpp"
+#include "mixserve/sim/queueing.hpp"
 #include "mixserve/sim/cost_moe_comm.hpp"
 #include "mixserve/sim/paper_model.hpp"
 #include "sim_fixtures.hpp"
@@ -280,12 +281,35 @@ TEST_CASE("analytic metrics: queueing, saturation and the offered-load cap") {
     w.rate = 0.5 * cap_req_s;
     const PredictedMetrics half = analytic_metrics(*cm, l, w, lim);
     CHECK(half.throughput_tok_s == doctest::Approx(w.rate * 1200));
-    // Waiting time on top of the same prefill: each of the 2 replicas serves rate/2 with
-    // mu = its saturated request rate, rho = 0.5. M/M/1: W = rho / (mu (1 - rho)) = 1/mu;
-    // M/D/1 ("mixserve"): half of that.
-    const double mu = cap_req_s / 2;
-    const double wq_ms = 1e3 * (std::string(name) == "paper" ? 1.0 : 0.5) / mu;
-    CHECK(half.ttft_ms - sat.ttft_ms == doctest::Approx(wq_ms).epsilon(1e-9));
+    const double mu = cap_req_s / 2;  // each of the 2 replicas: its saturated request rate
+    if (std::string(name) == "paper") {
+      // Waiting time on top of the same prefill: each replica serves rate/2, rho = 0.5.
+      // M/M/1 (Eq. 7): W = rho / (mu (1 - rho)) = 1/mu.
+      CHECK(half.ttft_ms - sat.ttft_ms == doctest::Approx(1e3 / mu).epsilon(1e-9));
+    } else {
+      // M/G/n over the 64 sequence slots (the KV cache holds them all: checked first).
+      REQUIRE(cm->memory(lim).kv_tokens >= 64 * 1200);
+      // On a busy engine the prefill rides in mixed steps: at least 1.5 decode steps.
+      CHECK(half.ttft_ms >= 1.5 * half.itl_ms);
+      // At a vanishing rate the engine is idle: TTFT -> the prefill alone (sat's service part).
+      w.rate = 1e-9 * cap_req_s;
+      CHECK(analytic_metrics(*cm, l, w, lim).ttft_ms == doctest::Approx(sat.ttft_ms).epsilon(1e-6));
+      // Allen-Cunneen: the wait scales with (1 + cv^2) / 2 of the output lengths and nothing
+      // else changes with cv^2 at equal means: fixed 200 (cv^2 0) vs uniform [100, 300]
+      // (cv^2 = 200^2 / 12 / 200^2 = 1/12) differ by W(M/M/n) / 24.
+      w.rate = 0.95 * cap_req_s;
+      const double ttft_fixed = analytic_metrics(*cm, l, w, lim).ttft_ms;
+      WorkloadSpec wu = w;
+      wu.output.kind = LengthKind::uniform;
+      wu.output.min = 100;
+      wu.output.max = 300;
+      const double ttft_uniform = analytic_metrics(*cm, l, wu, lim).ttft_ms;
+      const double slot_rate = mu / 64, lambda = w.rate / 2;
+      const double w_mmn_ms = 1e3 * mgn_mean_wait(64, lambda, slot_rate, 1.0);
+      CHECK(w_mmn_ms > 0);
+      CHECK(ttft_uniform - ttft_fixed == doctest::Approx(w_mmn_ms / 24).epsilon(1e-6));
+      w.rate = 0.5 * cap_req_s;
+    }
     w.rate = 0.9 * cap_req_s;
     CHECK(analytic_metrics(*cm, l, w, lim).ttft_ms > half.ttft_ms);
     w.rate = 2 * cap_req_s;
