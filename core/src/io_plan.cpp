@@ -96,6 +96,7 @@ void emit_metrics(YAML::Emitter& out, const PredictedMetrics& m) {
   out << YAML::Key << "itl_ms" << YAML::Value << num_or_inf(m.itl_ms);
   out << YAML::Key << "tpot_ms" << YAML::Value << num_or_inf(m.tpot_ms);
   out << YAML::Key << "throughput_tok_s" << YAML::Value << num_or_inf(m.throughput_tok_s);
+  out << YAML::Key << "capacity_tok_s" << YAML::Value << num_or_inf(m.capacity_tok_s);
   out << YAML::Key << "output_tok_s" << YAML::Value << num_or_inf(m.output_tok_s);
   out << YAML::Key << "request_rate" << YAML::Value << num_or_inf(m.request_rate);
   out << YAML::EndMap;
@@ -199,8 +200,8 @@ RuntimeLimits read_limits(const YamlMap& m) {
 }
 
 PredictedMetrics read_metrics(const YamlMap& m) {
-  m.allow_keys({"ttft_ms", "itl_ms", "tpot_ms", "throughput_tok_s", "output_tok_s",
-                "request_rate"});
+  m.allow_keys({"ttft_ms", "itl_ms", "tpot_ms", "throughput_tok_s", "capacity_tok_s",
+                "output_tok_s", "request_rate"});
   // Each is a number >= 0 or .inf (a queue that does not drain at the workload's rate).
   const auto value = [&m](std::string_view key) {
     const YAML::Node n = m.node(key);
@@ -212,6 +213,7 @@ PredictedMetrics read_metrics(const YamlMap& m) {
   p.itl_ms = value("itl_ms");
   p.tpot_ms = value("tpot_ms");
   p.throughput_tok_s = value("throughput_tok_s");
+  if (m.node("capacity_tok_s")) p.capacity_tok_s = value("capacity_tok_s");  // optional (v0.1 plans)
   p.output_tok_s = value("output_tok_s");
   p.request_rate = value("request_rate");
   return p;

@@ -44,6 +44,7 @@ json to_json(const PredictedMetrics& m) {
               {"itl_ms", m.itl_ms},
               {"tpot_ms", m.tpot_ms},
               {"throughput_tok_s", m.throughput_tok_s},
+              {"capacity_tok_s", m.capacity_tok_s},
               {"output_tok_s", m.output_tok_s},
               {"request_rate", m.request_rate}};
 }

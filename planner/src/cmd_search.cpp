@@ -169,17 +169,18 @@ std::string breakdown_table(const PlanCandidate& c) {
 
 std::string candidate_row(const std::string& tag, const PlanCandidate& c) {
   const double used = fixed_memory_bytes(c.memory) + c.memory.kv_cache;
-  return fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9.1f} {:>8.2f} {:>10.1f} {:>8.1f} {:>8.1f}", tag,
-                     c.layout.name(), c.limits.max_num_seqs, c.limits.max_num_batched_tokens,
+  return fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9.1f} {:>8.2f} {:>10.1f} {:>10.1f} {:>8.1f} {:>8.1f}",
+                     tag, c.layout.name(), c.limits.max_num_seqs, c.limits.max_num_batched_tokens,
                      c.metrics.ttft_ms, c.metrics.itl_ms, c.metrics.throughput_tok_s,
-                     to_gib(c.memory.weights), to_gib(used));
+                     c.metrics.capacity_tok_s, to_gib(c.memory.weights), to_gib(used));
 }
 
 std::string table_header(const char* first) {
-  return fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", first, "layout",
-                     "seqs", "tokens", "TTFT", "ITL", "throughput", "weights", "mem/GPU") +
-         fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9} {:>8} {:>10} {:>8} {:>8}\n", "", "", "", "",
-                     "(ms)", "(ms)", "(tok/s)", "(GiB)", "(GiB)");
+  return fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9} {:>8} {:>10} {:>10} {:>8} {:>8}\n", first,
+                     "layout", "seqs", "tokens", "TTFT", "ITL", "throughput", "capacity", "weights",
+                     "mem/GPU") +
+         fmt::format("{:<16} {:<47} {:>5} {:>6} {:>9} {:>8} {:>10} {:>10} {:>8} {:>8}\n", "", "", "", "",
+                     "(ms)", "(ms)", "(tok/s)", "(tok/s)", "(GiB)", "(GiB)");
 }
 
 int run_search(const SearchConfig& cfg) {
@@ -288,7 +289,8 @@ int run_search(const SearchConfig& cfg) {
         const Ratios q = ratios(best.metrics, b.candidate->metrics);
         j["ratios"] = {{"ttft_x", q.ttft_x},
                        {"itl_x", q.itl_x},
-                       {"throughput_gain_pct", q.throughput_gain_pct}};
+                       {"throughput_gain_pct", q.throughput_gain_pct},
+                       {"capacity_gain_pct", q.capacity_gain_pct}};
         if (b.goodput) {
           put_goodput(j, *b.goodput);
           j["ratios"]["goodput_x"] = b.goodput->max_rate_per_gpu > 0
@@ -418,16 +420,18 @@ int run_search(const SearchConfig& cfg) {
                  : fmt::format("  {:<16} {:>9}\n", b.name, "(baseline meets the SLOs at no rate)");
     }
   } else {
-    out += "\nchosen vs baselines (TTFT and ITL: baseline / chosen; throughput: chosen / baseline - 1)\n";
-    out += fmt::format("  {:<16} {:>9} {:>8} {:>12}\n", "baseline", "TTFT", "ITL", "throughput");
+    out += "\nchosen vs baselines (TTFT and ITL: baseline / chosen; throughput at the workload's rate and\n"
+           "saturated capacity: chosen / baseline - 1)\n";
+    out += fmt::format("  {:<16} {:>9} {:>8} {:>12} {:>12}\n", "baseline", "TTFT", "ITL", "throughput",
+                       "capacity");
     for (const auto& b : r.baselines) {
       if (!b.candidate) continue;
       const Ratios q = ratios(best.metrics, b.candidate->metrics);
       // A saturated baseline (TTFT infinite: its queue does not drain at this rate) has no ratio.
       const std::string ttft = std::isfinite(q.ttft_x) ? fmt::format("{:.2f}x", q.ttft_x)
                                                        : std::string("saturated");
-      out += fmt::format("  {:<16} {:>9} {:>7.2f}x {:>+11.1f}%\n", b.name, ttft, q.itl_x,
-                         q.throughput_gain_pct);
+      out += fmt::format("  {:<16} {:>9} {:>7.2f}x {:>+11.1f}% {:>+11.1f}%\n", b.name, ttft, q.itl_x,
+                         q.throughput_gain_pct, q.capacity_gain_pct);
     }
   }
   if (explained) out += "\n" + breakdown_table(*explained);

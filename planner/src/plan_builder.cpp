@@ -49,6 +49,9 @@ Ratios ratios(const PredictedMetrics& chosen, const PredictedMetrics& baseline) 
   r.throughput_gain_pct = baseline.throughput_tok_s > 0
                               ? (chosen.throughput_tok_s / baseline.throughput_tok_s - 1) * 100
                               : 0;
+  r.capacity_gain_pct = baseline.capacity_tok_s > 0
+                            ? (chosen.capacity_tok_s / baseline.capacity_tok_s - 1) * 100
+                            : 0;
   return r;
 }
 

@@ -29,7 +29,9 @@ double cost_of(const PredictedMetrics& m, Objective o) {
   switch (o) {
     case Objective::ttft: v = m.ttft_ms; break;
     case Objective::itl: v = m.itl_ms; break;
-    case Objective::throughput: v = -m.throughput_tok_s; break;
+    // Throughput: what the layout can serve (its saturated capacity), not the offered load it
+    // serves at the workload's rate, which every layout that keeps up serves alike.
+    case Objective::throughput: v = -(m.capacity_tok_s > 0 ? m.capacity_tok_s : m.throughput_tok_s); break;
   }
   return std::isfinite(v) ? v : std::numeric_limits<double>::infinity();
 }

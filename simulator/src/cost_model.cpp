@@ -781,7 +781,8 @@ std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const Mo
 //           vLLM V1 / Sarathi): sum over its chunks (token budget minus the decodes) of
 //           stage_time(decodes + chunk) - stage_time(decodes). The prefill thus shares the
 //           weight reads with the decodes instead of being costed alone.
-//   throughput = attn_dp * rate * (L_in + L_out), capped at the offered load rate * (L_in +
+//   capacity   = attn_dp * rate * (L_in + L_out): the saturated token rate;
+//   throughput = capacity, capped at the offered load rate * (L_in +
 //           L_out) when the workload rate is finite; output_tok_s likewise with L_out.
 //   TPOT  = ITL (decode steps only; prefill interference is left to the serving simulator).
 PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l, const WorkloadSpec& w,
@@ -846,6 +847,7 @@ PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l, cons
   const double mu = 1e6 / per_request_us;  // requests/s per replica
   const double sat_req_s = mu * l.attn_dp;
   pm.throughput_tok_s = sat_req_s * (L_in + L_out);
+  pm.capacity_tok_s = pm.throughput_tok_s;
   pm.output_tok_s = sat_req_s * L_out;
   double wq_us = 0;
   if (!saturated_arrivals(w)) {

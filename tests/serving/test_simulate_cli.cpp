@@ -77,14 +77,17 @@ TEST_CASE("simulate runs a searched plan and writes every output") {
   CHECK(mixserve::read_text_file(svg).rfind("<svg", 0) == 0);
 
   // --moe-load: sampled per step by default (when the layout has EP > 1), or expected; an EP8
-  // plan and the searched one (EP 1: nothing to sample).
-  const fs::path ep_plan = dir / "ep-plan.yaml";
+  // plan and a TP8 one (EP 1: nothing to sample).
+  const fs::path ep_plan = dir / "ep-plan.yaml", tp_plan = dir / "tp-plan.yaml";
+  REQUIRE(run("search --model deepseek-v2-lite --cluster h200-1x8 --workload sharegpt-like "
+              "--layout 'attn TP8xDP1 | moe TP8xEP1 | PP1 | allreduce' -o " + tp_plan.string())
+              .code == 0);
   REQUIRE(run("search --model deepseek-v2-lite --cluster h200-1x8 --workload sharegpt-like "
               "--layout 'attn TP1xDP8 | moe TP1xEP8 | PP1 | a2a' -o " + ep_plan.string())
               .code == 0);
   for (const std::string mode : {"", "sampled", "expected", "ep1"}) {
     CAPTURE(mode);
-    const std::string p = mode == "ep1" ? plan.string() : ep_plan.string();
+    const std::string p = mode == "ep1" ? tp_plan.string() : ep_plan.string();
     const bool ep = mixserve::load_plan(p).chosen.layout.moe_ep > 1;
     CHECK(ep == (mode != "ep1"));
     const Run m = run("simulate --plan " + p + " --num-requests 50 --quiet --json" +

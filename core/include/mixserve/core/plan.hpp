@@ -36,6 +36,8 @@ struct PredictedMetrics {
   double itl_ms = 0;           // mean decode step
   double tpot_ms = 0;
   double throughput_tok_s = 0; // total (input + output) tokens/s, whole cluster
+  double capacity_tok_s = 0;   // total tokens/s the layout serves when saturated (analytic;
+                               // throughput_tok_s is this capped at the offered load); 0 = unknown
   double output_tok_s = 0;
   double request_rate = 0;     // req/s the layout was evaluated at (0 = saturated batch)
 };

@@ -206,9 +206,10 @@ Plan make_plan(const SearchInputs& in, const SearchOptions& opt, const SearchRes
 std::optional<Layout> parse_layout_name(std::string_view s);
 
 // Ratios of the chosen plan against a baseline: TTFT and ITL as baseline / chosen (> 1 means
-// the chosen plan is faster), throughput as chosen / baseline - 1 in percent.
+// the chosen plan is faster), throughput (at the workload's rate) and capacity (saturated) as
+// chosen / baseline - 1 in percent.
 struct Ratios {
-  double ttft_x = 0, itl_x = 0, throughput_gain_pct = 0;
+  double ttft_x = 0, itl_x = 0, throughput_gain_pct = 0, capacity_gain_pct = 0;
 };
 Ratios ratios(const PredictedMetrics& chosen, const PredictedMetrics& baseline);
 
