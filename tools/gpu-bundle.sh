@@ -18,11 +18,13 @@ mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
 # Every GPU program: the profiler and benchmarks (profiler/mixserve-*) and every test binary of
 # tests/gpu (test_gpu_*), whatever their number.
 find "$BUILD/profiler" -maxdepth 1 -type f -name 'mixserve-*' -perm -u+x -exec cp {} "$BUNDLE/bin/" \;
-find "$BUILD/tests/gpu" -maxdepth 1 -type f -name 'test_gpu_*' -perm -u+x -exec cp {} "$BUNDLE/bin/" \;
+# test_gpu_comm_mpi is left out: it needs the host's own MPI build and mpirun.
+find "$BUILD/tests/gpu" -maxdepth 1 -type f -name 'test_gpu_*' ! -name test_gpu_comm_mpi -perm -u+x \
+  -exec cp {} "$BUNDLE/bin/" \;
 # Test lists by label, from CTest itself (the binaries run directly on the host: no CTest there).
 # Only binaries in the bundle: test_gpu_comm_mpi needs the host's own MPI and is left out.
 for label in gpu multigpu unit; do
-  ctest --test-dir "$BUILD" -N -L "^${label}\$" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z_]*\)$/\1/p' |
+  ctest --test-dir "$BUILD" -N -L "^${label}\$" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z0-9_]*\)$/\1/p' |
     while read -r t; do if [ -x "$BUNDLE/bin/$t" ]; then echo "$t"; fi; done > "$BUNDLE/tests-$label.txt"
 done
 # Shared libraries the host image may not have: everything the binaries link that is not glibc,
