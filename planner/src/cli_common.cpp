@@ -1,5 +1,6 @@
 #include "cli_common.hpp"
 
+#include <vector>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -94,8 +95,27 @@ LoadedInputs load_inputs(const InputOptions& o) {
 }
 
 std::string datasheet_note(const HardwareProfile& p) {
-  if (!p.is_datasheet()) return "";
-  return fmt::format("costs: datasheet estimates (profile {}: source {})", p.name, p.source);
+  if (p.is_datasheet())
+    return fmt::format("costs: datasheet estimates (profile {}: source {})", p.name, p.source);
+  // A measured profile: say which op families come from its tables and which are estimated.
+  std::vector<std::string> measured, estimated;
+  const auto put = [&](bool has, const char* what) { (has ? measured : estimated).push_back(what); };
+  put(!p.gemm.empty(), "GEMM");
+  put(!p.experts.empty(), "expert GEMM");
+  put(!p.elementwise.empty(), "elementwise");
+  put(!p.attention.empty(), "attention");
+  put(!p.collectives.empty(), "collectives");
+  const auto join = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+    return s.empty() ? std::string("none") : s;
+  };
+  return fmt::format(
+      "costs: profile {} ({}{}): measured tables for {} (interpolated; roofline or alpha-beta "
+      "outside them); estimated: {} (roofline with the profile's measured ceilings; collectives "
+      "alpha-beta from the cluster's links)",
+      p.name, p.source, p.measured_on.empty() ? "" : ", " + p.measured_on, join(measured),
+      join(estimated));
 }
 
 const CLI::Validator& positive() {
