@@ -144,7 +144,20 @@ std::vector<size_t> pareto_front(const std::vector<CurvePoint>& pts) {
 
 std::string pareto_svg(const std::vector<CurvePoint>& pts, const std::string& title,
                        const std::string& x_title, const std::string& y_title) {
-  constexpr double W = 760, H = 480, L = 80, R = 200, T = 40, B = 60;
+  // The legend column is as wide as the longest series name (about 7 px a character at 12 px) and
+  // the figure as tall as the legend needs.
+  size_t longest = 14, num_series = 0;
+  {
+    std::vector<std::string> seen;
+    for (const auto& p : pts)
+      if (std::find(seen.begin(), seen.end(), p.series) == seen.end()) {
+        seen.push_back(p.series);
+        longest = std::max(longest, p.series.size());
+      }
+    num_series = seen.size();
+  }
+  const double R = 40 + 7.0 * double(longest), L = 80, T = 40, B = 60;
+  const double W = 560 + R, H = std::max(480.0, T + 18.0 * double(num_series + 2) + B);
   double xmax = 0, ymax = 0;
   for (const auto& p : pts) {
     xmax = std::max(xmax, p.throughput);
@@ -185,18 +198,24 @@ std::string pareto_svg(const std::vector<CurvePoint>& pts, const std::string& ti
     std::sort(v.begin(), v.end(),
               [](const CurvePoint* a, const CurvePoint* b) { return a->throughput < b->throughput; });
     const char* color = kColors[k % std::size(kColors)];
+    // Colours repeat after ten series: later rounds are dashed differently so lines stay apart.
+    static constexpr const char* kDashes[] = {"", "6,3", "2,3", "8,3,2,3"};
+    const char* dash = kDashes[(k / std::size(kColors)) % std::size(kDashes)];
     std::string poly;
     for (const auto* p : v) poly += fmt::format("{:.1f},{:.1f} ", X(p->throughput), Y(p->latency_ms));
-    s += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-                     color, poly);
+    s += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"{} points=\"{}\"/>\n",
+                     color, *dash ? fmt::format(" stroke-dasharray=\"{}\"", dash) : std::string(),
+                     poly);
     for (const auto* p : v)
       s += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"><title>{} {}: "
                        "{:g}, {:g} ms</title></circle>\n", X(p->throughput), Y(p->latency_ms),
                        color, xml_escape(p->series), xml_escape(p->label), p->throughput,
                        p->latency_ms);
-    s += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" "
-                     "y=\"{}\">{}</text>\n", W - R + 12, T + 18 * k, color, W - R + 26,
-                     T + 18 * k + 10, xml_escape(order[k]));
+    s += fmt::format("<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" stroke-width=\"3\"{}/>"
+                     "<text x=\"{}\" y=\"{}\">{}</text>\n", W - R + 8, T + 18 * k + 5, W - R + 24,
+                     T + 18 * k + 5, color,
+                     *dash ? fmt::format(" stroke-dasharray=\"{}\"", dash) : std::string(),
+                     W - R + 30, T + 18 * k + 10, xml_escape(order[k]));
   }
   std::string front;
   for (size_t i : pareto_front(pts))
