@@ -54,9 +54,8 @@ bool better(const PlanCandidate& a, const PlanCandidate& b, Objective o, const C
   const double ca = cost_of(a.metrics, o), cb = cost_of(b.metrics, o);
   const double scale = std::max(std::abs(ca), std::abs(cb));
   if (std::isfinite(scale) ? std::abs(ca - cb) > kTieRelative * scale : ca != cb) return ca < cb;
-  // Tie-break 1: the other latency. Throughput ties whenever both layouts serve the offered load
-  // (analytic_metrics caps it at rate * tokens), and then the one that answers sooner is better;
-  // TTFT ties break on ITL, ITL ties on TTFT.
+  // Tie-break 1: a latency: TTFT ties break on ITL, ITL and throughput ties on TTFT (of two
+  // layouts equally good at the objective, the one that answers sooner is better).
   const Objective second = o == Objective::ttft ? Objective::itl : Objective::ttft;
   const double sa = cost_of(a.metrics, second), sb = cost_of(b.metrics, second);
   const double s2 = std::max(std::abs(sa), std::abs(sb));

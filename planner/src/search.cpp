@@ -228,7 +228,11 @@ void rescore_goodput(const SearchInputs& in, const SearchOptions& opt, SearchRes
   for (size_t i = 0; i < K; ++i) {
     PlanCandidate& c = head[i];
     const GoodputScore& s = res.goodput[i];
-    if (s.max_rate_req_s > 0) c.metrics = metrics_from_simulation(s.at_max, s.max_rate_req_s);
+    if (s.max_rate_req_s > 0) {
+      const double capacity = c.metrics.capacity_tok_s;  // analytic: the simulation has none
+      c.metrics = metrics_from_simulation(s.at_max, s.max_rate_req_s);
+      c.metrics.capacity_tok_s = capacity;
+    }
     c.label.clear();
     if (i < shown && c.breakdown.empty()) {  // moved into the shown rows: its per-op breakdown
       sim::CostModelOptions cmo;
@@ -244,8 +248,11 @@ void rescore_goodput(const SearchInputs& in, const SearchOptions& opt, SearchRes
   for (auto& b : res.baselines) {
     if (!b.candidate) continue;
     b.goodput = score_goodput(in, opt, *b.candidate, g);
-    if (b.goodput->max_rate_req_s > 0)
+    if (b.goodput->max_rate_req_s > 0) {
+      const double capacity = b.candidate->metrics.capacity_tok_s;
       b.candidate->metrics = metrics_from_simulation(b.goodput->at_max, b.goodput->max_rate_req_s);
+      b.candidate->metrics.capacity_tok_s = capacity;
+    }
     report("baseline " + b.name, b.candidate->layout, *b.goodput);
   }
   res.goodput_wall_s =

@@ -771,9 +771,9 @@ std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const Mo
 //           carrying its chunks (decode step + marginal prefill cost); on an idle one the
 //           prefill alone. "paper": one M/M/1 server per replica (Eq. 7), W_q = rho / (mu (1 -
 //           rho)), plus the idle-engine prefill. rho >= 1: TTFT = +inf (saturated).
-//   ITL   = step(n decodes per replica with context L_in + L_out/2 each) for one micro-batch
-//           through all PP stages; n = min(max_num_seqs, kv_tokens / (L_in + L_out)) split into
-//           pp micro-batches in flight, so each step carries n/pp sequences.
+//   ITL   = step(n/pp decodes per replica with context L_in + L_out/2 each) for one micro-batch
+//           through all PP stages; n = min(pp * max_num_seqs, kv_tokens / (L_in + L_out)): each
+//           of the pp micro-batches in flight has its own max_num_seqs (as in the simulator).
 //   per-replica saturated request rate = 1 / (L_out * S_dec / (n/pp) + S_pf), where S_dec is
 //           the slowest pipeline stage of the decode step (pp micro-batches of n/pp sequences
 //           keep the stages busy, so the pipeline advances at its slowest stage) and S_pf the
@@ -813,7 +813,10 @@ PredictedMetrics analytic_metrics(const StepCostModel& cm, const Layout& l, cons
 
   const MemoryBreakdown mem = cm.memory(limits);
   const double per_seq_kv = L_in + L_out;
-  double n = double(limits.max_num_seqs);
+  // Each of the pp micro-batches has its own scheduler with max_num_seqs (vLLM V0's virtual
+  // engines; the serving simulator's micro-batch slots): pp * max_num_seqs sequences in flight,
+  // fewer if the KV cache holds fewer.
+  double n = double(limits.max_num_seqs) * l.pp;
   if (mem.kv_tokens > 0) n = std::min(n, std::floor(double(mem.kv_tokens) / per_seq_kv));
   n = std::max(1.0, n);
   const int per_mb = std::max(1, int(std::ceil(n / l.pp)));

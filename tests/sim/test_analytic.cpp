@@ -78,15 +78,19 @@ TEST_CASE("analytic_metrics: TTFT, ITL and throughput of a linear stand-in, by h
   CHECK(analytic_metrics(small_kv, l, fixed_workload(3000, 100), lim).itl_ms ==
         doctest::Approx(1.16));
 
-  // Pipeline of 4 stages: 32 sequences in 4 micro-batches of 8; ITL is one micro-batch
-  // through all stages, 4 * (1000 + 80) us; the pipeline advances at one stage per step.
+  // Pipeline of 4 stages: each of the 4 micro-batches has its own max_num_seqs = 32 (128
+  // sequences in flight; the KV cache holds 322); ITL is one micro-batch through all stages,
+  // 4 * (1000 + 320) us; the pipeline advances at one stage per step.
   const LinearModel pp(1000, 10, 4, 1'000'000);
   const Layout lpp = test::layout(4, 1, 4, 1, 4, MoeComm::tp_allreduce);
   const PredictedMetrics mp = analytic_metrics(pp, lpp, fixed_workload(3000, 100), lim);
-  CHECK(mp.itl_ms == doctest::Approx(4.32));
-  // Marginal: chunks of 2040 and 960 tokens, 10 us each per stage; per request
-  // 100 * 1080 / 8 + 30,000 us, one replica.
-  CHECK(mp.throughput_tok_s == doctest::Approx(1e6 / (100 * 1080 / 8.0 + 30000) * 3100));
+  CHECK(mp.itl_ms == doctest::Approx(5.28));
+  // Marginal: chunks of 2016 and 984 tokens, 10 us each per stage; per request
+  // 100 * 1320 / 32 + 30,000 us, one replica.
+  CHECK(mp.throughput_tok_s == doctest::Approx(1e6 / (100 * 1320 / 32.0 + 30000) * 3100));
+  // With KV for only 100 sequences: 25 per micro-batch, ITL 4 * (1000 + 250) us.
+  const LinearModel pp_kv(1000, 10, 4, 310'000);
+  CHECK(analytic_metrics(pp_kv, lpp, fixed_workload(3000, 100), lim).itl_ms == doctest::Approx(5.0));
 }
 
 TEST_CASE("paper model: Eq. 4 compute and Eqs. 1-2 all-reduce by hand") {
