@@ -18,6 +18,7 @@ mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
 # Every GPU program: the profiler and benchmarks (profiler/mixserve-*) and every test binary of
 # tests/gpu (test_gpu_*), whatever their number.
 find "$BUILD/profiler" -maxdepth 1 -type f -name 'mixserve-*' -perm -u+x -exec cp {} "$BUNDLE/bin/" \;
+find "$BUILD/run" -maxdepth 1 -type f -name 'mixserve-run' -perm -u+x -exec cp {} "$BUNDLE/bin/" \; 2>/dev/null || true
 # test_gpu_comm_mpi is left out: it needs the host's own MPI build and mpirun.
 find "$BUILD/tests/gpu" -maxdepth 1 -type f -name 'test_gpu_*' ! -name test_gpu_comm_mpi -perm -u+x \
   -exec cp {} "$BUNDLE/bin/" \;

@@ -1,0 +1,106 @@
+// Offline benchmark of one batch on one GPU (`mixserve-run bench`, like SGLang's bench_one_batch):
+// B sequences of I random tokens are prefilled (chunked by the plan's max_num_batched_tokens),
+// then O-1 decode steps generate greedily; every step is timed with CUDA events. Beside each
+// measured step stands the simulator's prediction for exactly that step (cost_model.hpp, the
+// plan's layout and cluster, the hardware profile), built from the batch the executor ran.
+//
+// The plan is untrusted input (STYLE.md §5): check_bench_plan() rejects, before any device work,
+// a plan of more than one GPU (distributed runs are not built yet), a plan for another GPU model
+// than the device, a model outside the GPU forward's family, a batch the plan's limits do not
+// allow; estimate_bench_memory() is compared with the device's free memory before allocating.
+//
+// Errors: InputError for the plan, the model, the arguments and the weights (load_weights names
+// the file and tensor); RuntimeError "no GPU" without a CUDA device, and for device failures.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mixserve/core/plan.hpp"
+#include "mixserve/sim/cost_model.hpp"
+
+namespace mixserve::gpu {
+
+struct BenchConfig {
+  int batch = 1;            // sequences
+  int input_len = 512;      // prompt tokens per sequence
+  int output_len = 16;      // generated tokens per sequence (the prefill gives the first)
+  int num_layers = 0;       // > 0: the first N layers at full width (model::with_num_layers)
+  std::string weights_dir;  // safetensors file or directory; empty: device-drawn seeded weights
+  uint64_t seed = 0;        // input tokens and synthetic weights
+  int warmup = 1;           // untimed runs of the whole benchmark first
+  std::string profile;      // hardware profile for the prediction; empty: the plan's
+  bool cuda_graph = true;   // capture decode steps when the expert path is the device GEMV
+  int block_size = 16;      // KV block tokens (8, 16, 32)
+};
+
+// One timed forward step, with the simulator's prediction of the same batch.
+struct BenchStep {
+  std::string kind;         // "prefill" | "decode"
+  int index = 0;            // within its kind
+  int num_seqs = 0;
+  int64_t num_tokens = 0;   // new tokens of the step
+  bool cuda_graph = false;
+  sim::ReplicaBatch batch;  // what the cost model was given
+  double measured_ms = 0;
+  double predicted_ms = 0;
+  double error_pct() const { return measured_ms > 0 ? 100.0 * (predicted_ms - measured_ms) / measured_ms : 0.0; }
+};
+
+struct BenchMemory {  // bytes, estimated before allocating
+  double weights = 0, kv_cache = 0, activations = 0, reserved = 0;
+  double free_device = 0;  // cudaMemGetInfo at the check
+  double total() const { return weights + kv_cache + activations + reserved; }
+};
+
+struct BenchResult {
+  BenchConfig config;
+  std::string plan_path;
+  Plan plan;                   // as loaded
+  ModelSpec model;             // what ran (truncated with num_layers)
+  std::string device_name;
+  nlohmann::json device;       // query_device() fields and library versions
+  std::string cost_model;      // "mixserve"
+  std::string profile_name;
+  BenchMemory memory;
+  int64_t prefill_chunk_tokens = 0;
+  std::vector<BenchStep> steps;                 // prefill chunks then decode steps, in order
+  std::vector<std::vector<int32_t>> output_ids; // [batch][output_len] greedy tokens
+  // bench_one_batch's numbers (seconds, tokens/s).
+  double prefill_latency = 0, prefill_throughput = 0;
+  double median_decode_latency = 0, median_decode_throughput = 0;
+  double total_latency = 0, overall_throughput = 0;
+  double median_prefill_error_pct = 0, median_decode_error_pct = 0;
+};
+
+// Validation without a device. InputError with the reason:
+//   world size != 1 ("distributed runs are not built yet"), a model outside the family the GPU
+//   forward supports (the list), batch/lengths outside [1, ...] or the plan's limits.
+void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin);
+// The plan's cluster GPU model ("H200") must occur in the device name ("NVIDIA H200").
+void check_device_matches(const Plan& plan, const std::string& device_name, const std::string& origin);
+// The model spec that runs: the plan's model, truncated to cfg.num_layers when > 0.
+ModelSpec bench_model(const Plan& plan, const BenchConfig& cfg);
+// Weights + KV cache + activations for the benchmark (free_device left 0).
+BenchMemory estimate_bench_memory(const ModelSpec& m, const BenchConfig& cfg, int64_t chunk_tokens);
+
+// The step batches the benchmark runs, as the cost model sees them: prefill chunks of at most
+// chunk_tokens new tokens (sequences in order, a sequence split across chunks when longer),
+// then output_len - 1 decode steps of every sequence.
+std::vector<sim::ReplicaBatch> bench_step_batches(const BenchConfig& cfg, int64_t chunk_tokens);
+
+// Loads and checks the plan, runs the benchmark on the current device. RuntimeError "no GPU"
+// without one.
+BenchResult run_bench(const std::string& plan_path, const BenchConfig& cfg);
+// The same for a plan already in memory; `origin` names it in messages.
+BenchResult run_bench(const Plan& plan, const std::string& origin, const BenchConfig& cfg);
+
+// bench_one_batch keys, per-step latencies with predictions, plan, device, versions.
+nlohmann::json bench_json(const BenchResult& r);
+// The printed report: prefill line, a decode summary every 16 steps, medians, totals, then the
+// predicted-vs-measured table (step kind, measured ms, predicted ms, error %) and median errors.
+std::string format_bench_report(const BenchResult& r);
+
+}  // namespace mixserve::gpu

@@ -1,0 +1,177 @@
+// mixserve-run bench (executor/bench.hpp) through the library entry point, on a small Qwen3-MoE
+// (head_dim 64, three layers, eight experts): the greedy decode tokens are the same in two runs,
+// every step has a positive measured and predicted latency, the JSON carries bench_one_batch's
+// keys and the per-step predictions; a plan of two GPUs, a plan for another GPU model and a model
+// outside the GPU forward's family are rejected with InputError before any device work. The step
+// batches the cost model is given are checked against the chunking rule by counting.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/core/io.hpp"
+#include "mixserve/core/layout.hpp"
+#include "mixserve/gpu/bench.hpp"
+#include "mixserve/gpu/runtime.hpp"
+
+using namespace mixserve;
+
+namespace {
+
+ModelSpec small_qwen3(int head_dim = 64) {  // the configuration of test_forward.cpp
+  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": )" +
+                              std::to_string(head_dim) + R"(,
+    "vocab_size": 96, "intermediate_size": 96, "moe_intermediate_size": 32, "num_experts": 8,
+    "num_experts_per_tok": 2, "norm_topk_prob": true, "mlp_only_layers": [0],
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false,
+    "max_position_embeddings": 4096})",
+                          "small-qwen3/config.json");
+}
+
+// The GPU model word of this device's name ("NVIDIA H200" -> "H200").
+std::string device_gpu_model() {
+  const std::string name = gpu::query_device(0).name;
+  return name.substr(name.find_last_of(' ') + 1);
+}
+
+// A plan that passes validate_plan: `gpus` GPUs of one node, attention and MoE TP over them.
+Plan make_plan(const ModelSpec& m, int gpus, const std::string& gpu_model) {
+  Plan p;
+  p.model = m;
+  p.cluster.name = "test-1x" + std::to_string(gpus);
+  p.cluster.gpus_per_node = gpus;
+  p.cluster.gpu_model = gpu_model;
+  p.cluster.gpu_memory_GiB = 140.4;
+  p.cluster.intra = {"nvlink4", 450, 2};
+  p.cluster.profile = "h200";
+  p.objective = "throughput";
+  p.cost_model = "mixserve";
+  p.profile_name = "h200";
+  p.profile_source = "measured";
+  p.chosen.layout.attn_tp = gpus;
+  p.chosen.layout.moe_tp = gpus;
+  p.chosen.memory.fits = true;
+  p.chosen.limits.max_num_seqs = 16;
+  p.chosen.limits.max_num_batched_tokens = 32;  // 3 x 20 prompt tokens: two chunks, one prompt split
+  p.rank_map = build_rank_map(p.cluster, p.model, p.chosen.layout);
+  return p;
+}
+
+gpu::BenchConfig small_config() {
+  gpu::BenchConfig c;
+  c.batch = 3;
+  c.input_len = 20;
+  c.output_len = 6;
+  c.seed = 5;
+  c.warmup = 1;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("run bench: step batches follow the plan's chunk size (no device work)") {
+  const auto c = small_config();
+  const auto b = gpu::bench_step_batches(c, 32);
+  REQUIRE(b.size() == 2 + 5);  // 60 prompt tokens in chunks of 32, then output_len - 1 decodes
+  CHECK(b[0].prefill_tokens == 32);
+  CHECK(b[0].num_prefill_seqs == 2);  // 20 + the first 12 of the second prompt
+  CHECK(b[1].prefill_tokens == 28);
+  CHECK(b[1].num_prefill_seqs == 2);
+  // Second prompt: 12 tokens from 0 (12 * 6.5 pairs) in chunk 0, 8 tokens from 12 in chunk 1.
+  CHECK(b[0].prefill_attn_pairs == doctest::Approx(20 * 10.5 + 12 * 6.5));
+  CHECK(b[1].prefill_attn_pairs == doctest::Approx(8 * (12 + 4.5) + 20 * 10.5));
+  for (int d = 0; d < 5; ++d) {
+    CHECK(b[2 + d].num_decode == 3);
+    CHECK(b[2 + d].prefill_tokens == 0);
+    CHECK(b[2 + d].decode_context == 3 * (20 + d + 1));  // the new token attends to itself
+  }
+}
+
+TEST_CASE("run bench: small Qwen3-MoE, deterministic greedy tokens, timed and predicted steps, JSON keys") {
+  const Plan plan = make_plan(small_qwen3(), 1, device_gpu_model());
+  const auto c = small_config();
+  const gpu::BenchResult a = gpu::run_bench(plan, "test-plan", c);
+  const gpu::BenchResult b = gpu::run_bench(plan, "test-plan", c);
+  REQUIRE(a.output_ids.size() == 3);
+  for (std::size_t s = 0; s < a.output_ids.size(); ++s) {
+    INFO("sequence " << s);
+    REQUIRE(a.output_ids[s].size() == std::size_t(c.output_len));
+    CHECK(a.output_ids[s] == b.output_ids[s]);
+    for (int t : a.output_ids[s]) CHECK((t >= 0 && t < 96));
+  }
+  REQUIRE(a.steps.size() == 7);
+  int graphs = 0;
+  for (const auto& s : a.steps) {
+    INFO(s.kind << " " << s.index);
+    CHECK(s.measured_ms > 0.0);
+    CHECK(s.predicted_ms > 0.0);
+    graphs += s.cuda_graph;
+  }
+  CHECK(graphs == 5);  // every decode step replays a graph (3 x top-2 rows: the GEMV path)
+  CHECK(a.prefill_latency > 0.0);
+  CHECK(a.median_decode_latency > 0.0);
+  CHECK(a.total_latency >= a.prefill_latency);
+
+  const auto j = gpu::bench_json(a);
+  for (const char* k : {"prefill_latency", "prefill_throughput", "median_decode_latency", "median_decode_throughput",
+                        "total_latency", "overall_throughput", "batch_size", "input_len", "output_len", "steps",
+                        "prefill_latencies_ms", "decode_latencies_ms", "median_prefill_error_pct",
+                        "median_decode_error_pct", "plan", "device", "versions", "prediction", "memory_estimate_bytes"}) {
+    INFO("key " << k);
+    CHECK(j.contains(k));
+  }
+  REQUIRE(j["steps"].size() == 7);
+  for (const char* k : {"kind", "measured_ms", "predicted_ms", "error_pct", "batch", "cuda_graph"})
+    CHECK(j["steps"][0].contains(k));
+  CHECK(j["decode_latencies_ms"].size() == 5);
+  const std::string report = gpu::format_bench_report(a);
+  for (const char* k : {"Prefill. latency:", "Decode.  median latency:", "Total. latency:", "predicted(ms)",
+                        "median error"}) {
+    INFO("report line " << k);
+    CHECK(report.find(k) != std::string::npos);
+  }
+
+  // Eager decode gives the same tokens as the graph replays.
+  auto eager = c;
+  eager.cuda_graph = false;
+  const gpu::BenchResult e = gpu::run_bench(plan, "test-plan", eager);
+  CHECK(e.output_ids == a.output_ids);
+}
+
+TEST_CASE("run bench: a plan of two GPUs, another GPU model, an unsupported model raise InputError") {
+  const auto c = small_config();
+  auto message = [&](const Plan& p) -> std::string {
+    try {
+      (void)gpu::run_bench(p, "test-plan", c);
+    } catch (const InputError& e) {
+      return e.what();
+    }
+    return "no InputError";
+  };
+  const std::string dev = device_gpu_model();
+  const std::string multi = message(make_plan(small_qwen3(), 2, dev));
+  INFO(multi);
+  CHECK(multi.find("distributed runs are not built yet") != std::string::npos);
+  CHECK(multi.find("2 GPUs") != std::string::npos);
+
+  const std::string other = dev == "H20" ? "MI300X" : "H20";  // "H20" is not the word "H200"
+  const std::string wrong = message(make_plan(small_qwen3(), 1, other));
+  INFO(wrong);
+  CHECK(wrong.find("'" + other + "'") != std::string::npos);
+  CHECK(wrong.find(gpu::query_device(0).name) != std::string::npos);
+
+  const std::string hd = message(make_plan(small_qwen3(32), 1, dev));
+  INFO(hd);
+  CHECK(hd.find("head_dim 32") != std::string::npos);
+  CHECK(hd.find("Qwen3MoeForCausalLM") != std::string::npos);
+  CHECK(hd.find("supported") != std::string::npos);
+
+  auto too_many = c;
+  too_many.batch = 17;  // the plan's max_num_seqs is 16
+  CHECK_THROWS_AS((void)gpu::run_bench(make_plan(small_qwen3(), 1, dev), "test-plan", too_many), InputError);
+  auto bad_weights = c;
+  bad_weights.weights_dir = "/nonexistent/weights";
+  CHECK_THROWS_AS((void)gpu::run_bench(make_plan(small_qwen3(), 1, dev), "test-plan", bad_weights), InputError);
+}
