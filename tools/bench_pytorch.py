@@ -9,7 +9,9 @@ steps with the KV cache; every step timed with CUDA events. Prints SGLang bench_
 and keys (prefill_latency, prefill_throughput, median_decode_latency, median_decode_throughput,
 total_latency, overall_throughput) and writes them with the per-step latencies to --json.
 
-  python3 tools/bench_pytorch.py --batch 64 --input-len 512 --output-len 64 --num-layers 8 --json out.json
+  python3 tools/bench_pytorch.py --batch 1,64 --input-len 512 --output-len 64 --num-layers 8 --json out.json
+(--batch takes a comma list: the model is built once and each batch size runs in turn; the JSON
+then holds one result object per batch size under "runs".)
 """
 import argparse
 import json
@@ -42,7 +44,7 @@ QWEN3_30B_A3B = dict(
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1", help="batch size, or a comma list of them")
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--num-layers", type=int, default=0, help="first N layers (0: all 48)")
@@ -50,7 +52,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of the whole benchmark first")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
-    if min(a.batch, a.input_len, a.output_len) < 1 or a.warmup < 0:
+    batches = [int(x) for x in a.batch.split(",")]
+    if min(batches + [a.input_len, a.output_len]) < 1 or a.warmup < 0:
         sys.exit("bench_pytorch: --batch, --input-len, --output-len must be >= 1, --warmup >= 0")
 
     import torch
@@ -75,74 +78,80 @@ def main():
     dev = torch.cuda.get_device_name(0)
     print(f"# bench_pytorch: torch {torch.__version__}, transformers {transformers.__version__}, {dev}")
     print(f"# Qwen3MoeForCausalLM {config.num_hidden_layers} layers, random bf16 weights built in {build_s:.1f} s, "
-          f"eager, attention {config._attn_implementation}; batch {a.batch}, input {a.input_len}, output {a.output_len}, warmup {a.warmup}")
+          f"eager, attention {config._attn_implementation}, experts "
+          f"{getattr(config, '_experts_implementation', 'default')}; batch {a.batch}, input {a.input_len}, output {a.output_len}, warmup {a.warmup}")
 
-    g = torch.Generator(device="cuda").manual_seed(a.seed)
-    prompts = torch.randint(0, config.vocab_size, (a.batch, a.input_len), device="cuda", generator=g)
+    def bench(batch):
+        print(f"# batch {batch}")
+        g = torch.Generator(device="cuda").manual_seed(a.seed)
+        prompts = torch.randint(0, config.vocab_size, (batch, a.input_len), device="cuda", generator=g)
 
-    def run_once():
-        from transformers import DynamicCache
+        def run_once():
+            from transformers import DynamicCache
 
-        try:
-            cache = DynamicCache(config=config)
-        except TypeError:  # transformers < 4.56
-            cache = DynamicCache()
-        times = []
-        ids = []
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.inference_mode():
-            start.record()
-            out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-            ids.append(nxt)
-            cache = out.past_key_values
-            for d in range(a.output_len - 1):
-                pos = torch.full((a.batch, 1), a.input_len + d, device="cuda", dtype=torch.long)
+            try:
+                cache = DynamicCache(config=config)
+            except TypeError:  # transformers < 4.56
+                cache = DynamicCache()
+            times = []
+            ids = []
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.inference_mode():
                 start.record()
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos,
-                            logits_to_keep=1)
+                out = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 stop.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(stop))
                 nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
                 ids.append(nxt)
                 cache = out.past_key_values
-        return times, torch.cat(ids, dim=1).tolist()
+                for d in range(a.output_len - 1):
+                    pos = torch.full((batch, 1), a.input_len + d, device="cuda", dtype=torch.long)
+                    start.record()
+                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos,
+                                logits_to_keep=1)
+                    stop.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(stop))
+                    nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+                    ids.append(nxt)
+                    cache = out.past_key_values
+            return times, torch.cat(ids, dim=1).tolist()
 
-    for _ in range(a.warmup):
-        run_once()
-    times, ids = run_once()
-    prefill = times[0] / 1e3
-    decode = [t / 1e3 for t in times[1:]]
-    med = statistics.median(decode) if decode else 0.0
-    total = prefill + sum(decode)
-    r = {
-        "run_name": "bench_pytorch (transformers eager)",
-        "batch_size": a.batch, "input_len": a.input_len, "output_len": a.output_len,
-        "num_layers": config.num_hidden_layers,
-        "prefill_latency": prefill, "prefill_throughput": a.batch * a.input_len / prefill,
-        "median_decode_latency": med, "median_decode_throughput": a.batch / med if med > 0 else 0.0,
-        "total_latency": total, "overall_throughput": a.batch * (a.input_len + a.output_len) / total,
-        "prefill_latencies_ms": times[:1], "decode_latencies_ms": times[1:],
-        "output_ids": ids,
-        "device": dev, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                    "cuda": torch.version.cuda},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    print(f"Prefill. latency: {prefill:8.5f} s, throughput: {r['prefill_throughput']:11.2f} token/s")
-    for b in range(0, len(decode), 16):
-        m = statistics.median(decode[b:b + 16])
-        print(f"Decode {b}-{min(len(decode), b + 16) - 1}. Batch size: {a.batch}, median latency: {m:8.5f} s, "
-              f"median throughput: {a.batch / m:11.2f} token/s")
-    print(f"Decode.  median latency: {med:8.5f} s, median throughput: {r['median_decode_throughput']:11.2f} token/s")
-    print(f"Total. latency: {total:8.3f} s, throughput: {r['overall_throughput']:11.2f} token/s")
+        for _ in range(a.warmup):
+            run_once()
+        times, ids = run_once()
+        prefill = times[0] / 1e3
+        decode = [t / 1e3 for t in times[1:]]
+        med = statistics.median(decode) if decode else 0.0
+        total = prefill + sum(decode)
+        r = {
+            "run_name": "bench_pytorch (transformers eager)",
+            "batch_size": batch, "input_len": a.input_len, "output_len": a.output_len,
+            "num_layers": config.num_hidden_layers,
+            "prefill_latency": prefill, "prefill_throughput": batch * a.input_len / prefill,
+            "median_decode_latency": med, "median_decode_throughput": batch / med if med > 0 else 0.0,
+            "total_latency": total, "overall_throughput": batch * (a.input_len + a.output_len) / total,
+            "prefill_latencies_ms": times[:1], "decode_latencies_ms": times[1:],
+            "output_ids": ids,
+            "device": dev, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                        "cuda": torch.version.cuda},
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        print(f"Prefill. latency: {prefill:8.5f} s, throughput: {r['prefill_throughput']:11.2f} token/s")
+        for b in range(0, len(decode), 16):
+            m = statistics.median(decode[b:b + 16])
+            print(f"Decode {b}-{min(len(decode), b + 16) - 1}. Batch size: {batch}, median latency: {m:8.5f} s, "
+                  f"median throughput: {batch / m:11.2f} token/s")
+        print(f"Decode.  median latency: {med:8.5f} s, median throughput: {r['median_decode_throughput']:11.2f} token/s")
+        print(f"Total. latency: {total:8.3f} s, throughput: {r['overall_throughput']:11.2f} token/s")
+        return r
+
+    runs = [bench(b) for b in batches]
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(r, f, indent=1)
+            json.dump(runs[0] if len(runs) == 1 else {"runs": runs}, f, indent=1)
         os.replace(tmp, a.json)
 
 
