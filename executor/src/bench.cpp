@@ -2,7 +2,9 @@
 #include "mixserve/gpu/bench.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <memory>
 #include <random>
 #include <span>
 #include <string>
