@@ -1,6 +1,6 @@
 // mixserve-profile: measures this machine and writes a hardware profile (profiles/<name>.yaml).
 //   mixserve-profile all -o profiles/h200.yaml --json run.json
-//   mixserve-profile gemm|experts|elementwise|comm [-o FILE]
+//   mixserve-profile gemm|experts|elementwise|attention|expert_gemv|comm [-o FILE] [--merge OLD]
 //   mixserve-profile check --profile profiles/h200.yaml        (predicted vs measured)
 // Exit codes: 0 ok, 1 runtime failure or a failed check, 2 bad input, 3 no GPU.
 #include <filesystem>
@@ -13,6 +13,7 @@
 #include <fmt/ostream.h>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/core/expert_path.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/gpu/runtime.hpp"
 #include "mixserve/gpu/timing.hpp"
@@ -71,7 +72,7 @@ std::string notes_for(const mixserve::HardwareProfile& p, const nlohmann::json& 
       "expert times: CUDA events, median, L2 flushed before each run; expert GEMMs run one cuBLASLt GEMM "
       "per non-empty expert inside a CUDA graph. ",
       p.gpu, p.versions.count("device_name") ? p.versions.at("device_name") : p.gpu);
-  for (const char* b : {"gemm", "experts", "elementwise", "comm"}) n += noise_summary(rows, b);
+  for (const char* b : {"gemm", "experts", "elementwise", "attention", "expert_gemv", "comm"}) n += noise_summary(rows, b);
   return n + collectives_sentence(p);
 }
 
@@ -106,6 +107,11 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
       if (what == "all" || what == "experts") p.experts.clear();
       if (what == "all" || what == "elementwise") p.elementwise.clear();
       if (what == "all" || what == "comm") p.collectives.clear();
+      if (what == "all" || what == "attention") p.attention.clear();
+      if (what == "expert_gemv")  // only the points of the executor's own paths (tagged)
+        std::erase_if(p.experts, [](const ExpertGemmPoint& e) {
+          return e.distribution.starts_with(kExpertGemvTag) || e.distribution.starts_with(kExpertEagerTag);
+        });
     } else if (!cfg.dry_run) {
       profiler::describe_machine(cfg, p, out);
       profiler::measure_peaks(cfg, p, out);
@@ -114,6 +120,8 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
     if (all || what == "gemm") profiler::profile_gemm(cfg, p, out);
     if (all || what == "experts") profiler::profile_experts(cfg, p, out);
     if (all || what == "elementwise") profiler::profile_elementwise(cfg, p, out);
+    if (all || what == "attention") profiler::profile_attention(cfg, p, out);
+    if (all || what == "expert_gemv") profiler::profile_expert_gemv(cfg, p, out);
     int64_t wrong = 0;
     const bool comm = all || what == "comm";
     if (comm) wrong = profiler::profile_comm(cfg, p, out);
@@ -125,8 +133,13 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
     p.provenance = make_provenance(fmt::format("mixserve-profile {} ({})", kMixServeVersion, join_args(argc, argv)), inputs);
     if (!cli.merge.empty()) {  // keep the merged file's description and statistics, add this run's
       const auto pos = p.notes.find("Collectives");
-      p.notes = (pos == std::string::npos ? p.notes + " " : p.notes.substr(0, pos)) + noise_summary(out.rows, "comm") +
-                collectives_sentence(p);
+      std::string added;
+      for (const char* b : {"attention", "expert_gemv"}) {
+        const std::string sum = noise_summary(out.rows, b);
+        if (!sum.empty()) added += fmt::format("Added {} by `mixserve-profile {} --merge`: {}", now_iso8601_utc(), b, sum);
+      }
+      p.notes = (pos == std::string::npos ? p.notes + " " : p.notes.substr(0, pos)) + added +
+                noise_summary(out.rows, "comm") + collectives_sentence(p);
     } else {
       p.notes = notes_for(p, out.rows);
     }
@@ -134,8 +147,9 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
       fmt::print(std::cout, "# Verdict: FAIL ({} wrong collective elements), exit code 1\n", wrong);
       rc = kExitRuntime;
     } else {
-      fmt::print(std::cout, "# Verdict: OK ({} GEMM, {} expert, {} elementwise, {} collective points), exit code 0\n",
-                 p.gemm.size(), p.experts.size(), p.elementwise.size(), p.collectives.size());
+      fmt::print(std::cout,
+                 "# Verdict: OK ({} GEMM, {} expert, {} elementwise, {} attention, {} collective points), exit code 0\n",
+                 p.gemm.size(), p.experts.size(), p.elementwise.size(), p.attention.size(), p.collectives.size());
     }
     if (!cli.output.empty() && !cfg.dry_run && rc == kExitOk) {
       write_file_atomic(cli.output, profile_to_yaml(p));
@@ -196,7 +210,7 @@ int main(int argc, char** argv) {
     }
   };
   std::string chosen;
-  for (const char* name : {"all", "gemm", "experts", "elementwise", "comm"}) {
+  for (const char* name : {"all", "gemm", "experts", "elementwise", "attention", "expert_gemv", "comm"}) {
     auto* s = app.add_subcommand(name, fmt::format("measure {} and write a profile", name));
     common(s, true);
     s->callback([&chosen, name] { chosen = name; });

@@ -44,6 +44,7 @@
 #include <fmt/format.h>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/core/expert_path.hpp"
 #include "mixserve/sim/cost_constants.hpp"
 #include "mixserve/sim/cost_moe_comm.hpp"
 #include "mixserve/sim/cost_shapes.hpp"
@@ -330,7 +331,8 @@ class MixServeModel final : public StepCostModel {
         stage.add(embedding, timer_->collective(CollOp::all_reduce, g_attn_tp_, T_max * h_ * act_));
       }
       if (st.last && rows_max > 0) {
-        stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));
+        stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // gather last rows
+        stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // final RMSNorm
         stage.add(lm_head, timer_->gemm(rows_max, m_.vocab_size / l_.attn_tp, h_, m_.activation_dtype));
         stage.add(lm_head, timer_->collective(CollOp::all_gather, g_attn_tp_,
                                               rows_max * m_.vocab_size * K.logits_bytes_per_element));
@@ -492,7 +494,24 @@ class MixServeModel final : public StepCostModel {
                                    at.kv_lora_rank, wd));
       v_dim = at.v_head_dim;
     } else {
-      a.add(attn_qkv, timer_->gemm(t, int64_t(heads_ + 2 * kv_heads_) * at.head_dim, h_, wd));
+      // The executor runs q, k and v as three GEMMs (model_forward.cpp), then per launch: the
+      // biases (Qwen2), the per-head q/k RMSNorm (Qwen3, OLMoE), RoPE on q and k, the KV-cache
+      // write of k and v.
+      const int64_t qw = int64_t(heads_) * at.head_dim, kvw = int64_t(kv_heads_) * at.head_dim;
+      a.add(attn_qkv, timer_->gemm(t, qw, h_, wd));
+      a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
+      a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
+      if (at.qkv_bias) {
+        a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
+        a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+        a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+      }
+      if (at.qk_norm) {
+        a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
+        a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+      }
+      a.add(attn_qkv, timer_->memory_op(2 * t * (qw + kvw) * act_));   // RoPE
+      a.add(attn_core, timer_->memory_op(2 * t * 2 * kvw * act_));     // KV write
       v_dim = at.head_dim;
     }
     const double window = sliding ? double(at.sliding_window) : 0.0;
@@ -537,6 +556,8 @@ class MixServeModel final : public StepCostModel {
     }
     a.add(attn_o, timer_->gemm(t, h_, int64_t(heads_) * v_dim, wd));
     a.add(attn_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
+    // The layer's closing residual add (x + ffn_out), one launch after the FFN / MoE block.
+    a.add(attn_norm, timer_->memory_op(3 * t * h_ * act_));
     return a;
   }
 
@@ -572,12 +593,18 @@ class MixServeModel final : public StepCostModel {
     const int64_t I = m_.moe.expert_intermediate_size / l_.moe_tp;
     // post-attention norm of the group's tokens
     a.add(moe_experts, timer_->memory_op(2 * Tg * h_ * act_));
-    // Experts: permute + grouped gate/up + SiLU*mul + grouped down + unpermute.
+    // Experts: permute (4 launches: histogram, scan, slot scatter of rows x 4-byte indices, then
+    // the row copy) + grouped gate/up + SiLU*mul + grouped down + combine (weighted sum of each
+    // token's rows, plus the shared expert's output). The expert kernel is the one the executor
+    // picks for the rank's routed rows (core/expert_path.hpp).
     const double active = expected_active_experts(T_all, E_, k_, E_local_);
-    a.add(moe_experts, timer_->memory_op(4.0 * rows * h_ * act_));
-    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, 2 * I, h_, ed}));
+    const bool gemv = uses_device_gemv(int64_t(std::ceil(Tg * k_)));
+    for (int i = 0; i < 3; ++i) a.add(moe_experts, timer_->memory_op(2.0 * rows * 4.0));
+    a.add(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_));
+    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, 2 * I, h_, ed, gemv}));
     a.add(moe_experts, timer_->memory_op(3.0 * rows * I * act_));
-    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, h_, I, ed}));
+    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, h_, I, ed, gemv}));
+    a.add(moe_experts, timer_->memory_op((rows + 2.0 * Tg) * h_ * act_));
     if (m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0) {
       const int64_t Is = m_.moe.shared_intermediate_size / l_.moe_tp;
       a.add(moe_shared, timer_->gemm(Tg, 2 * Is, h_, ed));

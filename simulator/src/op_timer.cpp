@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <string>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/core/expert_path.hpp"
 #include "mixserve/sim/cost_constants.hpp"
 
 namespace mixserve::sim {
@@ -225,7 +227,10 @@ class ProfileTimer final : public OpTimer {
     }
     for (auto& [key, f] : gemm_) f.sort_unique();
     for (const ExpertGemmPoint& e : p.experts) {
-      auto& f = experts_[{int(compute_class(e.dtype)), e.num_experts, e.n, e.k}];
+      const int impl = e.distribution.starts_with(kExpertGemvTag)    ? kImplGemv
+                       : e.distribution.starts_with(kExpertEagerTag) ? kImplEager
+                                                                      : kImplGraph;
+      auto& f = experts_[{int(compute_class(e.dtype)), e.num_experts, e.n, e.k, impl}];
       f.x.push_back(double(e.tokens));
       f.y.push_back(e.time_us);
     }
@@ -236,15 +241,16 @@ class ProfileTimer final : public OpTimer {
     }
     elementwise_.sort_unique();
     for (const AttentionPoint& a : p.attention) {
+      if (a.batch <= 0) continue;
       const bool decode = a.kind == "decode";
-      const double work = decode ? double(a.batch) * double(a.kv_len)
-                                 : double(a.batch) * double(a.q_len) *
-                                       (double(a.kv_len - a.q_len) + (a.q_len + 1) / 2.0);
-      auto& f = attention_[{decode, a.impl == "mla", a.num_heads, a.num_kv_heads, a.head_dim}];
+      const double work = decode ? double(a.kv_len)
+                                 : double(a.q_len) * (double(a.kv_len - a.q_len) + (a.q_len + 1) / 2.0);
+      auto& f = attention_[{decode, a.impl == "mla", a.num_heads, a.num_kv_heads, a.head_dim}][a.batch];
       f.x.push_back(work);
       f.y.push_back(a.time_us);
     }
-    for (auto& [key, f] : attention_) f.sort_unique();
+    for (auto& [key, fam] : attention_)
+      for (auto& [b, f] : fam) f.sort_unique();
     for (const CollectivePoint& cp : p.collectives) {
       auto& f = coll_[{int(cp.op), cp.group_size, cp.nodes}];
       f.x.push_back(cp.bytes);
@@ -287,10 +293,16 @@ class ProfileTimer final : public OpTimer {
 
   OpTime expert_gemm(const ExpertGemmShape& s) const override {
     const OpTime fallback = roof_->expert_gemm(s);
-    auto it = experts_.find({int(compute_class(s.dtype)), s.num_experts, s.n, s.k});
+    const int cls = int(compute_class(s.dtype));
+    auto find = [&](int impl) {
+      auto it = experts_.find({cls, s.num_experts, s.n, s.k, impl});
+      return it == experts_.end() ? nullptr : &it->second;
+    };
+    const Curve* f = s.device_gemv ? find(kImplGemv) : find(kImplEager);
+    if (f == nullptr && !s.device_gemv) f = find(kImplGraph);
     double t;
     CostSource src;
-    if (it == experts_.end() || !it->second.at(s.rows, t, src)) return fallback;
+    if (f == nullptr || !f->at(s.rows, t, src)) return fallback;
     return {t, src};
   }
 
@@ -298,16 +310,31 @@ class ProfileTimer final : public OpTimer {
     const OpTime fallback = roof_->attention(s);
     // MLA decode tables are keyed by query heads and the latent width as head_dim.
     auto it = attention_.find({s.decode, s.mla, s.heads, s.kv_heads, s.qk_dim});
-    double t;
-    CostSource src;
-    const double work = s.decode ? s.context_tokens : s.pairs;
-    if (it == attention_.end() || !it->second.at(work, t, src)) return fallback;
-    return {t, src};
+    if (it == attention_.end() || s.batch <= 0) return fallback;
+    const auto& fam = it->second;  // batch -> curve over the work of one sequence
+    const double b = double(s.batch);
+    const double work = (s.decode ? s.context_tokens : s.pairs) / b;
+    auto hi = fam.lower_bound(s.batch);
+    if (hi == fam.end()) return fallback;
+    double t1;
+    CostSource src1;
+    if (!hi->second.at(work, t1, src1)) return fallback;
+    if (hi->first == s.batch) return {t1, src1};
+    if (hi == fam.begin()) return fallback;
+    auto lo = std::prev(hi);
+    double t0;
+    CostSource src0;
+    if (!lo->second.at(work, t0, src0)) return fallback;
+    const double w = std::log(b / lo->first) / std::log(double(hi->first) / lo->first);
+    return {std::exp(std::log(t0) + w * (std::log(t1) - std::log(t0))), CostSource::interpolated};
   }
 
   OpTime memory_op(double bytes) const override {
+    if (bytes <= 0) return {0, CostSource::measured};
     double t;
     CostSource src;
+    if (!elementwise_.x.empty() && bytes < elementwise_.x.front())
+      return {elementwise_.y.front(), CostSource::extrapolated};  // launch-bound floor
     if (!elementwise_.at(bytes, t, src)) return roof_->memory_op(bytes);
     return {t, src};
   }
@@ -324,9 +351,10 @@ class ProfileTimer final : public OpTimer {
  private:
   std::unique_ptr<RooflineTimer> roof_;
   std::map<std::tuple<int, int64_t, int64_t>, Curve> gemm_;
-  std::map<std::tuple<int, int, int64_t, int64_t>, Curve> experts_;
+  static constexpr int kImplGraph = 0, kImplGemv = 1, kImplEager = 2;  // expert point tags
+  std::map<std::tuple<int, int, int64_t, int64_t, int>, Curve> experts_;
   Curve elementwise_;
-  std::map<std::tuple<bool, bool, int, int, int>, Curve> attention_;
+  std::map<std::tuple<bool, bool, int, int, int>, std::map<int, Curve>> attention_;
   std::map<std::tuple<int, int, int>, Curve> coll_;
 };
 

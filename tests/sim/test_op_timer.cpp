@@ -211,3 +211,73 @@ TEST_CASE("profile timer: expert, attention and elementwise tables") {
   CHECK(o.time_us == doctest::Approx(5 * std::sqrt(10.0)).epsilon(1e-12));
   CHECK(prof->memory_op(1e9).time_us == roof->memory_op(1e9).time_us);
 }
+
+TEST_CASE("profile timer: attention over batch, expert implementations, launch-bound floor") {
+  HardwareProfile p = test::h200_datasheet();
+  p.source = "measured";
+  // Decode GQA 32/4 x 128 at batch 1 and 4, kv_len 512 and 2048.
+  for (int b : {1, 4})
+    for (int64_t kv : {512, 2048}) {
+      AttentionPoint a;
+      a.kind = "decode";
+      a.impl = "gqa";
+      a.num_heads = 32;
+      a.num_kv_heads = 4;
+      a.head_dim = 128;
+      a.batch = b;
+      a.q_len = 1;
+      a.kv_len = kv;
+      a.time_us = 10.0 * b * (kv == 512 ? 1.0 : 2.0);
+      p.attention.push_back(a);
+    }
+  // Experts E=128 [1536, 2048] bf16: graph cuBLASLt, gemv and eager points, 64 and 256 rows.
+  for (auto [tag, scale] : {std::pair{"uniform", 1.0}, {"gemv:uniform", 2.0}, {"eager:uniform", 4.0}})
+    for (int64_t r : {64, 256}) {
+      ExpertGemmPoint e;
+      e.num_experts = 128;
+      e.tokens = r;
+      e.n = 1536;
+      e.k = 2048;
+      e.distribution = tag;
+      e.time_us = scale * (r == 64 ? 10.0 : 20.0);
+      p.experts.push_back(e);
+    }
+  p.elementwise.push_back({1e4, 4.0});
+  p.elementwise.push_back({1e6, 8.0});
+  const ClusterSpec c = test::h200_cluster(1);
+  auto prof = make_profile_timer(p, c);
+  auto roof = make_roofline_timer(p, c);
+
+  AttentionShape q;
+  q.decode = true;
+  q.heads = 32;
+  q.kv_heads = 4;
+  q.qk_dim = q.v_dim = 128;
+  q.kv_bytes_per_token = 2 * 4 * 128 * 2;
+  q.batch = 2;  // midway between batch 1 and 4 in log space, kv_len 512 each
+  q.q_tokens = 2;
+  q.context_tokens = 2 * 512.0;
+  OpTime o = prof->attention(q);
+  CHECK(o.source == CostSource::interpolated);
+  CHECK(o.time_us == doctest::Approx(10.0 * std::sqrt(4.0)).epsilon(1e-12));
+  q.batch = 4;
+  q.context_tokens = 4 * 2048.0;  // exact point
+  CHECK(prof->attention(q).source == CostSource::measured);
+  CHECK(prof->attention(q).time_us == 80.0);
+  q.batch = 8;  // beyond the measured batches: roofline
+  q.context_tokens = 8 * 512.0;
+  CHECK(prof->attention(q).time_us == roof->attention(q).time_us);
+
+  ExpertGemmShape s{128, 64, 64, 1536, 2048, DType::bf16, true};
+  CHECK(prof->expert_gemm(s).time_us == 20.0);   // gemv points
+  s.device_gemv = false;
+  CHECK(prof->expert_gemm(s).time_us == 40.0);   // eager points before graph points
+  s.n = 3072;                                    // no family: roofline for either path
+  CHECK(prof->expert_gemm(s).source == CostSource::roofline);
+
+  // Below the smallest measured size: that size's time (launch-bound), tagged extrapolated.
+  o = prof->memory_op(100);
+  CHECK(o.source == CostSource::extrapolated);
+  CHECK(o.time_us == 4.0);
+  CHECK(prof->memory_op(0).time_us == 0.0);
+}

@@ -41,6 +41,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include "mixserve/core/expert_path.hpp"
 #include "mixserve/core/model.hpp"
 #include "mixserve/gpu/gemm.hpp"
 #include "mixserve/gpu/runtime.hpp"
@@ -59,7 +60,7 @@ struct GpuModelConfig {
   int max_seqs_per_step = 64;
   int max_blocks_per_seq = 64;   // columns of the device block table
   ExpertPath expert_path = ExpertPath::automatic;
-  int64_t device_gemv_max_rows = 512;  // automatic: routed rows (tokens * top_k) up to this
+  int64_t device_gemv_max_rows = kDeviceGemvMaxRows;  // automatic: routed rows (tokens * top_k) up to this
 };
 
 struct StepOptions {

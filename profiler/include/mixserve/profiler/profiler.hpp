@@ -51,6 +51,12 @@ void measure_peaks(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
 void profile_gemm(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
 void profile_experts(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
 void profile_elementwise(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+// The executor's attention kernel (paged KV) over decode and prefill shapes of the shipped models'
+// head configurations at each TP degree (attention.cpp).
+void profile_attention(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+// The executor's expert paths: device grouped GEMV (tagged "gemv:") and eager cuBLASLt with the
+// host count copy (tagged "eager:"), core/expert_path.hpp (expert_gemv.cpp).
+void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
 // Collectives on 2, 4, ... GPUs of this node driven by one process (NCCL_NVLS_ENABLE=0).
 // Returns the total number of wrong elements (0 expected).
 int64_t profile_comm(const ProfileConfig& cfg, HardwareProfile& p, Output& out);

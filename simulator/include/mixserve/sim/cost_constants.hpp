@@ -32,11 +32,14 @@ struct CostConstants {
   // Decode attention streams the KV cache: fraction of the profile's memory efficiency reached
   // by paged decode kernels (FlashInfer/FlashMLA report 80-90% of HBM bandwidth at long context).
   double attention_decode_mem_efficiency = 0.85;
-  // Router top-k / softmax, SiLU*mul, RMSNorm, residual, RoPE and scatter-add are
-  // memory-bound; each is costed as bytes read + written at the profile's memory bandwidth.
-  // Number of elementwise passes over a [tokens, hidden] activation per decoder layer besides
-  // the ones costed explicitly (residual adds, RoPE, quantisation of activations for fp8 GEMMs).
-  double extra_elementwise_passes_per_layer = 3.0;
+  // Router top-k / softmax, SiLU*mul, RMSNorm, residual, RoPE, KV write, permute, combine and
+  // scatter-add are memory-bound; each launch of the executor (executor/src/model_forward.cpp) is
+  // costed as one memory op (bytes read + written) on the profile's measured elementwise table,
+  // whose smallest point (a launch-bound kernel) is the floor of every smaller one.
+  // Elementwise passes over a [tokens, hidden] activation per decoder layer that the executor
+  // runs besides those launches: none (it was 3.0, standing for residual adds and RoPE, before
+  // they were costed launch by launch; the executor quantises no activations).
+  double extra_elementwise_passes_per_layer = 0.0;
 
   // ---- memory -----------------------------------------------------------------------------
   // Memory a GPU loses before weights: CUDA context (~0.5 GiB), cuBLAS/cuBLASLt workspaces,

@@ -34,6 +34,7 @@ struct ExpertGemmShape {
   double active_experts = 1;   // experts with at least one row (their weights are read)
   int64_t n = 0, k = 0;        // per-expert weight [k, n]
   DType dtype = DType::bf16;   // weight dtype (its compute class sets the peak)
+  bool device_gemv = false;    // the executor's device grouped GEMV (core/expert_path.hpp), else cuBLASLt
 };
 
 // Core attention (softmax(QK^T)V) of one rank, without projections.
@@ -76,12 +77,21 @@ std::unique_ptr<OpTimer> make_roofline_timer(const HardwareProfile& p, const Clu
 // space; GEMMs use the (n, k) family nearest in log distance and scale by the roofline ratio,
 // tagged extrapolated), roofline / alpha-beta outside the measured range. Table keys:
 //   gemm:        (compute class, n, k), curve over m;
-//   experts:     exact (compute class, local experts, n, k), curve over total rows (the point's
-//                distribution and active-expert count are not used);
-//   attention:   exact (kind, impl, num_heads, num_kv_heads, head_dim = the q.k width), curve
-//                over work = batch * kv_len (decode) or causal (query, key) pairs (prefill,
-//                queries taken as the last q_len positions of kv_len);
-//   elementwise: curve over bytes; collectives: (op, group_size, nodes), curve over bytes.
+//   experts:     exact (compute class, local experts, n, k, implementation), curve over total
+//                rows. The implementation comes from the point's distribution tag
+//                (core/expert_path.hpp): "gemv:" points serve device_gemv shapes only (none:
+//                roofline); other shapes take the "eager:" points (the executor's cuBLASLt path
+//                with its host sync) when the family has them, else the untagged (graph) points.
+//                The distribution's skew and the active-expert count are not used;
+//   attention:   exact (kind, impl, num_heads, num_kv_heads, head_dim = the q.k width); inside it
+//                one curve per measured batch over the work of one sequence (decode: kv_len;
+//                prefill: causal (query, key) pairs, queries taken as the last q_len positions of
+//                kv_len), interpolated in log-log space over that work and then over the batch
+//                between the two measured batches around the shape's; outside the measured
+//                batches or work range: roofline;
+//   elementwise: curve over bytes (below the smallest measured size: the smallest size's time,
+//                tagged extrapolated: such kernels are launch-bound); collectives: (op,
+//                group_size, nodes), curve over bytes.
 std::unique_ptr<OpTimer> make_profile_timer(const HardwareProfile& p, const ClusterSpec& c);
 
 // Log-log interpolation of y(x) on points sorted by x. Returns false (and leaves `y` alone)

@@ -1,0 +1,25 @@
+// Which expert kernel the executor runs for a step, read by the executor (model_forward.cpp,
+// ExpertPath::automatic) and by the cost model (simulator/cost_model.cpp), so the two always
+// agree; and the tags of the profile's expert points that say which kernel was timed.
+#pragma once
+#include <cstdint>
+#include <string_view>
+
+namespace mixserve {
+
+// Routed rows (tokens * top_k) up to which the executor runs the device-side grouped expert GEMV
+// (executor/expert_gemm.hpp: no host sync, CUDA-graph capturable); above it, one cuBLASLt GEMM per
+// expert with a host copy of the counts.
+inline constexpr int64_t kDeviceGemvMaxRows = 512;
+
+inline constexpr bool uses_device_gemv(int64_t routed_rows) { return routed_rows <= kDeviceGemvMaxRows; }
+
+// ExpertGemmPoint::distribution prefixes naming the timed implementation. Untagged points are
+// cuBLASLt GEMMs per non-empty expert inside a CUDA graph (mixserve-profile experts).
+//   "gemv:<dist>"  - the device grouped GEMV, inside a CUDA graph (mixserve-profile expert_gemv);
+//   "eager:<dist>" - the executor's cuBLASLt path as it runs: device->host copy of the counts,
+//                    stream sync, per-expert plans, one GEMM per non-empty expert, no graph.
+inline constexpr std::string_view kExpertGemvTag = "gemv:";
+inline constexpr std::string_view kExpertEagerTag = "eager:";
+
+}  // namespace mixserve

@@ -1,0 +1,207 @@
+// The `expert_gemv` family of mixserve-profile: the two expert paths of the single-GPU executor
+// (model_forward.cpp), timed as the executor runs them, bf16 weights (the executor's only dtype):
+//   - the device grouped GEMV (executor/expert_gemm.hpp), routed rows 1, 2, 4 .. kDeviceGemvMaxRows
+//     spread uniformly over the local experts, inside a CUDA graph (decode steps are graphs);
+//     points tagged "gemv:uniform", for every expert family at MoE TP 1 and EP 1 plus --ep;
+//   - the cuBLASLt path above kDeviceGemvMaxRows rows, eagerly: device->host copy of the expert
+//     counts, stream sync, set_counts, one GEMM per non-empty expert (no graph, host launches in
+//     the timed interval); rows 1024 .. 16384, EP 1 families; points tagged "eager:uniform".
+#include <algorithm>
+#include <ostream>
+
+#include <fmt/format.h>
+#include <fmt/ostream.h>
+
+#include "context.hpp"
+#include "mixserve/core/expert_path.hpp"
+#include "mixserve/core/io.hpp"
+#include "mixserve/gpu/expert_gemm.hpp"
+#include "mixserve/profiler/shapes.hpp"
+
+namespace mixserve::profiler {
+namespace {
+
+void progress_line(Output& out, const std::string& what, std::size_t i, std::size_t n) {
+  fmt::print(out.progress, "[{:>4}/{:<4}] {}\n", i, n, what);
+  out.progress.flush();
+}
+
+struct Family {
+  ExpertFamily f;
+  bool eager = false;  // also time the eager cuBLASLt path
+};
+
+std::vector<Family> families(const ProfileConfig& cfg) {
+  std::vector<int> eps = {1};
+  for (int e : cfg.ep)
+    if (std::find(eps.begin(), eps.end(), e) == eps.end()) eps.push_back(e);
+  std::vector<Family> out;
+  for (const auto& name : effective_models(cfg)) {
+    const ModelSpec m = load_model(name);
+    for (int ep : eps)
+      for (auto f : model_expert_families(m, 1, ep)) {
+        f.dtype = DType::bf16;
+        gpu::GroupedGemvParams g;
+        g.num_experts = f.num_experts;
+        g.n = f.n;
+        g.k = f.k;
+        g.act = reinterpret_cast<const __nv_bfloat16*>(16);
+        g.weights = g.act;
+        g.out = reinterpret_cast<__nv_bfloat16*>(16);
+        g.expert_offsets = reinterpret_cast<const int32_t*>(16);
+        if (!gpu::grouped_gemv_unsupported_reason(g).empty()) continue;
+        const bool seen = std::any_of(out.begin(), out.end(), [&](const Family& o) {
+          return o.f.num_experts == f.num_experts && o.f.n == f.n && o.f.k == f.k;
+        });
+        if (!seen) out.push_back({f, ep == 1});
+      }
+  }
+  return out;
+}
+
+std::vector<int64_t> gemv_rows() {
+  std::vector<int64_t> r;
+  for (int64_t x = 1; x <= kDeviceGemvMaxRows; x *= 2) r.push_back(x);
+  return r;
+}
+
+const std::vector<int64_t> kEagerRows = {1024, 2048, 4096, 8192, 16384};
+
+std::vector<int32_t> offsets_of(const std::vector<int64_t>& counts) {
+  std::vector<int32_t> off(counts.size() + 1, 0);
+  for (std::size_t e = 0; e < counts.size(); ++e) off[e + 1] = off[e] + int32_t(counts[e]);
+  return off;
+}
+
+}  // namespace
+
+void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
+  const auto fams = families(cfg);
+  const auto rows = gemv_rows();
+  double est_total_us = 0;
+  int64_t max_w = 1, max_act = 1, max_out = 1, max_e = 1;
+  for (const auto& f : fams) {
+    max_w = std::max(max_w, int64_t(f.f.num_experts) * f.f.n * f.f.k);
+    max_e = std::max<int64_t>(max_e, f.f.num_experts);
+    const int64_t top = f.eager ? kEagerRows.back() : rows.back();
+    max_act = std::max(max_act, top * f.f.k);
+    max_out = std::max(max_out, top * f.f.n);
+    for (int64_t r : rows) {
+      const double active = std::min<double>(f.f.num_experts, double(r));
+      const double est = guess_us(0, active * double(f.f.n * f.f.k) * 2.0, DType::bf16);
+      const auto t = timing_for(cfg, est, true);
+      est_total_us += (est + 20.0) * (t.timed_iters + t.warmup_iters + 2) + 2000.0;
+    }
+    if (f.eager)
+      for (int64_t r : kEagerRows) {
+        const double est = guess_us(2.0 * r * f.f.n * f.f.k, double(f.f.num_experts * f.f.n * f.f.k) * 2.0,
+                                    DType::bf16) + 6.0 * f.f.num_experts;
+        const auto t = timing_for(cfg, est, false);
+        est_total_us += (est + 20.0) * (t.timed_iters + t.warmup_iters + 2) + 2000.0;
+      }
+  }
+  fmt::print(out.table,
+             "#\n# Expert paths of the executor (bf16): device GEMV (graph) over {} row counts up to {}, eager "
+             "cuBLASLt with host count copy over {} row counts (EP 1): {} families (estimated {:.0f} s)\n",
+             rows.size(), kDeviceGemvMaxRows, kEagerRows.size(), fams.size(), est_total_us / 1e6);
+  if (cfg.dry_run) {
+    for (const auto& f : fams)
+      fmt::print(out.table, "#   {:<44} E {:>4} n {:>6} k {:>6}{}\n", f.f.label, f.f.num_experts, f.f.n, f.f.k,
+                 f.eager ? " (+eager)" : "");
+    return;
+  }
+  if (fams.empty()) return;
+  GpuContext ctx(cfg.device);
+  cudaStream_t s = ctx.stream.get();
+  gpu::DeviceBuffer w(max_w * 2), act(max_act * 2), o(max_out * 2), off((max_e + 1) * 4), counts_dev(max_e * 4);
+  fill(w.get(), max_w, DType::bf16, 81, -1, 1, s);
+  fill(act.get(), max_act, DType::bf16, 82, -1, 1, s);
+  int32_t* counts_host = nullptr;
+  MIXSERVE_CUDA_CHECK(cudaMallocHost(&counts_host, std::size_t(max_e) * 4));
+  struct PinnedFree {
+    int32_t* p;
+    ~PinnedFree() { cudaFreeHost(p); }
+  } pinned{counts_host};
+  fmt::print(out.table, "#{:>4} {:>7} {:>7} {:>6} {:>8} {:>6} | {:>10} {:>8} {:>6}  {}\n", "E", "n", "k", "path", "rows",
+             "active", "time(us)", "GB/s", "noise", "family");
+  auto record = [&](const ExpertFamily& f, const char* path, const std::string& tag, int64_t r, int64_t max_rows,
+                    int active, const gpu::TimingResult& res) {
+    const double wbytes = double(active) * double(f.n * f.k) * 2.0;
+    fmt::print(out.table, " {:>4} {:>7} {:>7} {:>6} {:>8} {:>6} | {:>10.2f} {:>8.0f} {:>6.3f}  {}\n", f.num_experts, f.n,
+               f.k, path, r, active, res.time_us.median, wbytes / (res.time_us.median * 1e3), res.time_us.noise(),
+               f.label);
+    ExpertGemmPoint e;
+    e.num_experts = f.num_experts;
+    e.tokens = r;
+    e.max_tokens = max_rows;
+    e.active_experts = active;
+    e.n = f.n;
+    e.k = f.k;
+    e.dtype = DType::bf16;
+    e.distribution = tag;
+    e.time_us = res.time_us.median;
+    p.experts.push_back(e);
+    out.rows.push_back({{"bench", "expert_gemv"}, {"path", path}, {"num_experts", f.num_experts}, {"n", f.n},
+                        {"k", f.k}, {"distribution", tag}, {"rows", r}, {"max_rows", max_rows},
+                        {"active_experts", active}, {"time_us", res.time_us.median}, {"noise", res.time_us.noise()},
+                        {"iters", res.time_us.count}, {"family", f.label}});
+  };
+  std::size_t i = 0;
+  for (const auto& fam : fams) {
+    const ExpertFamily& f = fam.f;
+    progress_line(out, fmt::format("expert_gemv {} E={} n={} k={}", f.label, f.num_experts, f.n, f.k), ++i,
+                  fams.size());
+    for (int64_t r : rows) {
+      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      const auto offsets = offsets_of(counts);
+      MIXSERVE_CUDA_CHECK(
+          cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
+      gpu::GroupedGemvParams g;
+      g.act = act.as<__nv_bfloat16>();
+      g.weights = w.as<__nv_bfloat16>();
+      g.out = o.as<__nv_bfloat16>();
+      g.expert_offsets = off.as<int32_t>();
+      g.num_experts = f.num_experts;
+      g.n = f.n;
+      g.k = f.k;
+      const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
+      const double est = guess_us(0, active * double(f.n * f.k) * 2.0, DType::bf16);
+      const auto res = gpu::time_op([&](cudaStream_t st) { gpu::launch_grouped_gemv(g, st); }, s,
+                                    timing_for(cfg, est, true), &ctx.flusher);
+      record(f, "gemv", std::string(kExpertGemvTag) + "uniform", r, *std::max_element(counts.begin(), counts.end()),
+             active, res);
+    }
+    if (!fam.eager) continue;
+    gpu::ExpertGemm eg(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
+    for (int64_t r : kEagerRows) {
+      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      std::vector<int32_t> c32(counts.begin(), counts.end());
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(counts_dev.get(), c32.data(), c32.size() * 4, cudaMemcpyHostToDevice, s));
+      const int E = f.num_experts;
+      // As model_forward.cpp's cuBLASLt branch: counts to the host, sync, plan, run.
+      auto op = [&](cudaStream_t st) {
+        MIXSERVE_CUDA_CHECK(
+            cudaMemcpyAsync(counts_host, counts_dev.get(), std::size_t(E) * 4, cudaMemcpyDeviceToHost, st));
+        MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st));
+        std::vector<int64_t> h(static_cast<std::size_t>(E));
+        for (int e = 0; e < E; ++e) h[std::size_t(e)] = counts_host[e];
+        eg.set_counts(h);
+        eg.run(act.get(), w.get(), o.get(), nullptr, nullptr, st);
+      };
+      const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
+      const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16) + 6.0 * active;
+      gpu::TimingResult res;
+      try {
+        res = gpu::time_op(op, s, timing_for(cfg, est, false), &ctx.flusher);
+      } catch (const RuntimeError& e) {
+        fmt::print(out.table, "# skipped eager experts E={} n={} k={} rows={}: {}\n", f.num_experts, f.n, f.k, r,
+                   e.what());
+        continue;
+      }
+      record(f, "eager", std::string(kExpertEagerTag) + "uniform", r, *std::max_element(counts.begin(), counts.end()),
+             active, res);
+    }
+  }
+}
+
+}  // namespace mixserve::profiler
