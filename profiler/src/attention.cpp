@@ -26,11 +26,6 @@ constexpr int64_t kMaxContextTokens = int64_t(1) << 21;  // decode: cache tokens
 constexpr int64_t kMaxPrefillTokens = 16384;           // prefill: query tokens of one point
 constexpr int64_t kPrefillContext = 4096;              // the "with context" prefill points
 
-void progress_line(Output& out, const std::string& what, std::size_t i, std::size_t n) {
-  fmt::print(out.progress, "[{:>4}/{:<4}] {}\n", i, n, what);
-  out.progress.flush();
-}
-
 struct HeadConfig {
   std::string label;  // "qwen3-30b-a3b tp1"
   int heads = 0, kv_heads = 0, head_dim = 0;

@@ -2,6 +2,11 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <ostream>
+#include <string>
+
+#include <fmt/format.h>
+#include <fmt/ostream.h>
 
 #include "mixserve/gpu/check.hpp"
 #include "mixserve/gpu/gemm.hpp"
@@ -46,6 +51,12 @@ inline gpu::TimingOptions timing_for(const ProfileConfig& cfg, double est_us, bo
   t.warmup_iters = std::clamp(want / 4, 2, std::max(2, cfg.timing.warmup_iters));
   t.cuda_graph = graph;
   return t;
+}
+
+// "[  i/n   ] what" on the progress stream of the new families (attention, expert_gemv).
+inline void progress_line(Output& out, const std::string& what, std::size_t i, std::size_t n) {
+  fmt::print(out.progress, "[{:>4}/{:<4}] {}\n", i, n, what);
+  out.progress.flush();
 }
 
 // Rough roofline guess used only to choose iteration counts and for --dry-run.

@@ -21,11 +21,6 @@
 namespace mixserve::profiler {
 namespace {
 
-void progress_line(Output& out, const std::string& what, std::size_t i, std::size_t n) {
-  fmt::print(out.progress, "[{:>4}/{:<4}] {}\n", i, n, what);
-  out.progress.flush();
-}
-
 struct Family {
   ExpertFamily f;
   bool eager = false;  // also time the eager cuBLASLt path

@@ -330,7 +330,7 @@ class ProfileTimer final : public OpTimer {
   }
 
   OpTime memory_op(double bytes) const override {
-    if (bytes <= 0) return {0, CostSource::measured};
+    if (bytes <= 0) return roof_->memory_op(bytes);
     double t;
     CostSource src;
     if (!elementwise_.x.empty() && bytes < elementwise_.x.front())
