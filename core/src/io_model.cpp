@@ -18,6 +18,7 @@
 
 #include <fmt/format.h>
 
+#include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "model_util.hpp"
@@ -31,19 +32,13 @@ using detail::YamlMap;
 namespace detail {
 
 std::optional<AttentionType> parse_attention_type(std::string_view s) {
-#define MIXSERVE_X(e, str) \
-  if (s == str) return AttentionType::e;
-  MIXSERVE_ATTENTION_TYPES(MIXSERVE_X)
-#undef MIXSERVE_X
-  return std::nullopt;
+  static constexpr auto kNames = MIXSERVE_ENUM_TABLE(AttentionType, MIXSERVE_ATTENTION_TYPES);
+  return enum_parse(kNames, s);
 }
 
 std::optional<Scoring> parse_scoring(std::string_view s) {
-#define MIXSERVE_X(e, str) \
-  if (s == str) return Scoring::e;
-  MIXSERVE_SCORING(MIXSERVE_X)
-#undef MIXSERVE_X
-  return std::nullopt;
+  static constexpr auto kNames = MIXSERVE_ENUM_TABLE(Scoring, MIXSERVE_SCORING);
+  return enum_parse(kNames, s);
 }
 
 std::optional<std::vector<bool>> parse_every(const std::string& text, int n) {

@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "yaml_util.hpp"
@@ -235,16 +236,10 @@ MemoryBreakdown read_memory(const YamlMap& m) {
 }
 
 CostSource read_source(const YamlMap& m, std::string_view key) {
+  static constexpr auto kNames = MIXSERVE_ENUM_TABLE(CostSource, MIXSERVE_COST_SOURCES);
   const std::string s = m.str(key);
-#define MIXSERVE_X(e, str) \
-  if (s == str) return CostSource::e;
-  MIXSERVE_COST_SOURCES(MIXSERVE_X)
-#undef MIXSERVE_X
-  std::string names;
-#define MIXSERVE_X(e, str) names += names.empty() ? str : ", " str;
-  MIXSERVE_COST_SOURCES(MIXSERVE_X)
-#undef MIXSERVE_X
-  m.fail(key, "one of " + names, s);
+  if (const auto c = enum_parse(kNames, s)) return *c;
+  m.fail(key, "one of " + enum_names_joined(kNames), s);
 }
 
 PlanCandidate read_candidate(const YamlMap& m) {

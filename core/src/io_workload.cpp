@@ -27,6 +27,7 @@
 
 #include <fmt/format.h>
 
+#include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/core/workload.hpp"
@@ -51,32 +52,14 @@ struct ShareGptParams {
 constexpr ShareGptParams kShareGptInput{161.31, 1.5, 4, 1024};
 constexpr ShareGptParams kShareGptOutput{337.99, 1.0, 4, 1024};
 
-template <typename Enum>
-struct EnumName {
-  Enum e;
-  std::string_view name;
-};
-
-#define MIXSERVE_X(e, s) EnumName<ArrivalKind>{ArrivalKind::e, s},
-constexpr EnumName<ArrivalKind> kArrivalNames[] = {MIXSERVE_ARRIVALS(MIXSERVE_X)};
-#undef MIXSERVE_X
-#define MIXSERVE_X(e, s) EnumName<LengthKind>{LengthKind::e, s},
-constexpr EnumName<LengthKind> kLengthNames[] = {MIXSERVE_LENGTH_DISTS(MIXSERVE_X)};
-#undef MIXSERVE_X
+constexpr auto kArrivalNames = MIXSERVE_ENUM_TABLE(ArrivalKind, MIXSERVE_ARRIVALS);
+constexpr auto kLengthNames = MIXSERVE_ENUM_TABLE(LengthKind, MIXSERVE_LENGTH_DISTS);
 
 template <typename Enum, size_t N>
-std::string names_of(const EnumName<Enum> (&table)[N]) {
-  std::string out;
-  for (const auto& x : table) out += (out.empty() ? "" : ", ") + std::string(x.name);
-  return out;
-}
-
-template <typename Enum, size_t N>
-Enum parse_enum(const EnumName<Enum> (&table)[N], const YamlMap& m, std::string_view key,
+Enum parse_enum(const std::array<EnumName<Enum>, N>& table, const YamlMap& m, std::string_view key,
                 const std::string& value) {
-  for (const auto& x : table)
-    if (x.name == value) return x.e;
-  m.fail(key, "one of " + names_of(table), value);
+  if (const auto e = enum_parse(table, value)) return *e;
+  m.fail(key, "one of " + enum_names_joined(table), value);
 }
 
 double norm_cdf(double z) { return 0.5 * std::erfc(-z / std::sqrt(2.0)); }
@@ -248,17 +231,9 @@ void emit_length(YAML::Emitter& out, const char* key, const LengthDist& d) {
 
 }  // namespace
 
-std::string_view to_string(ArrivalKind k) {
-  for (const auto& x : kArrivalNames)
-    if (x.e == k) return x.name;
-  return "?";
-}
+std::string_view to_string(ArrivalKind k) { return enum_to_string(kArrivalNames, k); }
 
-std::string_view to_string(LengthKind k) {
-  for (const auto& x : kLengthNames)
-    if (x.e == k) return x.name;
-  return "?";
-}
+std::string_view to_string(LengthKind k) { return enum_to_string(kLengthNames, k); }
 
 double LengthDist::expected() const {
   switch (kind) {

@@ -3,29 +3,21 @@
 
 #include <fmt/format.h>
 
+#include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/types.hpp"
 
 namespace mixserve {
 
-std::string_view to_string(MoeComm c) {
-  switch (c) {
-#define MIXSERVE_X(e, s) \
-  case MoeComm::e:       \
-    return s;
-    MIXSERVE_MOE_COMMS(MIXSERVE_X)
-#undef MIXSERVE_X
-  }
-  return "?";
-}
+namespace {
+constexpr auto kMoeCommNames = MIXSERVE_ENUM_TABLE(MoeComm, MIXSERVE_MOE_COMMS);
+}  // namespace
+
+std::string_view to_string(MoeComm c) { return enum_to_string(kMoeCommNames, c); }
 
 // Accepts the printed form ("a2a") and the enum spelling ("nccl_a2a").
 std::optional<MoeComm> parse_moe_comm(std::string_view s) {
-#define MIXSERVE_X(e, str)                 \
-  if (s == str || s == #e) return MoeComm::e;
-  MIXSERVE_MOE_COMMS(MIXSERVE_X)
-#undef MIXSERVE_X
-  return std::nullopt;
+  return enum_parse(kMoeCommNames, s, EnumMatch::name_or_spelling);
 }
 
 std::string Layout::name() const {

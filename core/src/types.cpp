@@ -1,23 +1,17 @@
 #include "mixserve/core/types.hpp"
 
+#include "mixserve/core/enum_names.hpp"
+
 namespace mixserve {
 
-std::string_view to_string(DType d) {
-  switch (d) {
-#define MIXSERVE_X(e, s, b, c) \
-  case DType::e:               \
-    return s;
-    MIXSERVE_DTYPES(MIXSERVE_X)
-#undef MIXSERVE_X
-  }
-  return "?";
-}
+namespace {
+constexpr auto kDTypeNames = MIXSERVE_ENUM_TABLE(DType, MIXSERVE_DTYPES);
+}  // namespace
+
+std::string_view to_string(DType d) { return enum_to_string(kDTypeNames, d); }
 
 std::optional<DType> parse_dtype(std::string_view s) {
-#define MIXSERVE_X(e, str, b, c) \
-  if (s == str) return DType::e;
-  MIXSERVE_DTYPES(MIXSERVE_X)
-#undef MIXSERVE_X
+  if (const auto d = enum_parse(kDTypeNames, s)) return d;
   if (s == "bfloat16") return DType::bf16;
   if (s == "float16") return DType::fp16;
   if (s == "float32") return DType::fp32;
@@ -46,14 +40,6 @@ DType compute_class(DType d) {
   return d;
 }
 
-std::string dtype_names() {
-  std::string out;
-#define MIXSERVE_X(e, s, b, c) \
-  if (!out.empty()) out += ", "; \
-  out += s;
-  MIXSERVE_DTYPES(MIXSERVE_X)
-#undef MIXSERVE_X
-  return out;
-}
+std::string dtype_names() { return enum_names_joined(kDTypeNames); }
 
 }  // namespace mixserve

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/model/bf16.hpp"
@@ -24,15 +25,7 @@ static_assert(std::endian::native == std::endian::little,
 
 namespace {
 
-struct FamilyRow {
-  Family f;
-  const char* arch;
-};
-constexpr FamilyRow kFamilies[] = {
-#define MIXSERVE_X(e, s) {Family::e, s},
-    MIXSERVE_MODEL_FAMILIES(MIXSERVE_X)
-#undef MIXSERVE_X
-};
+constexpr auto kFamilyNames = MIXSERVE_ENUM_TABLE(Family, MIXSERVE_MODEL_FAMILIES);
 
 std::string layer(int i) { return fmt::format("model.layers.{}.", i); }
 
@@ -138,21 +131,13 @@ int layer_of(std::string_view name) {
 
 }  // namespace
 
-std::string_view to_string(Family f) {
-  for (const auto& r : kFamilies)
-    if (r.f == f) return r.arch;
-  return "?";
-}
+std::string_view to_string(Family f) { return enum_to_string(kFamilyNames, f); }
 
 Family family_of(const ModelSpec& m) {
-  std::string known;
-  for (const auto& r : kFamilies) {
-    if (m.architecture == r.arch) return r.f;
-    known += (known.empty() ? "" : ", ") + std::string(r.arch);
-  }
+  if (const auto f = enum_parse(kFamilyNames, m.architecture)) return *f;
   throw InputError(fmt::format("model '{}': architecture '{}' has no weight layout here: "
                                "expected one of {}",
-                               m.name, m.architecture, known));
+                               m.name, m.architecture, enum_names_joined(kFamilyNames)));
 }
 
 namespace names {

@@ -1,38 +1,24 @@
 // Search space: objectives, layout enumeration, runtime-limit candidates, legality predicates.
 #include <algorithm>
 
+#include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/types.hpp"
 #include "mixserve/planner/search.hpp"
 
 namespace mixserve::planner {
 
-std::string_view to_string(Objective o) {
-  switch (o) {
-#define MIXSERVE_X(e, s) \
-  case Objective::e:     \
-    return s;
-    MIXSERVE_OBJECTIVES(MIXSERVE_X)
-#undef MIXSERVE_X
-  }
-  return "?";
-}
+namespace {
+constexpr auto kObjectiveNames = MIXSERVE_ENUM_TABLE(Objective, MIXSERVE_OBJECTIVES);
+}  // namespace
+
+std::string_view to_string(Objective o) { return enum_to_string(kObjectiveNames, o); }
 
 std::optional<Objective> parse_objective(std::string_view s) {
-#define MIXSERVE_X(e, str) \
-  if (s == str) return Objective::e;
-  MIXSERVE_OBJECTIVES(MIXSERVE_X)
-#undef MIXSERVE_X
-  return std::nullopt;
+  return enum_parse(kObjectiveNames, s);
 }
 
-std::vector<std::string> objective_names() {
-  return {
-#define MIXSERVE_X(e, s) s,
-      MIXSERVE_OBJECTIVES(MIXSERVE_X)
-#undef MIXSERVE_X
-  };
-}
+std::vector<std::string> objective_names() { return enum_names(kObjectiveNames); }
 
 namespace {
 std::vector<int> pow2_divisors(int n) {

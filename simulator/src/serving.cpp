@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/sim/moe_load.hpp"
 
@@ -447,34 +448,15 @@ class Engine {
   SimResult res_;
 };
 
+constexpr auto kRouterNames = MIXSERVE_ENUM_TABLE(RouterKind, MIXSERVE_ROUTERS);
+
 }  // namespace
 
-std::string_view to_string(RouterKind r) {
-  switch (r) {
-#define MIXSERVE_X(e, s) \
-  case RouterKind::e:    \
-    return s;
-    MIXSERVE_ROUTERS(MIXSERVE_X)
-#undef MIXSERVE_X
-  }
-  return "?";
-}
+std::string_view to_string(RouterKind r) { return enum_to_string(kRouterNames, r); }
 
-std::optional<RouterKind> parse_router(std::string_view s) {
-#define MIXSERVE_X(e, str) \
-  if (s == str) return RouterKind::e;
-  MIXSERVE_ROUTERS(MIXSERVE_X)
-#undef MIXSERVE_X
-  return std::nullopt;
-}
+std::optional<RouterKind> parse_router(std::string_view s) { return enum_parse(kRouterNames, s); }
 
-std::vector<std::string> router_names() {
-  return {
-#define MIXSERVE_X(e, s) s,
-      MIXSERVE_ROUTERS(MIXSERVE_X)
-#undef MIXSERVE_X
-  };
-}
+std::vector<std::string> router_names() { return enum_names(kRouterNames); }
 
 double percentile(std::span<const double> sorted, double q) {
   if (sorted.empty()) return 0;

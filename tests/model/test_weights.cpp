@@ -177,6 +177,18 @@ TEST_CASE("expected tensors: architectures outside the family are rejected by na
   CHECK(contains(input_error([&] { with_num_layers(tiny_mixtral(), 0); }), "--num-layers"));
 }
 
+TEST_CASE("families: each architecture name maps to its family and back") {
+  for (const ModelSpec& m : tiny_models()) {
+    CAPTURE(m.architecture);
+    CHECK(to_string(family_of(m)) == m.architecture);
+  }
+  ModelSpec m = tiny_olmoe();
+  m.architecture = "OlmoeForCausalLMX";
+  const auto msg = input_error([&] { family_of(m); });
+  CHECK(contains(msg, "expected one of Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, "
+                      "MixtralForCausalLM, OlmoeForCausalLM"));
+}
+
 TEST_CASE("synthetic weights: seeded, per-tensor streams, realistic scales") {
   const ModelSpec m = tiny_qwen3();
   const WeightSet a = synthetic_weights(m, 7);

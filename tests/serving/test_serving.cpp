@@ -67,6 +67,18 @@ StepTotals totals(const SimResult& r) {
 
 }  // namespace
 
+TEST_CASE("router names round-trip through their one table") {
+  const auto names = router_names();
+  CHECK(names == std::vector<std::string>{"round-robin", "least-loaded"});
+  for (const auto& n : names) {
+    const auto r = parse_router(n);
+    REQUIRE(r.has_value());
+    CHECK(to_string(*r) == n);
+  }
+  CHECK_FALSE(parse_router("random").has_value());
+  CHECK_FALSE(parse_router("round_robin").has_value());
+}
+
 TEST_CASE("percentiles follow numpy's linear interpolation") {
   // numpy.percentile([1, 2, 3, 4], 90): position 0.9 * 3 = 2.7 -> 3 + 0.7 * (4 - 3) = 3.7.
   const std::vector<double> v = {1, 2, 3, 4};
