@@ -1,4 +1,5 @@
 #include "mixserve/kernels/attention.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -8,6 +9,7 @@
 #include "mixserve/gpu/check.hpp"
 
 namespace mixserve::kernels {
+using detail::aligned16;
 
 namespace {
 
@@ -315,7 +317,6 @@ static __global__ void simple_attention_kernel(AttentionParams p, Launch L) {
   for (int j = 0; j < kPerLane; ++j) p.out[w * kHeadDim + lane + 32 * j] = __float2bfloat16_rn(acc[j] / sum);
 }
 
-bool aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; }
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
 // "" when supported, else why not (the device is checked by is_supported).
@@ -409,9 +410,7 @@ struct RunSimple {
 
 bool is_supported(const AttentionParams& p, int device) {
   if (!unsupported_reason(p).empty()) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return detail::device_is_sm80_or_newer(device);
 }
 
 int attention_num_splits(const AttentionParams& p, int device) {

@@ -1,4 +1,5 @@
 #include "mixserve/kernels/elementwise.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <string>
 
@@ -6,6 +7,7 @@
 #include "mixserve/gpu/check.hpp"
 
 namespace mixserve::kernels {
+using detail::aligned16;
 
 namespace {
 constexpr int kThreads = 256;
@@ -40,15 +42,12 @@ static __global__ void axpby_kernel(AxpbyParams p) {
     p.out[i] = __float2bfloat16_rn(p.alpha * __bfloat162float(p.x[i]) + p.beta * __bfloat162float(p.y[i]));
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 }  // namespace
 
 bool is_supported(const AxpbyParams& p, int device) {
   if (p.num_elements < 0) return false;
   if (p.num_elements > 0 && (!p.x || !p.y || !p.out)) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return detail::device_is_sm80_or_newer(device);
 }
 
 void launch_axpby(const AxpbyParams& p, cudaStream_t stream) {

@@ -1,4 +1,5 @@
 #include "mixserve/kernels/kv_cache.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <algorithm>
 #include <string>
@@ -7,6 +8,7 @@
 #include "mixserve/gpu/check.hpp"
 
 namespace mixserve::kernels {
+using detail::aligned16;
 
 namespace {
 constexpr int kThreads = 256;
@@ -35,7 +37,6 @@ static __global__ void kv_write_kernel(KvWriteParams p) {
   }
 }
 
-bool aligned16(const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; }
 
 // "" when supported, else why not (device checks left to is_supported).
 std::string unsupported_reason(const KvWriteParams& p) {
@@ -60,9 +61,7 @@ std::string unsupported_reason(const KvWriteParams& p) {
 
 bool is_supported(const KvWriteParams& p, int device) {
   if (!unsupported_reason(p).empty()) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return detail::device_is_sm80_or_newer(device);
 }
 
 void launch_kv_write(const KvWriteParams& p, cudaStream_t stream) {

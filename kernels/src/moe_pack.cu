@@ -1,4 +1,5 @@
 #include "mixserve/kernels/moe_pack.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <algorithm>
 #include <string>
@@ -12,13 +13,6 @@ namespace mixserve::kernels {
 
 namespace {
 constexpr int kThreads = 256;
-
-bool sm80(int device) {
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-    return false;
-  return major >= 8;
-}
 
 unsigned grid_for(int64_t work) {
   int device = 0, sms = 0;
@@ -177,9 +171,9 @@ const char* to_string(MoeDType t) {
 
 bool is_supported(const PackRowsParams& p, int device) {
   if (p.num_rows < 0 || p.num_cols < 0 || !dtype_ok(p.dtype)) return false;
-  if (p.num_rows == 0 || p.num_cols == 0) return sm80(device);
+  if (p.num_rows == 0 || p.num_cols == 0) return detail::device_is_sm80_or_newer(device);
   return view_ok(p.src) && view_ok(p.dst) && p.src_col0 >= 0 && p.src_col0 + p.num_cols <= p.src.cols &&
-         p.num_cols <= p.dst.cols && p.num_rows <= p.dst.rows && sm80(device);
+         p.num_cols <= p.dst.cols && p.num_rows <= p.dst.rows && detail::device_is_sm80_or_newer(device);
 }
 
 void launch_pack_rows(const PackRowsParams& p, cudaStream_t stream) {
@@ -202,11 +196,11 @@ void launch_pack_rows(const PackRowsParams& p, cudaStream_t stream) {
 
 bool is_supported(const SumBuffersParams& p, int device) {
   if (p.num_elements < 0 || p.num_inputs < 0 || p.num_inputs > kMaxSumInputs || !dtype_ok(p.dtype)) return false;
-  if (p.num_elements == 0) return sm80(device);
+  if (p.num_elements == 0) return detail::device_is_sm80_or_newer(device);
   if (!p.out) return false;
   for (int j = 0; j < p.num_inputs; ++j)
     if (!p.in[j]) return false;
-  return sm80(device);
+  return detail::device_is_sm80_or_newer(device);
 }
 
 void launch_sum_buffers(const SumBuffersParams& p, cudaStream_t stream) {
@@ -222,8 +216,8 @@ void launch_sum_buffers(const SumBuffersParams& p, cudaStream_t stream) {
 
 bool is_supported(const ScatterAddParams& p, int device) {
   if (p.num_rows < 0 || p.cols < 0 || !dtype_ok(p.dtype)) return false;
-  if (p.num_rows == 0 || p.cols == 0) return sm80(device);
-  return p.in && p.index && p.y && sm80(device);
+  if (p.num_rows == 0 || p.cols == 0) return detail::device_is_sm80_or_newer(device);
+  return p.in && p.index && p.y && detail::device_is_sm80_or_newer(device);
 }
 
 void launch_scatter_add(const ScatterAddParams& p, cudaStream_t stream) {
@@ -238,8 +232,8 @@ void launch_scatter_add(const ScatterAddParams& p, cudaStream_t stream) {
 
 bool is_supported(const WeightedCombineParams& p, int device) {
   if (p.token_end < p.token_begin || p.token_begin < 0 || p.cols < 0 || !dtype_ok(p.dtype)) return false;
-  if (p.token_end == p.token_begin || p.cols == 0) return sm80(device);
-  return p.in && p.row_offset && p.row && p.weight && p.y && sm80(device);
+  if (p.token_end == p.token_begin || p.cols == 0) return detail::device_is_sm80_or_newer(device);
+  return p.in && p.row_offset && p.row && p.weight && p.y && detail::device_is_sm80_or_newer(device);
 }
 
 void launch_weighted_combine(const WeightedCombineParams& p, cudaStream_t stream) {
@@ -257,10 +251,10 @@ void launch_weighted_combine(const WeightedCombineParams& p, cudaStream_t stream
 bool is_supported(const ToyExpertParams& p, int device) {
   if (p.num_rows < 0 || p.tp < 1 || p.tp_rank < 0 || p.tp_rank >= p.tp) return false;
   if (kToyIntermediate % p.tp != 0) return false;
-  if (p.num_rows == 0) return sm80(device);
+  if (p.num_rows == 0) return detail::device_is_sm80_or_newer(device);
   return p.x && p.y && p.hidden > 0 && p.hidden % p.tp == 0 && p.slice_cols > 0 &&
          p.hidden % p.slice_cols == 0 && p.block_row_offset && p.num_blocks >= 1 &&
-         p.pair_offset && p.pair_expert && p.pair_weight && sm80(device);
+         p.pair_offset && p.pair_expert && p.pair_weight && detail::device_is_sm80_or_newer(device);
 }
 
 void launch_toy_expert(const ToyExpertParams& p, cudaStream_t stream) {

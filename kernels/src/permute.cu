@@ -1,4 +1,5 @@
 #include "mixserve/kernels/permute.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <string>
 #include <type_traits>
@@ -7,6 +8,7 @@
 #include "mixserve/gpu/check.hpp"
 
 namespace mixserve::kernels {
+using detail::aligned16;
 
 namespace {
 constexpr int kThreads = 256;
@@ -16,7 +18,6 @@ static_assert(kPermuteMaxExperts <= kScanThreads, "the scan block gives one thre
 static_assert(kPermuteChunk % kThreads == 0, "a chunk is a whole number of block-wide steps");
 constexpr int kVecWide = 8;  // bf16 per 16-byte vector
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 int64_t num_chunks(int64_t pairs) { return (pairs + kPermuteChunk - 1) / kPermuteChunk; }
 
@@ -163,9 +164,7 @@ std::size_t permute_workspace_bytes(int64_t num_tokens, int top_k, int num_exper
 
 bool is_supported(const PermuteParams& p, int device) {
   if (!check_params(p).empty()) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return detail::device_is_sm80_or_newer(device);
 }
 
 void launch_permute(const PermuteParams& p, cudaStream_t stream) {

@@ -1,4 +1,5 @@
 #include "mixserve/kernels/rmsnorm.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <string>
 #include <type_traits>
@@ -7,6 +8,7 @@
 #include "mixserve/gpu/check.hpp"
 
 namespace mixserve::kernels {
+using detail::aligned16;
 
 namespace {
 constexpr int kThreads = 256;
@@ -14,7 +16,6 @@ constexpr int kVecWide = 8;  // bf16 per 16-byte vector
 static_assert(kVecWide * sizeof(__nv_bfloat16) == 16, "one vector must be 16 bytes");
 constexpr int kNarrowRowMaxWidth = 512;  // up to this width one warp per row, else a block per row
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <int kVec>
 __device__ __forceinline__ void load_vec(const __nv_bfloat16* src, float (&f)[kVec]) {
@@ -125,9 +126,7 @@ void dispatch_rmsnorm(int vec, int row_threads, F&& f) {
 
 bool is_supported(const RmsNormParams& p, int device) {
   if (!check_params(p).empty()) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return detail::device_is_sm80_or_newer(device);
 }
 
 void launch_rmsnorm(const RmsNormParams& p, cudaStream_t stream) {

@@ -1,4 +1,5 @@
 #include "mixserve/kernels/rope.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <string>
 
@@ -59,9 +60,7 @@ std::string check_params(const RopeParams& p) {
 
 bool is_supported(const RopeParams& p, int device) {
   if (!check_params(p).empty()) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return detail::device_is_sm80_or_newer(device);
 }
 
 void launch_rope(const RopeParams& p, cudaStream_t stream) {

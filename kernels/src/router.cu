@@ -1,4 +1,5 @@
 #include "mixserve/kernels/router.cuh"
+#include "mixserve/kernels/detail/device_support.hpp"
 
 #include <climits>
 #include <cmath>
@@ -211,9 +212,7 @@ void dispatch_router(int num_experts, F&& f) {
 
 bool is_supported(const RouterParams& p, int device) {
   if (!check_params(p).empty()) return false;
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return detail::device_is_sm80_or_newer(device);
 }
 
 void launch_router(const RouterParams& p, cudaStream_t stream) {
