@@ -13,14 +13,9 @@ NAME="${3:-h200}"
 mkdir -p "$LOGS"
 MIXSERVE_GPU_TESTS_ONLY=1 bash "$(dirname "$0")/gpu-test.sh" "$BUNDLE" "$LOGS" "$NAME"
 tests_rc=$?
-# Same environment as gpu-test.sh (NCCL_NVLS_ENABLE=0, host CUDA libs and NCCL 2.28.9 first).
-export MIXSERVE_DATA_DIR="$(pwd)" NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-LDP="$BUNDLE/lib"
-for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib \
-         /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib; do
-  [ -d "$d" ] && LDP="$d:$LDP"
-done
-export LD_LIBRARY_PATH="$LDP${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Environment: NCCL_NVLS_ENABLE=0, NCCL 2.28.9 and the host's CUDA libraries first (gpu-env.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
+mixserve_gpu_env "$BUNDLE"
 BIN="$BUNDLE/bin"
 {
   for t in test_gpu_kernels test_gpu_attention test_gpu_forward; do

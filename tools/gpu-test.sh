@@ -11,16 +11,9 @@ BUNDLE="$(cd "${1:?bundle dir}" && pwd)"
 LOGS="${2:?log dir}"
 NAME="${3:-h200}"
 mkdir -p "$LOGS"
-export MIXSERVE_DATA_DIR="$(pwd)"
-export NCCL_NVLS_ENABLE=0                  # never NVLink multicast on these machines
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# NCCL 2.28.9 from the Python wheel first, then the host's CUDA libraries, then the bundle.
-LDP="$BUNDLE/lib"
-for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/lib \
-         /opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib; do
-  [ -d "$d" ] && LDP="$d:$LDP"
-done
-export LD_LIBRARY_PATH="$LDP${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Environment: NCCL_NVLS_ENABLE=0, NCCL 2.28.9 and the host's CUDA libraries first (gpu-env.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-env.sh"
+mixserve_gpu_env "$BUNDLE"
 BIN="$BUNDLE/bin"
 NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
 
