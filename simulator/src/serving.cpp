@@ -12,44 +12,18 @@
 #include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/sim/moe_load.hpp"
+#include "mixserve/sim/scheduler.hpp"
 
 namespace mixserve::sim {
 
 namespace {
 
-constexpr int32_t kNone = -1;
-
-struct Seq {
-  int64_t input = 0, output = 0;
-  int64_t generated = 0;   // tokens produced so far
-  int64_t computed = 0;    // tokens whose KV is in the cache
-  int64_t blocks = 0;      // KV blocks held
+// Per-sequence engine state beside the scheduler's (SchedSeq).
+struct SeqInfo {
   double last_token_s = 0;
-  bool bad = false;          // missed an SLO
-  int64_t sched_stamp = -1;  // step id it was last scheduled in
+  bool bad = false;  // missed an SLO
   int slot = 0, replica = 0;
-  int preemptions = 0;
-  bool done = false;
-  int64_t len() const { return input + generated; }
 };
-
-// One scheduler: a (micro-batch slot, replica) pair, with its own queues and KV blocks.
-struct Unit {
-  std::deque<int32_t> waiting;
-  std::vector<int32_t> running;
-  int64_t free_blocks = 0;
-  int64_t unfinished = 0;
-  bool has_work() const { return !running.empty() || !waiting.empty(); }
-};
-
-struct Scheduled {
-  int32_t seq;
-  int64_t tokens;
-};
-
-int64_t blocks_for(int64_t tokens, int64_t block_tokens) {
-  return (tokens + block_tokens - 1) / block_tokens;
-}
 
 class Engine {
  public:
@@ -67,10 +41,11 @@ class Engine {
                                    "block per pipeline micro-batch slot ({})", L.kv_blocks, cfg.pp));
     block_tokens_ = L.kv_block_tokens;
     blocks_per_unit_ = L.kv_blocks / cfg.pp;
-    units_.resize(static_cast<size_t>(cfg.pp * cfg.num_replicas));
-    for (auto& u : units_) u.free_blocks = blocks_per_unit_;
     const size_t n = stream.requests.size();
     seqs_.resize(n);
+    info_.resize(n);
+    units_.reserve(static_cast<size_t>(cfg.pp * cfg.num_replicas));
+    for (int k = 0; k < cfg.pp * cfg.num_replicas; ++k) units_.emplace_back(L, blocks_per_unit_, seqs_);
     res_.requests.resize(n);
     for (size_t i = 0; i < n; ++i) {
       const Request& r = stream.requests[i];
@@ -158,7 +133,8 @@ class Engine {
     res_.metrics = compute_metrics(res_, cfg_);
     auto& m = res_.metrics;
     m.num_steps = steps_;
-    m.num_preemptions = preemptions_;
+    m.num_preemptions = 0;
+    for (const auto& u : units_) m.num_preemptions += u.preemptions();
     m.num_empty_replica_steps = empty_replica_steps_;
     m.mean_step_time_ms = steps_ > 0 ? step_time_sum_us_ * 1e-3 / double(steps_) : 0;
     m.mean_tokens_per_step = steps_ > 0 ? double(tokens_sum_) / double(steps_) : 0;
@@ -172,7 +148,7 @@ class Engine {
   }
 
  private:
-  Unit& unit(int slot, int replica) {
+  BatchScheduler& unit(int slot, int replica) {
     return units_[static_cast<size_t>(slot * cfg_.num_replicas + replica)];
   }
   bool slot_has_work(int v) {
@@ -232,14 +208,12 @@ class Engine {
     }
     int v = 0;  // micro-batch slot: the least loaded of the replica's
     for (int k = 1; k < cfg_.pp; ++k)
-      if (unit(k, r).unfinished < unit(v, r).unfinished) v = k;
-    Seq& s = seqs_[static_cast<size_t>(i)];
+      if (unit(k, r).unfinished() < unit(v, r).unfinished()) v = k;
+    SeqInfo& s = info_[static_cast<size_t>(i)];
     s.slot = v;
     s.replica = r;
     res_.requests[static_cast<size_t>(i)].replica = r;
-    Unit& u = unit(v, r);
-    u.waiting.push_back(i);
-    ++u.unfinished;
+    unit(v, r).enqueue(i);
     if (parked_[static_cast<size_t>(v)]) {
       parked_[static_cast<size_t>(v)] = false;
       ready_[static_cast<size_t>(v)] = std::max(ready_[static_cast<size_t>(v)], t_arrival);
@@ -248,87 +222,11 @@ class Engine {
 
   int64_t replica_load(int r) {
     int64_t l = 0;
-    for (int v = 0; v < cfg_.pp; ++v) l += unit(v, r).unfinished;
+    for (int v = 0; v < cfg_.pp; ++v) l += unit(v, r).unfinished();
     return l;
   }
 
-  void preempt(Unit& u, size_t j) {
-    const int32_t victim = u.running[j];
-    Seq& s = seqs_[static_cast<size_t>(victim)];
-    u.free_blocks += s.blocks;
-    s.blocks = 0;
-    s.computed = 0;
-    ++s.preemptions;
-    ++preemptions_;
-    u.running.erase(u.running.begin() + static_cast<std::ptrdiff_t>(j));
-    u.waiting.push_front(victim);
-  }
-
-  // Schedules the running sequences in order; returns false if a preemption happened.
-  bool schedule_running(Unit& u, int64_t& budget, std::vector<Scheduled>& out) {
-    bool preempted = false;
-    for (size_t i = 0; i < u.running.size() && budget > 0; ++i) {
-      const int32_t si = u.running[i];
-      Seq& s = seqs_[static_cast<size_t>(si)];
-      if (s.sched_stamp == steps_) continue;  // admitted this step (prefill-first)
-      const int64_t n = std::min(s.len() - s.computed, budget);
-      const int64_t need = blocks_for(s.computed + n, block_tokens_) - s.blocks;
-      bool self_preempted = false;
-      while (need > u.free_blocks) {
-        // Evict the newest running sequence not already scheduled in this step (may be s).
-        size_t j = u.running.size() - 1;
-        while (j > i && seqs_[static_cast<size_t>(u.running[j])].sched_stamp == steps_) --j;
-        preempted = true;
-        preempt(u, j);
-        if (j == i) {
-          self_preempted = true;
-          break;
-        }
-      }
-      if (self_preempted) break;
-      u.free_blocks -= need;
-      s.blocks += need;
-      s.sched_stamp = steps_;
-      budget -= n;
-      out.push_back({si, n});
-    }
-    return !preempted;
-  }
-
-  void schedule_waiting(Unit& u, int64_t& budget, std::vector<Scheduled>& out) {
-    const auto& L = cfg_.limits;
-    while (!u.waiting.empty() && budget > 0 &&
-           static_cast<int64_t>(u.running.size()) < L.max_num_seqs) {
-      const int32_t si = u.waiting.front();
-      Seq& s = seqs_[static_cast<size_t>(si)];
-      const int64_t want = s.len() - s.computed;
-      if (!L.chunked_prefill && want > budget) break;
-      const int64_t n = std::min(want, budget);
-      const int64_t need = blocks_for(s.computed + n, block_tokens_) - s.blocks;
-      if (need > u.free_blocks) break;
-      u.waiting.pop_front();
-      u.running.push_back(si);
-      u.free_blocks -= need;
-      s.blocks += need;
-      s.sched_stamp = steps_;
-      budget -= n;
-      out.push_back({si, n});
-    }
-  }
-
-  void schedule(Unit& u, std::vector<Scheduled>& out) {
-    out.clear();
-    int64_t budget = cfg_.limits.max_num_batched_tokens;
-    if (cfg_.limits.decode_first) {
-      // vLLM V1: running requests first; no new admissions in a step that had to preempt.
-      if (schedule_running(u, budget, out)) schedule_waiting(u, budget, out);
-    } else {
-      schedule_waiting(u, budget, out);
-      schedule_running(u, budget, out);
-    }
-  }
-
-  void mark_bad(Seq& s) {
+  void mark_bad(SeqInfo& s) {
     if (!s.bad) ++bad_;
     s.bad = true;
   }
@@ -338,19 +236,8 @@ class Engine {
     int empty = 0;
     for (int r = 0; r < cfg_.num_replicas; ++r) {
       auto& list = sched_[static_cast<size_t>(r)];
-      schedule(unit(v, r), list);
-      ReplicaBatch b;
-      for (const auto& [si, n] : list) {
-        const Seq& s = seqs_[static_cast<size_t>(si)];
-        if (s.computed > 0 && n == 1 && s.len() - s.computed == 1) {
-          ++b.num_decode;
-          b.decode_context += s.len();
-        } else {
-          b.prefill_tokens += n;
-          ++b.num_prefill_seqs;
-          b.prefill_attn_pairs += double(n) * (double(s.computed) + double(n + 1) / 2.0);
-        }
-      }
+      unit(v, r).schedule(steps_, list);
+      const ReplicaBatch b = batch_of(list, seqs_);
       tokens += b.tokens();
       empty += b.empty() ? 1 : 0;
       batches_[static_cast<size_t>(r)] = b;
@@ -385,41 +272,30 @@ class Engine {
     empty_replica_steps_ += empty;
 
     for (int r = 0; r < cfg_.num_replicas; ++r) {
-      Unit& u = unit(v, r);
-      bool any_done = false;
-      for (const auto& [si, n] : sched_[static_cast<size_t>(r)]) {
-        Seq& s = seqs_[static_cast<size_t>(si)];
-        s.computed += n;
-        if (s.computed < s.len()) continue;  // chunked prefill continues next step
+      unit(v, r).complete(sched_[static_cast<size_t>(r)], [&](int32_t si) {
+        const SchedSeq& q = seqs_[static_cast<size_t>(si)];
+        SeqInfo& s = info_[static_cast<size_t>(si)];
         auto& rr = res_.requests[static_cast<size_t>(si)];
-        if (s.generated == 0) {
+        if (q.generated == 1) {
           rr.first_token_s = t_end;
           if (cfg_.slo_ttft_ms > 0 && rr.ttft_ms() > cfg_.slo_ttft_ms) mark_bad(s);
         } else {
           res_.itls_ms.push_back((t_end - s.last_token_s) * 1e3);
         }
-        ++s.generated;
         s.last_token_s = t_end;
         const auto bucket = static_cast<size_t>(t_end);
         if (bucket >= tokens_per_second_.size()) tokens_per_second_.resize(bucket + 1, 0);
         ++tokens_per_second_[bucket];
-        if (s.generated == s.output) {
-          s.done = true;
-          any_done = true;
+        if (q.done) {
           rr.finish_s = t_end;
           if ((cfg_.slo_tpot_ms > 0 && rr.tpot_ms() > cfg_.slo_tpot_ms) ||
               (cfg_.slo_e2el_ms > 0 && rr.e2el_ms() > cfg_.slo_e2el_ms))
             mark_bad(s);
-          u.free_blocks += s.blocks;
-          s.blocks = 0;
-          --u.unfinished;
           ++finished_;
           if (stream_.closed_loop_users > 0 && next_unissued_ < seqs_.size())
             issue_closed(static_cast<int32_t>(next_unissued_++), t_end);
         }
-      }
-      if (any_done)
-        std::erase_if(u.running, [&](int32_t si) { return seqs_[static_cast<size_t>(si)].done; });
+      });
     }
   }
 
@@ -427,8 +303,9 @@ class Engine {
   const ServingConfig& cfg_;
   const RequestStream& stream_;
   int64_t block_tokens_ = 16, blocks_per_unit_ = 0;
-  std::vector<Seq> seqs_;
-  std::vector<Unit> units_;
+  std::vector<SchedSeq> seqs_;
+  std::vector<SeqInfo> info_;
+  std::vector<BatchScheduler> units_;
   std::vector<double> ready_;
   std::vector<bool> parked_;
   double entry_free_ = 0, busy_s_ = 0, covered_until_ = 0, last_end_ = 0;
@@ -436,7 +313,7 @@ class Engine {
   using Pending = std::pair<double, int32_t>;
   std::priority_queue<Pending, std::vector<Pending>, std::greater<>> closed_;
   uint64_t rr_next_ = 0;
-  int64_t finished_ = 0, bad_ = 0, steps_ = 0, preemptions_ = 0, empty_replica_steps_ = 0, tokens_sum_ = 0;
+  int64_t finished_ = 0, bad_ = 0, steps_ = 0, empty_replica_steps_ = 0, tokens_sum_ = 0;
   double step_time_sum_us_ = 0;
   std::vector<int64_t> tokens_per_second_;
   std::vector<ReplicaBatch> batches_;
