@@ -210,7 +210,9 @@ RunOutput run_once(GpuModel& g, const BenchConfig& cfg, const std::vector<StepSh
   return out;
 }
 
-nlohmann::json device_json(const DeviceInfo& d) {
+}  // namespace
+
+nlohmann::json device_info_json(const DeviceInfo& d) {
   nlohmann::json versions = nlohmann::json::object();
   for (const auto& [k, v] : d.versions) versions[k] = v;
   return {{"index", d.device},        {"name", d.name},
@@ -220,9 +222,7 @@ nlohmann::json device_json(const DeviceInfo& d) {
           {"versions", versions}};
 }
 
-}  // namespace
-
-void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin) {
+void check_single_gpu_plan(const Plan& plan, const std::string& origin) {
   const Layout& l = plan.chosen.layout;
   const int world = std::max(l.world_size(), plan.cluster.world_size());
   if (world != 1)
@@ -251,7 +251,11 @@ void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::strin
   if (std::find(kernels::kAttentionHeadDims.begin(), kernels::kAttentionHeadDims.end(), m.attention.head_dim) ==
       kernels::kAttentionHeadDims.end())
     unsupported(fmt::format("head_dim {}", m.attention.head_dim));
+}
 
+void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin) {
+  check_single_gpu_plan(plan, origin);
+  const ModelSpec& m = plan.model;
   auto bad_arg = [&](const char* opt, int64_t v, const std::string& want) {
     throw InputError(fmt::format("{} {}: expected {}", opt, v, want));
   };
@@ -334,13 +338,16 @@ std::vector<sim::ReplicaBatch> bench_step_batches(const BenchConfig& cfg, int64_
 }
 
 BenchResult run_bench(const std::string& plan_path, const BenchConfig& cfg) {
-  return run_bench(load_plan(plan_path), plan_path, cfg);
+  BenchResult r = run_bench(load_plan(plan_path), plan_path, cfg);
+  r.plan_sha256 = sha256_hex(read_text_file(plan_path));
+  return r;
 }
 
 BenchResult run_bench(const Plan& plan, const std::string& plan_path, const BenchConfig& cfg) {
   BenchResult r;
   r.config = cfg;
   r.plan_path = plan_path;
+  r.plan_sha256 = sha256_hex(plan_to_yaml(plan));
   r.plan = plan;
   validate_plan(r.plan, plan_path);
   check_bench_plan(r.plan, cfg, plan_path);
@@ -353,7 +360,7 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
   const DeviceInfo info = query_device(dev);
   r.device_name = info.name;
-  r.device = device_json(info);
+  r.device = device_info_json(info);
   check_device_matches(r.plan, info.name, plan_path);
 
   r.memory = estimate_bench_memory(r.model, cfg, r.prefill_chunk_tokens);
@@ -470,6 +477,7 @@ nlohmann::json bench_json(const BenchResult& r) {
   const Plan& p = r.plan;
   return {
       {"run_name", "mixserve-run bench"},
+      {"mode", "offline"},
       {"batch_size", c.batch},
       {"input_len", c.input_len},
       {"output_len", c.output_len},
@@ -491,7 +499,7 @@ nlohmann::json bench_json(const BenchResult& r) {
                                         : nlohmann::json{{"kind", "safetensors"}, {"path", c.weights_dir}}},
       {"args", {{"seed", c.seed}, {"warmup", c.warmup}, {"num_layers", c.num_layers}, {"cuda_graph", c.cuda_graph},
                 {"block_size", c.block_size}, {"prefill_chunk_tokens", r.prefill_chunk_tokens}}},
-      {"plan", {{"path", r.plan_path}, {"layout", p.chosen.layout.name()}, {"cluster", p.cluster.name},
+      {"plan", {{"path", r.plan_path}, {"sha256", r.plan_sha256}, {"model", p.model.name}, {"layout", p.chosen.layout.name()}, {"cluster", p.cluster.name},
                 {"gpu_model", p.cluster.gpu_model}, {"limits", to_json(p.chosen.limits)},
                 {"provenance", {{"tool", p.provenance.tool}, {"created", p.provenance.created}}}}},
       {"prediction", {{"cost_model", r.cost_model}, {"profile", r.profile_name}}},

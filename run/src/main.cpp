@@ -1,11 +1,15 @@
 // mixserve-run: runs a plan from mixserve-plan on the GPU and measures it beside the simulator's
 // prediction (DESIGN.md: plan.yaml -> mixserve-run -> results.json).
-//   mixserve-run bench --plan plan.yaml --batch 64 --input-len 512 --output-len 64
-//                      [--num-layers N] [--weights DIR] [--seed S] [--warmup K] [--json FILE]
-// Offline mode (SGLang bench_one_batch): one prefill of B x I tokens (chunked by the plan's
-// max_num_batched_tokens), O-1 decode steps, every step timed and predicted. One GPU only.
-// Exit codes: 0 ok, 1 runtime failure (no GPU, device errors), 2 bad input (plan for another GPU
-// model or more GPUs, unsupported model, not enough memory, bad weights, bad arguments).
+//   offline (SGLang bench_one_batch): one prefill of B x I tokens (chunked by the plan's
+//     max_num_batched_tokens), O-1 decode steps, every step timed and predicted (bench.hpp):
+//     mixserve-run bench --plan plan.yaml --batch 64 --input-len 512 --output-len 64
+//                        [--num-layers N] [--weights DIR] [--seed S] [--warmup K] [--json FILE]
+//   online (vLLM bench serve): requests of a workload arrive in wall-clock time, the simulator's
+//     scheduler forms the steps (online.hpp); same metrics JSON as mixserve-plan simulate:
+//     mixserve-run bench --plan plan.yaml --workload sharegpt-paper [--num-requests N]
+//                        [--request-rate R] [--seed S] [--num-layers N] [--json FILE] ...
+// One GPU only. Exit codes: 0 ok, 1 runtime failure (no GPU, device errors), 2 bad input (plan for
+// another GPU model or more GPUs, unsupported model, not enough memory, bad weights, bad arguments).
 #include <cstdio>
 #include <string>
 
@@ -15,36 +19,119 @@
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/gpu/bench.hpp"
+#include "mixserve/gpu/online.hpp"
+#include "mixserve/sim/serving.hpp"
+
+namespace {
+
+using namespace mixserve;
+
+struct Args {
+  std::string plan_path, json_path;
+  gpu::BenchConfig offline;
+  gpu::OnlineConfig online;
+  bool online_mode = false;  // --workload or --online
+  int64_t seed = -1;         // offline: prompts and weights (default 0); online: the workload's seed
+  bool offline_opts = false, online_opts = false;
+};
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  if (path.empty()) return;
+  write_file_atomic(path, j.dump(2) + "\n");
+  std::printf("# results: %s\n", path.c_str());
+}
+
+int run_offline(Args& a) {
+  if (a.seed >= 0) a.offline.seed = static_cast<uint64_t>(a.seed);
+  const gpu::BenchResult r = gpu::run_bench(a.plan_path, a.offline);
+  std::fputs(gpu::format_bench_report(r).c_str(), stdout);
+  write_json(a.json_path, gpu::bench_json(r));
+  return kExitOk;
+}
+
+int run_online(Args& a) {
+  a.online.overrides.seed = a.seed;
+  a.online.num_layers = a.offline.num_layers;
+  a.online.weights_dir = a.offline.weights_dir;
+  a.online.profile = a.offline.profile;
+  const gpu::OnlineResult r = gpu::run_online(a.plan_path, a.online);
+  std::fputs(gpu::format_online_report(r).c_str(), stdout);
+  write_json(a.json_path, gpu::online_json(r));
+  return kExitOk;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
-  using namespace mixserve;
   CLI::App app{"mixserve-run: run a mixserve-plan plan on the GPU, measured beside the simulator's prediction"};
   app.require_subcommand(1);
-  gpu::BenchConfig cfg;
-  std::string plan_path, json_path;
-  auto* bench = app.add_subcommand("bench", "offline: one batch, per-step prefill and decode latencies");
-  bench->add_option("--plan", plan_path, "plan.yaml from mixserve-plan (one GPU)")->required();
-  bench->add_option("--batch", cfg.batch, "sequences")->capture_default_str();
-  bench->add_option("--input-len", cfg.input_len, "prompt tokens per sequence")->capture_default_str();
-  bench->add_option("--output-len", cfg.output_len, "generated tokens per sequence")->capture_default_str();
+  Args a;
+  gpu::BenchConfig& cfg = a.offline;
+  gpu::OnlineConfig& on = a.online;
+  auto* bench = app.add_subcommand(
+      "bench", "offline: one batch, per-step prefill and decode latencies; online (--workload): requests "
+               "arriving in time, continuous batching, vLLM serving metrics");
+  bench->add_option("--plan", a.plan_path, "plan.yaml from mixserve-plan (one GPU)")->required();
   bench->add_option("--num-layers", cfg.num_layers, "run the first N layers at full width (0: all)")
       ->capture_default_str();
   bench->add_option("--weights", cfg.weights_dir, "safetensors file or directory (default: seeded synthetic)");
-  bench->add_option("--seed", cfg.seed, "seed of the prompts and synthetic weights")->capture_default_str();
-  bench->add_option("--warmup", cfg.warmup, "untimed runs of the whole benchmark first")->capture_default_str();
+  bench->add_option("--seed", a.seed,
+                    "offline: seed of the prompts and synthetic weights (default 0); online: the workload's "
+                    "seed (default: the workload's)");
   bench->add_option("--profile", cfg.profile, "hardware profile of the prediction (default: the plan's)");
-  bench->add_option("--json", json_path, "write the results JSON here");
-  bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly");
+  bench->add_option("--json", a.json_path, "write the results JSON here");
+  // Offline.
+  const char* off = "Offline (bench_one_batch)";
+  bench->add_option("--batch", cfg.batch, "sequences")->capture_default_str()->group(off);
+  bench->add_option("--input-len", cfg.input_len, "prompt tokens per sequence")->capture_default_str()->group(off);
+  bench->add_option("--output-len", cfg.output_len, "generated tokens per sequence")
+      ->capture_default_str()
+      ->group(off);
+  bench->add_option("--warmup", cfg.warmup, "untimed runs of the whole benchmark first")
+      ->capture_default_str()
+      ->group(off);
+  bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly")->group(off);
+  // Online: the simulator CLI's names.
+  const char* onl = "Online (serving, the simulator's scheduler)";
+  bench->add_option("--workload", on.workload, "shipped workload name (configs/workloads) or YAML path: online mode")
+      ->group(onl);
+  bench->add_flag("--online", a.online_mode, "online mode with the plan's own workload")->group(onl);
+  bench->add_option("--num-requests", on.overrides.num_requests, "number of requests (default: the workload's)")
+      ->group(onl);
+  bench->add_option("--request-rate,--rate", on.overrides.rate,
+                    "request rate (req/s), overrides the workload's (poisson or gamma)")
+      ->group(onl);
+  bench->add_option("--policy", on.policy, "scheduling order (default: the plan's)")
+      ->check(CLI::IsMember({sim::kDecodeFirst, sim::kPrefillFirst}))
+      ->group(onl);
+  bench->add_option("--max-num-seqs", on.max_num_seqs, "max running sequences (batch limit)")->group(onl);
+  bench->add_option("--max-num-batched-tokens", on.max_num_batched_tokens, "token budget per step")->group(onl);
+  bench->add_flag("--no-chunked-prefill", on.no_chunked_prefill, "prefill prompts in one step")->group(onl);
+  bench->add_option("--kv-blocks", on.kv_blocks,
+                    "KV cache blocks (default: the memory model's, capped at what max_num_seqs of the longest "
+                    "request need, and at the device's free memory)")
+      ->group(onl);
+  bench->add_option("--weight-seed", on.weight_seed, "seed of the synthetic weights")->capture_default_str()->group(onl);
+  bench->add_option("--slo-ttft", on.overrides.slo_ttft_ms, "TTFT SLO in ms for goodput")->group(onl);
+  bench->add_option("--slo-tpot", on.overrides.slo_tpot_ms, "TPOT SLO in ms for goodput")->group(onl);
+  bench->add_option("--slo-e2el", on.overrides.slo_e2el_ms, "E2E latency SLO in ms for goodput")->group(onl);
+  bench->add_option("--progress-every", on.progress_every_s, "seconds between progress lines on stderr (0: none)")
+      ->capture_default_str()
+      ->group(onl);
   CLI11_PARSE(app, argc, argv);
 
   try {
-    const gpu::BenchResult r = gpu::run_bench(plan_path, cfg);
-    std::fputs(gpu::format_bench_report(r).c_str(), stdout);
-    if (!json_path.empty()) {
-      write_file_atomic(json_path, gpu::bench_json(r).dump(2) + "\n");
-      std::printf("# results: %s\n", json_path.c_str());
-    }
-    return kExitOk;
+    const bool online = a.online_mode || !on.workload.empty();
+    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--no-cuda-graph"})
+      if (online && bench->count(opt) > 0)
+        throw InputError(fmt::format("{} is an offline option; online mode (--workload) takes the lengths from "
+                                     "the workload", opt));
+    for (const char* opt : {"--num-requests", "--request-rate", "--policy", "--max-num-seqs",
+                            "--max-num-batched-tokens", "--no-chunked-prefill", "--kv-blocks", "--weight-seed",
+                            "--slo-ttft", "--slo-tpot", "--slo-e2el"})
+      if (!online && bench->count(opt) > 0)
+        throw InputError(fmt::format("{} is an online option: give --workload W (or --online)", opt));
+    return online ? run_online(a) : run_offline(a);
   } catch (const InputError& e) {
     std::fprintf(stderr, "mixserve-run: %s\n", e.what());
     return kExitInput;

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mixserve/core/plan.hpp"
+#include "mixserve/gpu/runtime.hpp"
 #include "mixserve/sim/cost_model.hpp"
 
 namespace mixserve::gpu {
@@ -58,6 +59,7 @@ struct BenchMemory {  // bytes, estimated before allocating
 struct BenchResult {
   BenchConfig config;
   std::string plan_path;
+  std::string plan_sha256;     // of the plan file's text (of plan_to_yaml for an in-memory plan)
   Plan plan;                   // as loaded
   ModelSpec model;             // what ran (truncated with num_layers)
   std::string device_name;
@@ -75,6 +77,11 @@ struct BenchResult {
   double median_prefill_error_pct = 0, median_decode_error_pct = 0;
 };
 
+// The checks of the plan alone, shared with the online mode (online.hpp): world size 1, a model the
+// GPU forward supports (InputError naming what is not).
+void check_single_gpu_plan(const Plan& plan, const std::string& origin);
+// query_device() fields and library versions, as the results JSON holds them.
+nlohmann::json device_info_json(const DeviceInfo& d);
 // Validation without a device. InputError with the reason:
 //   world size != 1 ("distributed runs are not built yet"), a model outside the family the GPU
 //   forward supports (the list), batch/lengths outside [1, ...] or the plan's limits.

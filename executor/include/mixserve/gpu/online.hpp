@@ -1,0 +1,97 @@
+// Online serving benchmark on one GPU (`mixserve-run bench --plan P --workload W`, like vLLM's
+// `bench serve`): requests arrive in wall-clock time per the workload (the simulator's seeded
+// generator, so the request list is the one `mixserve-plan simulate` draws for the same workload,
+// rate, count and seed); the simulator's own scheduler (sim::BatchScheduler: continuous batching,
+// chunked prefill, decode-first / prefill-first, max_num_seqs, max_num_batched_tokens, KV blocks,
+// preemption by recompute) forms every step, GpuModel runs it, and the request timestamps come
+// from the host clock. Every step is timed (CUDA events around the forward, and host wall time)
+// beside the cost model's prediction for exactly that batch. The metrics are the simulator's
+// (vLLM benchmark_serving keys); the results file holds the exact request list and the engine
+// config, so `mixserve-plan validate` replays them through the simulator.
+//
+// Single GPU only (check_single_gpu_plan). Open-loop arrivals (poisson, gamma, burst, trace);
+// closed-loop workloads give InputError. Decode steps run eagerly (no CUDA graph).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mixserve/core/plan.hpp"
+#include "mixserve/sim/replay.hpp"
+#include "mixserve/sim/serving.hpp"
+
+namespace mixserve::gpu {
+
+struct OnlineConfig {
+  std::string workload;          // shipped name or YAML path; empty: the plan's
+  sim::WorkloadOverrides overrides;  // --num-requests, --request-rate, --seed, --slo-*
+  // Engine knobs, as `mixserve-plan simulate` (0 / empty = the plan's or workload's).
+  std::string policy;            // "decode-first" | "prefill-first"
+  int max_num_seqs = 0;
+  int64_t max_num_batched_tokens = 0;
+  bool no_chunked_prefill = false;
+  int64_t kv_blocks = 0;         // 0: min(memory model, what fits on the device, enough for all)
+  int num_layers = 0;            // > 0: the first N layers at full width
+  std::string weights_dir;       // empty: device-drawn weights (weight_seed)
+  uint64_t weight_seed = 0;
+  std::string profile;           // hardware profile of the prediction; empty: the plan's
+  int block_size = 16;           // KV block tokens (8, 16, 32)
+  // Progress line on stderr about every progress_every_s seconds of wall time (0: none).
+  double progress_every_s = 5;
+};
+
+// The engine setup without a device: workload with overrides, the request list, the engine config
+// (limits from the plan, the workload and the options; kv_blocks from the memory model, capped at
+// what max_num_seqs sequences of the longest request can hold). InputError naming the option, file
+// or request at fault.
+struct OnlineSetup {
+  WorkloadSpec workload;
+  sim::RequestStream requests;
+  sim::ServingConfig serving;
+  ModelSpec model;               // what runs (truncated with num_layers)
+  int max_blocks_per_seq = 0;    // blocks of the longest request (input + output)
+};
+OnlineSetup online_setup(const Plan& plan, const std::string& origin, const OnlineConfig& cfg);
+
+struct OnlineStep {
+  double start_s = 0;            // host clock since the benchmark started
+  int num_prefill_seqs = 0, num_decode = 0;
+  int64_t num_tokens = 0;
+  sim::ReplicaBatch batch;       // what the cost model was given
+  double measured_ms = 0;        // CUDA events around the forward
+  double wall_ms = 0;            // host: prepare, forward, logits back, sampling
+  double predicted_ms = 0;
+  double error_pct() const {
+    return measured_ms > 0 ? 100.0 * (predicted_ms - measured_ms) / measured_ms : 0.0;
+  }
+};
+
+struct OnlineResult {
+  OnlineConfig config;
+  std::string plan_path, plan_sha256;
+  Plan plan;
+  OnlineSetup setup;
+  std::string device_name;
+  nlohmann::json device;
+  std::string cost_model, profile_name;
+  sim::SimResult result;         // requests (times on the host clock), ITLs, metrics
+  std::vector<OnlineStep> steps;
+  std::vector<std::vector<int32_t>> output_ids;  // per request, its greedy tokens
+  double median_step_error_pct = 0, p90_abs_step_error_pct = 0, worst_step_error_pct = 0;
+};
+
+OnlineResult run_online(const std::string& plan_path, const OnlineConfig& cfg);
+OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg);
+
+// The simulator's result keys (sim::metrics_to_json, plus request_rate and mixserve_*), then
+// mode "online", plan {path, sha256, model, ...}, model, workload, serving_config, requests (the
+// exact list, with each one's measured ttft/tpot/e2el), steps, step error summary, output_ids,
+// prediction, device, versions, date.
+nlohmann::json online_json(const OnlineResult& r);
+// vLLM's printed block ("Serving Benchmark Result"), then the step error summary.
+std::string format_online_report(const OnlineResult& r);
+
+}  // namespace mixserve::gpu
