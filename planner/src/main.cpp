@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
       {"search", planner::register_search(app)},
       {"check", planner::register_check(app)},
       {"simulate", planner::register_simulate(app)},
+      {"validate", planner::register_validate(app)},
   };
   try {
     app.parse(argc, argv);
@@ -53,7 +54,7 @@ int main(int argc, char** argv) {
   try {
     for (auto& [name, run] : commands)
       if (app.got_subcommand(name)) return run();
-    report_error(json, kExitInput, "no subcommand (describe, search, check, simulate)");
+    report_error(json, kExitInput, "no subcommand (describe, search, check, simulate, validate)");
     return kExitInput;
   } catch (const InputError& e) {
     report_error(json, kExitInput, first_line(e.what()));

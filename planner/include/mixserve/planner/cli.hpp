@@ -15,5 +15,6 @@ CommandRunner register_describe(CLI::App& app);   // cmd_describe.cpp
 CommandRunner register_search(CLI::App& app);     // cmd_search.cpp
 CommandRunner register_check(CLI::App& app);      // cmd_check.cpp
 CommandRunner register_simulate(CLI::App& app);   // cmd_simulate.cpp (serving simulator)
+CommandRunner register_validate(CLI::App& app);   // cmd_validate.cpp (predicted vs measured)
 
 }  // namespace mixserve::planner

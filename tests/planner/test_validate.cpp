@@ -1,0 +1,312 @@
+// mixserve-plan validate on small synthetic results files (no GPU): the predicted values are
+// computed here from the library (the cost model, the serving simulator) and the measured values
+// are set to known multiples of them, so every error of the report is known in advance; bad
+// results files give exit 2 with one line naming the file and key, and write no output file.
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "mixserve/core/io.hpp"
+#include "mixserve/model/weights.hpp"
+#include "mixserve/sim/cost_model.hpp"
+#include "mixserve/sim/replay.hpp"
+#include "mixserve/sim/serving.hpp"
+#include "mixserve/sim/serving_report.hpp"
+#include "mixserve/sim/workload_gen.hpp"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace mixserve;
+
+namespace {
+
+struct Run {
+  int code = -1;
+  std::string out, err;
+};
+
+fs::path scratch() {
+  static const fs::path dir = [] {
+    fs::path d = fs::temp_directory_path() / ("mixserve-validate-" + std::to_string(static_cast<long>(::getpid())));
+    fs::create_directories(d);
+    return d;
+  }();
+  return dir;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+void spit(const fs::path& p, const std::string& text) {
+  std::ofstream f(p);
+  f << text;
+}
+
+Run run(const std::string& args) {
+  const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
+  const std::string cmd = std::string("'") + MIXSERVE_PLAN_EXE + "' " + args + " > '" + out.string() + "' 2> '" +
+                          err.string() + "'";
+  const int status = std::system(cmd.c_str());
+  Run r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+
+// A one-GPU plan (Qwen3-30B-A3B on one H200), written once.
+const fs::path& plan_path() {
+  static const fs::path p = [] {
+    const fs::path f = scratch() / "plan.yaml";
+    const Run r = run("search --model qwen3-30b-a3b --cluster " +
+                      (fs::path(MIXSERVE_SOURCE_DIR) / "configs/clusters/h200-1x1.yaml").string() +
+                      " --workload sharegpt-paper --layout vllm-tp-pp -o " + f.string());
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    return f;
+  }();
+  return p;
+}
+
+constexpr int kLayers = 4;
+
+std::unique_ptr<sim::StepCostModel> cost_model(const Plan& plan) {
+  sim::CostModelOptions copt;
+  copt.routing = sim::routing_from_workload(plan.workload);
+  return sim::make_cost_model("mixserve", model::with_num_layers(plan.model, kLayers), plan.cluster,
+                              load_profile(plan.profile_name), plan.chosen.layout, copt);
+}
+
+double predict_ms(const sim::StepCostModel& cm, const sim::ReplicaBatch& b) {
+  const sim::ReplicaBatch one[] = {b};
+  return cm.step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3;
+}
+
+json batch_json(const sim::ReplicaBatch& b) {
+  return {{"prefill_tokens", b.prefill_tokens}, {"num_prefill_seqs", b.num_prefill_seqs},
+          {"prefill_attn_pairs", b.prefill_attn_pairs}, {"num_decode", b.num_decode},
+          {"decode_context", b.decode_context}};
+}
+
+json common(const Plan& plan, const std::string& mode) {
+  return {{"mode", mode},
+          {"plan", {{"sha256", sha256_hex(slurp(plan_path()))}, {"model", plan.model.name}}},
+          {"model", {{"name", plan.model.name}, {"num_layers", kLayers}}},
+          {"prediction", {{"cost_model", "mixserve"}, {"profile", plan.profile_name}}}};
+}
+
+sim::ServingConfig serving_cfg() {
+  sim::ServingConfig c;
+  c.limits.max_num_seqs = 4;
+  c.limits.max_num_batched_tokens = 256;
+  c.limits.kv_block_tokens = 16;
+  c.limits.kv_blocks = 200;
+  c.limits.max_model_len = 4096;
+  return c;
+}
+
+sim::RequestStream requests() {
+  sim::RequestStream s;
+  const int64_t in[] = {100, 300, 20, 64, 7}, out[] = {5, 2, 9, 1, 3};
+  for (int i = 0; i < 5; ++i) s.requests.push_back({i, 0.01 * i, in[i], out[i], -1});
+  return s;
+}
+
+// An online results file whose measured metrics are 1.25 x the simulator's and whose measured
+// steps are 2 x the cost model's.
+json online_results(const Plan& plan, json* predicted_metrics) {
+  const auto cm = cost_model(plan);
+  const sim::ServingConfig cfg = serving_cfg();
+  const sim::SimResult sr = sim::simulate(*cm, cfg, requests());
+  const json pm = sim::metrics_to_json(sr.metrics, cfg);
+  *predicted_metrics = pm;
+  json r = common(plan, "online");
+  for (const auto& [k, v] : pm.items()) r[k] = v.is_number() ? json(v.get<double>() * 1.25) : v;
+  r["serving_config"] = sim::serving_config_json(cfg);
+  r["requests"] = sim::requests_json(requests());
+  sim::ReplicaBatch pre;
+  pre.prefill_tokens = 100;
+  pre.num_prefill_seqs = 1;
+  pre.prefill_attn_pairs = 100 * 50.5;
+  sim::ReplicaBatch dec;
+  dec.num_decode = 3;
+  dec.decode_context = 3 * 120;
+  r["steps"] = json::array({{{"batch", batch_json(pre)}, {"measured_ms", 2 * predict_ms(*cm, pre)}},
+                            {{"batch", batch_json(dec)}, {"measured_ms", 2 * predict_ms(*cm, dec)}}});
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("validate: online results, every metric and step error as constructed") {
+  const Plan plan = load_plan(plan_path().string());
+  json predicted;
+  const json r = online_results(plan, &predicted);
+  const fs::path rf = scratch() / "online.json", out = scratch() / "online-validate.json";
+  spit(rf, r.dump(2));
+  const Run v = run("validate --plan " + plan_path().string() + " --results " + rf.string() + " --output-json " +
+                    out.string());
+  REQUIRE_MESSAGE(v.code == 0, v.err);
+  CHECK(v.out.find("mean_ttft_ms") != std::string::npos);
+  CHECK(v.out.find("p99_itl_ms") != std::string::npos);
+  CHECK(v.out.find("request_throughput") != std::string::npos);
+  const json doc = json::parse(slurp(out));
+  int numeric = 0, compared = 0;
+  for (const auto& [k, val] : predicted.items()) numeric += val.is_number() ? 1 : 0;
+  CHECK(doc["metrics"].size() == static_cast<size_t>(numeric));
+  for (const auto& m : doc["metrics"]) {
+    const std::string k = m["key"];
+    CHECK(m["predicted"].get<double>() == doctest::Approx(predicted[k].get<double>()));
+    if (predicted[k].get<double>() != 0) {
+      CHECK_MESSAGE(m["error_pct"].get<double>() == doctest::Approx(-20.0), k);
+      ++compared;
+    }
+  }
+  CHECK(compared > 20);
+  CHECK(doc["step_error_pct"]["all"]["steps"] == 2);
+  CHECK(doc["step_error_pct"]["all"]["median"].get<double>() == doctest::Approx(-50.0));
+  CHECK(doc["step_error_pct"]["all"]["worst"].get<double>() == doctest::Approx(-50.0));
+  CHECK(doc["step_error_pct"]["prefill"]["steps"] == 1);
+  CHECK(doc["step_error_pct"]["decode"]["steps"] == 1);
+
+  // Without a request list the requests are drawn again from the workload with R's count, rate and
+  // seed: the same as the simulator's own draw.
+  json r2 = r;
+  r2.erase("requests");
+  r2["workload"] = {{"name", "sharegpt-paper"}, {"num_requests", 12}, {"rate", 50.0}, {"seed", 3}};
+  spit(rf, r2.dump(2));
+  const Run v2 = run("validate --plan " + plan_path().string() + " --results " + rf.string() + " --output-json " +
+                     out.string());
+  REQUIRE_MESSAGE(v2.code == 0, v2.err);
+  WorkloadSpec w = plan.workload;
+  w.num_requests = 12;
+  w.rate = 50;
+  w.seed = 3;
+  const sim::SimResult sr = sim::simulate(*cost_model(plan), serving_cfg(), sim::generate_requests(w));
+  const json doc2 = json::parse(slurp(out));
+  bool seen = false;
+  for (const auto& m : doc2["metrics"])
+    if (m["key"] == "total_input_tokens") {
+      seen = true;
+      CHECK(m["predicted"].get<double>() == double(sr.metrics.total_input_tokens));
+    }
+  CHECK(seen);
+}
+
+TEST_CASE("validate: offline results, per-step table and bench_one_batch metrics") {
+  const Plan plan = load_plan(plan_path().string());
+  const auto cm = cost_model(plan);
+  json r = common(plan, "offline");
+  r["batch_size"] = 2;
+  r["input_len"] = 64;
+  r["output_len"] = 3;
+  sim::ReplicaBatch pre;
+  pre.prefill_tokens = 128;
+  pre.num_prefill_seqs = 2;
+  pre.prefill_attn_pairs = 2 * 64 * 32.5;
+  sim::ReplicaBatch d1, d2;
+  d1.num_decode = d2.num_decode = 2;
+  d1.decode_context = 2 * 65;
+  d2.decode_context = 2 * 66;
+  const double p0 = predict_ms(*cm, pre), p1 = predict_ms(*cm, d1), p2 = predict_ms(*cm, d2);
+  r["steps"] = json::array({{{"kind", "prefill"}, {"batch", batch_json(pre)}, {"measured_ms", p0 / 2}},
+                            {{"kind", "decode"}, {"batch", batch_json(d1)}, {"measured_ms", p1 / 2}},
+                            {{"kind", "decode"}, {"batch", batch_json(d2)}, {"measured_ms", p2 / 2}}});
+  r["prefill_latency"] = p0 / 2 / 1e3;
+  r["total_latency"] = (p0 + p1 + p2) / 2 / 1e3;
+  const fs::path rf = scratch() / "offline.json", out = scratch() / "offline-validate.json";
+  spit(rf, r.dump(2));
+  const Run v = run("validate --plan " + plan_path().string() + " --results " + rf.string() + " --json " +
+                    out.string());
+  REQUIRE_MESSAGE(v.code == 0, v.err);
+  CHECK(v.out.find("predicted(ms)") != std::string::npos);
+  const json doc = json::parse(slurp(out));
+  CHECK(doc["steps"].size() == 3);
+  for (const auto& s : doc["steps"]) CHECK(s["error_pct"].get<double>() == doctest::Approx(100.0));
+  bool seen_prefill = false, seen_total = false;
+  for (const auto& m : doc["metrics"]) {
+    CHECK(m["error_pct"].get<double>() == doctest::Approx(m["key"].get<std::string>().find("throughput") !=
+                                                                  std::string::npos
+                                                              ? -50.0
+                                                              : 100.0));
+    if (m["key"] == "prefill_latency") {
+      seen_prefill = true;
+      CHECK(m["predicted"].get<double>() == doctest::Approx(p0 / 1e3));
+    }
+    if (m["key"] == "total_latency") {
+      seen_total = true;
+      CHECK(m["predicted"].get<double>() == doctest::Approx((p0 + p1 + p2) / 1e3));
+    }
+  }
+  CHECK(seen_prefill);
+  CHECK(seen_total);
+}
+
+TEST_CASE("validate: bad results files give exit 2 naming file and key, and no output file") {
+  const Plan plan = load_plan(plan_path().string());
+  json predicted;
+  const json good = online_results(plan, &predicted);
+  const fs::path rf = scratch() / "bad.json", out = scratch() / "bad-validate.json";
+  struct Case {
+    const char* what;
+    std::string text;  // "" = no file
+    std::string key;
+  };
+  json no_cfg = good;
+  no_cfg.erase("serving_config");
+  json other_plan = good;
+  other_plan["plan"]["sha256"] = std::string(64, 'a');
+  json other_model = good;
+  other_model["plan"]["model"] = "deepseek-r1";
+  json bad_step = good;
+  bad_step["steps"][1]["measured_ms"] = "fast";
+  json bad_req = good;
+  bad_req["requests"][2].erase("output_tokens");
+  json bad_mode = good;
+  bad_mode["mode"] = "sideways";
+  json too_many_layers = good;
+  too_many_layers["model"]["num_layers"] = 1000;
+  const Case cases[] = {
+      {"missing file", "", ""},
+      {"not JSON", "{\"mode\": \"online\", ", ""},
+      {"no serving_config", no_cfg.dump(), "serving_config"},
+      {"another plan", other_plan.dump(), "plan.sha256"},
+      {"another model", other_model.dump(), "plan.model"},
+      {"mistyped step", bad_step.dump(), "steps[1].measured_ms"},
+      {"request without output", bad_req.dump(), "requests[2].output_tokens"},
+      {"unknown mode", bad_mode.dump(), "mode"},
+      {"layers", too_many_layers.dump(), "model.num_layers"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.what);
+    fs::remove(rf);
+    fs::remove(out);
+    if (!c.text.empty()) spit(rf, c.text);
+    const Run v = run("validate --plan " + plan_path().string() + " --results " + rf.string() + " --output-json " +
+                      out.string());
+    CHECK(v.code == 2);
+    CHECK(v.err.find(rf.string()) != std::string::npos);
+    if (!c.key.empty()) CHECK_MESSAGE(v.err.find(c.key) != std::string::npos, v.err);
+    CHECK(std::count(v.err.begin(), v.err.end(), '\n') == 1);
+    CHECK(!fs::exists(out));
+  }
+  // A missing plan file names the plan.
+  spit(rf, good.dump());
+  const Run v = run("validate --plan " + (scratch() / "nope.yaml").string() + " --results " + rf.string());
+  CHECK(v.code == 2);
+  CHECK(v.err.find("nope.yaml") != std::string::npos);
+}
