@@ -18,6 +18,7 @@
 #include "mixserve/kernels/combine.cuh"
 #include "mixserve/kernels/elementwise.cuh"
 #include "mixserve/kernels/fill.cuh"
+#include "mixserve/kernels/grouped_gemm.cuh"
 #include "mixserve/kernels/kv_cache.cuh"
 #include "mixserve/kernels/permute.cuh"
 #include "mixserve/kernels/rmsnorm.cuh"
@@ -509,6 +510,8 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   kernels::launch_permute(pp, s);
   const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
                     (cfg_.expert_path == ExpertPath::automatic && T * K <= cfg_.device_gemv_max_rows);
+  // Above the GEMV rows, automatic takes the device-offset grouped GEMM (no host sync).
+  const bool tensor_core_grouped = !gemv && cfg_.expert_path != ExpertPath::cublaslt;
   kernels::SwigluParams sw;
   sw.gate_up = A.gu;
   sw.out = A.ffn_act;
@@ -533,6 +536,28 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
     g.n = H;
     g.k = I;
     launch_grouped_gemv(g, s);
+  } else if (tensor_core_grouped) {
+    // Tensor-core grouped GEMM: one launch per projection for all experts, tiles scheduled on the
+    // device from the permute's offsets (no host sync). experts_touched is not recorded (it
+    // would need the counts on the host).
+    kernels::GroupedGemmParams g;
+    g.act = A.permuted_x;
+    g.weights = L.w13;
+    g.out = A.gu;  // [T * K, 2I]
+    g.expert_offsets = A.offsets;
+    g.num_experts = E;
+    g.n = 2 * I;
+    g.k = H;
+    kernels::launch_grouped_gemm(g, s);
+    sw.num_rows = T * K;
+    sw.num_rows_device = A.offsets + E;
+    kernels::launch_swiglu(sw, s);
+    g.act = A.ffn_act;
+    g.weights = L.w2;
+    g.out = A.expert_out;  // [T * K, H]
+    g.n = H;
+    g.k = I;
+    kernels::launch_grouped_gemm(g, s);
   } else {
     // Host copy of the counts: ExpertGemm plans one cuBLASLt GEMM per expert with tokens.
     MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.counts_host, A.counts, std::size_t(E) * 4, cudaMemcpyDeviceToHost, s));

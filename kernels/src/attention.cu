@@ -16,6 +16,8 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerCta = kWarps * 16;  // query rows (token, q head) of one CTA: 16 per warp
+constexpr int kWarpsWide = 8;             // prefill-sized steps: 8 warps, 128 rows per CTA
+constexpr int kRowsPerCtaWide = kWarpsWide * 16;
 constexpr int kKvTile = 64;               // cache positions per shared-memory tile
 constexpr int kPad = 8;                   // bf16 of padding per smem row: conflict-free fragment reads
 constexpr int kMaxGroup = 64;             // q heads per kv head
@@ -56,13 +58,18 @@ __device__ __forceinline__ int64_t cache_offset(const PagedKvCache& c, int seq, 
   return ((block << block_shift) + slot) * (int64_t(c.kv_heads) * head_dim) + int64_t(kv_head) * head_dim;
 }
 
-// grid (q_tiles * num_splits, num_seqs, kv_heads), kThreads threads. See attention.cuh.
-template <int kHeadDim>
-static __global__ void __launch_bounds__(kThreads) tc_attention_kernel(AttentionParams p, Launch L) {
+// grid (q_tiles * num_splits, num_seqs, kv_heads), kW * 32 threads (kW warps of 16 query rows:
+// 4 for decode-sized steps, 8 for prefill, where the K/V tiles are shared by twice the rows).
+// See attention.cuh.
+template <int kHeadDim, int kW>
+static __global__ void __launch_bounds__(kW * 32) tc_attention_kernel(AttentionParams p, Launch L) {
   static_assert(kHeadDim % 16 == 0, "the Q.K^T product walks head_dim in k-slices of 16");
+  constexpr int kThreads = kW * 32;
+  constexpr int kRowsPerCta = kW * 16;
   constexpr int kVecPerRow = kHeadDim / 8;  // 16-byte vectors per cache row
   constexpr int kLoadsPerThread = kKvTile * kVecPerRow / kThreads;
   static_assert(kKvTile * kVecPerRow % kThreads == 0, "the tile loader gives every thread the same count");
+  static_assert(kThreads % kKvTile == 0, "the V loader gives each thread whole columns of the tile");
   __shared__ __align__(16) __nv_bfloat16 ks[kKvTile][kHeadDim + kPad];  // [position, dim]
   __shared__ __align__(16) __nv_bfloat16 vt[kHeadDim][kKvTile + kPad];  // [dim, position] (V transposed)
 
@@ -119,13 +126,15 @@ static __global__ void __launch_bounds__(kThreads) tc_attention_kernel(Attention
   float m[2] = {-INFINITY, -INFINITY};  // running max of the raw scores
   float l[2] = {0.0f, 0.0f};            // this thread's share of the running sum
 
-  for (int kt = k_begin; kt < k_end; kt += kKvTile) {
-    __syncthreads();  // the previous tile is consumed
-    // K and V tiles: every load of the tile is issued before the first shared-memory store (16
-    // 16-byte loads in flight per thread at head_dim 128). K row-major, one thread per 16-byte
-    // vector; V transposed on the way in, a warp covering 32 consecutive positions of one vector
-    // column (conflict-free 2-byte stores). Positions past k_end read as zeros (0 * NaN is NaN).
-    uint4 kr[kLoadsPerThread], vr[kLoadsPerThread];
+  // K and V tiles go through registers. 8 warps: the loads of tile kt + kKvTile are issued right
+  // after tile kt is stored to shared memory, so they are in flight while tile kt is computed
+  // (4 warps: loaded at the top of each iteration, as the registers would spill). Every load of a
+  // tile is issued before the first shared-memory store. K
+  // row-major, one thread per 16-byte vector; V transposed on the way in, a warp covering 32
+  // consecutive positions of one vector column (conflict-free 2-byte stores). Positions past
+  // k_end read as zeros (0 * NaN is NaN).
+  uint4 kr[kLoadsPerThread], vr[kLoadsPerThread];
+  auto load_tile = [&](int kt) {
 #pragma unroll
     for (int j = 0; j < kLoadsPerThread; ++j) {
       const int c = tid + j * kThreads;
@@ -137,6 +146,12 @@ static __global__ void __launch_bounds__(kThreads) tc_attention_kernel(Attention
       if (kt + vrow < k_end)
         vr[j] = *reinterpret_cast<const uint4*>(p.cache.v + cache_offset(p.cache, seq, kt + vrow, kvh, L.block_shift, kHeadDim) + vvec * 8);
     }
+  };
+  constexpr bool kPrefetch = kW >= 8;
+  if (kPrefetch) load_tile(k_begin);
+  for (int kt = k_begin; kt < k_end; kt += kKvTile) {
+    __syncthreads();  // the previous tile is consumed
+    if (!kPrefetch) load_tile(kt);
 #pragma unroll
     for (int j = 0; j < kLoadsPerThread; ++j) {
       const int c = tid + j * kThreads;
@@ -146,6 +161,7 @@ static __global__ void __launch_bounds__(kThreads) tc_attention_kernel(Attention
       for (int i = 0; i < 8; ++i) vt[(c / kKvTile) * 8 + i][c % kKvTile] = e[i];
     }
     __syncthreads();
+    if (kPrefetch && kt + kKvTile < k_end) load_tile(kt + kKvTile);
     if (!warp_active) continue;
 
     // S = Q K^T for the warp's 16 rows x 64 positions: [n-tile of 8 positions][fragment].
@@ -364,7 +380,9 @@ void choose_splits(const AttentionParams& p, int device, int& num_splits, int& s
   if (want == 0) {
     // Aim at two CTAs per SM: decode grids (one q tile per (sequence, kv head)) are far smaller.
     const int group = p.q_heads / p.cache.kv_heads;
-    const int64_t base = int64_t(ceil_div(int64_t(p.max_q_len) * group, kRowsPerCta)) * p.num_seqs * p.cache.kv_heads;
+    const int64_t rows = int64_t(p.max_q_len) * group;
+    const int per_cta = rows > kRowsPerCta ? kRowsPerCtaWide : kRowsPerCta;  // RunTensorCore's choice
+    const int64_t base = int64_t(ceil_div(rows, per_cta)) * p.num_seqs * p.cache.kv_heads;
     const int64_t target = 2 * int64_t(sm_count(device));
     want = base >= target ? 1 : ceil_div(target, base);
   }
@@ -385,9 +403,18 @@ void dispatch_head_dim(int head_dim, Args&&... args) {
 template <int D>
 struct RunTensorCore {
   static void run(const AttentionParams& p, const Launch& L, cudaStream_t stream) {
-    const int q_tiles = ceil_div(int64_t(p.max_q_len) * L.group, kRowsPerCta);
-    const dim3 grid(unsigned(q_tiles * L.num_splits), unsigned(p.num_seqs), unsigned(p.cache.kv_heads));
-    tc_attention_kernel<D><<<grid, kThreads, 0, stream>>>(p, L);
+    // 8 warps (128 query rows per CTA) once a sequence has more than 4 warps' worth of rows.
+    const int64_t rows = int64_t(p.max_q_len) * L.group;
+    if (rows > kRowsPerCta) {
+      constexpr int kW = kWarpsWide;
+      const int q_tiles = ceil_div(rows, kRowsPerCtaWide);
+      const dim3 grid(unsigned(q_tiles * L.num_splits), unsigned(p.num_seqs), unsigned(p.cache.kv_heads));
+      tc_attention_kernel<D, kW><<<grid, kW * 32, 0, stream>>>(p, L);
+    } else {
+      const int q_tiles = ceil_div(rows, kRowsPerCta);
+      const dim3 grid(unsigned(q_tiles * L.num_splits), unsigned(p.num_seqs), unsigned(p.cache.kv_heads));
+      tc_attention_kernel<D, kWarps><<<grid, kThreads, 0, stream>>>(p, L);
+    }
     MIXSERVE_LAUNCH_CHECK("tc_attention_kernel");
     if (L.num_splits > 1) {
       const int64_t warps = p.num_tokens * p.q_heads;

@@ -5,7 +5,11 @@
 //     points tagged "gemv:uniform", for every expert family at MoE TP 1 and EP 1 plus --ep;
 //   - the cuBLASLt path above kDeviceGemvMaxRows rows, eagerly: device->host copy of the expert
 //     counts, stream sync, set_counts, one GEMM per non-empty expert (no graph, host launches in
-//     the timed interval); rows 1024 .. 16384, EP 1 families; points tagged "eager:uniform".
+//     the timed interval); rows 1024 .. 16384, EP 1 families; points tagged "eager:uniform";
+//   - the tensor-core grouped GEMM (kernels/grouped_gemm.cuh), the executor's automatic path
+//     above kDeviceGemvMaxRows: one launch per projection, rows from device offsets, no graph (as
+//     a prefill step runs it); rows 1024 .. 131072 (an 8 x 2048-token step of top-8), EP 1
+//     families; points tagged "grouped:uniform".
 #include <algorithm>
 #include <ostream>
 
@@ -16,6 +20,7 @@
 #include "mixserve/core/expert_path.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/gpu/expert_gemm.hpp"
+#include "mixserve/kernels/grouped_gemm.cuh"
 #include "mixserve/profiler/shapes.hpp"
 
 namespace mixserve::profiler {
@@ -61,6 +66,7 @@ std::vector<int64_t> gemv_rows() {
 }
 
 const std::vector<int64_t> kEagerRows = {1024, 2048, 4096, 8192, 16384};
+const std::vector<int64_t> kGroupedRows = {1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072};
 
 std::vector<int32_t> offsets_of(const std::vector<int64_t>& counts) {
   std::vector<int32_t> off(counts.size() + 1, 0);
@@ -78,7 +84,7 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
   for (const auto& f : fams) {
     max_w = std::max(max_w, int64_t(f.f.num_experts) * f.f.n * f.f.k);
     max_e = std::max<int64_t>(max_e, f.f.num_experts);
-    const int64_t top = f.eager ? kEagerRows.back() : rows.back();
+    const int64_t top = f.eager ? std::max(kEagerRows.back(), kGroupedRows.back()) : rows.back();
     max_act = std::max(max_act, top * f.f.k);
     max_out = std::max(max_out, top * f.f.n);
     for (int64_t r : rows) {
@@ -94,11 +100,18 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
         const auto t = timing_for(cfg, est, false);
         est_total_us += (est + 20.0) * (t.timed_iters + t.warmup_iters + 2) + 2000.0;
       }
+    if (f.eager)
+      for (int64_t r : kGroupedRows) {
+        const double est = guess_us(2.0 * r * f.f.n * f.f.k, double(f.f.num_experts * f.f.n * f.f.k) * 2.0, DType::bf16);
+        const auto t = timing_for(cfg, est, false);
+        est_total_us += (est + 20.0) * (t.timed_iters + t.warmup_iters + 2) + 2000.0;
+      }
   }
   fmt::print(out.table,
              "#\n# Expert paths of the executor (bf16): device GEMV (graph) over {} row counts up to {}, eager "
-             "cuBLASLt with host count copy over {} row counts (EP 1): {} families (estimated {:.0f} s)\n",
-             rows.size(), kDeviceGemvMaxRows, kEagerRows.size(), fams.size(), est_total_us / 1e6);
+             "cuBLASLt with host count copy over {} row counts and the grouped GEMM over {} (EP 1): {} families "
+             "(estimated {:.0f} s)\n",
+             rows.size(), kDeviceGemvMaxRows, kEagerRows.size(), kGroupedRows.size(), fams.size(), est_total_us / 1e6);
   if (cfg.dry_run) {
     for (const auto& f : fams)
       fmt::print(out.table, "#   {:<44} E {:>4} n {:>6} k {:>6}{}\n", f.f.label, f.f.num_experts, f.f.n, f.f.k,
@@ -167,6 +180,30 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
              active, res);
     }
     if (!fam.eager) continue;
+    for (int64_t r : kGroupedRows) {
+      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      const auto offsets = offsets_of(counts);
+      MIXSERVE_CUDA_CHECK(
+          cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
+      kernels::GroupedGemmParams g;
+      g.act = act.as<__nv_bfloat16>();
+      g.weights = w.as<__nv_bfloat16>();
+      g.out = o.as<__nv_bfloat16>();
+      g.expert_offsets = off.as<int32_t>();
+      g.num_experts = f.num_experts;
+      g.n = f.n;
+      g.k = f.k;
+      if (const auto why = kernels::grouped_gemm_unsupported_reason(g, cfg.device); !why.empty()) {
+        fmt::print(out.table, "# skipped grouped experts E={} n={} k={}: {}\n", f.num_experts, f.n, f.k, why);
+        break;
+      }
+      const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
+      const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16);
+      const auto res = gpu::time_op([&](cudaStream_t st) { kernels::launch_grouped_gemm(g, st); }, s,
+                                    timing_for(cfg, est, false), &ctx.flusher);
+      record(f, "grouped", std::string(kExpertGroupedTag) + "uniform", r,
+             *std::max_element(counts.begin(), counts.end()), active, res);
+    }
     gpu::ExpertGemm eg(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
     for (int64_t r : kEagerRows) {
       const auto counts = tokens_per_expert("uniform", f.num_experts, r);

@@ -110,7 +110,8 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
       if (what == "all" || what == "attention") p.attention.clear();
       if (what == "expert_gemv")  // only the points of the executor's own paths (tagged)
         std::erase_if(p.experts, [](const ExpertGemmPoint& e) {
-          return e.distribution.starts_with(kExpertGemvTag) || e.distribution.starts_with(kExpertEagerTag);
+          return e.distribution.starts_with(kExpertGemvTag) || e.distribution.starts_with(kExpertEagerTag) ||
+                 e.distribution.starts_with(kExpertGroupedTag);
         });
     } else if (!cfg.dry_run) {
       profiler::describe_machine(cfg, p, out);

@@ -598,12 +598,13 @@ class MixServeModel final : public StepCostModel {
     // token's rows, plus the shared expert's output). The expert kernel is the one the executor
     // picks for the rank's routed rows (core/expert_path.hpp).
     const double active = expected_active_experts(T_all, E_, k_, E_local_);
-    const bool gemv = uses_device_gemv(int64_t(std::ceil(Tg * k_)));
+    const int64_t routed = int64_t(std::ceil(Tg * k_));
+    const bool gemv = uses_device_gemv(routed), grouped = uses_grouped_gemm(routed);
     for (int i = 0; i < 3; ++i) a.add(moe_experts, timer_->memory_op(2.0 * rows * 4.0));
     a.add(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_));
-    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, 2 * I, h_, ed, gemv}));
+    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, 2 * I, h_, ed, gemv, grouped}));
     a.add(moe_experts, timer_->memory_op(3.0 * rows * I * act_));
-    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, h_, I, ed, gemv}));
+    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, h_, I, ed, gemv, grouped}));
     a.add(moe_experts, timer_->memory_op((rows + 2.0 * Tg) * h_ * act_));
     if (m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0) {
       const int64_t Is = m_.moe.shared_intermediate_size / l_.moe_tp;

@@ -257,7 +257,9 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path) {
   const auto a_blocks = take(5), c_blocks = take(4), b_blocks = take(4);  // room for 40/32/32 tokens
   CompareStats st;
   const std::string name =
-      m.name + (path == gpu::ExpertPath::cublaslt ? " cublaslt" : " gemv") + " seed " + std::to_string(seed);
+      m.name +
+      (path == gpu::ExpertPath::cublaslt ? " cublaslt" : path == gpu::ExpertPath::grouped_gemm ? " grouped" : " gemv") +
+      " seed " + std::to_string(seed);
   auto seq = [](std::vector<int32_t> tok, int64_t pos, std::vector<int32_t> bt) {
     SequenceStep s;
     s.tokens = std::move(tok);
@@ -298,18 +300,22 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path) {
 TEST_CASE("forward: Qwen3-MoE (GQA, per-head QK-norm, dense first layer) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Mixtral (GQA 2/1, renormalised top-2) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: grouped GEMM") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: grouped GEMM") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::grouped_gemm); }
 }
 
 // The LM head GEMM has another row count in the two runs (cuBLASLt may pick another kernel), so

@@ -3,6 +3,7 @@
 // awkward sizes (empty experts, one expert holding every row, row counts that are not multiples
 // of the 128-row tile, n and k that are not multiples of the 128 x 64 tile, k = 8, one expert,
 // 128 experts) and Qwen3-30B-A3B's expert shapes. Rows at and past offsets[E] must stay poisoned.
+// The prefill-step benchmark (8 x 2048 tokens of Qwen3-30B-A3B in one step) is here too.
 // The benchmark (TFLOP/s against one cuBLASLt GEMM of the same FLOPs and against the per-expert
 // cuBLASLt path, measured in the same run) is skipped by default; run it with:
 //   test_gpu_grouped_gemm --no-skip -tc="bench*"
@@ -10,14 +11,21 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
+#include <cuda_profiler_api.h>
+
 #include "mixserve/core/error.hpp"
+#include "mixserve/core/io.hpp"
 #include "mixserve/gpu/gemm.hpp"
+#include "mixserve/gpu/model_forward.hpp"
+#include "mixserve/model/reference.hpp"
+#include "mixserve/model/weights.hpp"
 #include "mixserve/gpu/timing.hpp"
 #include "mixserve/kernels/fill.cuh"
 #include "mixserve/kernels/grouped_gemm.cuh"
@@ -56,12 +64,13 @@ uint16_t bits(const bf16& v) {
 
 // Runs the kernel on `counts` rows per expert (plus `spare` rows past offsets[E] that must stay
 // untouched) and compares with the float64 reference.
-void check_case(const std::vector<int>& counts, int64_t n, int64_t k, int spare, uint64_t seed) {
+void check_case_impl(const std::vector<int>& counts, int64_t n, int64_t k, int spare, uint64_t seed,
+                     kernels::GroupedGemmImpl impl) {
   const int E = static_cast<int>(counts.size());
   std::vector<int32_t> off(E + 1, 0);
   for (int e = 0; e < E; ++e) off[e + 1] = off[e] + counts[e];
   const int64_t rows = off[E], cap = rows + spare;
-  INFO("E=" << E << " rows=" << rows << " n=" << n << " k=" << k);
+  INFO("E=" << E << " rows=" << rows << " n=" << n << " k=" << k << " impl=" << int(impl));
   const auto act = rand_bf16(std::size_t(std::max<int64_t>(cap, 1) * k), seed);
   const auto w = rand_bf16(std::size_t(E) * n * k, seed + 1);
   gpu::DeviceBuffer d_act(act.size() * 2), d_w(w.size() * 2), d_out(std::size_t(std::max<int64_t>(cap, 1) * n) * 2),
@@ -78,6 +87,7 @@ void check_case(const std::vector<int>& counts, int64_t n, int64_t k, int spare,
   p.num_experts = E;
   p.n = n;
   p.k = k;
+  p.impl = impl;
   REQUIRE(kernels::grouped_gemm_unsupported_reason(p, device()).empty());
   kernels::launch_grouped_gemm(p, nullptr);
   MIXSERVE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -98,6 +108,27 @@ void check_case(const std::vector<int>& counts, int64_t n, int64_t k, int spare,
   int64_t touched = 0;
   for (int64_t i = rows * n; i < cap * n; ++i) touched += bits(got[i]) != 0xffff;
   CHECK_MESSAGE(touched == 0, touched << " elements past offsets[E] were written");
+}
+
+// Both tile implementations where they exist (wgmma: sm_90a builds on SM 9.0).
+bool has_wgmma() {
+  kernels::GroupedGemmParams p;
+  p.act = p.weights = reinterpret_cast<const bf16*>(16);
+  p.out = reinterpret_cast<bf16*>(16);
+  p.expert_offsets = reinterpret_cast<const int32_t*>(16);
+  p.num_experts = 1;
+  p.n = p.k = 8;
+  p.impl = kernels::GroupedGemmImpl::wgmma;
+  return kernels::grouped_gemm_unsupported_reason(p, device()).empty();
+}
+void check_case(const std::vector<int>& counts, int64_t n, int64_t k, int spare, uint64_t seed) {
+  check_case_impl(counts, n, k, spare, seed, kernels::GroupedGemmImpl::mma_sync);
+  if (has_wgmma()) {
+    check_case_impl(counts, n, k, spare, seed, kernels::GroupedGemmImpl::wgmma);
+    check_case_impl(counts, n, k, spare, seed, kernels::GroupedGemmImpl::wgmma_wide);
+  } else {
+    std::printf("grouped_gemm: no wgmma kernel on this device; mma_sync checked only\n");
+  }
 }
 
 }  // namespace
@@ -189,7 +220,7 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
   topt.timed_iters = 20;
   gpu::LtHandle lt;
   gpu::DeviceBuffer ws(gpu::LtGemm::kWorkspaceBytes);
-  std::printf("%-40s %10s %8s %10s %10s %10s %10s\n", "case", "time(us)", "noise", "TFLOP/s", "vs dense", "vs per-exp",
+  std::printf("%-44s %10s %8s %10s %10s %10s %10s\n", "case", "time(us)", "noise", "TFLOP/s", "vs dense", "vs per-exp",
               "% 797.6");
   for (int64_t tokens : {int64_t(2048), int64_t(16384)}) {
     const int64_t rows = tokens * K;
@@ -218,7 +249,15 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       p.num_experts = E;
       p.n = n;
       p.k = k;
-      const auto tg = gpu::time_op([&](cudaStream_t s) { kernels::launch_grouped_gemm(p, s); }, st.get(), topt, &flusher);
+      p.impl = kernels::GroupedGemmImpl::mma_sync;
+      const auto tm = gpu::time_op([&](cudaStream_t s) { kernels::launch_grouped_gemm(p, s); }, st.get(), topt, &flusher);
+      gpu::TimingResult tw, tww;
+      if (has_wgmma()) {
+        p.impl = kernels::GroupedGemmImpl::wgmma;
+        tw = gpu::time_op([&](cudaStream_t s) { kernels::launch_grouped_gemm(p, s); }, st.get(), topt, &flusher);
+        p.impl = kernels::GroupedGemmImpl::wgmma_wide;
+        tww = gpu::time_op([&](cudaStream_t s) { kernels::launch_grouped_gemm(p, s); }, st.get(), topt, &flusher);
+      }
       gpu::ExpertGemm eg(lt, E, n, k, DType::bf16, ws.get(), ws.bytes());
       eg.set_counts(counts);
       const auto te = gpu::time_op([&](cudaStream_t s) { eg.run(act.get(), w.get(), out.get(), nullptr, nullptr, s); },
@@ -231,14 +270,92 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       const auto td = gpu::time_op([&](cudaStream_t s) { dense.run(ops, s); }, st.get(), topt, &flusher);
       auto row = [&](const std::string& what, const gpu::TimingResult& r) {
         const double tf = flops / (r.time_us.median * 1e6);
-        std::printf("%-40s %10.1f %8.3f %10.1f %9.2fx %9.2fx %9.1f%%\n", what.c_str(), r.time_us.median,
+        std::printf("%-44s %10.1f %8.3f %10.1f %9.2fx %9.2fx %9.1f%%\n", what.c_str(), r.time_us.median,
                     r.time_us.noise(), tf, td.time_us.median / r.time_us.median, te.time_us.median / r.time_us.median,
                     100.0 * tf / 797.6);
       };
       const std::string tag = std::to_string(tokens) + " tok " + name;
-      row(tag + " grouped (1 launch)", tg);
+      row(tag + " grouped mma.sync", tm);
+      if (tw.time_us.median > 0) row(tag + " grouped wgmma 128x128", tw);
+      if (tww.time_us.median > 0) row(tag + " grouped wgmma 128x256", tww);
       row(tag + " per-expert cuBLASLt", te);
       row(tag + " dense cuBLASLt", td);
     }
+  }
+}
+
+// One prefill step of 8 sequences x 2048 tokens (16384 tokens, 131072 routed rows) of
+// Qwen3-30B-A3B at full width (device-drawn weights), with the grouped-GEMM and the per-expert
+// cuBLASLt expert paths in the same run: step time and TFLOP/s over the step's matrix FLOPs (q/k/v/o,
+// router, top-8 experts, causal attention QK^T and PV, LM head per sequence) against the measured
+// cuBLAS bf16 peak (797.6 TFLOP/s, profiles/h200.yaml). Layers: MIXSERVE_BENCH_LAYERS (default
+// 4). With MIXSERVE_BENCH_PROFILE=1 one more grouped-path step runs between cudaProfilerStart and
+// Stop, for a per-kernel breakdown under
+//   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv ...
+// Not a test: prints only.
+//   test_gpu_grouped_gemm --no-skip -tc='bench: prefill*'
+TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) {
+  const char* env = std::getenv("MIXSERVE_BENCH_LAYERS");
+  const int layers = env ? std::atoi(env) : 4;
+  const bool profile = std::getenv("MIXSERVE_BENCH_PROFILE") != nullptr;
+  const ModelSpec m = model::with_num_layers(load_model("qwen3-30b-a3b"), layers);
+  const int seqs = 8, len = 2048;
+  gpu::GpuModelConfig c;
+  c.block_size = 16;
+  c.max_tokens_per_step = seqs * len;
+  c.max_seqs_per_step = seqs;
+  c.max_blocks_per_seq = len / c.block_size;
+  c.num_blocks = seqs * c.max_blocks_per_seq;
+  gpu::GpuModel g(m, 7, c);
+  std::mt19937_64 rng(1);
+  std::uniform_int_distribution<int32_t> tok(0, m.vocab_size - 1);
+  std::vector<model::SequenceStep> batch;
+  for (int s = 0; s < seqs; ++s) {
+    model::SequenceStep q;
+    for (int i = 0; i < len; ++i) q.tokens.push_back(tok(rng));
+    for (int k = 0; k < c.max_blocks_per_seq; ++k) q.block_table.push_back(s * c.max_blocks_per_seq + k);
+    batch.push_back(q);
+  }
+  const auto& a = m.attention;
+  const double H = m.hidden_size, QW = double(m.q_width()), KVW = double(a.num_kv_heads) * a.head_dim;
+  double proj = 0, attn = 0, experts = 0, head = 0;
+  for (const auto& q : batch) {
+    const double n = double(q.tokens.size()), ctx = double(q.position) + n / 2.0;
+    experts += m.num_layers * 2 * n * 3.0 * m.moe.top_k * H * m.moe.expert_intermediate_size;
+    attn += m.num_layers * 4 * n * ctx * QW;
+    proj += m.num_layers * 2 * n * (2 * H * QW + 2 * H * KVW + H * m.moe.num_experts);
+    head += 2 * H * m.vocab_size;
+  }
+  const double flops = proj + attn + experts + head;
+  gpu::TimingOptions topt;
+  topt.warmup_iters = 2;
+  topt.timed_iters = 5;
+  topt.flush_l2 = false;
+  std::printf("# %s, %d layers, 8 x 2048 prefill in one step: %.2f TFLOP (experts %.1f%%, attention %.1f%%, "
+              "q/k/v/o + router %.1f%%)\n",
+              m.name.c_str(), m.num_layers, flops / 1e12, 100 * experts / flops, 100 * attn / flops,
+              100 * proj / flops);
+  std::printf("%-28s %12s %8s %10s %12s\n", "expert path", "step (ms)", "noise", "TFLOP/s", "% of 797.6");
+  for (const auto& [name, path] :
+       {std::pair<const char*, gpu::ExpertPath>{"grouped GEMM", gpu::ExpertPath::grouped_gemm},
+        std::pair<const char*, gpu::ExpertPath>{"cuBLASLt per expert", gpu::ExpertPath::cublaslt}}) {
+    try {
+      g.set_expert_path(path);
+      g.prepare(batch, gpu::StepOptions{});
+      const auto r = gpu::time_op([&](cudaStream_t s) { g.enqueue(s); }, g.stream(), topt, nullptr);
+      const double tf = flops / (r.time_us.median * 1e6);
+      std::printf("%-28s %12.2f %8.3f %10.1f %11.1f%%\n", name, r.time_us.median / 1e3, r.time_us.noise(), tf,
+                  100.0 * tf / 797.6);
+    } catch (const std::runtime_error& e) {
+      FAIL_CHECK(name << ": " << e.what());
+    }
+  }
+  if (profile) {
+    g.set_expert_path(gpu::ExpertPath::grouped_gemm);
+    g.prepare(batch, gpu::StepOptions{});
+    MIXSERVE_CUDA_CHECK(cudaProfilerStart());
+    g.enqueue(g.stream());
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+    MIXSERVE_CUDA_CHECK(cudaProfilerStop());
   }
 }

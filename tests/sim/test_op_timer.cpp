@@ -272,6 +272,30 @@ TEST_CASE("profile timer: attention over batch, expert implementations, launch-b
   CHECK(prof->expert_gemm(s).time_us == 20.0);   // gemv points
   s.device_gemv = false;
   CHECK(prof->expert_gemm(s).time_us == 40.0);   // eager points before graph points
+  s.grouped_gemm = true;                         // no "grouped:" points: eager, marked extrapolated
+  CHECK(prof->expert_gemm(s).time_us == 40.0);
+  CHECK(prof->expert_gemm(s).source == CostSource::extrapolated);
+  {
+    HardwareProfile pg = p;
+    for (int64_t r : {64, 256}) {
+      ExpertGemmPoint e;
+      e.num_experts = 128;
+      e.tokens = r;
+      e.n = 1536;
+      e.k = 2048;
+      e.distribution = "grouped:uniform";
+      e.time_us = 8.0 * (r == 64 ? 10.0 : 20.0);
+      pg.experts.push_back(e);
+    }
+    auto profg = make_profile_timer(pg, c);
+    CHECK(profg->expert_gemm(s).time_us == 80.0);  // grouped points
+    CHECK(profg->expert_gemm(s).source == CostSource::measured);
+    s.grouped_gemm = false;
+    CHECK(profg->expert_gemm(s).time_us == 40.0);  // the cuBLASLt path still takes the eager points
+    s.device_gemv = true;
+    CHECK(profg->expert_gemm(s).time_us == 20.0);
+    s.device_gemv = false;
+  }
   s.n = 3072;                                    // no family: roofline for either path
   CHECK(prof->expert_gemm(s).source == CostSource::roofline);
 

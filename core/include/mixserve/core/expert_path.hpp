@@ -8,18 +8,25 @@
 namespace mixserve {
 
 // Routed rows (tokens * top_k) up to which the executor runs the device-side grouped expert GEMV
-// (executor/expert_gemm.hpp: no host sync, CUDA-graph capturable); above it, one cuBLASLt GEMM per
-// expert with a host copy of the counts.
+// (executor/expert_gemm.hpp: no host sync, CUDA-graph capturable); above it, the tensor-core
+// grouped GEMM (kernels/grouped_gemm.cuh: one launch per projection for all experts, rows from
+// the device offsets, no host sync). The per-expert cuBLASLt path (one GEMM per expert with a host
+// copy of the counts) is still selectable in the executor (ExpertPath::cublaslt) but never
+// automatic.
 inline constexpr int64_t kDeviceGemvMaxRows = 512;
 
 inline constexpr bool uses_device_gemv(int64_t routed_rows) { return routed_rows <= kDeviceGemvMaxRows; }
+inline constexpr bool uses_grouped_gemm(int64_t routed_rows) { return !uses_device_gemv(routed_rows); }
 
 // ExpertGemmPoint::distribution prefixes naming the timed implementation. Untagged points are
 // cuBLASLt GEMMs per non-empty expert inside a CUDA graph (mixserve-profile experts).
 //   "gemv:<dist>"  - the device grouped GEMV, inside a CUDA graph (mixserve-profile expert_gemv);
 //   "eager:<dist>" - the executor's cuBLASLt path as it runs: device->host copy of the counts,
-//                    stream sync, per-expert plans, one GEMM per non-empty expert, no graph.
+//                    stream sync, per-expert plans, one GEMM per non-empty expert, no graph;
+//   "grouped:<dist>" - the tensor-core grouped GEMM, one launch, no graph (as a prefill step
+//                    runs it; mixserve-profile expert_gemv).
 inline constexpr std::string_view kExpertGemvTag = "gemv:";
 inline constexpr std::string_view kExpertEagerTag = "eager:";
+inline constexpr std::string_view kExpertGroupedTag = "grouped:";
 
 }  // namespace mixserve

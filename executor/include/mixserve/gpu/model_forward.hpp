@@ -13,7 +13,7 @@
 // Then the final RMSNorm and the LM head (the embedding when tied) for the last token of every
 // sequence, or every token (StepOptions::all_logits).
 //
-// Expert GEMMs, two paths (ExpertPath):
+// Expert GEMMs, three paths (ExpertPath):
 //   cublaslt     ExpertGemm (gemm.hpp): one cuBLASLt GEMM per expert with tokens. Its row counts
 //                are host values, so every MoE layer copies the expert counts to the host and
 //                synchronises the stream once: such a step cannot be captured in a CUDA graph.
@@ -21,7 +21,10 @@
 //                reading the permute's device-side offsets; no host sync, so the step can be
 //                captured in a CUDA graph. CUDA cores, weights re-read per 8 rows of an expert:
 //                for decode-sized steps.
-//   automatic    device_gemv when tokens * top_k <= device_gemv_max_rows, else cublaslt.
+//   grouped_gemm launch_grouped_gemm (kernels/grouped_gemm.cuh): tensor-core GEMM, one launch per
+//                projection for all experts, tiles scheduled on the device from the offsets; no
+//                host sync (graph-capturable). For prefill-sized steps.
+//   automatic    device_gemv when tokens * top_k <= device_gemv_max_rows, else grouped_gemm.
 // docs/forward.md gives the costs.
 //
 // Weight layouts on the device: q/k/v/o as Hugging Face [out, in]; the experts of a layer as one
@@ -50,7 +53,7 @@
 
 namespace mixserve::gpu {
 
-enum class ExpertPath { automatic, cublaslt, device_gemv };
+enum class ExpertPath { automatic, cublaslt, device_gemv, grouped_gemm };
 
 struct GpuModelConfig {
   int block_size = 16;           // tokens per KV block: 8, 16 or 32

@@ -16,7 +16,9 @@
 // num_splits ranges, one CTA each; every CTA writes a partial (max, sum, unnormalised out) in fp32
 // to the workspace and a second kernel merges the splits (one warp per (token, q head)). With one
 // split the CTA writes the output directly. Decode (q_len 1) is the case where splits pay: the
-// launcher picks enough splits to fill the GPU.
+// launcher picks enough splits to fill the GPU. When a sequence has more than 64 rows (prefill),
+// the CTA has 8 warps and 128 rows (each K/V tile serves twice the rows) and loads the next K/V
+// tile into registers while the current one is computed.
 // AttentionImpl::simple: one warp per (token, q head), scalar fp32, one pass with an online
 // softmax; a slow, independent implementation kept as a cross-check and a fallback.
 //

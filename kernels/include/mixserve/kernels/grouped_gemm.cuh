@@ -12,7 +12,14 @@
 // activation tile and an expert's weights stay in L2). A tile: 8 warps, each 64 x 32 of the
 // output; k in steps of 64 through a 3-stage cp.async pipeline (XOR-swizzled 128-byte rows, so
 // the ldmatrix reads are conflict-free), mma.sync m16n8k16 bf16 with fp32 accumulators; rows past
-// the expert's end and columns past n are zero-filled on load and not stored.
+// the expert's end and columns past n are zero-filled on load and not stored. Two tile
+// implementations share the scheduler, the loads and the layout (GroupedGemmImpl):
+//   mma_sync  each warp 64 x 32 of the tile, ldmatrix + mma.sync m16n8k16 (any SM >= 8.0);
+//   wgmma     two warpgroups, each 64 x 128 of the tile, wgmma m64n128k16 reading A and B from
+//             the 128-byte-swizzled stages through matrix descriptors (sm_90a builds on SM 9.0).
+//   wgmma_wide the same with a 128 x 256 tile (two warpgroups of m64n256k16), 4 stages, loads
+//             two k-tiles ahead and one wgmma batch in flight, one block per SM;
+//   automatic wgmma_wide where it exists, else mma_sync.
 // Sync contract: stream order only. Requirements: SM >= 8.0; n, k >= 1 and multiples of 8;
 // 1 <= num_experts <= kGroupedGemmMaxExperts; act, weights and out 16-byte aligned; offsets
 // non-decreasing with offsets[0] >= 0 (the permute's).
@@ -29,6 +36,8 @@ inline constexpr int kGroupedGemmTileM = 128;
 inline constexpr int kGroupedGemmTileN = 128;
 inline constexpr int kGroupedGemmMaxExperts = 1024;
 
+enum class GroupedGemmImpl { automatic, mma_sync, wgmma, wgmma_wide };
+
 struct GroupedGemmParams {
   const __nv_bfloat16* act = nullptr;       // [rows, k], expert-contiguous
   const __nv_bfloat16* weights = nullptr;   // [num_experts, n, k]
@@ -36,6 +45,7 @@ struct GroupedGemmParams {
   const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
   int num_experts = 0;
   int64_t n = 0, k = 0;
+  GroupedGemmImpl impl = GroupedGemmImpl::automatic;
 };
 
 // "" when supported on `device`, else why not (the parameter and its legal values).

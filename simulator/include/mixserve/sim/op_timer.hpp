@@ -34,7 +34,8 @@ struct ExpertGemmShape {
   double active_experts = 1;   // experts with at least one row (their weights are read)
   int64_t n = 0, k = 0;        // per-expert weight [k, n]
   DType dtype = DType::bf16;   // weight dtype (its compute class sets the peak)
-  bool device_gemv = false;    // the executor's device grouped GEMV (core/expert_path.hpp), else cuBLASLt
+  bool device_gemv = false;    // the executor's device grouped GEMV (core/expert_path.hpp)
+  bool grouped_gemm = false;   // the executor's tensor-core grouped GEMM (when not device_gemv); else cuBLASLt
 };
 
 // Core attention (softmax(QK^T)V) of one rank, without projections.
@@ -80,8 +81,10 @@ std::unique_ptr<OpTimer> make_roofline_timer(const HardwareProfile& p, const Clu
 //   experts:     exact (compute class, local experts, n, k, implementation), curve over total
 //                rows. The implementation comes from the point's distribution tag
 //                (core/expert_path.hpp): "gemv:" points serve device_gemv shapes only (none:
-//                roofline); other shapes take the "eager:" points (the executor's cuBLASLt path
-//                with its host sync) when the family has them, else the untagged (graph) points.
+//                roofline); grouped_gemm shapes take the "grouped:" points; when the family has
+//                none, they fall back to the cuBLASLt tables below, tagged extrapolated (another
+//                kernel's time); other shapes take the "eager:" points (the executor's cuBLASLt
+//                path with its host sync) when the family has them, else the untagged (graph) points.
 //                The distribution's skew and the active-expert count are not used;
 //   attention:   exact (kind, impl, num_heads, num_kv_heads, head_dim = the q.k width); inside it
 //                one curve per measured batch over the work of one sequence (decode: kv_len;
