@@ -17,6 +17,7 @@
 #include "mixserve/core/io.hpp"
 #include "mixserve/planner/cli.hpp"
 #include "mixserve/sim/cost_model.hpp"
+#include "mixserve/sim/replay.hpp"
 #include "mixserve/sim/serving.hpp"
 #include "mixserve/sim/serving_report.hpp"
 #include "mixserve/sim/workload_gen.hpp"
@@ -48,44 +49,7 @@ struct SimulateConfig {
 
 void print_block(const sim::ServingMetrics& m, const sim::ServingConfig& cfg, double rate,
                  const std::string& title) {
-  std::string o = "============ Serving Benchmark Result (simulated) ============\n";
-  o += fmt::format("{:<40}{}\n", "Layout:", title);
-  o += fmt::format("{:<40}{}\n", "Successful requests:", m.completed);
-  if (rate > 0) o += fmt::format("{:<40}{:.2f}\n", "Request rate configured (RPS):", rate);
-  o += fmt::format("{:<40}{:.2f}\n", "Benchmark duration (s):", m.duration_s);
-  o += fmt::format("{:<40}{}\n", "Total input tokens:", m.total_input_tokens);
-  o += fmt::format("{:<40}{}\n", "Total generated tokens:", m.total_output_tokens);
-  o += fmt::format("{:<40}{:.2f}\n", "Request throughput (req/s):", m.request_throughput);
-  if (cfg.slo_ttft_ms > 0 || cfg.slo_tpot_ms > 0 || cfg.slo_e2el_ms > 0)
-    o += fmt::format("{:<40}{:.2f}\n", "Request goodput (req/s):", m.request_goodput);
-  o += fmt::format("{:<40}{:.2f}\n", "Output token throughput (tok/s):", m.output_throughput);
-  o += fmt::format("{:<40}{:.2f}\n", "Peak output token throughput (tok/s):",
-                   m.max_output_tokens_per_s);
-  o += fmt::format("{:<40}{}\n", "Peak concurrent requests:", m.max_concurrent_requests);
-  o += fmt::format("{:<40}{:.2f}\n", "Total token throughput (tok/s):", m.total_token_throughput);
-  auto section = [&](const char* name, const char* key, const sim::LatencyStats& s) {
-    o += fmt::format("{:-^60}\n", std::string(" ") + name + " ");
-    o += fmt::format("{:<40}{:.2f}\n", fmt::format("Mean {} (ms):", key), s.mean);
-    o += fmt::format("{:<40}{:.2f}\n", fmt::format("Median {} (ms):", key), s.median);
-    o += fmt::format("{:<40}{:.2f}\n", fmt::format("P90 {} (ms):", key), s.p90);
-    o += fmt::format("{:<40}{:.2f}\n", fmt::format("P99 {} (ms):", key), s.p99);
-  };
-  section("Time to First Token", "TTFT", m.ttft);
-  section("Time per Output Token (excl. 1st token)", "TPOT", m.tpot);
-  section("Inter-token Latency", "ITL", m.itl);
-  section("End-to-end Latency", "E2EL", m.e2el);
-  o += fmt::format("{:-^60}\n", " MixServe ");
-  o += fmt::format("{:<40}{}\n", "Steps:", m.num_steps);
-  o += fmt::format("{:<40}{:.3f}\n", "Mean step time (ms):", m.mean_step_time_ms);
-  o += fmt::format("{:<40}{:.1f}\n", "Mean tokens per step:", m.mean_tokens_per_step);
-  o += fmt::format("{:<40}{}\n", "Preemptions:", m.num_preemptions);
-  o += fmt::format("{:<40}{}\n", "Empty replica-steps (DP idle):", m.num_empty_replica_steps);
-  o += fmt::format("{:<40}{}\n", "KV blocks per replica:", m.kv_blocks_per_replica);
-  if (m.mean_moe_max_over_mean > 0)
-    o += fmt::format("{:<40}{:.3f}\n", "MoE load, max/mean EP rank (sampled):",
-                     m.mean_moe_max_over_mean);
-  o += std::string(60, '=') + "\n";
-  std::fputs(o.c_str(), stdout);
+  std::fputs(sim::format_serving_block(m, cfg, rate, title, "simulated").c_str(), stdout);
 }
 
 int run_simulate(const SimulateConfig& o) {
