@@ -4,6 +4,11 @@
 // keys and the per-step predictions; a plan of two GPUs, a plan for another GPU model and a model
 // outside the GPU forward's family are rejected with InputError before any device work. The step
 // batches the cost model is given are checked against the chunking rule by counting.
+// Online mode (executor/online.hpp) on the same model: Poisson arrivals at a high rate, every
+// request completes exactly once with the workload's token counts, the metrics keys are there,
+// every step is measured and predicted; with all requests at t = 0 (burst) the schedule does not
+// depend on timing, so it must equal the serving simulator's step for step (same scheduler), and
+// two runs give the same tokens; a small KV cache forces preemptions by recompute.
 #include <doctest/doctest.h>
 
 #include <string>
@@ -13,7 +18,10 @@
 #include "mixserve/core/io.hpp"
 #include "mixserve/core/layout.hpp"
 #include "mixserve/gpu/bench.hpp"
+#include "mixserve/gpu/online.hpp"
 #include "mixserve/gpu/runtime.hpp"
+#include "mixserve/sim/cost_model.hpp"
+#include "mixserve/sim/workload_gen.hpp"
 
 using namespace mixserve;
 
@@ -174,4 +182,137 @@ TEST_CASE("run bench: a plan of two GPUs, another GPU model, an unsupported mode
   auto bad_weights = c;
   bad_weights.weights_dir = "/nonexistent/weights";
   CHECK_THROWS_AS((void)gpu::run_bench(make_plan(small_qwen3(), 1, dev), "test-plan", bad_weights), InputError);
+}
+
+namespace {
+
+// Online: the plan's workload, 12 requests of 5-40 prompt and 1-8 output tokens; 4 sequences and
+// 32 tokens per step, so prompts are chunked and requests queue.
+Plan online_plan(ArrivalKind arrival) {
+  Plan p = make_plan(small_qwen3(), 1, device_gpu_model());
+  p.chosen.limits.max_num_seqs = 4;
+  p.chosen.limits.max_num_batched_tokens = 32;
+  WorkloadSpec& w = p.workload;
+  w.name = "test-online";
+  w.arrival = arrival;
+  w.rate = 2000;  // req/s: the 12 arrive within a few ms, while the first steps run
+  w.input.kind = LengthKind::uniform;
+  w.input.min = 5;
+  w.input.max = 40;
+  w.output.kind = LengthKind::uniform;
+  w.output.min = 1;
+  w.output.max = 8;
+  w.num_requests = 12;
+  w.seed = 11;
+  return p;
+}
+
+gpu::OnlineConfig online_config() {
+  gpu::OnlineConfig c;
+  c.progress_every_s = 0;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("run bench online: Poisson arrivals, every request once, token counts, metrics keys, steps") {
+  const Plan plan = online_plan(ArrivalKind::poisson);
+  const gpu::OnlineResult r = gpu::run_online(plan, "test-plan", online_config());
+  const sim::RequestStream want = sim::generate_requests(plan.workload);  // the simulator's draw
+  REQUIRE(r.setup.requests.requests.size() == 12);
+  REQUIRE(r.result.requests.size() == 12);
+  REQUIRE(r.output_ids.size() == 12);
+  int64_t out_tokens = 0, in_tokens = 0, step_tokens = 0;
+  for (size_t i = 0; i < 12; ++i) {
+    INFO("request " << i);
+    const auto& q = r.result.requests[i];
+    CHECK(q.input_tokens == want.requests[i].input_tokens);
+    CHECK(q.output_tokens == want.requests[i].output_tokens);
+    CHECK(q.arrival_s == want.requests[i].arrival_s);
+    CHECK(q.first_token_s > q.arrival_s);
+    CHECK(q.finish_s >= q.first_token_s);
+    CHECK(r.output_ids[i].size() == size_t(q.output_tokens));  // each token produced exactly once
+    for (int t : r.output_ids[i]) CHECK((t >= 0 && t < 96));
+    out_tokens += q.output_tokens;
+    in_tokens += q.input_tokens;
+  }
+  const auto& m = r.result.metrics;
+  CHECK(m.completed == 12);
+  CHECK(m.total_output_tokens == out_tokens);
+  CHECK(m.total_input_tokens == in_tokens);
+  CHECK(m.num_steps == int64_t(r.steps.size()));
+  for (const auto& s : r.steps) {
+    CHECK(s.measured_ms > 0.0);
+    CHECK(s.predicted_ms > 0.0);
+    CHECK(s.num_tokens <= 32);
+    CHECK(s.num_prefill_seqs + s.num_decode <= 4);
+    step_tokens += s.num_tokens;
+  }
+  // Every prompt token and every output token but the last goes through the model once (plus
+  // recomputed ones after a preemption).
+  if (m.num_preemptions == 0) CHECK(step_tokens == in_tokens + out_tokens - 12);
+
+  const auto j = gpu::online_json(r);
+  for (const char* k : {"completed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+                        "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+                        "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms",
+                        "median_e2el_ms", "p99_e2el_ms", "request_goodput", "requests", "steps", "serving_config",
+                        "step_error_pct", "output_ids", "plan", "device", "versions", "prediction", "mode"}) {
+    INFO("key " << k);
+    CHECK(j.contains(k));
+  }
+  CHECK(j["mode"] == "online");
+  CHECK(j["plan"].contains("sha256"));
+  CHECK(j["requests"].size() == 12);
+  for (const char* k : {"measured_ms", "predicted_ms", "error_pct", "batch", "num_decode", "num_prefill_seqs"})
+    CHECK(j["steps"][0].contains(k));
+  const std::string report = gpu::format_online_report(r);
+  for (const char* k : {"Serving Benchmark Result (measured)", "Mean TTFT (ms):", "P99 ITL (ms):",
+                        "Request throughput (req/s):", "step error"}) {
+    INFO("report line " << k);
+    CHECK(report.find(k) != std::string::npos);
+  }
+}
+
+TEST_CASE("run bench online: burst arrivals follow the simulator's schedule step for step; preemption") {
+  for (const int64_t kv_blocks : {int64_t(0), int64_t(6)}) {
+    INFO("kv_blocks " << kv_blocks);
+    const Plan plan = online_plan(ArrivalKind::burst);
+    auto c = online_config();
+    c.kv_blocks = kv_blocks;  // 6 blocks of 16 tokens for up to 4 sequences of up to 48: preemptions
+    const gpu::OnlineResult a = gpu::run_online(plan, "test-plan", c);
+    const gpu::OnlineResult b = gpu::run_online(plan, "test-plan", c);
+    CHECK(a.output_ids == b.output_ids);
+    for (size_t i = 0; i < a.output_ids.size(); ++i)
+      CHECK(a.output_ids[i].size() == size_t(a.result.requests[i].output_tokens));
+    // The serving simulator on the same requests and engine config forms the same steps.
+    sim::ServingConfig cfg = a.setup.serving;
+    cfg.record_steps = true;
+    const auto cm = sim::make_cost_model("mixserve", a.setup.model, plan.cluster, load_profile("h200"),
+                                         plan.chosen.layout, sim::CostModelOptions{});
+    const sim::SimResult s = sim::simulate(*cm, cfg, a.setup.requests);
+    REQUIRE(s.steps.size() == a.steps.size());
+    for (size_t k = 0; k < s.steps.size(); ++k) {
+      INFO("step " << k);
+      const auto& x = s.steps[k].batches[0];
+      const auto& y = a.steps[k].batch;
+      CHECK(x.prefill_tokens == y.prefill_tokens);
+      CHECK(x.num_prefill_seqs == y.num_prefill_seqs);
+      CHECK(x.num_decode == y.num_decode);
+      CHECK(x.decode_context == y.decode_context);
+      CHECK(x.prefill_attn_pairs == y.prefill_attn_pairs);
+    }
+    CHECK(s.metrics.num_preemptions == a.result.metrics.num_preemptions);
+    if (kv_blocks > 0) CHECK(a.result.metrics.num_preemptions > 0);
+    else CHECK(a.result.metrics.num_preemptions == 0);
+  }
+}
+
+TEST_CASE("run bench online: closed-loop workloads and a KV cache too small for a request are InputError") {
+  Plan plan = online_plan(ArrivalKind::closed_loop);
+  plan.workload.concurrency = 2;
+  CHECK_THROWS_AS((void)gpu::run_online(plan, "test-plan", online_config()), InputError);
+  auto c = online_config();
+  c.kv_blocks = 1;  // 16 tokens: the longest request needs more
+  CHECK_THROWS_AS((void)gpu::run_online(online_plan(ArrivalKind::poisson), "test-plan", c), InputError);
 }
