@@ -1,60 +1,287 @@
-// Grouped expert GEMV over device-side expert offsets: see expert_gemm.hpp.
+// Bandwidth-oriented GEMV / skinny GEMM, plain and grouped over device-side expert offsets: see
+// expert_gemm.hpp.
 #include "mixserve/gpu/expert_gemm.hpp"
+
+#include <algorithm>
+#include <type_traits>
 
 #include "mixserve/core/error.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/kernels/detail/pdl.cuh"
 
 namespace mixserve::gpu {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCols = kGroupedGemvColsPerBlock;
-constexpr int kRows = kGroupedGemvRowsPerChunk;
-static_assert(kCols % kWarps == 0, "every warp owns the same number of columns");
 
-__global__ void __launch_bounds__(kThreads) grouped_gemv_kernel(GroupedGemvParams p) {
-  extern __shared__ uint4 smem[];  // [kRows, k / 8] activation rows as 16-byte vectors
+struct GemvArgs {
+  const __nv_bfloat16* act;
+  const __nv_bfloat16* weights;
+  const __nv_bfloat16* bias;
+  void* out[kGemvMaxSegments];
+  int64_t width[kGemvMaxSegments];
+  int64_t n, k;
+  int64_t num_rows;                // plain
+  const int32_t* expert_offsets;   // grouped when set
+  int num_experts;
+};
+
+__device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 t = __bfloat1622float2(h[q]);
+    f[2 * q] = t.x;
+    f[2 * q + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
+template <int C, int R, int L, bool kF32, bool kSwiglu>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
+  constexpr int U = L / C;          // vectors along k per column per batch of loads
+  extern __shared__ uint4 smem[];   // [R, k / 8] activation rows
+  __shared__ int s_rows[3];              // expert, first row, end row
+  kernels::detail::wait_for_previous_kernel();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (a.expert_offsets) {
+    // The blockIdx.y-th expert with rows (in expert order); none: the block has nothing to do.
+    if (warp == 0) {
+      const int slot = static_cast<int>(blockIdx.y);
+      int seen = 0, found = -1;
+      for (int base = 0; base < a.num_experts; base += 32) {
+        const int e = base + lane;
+        const bool has = e < a.num_experts && a.expert_offsets[e + 1] > a.expert_offsets[e];
+        unsigned m = __ballot_sync(0xffffffffu, has);
+        const int cnt = __popc(m);
+        if (slot < seen + cnt) {
+          for (int i = 0; i < slot - seen; ++i) m &= m - 1;  // drop the lower set bits
+          found = base + __ffs(m) - 1;
+          break;
+        }
+        seen += cnt;
+      }
+      if (lane == 0) {
+        s_rows[0] = found;
+        s_rows[1] = found >= 0 ? a.expert_offsets[found] : 0;
+        s_rows[2] = found >= 0 ? a.expert_offsets[found + 1] : 0;
+      }
+    }
+  } else if (threadIdx.x == 0) {
+    s_rows[0] = 0;
+    s_rows[1] = static_cast<int>(blockIdx.y) * R;
+    s_rows[2] = static_cast<int>(imin64(a.num_rows, int64_t(blockIdx.y + 1) * R));
+  }
+  __syncthreads();
+  const int e = s_rows[0], row_begin = s_rows[1], row_end = s_rows[2];
+  if (e < 0 || row_end <= row_begin) return;  // uniform over the block
+  const int64_t kv = a.k / 8;
+  const __nv_bfloat16* w = a.weights + int64_t(e) * a.n * a.k;
+  const int64_t col0 = int64_t(blockIdx.x) * (kWarps * C) + int64_t(warp) * C;
+  const uint4* wp[C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) wp[c] = reinterpret_cast<const uint4*>(w + imin64(col0 + c, a.n - 1) * a.k);
+  for (int r0 = row_begin; r0 < row_end; r0 += R) {
+    const int nr = min(R, row_end - r0);
+    __syncthreads();  // the previous chunk's readers are done
+    if constexpr (kSwiglu) {  // act is gate | up [rows, 2k]: stage bf16(silu(gate) * up) (swiglu.cuh)
+      const uint4* src = reinterpret_cast<const uint4*>(a.act + int64_t(r0) * 2 * a.k);
+      for (int64_t i = threadIdx.x; i < int64_t(nr) * kv; i += kThreads) {
+        const int64_t r = i / kv, v = i - r * kv;
+        const uint4 g = src[r * 2 * kv + v], u = src[r * 2 * kv + kv + v];
+        const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
+        const auto* u2 = reinterpret_cast<const __nv_bfloat162*>(&u);
+        uint4 o;
+        auto* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 gf = __bfloat1622float2(g2[j]), uf = __bfloat1622float2(u2[j]);
+          o2[j] = __floats2bfloat162_rn(silu_mul(gf.x, uf.x), silu_mul(gf.y, uf.y));
+        }
+        smem[i] = o;
+      }
+    } else {
+      const uint4* src = reinterpret_cast<const uint4*>(a.act + int64_t(r0) * a.k);
+      for (int64_t i = threadIdx.x; i < int64_t(nr) * kv; i += kThreads) smem[i] = src[i];
+    }
+    __syncthreads();
+    if (col0 >= a.n) continue;  // this warp's columns are past n (still takes part in the syncs)
+    float acc[R][C];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[r][c] = 0.0f;
+    for (int64_t v0 = lane; v0 < kv; v0 += 32 * U) {
+      uint4 wv[U][C];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+          wv[u][c] = v0 + 32 * u < kv ? __ldcs(wp[c] + v0 + 32 * u) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t v = v0 + 32 * u;
+        if (v >= kv) break;
+        float wf[C][8];
+#pragma unroll
+        for (int c = 0; c < C; ++c) bf16x8_to_float(wv[u][c], wf[c]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (r < nr) {
+            float af[8];
+            bf16x8_to_float(smem[r * kv + v], af);
+#pragma unroll
+            for (int c = 0; c < C; ++c)
+#pragma unroll
+              for (int q = 0; q < 8; ++q) acc[r][c] = fmaf(wf[c][q], af[q], acc[r][c]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) acc[r][c] += __shfl_xor_sync(0xffffffffu, acc[r][c], o);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int64_t col = col0 + c;
+        if (lane != (r * C + c) % 32 || r >= nr || col >= a.n) continue;
+        float val = acc[r][c];
+        if (a.bias) val += __bfloat162float(a.bias[col]);
+        int s = 0;
+        int64_t lc = col;
+        while (s + 1 < kGemvMaxSegments && lc >= a.width[s]) lc -= a.width[s++];
+        const int64_t idx = int64_t(r0 + r) * a.width[s] + lc;
+        if constexpr (kF32)
+          static_cast<float*>(a.out[s])[idx] = val;
+        else
+          static_cast<__nv_bfloat16*>(a.out[s])[idx] = __float2bfloat16(val);
+      }
+  }
+}
+
+int num_sms() {
+  int dev = 0, sms = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
+  MIXSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
+int rows_tile(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
+
+// 16-byte weight loads per lane issued together: 16 for 1-2 rows, 8 for 4-8 rows (registers).
+int loads_in_flight(int rows) { return rows <= 2 ? 16 : 8; }
+
+// Columns per warp: the most (<= 4) whose loads still cover a whole column of k in one batch, so
+// that a warp keeps `loads` independent loads in flight even when k is short (down_proj); the
+// launch narrows it again when the grid would be smaller than two blocks per SM.
+int cols_per_warp(int64_t k, int loads) {
+  const int64_t per_lane = (k / 8 + 31) / 32;  // 16-byte vectors of one column per lane
+  for (int c : {4, 2})
+    if (loads / c >= per_lane) return c;
+  return 1;
+}
+
+// The one place runtime values become template arguments.
+template <class F>
+void dispatch(int c, int r, bool f32, bool swiglu, F&& f) {
+  auto with_flags = [&](auto cc, auto rr) {
+    constexpr int L = decltype(rr)::value <= 2 ? 16 : 8;
+    auto ll = std::integral_constant<int, L>{};
+    if (f32 && swiglu) throw InputError("gemv: fp32 output with the SwiGLU input is not supported");
+    if (f32) return f(cc, rr, ll, std::true_type{}, std::false_type{});
+    if (swiglu) return f(cc, rr, ll, std::false_type{}, std::true_type{});
+    return f(cc, rr, ll, std::false_type{}, std::false_type{});
+  };
+  auto with_r = [&](auto cc) {
+    switch (r) {
+      case 1: return with_flags(cc, std::integral_constant<int, 1>{});
+      case 2: return with_flags(cc, std::integral_constant<int, 2>{});
+      case 4: return with_flags(cc, std::integral_constant<int, 4>{});
+      case 8: return with_flags(cc, std::integral_constant<int, 8>{});
+      default: throw InputError("gemv: no kernel for a row tile of " + std::to_string(r));
+    }
+  };
+  switch (c) {
+    case 1: return with_r(std::integral_constant<int, 1>{});
+    case 2: return with_r(std::integral_constant<int, 2>{});
+    case 4: return with_r(std::integral_constant<int, 4>{});
+    default: throw InputError("gemv: no kernel for a column tile of " + std::to_string(c));
+  }
+}
+
+void launch(const GemvArgs& a, int r, bool f32, bool swiglu, unsigned grid_y, bool pdl, cudaStream_t stream) {
+  int c = cols_per_warp(a.k, loads_in_flight(r));
+  // Narrower tiles while that leaves fewer than two blocks per SM (router: n = 128).
+  while (c > 1 && (a.n + kWarps * c - 1) / (kWarps * c) * int64_t(grid_y) < 2 * int64_t(num_sms())) c /= 2;
+  const std::size_t smem = std::size_t(r) * std::size_t(a.k) * 2;
+  const unsigned grid_x = static_cast<unsigned>((a.n + kWarps * c - 1) / (kWarps * c));
+  dispatch(c, r, f32, swiglu, [&](auto cc, auto rr, auto ll, auto ff, auto sw) {
+    auto* kernel = gemv_kernel<decltype(cc)::value, decltype(rr)::value, decltype(ll)::value, decltype(ff)::value,
+                               decltype(sw)::value>;
+    if (smem > 48 * 1024)
+      MIXSERVE_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernels::detail::launch_kernel(pdl, kernel, dim3(grid_x, grid_y), dim3(kThreads), smem, stream, a);
+  });
+  MIXSERVE_LAUNCH_CHECK("gemv_kernel");
+}
+
+std::string check_k(int64_t k) {
+  if (k < 8 || k % 8 != 0 || k > kGroupedGemvMaxK)
+    return "k=" + std::to_string(k) + " (legal: a multiple of 8 in 8.." + std::to_string(kGroupedGemvMaxK) + ")";
+  return "";
+}
+
+// ---- v1: the previous grouped kernel (baseline) ----
+constexpr int kV1Cols = kGroupedGemvColsPerBlock;
+constexpr int kV1Rows = kGroupedGemvRowsPerChunk;
+static_assert(kV1Cols % kWarps == 0, "every warp owns the same number of columns");
+
+__global__ void __launch_bounds__(kThreads) grouped_gemv_v1_kernel(GroupedGemvParams p) {
+  extern __shared__ uint4 smem[];  // [kV1Rows, k / 8]
   const int e = blockIdx.y;
   const int row_begin = p.expert_offsets[e], row_end = p.expert_offsets[e + 1];
   if (row_end <= row_begin) return;
-  const int64_t kv = p.k / 8;  // 16-byte vectors per row
+  const int64_t kv = p.k / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const __nv_bfloat16* w = p.weights + int64_t(e) * p.n * p.k;
-  for (int r0 = row_begin; r0 < row_end; r0 += kRows) {
-    const int nr = min(kRows, row_end - r0);
-    __syncthreads();  // previous chunk's readers are done
+  for (int r0 = row_begin; r0 < row_end; r0 += kV1Rows) {
+    const int nr = min(kV1Rows, row_end - r0);
+    __syncthreads();
     const uint4* a = reinterpret_cast<const uint4*>(p.act + int64_t(r0) * p.k);
     for (int64_t i = threadIdx.x; i < int64_t(nr) * kv; i += kThreads) smem[i] = a[i];
     __syncthreads();
-    for (int cc = 0; cc < kCols / kWarps; ++cc) {
-      const int64_t col = int64_t(blockIdx.x) * kCols + warp * (kCols / kWarps) + cc;
+    for (int cc = 0; cc < kV1Cols / kWarps; ++cc) {
+      const int64_t col = int64_t(blockIdx.x) * kV1Cols + warp * (kV1Cols / kWarps) + cc;
       const uint4* wr = reinterpret_cast<const uint4*>(w + col * p.k);
-      float acc[kRows];
+      float acc[kV1Rows];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+      for (int r = 0; r < kV1Rows; ++r) acc[r] = 0.0f;
 #pragma unroll 4
       for (int64_t v = lane; v < kv; v += 32) {
-        const uint4 wv = __ldg(wr + v);
-        const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
-        float2 wf[4];
+        float wf[8];
+        bf16x8_to_float(__ldg(wr + v), wf);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) wf[q] = __bfloat1622float2(w2[q]);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
+        for (int r = 0; r < kV1Rows; ++r) {
           if (r < nr) {
-            const uint4 av = smem[r * kv + v];
-            const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&av);
+            float af[8];
+            bf16x8_to_float(smem[r * kv + v], af);
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const float2 af = __bfloat1622float2(a2[q]);
-              acc[r] += wf[q].x * af.x + wf[q].y * af.y;
-            }
+            for (int q = 0; q < 8; q += 2) acc[r] += wf[q] * af[q] + wf[q + 1] * af[q + 1];
           }
         }
       }
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < kV1Rows; ++r) {
 #pragma unroll
         for (int o = 16; o > 0; o /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
       }
@@ -70,12 +297,35 @@ __global__ void __launch_bounds__(kThreads) grouped_gemv_kernel(GroupedGemvParam
 std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p) {
   if (p.num_experts < 1 || p.num_experts > 65535)
     return "num_experts=" + std::to_string(p.num_experts) + " (legal: 1..65535)";
-  if (p.k < 8 || p.k % 8 != 0 || p.k > kGroupedGemvMaxK)
-    return "k=" + std::to_string(p.k) + " (legal: a multiple of 8 in 8.." + std::to_string(kGroupedGemvMaxK) + ")";
-  if (p.n < kCols || p.n % kCols != 0)
-    return "n=" + std::to_string(p.n) + " (legal: a positive multiple of " + std::to_string(kCols) + ")";
+  if (auto why = check_k(p.k); !why.empty()) return why;
+  if (p.n < 1 || p.n > (int64_t(1) << 30)) return "n=" + std::to_string(p.n) + " (legal: 1..2^30)";
+  if (p.max_rows < 0 || p.max_rows_per_expert < 0)
+    return "max_rows=" + std::to_string(p.max_rows) + " max_rows_per_expert=" +
+           std::to_string(p.max_rows_per_expert) + " (legal: >= 0, 0 = unknown)";
   if (!p.act || !p.weights || !p.out || !p.expert_offsets)
     return "a null pointer (act, weights, out, expert_offsets must be set)";
+  if ((reinterpret_cast<uintptr_t>(p.act) | reinterpret_cast<uintptr_t>(p.weights)) % 16 != 0)
+    return "act or weights not 16-byte aligned";
+  return "";
+}
+
+std::string gemv_unsupported_reason(const GemvParams& p) {
+  if (p.num_rows < 0 || p.num_rows > 65535 * 8)
+    return "num_rows=" + std::to_string(p.num_rows) + " (legal: 0.." + std::to_string(65535 * 8) + ")";
+  if (auto why = check_k(p.k); !why.empty()) return why;
+  if (p.n < 1 || p.n > (int64_t(1) << 30)) return "n=" + std::to_string(p.n) + " (legal: 1..2^30)";
+  if (p.num_segments < 1 || p.num_segments > kGemvMaxSegments)
+    return "num_segments=" + std::to_string(p.num_segments) + " (legal: 1.." + std::to_string(kGemvMaxSegments) + ")";
+  int64_t sum = 0;
+  for (int s = 0; s < p.num_segments; ++s) {
+    if (p.seg[s].width < 1 || !p.seg[s].out)
+      return "segment " + std::to_string(s) + ": width=" + std::to_string(p.seg[s].width) +
+             " and out must be set (width >= 1)";
+    sum += p.seg[s].width;
+  }
+  if (sum != p.n) return "segment widths sum to " + std::to_string(sum) + ", n=" + std::to_string(p.n);
+  if (p.out_fp32 && p.swiglu_act) return "out_fp32 together with swiglu_act (legal: at most one)";
+  if (!p.act || !p.weights) return "a null pointer (act and weights must be set)";
   if ((reinterpret_cast<uintptr_t>(p.act) | reinterpret_cast<uintptr_t>(p.weights)) % 16 != 0)
     return "act or weights not 16-byte aligned";
   return "";
@@ -84,13 +334,53 @@ std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p) {
 void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream) {
   const std::string why = grouped_gemv_unsupported_reason(p);
   if (!why.empty()) throw InputError("grouped_gemv: unsupported parameters: " + why);
-  const std::size_t smem = std::size_t(kRows) * std::size_t(p.k) * 2;
+  GemvArgs a{};
+  a.act = p.act;
+  a.weights = p.weights;
+  a.out[0] = p.out;
+  a.width[0] = p.n;
+  for (int s = 1; s < kGemvMaxSegments; ++s) a.width[s] = int64_t(1) << 62;
+  a.n = p.n;
+  a.k = p.k;
+  a.expert_offsets = p.expert_offsets;
+  a.num_experts = p.num_experts;
+  const int64_t slots = p.max_rows > 0 ? std::min<int64_t>(p.num_experts, p.max_rows) : p.num_experts;
+  const int r = rows_tile(p.max_rows_per_expert > 0 ? p.max_rows_per_expert : kGroupedGemvRowsPerChunk);
+  launch(a, r, false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);
+}
+
+void launch_gemv(const GemvParams& p, cudaStream_t stream) {
+  const std::string why = gemv_unsupported_reason(p);
+  if (!why.empty()) throw InputError("gemv: unsupported parameters: " + why);
+  if (p.num_rows == 0) return;
+  GemvArgs a{};
+  a.act = p.act;
+  a.weights = p.weights;
+  a.bias = p.bias;
+  for (int s = 0; s < kGemvMaxSegments; ++s) {
+    a.out[s] = s < p.num_segments ? p.seg[s].out : nullptr;
+    a.width[s] = s < p.num_segments ? p.seg[s].width : int64_t(1) << 62;
+  }
+  a.n = p.n;
+  a.k = p.k;
+  a.num_rows = p.num_rows;
+  const int r = rows_tile(p.num_rows);
+  const int64_t chunks = (p.num_rows + r - 1) / r;
+  launch(a, r, p.out_fp32, p.swiglu_act, static_cast<unsigned>(chunks), p.pdl, stream);
+}
+
+void launch_grouped_gemv_v1(const GroupedGemvParams& p, cudaStream_t stream) {
+  std::string why = grouped_gemv_unsupported_reason(p);
+  if (why.empty() && p.n % kV1Cols != 0) why = "n=" + std::to_string(p.n) + " (v1: a multiple of 16)";
+  if (why.empty() && p.swiglu_act) why = "swiglu_act (v1: not supported)";
+  if (!why.empty()) throw InputError("grouped_gemv_v1: unsupported parameters: " + why);
+  const std::size_t smem = std::size_t(kV1Rows) * std::size_t(p.k) * 2;
   if (smem > 48 * 1024)
-    MIXSERVE_CUDA_CHECK(
-        cudaFuncSetAttribute(grouped_gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.n / kCols), static_cast<unsigned>(p.num_experts));
-  grouped_gemv_kernel<<<grid, kThreads, smem, stream>>>(p);
-  MIXSERVE_LAUNCH_CHECK("grouped_gemv_kernel");
+    MIXSERVE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemv_v1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(p.n / kV1Cols), static_cast<unsigned>(p.num_experts));
+  grouped_gemv_v1_kernel<<<grid, kThreads, smem, stream>>>(p);
+  MIXSERVE_LAUNCH_CHECK("grouped_gemv_v1_kernel");
 }
 
 }  // namespace mixserve::gpu

@@ -62,6 +62,7 @@ struct GpuModel::Act {
   bf16* last_x = nullptr;                                      // [T, H]
   bf16* logits = nullptr;                                      // [T, vocab]
   float *router_logits = nullptr, *topk_w = nullptr, *shared_gate = nullptr;
+  float* rope_cs = nullptr;                                    // [T, head_dim] cos | sin
   int32_t *topk_ids = nullptr, *counts = nullptr, *offsets = nullptr, *slot_row = nullptr,
           *permuted_token = nullptr;
   void* permute_ws = nullptr;
@@ -231,13 +232,18 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     Layer& L = layers_[l];
     L.in_norm = one(names::input_norm(l));
     L.post_norm = one(names::post_attn_norm(l));
-    L.wq = one(names::attn(l, "q_proj"));
-    L.wk = one(names::attn(l, "k_proj"));
-    L.wv = one(names::attn(l, "v_proj"));
+    // q, k, v (and their biases) in one buffer, rows q then k then v: a fused [QW + 2 KVW, H]
+    // weight for the one-launch q|k|v GEMV.
+    L.wq = fused({names::attn(l, "q_proj"), names::attn(l, "k_proj"), names::attn(l, "v_proj")});
+    L.wk = L.wq + QW * H;
+    L.wv = L.wk + KVW * H;
     L.wo = one(names::attn(l, "o_proj"));
-    L.bq = opt(names::attn(l, "q_proj", "bias"));
-    L.bk = opt(names::attn(l, "k_proj", "bias"));
-    L.bv = opt(names::attn(l, "v_proj", "bias"));
+    if (shapes.count(names::attn(l, "q_proj", "bias"))) {
+      L.bq = fused({names::attn(l, "q_proj", "bias"), names::attn(l, "k_proj", "bias"),
+                    names::attn(l, "v_proj", "bias")});
+      L.bk = L.bq + QW;
+      L.bv = L.bk + KVW;
+    }
     if (shapes.count(names::attn(l, "q_norm"))) {
       L.q_norm = one(names::attn(l, "q_norm"));
       L.k_norm = one(names::attn(l, "k_norm"));
@@ -298,6 +304,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   A.logits = bf(T * m.vocab_size);
   A.tokens = i32(T);
   A.positions = i32(T);
+  A.rope_cs = f32(T * m.attention.head_dim);
   A.token_seq = i32(T);
   A.logit_index = i32(T);
   A.q_start = i32(cfg_.max_seqs_per_step + 1);
@@ -366,6 +373,21 @@ void GpuModel::gemm(const void* act, const void* weight, void* out, int64_t m, i
   ops.weight = weight;
   ops.out = out;
   it->second->run(ops, s);
+}
+
+void GpuModel::linear(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
+                      cudaStream_t s) {
+  if (m == 0) return;
+  if (!cfg_.decode_kernels || m > kGemvMaxRows) return gemm(act, weight, out, m, n, k, s);
+  GemvParams g;
+  g.act = static_cast<const bf16*>(act);
+  g.weights = static_cast<const bf16*>(weight);
+  g.seg[0] = {out, n};
+  g.num_rows = m;
+  g.n = n;
+  g.k = k;
+  g.pdl = pdl_;
+  launch_gemv(g, s);
 }
 
 void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const StepOptions& opt) {
@@ -459,14 +481,27 @@ void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const Step
 void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, int64_t T, bf16* out, cudaStream_t s) {
   Act& A = *act_;
   const int64_t H = spec_.hidden_size;
-  gemm(A.normed, w13, A.gu, T, 2 * inter, H, s);  // [T, 2I]: gate | up
+  linear(A.normed, w13, A.gu, T, 2 * inter, H, s);  // [T, 2I]: gate | up
+  if (cfg_.decode_kernels && T <= kGemvMaxRows) {  // SwiGLU applied while the GEMV stages its input
+    GemvParams g;
+    g.act = A.gu;
+    g.swiglu_act = true;
+    g.weights = w2;
+    g.seg[0] = {out, H};
+    g.num_rows = T;
+    g.n = H;
+    g.k = inter;
+    g.pdl = pdl_;
+    launch_gemv(g, s);
+    return;
+  }
   kernels::SwigluParams sw;
   sw.gate_up = A.gu;
   sw.out = A.ffn_act;
   sw.num_rows = T;
   sw.inter = inter;
   kernels::launch_swiglu(sw, s);
-  gemm(A.ffn_act, w2, out, T, H, inter, s);
+  linear(A.ffn_act, w2, out, T, H, inter, s);
 }
 
 void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
@@ -475,7 +510,20 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   const int64_t H = m.hidden_size, I = m.moe.expert_intermediate_size, S = m.moe.shared_intermediate_size;
   const int E = m.moe.num_experts, K = m.moe.top_k;
   // Router: fp32 logits [T, E] -> top-k ids and weights.
-  launch_linear_fp32(A.normed, L.router, A.router_logits, T, E, static_cast<int>(H), s);
+  if (cfg_.decode_kernels) {
+    GemvParams rg;
+    rg.act = A.normed;
+    rg.weights = L.router;
+    rg.seg[0] = {A.router_logits, E};
+    rg.out_fp32 = true;
+    rg.num_rows = T;
+    rg.n = E;
+    rg.k = H;
+    rg.pdl = pdl_;
+    launch_gemv(rg, s);
+  } else {
+    launch_linear_fp32(A.normed, L.router, A.router_logits, T, E, static_cast<int>(H), s);
+  }
   kernels::RouterParams rp;
   rp.logits = A.router_logits;
   rp.topk_ids = A.topk_ids;
@@ -486,6 +534,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   rp.scoring = kernels::RouterScoring::softmax_topk;
   rp.renormalize = m.moe.norm_topk_prob;
   rp.routed_scaling = static_cast<float>(m.moe.routed_scaling_factor);
+  rp.pdl = pdl_;
   kernels::launch_router(rp, s);
   // Shared expert first (it reuses the FFN scratch buffers).
   if (S > 0) {
@@ -507,6 +556,8 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   pp.top_k = K;
   pp.num_experts = E;
   pp.hidden = H;
+  pp.allow_single_launch = cfg_.decode_kernels;
+  pp.pdl = pdl_;
   kernels::launch_permute(pp, s);
   const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
                     (cfg_.expert_path == ExpertPath::automatic && T * K <= cfg_.device_gemv_max_rows);
@@ -526,16 +577,26 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
     g.num_experts = E;
     g.n = 2 * I;
     g.k = H;
-    launch_grouped_gemv(g, s);
-    sw.num_rows = T * K;
-    sw.num_rows_device = A.offsets + E;
-    kernels::launch_swiglu(sw, s);
-    g.act = A.ffn_act;
+    g.max_rows = T * K;             // routed rows
+    g.max_rows_per_expert = T;      // a token picks distinct experts
+    g.pdl = pdl_;
+    const bool v2 = cfg_.decode_kernels && T <= cfg_.grouped_gemv_v2_max_tokens;
+    auto grouped = v2 ? launch_grouped_gemv : launch_grouped_gemv_v1;
+    grouped(g, s);
+    if (v2) {
+      g.act = A.gu;  // SwiGLU applied while the down GEMV stages its rows
+      g.swiglu_act = true;
+    } else {
+      sw.num_rows = T * K;
+      sw.num_rows_device = A.offsets + E;
+      kernels::launch_swiglu(sw, s);
+      g.act = A.ffn_act;
+    }
     g.weights = L.w2;
     g.out = A.expert_out;  // [T * K, H]
     g.n = H;
     g.k = I;
-    launch_grouped_gemv(g, s);
+    grouped(g, s);
   } else if (tensor_core_grouped) {
     // Tensor-core grouped GEMM: one launch per projection for all experts, tiles scheduled on the
     // device from the permute's offsets (no host sync). experts_touched is not recorded (it
@@ -587,6 +648,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   cp.num_tokens = T;
   cp.top_k = K;
   cp.hidden = H;
+  cp.pdl = pdl_ && gemv;  // the other paths may end in a host copy rather than a kernel
   kernels::launch_combine(cp, s);
 }
 
@@ -594,57 +656,63 @@ void GpuModel::enqueue(cudaStream_t s) {
   if (!prep_) throw InputError("GPU forward: enqueue() before prepare()");
   Prepared& P = *prep_;
   P.experts_touched.clear();
+  // Programmatic dependent launches (kernels/detail/pdl.cuh) only where every predecessor is one of
+  // our kernels: decode-sized steps (no cuBLASLt in the layers) that do not record the residual
+  // stream (device copies in the chain).
+  pdl_ = cfg_.decode_kernels && cfg_.programmatic_launch && !P.record && P.T <= kGemvMaxRows;
   Act& A = *act_;
   const ModelSpec& m = spec_;
   const auto& at = m.attention;
   const int64_t T = P.T, H = m.hidden_size, QW = m.q_width(), KVW = kv_width(m);
   const float eps = static_cast<float>(m.rms_norm_eps);
   launch_gather_rows(embed_, A.tokens, A.res, T, H, s);
+  if (cfg_.decode_kernels)  // the tokens' RoPE angles once per step (the fused QK-norm/RoPE reads them)
+    launch_rope_table(A.positions, A.rope_cs, T, at.head_dim, static_cast<float>(m.rope_theta), s);
   for (int l = 0; l < m.num_layers; ++l) {
     const Layer& L = layers_[l];
+    const std::size_t plane = std::size_t(T) * std::size_t(H);
+    // decode_kernels: the previous layer's residual add (res += tmp) is fused into this norm.
+    const bool fused_residual = cfg_.decode_kernels && l > 0;
     kernels::RmsNormParams rn;
-    rn.x = A.res;
+    rn.x = fused_residual ? A.tmp : A.res;
+    if (fused_residual) {
+      rn.residual = A.res;
+      rn.residual_out = A.res;
+    }
     rn.weight = L.in_norm;
+    rn.pdl = pdl_ && l > 0;
     rn.out = A.normed;
     rn.num_rows = T;
     rn.width = static_cast<int>(H);
     rn.eps = eps;
     kernels::launch_rmsnorm(rn, s);
-    gemm(A.normed, L.wq, A.q, T, QW, H, s);
-    gemm(A.normed, L.wk, A.k, T, KVW, H, s);
-    gemm(A.normed, L.wv, A.v, T, KVW, H, s);
-    if (L.bq) {
-      launch_add_bias(A.q, L.bq, T, QW, s);
-      launch_add_bias(A.k, L.bk, T, KVW, s);
-      launch_add_bias(A.v, L.bv, T, KVW, s);
+    if (fused_residual && P.record)
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l - 1) * plane,
+                                          A.res, plane * 2, cudaMemcpyDeviceToDevice, s));
+    if (cfg_.decode_kernels && T <= kGemvMaxRows) {
+      GemvParams g;  // one launch: fused [QW + 2 KVW, H] weight, bias in the epilogue
+      g.act = A.normed;
+      g.weights = L.wq;
+      g.bias = L.bq;
+      g.seg[0] = {A.q, QW};
+      g.seg[1] = {A.k, KVW};
+      g.seg[2] = {A.v, KVW};
+      g.num_segments = 3;
+      g.num_rows = T;
+      g.n = QW + 2 * KVW;
+      g.k = H;
+      g.pdl = pdl_;
+      launch_gemv(g, s);
+    } else {
+      gemm(A.normed, L.wq, A.q, T, QW, H, s);
+      gemm(A.normed, L.wk, A.k, T, KVW, H, s);
+      gemm(A.normed, L.wv, A.v, T, KVW, H, s);
+      if (L.bq) {
+        launch_add_bias(A.q, L.bq, T, QW, s);
+        launch_add_bias(A.k, L.bk, T, KVW, s);
+        launch_add_bias(A.v, L.bv, T, KVW, s);
+      }
     }
-    if (L.q_norm) {
-      kernels::RmsNormParams qn;
-      qn.x = A.q;
-      qn.out = A.q;
-      qn.weight = L.q_norm;
-      qn.num_rows = T * QW / L.q_norm_width;
-      qn.width = L.q_norm_width;
-      qn.eps = eps;
-      kernels::launch_rmsnorm(qn, s);
-      qn.x = A.k;
-      qn.out = A.k;
-      qn.weight = L.k_norm;
-      qn.num_rows = T * KVW / L.k_norm_width;
-      qn.width = L.k_norm_width;
-      kernels::launch_rmsnorm(qn, s);
-    }
-    kernels::RopeParams rp;
-    rp.q = A.q;
-    rp.k = A.k;
-    rp.positions = A.positions;
-    rp.num_tokens = T;
-    rp.num_q_heads = at.num_heads;
-    rp.num_kv_heads = at.num_kv_heads;
-    rp.head_dim = at.head_dim;
-    rp.rotary_dim = at.head_dim;
-    rp.theta = static_cast<float>(m.rope_theta);
-    kernels::launch_rope(rp, s);
     kernels::PagedKvCache cache;
     cache.k = k_cache_[l].as<bf16>();
     cache.v = v_cache_[l].as<bf16>();
@@ -654,14 +722,67 @@ void GpuModel::enqueue(cudaStream_t s) {
     cache.kv_heads = at.num_kv_heads;
     cache.head_dim = at.head_dim;
     cache.max_blocks_per_seq = cfg_.max_blocks_per_seq;
-    kernels::KvWriteParams kw;
-    kw.cache = cache;
-    kw.k_new = A.k;
-    kw.v_new = A.v;
-    kw.token_seq = A.token_seq;
-    kw.token_pos = A.positions;
-    kw.num_tokens = T;
-    kernels::launch_kv_write(kw, s);
+    const bool per_head_norm = !L.q_norm || (L.q_norm_width == at.head_dim && L.k_norm_width == at.head_dim);
+    if (cfg_.decode_kernels && per_head_norm) {
+      QkNormRopeKvParams qk;  // QK-norm + RoPE + KV write in one launch
+      qk.q = A.q;
+      qk.k = A.k;
+      qk.v = A.v;
+      qk.q_norm = L.q_norm;
+      qk.k_norm = L.k_norm;
+      qk.positions = A.positions;
+      qk.token_seq = A.token_seq;
+      qk.k_cache = cache.k;
+      qk.v_cache = cache.v;
+      qk.block_table = A.block_table;
+      qk.block_tokens = cfg_.block_size;
+      qk.max_blocks_per_seq = cfg_.max_blocks_per_seq;
+      qk.num_tokens = T;
+      qk.q_heads = at.num_heads;
+      qk.kv_heads = at.num_kv_heads;
+      qk.head_dim = at.head_dim;
+      qk.theta = static_cast<float>(m.rope_theta);
+      qk.eps = eps;
+      qk.rope_cs = A.rope_cs;
+      qk.pdl = pdl_;
+      launch_qk_norm_rope_kv(qk, s);
+    } else {
+      if (L.q_norm) {
+        kernels::RmsNormParams qn;
+        qn.x = A.q;
+        qn.out = A.q;
+        qn.weight = L.q_norm;
+        qn.num_rows = T * QW / L.q_norm_width;
+        qn.width = L.q_norm_width;
+        qn.eps = eps;
+        kernels::launch_rmsnorm(qn, s);
+        qn.x = A.k;
+        qn.out = A.k;
+        qn.weight = L.k_norm;
+        qn.num_rows = T * KVW / L.k_norm_width;
+        qn.width = L.k_norm_width;
+        kernels::launch_rmsnorm(qn, s);
+      }
+      kernels::RopeParams rp;
+      rp.q = A.q;
+      rp.k = A.k;
+      rp.positions = A.positions;
+      rp.num_tokens = T;
+      rp.num_q_heads = at.num_heads;
+      rp.num_kv_heads = at.num_kv_heads;
+      rp.head_dim = at.head_dim;
+      rp.rotary_dim = at.head_dim;
+      rp.theta = static_cast<float>(m.rope_theta);
+      kernels::launch_rope(rp, s);
+      kernels::KvWriteParams kw;
+      kw.cache = cache;
+      kw.k_new = A.k;
+      kw.v_new = A.v;
+      kw.token_seq = A.token_seq;
+      kw.token_pos = A.positions;
+      kw.num_tokens = T;
+      kernels::launch_kv_write(kw, s);
+    }
     kernels::AttentionParams ap;
     ap.q = A.q;
     ap.out = A.attn;
@@ -676,19 +797,19 @@ void GpuModel::enqueue(cudaStream_t s) {
     ap.workspace = A.attn_ws.get();
     ap.workspace_bytes = A.attn_ws.bytes();
     kernels::launch_attention(ap, s);
-    gemm(A.attn, L.wo, A.tmp, T, H, QW, s);
+    linear(A.attn, L.wo, A.tmp, T, H, QW, s);
     // res += attn_out (bf16), normed = RMSNorm(res).
     kernels::RmsNormParams pn;
     pn.x = A.tmp;
     pn.residual = A.res;
     pn.residual_out = A.res;
     pn.weight = L.post_norm;
+    pn.pdl = pdl_;
     pn.out = A.normed;
     pn.num_rows = T;
     pn.width = static_cast<int>(H);
     pn.eps = eps;
     kernels::launch_rmsnorm(pn, s);
-    const std::size_t plane = std::size_t(T) * std::size_t(H);
     if (P.record)
       MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + std::size_t(l) * plane, A.res, plane * 2,
                                           cudaMemcpyDeviceToDevice, s));
@@ -696,6 +817,7 @@ void GpuModel::enqueue(cudaStream_t s) {
       ffn_moe(L, T, s);
     else
       ffn_dense(L.dense_w13, L.dense_w2, m.dense_intermediate_size, T, A.tmp, s);
+    if (cfg_.decode_kernels && l + 1 < m.num_layers) continue;  // added by the next layer's norm
     kernels::AxpbyParams ax;
     ax.x = A.res;
     ax.y = A.tmp;
@@ -716,7 +838,7 @@ void GpuModel::enqueue(cudaStream_t s) {
   fn.width = static_cast<int>(H);
   fn.eps = eps;
   kernels::launch_rmsnorm(fn, s);
-  gemm(A.last_x, lm_head_, A.logits, R, m.vocab_size, H, s);
+  gemm(A.last_x, lm_head_, A.logits, R, m.vocab_size, H, s);  // cuBLASLt: ~4.2 TB/s at m = 1 (measured)
 }
 
 GpuStepOutput GpuModel::step(const std::vector<model::SequenceStep>& batch, const StepOptions& opt) {

@@ -1,5 +1,6 @@
 #include "mixserve/kernels/combine.cuh"
 #include "mixserve/kernels/detail/device_support.hpp"
+#include "mixserve/kernels/detail/pdl.cuh"
 
 #include <string>
 #include <type_traits>
@@ -35,6 +36,7 @@ __device__ __forceinline__ void axpy_vec(const __nv_bfloat16* src, float w, floa
 // One block per token: rows and weights staged in shared memory, threads over hidden vectors.
 template <int kVec>
 static __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
+  detail::wait_for_previous_kernel();
   __shared__ int64_t s_row[kCombineMaxTopK];  // [top_k], < 0: no contribution
   __shared__ float s_w[kCombineMaxTopK];      // [top_k]
   __shared__ float s_gate;
@@ -98,7 +100,8 @@ void launch_combine(const CombineParams& p, cudaStream_t stream) {
   const bool vec_ok = p.hidden % kVecWide == 0 && aligned16(p.expert_out) && aligned16(p.out) &&
                       (!p.shared_out || aligned16(p.shared_out));
   dispatch_combine(vec_ok ? kVecWide : 1, [&](auto vec) {
-    combine_kernel<decltype(vec)::value><<<static_cast<unsigned>(p.num_tokens), kThreads, 0, stream>>>(p);
+    detail::launch_kernel(p.pdl, combine_kernel<decltype(vec)::value>, dim3(static_cast<unsigned>(p.num_tokens)),
+                          dim3(kThreads), 0, stream, p);
   });
   MIXSERVE_LAUNCH_CHECK("combine_kernel");
 }

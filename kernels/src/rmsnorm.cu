@@ -1,5 +1,6 @@
 #include "mixserve/kernels/rmsnorm.cuh"
 #include "mixserve/kernels/detail/device_support.hpp"
+#include "mixserve/kernels/detail/pdl.cuh"
 
 #include <string>
 #include <type_traits>
@@ -65,6 +66,7 @@ __device__ __forceinline__ float row_sum(float v) {
 // blockDim = (kRowThreads, kThreads / kRowThreads): threadIdx.y picks the row within the block.
 template <int kVec, int kRowThreads>
 static __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(RmsNormParams p) {
+  detail::wait_for_previous_kernel();
   constexpr int kRowsPerBlock = kThreads / kRowThreads;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   const bool active = row < p.num_rows;
@@ -139,8 +141,8 @@ void launch_rmsnorm(const RmsNormParams& p, cudaStream_t stream) {
     constexpr int kRowsPerBlock = kThreads / decltype(rt)::value;
     const int64_t blocks = (p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
     if (blocks > 0x7fffffff) throw InputError("rmsnorm: num_rows=" + std::to_string(p.num_rows) + " exceeds the grid");
-    rmsnorm_kernel<decltype(vec)::value, decltype(rt)::value>
-        <<<static_cast<unsigned>(blocks), dim3(decltype(rt)::value, kRowsPerBlock), 0, stream>>>(p);
+    detail::launch_kernel(p.pdl, rmsnorm_kernel<decltype(vec)::value, decltype(rt)::value>,
+                          dim3(static_cast<unsigned>(blocks)), dim3(decltype(rt)::value, kRowsPerBlock), 0, stream, p);
   });
   MIXSERVE_LAUNCH_CHECK("rmsnorm_kernel");
 }

@@ -1,5 +1,6 @@
 #include "mixserve/kernels/router.cuh"
 #include "mixserve/kernels/detail/device_support.hpp"
+#include "mixserve/kernels/detail/pdl.cuh"
 
 #include <climits>
 #include <cmath>
@@ -57,6 +58,7 @@ __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(
 // One warp per token; lane l holds experts l + 32 j, j < kPerLane.
 template <int kPerLane>
 static __global__ void __launch_bounds__(kThreads) router_kernel(RouterParams p) {
+  detail::wait_for_previous_kernel();
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (t >= p.num_tokens) return;  // the whole warp leaves together
@@ -221,7 +223,8 @@ void launch_router(const RouterParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.num_tokens + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffff) throw InputError("router: num_tokens=" + std::to_string(p.num_tokens) + " exceeds the grid");
   dispatch_router(p.num_experts, [&](auto per_lane) {
-    router_kernel<decltype(per_lane)::value><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+    detail::launch_kernel(p.pdl, router_kernel<decltype(per_lane)::value>, dim3(static_cast<unsigned>(blocks)),
+                          dim3(kThreads), 0, stream, p);
   });
   MIXSERVE_LAUNCH_CHECK("router_kernel");
 }

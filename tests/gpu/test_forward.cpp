@@ -5,17 +5,20 @@
 // prefilling (one in two chunks, one in one shot), decode after prefill, a mixed step (a new
 // sequence prefilling while the others decode) and a plain decode step, all with shuffled
 // (non-contiguous) block tables. Plus one full-width Qwen3-30B-A3B layer, bad input, and a
-// benchmark skipped by default:
-//   test_gpu_forward --test-case='bench*' --no-skip
+// benchmarks skipped by default:
+//   test_gpu_forward --test-case='bench: Qwen3*' --no-skip
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <cuda_profiler_api.h>
 
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
@@ -226,6 +229,15 @@ struct Pair {
     o.record_hidden = true;
     const auto g = gpu.step(batch, o);
     compare_step(what, w, r, g, st);
+    // The same step again without recording (so with the programmatic dependent launches of
+    // decode-sized steps; it rewrites the same KV slots with the same values): bit-identical logits.
+    StepOptions o2;
+    o2.all_logits = true;
+    const auto g2 = gpu.step(batch, o2);
+    REQUIRE(g2.logits.size() == g.logits.size());
+    int differ = 0;
+    for (std::size_t i = 0; i < g.logits.size(); ++i) differ += g2.logits[i] != g.logits[i];
+    CHECK_MESSAGE(differ == 0, what << ": " << differ << " logits differ between the recorded and the plain step");
   }
 };
 
@@ -434,11 +446,12 @@ TEST_CASE("forward: one full-width Qwen3-30B-A3B layer (vocab cut to 4096) vs th
               st.top1_checked);
 }
 
-// Decode and prefill step latency of Qwen3-30B-A3B with --num-layers 4 (device-drawn weights),
-// with the bytes the step must read (weights it touches, KV context, LM head) against the
-// device's measured copy bandwidth. Not a test: prints only.
-TEST_CASE("bench: Qwen3-30B-A3B --num-layers 4 decode b=1/64 and prefill 1x2048" * doctest::skip()) {
-  const ModelSpec m = model::with_num_layers(load_model("qwen3-30b-a3b"), 4);
+// Decode and prefill step latency of Qwen3-30B-A3B (device-drawn weights), with the bytes the
+// step must read (weights it touches, KV context, LM head) against the device's measured copy
+// bandwidth, for the decode kernels (GpuModelConfig::decode_kernels) and the previous kernels in
+// the same run. Not a test: prints only.
+static void run_bench(int num_layers, bool all_rows) {
+  const ModelSpec m = model::with_num_layers(load_model("qwen3-30b-a3b"), num_layers);
   GpuModelConfig c;
   c.block_size = 16;
   c.num_blocks = 8192;
@@ -461,12 +474,17 @@ TEST_CASE("bench: Qwen3-30B-A3B --num-layers 4 decode b=1/64 and prefill 1x2048"
               copy_bytes >> 20, topt.timed_iters);
   std::printf("# model %s, %d layers, weights %.2f GB, KV blocks %d x %d tokens\n", m.name.c_str(), m.num_layers,
               g.weight_bytes() / 1e9, g.num_blocks(), c.block_size);
-  std::printf("%-44s %10s %10s %10s %12s %10s %9s\n", "case", "time(us)", "noise", "min GB", "GB/s", "% copy",
+  std::printf("%-62s %10s %10s %10s %12s %10s %9s\n", "case", "time(us)", "noise", "min GB", "GB/s", "% copy",
               "TFLOP/s");
   std::mt19937_64 rng(1);
   // Bytes from a cuBLASLt-path run (it counts the experts with tokens), then the timed runs.
-  auto bench = [&](const std::string& name, const std::vector<SequenceStep>& batch, gpu::ExpertPath path, bool graph) {
+  auto bench = [&](const std::string& name, const std::vector<SequenceStep>& batch, gpu::ExpertPath path, bool graph,
+                   bool decode_kernels, int grouped = 0, bool pdl = true) {
     try {
+      g.set_decode_kernels(decode_kernels);
+      g.set_programmatic_launch(pdl);
+      // grouped expert GEMV: 0 the default switch (v2 up to kGemvMaxRows tokens), 1 v1, 2 v2
+      g.set_grouped_gemv_v2_max_tokens(grouped == 0 ? gpu::kGemvMaxRows : grouped == 1 ? 0 : int64_t(1) << 30);
       g.set_expert_path(gpu::ExpertPath::cublaslt);
       g.prepare(batch, StepOptions{});
       g.enqueue(g.stream());
@@ -488,7 +506,7 @@ TEST_CASE("bench: Qwen3-30B-A3B --num-layers 4 decode b=1/64 and prefill 1x2048"
                                  4 * n * ctx * QW);
         flops += 2 * H * m.vocab_size;
       }
-      std::printf("%-44s %10.1f %10.3f %10.3f %12.0f %9.1f%% %9.1f\n", name.c_str(), r.time_us.median,
+      std::printf("%-62s %10.1f %10.3f %10.3f %12.0f %9.1f%% %9.1f\n", name.c_str(), r.time_us.median,
                   r.time_us.noise(), gb, gbs, 100.0 * gbs / copy_GBs, flops / (r.time_us.median * 1e6));
     } catch (const std::runtime_error& e) {  // one failed row (e.g. a capture error) must not hide the others
       FAIL_CHECK(name << ": " << e.what());
@@ -506,15 +524,72 @@ TEST_CASE("bench: Qwen3-30B-A3B --num-layers 4 decode b=1/64 and prefill 1x2048"
     }
     return b;
   };
+  const std::string layers = std::to_string(num_layers) + "L ";
   for (int b : {1, 64}) {
     const auto batch = decode(b, 1024);
-    const std::string n = "decode b=" + std::to_string(b) + " ctx=1024";
-    bench(n + " GEMV experts, CUDA graph", batch, gpu::ExpertPath::device_gemv, true);
-    bench(n + " GEMV experts, eager", batch, gpu::ExpertPath::device_gemv, false);
-    bench(n + " cuBLASLt experts, eager", batch, gpu::ExpertPath::cublaslt, false);
+    const std::string n = layers + "decode b=" + std::to_string(b) + " ctx=1024";
+    bench(n + " GEMV, graph, decode kernels", batch, gpu::ExpertPath::device_gemv, true, true);
+    if (b == 1) {
+      bench(n + " GEMV, graph, decode kernels but v1 expert GEMV", batch, gpu::ExpertPath::device_gemv, true, true, 1);
+      bench(n + " GEMV, graph, decode kernels without PDL", batch, gpu::ExpertPath::device_gemv, true, true, 0, false);
+    } else {
+      bench(n + " GEMV, graph, decode kernels but v2 expert GEMV", batch, gpu::ExpertPath::device_gemv, true, true, 2);
+    }
+    bench(n + " GEMV, graph, previous kernels", batch, gpu::ExpertPath::device_gemv, true, false);
+    if (!all_rows) continue;
+    bench(n + " GEMV, eager, decode kernels", batch, gpu::ExpertPath::device_gemv, false, true);
+    bench(n + " GEMV, eager, previous kernels", batch, gpu::ExpertPath::device_gemv, false, false);
+    bench(n + " cuBLASLt experts, eager, previous kernels", batch, gpu::ExpertPath::cublaslt, false, false);
   }
+  if (!all_rows) return;
   SequenceStep pre;
   pre.tokens = random_tokens(rng, 2048, m.vocab_size);
   for (int k = 0; k < 2048 / c.block_size; ++k) pre.block_table.push_back(k);
-  bench("prefill 1 x 2048 cuBLASLt experts, eager", {pre}, gpu::ExpertPath::cublaslt, false);
+  bench(layers + "prefill 1 x 2048 cuBLASLt experts, decode kernels", {pre}, gpu::ExpertPath::cublaslt, false, true);
+  bench(layers + "prefill 1 x 2048 cuBLASLt experts, previous kernels", {pre}, gpu::ExpertPath::cublaslt, false, false);
+}
+
+TEST_CASE("bench: Qwen3-30B-A3B --num-layers 4 decode b=1/64 and prefill 1x2048" * doctest::skip()) {
+  run_bench(4, true);
+}
+
+TEST_CASE("bench: Qwen3-30B-A3B all 48 layers decode b=1/64" * doctest::skip()) { run_bench(48, false); }
+
+// One eager decode step of each kind between cudaProfilerStart/Stop, for a per-kernel breakdown:
+//   ncu --profile-from-start off --clock-control none --cache-control none
+//       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv
+//       test_gpu_forward -tc='bench: profile*' --no-skip
+// (2 layers: the first dense-free MoE layer is representative; every kernel of a step appears.)
+TEST_CASE("bench: profile one decode step per configuration (run under ncu)" * doctest::skip()) {
+  const ModelSpec m = model::with_num_layers(load_model("qwen3-30b-a3b"), 2);
+  GpuModelConfig c;
+  c.block_size = 16;
+  c.num_blocks = 4096 + 64;
+  c.max_tokens_per_step = 64;
+  c.max_seqs_per_step = 64;
+  c.max_blocks_per_seq = 80;
+  c.expert_path = gpu::ExpertPath::device_gemv;
+  GpuModel g(m, 7, c);
+  std::mt19937_64 rng(1);
+  for (int b : {1, 64})
+    for (bool dk : {false, true}) {
+      std::vector<SequenceStep> batch;
+      const int ctx = 1024, blocks = (ctx + 1 + c.block_size - 1) / c.block_size;
+      for (int s = 0; s < b; ++s) {
+        SequenceStep q;
+        q.tokens = random_tokens(rng, 1, m.vocab_size);
+        q.position = ctx;
+        for (int k = 0; k < blocks; ++k) q.block_table.push_back(s * blocks + k);
+        batch.push_back(q);
+      }
+      g.set_decode_kernels(dk);
+      g.prepare(batch, StepOptions{});
+      g.enqueue(g.stream());  // warm: cuBLASLt plans, attributes
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+      std::printf("# profiled step: b=%d decode_kernels=%d\n", b, int(dk));
+      MIXSERVE_CUDA_CHECK(cudaProfilerStart());
+      g.enqueue(g.stream());
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+      MIXSERVE_CUDA_CHECK(cudaProfilerStop());
+    }
 }

@@ -1,4 +1,5 @@
-// GPU tests of the MoE layer kernels (rmsnorm, rope, router, permute, swiglu, combine) against the
+// GPU tests of the MoE layer kernels (rmsnorm, rope, router, permute, swiglu, combine, the plain and
+// grouped GEMV of executor/expert_gemm.hpp) against the
 // float64 CPU references in ref_moe_kernels.hpp (STYLE.md §12-13): fresh seeded random inputs,
 // outputs poisoned before every run (bf16/fp32 NaN, int32 0x7f7f7f7f), awkward sizes (0, 1,
 // primes, widths that are not multiples of the 8-element vector, misaligned pointers) and the
@@ -18,6 +19,8 @@
 #include <string>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/gpu/expert_gemm.hpp"
+#include "mixserve/gpu/model_forward_kernels.hpp"
 #include "mixserve/gpu/timing.hpp"
 #include "mixserve/kernels/combine.cuh"
 #include "mixserve/kernels/permute.cuh"
@@ -426,9 +429,9 @@ struct PermuteCase {
   bool minus_one;  // some ids are -1
 };
 
-void run_permute_case(const PermuteCase& c, uint64_t seed) {
+void run_permute_case(const PermuteCase& c, uint64_t seed, bool single_launch) {
   INFO(c.name << " tokens=" << c.tokens << " k=" << c.k << " E=" << c.E << " hidden=" << c.hidden
-              << " id_range=" << c.id_range << " seed=" << seed);
+              << " id_range=" << c.id_range << " seed=" << seed << " single_launch=" << single_launch);
   const int64_t pairs = c.tokens * c.k;
   std::mt19937_64 rng(seed);
   std::vector<int32_t> ids(pairs);
@@ -463,6 +466,7 @@ void run_permute_case(const PermuteCase& c, uint64_t seed) {
   p.top_k = c.k;
   p.num_experts = c.E;
   p.hidden = c.hidden;
+  p.allow_single_launch = single_launch;
   REQUIRE(kernels::is_supported(p, device()));
   kernels::launch_permute(p, nullptr);
   sync();
@@ -508,9 +512,388 @@ TEST_CASE("permute: device-side counts, offsets, stable expert-contiguous order 
       {"E=1 k=1", 13, 1, 1, 16, 1, false},
       {"E=1024", 131, 8, 1024, 0, 1024, false},
       {"one hot expert", 2500, 1, 64, 24, 1, false},
+      {"decode b=64 qwen3 (512 pairs)", 64, 8, 128, 2048, 128, false},
+      {"decode b=16 qwen3 (128 pairs: the single launch's largest)", 16, 8, 128, 2048, 128, false},
+      {"128 pairs, E=1024, some -1", 16, 8, 1024, 24, 1024, true},
+      {"129 pairs (one past the single launch)", 43, 3, 60, 16, 60, false},
+      {"decode b=3 odd hidden", 3, 8, 128, 7, 128, false},
+      {"EP decode: ids beyond E", 17, 8, 32, 40, 64, true},
   };
   uint64_t seed = 4000;
-  for (const auto& c : cases) run_permute_case(c, seed += 11);
+  // Both paths: the single launch (pairs <= kPermuteSingleLaunchMaxPairs) and the 4-launch one.
+  for (const auto& c : cases)
+    for (bool single : {true, false}) run_permute_case(c, seed += 11, single);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV (expert_gemm.hpp): out = act * W^T (+ bias) in float64 from the same bf16 inputs. bf16
+// outputs: kTolBf16Out. fp32 outputs: fp32 accumulation of <= 8192 products in a fixed order,
+// relative error ~sqrt(k) * 6e-8 <= 1e-5 norm-wise for random data; kTolGemvF32 = 1e-4.
+constexpr double kTolGemvF32 = 1e-4;
+
+// swiglu: act rows are gate | up [rows, 2k] and the input is silu(gate) * up, in float64.
+std::vector<double> ref_gemv(const std::vector<bf16>& act, int64_t act_row0, const std::vector<bf16>& w,
+                             int64_t w_off, const std::vector<bf16>* bias, int64_t rows, int64_t n, int64_t k,
+                             bool swiglu = false) {
+  std::vector<double> out(static_cast<std::size_t>(rows * n));
+  std::vector<double> a(static_cast<std::size_t>(k));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < k; ++c) {
+      if (swiglu) {
+        const double g = double(__bfloat162float(act[(act_row0 + r) * 2 * k + c]));
+        const double u = double(__bfloat162float(act[(act_row0 + r) * 2 * k + k + c]));
+        a[c] = g / (1.0 + std::exp(-g)) * u;
+      } else {
+        a[c] = double(__bfloat162float(act[(act_row0 + r) * k + c]));
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = bias ? double(__bfloat162float((*bias)[j])) : 0.0;
+      const bf16* b = w.data() + w_off + j * k;
+      for (int64_t c = 0; c < k; ++c) acc += a[c] * double(__bfloat162float(b[c]));
+      out[std::size_t(r * n + j)] = acc;
+    }
+  }
+  return out;
+}
+
+struct PlainGemvCase {
+  const char* name;
+  int64_t rows, n, k;
+  std::vector<int64_t> widths;  // segments
+  bool bias, f32;
+  bool swiglu = false;
+};
+
+TEST_CASE("gemv (plain): float64 reference, fused q|k|v segments, bias, fp32 out, awkward sizes") {
+  const std::vector<PlainGemvCase> cases = {
+      {"qwen3 q|k|v b=1", 1, 5120, 2048, {4096, 512, 512}, false, false},
+      {"qwen3 o_proj b=1", 1, 2048, 4096, {2048}, false, false},
+      {"qwen3 router b=8 fp32", 8, 128, 2048, {128}, false, true},
+      {"router b=64 fp32 (8 row chunks)", 64, 128, 2048, {128}, false, true},
+      {"lm-head-like b=2 (wide n)", 2, 20000, 2048, {20000}, false, false},
+      {"k=8, n=1000, 3 rows", 3, 1000, 8, {1000}, false, false},
+      {"qwen2 qkv bias, 7 rows, odd segments", 7, 37, 264, {30, 5, 2}, true, false},
+      {"n=1 fp32 (shared gate), 5 rows", 5, 1, 16, {1}, false, true},
+      {"6 rows (row tile 8), k=8192", 6, 24, 8192, {24}, true, false},
+      {"no rows", 0, 16, 16, {16}, false, false},
+      {"SwiGLU input (shared expert down b=3)", 3, 2048, 768, {2048}, false, false, true},
+      {"SwiGLU input, k=8, n=5, 8 rows", 8, 5, 8, {5}, false, false, true},
+  };
+  uint64_t seed = 9100;
+  for (const auto& c : cases) {
+    INFO(c.name << " rows=" << c.rows << " n=" << c.n << " k=" << c.k);
+    const auto act = rand_bf16(c.rows * c.k * (c.swiglu ? 2 : 1), seed += 3, -2, 2);
+    const auto w = rand_bf16(c.n * c.k, seed + 1, -1, 1);
+    const auto bias = rand_bf16(c.n, seed + 2, -1, 1);
+    Dev da(act.size() * 2), dw(w.size() * 2), db(bias.size() * 2);
+    upload(da.as<bf16>(), act);
+    upload(dw.as<bf16>(), w);
+    upload(db.as<bf16>(), bias);
+    std::vector<Dev> outs;
+    outs.reserve(c.widths.size());
+    const int64_t eb = c.f32 ? 4 : 2;
+    for (int64_t wd : c.widths) outs.emplace_back(std::size_t(c.rows * wd * eb));
+    gpu::GemvParams p;
+    p.act = da.as<bf16>();
+    p.weights = dw.as<bf16>();
+    p.bias = c.bias ? db.as<bf16>() : nullptr;
+    p.num_segments = static_cast<int>(c.widths.size());
+    for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
+      outs[s2].poison();
+      p.seg[s2] = {outs[s2].get(), c.widths[s2]};
+    }
+    p.out_fp32 = c.f32;
+    p.swiglu_act = c.swiglu;
+    p.num_rows = c.rows;
+    p.n = c.n;
+    p.k = c.k;
+    REQUIRE(gpu::gemv_unsupported_reason(p).empty());
+    gpu::launch_gemv(p, nullptr);
+    sync();
+    const auto ref = ref_gemv(act, 0, w, 0, c.bias ? &bias : nullptr, c.rows, c.n, c.k, c.swiglu);
+    std::vector<double> got(ref.size());
+    int64_t col0 = 0;
+    for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
+      const int64_t wd = c.widths[s2];
+      std::vector<double> seg;
+      if (c.f32) {
+        for (float v : download<float>(outs[s2].get(), std::size_t(c.rows * wd))) seg.push_back(v);
+      } else {
+        seg = to_double(download<bf16>(outs[s2].get(), std::size_t(c.rows * wd)));
+      }
+      for (int64_t r = 0; r < c.rows; ++r)
+        for (int64_t j = 0; j < wd; ++j) got[std::size_t(r * c.n + col0 + j)] = seg[std::size_t(r * wd + j)];
+      col0 += wd;
+    }
+    if (c.rows == 0) continue;
+    REQUIRE(all_finite(got));
+    CHECK(norm(ref) > 0);
+    const double err = rel_error(got, ref);
+    INFO("rel error " << err);
+    CHECK(err <= (c.f32 ? kTolGemvF32 : kTolBf16Out));
+  }
+}
+
+TEST_CASE("gemv, grouped gemv, qk_norm_rope_kv: unsupported parameters are rejected naming the legal values") {
+  Dev buf(1 << 16);
+  gpu::GemvParams p;
+  p.act = buf.as<bf16>();
+  p.weights = buf.as<bf16>();
+  p.seg[0] = {buf.get(), 16};
+  p.num_rows = 1;
+  p.n = 16;
+  p.k = 12;
+  check_rejects([&] { gpu::launch_gemv(p, nullptr); }, "a multiple of 8");
+  p.k = 16;
+  p.seg[0].width = 15;
+  check_rejects([&] { gpu::launch_gemv(p, nullptr); }, "sum to 15");
+  p.seg[0].width = 16;
+  p.out_fp32 = p.swiglu_act = true;
+  check_rejects([&] { gpu::launch_gemv(p, nullptr); }, "at most one");
+  p.out_fp32 = p.swiglu_act = false;
+  p.act = reinterpret_cast<const bf16*>(buf.as<char>() + 2);
+  check_rejects([&] { gpu::launch_gemv(p, nullptr); }, "16-byte aligned");
+  gpu::GroupedGemvParams g;
+  g.act = g.weights = buf.as<bf16>();
+  g.out = buf.as<bf16>();
+  g.expert_offsets = buf.as<int32_t>();
+  g.num_experts = 0;
+  g.n = 16;
+  g.k = 16;
+  check_rejects([&] { gpu::launch_grouped_gemv(g, nullptr); }, "legal: 1..65535");
+  g.num_experts = 2;
+  g.n = 24;
+  check_rejects([&] { gpu::launch_grouped_gemv_v1(g, nullptr); }, "multiple of 16");
+  gpu::QkNormRopeKvParams q;
+  q.num_tokens = 1;
+  q.q_heads = q.kv_heads = 1;
+  q.head_dim = 96;
+  check_rejects([&] { gpu::launch_qk_norm_rope_kv(q, nullptr); }, "legal: 64, 128");
+}
+
+struct GroupedGemvCase {
+  const char* name;
+  int E;
+  int64_t n, k;
+  std::vector<int> counts;  // rows per expert (size E); empty: `tokens` tokens routed top_k at random
+  int tokens, top_k;
+  bool pass_bounds;  // pass max_rows / max_rows_per_expert (else 0: unknown)
+  bool v1;           // the previous kernel
+  bool swiglu = false;
+};
+
+TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, chunks, rows past the end untouched") {
+  std::vector<GroupedGemvCase> cases = {
+      {"qwen3 gate|up b=1", 128, 1536, 2048, {}, 1, 8, true, false},
+      {"qwen3 down b=1", 128, 2048, 768, {}, 1, 8, true, false},
+      {"qwen3 down b=64", 128, 2048, 768, {}, 64, 8, true, false},
+      {"qwen3 gate|up b=64, bounds unknown", 128, 1536, 2048, {}, 64, 8, false, false},
+      {"one expert with 37 rows (5 chunks), n=24, k=40", 4, 24, 40, {0, 37, 0, 2}, 0, 0, true, false},
+      {"n=1, k=8, E=3", 3, 1, 8, {2, 0, 1}, 0, 0, true, false},
+      {"all empty", 5, 32, 64, {0, 0, 0, 0, 0}, 0, 0, true, false},
+      {"E=300 (ballot scan over 10 words), 3 tokens", 300, 40, 16, {}, 3, 8, true, false},
+      {"v1 kernel, qwen3 down b=4", 128, 2048, 768, {}, 4, 8, true, true},
+      {"v1 kernel, 37 rows", 4, 32, 40, {0, 37, 0, 2}, 0, 0, false, true},
+      {"qwen3 down b=1 with the SwiGLU input", 128, 2048, 768, {}, 1, 8, true, false, true},
+      {"qwen3 down b=64 with the SwiGLU input", 128, 2048, 768, {}, 64, 8, true, false, true},
+      {"SwiGLU input, 37 rows, k=40", 4, 24, 40, {0, 37, 0, 2}, 0, 0, true, false, true},
+  };
+  uint64_t seed = 9500;
+  for (const auto& c : cases) {
+    INFO(c.name << " E=" << c.E << " n=" << c.n << " k=" << c.k);
+    std::mt19937_64 rng(seed += 7);
+    std::vector<int> counts = c.counts;
+    int max_per_expert = 0;
+    if (counts.empty()) {  // tokens x top_k distinct experts per token
+      counts.assign(c.E, 0);
+      std::vector<int> pool(c.E);
+      for (int t = 0; t < c.tokens; ++t) {
+        std::iota(pool.begin(), pool.end(), 0);
+        for (int j = 0; j < c.top_k; ++j) {
+          std::swap(pool[j], pool[j + int(rng() % uint64_t(c.E - j))]);
+          ++counts[pool[j]];
+        }
+      }
+    }
+    std::vector<int32_t> off(c.E + 1, 0);
+    for (int e = 0; e < c.E; ++e) {
+      off[e + 1] = off[e] + counts[e];
+      max_per_expert = std::max(max_per_expert, counts[e]);
+    }
+    const int64_t rows = off[c.E], alloc_rows = rows + 3;  // 3 rows past the routed ones
+    const auto act = rand_bf16(alloc_rows * c.k * (c.swiglu ? 2 : 1), seed + 1, -2, 2);
+    const auto w = rand_bf16(int64_t(c.E) * c.n * c.k, seed + 2, -1, 1);
+    Dev da(act.size() * 2), dw(w.size() * 2), doff(off.size() * 4), dout(alloc_rows * c.n * 2);
+    upload(da.as<bf16>(), act);
+    upload(dw.as<bf16>(), w);
+    upload(doff.as<int32_t>(), off);
+    dout.poison();
+    gpu::GroupedGemvParams p;
+    p.act = da.as<bf16>();
+    p.weights = dw.as<bf16>();
+    p.out = dout.as<bf16>();
+    p.expert_offsets = doff.as<int32_t>();
+    p.num_experts = c.E;
+    p.n = c.n;
+    p.k = c.k;
+    p.swiglu_act = c.swiglu;
+    if (c.pass_bounds) {
+      p.max_rows = std::max<int64_t>(rows, 1);
+      p.max_rows_per_expert = std::max(max_per_expert, 1);
+    }
+    REQUIRE(gpu::grouped_gemv_unsupported_reason(p).empty());
+    if (c.v1)
+      gpu::launch_grouped_gemv_v1(p, nullptr);
+    else
+      gpu::launch_grouped_gemv(p, nullptr);
+    sync();
+    const auto got_all = to_double(download<bf16>(dout.get(), std::size_t(alloc_rows * c.n)));
+    std::vector<double> ref, got;
+    for (int e = 0; e < c.E; ++e) {
+      const auto r = ref_gemv(act, off[e], w, int64_t(e) * c.n * c.k, nullptr, counts[e], c.n, c.k, c.swiglu);
+      ref.insert(ref.end(), r.begin(), r.end());
+    }
+    got.assign(got_all.begin(), got_all.begin() + std::ptrdiff_t(rows * c.n));
+    int64_t touched_past_end = 0;
+    for (int64_t i = rows * c.n; i < alloc_rows * c.n; ++i) touched_past_end += !std::isnan(got_all[std::size_t(i)]);
+    CHECK(touched_past_end == 0);
+    if (rows == 0) continue;
+    REQUIRE(all_finite(got));
+    const double err = rel_error(got, ref);
+    INFO("rel error " << err << " rows " << rows << " max rows per expert " << max_per_expert);
+    CHECK(err <= kTolBf16Out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused QK-norm + RoPE + KV write (model_forward_kernels.hpp) against float64: norm and rotation
+// without intermediate rounding (the GPU rounds to bf16 after each: ~2 roundings, kTolBf16Out);
+// the cache rows must hold exactly the returned k and the input v; other slots stay poisoned.
+TEST_CASE("qk_norm_rope_kv: float64 reference, per-head norm or none, paged cache slots, padding tokens") {
+  struct Case {
+    const char* name;
+    int tokens, q_heads, kv_heads, head_dim;
+    bool norm;
+    int block_tokens;
+  };
+  const std::vector<Case> cases = {
+      {"qwen3-30b-a3b decode b=1", 1, 32, 4, 128, true, 16},
+      {"qwen3 b=5 (one padding token)", 5, 32, 4, 128, true, 16},
+      {"mixtral-like head_dim 64, no norm, 37 tokens", 37, 8, 2, 64, false, 8},
+      {"MHA 3 heads, block 32", 9, 3, 3, 128, true, 32},
+  };
+  uint64_t seed = 9900;
+  for (const auto& c : cases)
+    for (bool use_table : {false, true}) {
+    INFO(c.name << (use_table ? " (angles from launch_rope_table)" : " (angles in the kernel)"));
+    std::mt19937_64 rng(seed += 5);
+    const int D = c.head_dim, T = c.tokens;
+    const int num_seqs = 3, max_blocks = 8, num_blocks = num_seqs * max_blocks;
+    std::vector<int32_t> pos(T), seq(T), table(num_seqs * max_blocks);
+    std::iota(table.begin(), table.end(), 0);
+    std::shuffle(table.begin(), table.end(), rng);
+    std::set<std::pair<int, int>> used;
+    for (int t = 0; t < T; ++t) {  // distinct (sequence, position) pairs
+      do {
+        seq[t] = int(rng() % num_seqs);
+        pos[t] = int(rng() % uint64_t(max_blocks * c.block_tokens));
+      } while (!used.insert({seq[t], pos[t]}).second);
+    }
+    if (T > 1) pos[T / 2] = -1;  // padding: rotated with position -1, not written to the cache
+    const auto q = rand_bf16(std::size_t(T) * c.q_heads * D, seed + 1, -2, 2);
+    const auto k = rand_bf16(std::size_t(T) * c.kv_heads * D, seed + 2, -2, 2);
+    const auto v = rand_bf16(std::size_t(T) * c.kv_heads * D, seed + 3, -2, 2);
+    const auto qn = rand_bf16(D, seed + 4, 0.5f, 1.5f), kn = rand_bf16(D, seed + 5, 0.5f, 1.5f);
+    const std::size_t cache_elems = std::size_t(num_blocks) * c.block_tokens * c.kv_heads * D;
+    Dev dq(q.size() * 2), dk(k.size() * 2), dv(v.size() * 2), dqn(D * 2), dkn(D * 2), dpos(T * 4), dseq(T * 4),
+        dtab(table.size() * 4), dkc(cache_elems * 2), dvc(cache_elems * 2);
+    upload(dq.as<bf16>(), q);
+    upload(dk.as<bf16>(), k);
+    upload(dv.as<bf16>(), v);
+    upload(dqn.as<bf16>(), qn);
+    upload(dkn.as<bf16>(), kn);
+    upload(dpos.as<int32_t>(), pos);
+    upload(dseq.as<int32_t>(), seq);
+    upload(dtab.as<int32_t>(), table);
+    dkc.poison();
+    dvc.poison();
+    gpu::QkNormRopeKvParams p;
+    p.q = dq.as<bf16>();
+    p.k = dk.as<bf16>();
+    p.v = dv.as<bf16>();
+    p.q_norm = c.norm ? dqn.as<bf16>() : nullptr;
+    p.k_norm = c.norm ? dkn.as<bf16>() : nullptr;
+    p.positions = dpos.as<int32_t>();
+    p.token_seq = dseq.as<int32_t>();
+    p.k_cache = dkc.as<bf16>();
+    p.v_cache = dvc.as<bf16>();
+    p.block_table = dtab.as<int32_t>();
+    p.block_tokens = c.block_tokens;
+    p.max_blocks_per_seq = max_blocks;
+    p.num_tokens = T;
+    p.q_heads = c.q_heads;
+    p.kv_heads = c.kv_heads;
+    p.head_dim = D;
+    p.theta = 1e6f;
+    p.eps = 1e-6f;
+    Dev dcs(std::size_t(T) * D * 4);
+    if (use_table) {
+      gpu::launch_rope_table(dpos.as<int32_t>(), dcs.as<float>(), T, D, p.theta, nullptr);
+      p.rope_cs = dcs.as<float>();
+    }
+    REQUIRE(gpu::qk_norm_rope_kv_unsupported_reason(p).empty());
+    gpu::launch_qk_norm_rope_kv(p, nullptr);
+    sync();
+    auto ref_heads = [&](const std::vector<bf16>& x, int heads, const std::vector<bf16>& w) {
+      std::vector<double> out(x.size());
+      for (int t = 0; t < T; ++t)
+        for (int h = 0; h < heads; ++h) {
+          const std::size_t b = (std::size_t(t) * heads + h) * D;
+          double ss = 0;
+          std::vector<double> y(D);
+          for (int i = 0; i < D; ++i) {
+            y[i] = double(__bfloat162float(x[b + i]));
+            ss += y[i] * y[i];
+          }
+          if (c.norm) {
+            const double inv = 1.0 / std::sqrt(ss / D + 1e-6);
+            for (int i = 0; i < D; ++i) y[i] *= inv * double(__bfloat162float(w[i]));
+          }
+          for (int i = 0; i < D / 2; ++i) {
+            const double ang = double(pos[t]) * std::pow(1e6, -2.0 * i / D);
+            const double x1 = y[i], x2 = y[i + D / 2];
+            out[b + i] = x1 * std::cos(ang) - x2 * std::sin(ang);
+            out[b + i + D / 2] = x2 * std::cos(ang) + x1 * std::sin(ang);
+          }
+        }
+      return out;
+    };
+    const auto gq = download<bf16>(dq.get(), q.size()), gk = download<bf16>(dk.get(), k.size());
+    const double eq = rel_error(to_double(gq), ref_heads(q, c.q_heads, qn));
+    const double ek = rel_error(to_double(gk), ref_heads(k, c.kv_heads, kn));
+    INFO("rel error q " << eq << " k " << ek);
+    CHECK(eq <= kTolBf16Out);
+    CHECK(ek <= kTolBf16Out);
+    const auto kc = download<bf16>(dkc.get(), cache_elems), vc = download<bf16>(dvc.get(), cache_elems);
+    std::vector<bool> written(cache_elems, false);
+    int64_t wrong = 0;
+    for (int t = 0; t < T; ++t) {
+      if (pos[t] < 0) continue;
+      const int64_t blk = table[seq[t] * max_blocks + pos[t] / c.block_tokens];
+      const std::size_t row = std::size_t((blk * c.block_tokens + pos[t] % c.block_tokens) * c.kv_heads) * D;
+      for (std::size_t i = 0; i < std::size_t(c.kv_heads) * D; ++i) {
+        written[row + i] = true;
+        wrong += bits(kc[row + i]) != bits(gk[std::size_t(t) * c.kv_heads * D + i]);
+        wrong += bits(vc[row + i]) != bits(v[std::size_t(t) * c.kv_heads * D + i]);
+      }
+    }
+    int64_t touched = 0;
+    for (std::size_t i = 0; i < cache_elems; ++i)
+      if (!written[i]) touched += !is_nan_bits(kc[i]) || !is_nan_bits(vc[i]);
+    CHECK(wrong == 0);
+    CHECK(touched == 0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

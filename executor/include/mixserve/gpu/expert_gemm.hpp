@@ -1,18 +1,31 @@
-// Grouped expert GEMM that reads the expert row offsets from device memory (no host sync, so a
-// decode step that uses it can be captured in a CUDA graph):
-//   for every expert e and row r in [offsets[e], offsets[e + 1]):
-//     out[r, j] = sum_c act[r, c] * weights[e, j, c]        (bf16 in, fp32 accumulate, bf16 out)
-// weights [num_experts, n, k] (each expert's Linear weight [out, in]); act and out rows are
-// expert-contiguous (the permute's layout, permute.cuh). Rows at and past offsets[E] are untouched.
-// Algorithm: a CUDA-core grouped GEMV for small row counts (decode). Grid (n / kColsPerBlock,
-// num_experts); a block of 8 warps reads its expert's offsets and exits when the expert has no
-// rows; otherwise it stages kRowsPerChunk activation rows in shared memory and each warp computes
-// kColsPerBlock / 8 output columns for those rows: the lanes stream the weight row in 16-byte
-// vectors (each weight element is read once per chunk of rows) and reduce by shuffles. Experts
-// with more rows than a chunk loop over chunks (the weights are then re-read, from L2), so this
-// path is for a few rows per expert; larger steps use ExpertGemm (gemm.hpp, cuBLASLt).
+// Bandwidth-oriented GEMV / skinny GEMM for a few activation rows (decode), on CUDA cores:
+//   out[r, j] = sum_c act[r, c] * weights[e, j, c] (+ bias[j])   (bf16 in, fp32 accumulate)
+// with the weights [num_experts, n, k] (Linear [out, in] per expert), in two forms:
+//   grouped (launch_grouped_gemv)  rows are expert-contiguous and the expert row offsets are read
+//                                  from device memory (the permute's layout, permute.cuh): no host
+//                                  sync, so a decode step that uses it can be captured in a graph.
+//                                  Rows at and past offsets[E] are untouched.
+//   plain   (launch_gemv)          one weight matrix, num_rows rows; the output columns may be
+//                                  split into up to three segments with their own buffers (a fused
+//                                  q|k|v weight writes q, k and v), bf16 or fp32 output, optional
+//                                  bias.
+// Algorithm: a block of 8 warps owns 8 * C consecutive output columns of one expert (grouped: the
+// y-th expert that has rows, found by a ballot scan of the offsets, so a step with 8 routed rows
+// launches 8 expert slots instead of all E) and a chunk of up to R activation rows, staged in
+// shared memory. Each warp owns C columns: every lane loads 16-byte weight vectors of the C
+// columns, U vectors apart along k, all issued before use (C * U = 16 independent 16-byte loads in
+// flight per lane for 1-2 rows, 8 for 4-8 rows; streaming: evict-first), converts them once and
+// multiplies them with the R staged rows; the lanes reduce by shuffles. Each weight element is read
+// once per R rows of its expert (R = 1, 2, 4 or 8 from the most rows an expert can have; experts
+// with more rows loop over chunks and re-read the weights, from L2). C (4, 2 or 1) is the largest
+// whose batch of loads still covers a whole column (short k: down_proj), else 1, narrowed while the
+// grid has fewer than two blocks per SM.
 // Sync contract: stream order only. Requirements: SM >= 8.0; k a multiple of 8 and <= kMaxK;
-// n a multiple of kColsPerBlock; 16-byte aligned act and weights.
+// n >= 1; 16-byte aligned act and weights.
+//
+// launch_grouped_gemv_v1 is the previous kernel (grid over all E experts, 16 columns per block,
+// one column per warp at a time, kRowsPerChunk rows), kept so that benchmarks can measure the
+// change in the same run; the executor uses it only when GpuModelConfig::decode_kernels is off.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -22,9 +35,10 @@
 
 namespace mixserve::gpu {
 
-inline constexpr int kGroupedGemvColsPerBlock = 16;
+inline constexpr int kGroupedGemvColsPerBlock = 16;  // n granularity of the v1 kernel
 inline constexpr int kGroupedGemvRowsPerChunk = 8;
 inline constexpr int64_t kGroupedGemvMaxK = 8192;
+inline constexpr int kGemvMaxSegments = 3;
 
 struct GroupedGemvParams {
   const __nv_bfloat16* act = nullptr;      // [rows, k], expert-contiguous
@@ -33,11 +47,45 @@ struct GroupedGemvParams {
   const int32_t* expert_offsets = nullptr; // [num_experts + 1], device
   int num_experts = 0;
   int64_t n = 0, k = 0;
+  // Upper bounds known on the host (0: unknown): total routed rows (offsets[E]) and the most rows
+  // one expert can have (tokens, when every token picks distinct experts). They size the grid and
+  // the row chunk; a bound that is too small gives wrong results, so pass 0 when unsure.
+  int64_t max_rows = 0;
+  int64_t max_rows_per_expert = 0;
+  // act holds gate | up rows [rows, 2k] and the kernel multiplies with bf16(silu(gate) * up)
+  // (swiglu.cuh's formula and rounding), so the SwiGLU needs no launch of its own.
+  bool swiglu_act = false;
+  // Programmatic dependent launch (kernels/detail/pdl.cuh; not the v1 kernel): may start while the
+  // stream's previous kernel finishes; waits for it before touching memory (decode steps).
+  bool pdl = false;
+};
+
+struct GemvOutSegment {
+  void* out = nullptr;  // [num_rows, width] of bf16 or fp32 (row stride width)
+  int64_t width = 0;    // columns of this segment; the segments' widths sum to n
+};
+
+struct GemvParams {
+  const __nv_bfloat16* act = nullptr;      // [num_rows, k]
+  const __nv_bfloat16* weights = nullptr;  // [n, k]
+  const __nv_bfloat16* bias = nullptr;     // [n] or null
+  GemvOutSegment seg[kGemvMaxSegments];    // the first num_segments are used
+  int num_segments = 1;
+  bool out_fp32 = false;  // fp32 outputs (router logits) instead of bf16
+  bool swiglu_act = false;  // act is gate | up [num_rows, 2k]: see GroupedGemvParams (bf16 out only)
+  int64_t num_rows = 0, n = 0, k = 0;
+  // Programmatic dependent launch (kernels/detail/pdl.cuh): may start while the stream's previous
+  // kernel finishes; waits for it before touching memory. For chains of kernels (decode steps).
+  bool pdl = false;
 };
 
 // "" when supported, else why not (legal values named).
 std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p);
-// Throws mixserve::InputError naming the unsupported parameter; launch errors are checked.
+std::string gemv_unsupported_reason(const GemvParams& p);
+// Throw mixserve::InputError naming the unsupported parameter; launch errors are checked.
 void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream);
+void launch_gemv(const GemvParams& p, cudaStream_t stream);
+// The previous grouped kernel (see above); also requires n to be a multiple of 16.
+void launch_grouped_gemv_v1(const GroupedGemvParams& p, cudaStream_t stream);
 
 }  // namespace mixserve::gpu

@@ -4,7 +4,7 @@
 // first one and a block table), so one batch can mix chunked prefill and decode.
 //
 // Per layer (one stream, in order):
-//   RMSNorm -> q, k, v GEMMs (cuBLASLt) (+ bias) -> QK-norm (per head, or over the whole
+//   RMSNorm -> q, k, v GEMMs (cuBLASLt; one fused q|k|v GEMV launch for decode) (+ bias) -> QK-norm (per head, or over the whole
 //   projection when the norm weight has that width) -> RoPE -> KV write -> attention (mixed
 //   prefill/decode, attention.cuh) -> o GEMM -> residual add + RMSNorm (fused) ->
 //   MoE: router logits in fp32 -> softmax top-k -> device permute -> expert gate|up GEMMs ->
@@ -55,6 +55,9 @@ namespace mixserve::gpu {
 
 enum class ExpertPath { automatic, cublaslt, device_gemv, grouped_gemm };
 
+// Steps with at most this many tokens use the GEMV for the dense projections (decode_kernels).
+inline constexpr int64_t kGemvMaxRows = 8;
+
 struct GpuModelConfig {
   int block_size = 16;           // tokens per KV block: 8, 16 or 32
   int num_blocks = 0;            // KV blocks per layer; 0: from kv_memory_fraction
@@ -64,7 +67,23 @@ struct GpuModelConfig {
   int max_blocks_per_seq = 64;   // columns of the device block table
   ExpertPath expert_path = ExpertPath::automatic;
   int64_t device_gemv_max_rows = kDeviceGemvMaxRows;  // automatic: routed rows (tokens * top_k) up to this
+  // The decode kernels (docs/forward.md "Decode step"): steps of <= kGemvMaxRows tokens run the
+  // attention projections (one fused q|k|v launch with its bias), the shared/dense FFN and the LM
+  // head on the CUDA-core GEMV (expert_gemm.hpp) instead of cuBLASLt; router logits by the same
+  // kernel (fp32 out); the grouped expert GEMV over the experts that have rows only; a
+  // one-launch permute for decode-sized steps; a layer's residual add fused into the next layer's
+  // input RMSNorm. false: the previous kernels, kept to measure the change in the same run.
+  bool decode_kernels = true;
+  // decode_kernels: steps of up to this many tokens take the grouped GEMV of expert_gemm.hpp
+  // (with the SwiGLU fused into the down projection), larger ones its previous kernel (v1): on the
+  // H200, Qwen3-30B-A3B, v2 was faster at 1 token and 1.6x slower at 64 (docs/forward.md); sizes
+  // in between were not measured.
+  int64_t grouped_gemv_v2_max_tokens = kGemvMaxRows;
+  // decode_kernels, steps of <= kGemvMaxRows tokens that do not record the residual stream: launch
+  // the layer's kernels as programmatic dependents of the previous one (kernels/detail/pdl.cuh).
+  bool programmatic_launch = true;
 };
+
 
 struct StepOptions {
   bool all_logits = false;     // logits for every token (else the last token of each sequence)
@@ -100,6 +119,9 @@ class GpuModel {
   double weight_bytes() const { return weight_bytes_; }
   cudaStream_t stream() const { return stream_.get(); }
   void set_expert_path(ExpertPath p) { cfg_.expert_path = p; }
+  void set_decode_kernels(bool on) { cfg_.decode_kernels = on; }
+  void set_grouped_gemv_v2_max_tokens(int64_t t) { cfg_.grouped_gemv_v2_max_tokens = t; }
+  void set_programmatic_launch(bool on) { cfg_.programmatic_launch = on; }
 
   // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
   // the reference, plus the limits of the config).
@@ -126,6 +148,9 @@ class GpuModel {
   void allocate(bool from_host, const model::WeightSet* w, uint64_t seed);
   void gemm(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
             cudaStream_t s);
+  // gemm(), or the GEMV when decode_kernels and m <= kGemvMaxRows.
+  void linear(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
+              cudaStream_t s);
   void ffn_moe(const Layer& L, int64_t T, cudaStream_t s);
   void ffn_dense(const __nv_bfloat16* w13, const __nv_bfloat16* w2, int64_t inter, int64_t T,
                  __nv_bfloat16* out, cudaStream_t s);
@@ -145,6 +170,7 @@ class GpuModel {
   std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<LtGemm>> gemms_;
   std::unique_ptr<ExpertGemm> expert_w13_, expert_w2_;
+  bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
 
   struct Act;
   std::unique_ptr<Act> act_;

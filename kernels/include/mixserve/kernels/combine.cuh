@@ -30,6 +30,9 @@ struct CombineParams {
   int64_t num_tokens = 0;
   int top_k = 0;                              // 1..kCombineMaxTopK
   int64_t hidden = 0;                         // elements, >= 1
+  // Programmatic dependent launch (kernels/detail/pdl.cuh): may start while the stream's previous
+  // kernel finishes; waits for it before touching memory. For chains of kernels (decode steps).
+  bool pdl = false;
 };
 
 bool is_supported(const CombineParams& p, int device);

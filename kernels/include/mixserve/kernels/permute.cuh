@@ -9,7 +9,7 @@
 //   permuted_x[r, :]   = x[permuted_token[r], :] (skipped when x is null)
 // Order: within an expert, rows follow the flat pair index t * top_k + j (stable by token), so the
 // layout, and everything computed from it, is deterministic.
-// Algorithm (4 launches): (1) per chunk of kPermuteChunk pairs a shared-memory histogram (integer
+// Algorithm (4 launches; one launch up to kPermuteSingleLaunchMaxPairs pairs, see below): (1) per chunk of kPermuteChunk pairs a shared-memory histogram (integer
 // atomics: exact) into the workspace [chunks, E]; (2) one block turns it into per-chunk
 // offsets within each expert plus the counts and the expert offsets (a shared-memory scan); (3)
 // per chunk, 256 pairs at a time, each pair's rank among equal experts from __match_any_sync
@@ -27,6 +27,10 @@ namespace mixserve::kernels {
 
 inline constexpr int kPermuteMaxExperts = 1024;
 inline constexpr int kPermuteChunk = 2048;  // pairs per block in launches 1 and 3
+// Up to this many pairs (decode-sized steps) one launch does it all: every block recomputes the
+// maps from topk_ids in shared memory (histogram, scan, rank = equal experts before the pair in
+// flat order), block 0 writes them, and the blocks share the gather of the rows.
+inline constexpr int kPermuteSingleLaunchMaxPairs = 128;  // rank: a loop over the earlier pairs
 
 struct PermuteParams {
   const int32_t* topk_ids = nullptr;   // [num_tokens, top_k]
@@ -42,6 +46,10 @@ struct PermuteParams {
   int top_k = 0;                       // >= 1
   int num_experts = 0;                 // 1..kPermuteMaxExperts
   int64_t hidden = 0;                  // elements, >= 1 when x is set
+  bool allow_single_launch = true;     // false: always the 4-launch path (tests, benchmarks)
+  // Programmatic dependent launch (kernels/detail/pdl.cuh): may start while the stream's previous
+  // kernel finishes; waits for it before touching memory. For chains of kernels (decode steps).
+  bool pdl = false;  // the single launch only (the 4-launch path launches normally)
 };
 
 // Workspace the launch needs: [ceil(num_tokens * top_k / kPermuteChunk), num_experts] int32.

@@ -33,6 +33,9 @@ struct RmsNormParams {
   int64_t num_rows = 0;                     // tokens (or tokens * heads for QK-norm)
   int width = 0;                            // elements per row, 1..kRmsNormMaxWidth
   float eps = 1e-6f;                        // > 0
+  // Programmatic dependent launch (kernels/detail/pdl.cuh): may start while the stream's previous
+  // kernel finishes; waits for it before touching memory. For chains of kernels (decode steps).
+  bool pdl = false;
 };
 
 // True when launch_rmsnorm runs these parameters on `device` (compute capability >= 8.0,

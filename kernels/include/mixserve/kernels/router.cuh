@@ -54,6 +54,9 @@ struct RouterParams {
   float routed_scaling = 1.0f;             // > 0
   int num_groups = 1;                      // sigmoid only; divides num_experts, <= kRouterMaxGroups
   int topk_groups = 1;                     // groups kept, 1..num_groups, enough experts for top_k
+  // Programmatic dependent launch (kernels/detail/pdl.cuh): may start while the stream's previous
+  // kernel finishes; waits for it before touching memory. For chains of kernels (decode steps).
+  bool pdl = false;
 };
 
 bool is_supported(const RouterParams& p, int device);
