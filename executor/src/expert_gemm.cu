@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemv_v1_kernel(GroupedGemvPa
 
 }  // namespace
 
-std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p) {
+std::string grouped_gemv_v2_unsupported_reason(const GroupedGemvParams& p) {
   if (p.num_experts < 1 || p.num_experts > 65535)
     return "num_experts=" + std::to_string(p.num_experts) + " (legal: 1..65535)";
   if (auto why = check_k(p.k); !why.empty()) return why;
@@ -307,6 +307,14 @@ std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p) {
   if ((reinterpret_cast<uintptr_t>(p.act) | reinterpret_cast<uintptr_t>(p.weights)) % 16 != 0)
     return "act or weights not 16-byte aligned";
   return "";
+}
+
+std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p) {
+  std::string why = grouped_gemv_v2_unsupported_reason(p);
+  if (why.empty() && p.n % kV1Cols != 0)
+    why = "n=" + std::to_string(p.n) + " (legal: a multiple of " + std::to_string(kV1Cols) + ")";
+  if (why.empty() && p.swiglu_act) why = "swiglu_act (legal: false; launch_grouped_gemv_v2 takes it)";
+  return why;
 }
 
 std::string gemv_unsupported_reason(const GemvParams& p) {
@@ -331,9 +339,9 @@ std::string gemv_unsupported_reason(const GemvParams& p) {
   return "";
 }
 
-void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream) {
-  const std::string why = grouped_gemv_unsupported_reason(p);
-  if (!why.empty()) throw InputError("grouped_gemv: unsupported parameters: " + why);
+void launch_grouped_gemv_v2(const GroupedGemvParams& p, cudaStream_t stream) {
+  const std::string why = grouped_gemv_v2_unsupported_reason(p);
+  if (!why.empty()) throw InputError("grouped_gemv_v2: unsupported parameters: " + why);
   GemvArgs a{};
   a.act = p.act;
   a.weights = p.weights;
@@ -369,18 +377,16 @@ void launch_gemv(const GemvParams& p, cudaStream_t stream) {
   launch(a, r, p.out_fp32, p.swiglu_act, static_cast<unsigned>(chunks), p.pdl, stream);
 }
 
-void launch_grouped_gemv_v1(const GroupedGemvParams& p, cudaStream_t stream) {
-  std::string why = grouped_gemv_unsupported_reason(p);
-  if (why.empty() && p.n % kV1Cols != 0) why = "n=" + std::to_string(p.n) + " (v1: a multiple of 16)";
-  if (why.empty() && p.swiglu_act) why = "swiglu_act (v1: not supported)";
-  if (!why.empty()) throw InputError("grouped_gemv_v1: unsupported parameters: " + why);
+void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream) {
+  const std::string why = grouped_gemv_unsupported_reason(p);
+  if (!why.empty()) throw InputError("grouped_gemv: unsupported parameters: " + why);
   const std::size_t smem = std::size_t(kV1Rows) * std::size_t(p.k) * 2;
   if (smem > 48 * 1024)
     MIXSERVE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemv_v1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.n / kV1Cols), static_cast<unsigned>(p.num_experts));
   grouped_gemv_v1_kernel<<<grid, kThreads, smem, stream>>>(p);
-  MIXSERVE_LAUNCH_CHECK("grouped_gemv_v1_kernel");
+  MIXSERVE_LAUNCH_CHECK("grouped_gemv_v1_kernel");  // v1: the kernel before 2026-11-29
 }
 
 }  // namespace mixserve::gpu

@@ -581,7 +581,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
     g.max_rows_per_expert = T;      // a token picks distinct experts
     g.pdl = pdl_;
     const bool v2 = cfg_.decode_kernels && T <= cfg_.grouped_gemv_v2_max_tokens;
-    auto grouped = v2 ? launch_grouped_gemv : launch_grouped_gemv_v1;
+    auto grouped = v2 ? launch_grouped_gemv_v2 : launch_grouped_gemv;
     grouped(g, s);
     if (v2) {
       g.act = A.gu;  // SwiGLU applied while the down GEMV stages its rows

@@ -661,10 +661,13 @@ TEST_CASE("gemv, grouped gemv, qk_norm_rope_kv: unsupported parameters are rejec
   g.num_experts = 0;
   g.n = 16;
   g.k = 16;
-  check_rejects([&] { gpu::launch_grouped_gemv(g, nullptr); }, "legal: 1..65535");
+  check_rejects([&] { gpu::launch_grouped_gemv_v2(g, nullptr); }, "legal: 1..65535");
   g.num_experts = 2;
   g.n = 24;
-  check_rejects([&] { gpu::launch_grouped_gemv_v1(g, nullptr); }, "multiple of 16");
+  check_rejects([&] { gpu::launch_grouped_gemv(g, nullptr); }, "multiple of 16");
+  g.n = 32;
+  g.swiglu_act = true;
+  check_rejects([&] { gpu::launch_grouped_gemv(g, nullptr); }, "swiglu_act");
   gpu::QkNormRopeKvParams q;
   q.num_tokens = 1;
   q.q_heads = q.kv_heads = 1;
@@ -742,11 +745,11 @@ TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, c
       p.max_rows = std::max<int64_t>(rows, 1);
       p.max_rows_per_expert = std::max(max_per_expert, 1);
     }
-    REQUIRE(gpu::grouped_gemv_unsupported_reason(p).empty());
+    REQUIRE((c.v1 ? gpu::grouped_gemv_unsupported_reason(p) : gpu::grouped_gemv_v2_unsupported_reason(p)).empty());
     if (c.v1)
-      gpu::launch_grouped_gemv_v1(p, nullptr);
-    else
       gpu::launch_grouped_gemv(p, nullptr);
+    else
+      gpu::launch_grouped_gemv_v2(p, nullptr);
     sync();
     const auto got_all = to_double(download<bf16>(dout.get(), std::size_t(alloc_rows * c.n)));
     std::vector<double> ref, got;

@@ -1,7 +1,7 @@
 // Bandwidth-oriented GEMV / skinny GEMM for a few activation rows (decode), on CUDA cores:
 //   out[r, j] = sum_c act[r, c] * weights[e, j, c] (+ bias[j])   (bf16 in, fp32 accumulate)
 // with the weights [num_experts, n, k] (Linear [out, in] per expert), in two forms:
-//   grouped (launch_grouped_gemv)  rows are expert-contiguous and the expert row offsets are read
+//   grouped (launch_grouped_gemv_v2) rows are expert-contiguous and the expert row offsets are read
 //                                  from device memory (the permute's layout, permute.cuh): no host
 //                                  sync, so a decode step that uses it can be captured in a graph.
 //                                  Rows at and past offsets[E] are untouched.
@@ -23,9 +23,10 @@
 // Sync contract: stream order only. Requirements: SM >= 8.0; k a multiple of 8 and <= kMaxK;
 // n >= 1; 16-byte aligned act and weights.
 //
-// launch_grouped_gemv_v1 is the previous kernel (grid over all E experts, 16 columns per block,
-// one column per warp at a time, kRowsPerChunk rows), kept so that benchmarks can measure the
-// change in the same run; the executor uses it only when GpuModelConfig::decode_kernels is off.
+// launch_grouped_gemv is the previous kernel ("v1": grid over all E experts, 16 columns per block,
+// one column per warp at a time, kRowsPerChunk rows; n a multiple of 16, no swiglu_act, launched
+// without PDL). The executor takes it above GpuModelConfig::grouped_gemv_v2_max_tokens (on the
+// H200 it beat v2 at 64 tokens, lost at 1) and with decode_kernels off; mixserve-profile times it.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -80,12 +81,12 @@ struct GemvParams {
 };
 
 // "" when supported, else why not (legal values named).
-std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p);
+std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p);     // v1
+std::string grouped_gemv_v2_unsupported_reason(const GroupedGemvParams& p);
 std::string gemv_unsupported_reason(const GemvParams& p);
 // Throw mixserve::InputError naming the unsupported parameter; launch errors are checked.
-void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream);
+void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream);  // v1 (see above)
+void launch_grouped_gemv_v2(const GroupedGemvParams& p, cudaStream_t stream);
 void launch_gemv(const GemvParams& p, cudaStream_t stream);
-// The previous grouped kernel (see above); also requires n to be a multiple of 16.
-void launch_grouped_gemv_v1(const GroupedGemvParams& p, cudaStream_t stream);
 
 }  // namespace mixserve::gpu

@@ -17,7 +17,7 @@
 //   cublaslt     ExpertGemm (gemm.hpp): one cuBLASLt GEMM per expert with tokens. Its row counts
 //                are host values, so every MoE layer copies the expert counts to the host and
 //                synchronises the stream once: such a step cannot be captured in a CUDA graph.
-//   device_gemv  launch_grouped_gemv (expert_gemm.hpp): one launch per projection for all experts,
+//   device_gemv  launch_grouped_gemv[_v2] (expert_gemm.hpp): one launch per projection for all experts,
 //                reading the permute's device-side offsets; no host sync, so the step can be
 //                captured in a CUDA graph. CUDA cores, weights re-read per 8 rows of an expert:
 //                for decode-sized steps.
