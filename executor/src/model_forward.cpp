@@ -58,7 +58,8 @@ struct GpuModel::Act {
   bf16* gu = nullptr;                                          // [rows, 2 * inter] (max over FFNs)
   bf16* ffn_act = nullptr;                                     // [rows, inter]
   bf16* expert_out = nullptr;                                  // [T * top_k, H]
-  bf16* shared_out = nullptr;                                  // [T, H]
+  bf16* shared_out = nullptr;                                  // [Tm, H]
+  bf16 *moe_in = nullptr, *moe_out = nullptr;                  // [stage * T, H]: gathered MoE mode
   bf16* last_x = nullptr;                                      // [T, H]
   bf16* logits = nullptr;                                      // [T, vocab]
   float *router_logits = nullptr, *topk_w = nullptr, *shared_gate = nullptr;
@@ -84,14 +85,13 @@ struct GpuModel::Prepared {
   int S = 0;
   int max_q_len = 0, max_seq_len = 0;
   int64_t context_tokens = 0;  // sum of seq_lens
+  int64_t moe_tokens = 0;      // gathered MoE mode: rows per stage member (largest replica's T)
   std::vector<int64_t> seq_offsets, logit_rows;
   bool record = false;
   std::vector<int> experts_touched;  // per layer, from the last enqueue
 };
 
 namespace {
-
-int64_t kv_width(const ModelSpec& m) { return int64_t(m.attention.num_kv_heads) * m.attention.head_dim; }
 
 bool ends_with(const std::string& s, std::string_view suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
@@ -115,13 +115,13 @@ void init_range(const std::string& name, int64_t fan_in, float& centre, float& h
 }  // namespace
 
 GpuModel::GpuModel(const model::WeightSet& weights, const GpuModelConfig& cfg)
-    : spec_(weights.spec()), cfg_(cfg), lt_workspace_(LtGemm::kWorkspaceBytes) {
+    : spec_(weights.spec()), cfg_(cfg), dims_(shard_dims(spec_, cfg.shard)), lt_workspace_(LtGemm::kWorkspaceBytes) {
   check_supported();
   allocate(true, &weights, 0);
 }
 
 GpuModel::GpuModel(const ModelSpec& spec, uint64_t seed, const GpuModelConfig& cfg)
-    : spec_(spec), cfg_(cfg), lt_workspace_(LtGemm::kWorkspaceBytes) {
+    : spec_(spec), cfg_(cfg), dims_(shard_dims(spec_, cfg.shard)), lt_workspace_(LtGemm::kWorkspaceBytes) {
   check_supported();
   allocate(false, nullptr, seed);
 }
@@ -164,6 +164,20 @@ void GpuModel::check_supported() const {
       bad("routing variant", 1, "softmax top-k without groups or biases");
   }
   if (spec_.hidden_size > kLinearFp32MaxWidth) bad("hidden_size", spec_.hidden_size, "<= 16384");
+  // The shard's own widths feed the GEMMs too (shard.hpp).
+  const ShardSpec& sh = cfg_.shard;
+  const bool sharded = sh.attn_tp > 1 || sh.moe_tp > 1 || sh.stage_size > 1 || sh.num_stages > 1;
+  if (sharded && !cfg_.comm) throw InputError("GPU forward: a sharded model needs a ForwardComm (GpuModelConfig::comm)");
+  if (sh.attn_tp > 1 || sh.moe_tp > 1) {
+    mult8("q width of the shard", int64_t(dims_.q_heads) * a.head_dim);
+    if (spec_.num_dense_layers() > 0) mult8("dense FFN width of the shard", dims_.dense);
+    if (spec_.num_moe_layers() > 0) {
+      mult8("expert width of the shard", dims_.inter);
+      if (dims_.shared > 0) mult8("shared-expert width of the shard", dims_.shared);
+      if ((2 * dims_.inter) % kGroupedGemvColsPerBlock != 0)
+        bad("2 * expert width of the shard", 2 * dims_.inter, "a multiple of 16 for the device GEMV path");
+    }
+  }
   if (cfg_.max_tokens_per_step < 1 || cfg_.max_seqs_per_step < 1 || cfg_.max_blocks_per_seq < 1)
     throw InputError(fmt::format("GPU forward: max_tokens_per_step={} max_seqs_per_step={} max_blocks_per_seq={} "
                                  "(each must be >= 1)",
@@ -175,11 +189,14 @@ void GpuModel::check_supported() const {
 
 void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed) {
   const ModelSpec& m = spec_;
-  const int64_t H = m.hidden_size, QW = m.q_width(), KVW = kv_width(m);
-  const int E = m.moe.num_experts, K = m.moe.top_k;
-  const int64_t I = m.moe.expert_intermediate_size, S = m.moe.shared_intermediate_size,
-                D = m.dense_intermediate_size;
+  const ShardDims& sd = dims_;
+  const int64_t hd = m.attention.head_dim;
+  const int64_t H = m.hidden_size, QW = sd.q_heads * hd, KVW = sd.kv_heads * hd;
+  const int E = m.moe.num_experts, K = m.moe.top_k, El = sd.experts;
+  const int64_t I = sd.inter, S = sd.shared, D = sd.dense;
   const int64_t T = cfg_.max_tokens_per_step;
+  // Rows of the MoE buffers: the stage's gathered tokens in the gathered mode.
+  const int64_t Tm = T * (cfg_.shard.moe_mode == MoeMode::gathered ? cfg_.shard.stage_size : 1);
   std::map<std::string, std::vector<int64_t>> shapes;
   for (const auto& t : model::expected_tensors(m)) shapes[t.name] = t.shape;
   cudaStream_t s = stream_.get();
@@ -188,39 +205,57 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     owned_.emplace_back(std::max<std::size_t>(bytes, 16));
     return owned_.back().get();
   };
-  // The concatenation of the named tensors (same last dimension) as one device buffer.
-  auto fused = [&](const std::vector<std::string>& parts) -> const bf16* {
+  // The concatenation of the named tensors' blocks (rows [r0, r1) x columns [c0, c1) of each,
+  // row-major; -1: to the end; 1-D tensors are one column) as one device buffer: the shard.
+  struct Part {
+    std::string name;
+    int64_t r0 = 0, r1 = -1, c0 = 0, c1 = -1;
+    Part(std::string n, int64_t a = 0, int64_t b = -1, int64_t c = 0, int64_t d = -1)
+        : name(std::move(n)), r0(a), r1(b), c0(c), c1(d) {}
+  };
+  auto fused = [&](std::vector<Part> parts) -> const bf16* {
     int64_t numel = 0;
-    for (const auto& n : parts) {
-      if (!shapes.count(n)) throw RuntimeError(fmt::format("GPU forward: tensor {} not expected", n));
-      int64_t c = 1;
-      for (auto d : shapes[n]) c *= d;
-      numel += c;
+    for (auto& p : parts) {
+      if (!shapes.count(p.name)) throw RuntimeError(fmt::format("GPU forward: tensor {} not expected", p.name));
+      const auto& sh = shapes[p.name];
+      const int64_t rows = sh[0], cols = sh.size() > 1 ? sh[1] : 1;
+      if (p.r1 < 0) p.r1 = rows;
+      if (p.c1 < 0) p.c1 = cols;
+      if (p.r0 < 0 || p.r1 > rows || p.r0 >= p.r1 || p.c0 < 0 || p.c1 > cols || p.c0 >= p.c1)
+        throw RuntimeError(fmt::format("GPU forward: shard [{}, {}) x [{}, {}) of {} [{}, {}]", p.r0, p.r1, p.c0, p.c1,
+                                       p.name, rows, cols));
+      numel += (p.r1 - p.r0) * (p.c1 - p.c0);
     }
     auto* dst = static_cast<bf16*>(alloc(std::size_t(numel) * 2));
     weight_bytes_ += double(numel) * 2;
     if (from_host) {
       int64_t off = 0;
-      for (const auto& n : parts) {
-        const auto& t = w->at(n);
-        MIXSERVE_CUDA_CHECK(cudaMemcpy(dst + off, t.bf16.data(), t.bf16.size() * 2, cudaMemcpyHostToDevice));
-        off += int64_t(t.bf16.size());
+      std::vector<uint16_t> block;
+      for (const auto& p : parts) {
+        const auto& t = w->at(p.name);
+        const int64_t cols = t.shape.size() > 1 ? t.shape[1] : 1, width = p.c1 - p.c0;
+        block.resize(std::size_t((p.r1 - p.r0) * width));
+        for (int64_t r = p.r0; r < p.r1; ++r)
+          std::copy_n(t.bf16.begin() + std::ptrdiff_t(r * cols + p.c0), width,
+                      block.begin() + std::ptrdiff_t((r - p.r0) * width));
+        MIXSERVE_CUDA_CHECK(cudaMemcpy(dst + off, block.data(), block.size() * 2, cudaMemcpyHostToDevice));
+        off += int64_t(block.size());
       }
     } else {
       float centre = 0, half = 0;
-      init_range(parts[0], shapes[parts[0]].back(), centre, half);
+      init_range(parts[0].name, shapes[parts[0].name].back(), centre, half);
       kernels::FillParams f;
       f.data = dst;
       f.num_elements = numel;
       f.dtype = DType::bf16;
-      f.seed = seed ^ std::hash<std::string>{}(parts[0]);
+      f.seed = seed ^ std::hash<std::string>{}(parts[0].name);
       f.lo = centre - half;
       f.hi = centre + half;
       kernels::launch_fill_uniform(f, s);
     }
     return dst;
   };
-  auto one = [&](const std::string& n) { return fused({n}); };
+  auto one = [&](const std::string& n) { return fused({Part(n)}); };
   auto opt = [&](const std::string& n) -> const bf16* { return shapes.count(n) ? one(n) : nullptr; };
 
   embed_ = one(names::embed());
@@ -228,19 +263,22 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   lm_head_ = m.tie_word_embeddings ? embed_ : one(names::lm_head());
   const model::Family fam = model::family_of(m);
   layers_.resize(m.num_layers);
-  for (int l = 0; l < m.num_layers; ++l) {
+  // Rows of q (the shard's query heads) and of k/v (its KV heads), columns of o.
+  const int64_t q0 = sd.q_head0 * hd, q1 = q0 + QW, kv0 = sd.kv_head0 * hd, kv1 = kv0 + KVW;
+  for (int l = sd.layer_begin; l < sd.layer_end; ++l) {
     Layer& L = layers_[l];
     L.in_norm = one(names::input_norm(l));
     L.post_norm = one(names::post_attn_norm(l));
-    // q, k, v (and their biases) in one buffer, rows q then k then v: a fused [QW + 2 KVW, H]
-    // weight for the one-launch q|k|v GEMV.
-    L.wq = fused({names::attn(l, "q_proj"), names::attn(l, "k_proj"), names::attn(l, "v_proj")});
+    // q, k, v (and their biases) in one buffer, rows q then k then v (the shard's heads): a
+    // fused [QW + 2 KVW, H] weight for the one-launch q|k|v GEMV.
+    L.wq = fused({Part(names::attn(l, "q_proj"), q0, q1), Part(names::attn(l, "k_proj"), kv0, kv1),
+                  Part(names::attn(l, "v_proj"), kv0, kv1)});
     L.wk = L.wq + QW * H;
     L.wv = L.wk + KVW * H;
-    L.wo = one(names::attn(l, "o_proj"));
+    L.wo = fused({Part(names::attn(l, "o_proj"), 0, -1, q0, q1)});
     if (shapes.count(names::attn(l, "q_proj", "bias"))) {
-      L.bq = fused({names::attn(l, "q_proj", "bias"), names::attn(l, "k_proj", "bias"),
-                    names::attn(l, "v_proj", "bias")});
+      L.bq = fused({Part(names::attn(l, "q_proj", "bias"), q0, q1), Part(names::attn(l, "k_proj", "bias"), kv0, kv1),
+                    Part(names::attn(l, "v_proj", "bias"), kv0, kv1)});
       L.bk = L.bq + QW;
       L.bv = L.bk + KVW;
     }
@@ -253,22 +291,25 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     L.moe = m.layers[l].moe;
     if (L.moe) {
       L.router = one(names::router(fam, l));
-      std::vector<std::string> w13, w2;
-      for (int e = 0; e < E; ++e) {
-        w13.push_back(names::expert(fam, l, e, FfnProj::gate));
-        w13.push_back(names::expert(fam, l, e, FfnProj::up));
-        w2.push_back(names::expert(fam, l, e, FfnProj::down));
+      // The shard's experts; of each, gate and up rows [inter0, inter0 + I), down columns.
+      std::vector<Part> w13, w2;
+      for (int e = sd.expert0; e < sd.expert0 + El; ++e) {
+        w13.emplace_back(names::expert(fam, l, e, FfnProj::gate), sd.inter0, sd.inter0 + I);
+        w13.emplace_back(names::expert(fam, l, e, FfnProj::up), sd.inter0, sd.inter0 + I);
+        w2.emplace_back(names::expert(fam, l, e, FfnProj::down), 0, -1, sd.inter0, sd.inter0 + I);
       }
       L.w13 = fused(w13);
       L.w2 = fused(w2);
-      if (S > 0) {
-        L.shared_w13 = fused({names::shared_expert(l, FfnProj::gate), names::shared_expert(l, FfnProj::up)});
-        L.shared_w2 = one(names::shared_expert(l, FfnProj::down));
+      if (S > 0 && cfg_.shard.shared_expert) {
+        L.shared_w13 = fused({Part(names::shared_expert(l, FfnProj::gate), sd.shared0, sd.shared0 + S),
+                              Part(names::shared_expert(l, FfnProj::up), sd.shared0, sd.shared0 + S)});
+        L.shared_w2 = fused({Part(names::shared_expert(l, FfnProj::down), 0, -1, sd.shared0, sd.shared0 + S)});
         L.shared_gate = opt(names::shared_expert_gate(l));
       }
     } else {
-      L.dense_w13 = fused({names::dense(l, FfnProj::gate), names::dense(l, FfnProj::up)});
-      L.dense_w2 = one(names::dense(l, FfnProj::down));
+      L.dense_w13 = fused({Part(names::dense(l, FfnProj::gate), sd.dense0, sd.dense0 + D),
+                           Part(names::dense(l, FfnProj::up), sd.dense0, sd.dense0 + D)});
+      L.dense_w2 = fused({Part(names::dense(l, FfnProj::down), 0, -1, sd.dense0, sd.dense0 + D)});
     }
   }
 
@@ -280,11 +321,11 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   auto bf = [&](int64_t n) { return static_cast<bf16*>(alloc(std::size_t(n) * 2)); };
   auto i32 = [&](int64_t n) { return static_cast<int32_t*>(alloc(std::size_t(n) * 4)); };
   auto f32 = [&](int64_t n) { return static_cast<float*>(alloc(std::size_t(n) * 4)); };
-  const int64_t rows = T * std::max(K, 1);
+  const int64_t rows = Tm * std::max(K, 1);
   int64_t gu_elems = 0, act_elems = 0;
   if (m.num_moe_layers() > 0) {
-    gu_elems = std::max(rows * 2 * I, T * 2 * S);
-    act_elems = std::max(rows * I, T * S);
+    gu_elems = std::max(rows * 2 * I, Tm * 2 * S);
+    act_elems = std::max(rows * I, Tm * S);
   }
   if (m.num_dense_layers() > 0) {
     gu_elems = std::max(gu_elems, T * 2 * D);
@@ -299,7 +340,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   A.v = bf(T * KVW);
   A.gu = bf(gu_elems);
   A.ffn_act = bf(act_elems);
-  A.shared_out = bf(T * H);
+  A.shared_out = bf(Tm * H);
   A.last_x = bf(T * H);
   A.logits = bf(T * m.vocab_size);
   A.tokens = i32(T);
@@ -313,20 +354,24 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   if (m.num_moe_layers() > 0) {
     A.permuted_x = bf(rows * H);
     A.expert_out = bf(rows * H);
-    A.router_logits = f32(T * E);
+    A.router_logits = f32(Tm * E);
     A.topk_w = f32(rows);
-    A.shared_gate = f32(T);
+    A.shared_gate = f32(Tm);
     A.topk_ids = i32(rows);
-    A.counts = i32(E);
-    A.offsets = i32(E + 1);
+    A.counts = i32(El);
+    A.offsets = i32(El + 1);
     A.slot_row = i32(rows);
     A.permuted_token = i32(rows);
-    A.permute_ws_bytes = kernels::permute_workspace_bytes(T, K, E);
+    A.permute_ws_bytes = kernels::permute_workspace_bytes(Tm, K, El);
     A.permute_ws = alloc(A.permute_ws_bytes);
-    MIXSERVE_CUDA_CHECK(cudaMallocHost(&A.counts_host, std::size_t(E) * 4));
-    expert_w13_ = std::make_unique<ExpertGemm>(lt_, E, 2 * I, H, DType::bf16, lt_workspace_.get(),
+    if (cfg_.shard.moe_mode == MoeMode::gathered) {
+      A.moe_in = bf(Tm * H);
+      A.moe_out = bf(Tm * H);
+    }
+    MIXSERVE_CUDA_CHECK(cudaMallocHost(&A.counts_host, std::size_t(El) * 4));
+    expert_w13_ = std::make_unique<ExpertGemm>(lt_, El, 2 * I, H, DType::bf16, lt_workspace_.get(),
                                                lt_workspace_.bytes());
-    expert_w2_ = std::make_unique<ExpertGemm>(lt_, E, H, I, DType::bf16, lt_workspace_.get(),
+    expert_w2_ = std::make_unique<ExpertGemm>(lt_, El, H, I, DType::bf16, lt_workspace_.get(),
                                               lt_workspace_.bytes());
   }
 
@@ -339,13 +384,16 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     std::size_t free_b = 0, total_b = 0;
     MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     num_blocks_ = static_cast<int>(std::min<double>(
-        double(free_b) * cfg_.kv_memory_fraction / (2.0 * m.num_layers * double(block_bytes)), 1 << 30));
+        double(free_b) * cfg_.kv_memory_fraction / (2.0 * (sd.layer_end - sd.layer_begin) * double(block_bytes)),
+        1 << 30));
     if (num_blocks_ < 1)
       throw RuntimeError(fmt::format("GPU forward: no device memory left for the KV cache ({} bytes free)", free_b));
   }
-  for (int l = 0; l < m.num_layers; ++l) {
-    k_cache_.emplace_back(std::size_t(num_blocks_) * block_bytes);
-    v_cache_.emplace_back(std::size_t(num_blocks_) * block_bytes);
+  k_cache_.resize(std::size_t(m.num_layers));  // the stage's layers only
+  v_cache_.resize(std::size_t(m.num_layers));
+  for (int l = sd.layer_begin; l < sd.layer_end; ++l) {
+    k_cache_[l] = DeviceBuffer(std::size_t(num_blocks_) * block_bytes);
+    v_cache_[l] = DeviceBuffer(std::size_t(num_blocks_) * block_bytes);
   }
   reset_cache();
   MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -353,6 +401,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
 
 void GpuModel::reset_cache() {
   for (std::size_t l = 0; l < k_cache_.size(); ++l) {
+    if (k_cache_[l].bytes() == 0) continue;  // a layer of another pipeline stage
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(k_cache_[l].get(), 0, k_cache_[l].bytes(), stream_.get()));
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(v_cache_[l].get(), 0, v_cache_[l].bytes(), stream_.get()));
   }
@@ -392,7 +441,8 @@ void GpuModel::linear(const void* act, const void* weight, void* out, int64_t m,
 
 void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const StepOptions& opt) {
   const ModelSpec& m = spec_;
-  if (batch.empty()) throw InputError("GPU forward: empty batch");
+  // A DP-attention rank without requests still steps through the MoE layers with its stage.
+  if (batch.empty() && cfg_.shard.moe_mode != MoeMode::gathered) throw InputError("GPU forward: empty batch");
   if (int(batch.size()) > cfg_.max_seqs_per_step)
     throw InputError(fmt::format("GPU forward: {} sequences, max_seqs_per_step={}", batch.size(),
                                  cfg_.max_seqs_per_step));
@@ -449,6 +499,8 @@ void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const Step
   auto up = [&](int32_t* dst, const std::vector<int32_t>& v) {
     MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(dst, v.data(), v.size() * 4, cudaMemcpyHostToDevice, s));
   };
+  if (cfg_.shard.moe_mode == MoeMode::gathered && m.num_moe_layers() > 0)
+    p->moe_tokens = cfg_.comm->max_over(CommGroup::stage, p->T, s);
   up(A.tokens, tokens);
   up(A.positions, positions);
   up(A.token_seq, token_seq);
@@ -459,16 +511,16 @@ void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const Step
   // Attention workspace for this batch shape.
   kernels::AttentionParams ap;
   ap.cache.head_dim = m.attention.head_dim;
-  ap.cache.kv_heads = m.attention.num_kv_heads;
+  ap.cache.kv_heads = dims_.kv_heads;
   ap.cache.block_tokens = cfg_.block_size;
   ap.num_seqs = p->S;
   ap.num_tokens = p->T;
-  ap.q_heads = m.attention.num_heads;
+  ap.q_heads = dims_.q_heads;
   ap.max_q_len = p->max_q_len;
   ap.max_seq_len = p->max_seq_len;
   int device = 0;
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
-  const std::size_t ws = kernels::attention_workspace_bytes(ap, device);
+  const std::size_t ws = p->T > 0 ? kernels::attention_workspace_bytes(ap, device) : 0;
   if (ws > A.attn_ws.bytes()) A.attn_ws = DeviceBuffer(ws);
   if (p->record) {
     const std::size_t rec = 2 * std::size_t(m.num_layers) * std::size_t(p->T) * std::size_t(m.hidden_size) * 2;
@@ -478,10 +530,11 @@ void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const Step
   prep_ = std::move(p);
 }
 
-void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, int64_t T, bf16* out, cudaStream_t s) {
+void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, const bf16* x, int64_t T, bf16* out,
+                         cudaStream_t s) {
   Act& A = *act_;
   const int64_t H = spec_.hidden_size;
-  linear(A.normed, w13, A.gu, T, 2 * inter, H, s);  // [T, 2I]: gate | up
+  linear(x, w13, A.gu, T, 2 * inter, H, s);  // [T, 2I]: gate | up
   if (cfg_.decode_kernels && T <= kGemvMaxRows) {  // SwiGLU applied while the GEMV stages its input
     GemvParams g;
     g.act = A.gu;
@@ -504,15 +557,43 @@ void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, int64_t
   linear(A.ffn_act, w2, out, T, H, inter, s);
 }
 
-void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
+void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
+  Act& A = *act_;
+  const int64_t H = spec_.hidden_size;
+  switch (cfg_.shard.moe_mode) {
+    case MoeMode::none:
+      ffn_moe(L, A.normed, T, A.tmp, s);
+      return;
+    case MoeMode::replicated:  // same tokens on every rank of the stage: partial sums, all-reduced
+      if (T == 0) return;
+      ffn_moe(L, A.normed, T, A.tmp, s);
+      cfg_.comm->all_reduce(CommGroup::stage, A.tmp, T * H, s);
+      return;
+    case MoeMode::gathered: {  // DP replicas: gather the stage's rows, own experts, reduce-scatter
+      const int64_t Tm = prep_->moe_tokens;
+      if (Tm == 0) return;
+      const int u = cfg_.comm->group_index(CommGroup::stage), G = cfg_.comm->group_size(CommGroup::stage);
+      bf16* mine = A.moe_in + std::size_t(u) * std::size_t(Tm * H);  // [Tm, H]: rows >= T zero
+      if (T > 0)
+        MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(mine, A.normed, std::size_t(T * H) * 2, cudaMemcpyDeviceToDevice, s));
+      if (Tm > T) MIXSERVE_CUDA_CHECK(cudaMemsetAsync(mine + T * H, 0, std::size_t((Tm - T) * H) * 2, s));
+      cfg_.comm->all_gather(CommGroup::stage, A.moe_in, std::size_t(Tm * H) * 2, s);  // [G * Tm, H]
+      ffn_moe(L, A.moe_in, G * Tm, A.moe_out, s);
+      cfg_.comm->reduce_scatter(CommGroup::stage, A.moe_out, A.tmp, Tm * H, s);  // [Tm, H]: own rows
+      return;
+    }
+  }
+}
+
+void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cudaStream_t s) {
   Act& A = *act_;
   const ModelSpec& m = spec_;
-  const int64_t H = m.hidden_size, I = m.moe.expert_intermediate_size, S = m.moe.shared_intermediate_size;
-  const int E = m.moe.num_experts, K = m.moe.top_k;
+  const int64_t H = m.hidden_size, I = dims_.inter, S = L.shared_w13 ? dims_.shared : 0;
+  const int E = m.moe.num_experts, K = m.moe.top_k, El = dims_.experts;
   // Router: fp32 logits [T, E] -> top-k ids and weights.
   if (cfg_.decode_kernels) {
     GemvParams rg;
-    rg.act = A.normed;
+    rg.act = x;
     rg.weights = L.router;
     rg.seg[0] = {A.router_logits, E};
     rg.out_fp32 = true;
@@ -522,7 +603,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
     rg.pdl = pdl_;
     launch_gemv(rg, s);
   } else {
-    launch_linear_fp32(A.normed, L.router, A.router_logits, T, E, static_cast<int>(H), s);
+    launch_linear_fp32(x, L.router, A.router_logits, T, E, static_cast<int>(H), s);
   }
   kernels::RouterParams rp;
   rp.logits = A.router_logits;
@@ -536,15 +617,17 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   rp.routed_scaling = static_cast<float>(m.moe.routed_scaling_factor);
   rp.pdl = pdl_;
   kernels::launch_router(rp, s);
+  // Expert parallel: ids relative to the shard's first expert; the permute drops the others.
+  if (El < E) launch_offset_ids(A.topk_ids, T * K, -dims_.expert0, s);
   // Shared expert first (it reuses the FFN scratch buffers).
   if (S > 0) {
-    ffn_dense(L.shared_w13, L.shared_w2, S, T, A.shared_out, s);
-    if (L.shared_gate) launch_linear_fp32(A.normed, L.shared_gate, A.shared_gate, T, 1, static_cast<int>(H), s);
+    ffn_dense(L.shared_w13, L.shared_w2, S, x, T, A.shared_out, s);
+    if (L.shared_gate) launch_linear_fp32(x, L.shared_gate, A.shared_gate, T, 1, static_cast<int>(H), s);
   }
   // Permute into expert-contiguous rows (device-side counts and offsets).
   kernels::PermuteParams pp;
   pp.topk_ids = A.topk_ids;
-  pp.x = A.normed;
+  pp.x = x;
   pp.permuted_x = A.permuted_x;
   pp.expert_counts = A.counts;
   pp.expert_offsets = A.offsets;
@@ -554,7 +637,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   pp.workspace_bytes = A.permute_ws_bytes;
   pp.num_tokens = T;
   pp.top_k = K;
-  pp.num_experts = E;
+  pp.num_experts = El;
   pp.hidden = H;
   pp.allow_single_launch = cfg_.decode_kernels;
   pp.pdl = pdl_;
@@ -574,7 +657,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
     g.weights = L.w13;
     g.out = A.gu;  // [T * K, 2I]
     g.expert_offsets = A.offsets;
-    g.num_experts = E;
+    g.num_experts = El;
     g.n = 2 * I;
     g.k = H;
     g.max_rows = T * K;             // routed rows
@@ -588,7 +671,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
       g.swiglu_act = true;
     } else {
       sw.num_rows = T * K;
-      sw.num_rows_device = A.offsets + E;
+      sw.num_rows_device = A.offsets + El;
       kernels::launch_swiglu(sw, s);
       g.act = A.ffn_act;
     }
@@ -606,12 +689,12 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
     g.weights = L.w13;
     g.out = A.gu;  // [T * K, 2I]
     g.expert_offsets = A.offsets;
-    g.num_experts = E;
+    g.num_experts = El;
     g.n = 2 * I;
     g.k = H;
     kernels::launch_grouped_gemm(g, s);
     sw.num_rows = T * K;
-    sw.num_rows_device = A.offsets + E;
+    sw.num_rows_device = A.offsets + El;
     kernels::launch_swiglu(sw, s);
     g.act = A.ffn_act;
     g.weights = L.w2;
@@ -621,11 +704,11 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
     kernels::launch_grouped_gemm(g, s);
   } else {
     // Host copy of the counts: ExpertGemm plans one cuBLASLt GEMM per expert with tokens.
-    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.counts_host, A.counts, std::size_t(E) * 4, cudaMemcpyDeviceToHost, s));
+    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.counts_host, A.counts, std::size_t(El) * 4, cudaMemcpyDeviceToHost, s));
     MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(s));
-    std::vector<int64_t> counts(E);
+    std::vector<int64_t> counts(El);
     int touched = 0;
-    for (int e = 0; e < E; ++e) {
+    for (int e = 0; e < El; ++e) {
       counts[e] = A.counts_host[e];
       touched += counts[e] > 0;
     }
@@ -644,7 +727,7 @@ void GpuModel::ffn_moe(const Layer& L, int64_t T, cudaStream_t s) {
   cp.topk_weights = A.topk_w;
   cp.shared_out = S > 0 ? A.shared_out : nullptr;
   cp.shared_gate = (S > 0 && L.shared_gate) ? A.shared_gate : nullptr;
-  cp.out = A.tmp;
+  cp.out = out;
   cp.num_tokens = T;
   cp.top_k = K;
   cp.hidden = H;
@@ -663,16 +746,26 @@ void GpuModel::enqueue(cudaStream_t s) {
   Act& A = *act_;
   const ModelSpec& m = spec_;
   const auto& at = m.attention;
-  const int64_t T = P.T, H = m.hidden_size, QW = m.q_width(), KVW = kv_width(m);
+  const int64_t T = P.T, H = m.hidden_size, QW = int64_t(dims_.q_heads) * at.head_dim,
+                KVW = int64_t(dims_.kv_heads) * at.head_dim;
   const float eps = static_cast<float>(m.rms_norm_eps);
-  launch_gather_rows(embed_, A.tokens, A.res, T, H, s);
-  if (cfg_.decode_kernels)  // the tokens' RoPE angles once per step (the fused QK-norm/RoPE reads them)
+  const bool attn_tp = cfg_.shard.attn_tp > 1;
+  if (dims_.first_stage) {
+    if (T > 0) launch_gather_rows(embed_, A.tokens, A.res, T, H, s);
+  } else {
+    cfg_.comm->recv_prev_stage(A.res, std::size_t(T * H) * 2, s);
+  }
+  if (cfg_.decode_kernels && T > 0)  // the tokens' RoPE angles once per step (the fused QK-norm/RoPE reads them)
     launch_rope_table(A.positions, A.rope_cs, T, at.head_dim, static_cast<float>(m.rope_theta), s);
-  for (int l = 0; l < m.num_layers; ++l) {
+  for (int l = dims_.layer_begin; l < dims_.layer_end; ++l) {
     const Layer& L = layers_[l];
+    if (T == 0) {  // an idle DP-attention rank: only the stage's MoE exchange
+      if (L.moe) moe_block(L, T, s);
+      continue;
+    }
     const std::size_t plane = std::size_t(T) * std::size_t(H);
     // decode_kernels: the previous layer's residual add (res += tmp) is fused into this norm.
-    const bool fused_residual = cfg_.decode_kernels && l > 0;
+    const bool fused_residual = cfg_.decode_kernels && l > dims_.layer_begin;
     kernels::RmsNormParams rn;
     rn.x = fused_residual ? A.tmp : A.res;
     if (fused_residual) {
@@ -719,7 +812,7 @@ void GpuModel::enqueue(cudaStream_t s) {
     cache.block_table = A.block_table;
     cache.num_blocks = num_blocks_;
     cache.block_tokens = cfg_.block_size;
-    cache.kv_heads = at.num_kv_heads;
+    cache.kv_heads = dims_.kv_heads;
     cache.head_dim = at.head_dim;
     cache.max_blocks_per_seq = cfg_.max_blocks_per_seq;
     const bool per_head_norm = !L.q_norm || (L.q_norm_width == at.head_dim && L.k_norm_width == at.head_dim);
@@ -738,8 +831,8 @@ void GpuModel::enqueue(cudaStream_t s) {
       qk.block_tokens = cfg_.block_size;
       qk.max_blocks_per_seq = cfg_.max_blocks_per_seq;
       qk.num_tokens = T;
-      qk.q_heads = at.num_heads;
-      qk.kv_heads = at.num_kv_heads;
+      qk.q_heads = dims_.q_heads;
+      qk.kv_heads = dims_.kv_heads;
       qk.head_dim = at.head_dim;
       qk.theta = static_cast<float>(m.rope_theta);
       qk.eps = eps;
@@ -768,8 +861,8 @@ void GpuModel::enqueue(cudaStream_t s) {
       rp.k = A.k;
       rp.positions = A.positions;
       rp.num_tokens = T;
-      rp.num_q_heads = at.num_heads;
-      rp.num_kv_heads = at.num_kv_heads;
+      rp.num_q_heads = dims_.q_heads;
+      rp.num_kv_heads = dims_.kv_heads;
       rp.head_dim = at.head_dim;
       rp.rotary_dim = at.head_dim;
       rp.theta = static_cast<float>(m.rope_theta);
@@ -791,13 +884,14 @@ void GpuModel::enqueue(cudaStream_t s) {
     ap.seq_lens = A.seq_lens;
     ap.num_seqs = P.S;
     ap.num_tokens = T;
-    ap.q_heads = at.num_heads;
+    ap.q_heads = dims_.q_heads;
     ap.max_q_len = P.max_q_len;
     ap.max_seq_len = P.max_seq_len;
     ap.workspace = A.attn_ws.get();
     ap.workspace_bytes = A.attn_ws.bytes();
     kernels::launch_attention(ap, s);
     linear(A.attn, L.wo, A.tmp, T, H, QW, s);
+    if (attn_tp) cfg_.comm->all_reduce(CommGroup::attn_tp, A.tmp, T * H, s);  // heads' partial sums
     // res += attn_out (bf16), normed = RMSNorm(res).
     kernels::RmsNormParams pn;
     pn.x = A.tmp;
@@ -813,11 +907,13 @@ void GpuModel::enqueue(cudaStream_t s) {
     if (P.record)
       MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + std::size_t(l) * plane, A.res, plane * 2,
                                           cudaMemcpyDeviceToDevice, s));
-    if (L.moe)
-      ffn_moe(L, T, s);
-    else
-      ffn_dense(L.dense_w13, L.dense_w2, m.dense_intermediate_size, T, A.tmp, s);
-    if (cfg_.decode_kernels && l + 1 < m.num_layers) continue;  // added by the next layer's norm
+    if (L.moe) {
+      moe_block(L, T, s);
+    } else {
+      ffn_dense(L.dense_w13, L.dense_w2, dims_.dense, A.normed, T, A.tmp, s);
+      if (attn_tp) cfg_.comm->all_reduce(CommGroup::attn_tp, A.tmp, T * H, s);
+    }
+    if (cfg_.decode_kernels && l + 1 < dims_.layer_end) continue;  // added by the next layer's norm
     kernels::AxpbyParams ax;
     ax.x = A.res;
     ax.y = A.tmp;
@@ -828,7 +924,12 @@ void GpuModel::enqueue(cudaStream_t s) {
       MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l) * plane, A.res,
                                           plane * 2, cudaMemcpyDeviceToDevice, s));
   }
+  if (!dims_.last_stage) {
+    cfg_.comm->send_next_stage(A.res, std::size_t(T * H) * 2, s);
+    return;
+  }
   const int64_t R = int64_t(P.logit_rows.size());
+  if (R == 0) return;
   launch_gather_rows(A.res, A.logit_index, A.last_x, R, H, s);
   kernels::RmsNormParams fn;
   fn.x = A.last_x;
@@ -860,7 +961,8 @@ GpuStepOutput GpuModel::collect(cudaStream_t s) {
     for (std::size_t i = 0; i < h.size(); ++i) f[i] = model::bf16_to_f32(h[i]);
     return f;
   };
-  std::vector<uint16_t> host(P.logit_rows.size() * std::size_t(m.vocab_size));
+  // Logits live on the last pipeline stage only.
+  std::vector<uint16_t> host(dims_.last_stage ? P.logit_rows.size() * std::size_t(m.vocab_size) : 0);
   MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(host.data(), act_->logits, host.size() * 2, cudaMemcpyDeviceToHost, s));
   MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(s));
   out.logits = widen(host);
@@ -882,12 +984,11 @@ GpuStepOutput GpuModel::collect(cudaStream_t s) {
 double GpuModel::prepared_min_bytes() const {
   if (!prep_) return 0.0;
   const ModelSpec& m = spec_;
-  const double H = m.hidden_size, QW = double(m.q_width()), KVW = double(kv_width(m));
-  const double I = m.moe.expert_intermediate_size, S = m.moe.shared_intermediate_size,
-               D = m.dense_intermediate_size, E = m.moe.num_experts;
+  const double hd = m.attention.head_dim, H = m.hidden_size, QW = dims_.q_heads * hd, KVW = dims_.kv_heads * hd;
+  const double I = double(dims_.inter), S = double(dims_.shared), D = double(dims_.dense), E = m.moe.num_experts;
   double b = 0;
   std::size_t moe_i = 0;
-  for (int l = 0; l < m.num_layers; ++l) {
+  for (int l = dims_.layer_begin; l < dims_.layer_end; ++l) {
     b += 2.0 * (2 * H * QW + 2 * H * KVW + 2 * H);  // q, o, k, v, norms
     if (layers_[l].moe) {
       const double touched = moe_i < prep_->experts_touched.size() ? prep_->experts_touched[moe_i] : 0;
@@ -898,7 +999,7 @@ double GpuModel::prepared_min_bytes() const {
     }
     b += 2.0 * 2 * KVW * double(prep_->context_tokens);  // K and V context read
   }
-  b += 2.0 * double(m.vocab_size) * H;  // LM head
+  if (dims_.last_stage) b += 2.0 * double(m.vocab_size) * H;  // LM head
   return b;
 }
 

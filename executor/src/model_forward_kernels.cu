@@ -26,6 +26,11 @@ __global__ void add_bias_kernel(__nv_bfloat16* __restrict__ x, const __nv_bfloat
     x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(bias[i % width]));
 }
 
+__global__ void offset_ids_kernel(int32_t* __restrict__ ids, int64_t n, int32_t offset) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    ids[i] += offset;
+}
+
 constexpr int kLinearThreads = 256;
 
 // One block per row; x row staged in shared memory as fp32; warp w computes columns w, w + 8, ...
@@ -207,6 +212,14 @@ void launch_add_bias(__nv_bfloat16* x, const __nv_bfloat16* bias, int64_t num_ro
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
   add_bias_kernel<<<blocks, 256, 0, stream>>>(x, bias, num_rows, width);
   MIXSERVE_LAUNCH_CHECK("add_bias_kernel");
+}
+
+void launch_offset_ids(int32_t* ids, int64_t n, int32_t offset, cudaStream_t stream) {
+  if (n < 0) throw InputError("offset_ids: n >= 0 required");
+  if (n == 0) return;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 1024));
+  offset_ids_kernel<<<blocks, 256, 0, stream>>>(ids, n, offset);
+  MIXSERVE_LAUNCH_CHECK("offset_ids_kernel");
 }
 
 void launch_linear_fp32(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int64_t num_rows, int n,

@@ -48,6 +48,7 @@
 #include "mixserve/core/model.hpp"
 #include "mixserve/gpu/gemm.hpp"
 #include "mixserve/gpu/runtime.hpp"
+#include "mixserve/gpu/shard.hpp"
 #include "mixserve/model/reference.hpp"
 #include "mixserve/model/weights.hpp"
 
@@ -73,6 +74,8 @@ struct GpuModelConfig {
   // kernel (fp32 out); the grouped expert GEMV over the experts that have rows only; a
   // one-launch permute for decode-sized steps; a layer's residual add fused into the next layer's
   // input RMSNorm. false: the previous kernels, kept to measure the change in the same run.
+  // A sharded model (shard below) runs the previous kernels: the decode kernels are verified on
+  // the whole model only (docs/distributed.md).
   bool decode_kernels = true;
   // decode_kernels: steps of up to this many tokens take the grouped GEMV of expert_gemm.hpp
   // (with the SwiGLU fused into the down projection), larger ones its previous kernel (v1): on the
@@ -82,8 +85,12 @@ struct GpuModelConfig {
   // decode_kernels, steps of <= kGemvMaxRows tokens that do not record the residual stream: launch
   // the layer's kernels as programmatic dependents of the previous one (kernels/detail/pdl.cuh).
   bool programmatic_launch = true;
+  // Distributed forward (shard.hpp, docs/distributed.md): the rank's shard of the model and the
+  // communication its sites call (all-reduce after o_proj and the dense FFN, the MoE exchange of
+  // the stage, the pipeline send/recv). Default: the whole model, no communication.
+  ShardSpec shard;
+  ForwardComm* comm = nullptr;  // required when the shard has more than one rank; not owned
 };
-
 
 struct StepOptions {
   bool all_logits = false;     // logits for every token (else the last token of each sequence)
@@ -115,6 +122,7 @@ class GpuModel {
 
   const ModelSpec& spec() const { return spec_; }
   const GpuModelConfig& config() const { return cfg_; }
+  const ShardDims& dims() const { return dims_; }  // the shard's slices (whole model: everything)
   int num_blocks() const { return num_blocks_; }
   double weight_bytes() const { return weight_bytes_; }
   cudaStream_t stream() const { return stream_.get(); }
@@ -124,7 +132,9 @@ class GpuModel {
   void set_programmatic_launch(bool on) { cfg_.programmatic_launch = on; }
 
   // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
-  // the reference, plus the limits of the config).
+  // the reference, plus the limits of the config). A sharded model runs the step of its rank: every
+  // rank of the plan must step at once (prepare and enqueue are collective); a DP-attention rank
+  // without requests steps with an empty batch. Logits come from the last pipeline stage.
   GpuStepOutput step(const std::vector<model::SequenceStep>& batch, const StepOptions& opt = {});
 
   // Timing interface: prepare() validates the batch and uploads its metadata; enqueue() runs the
@@ -151,12 +161,14 @@ class GpuModel {
   // gemm(), or the GEMV when decode_kernels and m <= kGemvMaxRows.
   void linear(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
               cudaStream_t s);
-  void ffn_moe(const Layer& L, int64_t T, cudaStream_t s);
-  void ffn_dense(const __nv_bfloat16* w13, const __nv_bfloat16* w2, int64_t inter, int64_t T,
-                 __nv_bfloat16* out, cudaStream_t s);
+  void ffn_moe(const Layer& L, const __nv_bfloat16* x, int64_t T, __nv_bfloat16* out, cudaStream_t s);
+  void ffn_dense(const __nv_bfloat16* w13, const __nv_bfloat16* w2, int64_t inter, const __nv_bfloat16* x,
+                 int64_t T, __nv_bfloat16* out, cudaStream_t s);
+  void moe_block(const Layer& L, int64_t T, cudaStream_t s);  // the MoE of the shard's moe_mode
 
   ModelSpec spec_;
   GpuModelConfig cfg_;
+  ShardDims dims_;
   Stream stream_;
   LtHandle lt_;
   DeviceBuffer lt_workspace_;

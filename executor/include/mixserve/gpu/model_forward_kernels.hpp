@@ -1,6 +1,8 @@
 // Small kernels of the model forward that the kernel library does not have (model_forward.cpp).
 //   gather_rows      out[r, :] = src[index[r], :]           (embedding lookup, last-token rows)
 //   add_bias         x[r, :] += bias[:]                     (Qwen2 q/k/v bias), fp32 add, bf16 round
+//   offset_ids       ids[i] += offset                       (expert parallel: global expert ids to
+//                    the shard's; ids outside [0, local experts) are then dropped by the permute)
 //   linear_fp32      out[r, j] = sum_c x[r, c] * w[j, c]    fp32 output (router logits, shared-
 //                    expert gate logit): one block per row, x in shared memory, a warp per output
 //                    column with 16-byte loads when width % 8 == 0; for small n (<= 256).
@@ -20,6 +22,7 @@ void launch_gather_rows(const __nv_bfloat16* src, const int32_t* index, __nv_bfl
                         int64_t num_rows, int64_t width, cudaStream_t stream);
 void launch_add_bias(__nv_bfloat16* x, const __nv_bfloat16* bias, int64_t num_rows, int64_t width,
                      cudaStream_t stream);
+void launch_offset_ids(int32_t* ids, int64_t n, int32_t offset, cudaStream_t stream);
 // x [num_rows, width] bf16, w [n, width] bf16, out [num_rows, n] fp32. width <= kLinearFp32MaxWidth.
 // One launch for the per-head QK-norm, RoPE and KV write of a step (decode_kernels):
 //   q[t, h, :] = rope(bf16(rmsnorm(q[t, h, :]) * q_norm))       (no norm when q_norm is null)

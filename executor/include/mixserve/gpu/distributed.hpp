@@ -1,0 +1,59 @@
+// The ranks of a plan run as R logical ranks on ONE GPU (docs/distributed.md): one GpuModel shard
+// (shard.hpp) per rank, a LocalTransport between them and one host thread per rank meeting at a
+// Rendezvous, so a multi-GPU layout runs through the same forward, the same communication sites
+// and the same transport interface as with NCCL. The "network" is device copies: correctness and
+// the path are exercised here, not multi-GPU speed.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mixserve/core/cluster.hpp"
+#include "mixserve/core/layout.hpp"
+#include "mixserve/gpu/model_forward.hpp"
+#include "mixserve/gpu/shard.hpp"
+#include "mixserve/gpu/transport.hpp"
+#include "mixserve/model/weights.hpp"
+
+namespace mixserve::gpu {
+
+class EmulatedRanks {
+ public:
+  // Weights from the host (sliced per rank), or drawn on the device per shard (seeded; for timing).
+  // base: the per-rank config (limits, KV blocks, expert path); its shard and comm are replaced.
+  EmulatedRanks(const model::WeightSet& w, const ClusterSpec& c, const Layout& l, const GpuModelConfig& base);
+  EmulatedRanks(const ModelSpec& m, uint64_t seed, const ClusterSpec& c, const Layout& l,
+                const GpuModelConfig& base);
+  ~EmulatedRanks();
+
+  const Layout& layout() const { return layout_; }
+  const std::vector<RankInfo>& rank_map() const { return rank_map_; }
+  int num_ranks() const { return int(models_.size()); }
+  GpuModel& model(int rank) { return *models_.at(std::size_t(rank)); }
+
+  // One step of every rank at once. batches[d]: the requests of attention-DP replica d (attn_dp
+  // entries; an empty one steps with an empty batch). Returns per replica its output: logits
+  // from the last stage, the recorded hidden states of each layer from the stage that owns it.
+  std::vector<GpuStepOutput> step(const std::vector<std::vector<model::SequenceStep>>& batches,
+                                  const StepOptions& opt = {});
+  // Timing: prepare every rank, then enqueue every rank, each on its own thread and stream
+  // (synchronised at the end); the same prepared batches can be enqueued repeatedly.
+  void prepare(const std::vector<std::vector<model::SequenceStep>>& batches, const StepOptions& opt = {});
+  void enqueue_and_wait();
+  void reset_cache();
+
+ private:
+  void build(const model::WeightSet* w, const ModelSpec& m, uint64_t seed, const ClusterSpec& c,
+             const GpuModelConfig& base);
+  // Runs fn(rank) on one thread per rank; the first error is rethrown after every thread ended.
+  void on_every_rank(const std::function<void(int)>& fn);
+  int replica_of(int rank) const;
+  Layout layout_;
+  std::vector<RankInfo> rank_map_;
+  std::unique_ptr<LocalTransport> transport_;
+  std::unique_ptr<Rendezvous> rendezvous_;
+  std::vector<std::unique_ptr<TransportComm>> comms_;
+  std::vector<std::unique_ptr<GpuModel>> models_;
+};
+
+}  // namespace mixserve::gpu

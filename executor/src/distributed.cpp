@@ -1,0 +1,137 @@
+// R logical ranks of a plan on one GPU: see distributed.hpp.
+#include "mixserve/gpu/distributed.hpp"
+
+#include <exception>
+#include <functional>
+#include <string>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "mixserve/core/error.hpp"
+#include "mixserve/gpu/check.hpp"
+
+namespace mixserve::gpu {
+
+EmulatedRanks::EmulatedRanks(const model::WeightSet& w, const ClusterSpec& c, const Layout& l,
+                             const GpuModelConfig& base)
+    : layout_(l) {
+  build(&w, w.spec(), 0, c, base);
+}
+
+EmulatedRanks::EmulatedRanks(const ModelSpec& m, uint64_t seed, const ClusterSpec& c, const Layout& l,
+                             const GpuModelConfig& base)
+    : layout_(l) {
+  build(nullptr, m, seed, c, base);
+}
+
+EmulatedRanks::~EmulatedRanks() = default;
+
+void EmulatedRanks::build(const model::WeightSet* w, const ModelSpec& m, uint64_t seed, const ClusterSpec& c,
+                          const GpuModelConfig& base) {
+  rank_map_ = build_rank_map(c, m, layout_);
+  const int R = layout_.world_size();
+  transport_ = std::make_unique<LocalTransport>(R);
+  rendezvous_ = std::make_unique<Rendezvous>();
+  for (int r = 0; r < R; ++r) {
+    // The all-reduce scratch holds one chunk of the largest all-reduce: [T, H] / group.
+    comms_.push_back(std::make_unique<TransportComm>(*transport_, layout_, r, rendezvous_.get(),
+                                                     int64_t(base.max_tokens_per_step) * m.hidden_size));
+    GpuModelConfig cfg = base;
+    cfg.shard = shard_for_rank(layout_, rank_map_[std::size_t(r)], m);
+    cfg.comm = comms_.back().get();
+    if (w)
+      models_.push_back(std::make_unique<GpuModel>(*w, cfg));
+    else
+      models_.push_back(std::make_unique<GpuModel>(m, seed, cfg));
+  }
+}
+
+int EmulatedRanks::replica_of(int rank) const {
+  return (rank % layout_.stage_size()) / layout_.attn_tp;
+}
+
+void EmulatedRanks::on_every_rank(const std::function<void(int)>& fn) {
+  const int R = num_ranks();
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(R));
+  int device = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < R; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
+        fn(r);
+      } catch (...) {
+        errors[std::size_t(r)] = std::current_exception();
+        rendezvous_->abort();  // the peers waiting on this rank would never be released
+      }
+    });
+  for (auto& t : threads) t.join();
+  // The first error that is not a peer's abort is the cause.
+  std::exception_ptr first;
+  for (const auto& e : errors) {
+    if (!e) continue;
+    if (!first) first = e;
+    try {
+      std::rethrow_exception(e);
+    } catch (const RuntimeError& re) {
+      if (std::string(re.what()).find("rendezvous aborted") != std::string::npos) continue;
+      first = e;
+      break;
+    } catch (...) {
+      first = e;
+      break;
+    }
+  }
+  if (first) std::rethrow_exception(first);  // the rendezvous stays aborted: the ranks are unusable now
+}
+
+void EmulatedRanks::prepare(const std::vector<std::vector<model::SequenceStep>>& batches, const StepOptions& opt) {
+  if (int(batches.size()) != layout_.attn_dp)
+    throw InputError(fmt::format("emulated ranks: {} batches for {} attention-DP replicas", batches.size(),
+                                 layout_.attn_dp));
+  on_every_rank([&](int r) { models_[std::size_t(r)]->prepare(batches[std::size_t(replica_of(r))], opt); });
+}
+
+void EmulatedRanks::enqueue_and_wait() {
+  on_every_rank([&](int r) {
+    GpuModel& g = *models_[std::size_t(r)];
+    g.enqueue(g.stream());
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+  });
+}
+
+std::vector<GpuStepOutput> EmulatedRanks::step(const std::vector<std::vector<model::SequenceStep>>& batches,
+                                               const StepOptions& opt) {
+  prepare(batches, opt);
+  std::vector<GpuStepOutput> outs(static_cast<std::size_t>(num_ranks()));
+  on_every_rank([&](int r) {
+    GpuModel& g = *models_[std::size_t(r)];
+    g.enqueue(g.stream());
+    outs[std::size_t(r)] = g.collect(g.stream());
+  });
+  const int S = layout_.stage_size();
+  std::vector<GpuStepOutput> res;
+  for (int d = 0; d < layout_.attn_dp; ++d) {
+    const int last = (layout_.pp - 1) * S + d * layout_.attn_tp;
+    GpuStepOutput o = outs[std::size_t(last)];
+    if (opt.record_hidden)  // each layer from the stage that owns it
+      for (int s = 0; s < layout_.pp; ++s) {
+        const int r = s * S + d * layout_.attn_tp;
+        const RankInfo& info = rank_map_[std::size_t(r)];
+        for (int l = info.layer_begin; l < info.layer_end; ++l) {
+          o.attn_hidden[std::size_t(l)] = outs[std::size_t(r)].attn_hidden[std::size_t(l)];
+          o.layer_hidden[std::size_t(l)] = outs[std::size_t(r)].layer_hidden[std::size_t(l)];
+        }
+      }
+    res.push_back(std::move(o));
+  }
+  return res;
+}
+
+void EmulatedRanks::reset_cache() {
+  for (auto& m : models_) m->reset_cache();
+}
+
+}  // namespace mixserve::gpu
