@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <random>
@@ -16,6 +17,8 @@
 #include "mixserve/core/io.hpp"
 #include "mixserve/core/json.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/distributed.hpp"
+#include "mixserve/gpu/shard.hpp"
 #include "mixserve/gpu/gemm.hpp"
 #include "mixserve/gpu/model_forward.hpp"
 #include "mixserve/gpu/runtime.hpp"
@@ -210,6 +213,60 @@ RunOutput run_once(GpuModel& g, const BenchConfig& cfg, const std::vector<StepSh
   return out;
 }
 
+// The same pass over a multi-GPU plan's ranks emulated on one GPU: sequence s goes to attention-DP
+// replica s % dp; a step is timed on the host from the first rank's enqueue to the last rank's
+// completion (all ranks prepared before).
+RunOutput run_once_ranks(EmulatedRanks& e, const BenchConfig& cfg, const std::vector<StepShape>& shapes,
+                         int num_prefill, const std::vector<std::vector<int32_t>>& prompts, int64_t vocab) {
+  const int64_t nb = blocks_per_seq(cfg);
+  const int dp = e.layout().attn_dp;
+  RunOutput out;
+  out.output_ids.assign(std::size_t(cfg.batch), {});
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const bool decode = int(i) >= num_prefill;
+    std::vector<std::vector<model::SequenceStep>> per(static_cast<std::size_t>(dp));
+    std::vector<std::pair<int, int>> where;  // chunk -> (replica, row in its outputs)
+    for (const auto& c : shapes[i]) {
+      model::SequenceStep q;
+      if (decode) {
+        q.tokens = {out.output_ids[std::size_t(c.seq)].back()};
+      } else {
+        const auto& p = prompts[std::size_t(c.seq)];
+        q.tokens.assign(p.begin() + c.position, p.begin() + c.position + c.n);
+      }
+      q.position = c.position;
+      const int d = c.seq % dp, local = c.seq / dp;  // the replica's own block pool
+      for (int64_t b = 0; b < nb; ++b) q.block_table.push_back(static_cast<int32_t>(local * nb + b));
+      where.emplace_back(d, int(per[std::size_t(d)].size()));
+      per[std::size_t(d)].push_back(std::move(q));
+    }
+    e.prepare(per, StepOptions{});
+    const auto t0 = std::chrono::steady_clock::now();
+    e.enqueue_and_wait();
+    const auto t1 = std::chrono::steady_clock::now();
+    const auto res = e.collect();
+    out.step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    out.graph.push_back(false);
+    for (std::size_t k = 0; k < shapes[i].size(); ++k) {
+      const SeqChunk& c = shapes[i][k];
+      if (!decode && c.position + c.n < cfg.input_len) continue;
+      const auto [d, row] = where[k];
+      out.output_ids[std::size_t(c.seq)].push_back(
+          argmax_row(&res[std::size_t(d)].logits[std::size_t(row) * std::size_t(vocab)], vocab));
+    }
+  }
+  return out;
+}
+
+// The cost model's replicas of a step: the chunks of each attention-DP replica (s % dp).
+std::vector<sim::ReplicaBatch> replica_batches(const StepShape& st, bool decode, int dp) {
+  std::vector<StepShape> per(static_cast<std::size_t>(dp));
+  for (const auto& c : st) per[std::size_t(c.seq % dp)].push_back(c);
+  std::vector<sim::ReplicaBatch> out;
+  for (const auto& p : per) out.push_back(replica_batch(p, decode));
+  return out;
+}
+
 }  // namespace
 
 nlohmann::json device_info_json(const DeviceInfo& d) {
@@ -222,13 +279,14 @@ nlohmann::json device_info_json(const DeviceInfo& d) {
           {"versions", versions}};
 }
 
-void check_single_gpu_plan(const Plan& plan, const std::string& origin) {
+void check_single_gpu_plan(const Plan& plan, const std::string& origin, bool allow_ranks) {
   const Layout& l = plan.chosen.layout;
   const int world = std::max(l.world_size(), plan.cluster.world_size());
-  if (world != 1)
+  if (world != 1 && !allow_ranks)
     throw InputError(fmt::format(
-        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; mixserve-run bench runs one GPU: "
-        "distributed runs are not built yet (make a plan for a 1-GPU cluster, e.g. configs/clusters/h200-1x1.yaml)",
+        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; this mode runs one GPU (offline "
+        "bench runs a multi-GPU plan's ranks on one GPU with --emulate-ranks; or make a plan for a 1-GPU "
+        "cluster, e.g. configs/clusters/h200-1x1.yaml)",
         origin, l.name(), plan.cluster.name, plan.cluster.num_nodes, plan.cluster.gpus_per_node,
         plan.cluster.gpu_model, world));
   const ModelSpec& m = plan.model;
@@ -254,7 +312,7 @@ void check_single_gpu_plan(const Plan& plan, const std::string& origin) {
 }
 
 void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin) {
-  check_single_gpu_plan(plan, origin);
+  check_single_gpu_plan(plan, origin, cfg.emulate_ranks);
   const ModelSpec& m = plan.model;
   auto bad_arg = [&](const char* opt, int64_t v, const std::string& want) {
     throw InputError(fmt::format("{} {}: expected {}", opt, v, want));
@@ -353,6 +411,9 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   check_bench_plan(r.plan, cfg, plan_path);
   r.model = bench_model(r.plan, cfg);
   r.prefill_chunk_tokens = effective_chunk(r.plan, cfg);
+  r.ranks = r.plan.chosen.layout.world_size();
+  if (r.ranks > 1)  // the executor's checks of a multi-GPU plan; its ranks share this GPU
+    check_plan_for_run(r.plan, r.plan.model, LaunchShape{r.ranks, 1, 1});
 
   const int ndev = device_count_or_zero();
   if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
@@ -364,6 +425,14 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   check_device_matches(r.plan, info.name, plan_path);
 
   r.memory = estimate_bench_memory(r.model, cfg, r.prefill_chunk_tokens);
+  if (r.ranks > 1) {  // emulated: sharded weights sum to about one model; every rank adds its
+                      // replicated embedding, LM head and routers and its own activations
+    const ModelSpec& m = r.model;
+    r.memory.weights += double(r.ranks - 1) * 2.0 *
+                        (2.0 * double(m.vocab_size) * m.hidden_size +
+                         double(m.num_moe_layers()) * m.moe.num_experts * m.hidden_size);
+    r.memory.activations *= r.ranks;
+  }
   std::size_t free_b = 0, total_b = 0;
   MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
   r.memory.free_device = double(free_b);
@@ -391,7 +460,18 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   gc.max_tokens_per_step = static_cast<int>(
       std::max<int64_t>(std::min<int64_t>(r.prefill_chunk_tokens, int64_t(cfg.batch) * cfg.input_len), cfg.batch));
   std::unique_ptr<GpuModel> g;
-  if (cfg.weights_dir.empty()) {
+  std::unique_ptr<EmulatedRanks> ranks;
+  if (r.ranks > 1) {
+    // Every replica's block pool holds the sequences dealt to it.
+    const int dp = r.plan.chosen.layout.attn_dp;
+    gc.num_blocks = static_cast<int>(int64_t((cfg.batch + dp - 1) / dp) * blocks_per_seq(cfg));
+    if (cfg.weights_dir.empty()) {
+      ranks = std::make_unique<EmulatedRanks>(r.model, cfg.seed, r.plan.cluster, r.plan.chosen.layout, gc);
+    } else {
+      const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
+      ranks = std::make_unique<EmulatedRanks>(w, r.plan.cluster, r.plan.chosen.layout, gc);
+    }
+  } else if (cfg.weights_dir.empty()) {
     g = std::make_unique<GpuModel>(r.model, cfg.seed, gc);
   } else {
     const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
@@ -409,11 +489,18 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     for (int i = 0; i < cfg.input_len; ++i) p.push_back(tok(rng));
   int num_prefill = 0;
   const auto shapes = step_shapes(cfg, r.prefill_chunk_tokens, &num_prefill);
+  auto pass = [&] {
+    return ranks ? run_once_ranks(*ranks, cfg, shapes, num_prefill, prompts, r.model.vocab_size)
+                 : run_once(*g, cfg, shapes, num_prefill, prompts, decode_graph);
+  };
   for (int w = 0; w < cfg.warmup; ++w) {
-    (void)run_once(*g, cfg, shapes, num_prefill, prompts, decode_graph);
-    g->reset_cache();
+    (void)pass();
+    if (ranks)
+      ranks->reset_cache();
+    else
+      g->reset_cache();
   }
-  const RunOutput run = run_once(*g, cfg, shapes, num_prefill, prompts, decode_graph);
+  const RunOutput run = pass();
   r.output_ids = run.output_ids;
 
   std::vector<double> decode_ms, prefill_err, decode_err;
@@ -428,8 +515,8 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     st.cuda_graph = run.graph[i];
     st.batch = replica_batch(shapes[i], decode);
     st.measured_ms = run.step_ms[i];
-    const sim::ReplicaBatch one[] = {st.batch};
-    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3;
+    const auto reps = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
+    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(reps), false).time_us / 1e3;
     total_s += st.measured_ms / 1e3;
     if (decode) {
       decode_ms.push_back(st.measured_ms);
@@ -478,6 +565,8 @@ nlohmann::json bench_json(const BenchResult& r) {
   return {
       {"run_name", "mixserve-run bench"},
       {"mode", "offline"},
+      {"ranks", r.ranks},
+      {"emulated_ranks", r.ranks > 1},
       {"batch_size", c.batch},
       {"input_len", c.input_len},
       {"output_len", c.output_len},
@@ -524,6 +613,10 @@ std::string format_bench_report(const BenchResult& r) {
                    c.output_len, c.warmup, c.seed));
   line(fmt::format("# device {} | prefill chunk {} tokens | memory estimate {:.2f} GiB of {:.2f} GiB free",
                    r.device_name, r.prefill_chunk_tokens, r.memory.total() / kGiB, r.memory.free_device / kGiB));
+  if (r.ranks > 1)
+    line(fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
+                     "steps): not the speed of {} GPUs",
+                     r.ranks, r.ranks));
   line(fmt::format("Prefill. latency: {:8.5f} s, throughput: {:11.2f} token/s", r.prefill_latency,
                    r.prefill_throughput));
   std::vector<const BenchStep*> dec;

@@ -105,18 +105,22 @@ void EmulatedRanks::enqueue_and_wait() {
 std::vector<GpuStepOutput> EmulatedRanks::step(const std::vector<std::vector<model::SequenceStep>>& batches,
                                                const StepOptions& opt) {
   prepare(batches, opt);
+  enqueue_and_wait();
+  return collect(opt.record_hidden);
+}
+
+std::vector<GpuStepOutput> EmulatedRanks::collect(bool record_hidden) {
   std::vector<GpuStepOutput> outs(static_cast<std::size_t>(num_ranks()));
-  on_every_rank([&](int r) {
+  for (int r = 0; r < num_ranks(); ++r) {
     GpuModel& g = *models_[std::size_t(r)];
-    g.enqueue(g.stream());
     outs[std::size_t(r)] = g.collect(g.stream());
-  });
+  }
   const int S = layout_.stage_size();
   std::vector<GpuStepOutput> res;
   for (int d = 0; d < layout_.attn_dp; ++d) {
     const int last = (layout_.pp - 1) * S + d * layout_.attn_tp;
     GpuStepOutput o = outs[std::size_t(last)];
-    if (opt.record_hidden)  // each layer from the stage that owns it
+    if (record_hidden)  // each layer from the stage that owns it
       for (int s = 0; s < layout_.pp; ++s) {
         const int r = s * S + d * layout_.attn_tp;
         const RankInfo& info = rank_map_[std::size_t(r)];

@@ -91,6 +91,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->group(off);
   bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly")->group(off);
+  bench->add_flag("--emulate-ranks", cfg.emulate_ranks,
+                  "a multi-GPU plan: run its ranks as logical ranks on this one GPU (docs/distributed.md)")
+      ->group(off);
   // Online: the simulator CLI's names.
   const char* onl = "Online (serving, the simulator's scheduler)";
   bench->add_option("--workload", on.workload, "shipped workload name (configs/workloads) or YAML path: online mode")
@@ -122,7 +125,7 @@ int main(int argc, char** argv) {
 
   try {
     const bool online = a.online_mode || !on.workload.empty();
-    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--no-cuda-graph"})
+    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--no-cuda-graph", "--emulate-ranks"})
       if (online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an offline option; online mode (--workload) takes the lengths from "
                                      "the workload", opt));

@@ -1,8 +1,9 @@
 // mixserve-run bench (executor/bench.hpp) through the library entry point, on a small Qwen3-MoE
 // (head_dim 64, three layers, eight experts): the greedy decode tokens are the same in two runs,
 // every step has a positive measured and predicted latency, the JSON carries bench_one_batch's
-// keys and the per-step predictions; a plan of two GPUs, a plan for another GPU model and a model
-// outside the GPU forward's family are rejected with InputError before any device work. The step
+// keys and the per-step predictions; a plan of two GPUs (without --emulate-ranks), a plan for
+// another GPU model and a model outside the GPU forward's family are rejected with InputError
+// before any device work; with emulate_ranks a TP2 and a DP2 x EP2 plan run as logical ranks. The step
 // batches the cost model is given are checked against the chunking rule by counting.
 // Online mode (executor/online.hpp) on the same model: Poisson arrivals at a high rate, every
 // request completes exactly once with the workload's token counts, the metrics keys are there,
@@ -161,7 +162,7 @@ TEST_CASE("run bench: a plan of two GPUs, another GPU model, an unsupported mode
   const std::string dev = device_gpu_model();
   const std::string multi = message(make_plan(small_qwen3(), 2, dev));
   INFO(multi);
-  CHECK(multi.find("distributed runs are not built yet") != std::string::npos);
+  CHECK(multi.find("--emulate-ranks") != std::string::npos);
   CHECK(multi.find("2 GPUs") != std::string::npos);
 
   const std::string other = dev == "H20" ? "MI300X" : "H20";  // "H20" is not the word "H200"
@@ -315,4 +316,37 @@ TEST_CASE("run bench online: closed-loop workloads and a KV cache too small for 
   auto c = online_config();
   c.kv_blocks = 1;  // 16 tokens: the longest request needs more
   CHECK_THROWS_AS((void)gpu::run_online(online_plan(ArrivalKind::poisson), "test-plan", c), InputError);
+}
+TEST_CASE("run bench --emulate-ranks: two-GPU plans (TP2; DP2 x EP2) run as logical ranks on this GPU") {
+  auto c = small_config();
+  c.emulate_ranks = true;
+  Plan tp = make_plan(small_qwen3(), 2, device_gpu_model());
+  Plan dp = tp;
+  dp.chosen.layout = Layout{};
+  dp.chosen.layout.attn_dp = 2;
+  dp.chosen.layout.moe_ep = 2;
+  dp.chosen.layout.moe_comm = MoeComm::nccl_a2a;
+  dp.rank_map = build_rank_map(dp.cluster, dp.model, dp.chosen.layout);
+  for (const Plan* p : {&tp, &dp}) {
+    INFO(p->chosen.layout.name());
+    const gpu::BenchResult a = gpu::run_bench(*p, "test-plan", c);
+    CHECK(a.ranks == 2);
+    REQUIRE(a.output_ids.size() == 3);
+    for (const auto& ids : a.output_ids) {
+      CHECK(ids.size() == 6);
+      for (int32_t id : ids) CHECK((id >= 0 && id < 96));
+    }
+    REQUIRE(a.steps.size() == 7);
+    for (const auto& s : a.steps) {
+      CHECK(s.measured_ms > 0);
+      CHECK(s.predicted_ms > 0);
+      CHECK_FALSE(s.cuda_graph);
+    }
+    const auto j = gpu::bench_json(a);
+    CHECK(j["ranks"] == 2);
+    CHECK(j["emulated_ranks"] == true);
+    // The ranks' sums run in a fixed order: a second run gives the same greedy tokens.
+    const gpu::BenchResult b = gpu::run_bench(*p, "test-plan", c);
+    CHECK(b.output_ids == a.output_ids);
+  }
 }

@@ -35,6 +35,11 @@ struct BenchConfig {
   std::string profile;      // hardware profile for the prediction; empty: the plan's
   bool cuda_graph = true;   // capture decode steps when the expert path is the device GEMV
   int block_size = 16;      // KV block tokens (8, 16, 32)
+  // A multi-GPU plan's R ranks as logical ranks on this one GPU (distributed.hpp: shards,
+  // LocalTransport, a thread per rank). Steps are timed on the host over every rank; the links
+  // are device copies, so the times are not those of R GPUs. Requests go to the attention-DP
+  // replicas round-robin. Decode steps run eagerly (no CUDA graph).
+  bool emulate_ranks = false;
 };
 
 // One timed forward step, with the simulator's prediction of the same batch.
@@ -62,6 +67,7 @@ struct BenchResult {
   std::string plan_sha256;     // of the plan file's text (of plan_to_yaml for an in-memory plan)
   Plan plan;                   // as loaded
   ModelSpec model;             // what ran (truncated with num_layers)
+  int ranks = 1;               // the plan's world size; > 1: emulated on one GPU
   std::string device_name;
   nlohmann::json device;       // query_device() fields and library versions
   std::string cost_model;      // "mixserve"
@@ -77,13 +83,14 @@ struct BenchResult {
   double median_prefill_error_pct = 0, median_decode_error_pct = 0;
 };
 
-// The checks of the plan alone, shared with the online mode (online.hpp): world size 1, a model the
-// GPU forward supports (InputError naming what is not).
-void check_single_gpu_plan(const Plan& plan, const std::string& origin);
+// The checks of the plan alone, shared with the online mode (online.hpp): world size 1 (any world
+// size when allow_ranks: --emulate-ranks), a model the GPU forward supports (InputError naming
+// what is not).
+void check_single_gpu_plan(const Plan& plan, const std::string& origin, bool allow_ranks = false);
 // query_device() fields and library versions, as the results JSON holds them.
 nlohmann::json device_info_json(const DeviceInfo& d);
 // Validation without a device. InputError with the reason:
-//   world size != 1 ("distributed runs are not built yet"), a model outside the family the GPU
+//   world size != 1 without emulate_ranks, a model outside the family the GPU
 //   forward supports (the list), batch/lengths outside [1, ...] or the plan's limits.
 void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin);
 // The plan's cluster GPU model ("H200") must occur in the device name ("NVIDIA H200").

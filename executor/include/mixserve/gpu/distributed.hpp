@@ -37,9 +37,12 @@ class EmulatedRanks {
   std::vector<GpuStepOutput> step(const std::vector<std::vector<model::SequenceStep>>& batches,
                                   const StepOptions& opt = {});
   // Timing: prepare every rank, then enqueue every rank, each on its own thread and stream
-  // (synchronised at the end); the same prepared batches can be enqueued repeatedly.
+  // (synchronised at the end); the same prepared batches can be enqueued repeatedly. collect():
+  // the outputs of the last enqueue, per replica, as step() returns them. After an error the
+  // ranks are unusable (the rendezvous stays aborted).
   void prepare(const std::vector<std::vector<model::SequenceStep>>& batches, const StepOptions& opt = {});
   void enqueue_and_wait();
+  std::vector<GpuStepOutput> collect(bool record_hidden = false);
   void reset_cache();
 
  private:
