@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the GPU binaries (Hopper sm_90a + portable compute_80 PTX) and bundles what a GPU host
 # needs into a folder (default: <repo>/gpu-bundle, git-ignored):
-#   bin/  mixserve-profile and the GPU test binaries (label gpu / multigpu / unit lists in tests-*.txt)
+#   bin/  mixserve-profile, mixserve-run, mixserve-plan and the GPU test binaries (label gpu / multigpu / unit lists in tests-*.txt)
 #   lib/  the shared libraries a CUDA 13 host may lack (fmt, yaml-cpp, cudart); the binaries find
 #         them through tools/gpu-test.sh's LD_LIBRARY_PATH. cuBLAS and NCCL are the host's own.
 # Usage: tools/gpu-bundle.sh [bundle-dir]     (env: MIXSERVE_GPU_BUILD, default <repo>/build-gpu)
@@ -19,6 +19,8 @@ mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
 # tests/gpu (test_gpu_*), whatever their number.
 find "$BUILD/profiler" -maxdepth 1 -type f -name 'mixserve-*' -perm -u+x -exec cp {} "$BUNDLE/bin/" \;
 find "$BUILD/run" -maxdepth 1 -type f -name 'mixserve-run' -perm -u+x -exec cp {} "$BUNDLE/bin/" \; 2>/dev/null || true
+# The planner (CPU only) makes the plans of tools/multigpu-run.sh on the GPU host.
+find "$BUILD/planner" -maxdepth 1 -type f -name 'mixserve-plan' -perm -u+x -exec cp {} "$BUNDLE/bin/" \; 2>/dev/null || true
 # test_gpu_comm_mpi is left out: it needs the host's own MPI build and mpirun.
 find "$BUILD/tests/gpu" -maxdepth 1 -type f -name 'test_gpu_*' ! -name test_gpu_comm_mpi -perm -u+x \
   -exec cp {} "$BUNDLE/bin/" \;

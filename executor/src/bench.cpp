@@ -312,7 +312,9 @@ void check_single_gpu_plan(const Plan& plan, const std::string& origin, bool all
 }
 
 void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin) {
-  check_single_gpu_plan(plan, origin, cfg.emulate_ranks);
+  check_single_gpu_plan(plan, origin, cfg.emulate_ranks || cfg.gpu_per_rank);
+  if (cfg.emulate_ranks && cfg.gpu_per_rank)
+    throw InputError("--emulate-ranks and --gpu-per-rank exclude each other");
   const ModelSpec& m = plan.model;
   auto bad_arg = [&](const char* opt, int64_t v, const std::string& want) {
     throw InputError(fmt::format("{} {}: expected {}", opt, v, want));
@@ -412,8 +414,10 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   r.model = bench_model(r.plan, cfg);
   r.prefill_chunk_tokens = effective_chunk(r.plan, cfg);
   r.ranks = r.plan.chosen.layout.world_size();
-  if (r.ranks > 1)  // the executor's checks of a multi-GPU plan; its ranks share this GPU
-    check_plan_for_run(r.plan, r.plan.model, LaunchShape{r.ranks, 1, 1});
+  r.emulated = r.ranks > 1 && !cfg.gpu_per_rank;
+  if (r.ranks > 1)  // the executor's checks of a multi-GPU plan
+    check_plan_for_run(r.plan, r.plan.model,
+                       LaunchShape{r.ranks, cfg.gpu_per_rank ? r.ranks : 1, std::max(device_count_or_zero(), 1)});
 
   const int ndev = device_count_or_zero();
   if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
@@ -425,7 +429,7 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   check_device_matches(r.plan, info.name, plan_path);
 
   r.memory = estimate_bench_memory(r.model, cfg, r.prefill_chunk_tokens);
-  if (r.ranks > 1) {  // emulated: sharded weights sum to about one model; every rank adds its
+  if (r.emulated) {  // emulated: sharded weights sum to about one model; every rank adds its
                       // replicated embedding, LM head and routers and its own activations
     const ModelSpec& m = r.model;
     r.memory.weights += double(r.ranks - 1) * 2.0 *
@@ -465,11 +469,12 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     // Every replica's block pool holds the sequences dealt to it.
     const int dp = r.plan.chosen.layout.attn_dp;
     gc.num_blocks = static_cast<int>(int64_t((cfg.batch + dp - 1) / dp) * blocks_per_seq(cfg));
+    const Placement where = cfg.gpu_per_rank ? Placement::gpu_per_rank : Placement::one_gpu;
     if (cfg.weights_dir.empty()) {
-      ranks = std::make_unique<EmulatedRanks>(r.model, cfg.seed, r.plan.cluster, r.plan.chosen.layout, gc);
+      ranks = std::make_unique<EmulatedRanks>(r.model, cfg.seed, r.plan.cluster, r.plan.chosen.layout, gc, where);
     } else {
       const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
-      ranks = std::make_unique<EmulatedRanks>(w, r.plan.cluster, r.plan.chosen.layout, gc);
+      ranks = std::make_unique<EmulatedRanks>(w, r.plan.cluster, r.plan.chosen.layout, gc, where);
     }
   } else if (cfg.weights_dir.empty()) {
     g = std::make_unique<GpuModel>(r.model, cfg.seed, gc);
@@ -566,7 +571,7 @@ nlohmann::json bench_json(const BenchResult& r) {
       {"run_name", "mixserve-run bench"},
       {"mode", "offline"},
       {"ranks", r.ranks},
-      {"emulated_ranks", r.ranks > 1},
+      {"emulated_ranks", r.emulated},
       {"batch_size", c.batch},
       {"input_len", c.input_len},
       {"output_len", c.output_len},
@@ -613,10 +618,12 @@ std::string format_bench_report(const BenchResult& r) {
                    c.output_len, c.warmup, c.seed));
   line(fmt::format("# device {} | prefill chunk {} tokens | memory estimate {:.2f} GiB of {:.2f} GiB free",
                    r.device_name, r.prefill_chunk_tokens, r.memory.total() / kGiB, r.memory.free_device / kGiB));
-  if (r.ranks > 1)
+  if (r.emulated)
     line(fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
                      "steps): not the speed of {} GPUs",
                      r.ranks, r.ranks));
+  else if (r.ranks > 1)
+    line(fmt::format("# {} ranks, a GPU each, NCCL (one process, a thread per rank; host-timed steps)", r.ranks));
   line(fmt::format("Prefill. latency: {:8.5f} s, throughput: {:11.2f} token/s", r.prefill_latency,
                    r.prefill_throughput));
   std::vector<const BenchStep*> dec;

@@ -14,28 +14,54 @@
 namespace mixserve::gpu {
 
 EmulatedRanks::EmulatedRanks(const model::WeightSet& w, const ClusterSpec& c, const Layout& l,
-                             const GpuModelConfig& base)
+                             const GpuModelConfig& base, Placement placement)
     : layout_(l) {
-  build(&w, w.spec(), 0, c, base);
+  build(&w, w.spec(), 0, c, base, placement);
 }
 
 EmulatedRanks::EmulatedRanks(const ModelSpec& m, uint64_t seed, const ClusterSpec& c, const Layout& l,
-                             const GpuModelConfig& base)
+                             const GpuModelConfig& base, Placement placement)
     : layout_(l) {
-  build(nullptr, m, seed, c, base);
+  build(nullptr, m, seed, c, base, placement);
 }
 
 EmulatedRanks::~EmulatedRanks() = default;
 
 void EmulatedRanks::build(const model::WeightSet* w, const ModelSpec& m, uint64_t seed, const ClusterSpec& c,
-                          const GpuModelConfig& base) {
+                          const GpuModelConfig& base, Placement placement) {
   rank_map_ = build_rank_map(c, m, layout_);
   const int R = layout_.world_size();
-  transport_ = std::make_unique<LocalTransport>(R);
+  int current = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&current));
+  Transport* attn = nullptr;
+  Transport* stage = nullptr;
+  if (placement == Placement::one_gpu) {
+    device_.assign(std::size_t(R), current);
+    transports_.push_back(std::make_unique<LocalTransport>(R, current));
+    attn = stage = transports_.back().get();
+  } else {
+#if MIXSERVE_HAVE_NCCL
+    const int n = device_count_or_zero();
+    if (n < R)
+      throw InputError(fmt::format("layout '{}' needs {} GPUs (one per rank); {} visible", layout_.name(), R, n));
+    for (int r = 0; r < R; ++r) device_.push_back(r);
+    auto world = std::make_shared<std::vector<Comm>>(init_single_process(device_));
+    std::vector<const Comm*> ptrs;
+    for (const Comm& cm : *world) ptrs.push_back(&cm);
+    nccl_world_ = world;
+    transports_.push_back(std::make_unique<NcclTransport>(ptrs, layout_.attn_tp));
+    attn = transports_.back().get();
+    transports_.push_back(std::make_unique<NcclTransport>(ptrs, layout_.stage_size()));
+    stage = transports_.back().get();
+#else
+    throw InputError("a GPU per rank needs NCCL, which this build lacks");
+#endif
+  }
   rendezvous_ = std::make_unique<Rendezvous>();
   for (int r = 0; r < R; ++r) {
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
     // The all-reduce scratch holds one chunk of the largest all-reduce: [T, H] / group.
-    comms_.push_back(std::make_unique<TransportComm>(*transport_, layout_, r, rendezvous_.get(),
+    comms_.push_back(std::make_unique<TransportComm>(*attn, *stage, layout_, r, rendezvous_.get(),
                                                      int64_t(base.max_tokens_per_step) * m.hidden_size));
     GpuModelConfig cfg = base;
     cfg.shard = shard_for_rank(layout_, rank_map_[std::size_t(r)], m);
@@ -45,6 +71,7 @@ void EmulatedRanks::build(const model::WeightSet* w, const ModelSpec& m, uint64_
     else
       models_.push_back(std::make_unique<GpuModel>(m, seed, cfg));
   }
+  MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
 }
 
 int EmulatedRanks::replica_of(int rank) const {
@@ -54,13 +81,11 @@ int EmulatedRanks::replica_of(int rank) const {
 void EmulatedRanks::on_every_rank(const std::function<void(int)>& fn) {
   const int R = num_ranks();
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(R));
-  int device = 0;
-  MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
   std::vector<std::thread> threads;
   for (int r = 0; r < R; ++r)
     threads.emplace_back([&, r] {
       try {
-        MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
+        MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
         fn(r);
       } catch (...) {
         errors[std::size_t(r)] = std::current_exception();
@@ -111,10 +136,14 @@ std::vector<GpuStepOutput> EmulatedRanks::step(const std::vector<std::vector<mod
 
 std::vector<GpuStepOutput> EmulatedRanks::collect(bool record_hidden) {
   std::vector<GpuStepOutput> outs(static_cast<std::size_t>(num_ranks()));
+  int current = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&current));
   for (int r = 0; r < num_ranks(); ++r) {
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
     GpuModel& g = *models_[std::size_t(r)];
     outs[std::size_t(r)] = g.collect(g.stream());
   }
+  MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
   const int S = layout_.stage_size();
   std::vector<GpuStepOutput> res;
   for (int d = 0; d < layout_.attn_dp; ++d) {
@@ -135,7 +164,13 @@ std::vector<GpuStepOutput> EmulatedRanks::collect(bool record_hidden) {
 }
 
 void EmulatedRanks::reset_cache() {
-  for (auto& m : models_) m->reset_cache();
+  int current = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&current));
+  for (int r = 0; r < num_ranks(); ++r) {
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
+    models_[std::size_t(r)]->reset_cache();
+  }
+  MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
 }
 
 }  // namespace mixserve::gpu

@@ -156,13 +156,15 @@ void Rendezvous::abort() {
 
 // ----------------------------------------------------------------------------- transport comm
 
-TransportComm::TransportComm(Transport& tr, const Layout& layout, int rank, Rendezvous* rendezvous,
-                             int64_t max_elements)
-    : tr_(tr), layout_(layout), rank_(rank), rdv_(rendezvous), max_elements_(max_elements) {
+TransportComm::TransportComm(Transport& attn, Transport& stage, const Layout& layout, int rank,
+                             Rendezvous* rendezvous, int64_t max_elements)
+    : attn_tr_(attn), stage_tr_(stage), layout_(layout), rank_(rank), rdv_(rendezvous), max_elements_(max_elements) {
   if (rank < 0 || rank >= layout.world_size())
     throw InputError(fmt::format("rank {} not in plan (world={})", rank, layout.world_size()));
-  if (tr.num_ranks() != layout.world_size())
-    throw InputError(fmt::format("transport of {} ranks for a layout of {}", tr.num_ranks(), layout.world_size()));
+  for (const Transport* t : {&attn, &stage})
+    if (t->num_ranks() != layout.world_size())
+      throw InputError(fmt::format("{} transport of {} ranks for a layout of {}", t->name(), t->num_ranks(),
+                                   layout.world_size()));
   const int S = layout.stage_size(), base = (rank / S) * S, q = rank - base;
   for (int i = 0; i < S; ++i) stage_group_.push_back(base + i);
   const int d = q / layout.attn_tp;
@@ -215,10 +217,10 @@ void TransportComm::all_reduce(CommGroup g, __nv_bfloat16* x, int64_t count, cud
   const std::size_t chunk = std::size_t(count / G);
   CollRank rs{x, scratch_, s};
   collective(rdv_, grp, group_index(g), rs, [&](std::span<const CollRank> ranks) {
-    tr_.reduce_scatter(grp, ranks, chunk, kernels::MoeDType::bf16);
+    tr(g).reduce_scatter(grp, ranks, chunk, kernels::MoeDType::bf16);
     std::vector<CollRank> ag;  // the summed chunk back into every member's x
     for (const CollRank& r : ranks) ag.push_back(CollRank{r.recv, const_cast<void*>(r.send), r.stream});
-    tr_.all_gather(grp, ag, chunk * 2);
+    tr(g).all_gather(grp, ag, chunk * 2);
   });
 }
 
@@ -227,7 +229,7 @@ void TransportComm::all_gather(CommGroup g, void* buf, std::size_t bytes_per_ran
   if (grp.size() == 1 || bytes_per_rank == 0) return;
   const int u = group_index(g);
   CollRank me{static_cast<char*>(buf) + std::size_t(u) * bytes_per_rank, buf, s};
-  collective(rdv_, grp, u, me, [&](std::span<const CollRank> ranks) { tr_.all_gather(grp, ranks, bytes_per_rank); });
+  collective(rdv_, grp, u, me, [&](std::span<const CollRank> ranks) { tr(g).all_gather(grp, ranks, bytes_per_rank); });
 }
 
 void TransportComm::reduce_scatter(CommGroup g, const __nv_bfloat16* send, __nv_bfloat16* recv, int64_t count,
@@ -240,7 +242,7 @@ void TransportComm::reduce_scatter(CommGroup g, const __nv_bfloat16* send, __nv_
   }
   CollRank me{send, recv, s};
   collective(rdv_, grp, group_index(g), me, [&](std::span<const CollRank> ranks) {
-    tr_.reduce_scatter(grp, ranks, std::size_t(count), kernels::MoeDType::bf16);
+    tr(g).reduce_scatter(grp, ranks, std::size_t(count), kernels::MoeDType::bf16);
   });
 }
 
@@ -266,11 +268,11 @@ void TransportComm::p2p(int src, int dst, const void* send, void* recv, std::siz
   };
   const Side mine{send, recv, s};
   auto issue = [&](const Side& a, const Side& b) {  // a: the sender's side, b: the receiver's
-    std::vector<cudaStream_t> streams(std::size_t(tr_.num_ranks()), nullptr);
+    std::vector<cudaStream_t> streams(std::size_t(stage_tr_.num_ranks()), nullptr);
     if (a.stream) streams[std::size_t(src)] = a.stream;
     if (b.stream) streams[std::size_t(dst)] = b.stream;
     const P2pOp op{src, dst, a.send, b.recv, bytes};
-    tr_.p2p_round(std::span<const P2pOp>(&op, 1), streams);
+    stage_tr_.p2p_round(std::span<const P2pOp>(&op, 1), streams);
   };
   if (!rdv_) {
     if (rank_ == src)

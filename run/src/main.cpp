@@ -94,6 +94,9 @@ int main(int argc, char** argv) {
   bench->add_flag("--emulate-ranks", cfg.emulate_ranks,
                   "a multi-GPU plan: run its ranks as logical ranks on this one GPU (docs/distributed.md)")
       ->group(off);
+  bench->add_flag("--gpu-per-rank", cfg.gpu_per_rank,
+                  "a multi-GPU plan on this node: rank r on GPU r, NCCL, a thread per rank (docs/distributed.md)")
+      ->group(off);
   // Online: the simulator CLI's names.
   const char* onl = "Online (serving, the simulator's scheduler)";
   bench->add_option("--workload", on.workload, "shipped workload name (configs/workloads) or YAML path: online mode")
@@ -125,7 +128,8 @@ int main(int argc, char** argv) {
 
   try {
     const bool online = a.online_mode || !on.workload.empty();
-    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--no-cuda-graph", "--emulate-ranks"})
+    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--no-cuda-graph", "--emulate-ranks",
+                            "--gpu-per-rank"})
       if (online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an offline option; online mode (--workload) takes the lengths from "
                                      "the workload", opt));

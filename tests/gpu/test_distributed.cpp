@@ -6,6 +6,9 @@
 // (GpuModel, whole model) over prefill, mixed (chunked prefill + decode + a new prefill) and
 // decode steps. Requests are dealt to the attention-DP replicas round-robin, so with DP 4 and 8
 // some replicas step with empty batches.
+//   test_gpu_distributed (label gpu): R logical ranks on one GPU (LocalTransport).
+//   test_gpu_distributed_nccl (label multigpu, MIXSERVE_GPU_TEST_MIN_DEVICES >= 2): rank r on GPU r
+//     through NCCL, for every R <= the visible GPUs (tools/multigpu-run.sh).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -171,7 +174,8 @@ void run_step(const std::string& what, const model::WeightSet& w, model::Referen
 
 // The scenario on one layout: prefill of three requests, a mixed step (a second chunk, two
 // decodes, a new prefill), a decode of all four. Block tables are shuffled and non-contiguous.
-Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& l, gpu::ExpertPath path) {
+Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& l, gpu::ExpertPath path,
+                 gpu::Placement placement) {
   const ModelSpec& m = w.spec();
   const int block = 8, num_blocks = 32;
   GpuModelConfig cfg;
@@ -183,7 +187,7 @@ Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& 
   cfg.expert_path = path;
   model::ReferenceModel ref(w, model::KVCacheConfig{block, num_blocks});
   gpu::GpuModel one(w, cfg);
-  gpu::EmulatedRanks dist(w, c, l, cfg);
+  gpu::EmulatedRanks dist(w, c, l, cfg, placement);
   std::mt19937_64 rng(1234);
   std::vector<int32_t> pool(num_blocks);
   std::iota(pool.begin(), pool.end(), 0);
@@ -212,28 +216,35 @@ Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& 
   return st;
 }
 
-}  // namespace
-
-TEST_CASE("distributed forward on one GPU equals the single-GPU forward for every planner layout, R <= 8") {
+// Every layout of the planner for R = 2, 4, 8 ranks (R <= max_ranks) through `placement`.
+int run_all_layouts(gpu::Placement placement, int max_ranks) {
   const ModelSpec m = dist_model();
   const auto w = model::synthetic_weights(m, 77);
   int layouts = 0;
   double worst_hidden = 0, worst_logits = 0;
   for (int P : {2, 4, 8}) {
+    if (P > max_ranks) break;
     const ClusterSpec c = cluster_of(P);
     for (const Layout& l : planner::enumerate_layouts(P)) {
       if (planner::first_structural_failure(m, c, l)) continue;
       // Both expert paths, alternating over the layouts (each path meets every MoE mode).
       const auto path = layouts % 2 ? gpu::ExpertPath::cublaslt : gpu::ExpertPath::device_gemv;
-      const Stats st = run_layout(w, c, l, path);
+      const Stats st = run_layout(w, c, l, path, placement);
       worst_hidden = std::max(worst_hidden, st.worst_hidden);
       worst_logits = std::max(worst_logits, st.worst_logits);
       ++layouts;
     }
   }
   std::printf("%d layouts; worst error / tolerance: hidden %.2f, logits %.2f\n", layouts, worst_hidden, worst_logits);
+  return layouts;
+}
+
+}  // namespace
+
+#if MIXSERVE_GPU_TEST_MIN_DEVICES < 2
+TEST_CASE("distributed forward on one GPU equals the single-GPU forward for every planner layout, R <= 8") {
   // 5 + 16 + 36 layouts for P = 2, 4, 8 (docs/planner.md), less those the model does not divide.
-  CHECK(layouts >= 40);
+  CHECK(run_all_layouts(gpu::Placement::one_gpu, 8) >= 40);
 }
 
 TEST_CASE("distributed forward: a rank that fails releases its peers") {
@@ -252,3 +263,10 @@ TEST_CASE("distributed forward: a rank that fails releases its peers") {
   std::vector<std::vector<SequenceStep>> b = {{SequenceStep{random_tokens(rng, 17, m.vocab_size), 0, {0, 1, 2}}}};
   CHECK_THROWS_AS(dist.step(b), InputError);
 }
+#else
+TEST_CASE("distributed forward over NCCL, a GPU per rank, equals the single-GPU forward for every planner layout") {
+  const int n = gpu::device_count_or_zero();
+  std::printf("%d GPUs visible\n", n);
+  CHECK(run_all_layouts(gpu::Placement::gpu_per_rank, n) >= 4);  // P = 2 alone has 5 layouts
+}
+#endif

@@ -40,6 +40,9 @@ struct BenchConfig {
   // are device copies, so the times are not those of R GPUs. Requests go to the attention-DP
   // replicas round-robin. Decode steps run eagerly (no CUDA graph).
   bool emulate_ranks = false;
+  // A multi-GPU plan on this node's GPUs: one process, a thread per rank, rank r on device r,
+  // NCCL between them (distributed.hpp, Placement::gpu_per_rank). Host-timed steps.
+  bool gpu_per_rank = false;
 };
 
 // One timed forward step, with the simulator's prediction of the same batch.
@@ -67,7 +70,8 @@ struct BenchResult {
   std::string plan_sha256;     // of the plan file's text (of plan_to_yaml for an in-memory plan)
   Plan plan;                   // as loaded
   ModelSpec model;             // what ran (truncated with num_layers)
-  int ranks = 1;               // the plan's world size; > 1: emulated on one GPU
+  int ranks = 1;               // the plan's world size
+  bool emulated = false;       // ranks > 1 on one GPU (else a GPU per rank)
   std::string device_name;
   nlohmann::json device;       // query_device() fields and library versions
   std::string cost_model;      // "mixserve"

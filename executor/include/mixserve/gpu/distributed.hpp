@@ -1,8 +1,10 @@
-// The ranks of a plan run as R logical ranks on ONE GPU (docs/distributed.md): one GpuModel shard
-// (shard.hpp) per rank, a LocalTransport between them and one host thread per rank meeting at a
-// Rendezvous, so a multi-GPU layout runs through the same forward, the same communication sites
-// and the same transport interface as with NCCL. The "network" is device copies: correctness and
-// the path are exercised here, not multi-GPU speed.
+// The ranks of a plan driven by one process, one host thread per rank meeting at a Rendezvous,
+// one GpuModel shard (shard.hpp) per rank (docs/distributed.md). Two placements:
+//   one_gpu       R logical ranks on ONE GPU through a LocalTransport: a multi-GPU layout runs
+//                 through the same forward, communication sites and transport interface as with
+//                 NCCL; the "network" is device copies (correctness and the path, not speed).
+//   gpu_per_rank  rank r on device r through NCCL (NcclTransport over ncclCommInitAll
+//                 communicators): a single-node run of up to the node's GPUs.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -17,13 +19,17 @@
 
 namespace mixserve::gpu {
 
+enum class Placement { one_gpu, gpu_per_rank };
+
 class EmulatedRanks {
  public:
   // Weights from the host (sliced per rank), or drawn on the device per shard (seeded; for timing).
   // base: the per-rank config (limits, KV blocks, expert path); its shard and comm are replaced.
-  EmulatedRanks(const model::WeightSet& w, const ClusterSpec& c, const Layout& l, const GpuModelConfig& base);
+  // gpu_per_rank: InputError when fewer than R devices are visible or NCCL is not built in.
+  EmulatedRanks(const model::WeightSet& w, const ClusterSpec& c, const Layout& l, const GpuModelConfig& base,
+                Placement placement = Placement::one_gpu);
   EmulatedRanks(const ModelSpec& m, uint64_t seed, const ClusterSpec& c, const Layout& l,
-                const GpuModelConfig& base);
+                const GpuModelConfig& base, Placement placement = Placement::one_gpu);
   ~EmulatedRanks();
 
   const Layout& layout() const { return layout_; }
@@ -47,13 +53,15 @@ class EmulatedRanks {
 
  private:
   void build(const model::WeightSet* w, const ModelSpec& m, uint64_t seed, const ClusterSpec& c,
-             const GpuModelConfig& base);
+             const GpuModelConfig& base, Placement placement);
   // Runs fn(rank) on one thread per rank; the first error is rethrown after every thread ended.
   void on_every_rank(const std::function<void(int)>& fn);
   int replica_of(int rank) const;
   Layout layout_;
   std::vector<RankInfo> rank_map_;
-  std::unique_ptr<LocalTransport> transport_;
+  std::vector<int> device_;  // per rank
+  std::shared_ptr<void> nccl_world_;  // the NCCL world communicators (gpu_per_rank); outlive the splits
+  std::vector<std::unique_ptr<Transport>> transports_;
   std::unique_ptr<Rendezvous> rendezvous_;
   std::vector<std::unique_ptr<TransportComm>> comms_;
   std::vector<std::unique_ptr<GpuModel>> models_;

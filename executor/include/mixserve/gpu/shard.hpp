@@ -132,13 +132,17 @@ class Rendezvous {
 
 class Transport;
 
-// ForwardComm of one rank over a transport. rendezvous: the shared meeting point when one
-// process drives several ranks through LocalTransport (one thread each); null when the
-// transport holds only this rank (NCCL, one process per GPU). max_elements: the largest
-// all-reduce (elements), for the scratch buffer.
+// ForwardComm of one rank over transports: `attn` for the attention TP groups and `stage` for
+// the stage's MoE exchange and the pipeline sends (one LocalTransport can serve both; NCCL needs
+// one NcclTransport per group size: attn_tp and the stage size). rendezvous: the shared meeting
+// point when one process drives several ranks (one thread each: LocalTransport, or NCCL with a
+// GPU per thread); null when the transports hold only this rank (NCCL, one process per GPU).
+// max_elements: the largest all-reduce (elements), for the scratch buffer. Buffers are
+// allocated on the current device (the rank's).
 class TransportComm final : public ForwardComm {
  public:
-  TransportComm(Transport& tr, const Layout& layout, int rank, Rendezvous* rendezvous, int64_t max_elements);
+  TransportComm(Transport& attn, Transport& stage, const Layout& layout, int rank, Rendezvous* rendezvous,
+                int64_t max_elements);
   ~TransportComm() override;
   TransportComm(const TransportComm&) = delete;
   TransportComm& operator=(const TransportComm&) = delete;
@@ -155,8 +159,10 @@ class TransportComm final : public ForwardComm {
 
  private:
   const std::vector<int>& group(CommGroup g) const;
+  Transport& tr(CommGroup g) const { return g == CommGroup::attn_tp ? attn_tr_ : stage_tr_; }
   void p2p(int src, int dst, const void* send, void* recv, std::size_t bytes, cudaStream_t s);
-  Transport& tr_;
+  Transport& attn_tr_;
+  Transport& stage_tr_;
   Layout layout_;
   int rank_ = 0;
   Rendezvous* rdv_ = nullptr;
