@@ -3,14 +3,21 @@
 // once per group (query heads over the attention TP group, KV heads cover the heads' groups,
 // experts over the EP group, expert/shared/dense widths over the TP group, layers over the
 // stages), and a plan whose world size, GPU count, model or rank map does not match is refused
-// with a message naming what differs.
+// with a message naming what differs. The rendezvous of the ranks' threads (argument order,
+// disjoint groups, errors and abort reaching every member) and the bench's refusal of a
+// multi-GPU plan without --emulate-ranks / --gpu-per-rank.
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <chrono>
+#include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
+#include "mixserve/gpu/bench.hpp"
 #include "mixserve/gpu/shard.hpp"
 #include "mixserve/planner/search.hpp"
 
@@ -176,4 +183,86 @@ TEST_CASE("a plan whose world size, GPU count, model or rank map does not match 
     CHECK_THROWS_WITH_AS(gpu::check_plan_for_run(plan_for(olmoe, c, l), olmoe, ok),
                          doctest::Contains("QK-norm over the whole projection"), InputError);
   }
+}
+
+TEST_CASE("rendezvous: the last member runs the operation with every argument in group order") {
+  gpu::Rendezvous rdv;
+  const std::vector<int> group = {3, 1, 2, 0};
+  std::vector<int> order;
+  int runs = 0;
+  std::vector<std::thread> threads;
+  for (int u = 0; u < 4; ++u)
+    threads.emplace_back([&, u] {
+      for (int it = 0; it < 50; ++it) {
+        const int mine = 100 * it + u;
+        rdv.meet(group, u, &mine, [&](std::span<const void* const> args) {
+          ++runs;
+          for (const void* a : args) order.push_back(*static_cast<const int*>(a));
+        });
+      }
+    });
+  for (auto& t : threads) t.join();
+  CHECK(runs == 50);
+  REQUIRE(order.size() == 200);
+  for (int it = 0; it < 50; ++it)
+    for (int u = 0; u < 4; ++u) CHECK(order[std::size_t(4 * it + u)] == 100 * it + u);
+}
+
+TEST_CASE("rendezvous: disjoint groups meet independently; an operation's error reaches every member") {
+  gpu::Rendezvous rdv;
+  std::atomic<int> a_runs{0}, b_runs{0}, errors{0};
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 4; ++r)
+    threads.emplace_back([&, r] {
+      const std::vector<int> g = r < 2 ? std::vector<int>{0, 1} : std::vector<int>{2, 3};
+      for (int it = 0; it < 20; ++it)
+        rdv.meet(g, r % 2, nullptr, [&](std::span<const void* const>) { ++(r < 2 ? a_runs : b_runs); });
+      try {
+        rdv.meet(g, r % 2, nullptr, [](std::span<const void* const>) { throw InputError("bad step"); });
+      } catch (const InputError&) {
+        ++errors;
+      }
+    });
+  for (auto& t : threads) t.join();
+  CHECK(a_runs == 20);
+  CHECK(b_runs == 20);
+  CHECK(errors == 4);
+}
+
+TEST_CASE("rendezvous: abort releases a member waiting for a peer that failed") {
+  gpu::Rendezvous rdv;
+  std::atomic<bool> released{false};
+  std::thread waiter([&] {
+    try {
+      rdv.meet({0, 1}, 0, nullptr, [](std::span<const void* const>) {});
+    } catch (const RuntimeError& e) {
+      released = std::string(e.what()).find("aborted") != std::string::npos;
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let it wait (the result holds either way)
+  rdv.abort();
+  waiter.join();
+  CHECK(released);
+  CHECK_THROWS_AS(rdv.meet({0, 1}, 1, nullptr, [](std::span<const void* const>) {}), RuntimeError);
+}
+
+TEST_CASE("bench: a multi-GPU plan needs --emulate-ranks or --gpu-per-rank (no device work)") {
+  const ModelSpec m = tiny("Qwen3MoeForCausalLM");
+  Layout l;
+  l.attn_tp = 2;
+  l.moe_tp = 2;
+  Plan p = plan_for(m, cluster_of(2), l);
+  p.chosen.limits.max_num_seqs = 16;
+  p.chosen.limits.max_num_batched_tokens = 256;
+  gpu::BenchConfig c;
+  c.batch = 2;
+  c.input_len = 8;
+  c.output_len = 2;
+  CHECK_THROWS_WITH_AS(gpu::check_bench_plan(p, c, "p.yaml"), doctest::Contains("--emulate-ranks"), InputError);
+  c.emulate_ranks = true;
+  CHECK_NOTHROW(gpu::check_bench_plan(p, c, "p.yaml"));
+  c.gpu_per_rank = true;
+  CHECK_THROWS_WITH_AS(gpu::check_bench_plan(p, c, "p.yaml"), doctest::Contains("exclude each other"), InputError);
+  c.emulate_ranks = false;
+  CHECK_NOTHROW(gpu::check_bench_plan(p, c, "p.yaml"));
 }
