@@ -166,8 +166,7 @@ void GpuModel::check_supported() const {
   if (spec_.hidden_size > kLinearFp32MaxWidth) bad("hidden_size", spec_.hidden_size, "<= 16384");
   // The shard's own widths feed the GEMMs too (shard.hpp).
   const ShardSpec& sh = cfg_.shard;
-  const bool sharded = sh.attn_tp > 1 || sh.moe_tp > 1 || sh.stage_size > 1 || sh.num_stages > 1;
-  if (sharded && !cfg_.comm) throw InputError("GPU forward: a sharded model needs a ForwardComm (GpuModelConfig::comm)");
+  if (sh.sharded() && !cfg_.comm) throw InputError("GPU forward: a sharded model needs a ForwardComm (GpuModelConfig::comm)");
   if (sh.attn_tp > 1 || sh.moe_tp > 1) {
     mult8("q width of the shard", int64_t(dims_.q_heads) * a.head_dim);
     if (spec_.num_dense_layers() > 0) mult8("dense FFN width of the shard", dims_.dense);

@@ -54,6 +54,8 @@ struct ShardSpec {
   MoeMode moe_mode = MoeMode::none;
   int stage_size = 1;                     // ranks of the pipeline stage (MoE group)
   int num_stages = 1;
+  // More than one rank holds the model (then the forward needs a ForwardComm).
+  bool sharded() const { return attn_tp > 1 || moe_tp > 1 || stage_size > 1 || num_stages > 1; }
 };
 
 // The rank's slice of every sharded dimension (begin and count), from a ShardSpec.
