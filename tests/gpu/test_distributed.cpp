@@ -202,7 +202,9 @@ Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& 
   auto req = [&](int id, std::vector<int32_t> tok, int64_t pos) { return Req{id, SequenceStep{std::move(tok), pos, bt[std::size_t(id)]}}; };
   auto tok = [&](int n) { return random_tokens(rng, n, m.vocab_size); };
   Stats st;
-  const std::string name = l.name() + (path == gpu::ExpertPath::cublaslt ? " (cublaslt)" : " (gemv)");
+  const std::string name = l.name() + (path == gpu::ExpertPath::cublaslt      ? " (cublaslt)"
+                                        : path == gpu::ExpertPath::device_gemv ? " (gemv)"
+                                                                               : " (automatic)");
   run_step(name + " prefill", w, ref, one, dist,
            {req(0, {a.begin(), a.begin() + 11}, 0), req(1, tok(7), 0), req(2, tok(19), 0)}, st);
   run_step(name + " mixed", w, ref, one, dist,
@@ -227,8 +229,11 @@ int run_all_layouts(gpu::Placement placement, int max_ranks) {
     const ClusterSpec c = cluster_of(P);
     for (const Layout& l : planner::enumerate_layouts(P)) {
       if (planner::first_structural_failure(m, c, l)) continue;
-      // Both expert paths, alternating over the layouts (each path meets every MoE mode).
-      const auto path = layouts % 2 ? gpu::ExpertPath::cublaslt : gpu::ExpertPath::device_gemv;
+      // The expert paths in turn over the layouts (each meets every MoE mode): the device GEMV,
+      // cuBLASLt per expert, and automatic (whatever the executor picks by the routed rows).
+      const gpu::ExpertPath paths[] = {gpu::ExpertPath::device_gemv, gpu::ExpertPath::cublaslt,
+                                       gpu::ExpertPath::automatic};
+      const auto path = paths[layouts % 3];
       const Stats st = run_layout(w, c, l, path, placement);
       worst_hidden = std::max(worst_hidden, st.worst_hidden);
       worst_logits = std::max(worst_logits, st.worst_logits);
