@@ -116,12 +116,14 @@ void init_range(const std::string& name, int64_t fan_in, float& centre, float& h
 
 GpuModel::GpuModel(const model::WeightSet& weights, const GpuModelConfig& cfg)
     : spec_(weights.spec()), cfg_(cfg), dims_(shard_dims(spec_, cfg.shard)), lt_workspace_(LtGemm::kWorkspaceBytes) {
+  if (cfg_.shard.sharded()) cfg_.decode_kernels = false;  // verified on the whole model only
   check_supported();
   allocate(true, &weights, 0);
 }
 
 GpuModel::GpuModel(const ModelSpec& spec, uint64_t seed, const GpuModelConfig& cfg)
     : spec_(spec), cfg_(cfg), dims_(shard_dims(spec_, cfg.shard)), lt_workspace_(LtGemm::kWorkspaceBytes) {
+  if (cfg_.shard.sharded()) cfg_.decode_kernels = false;  // verified on the whole model only
   check_supported();
   allocate(false, nullptr, seed);
 }

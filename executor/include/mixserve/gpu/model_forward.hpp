@@ -127,7 +127,7 @@ class GpuModel {
   double weight_bytes() const { return weight_bytes_; }
   cudaStream_t stream() const { return stream_.get(); }
   void set_expert_path(ExpertPath p) { cfg_.expert_path = p; }
-  void set_decode_kernels(bool on) { cfg_.decode_kernels = on; }
+  void set_decode_kernels(bool on) { cfg_.decode_kernels = on && !cfg_.shard.sharded(); }
   void set_grouped_gemv_v2_max_tokens(int64_t t) { cfg_.grouped_gemv_v2_max_tokens = t; }
   void set_programmatic_launch(bool on) { cfg_.programmatic_launch = on; }
 
