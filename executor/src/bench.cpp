@@ -279,16 +279,20 @@ nlohmann::json device_info_json(const DeviceInfo& d) {
           {"versions", versions}};
 }
 
-void check_single_gpu_plan(const Plan& plan, const std::string& origin, bool allow_ranks) {
+void check_single_gpu_plan(const Plan& plan, const std::string& origin, MultiGpuPlan multi) {
   const Layout& l = plan.chosen.layout;
   const int world = std::max(l.world_size(), plan.cluster.world_size());
-  if (world != 1 && !allow_ranks)
+  if (world != 1 && multi != MultiGpuPlan::allowed)
     throw InputError(fmt::format(
-        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; this mode runs one GPU (offline "
-        "bench runs a multi-GPU plan's ranks on one GPU with --emulate-ranks; or make a plan for a 1-GPU "
-        "cluster, e.g. configs/clusters/h200-1x1.yaml)",
+        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; {}; or make a plan for a 1-GPU "
+        "cluster, e.g. configs/clusters/h200-1x1.yaml",
         origin, l.name(), plan.cluster.name, plan.cluster.num_nodes, plan.cluster.gpus_per_node,
-        plan.cluster.gpu_model, world));
+        plan.cluster.gpu_model, world,
+        multi == MultiGpuPlan::needs_flag
+            ? "give --emulate-ranks (its ranks as logical ranks on this one GPU) or --gpu-per-rank (a GPU per "
+              "rank, NCCL)"
+            : "this mode runs one GPU: distributed runs are not built yet for it (the offline bench runs "
+              "multi-GPU plans with --emulate-ranks or --gpu-per-rank)"));
   const ModelSpec& m = plan.model;
   auto unsupported = [&](const std::string& what) {
     throw InputError(fmt::format("{}: model '{}' ({}): {} is not supported by the GPU forward; supported: {}", origin,
@@ -312,7 +316,8 @@ void check_single_gpu_plan(const Plan& plan, const std::string& origin, bool all
 }
 
 void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin) {
-  check_single_gpu_plan(plan, origin, cfg.emulate_ranks || cfg.gpu_per_rank);
+  check_single_gpu_plan(plan, origin,
+                        cfg.emulate_ranks || cfg.gpu_per_rank ? MultiGpuPlan::allowed : MultiGpuPlan::needs_flag);
   if (cfg.emulate_ranks && cfg.gpu_per_rank)
     throw InputError("--emulate-ranks and --gpu-per-rank exclude each other");
   const ModelSpec& m = plan.model;
