@@ -2,13 +2,16 @@
 //   version, name, gpu, source (datasheet|measured), sm_count, memory_GiB,
 //   peaks {bf16_tflops, fp8_tflops, fp32_tflops, mem_bw_GBps}, efficiency {gemm, memory},
 //   kernel_launch_us,
-//   tables {gemm, experts, elementwise, attention, collectives}: lists of maps whose keys are the
-//     field names of GemmPoint, ExpertGemmPoint, ElementwisePoint, AttentionPoint, CollectivePoint,
+//   tables {gemm, experts, elementwise, attention, collectives, gemv}: lists of maps whose keys are
+//     the field names of GemmPoint, ExpertGemmPoint, ElementwisePoint, AttentionPoint,
+//     CollectivePoint, GemvPoint (gemv optional and written only when non-empty, so a profile
+//     without GEMV points reads as before),
 //   versions {name: version}, measured_on, notes, provenance.
 #include <optional>
 
 #include <fmt/format.h>
 
+#include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "yaml_util.hpp"
@@ -45,7 +48,21 @@ void for_rows(const YamlMap& tables, std::string_view key, Fn fn) {
 }
 
 void read_tables(const YamlMap& t, HardwareProfile& p) {
-  t.allow_keys({"gemm", "experts", "elementwise", "attention", "collectives"});
+  t.allow_keys({"gemm", "experts", "elementwise", "attention", "collectives", "gemv"});
+  for_rows(t, "gemv", [&](const YamlMap& r) {
+    r.allow_keys({"impl", "m", "n", "k", "dtype", "time_us"});
+    GemvPoint g;
+    g.impl = r.str("impl");
+    if (g.impl != kGemvImplPlain && g.impl != kGemvImplSwiglu && g.impl != kGemvImplFp32)
+      r.fail("impl", fmt::format("one of {}, {}, {}", kGemvImplPlain, kGemvImplSwiglu, kGemvImplFp32),
+             g.impl);
+    g.m = r.positive_i64("m");
+    g.n = r.positive_i64("n");
+    g.k = r.positive_i64("k");
+    g.dtype = r.dtype("dtype");
+    g.time_us = r.positive_num("time_us");
+    p.gemv.push_back(g);
+  });
   for_rows(t, "gemm", [&](const YamlMap& r) {
     r.allow_keys({"m", "n", "k", "dtype", "time_us"});
     GemmPoint g;
@@ -240,6 +257,19 @@ std::string profile_to_yaml(const HardwareProfile& p) {
     out << YAML::EndMap;
   }
   out << YAML::EndSeq;
+  if (!p.gemv.empty()) {
+    out << YAML::Key << "gemv" << YAML::Value << YAML::BeginSeq;
+    for (const auto& g : p.gemv) {
+      out << YAML::Flow << YAML::BeginMap;
+      out << YAML::Key << "impl" << YAML::Value << g.impl;
+      out << YAML::Key << "m" << YAML::Value << g.m << YAML::Key << "n" << YAML::Value << g.n;
+      out << YAML::Key << "k" << YAML::Value << g.k;
+      out << YAML::Key << "dtype" << YAML::Value << std::string(to_string(g.dtype));
+      out << YAML::Key << "time_us" << YAML::Value << fmt_num(g.time_us);
+      out << YAML::EndMap;
+    }
+    out << YAML::EndSeq;
+  }
   out << YAML::EndMap;  // tables
 
   out << YAML::Key << "versions" << YAML::Value << YAML::BeginMap;

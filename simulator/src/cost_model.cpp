@@ -43,6 +43,7 @@
 
 #include <fmt/format.h>
 
+#include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/expert_path.hpp"
 #include "mixserve/sim/cost_constants.hpp"
@@ -82,16 +83,23 @@ constexpr const char* kSlotNames[] = {
 // Less reliable sources win when one slot mixes several (measured < ... < datasheet).
 CostSource worse(CostSource a, CostSource b) { return int(a) >= int(b) ? a : b; }
 
+// Every add(slot, time) is one kernel launch of the executor (core/decode_path.hpp says which);
+// add_coll (NCCL collectives) and add_launches(slot, time, n) say otherwise.
 struct Acc {
   std::array<double, kSlots> t{};
   std::array<CostSource, kSlots> s{};
   std::array<bool, kSlots> used{};
-  void add(Slot i, OpTime o) {
+  double launches = 0;
+  void add_launches(Slot i, OpTime o, double n) {
     t[i] += o.time_us;
     s[i] = used[i] ? worse(s[i], o.source) : o.source;
     used[i] = true;
+    launches += n;
   }
+  void add(Slot i, OpTime o) { add_launches(i, o, 1); }
+  void add_coll(Slot i, OpTime o) { add_launches(i, o, 0); }
   void add(const Acc& o, double mult) {
+    launches += o.launches * mult;
     for (int i = 0; i < kSlots; ++i) {
       if (!o.used[i]) continue;
       t[i] += o.t[i] * mult;
@@ -130,6 +138,9 @@ class GemmMemoTimer final : public OpTimer {
     return t;
   }
   OpTime expert_gemm(const ExpertGemmShape& s) const override { return inner_->expert_gemm(s); }
+  OpTime gemv(double m, int64_t n, int64_t k, DType dtype, GemvKind kind) const override {
+    return inner_->gemv(m, n, k, dtype, kind);
+  }
   OpTime attention(const AttentionShape& s) const override { return inner_->attention(s); }
   OpTime memory_op(double bytes) const override { return inner_->memory_op(bytes); }
   OpTime collective(CollOp op, CommGroup g, double bytes) const override {
@@ -170,6 +181,9 @@ class MixServeModel final : public StepCostModel {
                 const Layout& l, const CostModelOptions& opt)
       : m_(m), l_(l), timer_(std::make_unique<GemmMemoTimer>(make_profile_timer(p, c))) {
     check_layout(m, c, l);
+    dk_ = decode_kernels_enabled(opt.decode_kernels, l.world_size() > 1);
+    qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
+    sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
     const int G = c.gpus_per_node, S = l.stage_size();
     g_attn_tp_ = comm_group(1, l.attn_tp, G);
@@ -326,24 +340,33 @@ class MixServeModel final : public StepCostModel {
         stage.add(moe_lo, n_stage_moe - w_hi);
         stage.add(moe_hi, w_hi);
       }
+      if (dk_ && T_max > 0 && st.dense_full + st.dense_sliding + st.moe_full + st.moe_sliding > 0) {
+        // decode kernels: the RoPE table once per step (cos/sin, fp32, per token and frequency),
+        // and the stage's last layer's residual add (the others are fused into the next norm).
+        stage.add(embedding, timer_->memory_op(T_max * (4.0 + 2.0 * m_.attention.head_dim)));
+        stage.add(attn_norm, timer_->memory_op(3 * T_max * h_ * act_));
+      }
       if (st.first && T_max > 0) {
         stage.add(embedding, timer_->memory_op(2 * T_max * h_ * act_));
-        stage.add(embedding, timer_->collective(CollOp::all_reduce, g_attn_tp_, T_max * h_ * act_));
+        stage.add_coll(embedding, timer_->collective(CollOp::all_reduce, g_attn_tp_, T_max * h_ * act_));
       }
       if (st.last && rows_max > 0) {
         stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // gather last rows
         stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // final RMSNorm
         stage.add(lm_head, timer_->gemm(rows_max, m_.vocab_size / l_.attn_tp, h_, m_.activation_dtype));
-        stage.add(lm_head, timer_->collective(CollOp::all_gather, g_attn_tp_,
+        stage.add_coll(lm_head, timer_->collective(CollOp::all_gather, g_attn_tp_,
                                               rows_max * m_.vocab_size * K.logits_bytes_per_element));
       }
       if (!st.last && T_max > 0)
-        stage.add(pp_send, timer_->collective(CollOp::send_recv, st.send, T_max * h_ * act_));
+        stage.add_coll(pp_send, timer_->collective(CollOp::send_recv, st.send, T_max * h_ * act_));
       const double ts = stage.total();
+      out.launches += stage.launches;
       out.time_us += ts;
       out.stage_time_us = std::max(out.stage_time_us, ts);
       if (breakdown) total.add(stage, 1.0);
     }
+    if (E_ > 0 && T_all > 0) out.moe_layer_launches = best_full.launches + moe_lo.launches;
+    if (has_dense && T_all > 0) out.dense_layer_launches = best_dense_full.launches;
     if (breakdown) {
       const char* phase = any_prefill ? "prefill" : "decode";
       for (int i = 0; i < kSlots; ++i)
@@ -478,7 +501,10 @@ class MixServeModel final : public StepCostModel {
     if (t <= 0) return a;
     const AttentionSpec& at = m_.attention;
     const DType wd = m_.weight_dtype;
-    a.add(attn_norm, timer_->memory_op((1 + K.extra_elementwise_passes_per_layer) * 2 * t * h_ * act_));
+    const bool g = uses_dense_gemv(dk_, int64_t(t));
+    // Input RMSNorm; under the decode kernels it also adds the previous layer's output into the
+    // residual (reads both, writes both).
+    a.add(attn_norm, timer_->memory_op((1 + K.extra_elementwise_passes_per_layer) * (dk_ ? 4 : 2) * t * h_ * act_));
     int v_dim;
     if (mla_) {
       const int qk = at.qk_nope_head_dim + at.qk_rope_head_dim;
@@ -494,24 +520,35 @@ class MixServeModel final : public StepCostModel {
                                    at.kv_lora_rank, wd));
       v_dim = at.v_head_dim;
     } else {
-      // The executor runs q, k and v as three GEMMs (model_forward.cpp), then per launch: the
-      // biases (Qwen2), the per-head q/k RMSNorm (Qwen3, OLMoE), RoPE on q and k, the KV-cache
-      // write of k and v.
       const int64_t qw = int64_t(heads_) * at.head_dim, kvw = int64_t(kv_heads_) * at.head_dim;
-      a.add(attn_qkv, timer_->gemm(t, qw, h_, wd));
-      a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
-      a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
-      if (at.qkv_bias) {
-        a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
-        a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
-        a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+      if (g) {
+        // Decode kernels: q|k|v in one GEMV launch over the concatenated weight, bias inside.
+        a.add(attn_qkv, timer_->gemv(t, qw + 2 * kvw, h_, wd, GemvKind::plain));
+      } else {
+        // q, k and v as three cuBLASLt GEMMs (model_forward.cpp), then the biases (Qwen2).
+        a.add(attn_qkv, timer_->gemm(t, qw, h_, wd));
+        a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
+        a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
+        if (at.qkv_bias) {
+          a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
+          a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+          a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+        }
       }
-      if (at.qk_norm) {
-        a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
-        a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+      if (uses_fused_qk_rope_kv(dk_, qk_per_head_)) {
+        // One launch: q/k norm + RoPE (from the step's table) + KV-cache write. Reads q, k, v,
+        // writes q, k and the cache's k, v.
+        const double kv_b = dtype_bytes(m_.kv_dtype);
+        a.add(attn_qkv, timer_->memory_op(t * ((2 * qw + 3 * kvw) * act_ + 2 * kvw * kv_b)));
+      } else {
+        // Per launch: the q/k RMSNorm (Qwen3, OLMoE), RoPE on q and k, the KV-cache write.
+        if (at.qk_norm) {
+          a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
+          a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+        }
+        a.add(attn_qkv, timer_->memory_op(2 * t * (qw + kvw) * act_));   // RoPE
+        a.add(attn_core, timer_->memory_op(2 * t * 2 * kvw * act_));     // KV write
       }
-      a.add(attn_qkv, timer_->memory_op(2 * t * (qw + kvw) * act_));   // RoPE
-      a.add(attn_core, timer_->memory_op(2 * t * 2 * kvw * act_));     // KV write
       v_dim = at.head_dim;
     }
     const double window = sliding ? double(at.sliding_window) : 0.0;
@@ -537,7 +574,7 @@ class MixServeModel final : public StepCostModel {
         s.qk_dim = s.v_dim = at.head_dim;
         s.kv_bytes_per_token = 2.0 * kv_heads_ * at.head_dim * kv_b;
       }
-      a.add(attn_core, timer_->attention(s));
+      a.add_launches(attn_core, timer_->attention(s), 0);
     }
     if (b.prefill_tokens > 0) {
       AttentionShape s;
@@ -552,20 +589,59 @@ class MixServeModel final : public StepCostModel {
       s.kv_heads = mla_ ? heads_ : kv_heads_;
       s.qk_dim = mla_ ? at.qk_nope_head_dim + at.qk_rope_head_dim : at.head_dim;
       s.v_dim = mla_ ? at.v_head_dim : at.head_dim;
-      a.add(attn_core, timer_->attention(s));
+      a.add_launches(attn_core, timer_->attention(s), 0);
     }
-    a.add(attn_o, timer_->gemm(t, h_, int64_t(heads_) * v_dim, wd));
-    a.add(attn_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
-    // The layer's closing residual add (x + ffn_out), one launch after the FFN / MoE block.
-    a.add(attn_norm, timer_->memory_op(3 * t * h_ * act_));
+    // One attention launch for the step's decodes and prefill chunks together, plus the merge
+    // of the KV splits when it splits (the tables time both).
+    a.launches += attention_launches(b);
+    if (g)
+      a.add(attn_o, timer_->gemv(t, h_, int64_t(heads_) * v_dim, wd, GemvKind::plain));
+    else
+      a.add(attn_o, timer_->gemm(t, h_, int64_t(heads_) * v_dim, wd));
+    a.add_coll(attn_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
+    // The layer's closing residual add (x + ffn_out), one launch after the FFN / MoE block;
+    // under the decode kernels fused into the next layer's input norm (above; the stage's last
+    // layer's add is costed once per stage).
+    if (!dk_) a.add(attn_norm, timer_->memory_op(3 * t * h_ * act_));
     return a;
+  }
+
+  // Launches of kernels::launch_attention for the replica's batch: 1, plus the split-KV merge
+  // when it splits the keys (kernels/src/attention.cu choose_splits, tensor-core kernel: two
+  // CTAs per SM aimed at, 64 query rows per CTA, 128 above 64 rows, 64-key tiles). The longest
+  // query and context are taken as the batch's means (ReplicaBatch keeps sums only).
+  double attention_launches(const ReplicaBatch& b) const {
+    const int seqs = b.num_decode + b.num_prefill_seqs;
+    if (seqs <= 0 || mla_) return 1;
+    double max_q = b.num_decode > 0 ? 1.0 : 0.0, max_kv = 0;
+    if (b.num_decode > 0) max_kv = double(b.decode_context) / b.num_decode;
+    if (b.num_prefill_seqs > 0 && b.prefill_tokens > 0) {
+      const double len = double(b.prefill_tokens) / b.num_prefill_seqs;
+      const double pairs = b.prefill_attn_pairs / b.num_prefill_seqs;
+      const double before = std::max(0.0, pairs / len - (len + 1) / 2);
+      max_q = std::max(max_q, std::ceil(len));
+      max_kv = std::max(max_kv, before + len);
+    }
+    const int64_t kv_len = std::max<int64_t>(1, int64_t(std::ceil(max_kv - 1e-9)));
+    auto cdiv = [](int64_t a, int64_t d) { return (a + d - 1) / d; };
+    const int group = std::max(1, heads_ / std::max(1, kv_heads_));
+    const int64_t rows = int64_t(max_q) * group;
+    const int64_t per_cta = rows > 64 ? 128 : 64;
+    const int64_t base = cdiv(rows, per_cta) * seqs * kv_heads_;
+    const int64_t target = 2 * int64_t(sm_count_);
+    const int64_t want = base >= target ? 1 : cdiv(target, base);
+    const int64_t split = std::max<int64_t>(64, cdiv(cdiv(kv_len, want), 64) * 64);
+    return cdiv(kv_len, split) > 1 ? 2 : 1;
   }
 
   Acc router_block(const ReplicaBatch& b) const {
     Acc a;
     const double t = double(b.tokens());
     if (t <= 0) return a;
-    a.add(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
+    if (router_uses_gemv(dk_, int64_t(t)))
+      a.add(moe_router, timer_->gemv(t, E_, h_, m_.activation_dtype, GemvKind::fp32_out));
+    else
+      a.add(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
     a.add(moe_router, timer_->memory_op(2.0 * t * E_ * K.logits_bytes_per_element));
     return a;
   }
@@ -576,11 +652,22 @@ class MixServeModel final : public StepCostModel {
     if (t <= 0 || m_.dense_intermediate_size <= 0) return a;
     const int64_t I = m_.dense_intermediate_size / l_.attn_tp;
     a.add(dense_ffn, timer_->memory_op(2 * t * h_ * act_));  // post-attention norm
-    a.add(dense_ffn, timer_->gemm(t, 2 * I, h_, m_.weight_dtype));
-    a.add(dense_ffn, timer_->memory_op(3.0 * t * I * act_));
-    a.add(dense_ffn, timer_->gemm(t, h_, I, m_.weight_dtype));
-    a.add(dense_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
+    ffn(a, dense_ffn, t, I, m_.weight_dtype);
+    a.add_coll(dense_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
     return a;
+  }
+
+  // SwiGLU FFN of t tokens, intermediate I: under the decode kernels two GEMV launches (SwiGLU
+  // fused into the down projection), else GEMM + SwiGLU + GEMM.
+  void ffn(Acc& a, Slot slot, double t, int64_t I, DType wd) const {
+    if (uses_dense_gemv(dk_, int64_t(std::ceil(t)))) {
+      a.add(slot, timer_->gemv(t, 2 * I, h_, wd, GemvKind::plain));
+      a.add(slot, timer_->gemv(t, h_, I, wd, GemvKind::swiglu));
+      return;
+    }
+    a.add(slot, timer_->gemm(t, 2 * I, h_, wd));
+    a.add(slot, timer_->memory_op(3.0 * t * I * act_));
+    a.add(slot, timer_->gemm(t, h_, I, wd));
   }
 
   // rows: routed rows of the most loaded EP rank.
@@ -600,41 +687,50 @@ class MixServeModel final : public StepCostModel {
     const double active = expected_active_experts(T_all, E_, k_, E_local_);
     const int64_t routed = int64_t(std::ceil(Tg * k_));
     const bool gemv = uses_device_gemv(routed), grouped = uses_grouped_gemm(routed);
-    for (int i = 0; i < 3; ++i) a.add(moe_experts, timer_->memory_op(2.0 * rows * 4.0));
-    a.add(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_));
-    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, 2 * I, h_, ed, gemv, grouped}));
-    a.add(moe_experts, timer_->memory_op(3.0 * rows * I * act_));
-    a.add(moe_experts, timer_->expert_gemm({E_local_, rows, active, h_, I, ed, gemv, grouped}));
+    const int64_t tok = int64_t(std::ceil(Tg));
+    const bool v2 = gemv && uses_grouped_gemv_v2(dk_, tok);
+    if (E_local_ < E_) a.add(moe_experts, timer_->memory_op(2.0 * Tg * k_ * 4.0));  // ids - first expert
+    if (permute_launches(dk_, routed) == 1) {  // histogram, scan, ranks and row copy in one launch
+      a.add(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_ + 3.0 * 2.0 * rows * 4.0));
+    } else {
+      for (int i = 0; i < 3; ++i) a.add(moe_experts, timer_->memory_op(2.0 * rows * 4.0));
+      a.add(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_));
+    }
+    ExpertGemmShape up{E_local_, rows, active, 2 * I, h_, ed, gemv, grouped, v2};
+    ExpertGemmShape down{E_local_, rows, active, h_, I, ed, gemv, grouped, v2};
+    a.add(moe_experts, timer_->expert_gemm(up));
+    if (!v2) a.add(moe_experts, timer_->memory_op(3.0 * rows * I * act_));  // v2: fused into down
+    a.add(moe_experts, timer_->expert_gemm(down));
     a.add(moe_experts, timer_->memory_op((rows + 2.0 * Tg) * h_ * act_));
     if (m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0) {
       const int64_t Is = m_.moe.shared_intermediate_size / l_.moe_tp;
-      a.add(moe_shared, timer_->gemm(Tg, 2 * Is, h_, ed));
-      a.add(moe_shared, timer_->memory_op(3.0 * Tg * Is * act_));
-      a.add(moe_shared, timer_->gemm(Tg, h_, Is, ed));
+      ffn(a, moe_shared, Tg, Is, ed);
+      if (m_.moe.shared_expert_gate)  // sigmoid gate logits (fp32 linear, one launch)
+        a.add(moe_shared, timer_->gemm(Tg, 1, h_, m_.activation_dtype));
     }
     const double tok_bytes = h_ * act_;
     switch (l_.moe_comm) {
       case MoeComm::tp_allreduce:
         if (l_.attn_dp > 1) {
-          a.add(moe_dispatch, timer_->collective(CollOp::all_gather, g_stage_, T_all * tok_bytes));
-          a.add(moe_combine, timer_->collective(CollOp::reduce_scatter, g_stage_, T_all * tok_bytes));
+          a.add_coll(moe_dispatch, timer_->collective(CollOp::all_gather, g_stage_, T_all * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::reduce_scatter, g_stage_, T_all * tok_bytes));
         } else {
-          a.add(moe_combine, timer_->collective(CollOp::all_reduce, g_moe_tp_, Tg * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::all_reduce, g_moe_tp_, Tg * tok_bytes));
         }
         break;
       case MoeComm::nccl_a2a: {
         const double send_rows = Tg / l_.moe_tp * k_;
         const double recv_rows = rows / l_.moe_tp;
         const double a2a_bytes = std::max(send_rows, recv_rows) * tok_bytes;
-        a.add(moe_dispatch, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
+        a.add_coll(moe_dispatch, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
         if (l_.moe_tp > 1) {
-          a.add(moe_dispatch, timer_->collective(CollOp::all_gather, g_moe_tp_, rows * tok_bytes));
-          a.add(moe_combine, timer_->collective(CollOp::reduce_scatter, g_moe_tp_, rows * tok_bytes));
+          a.add_coll(moe_dispatch, timer_->collective(CollOp::all_gather, g_moe_tp_, rows * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::reduce_scatter, g_moe_tp_, rows * tok_bytes));
         }
-        a.add(moe_combine, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
+        a.add_coll(moe_combine, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
         a.add(moe_combine, timer_->memory_op(2.0 * send_rows * tok_bytes));  // weighted sum
         if (l_.attn_tp > 1)
-          a.add(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
         break;
       }
       case MoeComm::rs_a2a_ag:
@@ -651,7 +747,7 @@ class MixServeModel final : public StepCostModel {
         // own tokens need an all-gather too.
         double local_ag = 0;
         if (l_.moe_tp > l_.attn_tp) {
-          a.add(moe_reshard, timer_->collective(CollOp::all_to_all, g_moe_tp_, T_rep * tok_bytes));
+          a.add_coll(moe_reshard, timer_->collective(CollOp::all_to_all, g_moe_tp_, T_rep * tok_bytes));
           local_ag = timer_->collective(CollOp::all_gather, g_moe_tp_, fr.gather_bytes).time_us;
         }
         const int n = l_.moe_ep - 1;
@@ -692,14 +788,14 @@ class MixServeModel final : public StepCostModel {
             t_combine += R[i] + P[i];
           }
         }
-        a.add(moe_dispatch, OpTime{t_dispatch, src});
-        a.add(moe_combine, OpTime{t_combine, src});
+        a.add_coll(moe_dispatch, OpTime{t_dispatch, src});
+        a.add_coll(moe_combine, OpTime{t_combine, src});
         // Scatter-add of the weighted slices into the home rows, then the final all-gather.
         a.add(moe_combine, timer_->memory_op(2.0 * (n + 1) * fr.p2p_bytes));
         if (l_.moe_tp >= l_.attn_tp)
-          a.add(moe_combine, timer_->collective(CollOp::all_gather, g_moe_tp_, Tg * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::all_gather, g_moe_tp_, Tg * tok_bytes));
         else
-          a.add(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
         break;
       }
     }
@@ -717,6 +813,9 @@ class MixServeModel final : public StepCostModel {
   double act_ = 2;
   int heads_ = 0, kv_heads_ = 0;
   bool mla_ = false;
+  bool dk_ = false;           // the executor's decode kernels (core/decode_path.hpp)
+  bool qk_per_head_ = true;   // q/k norms per head or absent: the fused QK-norm/RoPE/KV write
+  int sm_count_ = 132;
   int E_ = 0, k_ = 0, E_local_ = 0;
   double c_ep_ = 0;
   bool skewed_ = false;

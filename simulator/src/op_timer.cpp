@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/expert_path.hpp"
 #include "mixserve/sim/cost_constants.hpp"
@@ -227,7 +228,8 @@ class ProfileTimer final : public OpTimer {
     }
     for (auto& [key, f] : gemm_) f.sort_unique();
     for (const ExpertGemmPoint& e : p.experts) {
-      const int impl = e.distribution.starts_with(kExpertGemvTag)      ? kImplGemv
+      const int impl = e.distribution.starts_with(kExpertGemvV2Tag)    ? kImplGemv2
+                       : e.distribution.starts_with(kExpertGemvTag)    ? kImplGemv
                        : e.distribution.starts_with(kExpertEagerTag)   ? kImplEager
                        : e.distribution.starts_with(kExpertGroupedTag) ? kImplGrouped
                                                                         : kImplGraph;
@@ -236,6 +238,15 @@ class ProfileTimer final : public OpTimer {
       f.y.push_back(e.time_us);
     }
     for (auto& [key, f] : experts_) f.sort_unique();
+    for (const GemvPoint& g : p.gemv) {
+      const int kind = g.impl == kGemvImplSwiglu ? int(GemvKind::swiglu)
+                       : g.impl == kGemvImplFp32 ? int(GemvKind::fp32_out)
+                                                 : int(GemvKind::plain);
+      auto& f = gemv_[{kind, int(compute_class(g.dtype)), g.n, g.k}];
+      f.x.push_back(double(g.m));
+      f.y.push_back(g.time_us);
+    }
+    for (auto& [key, f] : gemv_) f.sort_unique();
     for (const ElementwisePoint& e : p.elementwise) {
       elementwise_.x.push_back(e.bytes);
       elementwise_.y.push_back(e.time_us);
@@ -301,6 +312,15 @@ class ProfileTimer final : public OpTimer {
     };
     double t;
     CostSource src;
+    if (s.device_gemv && s.gemv_v2) {
+      if (const Curve* f = find(kImplGemv2)) {
+        if (!f->at(s.rows, t, src)) return fallback;
+        return {t, src};
+      }
+      const Curve* f = find(kImplGemv);  // v1's time stands in, marked as not this kernel's
+      if (f == nullptr || !f->at(s.rows, t, src)) return fallback;
+      return {t, CostSource::extrapolated};
+    }
     if (s.device_gemv) {
       const Curve* f = find(kImplGemv);
       if (f == nullptr || !f->at(s.rows, t, src)) return fallback;
@@ -318,6 +338,16 @@ class ProfileTimer final : public OpTimer {
     // No grouped-GEMM table: the cuBLASLt time stands in for it, marked as not this kernel's.
     if (s.grouped_gemm) src = CostSource::extrapolated;
     return {t, src};
+  }
+
+  OpTime gemv(double m, int64_t n, int64_t k, DType dtype, GemvKind kind) const override {
+    auto it = gemv_.find({int(kind), int(compute_class(dtype)), n, k});
+    double t;
+    CostSource src;
+    if (it != gemv_.end() && m > 0 && it->second.at(m, t, src)) return {t, src};
+    OpTime o = gemm(m, n, k, dtype);  // cuBLASLt's table (or the roofline): not this kernel's time
+    if (int(o.source) < int(CostSource::extrapolated)) o.source = CostSource::extrapolated;
+    return o;
   }
 
   OpTime attention(const AttentionShape& s) const override {
@@ -365,7 +395,9 @@ class ProfileTimer final : public OpTimer {
  private:
   std::unique_ptr<RooflineTimer> roof_;
   std::map<std::tuple<int, int64_t, int64_t>, Curve> gemm_;
-  static constexpr int kImplGraph = 0, kImplGemv = 1, kImplEager = 2, kImplGrouped = 3;  // expert point tags
+  static constexpr int kImplGraph = 0, kImplGemv = 1, kImplEager = 2, kImplGrouped = 3,
+                       kImplGemv2 = 4;  // expert point tags
+  std::map<std::tuple<int, int, int64_t, int64_t>, Curve> gemv_;  // (kind, class, n, k) over m
   std::map<std::tuple<int, int, int64_t, int64_t, int>, Curve> experts_;
   Curve elementwise_;
   std::map<std::tuple<bool, bool, int, int, int>, std::map<int, Curve>> attention_;

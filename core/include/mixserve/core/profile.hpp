@@ -47,6 +47,17 @@ struct GemmPoint {          // C[m,n] = A[m,k] * B[k,n]
   double time_us = 0;
 };
 
+// The executor's bandwidth GEMV (decode steps, core/decode_path.hpp) at one shape: out[m, n] =
+// act[m, k] * W[k, n], timed inside a CUDA graph as a decode step runs it (mixserve-profile gemv).
+// impl: "gemv" (bf16 out), "gemv_swiglu" (SwiGLU applied to its [m, 2k] input), "gemv_fp32"
+// (fp32 out, the router logits).
+struct GemvPoint {
+  std::string impl = "gemv";
+  int64_t m = 0, n = 0, k = 0;
+  DType dtype = DType::bf16;
+  double time_us = 0;
+};
+
 struct ExpertGemmPoint {    // one grouped expert GEMM over all local experts
   int num_experts = 0;      // local experts (groups)
   int64_t tokens = 0;       // total routed rows over all groups
@@ -100,6 +111,7 @@ struct HardwareProfile {
   double kernel_launch_us = 0;       // fixed cost per kernel (launch + tail)
   std::vector<GemmPoint> gemm;
   std::vector<ExpertGemmPoint> experts;
+  std::vector<GemvPoint> gemv;       // tables.gemv, written only when non-empty
   std::vector<ElementwisePoint> elementwise;
   std::vector<AttentionPoint> attention;
   std::vector<CollectivePoint> collectives;

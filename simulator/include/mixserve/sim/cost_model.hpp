@@ -62,10 +62,22 @@ struct StepCost {
   double time_us = 0;              // wall time of the step (all PP stages of one micro-batch)
   double stage_time_us = 0;        // slowest pipeline stage
   std::vector<OpCost> ops;         // filled when breakdown requested
+  // Kernel launches the executor makes for this step ("mixserve" model; 0 for "paper"): its own
+  // kernels and one per cuBLASLt GEMM, NCCL collectives not counted. launches: the whole step
+  // (all PP stages of one micro-batch, embedding and LM head included); moe_layer_launches /
+  // dense_layer_launches: one MoE / dense decoder layer with full attention (its closing residual
+  // add counted as the executor runs it: fused into the next norm under the decode kernels, the
+  // stage's last layer's add then counted once per stage in `launches`).
+  double launches = 0;
+  double moe_layer_launches = 0;
+  double dense_layer_launches = 0;
 };
 
 struct CostModelOptions {
   RoutingModel routing;
+  // The executor's GpuModelConfig::decode_kernels (core/decode_path.hpp): taken only for an
+  // unsharded layout (world size 1), like the executor.
+  bool decode_kernels = true;
   bool want_breakdown = false;
 };
 

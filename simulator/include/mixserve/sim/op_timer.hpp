@@ -36,7 +36,12 @@ struct ExpertGemmShape {
   DType dtype = DType::bf16;   // weight dtype (its compute class sets the peak)
   bool device_gemv = false;    // the executor's device grouped GEMV (core/expert_path.hpp)
   bool grouped_gemm = false;   // the executor's tensor-core grouped GEMM (when not device_gemv); else cuBLASLt
+  bool gemv_v2 = false;        // device_gemv as the grouped GEMV v2 (core/decode_path.hpp); for the
+                               // down projection its input is the [rows, 2k] gate|up (SwiGLU fused)
 };
+
+// Which launch of the executor's bandwidth GEMV (core/decode_path.hpp tags).
+enum class GemvKind { plain, swiglu, fp32_out };
 
 // Core attention (softmax(QK^T)V) of one rank, without projections.
 struct AttentionShape {
@@ -60,6 +65,11 @@ class OpTimer {
   // C[m,n] = A[m,k] * W[k,n]; `dtype` is the weight dtype.
   virtual OpTime gemm(double m, int64_t n, int64_t k, DType dtype) const = 0;
   virtual OpTime expert_gemm(const ExpertGemmShape& s) const = 0;
+  // The executor's bandwidth GEMV (decode steps): out[m, n] = act[m, k] * W[k, n]. Default: the
+  // gemm() cost (roofline timers: the same weight-read bound).
+  virtual OpTime gemv(double m, int64_t n, int64_t k, DType dtype, GemvKind) const {
+    return gemm(m, n, k, dtype);
+  }
   virtual OpTime attention(const AttentionShape& s) const = 0;
   // A memory-bound kernel moving `bytes` (read + written).
   virtual OpTime memory_op(double bytes) const = 0;
@@ -78,10 +88,16 @@ std::unique_ptr<OpTimer> make_roofline_timer(const HardwareProfile& p, const Clu
 // space; GEMMs use the (n, k) family nearest in log distance and scale by the roofline ratio,
 // tagged extrapolated), roofline / alpha-beta outside the measured range. Table keys:
 //   gemm:        (compute class, n, k), curve over m;
+//   gemv:        exact (impl tag, compute class, n, k), curve over m (the GEMV table of
+//                mixserve-profile gemv); a shape without its family, or m outside the curve: the
+//                gemm() cost above with its source made at best extrapolated (another kernel's
+//                time);
 //   experts:     exact (compute class, local experts, n, k, implementation), curve over total
 //                rows. The implementation comes from the point's distribution tag
 //                (core/expert_path.hpp): "gemv:" points serve device_gemv shapes only (none:
-//                roofline); grouped_gemm shapes take the "grouped:" points; when the family has
+//                roofline); gemv_v2 shapes take the "gemv2:" points
+//                and, without them, the "gemv:" (v1) points tagged extrapolated;
+//                grouped_gemm shapes take the "grouped:" points; when the family has
 //                none, they fall back to the cuBLASLt tables below, tagged extrapolated (another
 //                kernel's time); other shapes take the "eager:" points (the executor's cuBLASLt
 //                path with its host sync) when the family has them, else the untagged (graph) points.

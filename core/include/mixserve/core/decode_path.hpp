@@ -1,0 +1,74 @@
+// Which kernels the executor's forward step runs, read by the executor (executor/src/
+// model_forward.cpp, GpuModel) and by the cost model (simulator/src/cost_model.cpp), so the
+// launches the cost model counts and costs are the ones the executor makes (docs/profile-h200.md
+// "What the cost model mirrors"). The expert kernel's rule is core/expert_path.hpp.
+#pragma once
+#include <cstdint>
+#include <string_view>
+
+namespace mixserve {
+
+// The decode kernels (docs/forward.md "Decode step", GpuModelConfig::decode_kernels) run on an
+// unsharded model only: a sharded one (any of attn TP/DP, MoE TP/EP, PP > 1) keeps the previous
+// kernels (verified on the whole model only, docs/distributed.md).
+inline constexpr bool decode_kernels_enabled(bool requested, bool sharded) { return requested && !sharded; }
+
+// Steps of at most this many tokens run the dense projections (fused q|k|v with bias, o_proj,
+// shared/dense FFN with SwiGLU fused into its down projection) on the bandwidth GEMV
+// (executor/expert_gemm.hpp launch_gemv) instead of cuBLASLt.
+inline constexpr int64_t kDecodeGemvMaxTokens = 8;
+inline constexpr bool uses_dense_gemv(bool decode_kernels, int64_t tokens) {
+  return decode_kernels && tokens <= kDecodeGemvMaxTokens;
+}
+
+// Router logits (fp32 out): the GEMV for the steps that take the dense GEMV, else the fp32
+// linear (launch_linear_fp32).
+inline constexpr bool router_uses_gemv(bool decode_kernels, int64_t tokens) {
+  return uses_dense_gemv(decode_kernels, tokens);
+}
+
+// Grouped expert GEMV v2 (launch_grouped_gemv_v2: SwiGLU fused into the down projection, only the
+// experts with rows) up to this many tokens when the device GEMV path is taken
+// (core/expert_path.hpp), v1 (launch_grouped_gemv + a SwiGLU launch) above.
+inline constexpr int64_t kGroupedGemvV2MaxTokens = kDecodeGemvMaxTokens;
+inline constexpr bool uses_grouped_gemv_v2(bool decode_kernels, int64_t tokens,
+                                           int64_t v2_max_tokens = kGroupedGemvV2MaxTokens) {
+  return decode_kernels && tokens <= v2_max_tokens;
+}
+
+// Programmatic dependent launches between the layer's kernels (steps that take the dense GEMV).
+inline constexpr bool uses_programmatic_launch(bool decode_kernels, bool requested, int64_t tokens) {
+  return requested && uses_dense_gemv(decode_kernels, tokens);
+}
+
+// Steps with decode_kernels, whatever their size: one fused QK-norm + RoPE + KV-write launch
+// (when the q/k norms are per head or absent) reading a RoPE table built once per step; the
+// layer's closing residual add fused into the next layer's input RMSNorm (the last layer keeps
+// its add); the permute in one launch up to kPermuteSingleLaunchMaxPairs (token, expert) pairs
+// (kernels/permute.cuh, same value), four launches above.
+inline constexpr bool uses_fused_qk_rope_kv(bool decode_kernels, bool per_head_or_no_qk_norm) {
+  return decode_kernels && per_head_or_no_qk_norm;
+}
+// The q/k norms' layout (model/src/weights.cpp): OLMoE normalises the whole projected q and k,
+// the others (Qwen3) each head.
+inline constexpr bool qk_norm_per_head(std::string_view architecture) {
+  return architecture != "OlmoeForCausalLM";
+}
+inline constexpr int64_t kPermuteSingleLaunchMaxPairsCore = 128;
+inline constexpr int permute_launches(bool decode_kernels, int64_t pairs) {
+  return pairs == 0 ? 0 : (decode_kernels && pairs <= kPermuteSingleLaunchMaxPairsCore ? 1 : 4);
+}
+
+// Tags of the profile's GEMV tables (HardwareProfile::gemv rows' `impl`, and the
+// ExpertGemmPoint::distribution prefix of the grouped GEMV v2, mixserve-profile gemv):
+//   "gemv"        - launch_gemv, bf16 out (q|k|v fused with bias, o_proj, FFN gate|up);
+//   "gemv_swiglu" - launch_gemv with the SwiGLU applied to its [m, 2k] input (FFN down);
+//   "gemv_fp32"   - launch_gemv with fp32 out (router logits);
+//   "gemv2:<dist>" on an expert point - launch_grouped_gemv_v2 (down projection: its SwiGLU
+//                   input, as the executor runs it).
+inline constexpr std::string_view kGemvImplPlain = "gemv";
+inline constexpr std::string_view kGemvImplSwiglu = "gemv_swiglu";
+inline constexpr std::string_view kGemvImplFp32 = "gemv_fp32";
+inline constexpr std::string_view kExpertGemvV2Tag = "gemv2:";
+
+}  // namespace mixserve
