@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/gpu/check.hpp"
 #include "mixserve/gpu/expert_gemm.hpp"
@@ -93,6 +94,10 @@ struct GpuModel::Prepared {
 
 namespace {
 
+// The cost model counts these launches from core/decode_path.hpp's rules and constants.
+static_assert(kGemvMaxRows == kDecodeGemvMaxTokens);
+static_assert(kernels::kPermuteSingleLaunchMaxPairs == kPermuteSingleLaunchMaxPairsCore);
+
 bool ends_with(const std::string& s, std::string_view suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
@@ -116,14 +121,14 @@ void init_range(const std::string& name, int64_t fan_in, float& centre, float& h
 
 GpuModel::GpuModel(const model::WeightSet& weights, const GpuModelConfig& cfg)
     : spec_(weights.spec()), cfg_(cfg), dims_(shard_dims(spec_, cfg.shard)), lt_workspace_(LtGemm::kWorkspaceBytes) {
-  if (cfg_.shard.sharded()) cfg_.decode_kernels = false;  // verified on the whole model only
+  cfg_.decode_kernels = decode_kernels_enabled(cfg_.decode_kernels, cfg_.shard.sharded());  // core/decode_path.hpp
   check_supported();
   allocate(true, &weights, 0);
 }
 
 GpuModel::GpuModel(const ModelSpec& spec, uint64_t seed, const GpuModelConfig& cfg)
     : spec_(spec), cfg_(cfg), dims_(shard_dims(spec_, cfg.shard)), lt_workspace_(LtGemm::kWorkspaceBytes) {
-  if (cfg_.shard.sharded()) cfg_.decode_kernels = false;  // verified on the whole model only
+  cfg_.decode_kernels = decode_kernels_enabled(cfg_.decode_kernels, cfg_.shard.sharded());  // core/decode_path.hpp
   check_supported();
   allocate(false, nullptr, seed);
 }
@@ -428,7 +433,7 @@ void GpuModel::gemm(const void* act, const void* weight, void* out, int64_t m, i
 void GpuModel::linear(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
                       cudaStream_t s) {
   if (m == 0) return;
-  if (!cfg_.decode_kernels || m > kGemvMaxRows) return gemm(act, weight, out, m, n, k, s);
+  if (!uses_dense_gemv(cfg_.decode_kernels, m)) return gemm(act, weight, out, m, n, k, s);
   GemvParams g;
   g.act = static_cast<const bf16*>(act);
   g.weights = static_cast<const bf16*>(weight);
@@ -536,7 +541,7 @@ void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, const b
   Act& A = *act_;
   const int64_t H = spec_.hidden_size;
   linear(x, w13, A.gu, T, 2 * inter, H, s);  // [T, 2I]: gate | up
-  if (cfg_.decode_kernels && T <= kGemvMaxRows) {  // SwiGLU applied while the GEMV stages its input
+  if (uses_dense_gemv(cfg_.decode_kernels, T)) {  // SwiGLU applied while the GEMV stages its input
     GemvParams g;
     g.act = A.gu;
     g.swiglu_act = true;
@@ -640,7 +645,7 @@ void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cuda
   pp.top_k = K;
   pp.num_experts = El;
   pp.hidden = H;
-  pp.allow_single_launch = cfg_.decode_kernels;
+  pp.allow_single_launch = cfg_.decode_kernels;  // one launch: permute_launches (core/decode_path.hpp)
   pp.pdl = pdl_;
   kernels::launch_permute(pp, s);
   const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
@@ -664,7 +669,7 @@ void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cuda
     g.max_rows = T * K;             // routed rows
     g.max_rows_per_expert = T;      // a token picks distinct experts
     g.pdl = pdl_;
-    const bool v2 = cfg_.decode_kernels && T <= cfg_.grouped_gemv_v2_max_tokens;
+    const bool v2 = uses_grouped_gemv_v2(cfg_.decode_kernels, T, cfg_.grouped_gemv_v2_max_tokens);
     auto grouped = v2 ? launch_grouped_gemv_v2 : launch_grouped_gemv;
     grouped(g, s);
     if (v2) {
@@ -743,7 +748,7 @@ void GpuModel::enqueue(cudaStream_t s) {
   // Programmatic dependent launches (kernels/detail/pdl.cuh) only where every predecessor is one of
   // our kernels: decode-sized steps (no cuBLASLt in the layers) that do not record the residual
   // stream (device copies in the chain).
-  pdl_ = cfg_.decode_kernels && cfg_.programmatic_launch && !P.record && P.T <= kGemvMaxRows;
+  pdl_ = uses_programmatic_launch(cfg_.decode_kernels, cfg_.programmatic_launch, P.T) && !P.record;
   Act& A = *act_;
   const ModelSpec& m = spec_;
   const auto& at = m.attention;
@@ -783,7 +788,7 @@ void GpuModel::enqueue(cudaStream_t s) {
     if (fused_residual && P.record)
       MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l - 1) * plane,
                                           A.res, plane * 2, cudaMemcpyDeviceToDevice, s));
-    if (cfg_.decode_kernels && T <= kGemvMaxRows) {
+    if (uses_dense_gemv(cfg_.decode_kernels, T)) {
       GemvParams g;  // one launch: fused [QW + 2 KVW, H] weight, bias in the epilogue
       g.act = A.normed;
       g.weights = L.wq;
@@ -817,7 +822,7 @@ void GpuModel::enqueue(cudaStream_t s) {
     cache.head_dim = at.head_dim;
     cache.max_blocks_per_seq = cfg_.max_blocks_per_seq;
     const bool per_head_norm = !L.q_norm || (L.q_norm_width == at.head_dim && L.k_norm_width == at.head_dim);
-    if (cfg_.decode_kernels && per_head_norm) {
+    if (uses_fused_qk_rope_kv(cfg_.decode_kernels, per_head_norm)) {
       QkNormRopeKvParams qk;  // QK-norm + RoPE + KV write in one launch
       qk.q = A.q;
       qk.k = A.k;
