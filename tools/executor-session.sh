@@ -3,7 +3,8 @@
 # a bundle made here by tools/gpu-bundle.sh whose fidelity plans were made by
 # `tools/fidelity.sh prepare <bundle>`:
 #   1. re-measure the executor's own tables (attention kernel, expert paths) into a copy of
-#      profiles/<name>.yaml (`mixserve-profile attention|expert_gemv --merge`), and check it;
+#      profiles/<name>.yaml (`mixserve-profile attention|expert_gemv|gemv --merge`: the attention
+#      kernel, the expert paths, the decode kernels' GEMV tables), and check it;
 #   2. simulator fidelity with that profile (tools/fidelity.sh run: models x batch shapes);
 #   3. the PyTorch baselines at the bench shapes: transformers eager and torch.compile
 #      (tools/bench_pytorch.py; skipped with MIXSERVE_SKIP_PYTORCH=1).
@@ -24,7 +25,8 @@ stamp() { echo "=== $(date -u +%H:%M:%S) (+$(( $(date +%s) - T0 )) s) $*"; }
 {
   stamp "profile: executor tables into a copy of profiles/$NAME.yaml"
   "$PROF" attention --merge "profiles/$NAME.yaml" -o /tmp/p1.yaml --json /tmp/attention.json &&
-    "$PROF" expert_gemv --merge /tmp/p1.yaml -o "$OUT/$NAME.yaml" --json /tmp/expert_gemv.json
+    "$PROF" expert_gemv --merge /tmp/p1.yaml -o /tmp/p2.yaml --json /tmp/expert_gemv.json &&
+    "$PROF" gemv --merge /tmp/p2.yaml -o "$OUT/$NAME.yaml" --json /tmp/gemv.json
   echo "profile exit $?"
   stamp "check"
   timeout 180 "$PROF" check --profile "$OUT/$NAME.yaml" --count 30 --json "$OUT/check.json" | tail -n 6
