@@ -35,10 +35,12 @@ void EmulatedRanks::build(const model::WeightSet* w, const ModelSpec& m, uint64_
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&current));
   Transport* attn = nullptr;
   Transport* stage = nullptr;
+  Transport* moe = nullptr;  // the scheduled MoE's: groups of moe_tp ranks (NCCL), rails r % moe_tp
+  const MoeSched sched = moe_sched_for(layout_, m);
   if (placement == Placement::one_gpu) {
     device_.assign(std::size_t(R), current);
     transports_.push_back(std::make_unique<LocalTransport>(R, current));
-    attn = stage = transports_.back().get();
+    attn = stage = moe = transports_.back().get();
   } else {
 #if MIXSERVE_HAVE_NCCL
     const int n = device_count_or_zero();
@@ -53,16 +55,30 @@ void EmulatedRanks::build(const model::WeightSet* w, const ModelSpec& m, uint64_
     attn = transports_.back().get();
     transports_.push_back(std::make_unique<NcclTransport>(ptrs, layout_.stage_size()));
     stage = transports_.back().get();
+    if (sched != MoeSched::none) {
+      transports_.push_back(std::make_unique<NcclTransport>(ptrs, layout_.moe_tp));
+      moe = transports_.back().get();
+    }
 #else
     throw InputError("a GPU per rank needs NCCL, which this build lacks");
 #endif
   }
   rendezvous_ = std::make_unique<Rendezvous>();
+  if (sched != MoeSched::none) {
+    sim::CommGeometry geo = sim::make_comm_geometry(c, m, layout_);
+    geo.elem_bytes = 2;  // the forward moves bf16 rows
+    for (int p = 0; p < layout_.pp; ++p)
+      stage_moe_.push_back(std::make_unique<StageMoe>(geo, sched, int64_t(base.max_tokens_per_step), *moe,
+                                                      p * layout_.stage_size()));
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
+  }
   for (int r = 0; r < R; ++r) {
     MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
     // The all-reduce scratch holds one chunk of the largest all-reduce: [T, H] / group.
     comms_.push_back(std::make_unique<TransportComm>(*attn, *stage, layout_, r, rendezvous_.get(),
                                                      int64_t(base.max_tokens_per_step) * m.hidden_size));
+    if (sched != MoeSched::none)
+      comms_.back()->set_stage_moe(stage_moe_[std::size_t(r / layout_.stage_size())].get(), m.moe.top_k);
     GpuModelConfig cfg = base;
     cfg.shard = shard_for_rank(layout_, rank_map_[std::size_t(r)], m);
     cfg.comm = comms_.back().get();

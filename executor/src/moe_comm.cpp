@@ -169,6 +169,8 @@ std::vector<cudaStream_t> FusedMoeComm::streams(bool inter_leg) const {
 void* FusedMoeComm::input(int rank) const { return ranks_.at(rank)->x.get(); }
 void* FusedMoeComm::output(int rank) const { return ranks_.at(rank)->y.get(); }
 int64_t FusedMoeComm::num_tokens(int rank) const { return ranks_.at(rank)->n; }
+void* FusedMoeComm::received(int rank) const { return ranks_.at(rank)->xr.get(); }
+void* FusedMoeComm::partial(int rank) const { return ranks_.at(rank)->partial.get(); }
 
 void FusedMoeComm::prepare(const sim::FusedSchedule& s,
                            std::span<const sim::ReplicaRouting> routing) {
@@ -539,6 +541,8 @@ std::vector<cudaStream_t> EpMoeComm::streams() const {
 }
 
 void* EpMoeComm::input(int rank) const { return ranks_.at(rank)->x.get(); }
+void* EpMoeComm::received(int rank) const { return ranks_.at(rank)->recvbuf.get(); }
+void* EpMoeComm::expert_out(int rank) const { return ranks_.at(rank)->outbuf.get(); }
 void* EpMoeComm::output(int rank) const { return ranks_.at(rank)->y.get(); }
 int64_t EpMoeComm::num_tokens(int rank) const { return ranks_.at(rank)->n; }
 

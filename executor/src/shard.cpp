@@ -2,11 +2,13 @@
 #include "mixserve/gpu/shard.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include <fmt/format.h>
 
 #include "mixserve/core/error.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/moe_comm.hpp"
 #include "mixserve/gpu/transport.hpp"
 #include "mixserve/model/weights.hpp"
 
@@ -77,7 +79,34 @@ ShardSpec shard_for_rank(const Layout& l, const RankInfo& info, const ModelSpec&
   s.stage_size = l.stage_size();
   s.num_stages = l.pp;
   s.moe_mode = l.stage_size() == 1 ? MoeMode::none : (l.attn_dp == 1 ? MoeMode::replicated : MoeMode::gathered);
+  s.moe_sched = moe_sched_for(l, m);
   return s;
+}
+
+const char* to_string(MoeSched s) {
+  switch (s) {
+    case MoeSched::none: return "none";
+    case MoeSched::ep: return "ep";
+    case MoeSched::fused: return "fused";
+    case MoeSched::rs_a2a_ag: return "rs-a2a-ag";
+  }
+  return "?";
+}
+
+MoeSched moe_sched_for(const Layout& l, const ModelSpec& m) {
+  if (l.stage_size() == 1 || l.moe_ep == 1 || m.num_moe_layers() == 0) return MoeSched::none;
+  // The schedules carry the routed experts only; a shared expert keeps the moe_mode exchange.
+  if (m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0) return MoeSched::none;
+  switch (l.moe_comm) {
+    case MoeComm::nccl_a2a:
+      return l.moe_tp == 1 ? MoeSched::ep : MoeSched::none;  // build_ep_schedule: moe_tp == 1
+    case MoeComm::fused:
+    case MoeComm::rs_a2a_ag:
+      if (l.attn_tp != l.moe_tp || m.hidden_size % l.moe_tp != 0) return MoeSched::none;
+      return l.moe_comm == MoeComm::fused ? MoeSched::fused : MoeSched::rs_a2a_ag;
+    default:
+      return MoeSched::none;
+  }
 }
 
 void check_plan_for_run(const Plan& p, const ModelSpec& model, const LaunchShape& launch) {
@@ -118,6 +147,182 @@ void check_plan_for_run(const Plan& p, const ModelSpec& model, const LaunchShape
       throw InputError(fmt::format("plan rank_map[{}] differs from the rank map of layout '{}'", r, name));
   }
   for (const auto& info : want) (void)shard_dims(model, shard_for_rank(l, info, model));
+}
+
+// ----------------------------------------------------------------------------- scheduled MoE (host)
+
+int64_t routing_words(int64_t stage_tokens, int top_k) { return 1 + 2 * stage_tokens * int64_t(top_k); }
+
+std::vector<sim::ReplicaRouting> unpack_routing(std::span<const int32_t> gathered, int stage_size, int attn_tp,
+                                                int64_t stage_tokens, int top_k) {
+  const int64_t words = routing_words(stage_tokens, top_k);
+  if (attn_tp < 1 || stage_size % attn_tp != 0 || int64_t(gathered.size()) != words * stage_size)
+    throw InputError(fmt::format("routing exchange: {} words for {} ranks of {} (attention TP {})", gathered.size(),
+                                 stage_size, words, attn_tp));
+  std::vector<sim::ReplicaRouting> out(std::size_t(stage_size / attn_tp));
+  for (int r = 0; r < stage_size; ++r) {
+    const int32_t* piece = gathered.data() + std::size_t(r) * std::size_t(words);
+    const int32_t n = piece[0];
+    if (n < 0 || n > stage_tokens)
+      throw InputError(fmt::format("routing exchange: rank {} of the stage has {} tokens (at most {})", r, n,
+                                   stage_tokens));
+    sim::ReplicaRouting& rt = out[std::size_t(r / attn_tp)];
+    if (r % attn_tp != 0) {
+      if (n != rt.num_tokens)
+        throw RuntimeError(fmt::format("routing exchange: rank {} has {} tokens, its replica's first rank {}", r, n,
+                                       rt.num_tokens));
+      continue;
+    }
+    const std::size_t nk = std::size_t(n) * std::size_t(top_k);
+    rt.num_tokens = n;
+    rt.topk_ids.assign(piece + 1, piece + 1 + nk);
+    rt.topk_weights.resize(nk);
+    const int32_t* wbits = piece + 1 + stage_tokens * top_k;
+    for (std::size_t i = 0; i < nk; ++i) {
+      float f;
+      std::memcpy(&f, wbits + i, sizeof f);
+      rt.topk_weights[i] = f;
+    }
+  }
+  return out;
+}
+
+ExpertSlots fused_expert_slots(const sim::ExpertSide& xs, int top_k) {
+  ExpertSlots o;
+  o.k = top_k;
+  o.rows = xs.num_rows();
+  o.ids.assign(std::size_t(o.rows) * std::size_t(top_k), -1);
+  o.weights.assign(o.ids.size(), 0.f);
+  std::vector<int> used(std::size_t(o.rows), 0);
+  const int El = int(xs.expert_pair_offset.size()) - 1;
+  for (int e = 0; e < El; ++e)
+    for (int64_t p = xs.expert_pair_offset[std::size_t(e)]; p < xs.expert_pair_offset[std::size_t(e) + 1]; ++p) {
+      const int64_t row = xs.pair_row[std::size_t(p)];
+      int& u = used[std::size_t(row)];
+      if (u >= top_k)
+        throw RuntimeError(fmt::format("fused expert slots: row {} has more than top_k = {} pairs", row, top_k));
+      o.ids[std::size_t(row) * std::size_t(top_k) + std::size_t(u)] = e;
+      o.weights[std::size_t(row) * std::size_t(top_k) + std::size_t(u)] = float(xs.pair_weight[std::size_t(p)]);
+      ++u;
+    }
+  return o;
+}
+
+ExpertSlots ep_expert_slots(const sim::EpSchedule& s, int rank) {
+  const sim::EpRankPlan& rp = s.ranks.at(std::size_t(rank));
+  const int P = s.geo.num_ranks, epr = s.geo.experts_per_ep_rank();
+  ExpertSlots o;
+  o.k = 1;
+  o.rows = rp.recv_rows();
+  for (int src = 0; src < P; ++src)
+    for (int e = 0; e < epr; ++e)
+      o.ids.insert(o.ids.end(), std::size_t(rp.recv_counts[std::size_t(src) * std::size_t(epr) + std::size_t(e)]), e);
+  o.weights.assign(o.ids.size(), 1.f);
+  return o;
+}
+
+MoeBytes schedule_bytes(const sim::FusedSchedule& s, int rank) {
+  MoeBytes b;
+  for (const sim::FusedStep& st : s.steps.at(std::size_t(rank))) {
+    b.dispatch += st.dispatch_bytes.inter_bytes + st.dispatch_bytes.intra_bytes;
+    b.combine += st.combine_bytes.inter_bytes + st.combine_bytes.intra_bytes;
+  }
+  const sim::RankRoundBytes& f = s.final_ag_bytes.at(std::size_t(rank));
+  b.combine += f.inter_bytes + f.intra_bytes;
+  return b;
+}
+
+MoeBytes schedule_bytes(const sim::EpSchedule& s, int rank) {
+  const sim::EpRankPlan& rp = s.ranks.at(std::size_t(rank));
+  return MoeBytes{rp.dispatch_bytes.inter_bytes + rp.dispatch_bytes.intra_bytes,
+                  rp.combine_bytes.inter_bytes + rp.combine_bytes.intra_bytes};
+}
+
+// ----------------------------------------------------------------------------- stage MoE
+
+StageMoe::StageMoe(const sim::CommGeometry& geo, MoeSched sched, int64_t max_tokens_per_replica, Transport& world,
+                   int first_rank)
+    : geo_(geo), sched_(sched), cap_(max_tokens_per_replica) {
+  tr_ = std::make_unique<StageTransport>(world, first_rank, geo.num_ranks);
+  switch (sched) {
+    case MoeSched::fused:
+    case MoeSched::rs_a2a_ag:
+      fused_ = std::make_unique<FusedMoeComm>(geo, cap_, kernels::MoeDType::bf16, *tr_);
+      fused_->set_overlap(sched == MoeSched::fused);
+      break;
+    case MoeSched::ep:
+      ep_ = std::make_unique<EpMoeComm>(geo, cap_, sim::EpSource::split, kernels::MoeDType::bf16, *tr_);
+      break;
+    case MoeSched::none:
+      throw InputError("stage MoE: no schedule (moe_sched none)");
+  }
+}
+
+StageMoe::~StageMoe() = default;
+
+int64_t StageMoe::max_expert_rows() const {
+  return fused_ ? sim::fused_capacity_rows(geo_, cap_) : sim::ep_capacity_rows(geo_, cap_, sim::EpSource::split);
+}
+void* StageMoe::input(int rank) const { return fused_ ? fused_->input(rank) : ep_->input(rank); }
+void* StageMoe::output(int rank) const { return fused_ ? fused_->output(rank) : ep_->output(rank); }
+const void* StageMoe::received(int rank) const { return fused_ ? fused_->received(rank) : ep_->received(rank); }
+void* StageMoe::expert_out(int rank) const { return fused_ ? fused_->partial(rank) : ep_->expert_out(rank); }
+const sim::FusedSchedule* StageMoe::fused_schedule() const { return fused_ ? &fs_ : nullptr; }
+
+ExpertSlots StageMoe::expert_slots(int rank) const {
+  if (fused_) return fused_expert_slots(fs_.expert_side.at(std::size_t(fs_.group_of(rank))), geo_.top_k);
+  return ep_expert_slots(es_, rank);
+}
+
+void StageMoe::dispatch(std::vector<sim::ReplicaRouting> routing, std::span<const cudaStream_t> main) {
+  routing_ = std::move(routing);
+  const int P = geo_.num_ranks;
+  pending_.clear();
+  before_.assign(std::size_t(P), 0);
+  for (int r = 0; r < P; ++r) before_[std::size_t(r)] = tr_->bytes_sent(r);
+  if (fused_) {
+    fs_ = sim::build_fused_schedule(geo_, routing_);
+    fused_->prepare(fs_, routing_);
+    fused_->fork(main);
+    fused_->dispatch();
+    fused_->join(main);
+  } else {
+    es_ = sim::build_ep_schedule(geo_, routing_, sim::EpSource::split);
+    ep_->prepare(es_, routing_);
+    ep_->fork(main);
+    ep_->dispatch();
+    ep_->join(main);
+  }
+  for (int r = 0; r < P; ++r) {
+    if (!tr_->is_local(r)) continue;
+    MoeBytesRecord rec;
+    rec.rank = r;
+    rec.moved.dispatch = tr_->bytes_sent(r) - before_[std::size_t(r)];
+    rec.scheduled = fused_ ? schedule_bytes(fs_, r) : schedule_bytes(es_, r);
+    if (ep_) {  // the counts round: (destination, local expert) counts to every other rank
+      rec.counts = double(P - 1) * geo_.experts_per_ep_rank() * double(sizeof(int64_t));
+      rec.moved.dispatch -= rec.counts;
+    }
+    pending_.push_back(rec);
+    before_[std::size_t(r)] = tr_->bytes_sent(r);
+  }
+}
+
+void StageMoe::combine(std::span<const cudaStream_t> main) {
+  if (fused_) {
+    fused_->fork(main);
+    fused_->combine();
+    fused_->join(main);
+  } else {
+    ep_->fork(main);
+    ep_->combine();
+    ep_->join(main);
+  }
+  for (MoeBytesRecord& rec : pending_) {
+    rec.moved.combine = tr_->bytes_sent(rec.rank) - before_[std::size_t(rec.rank)];
+    records_.push_back(rec);
+  }
+  pending_.clear();
 }
 
 // ----------------------------------------------------------------------------- rendezvous
@@ -176,6 +381,11 @@ TransportComm::TransportComm(Transport& attn, Transport& stage, const Layout& la
 TransportComm::~TransportComm() {
   cudaFree(scratch_);
   cudaFree(counts_dev_);
+  cudaFree(route_dev_);
+  cudaFree(xrow_);
+  cudaFree(yrow_);
+  cudaFree(ids_dev_);
+  cudaFree(w_dev_);
 }
 
 const std::vector<int>& TransportComm::group(CommGroup g) const {
@@ -284,6 +494,155 @@ void TransportComm::p2p(int src, int dst, const void* send, void* recv, std::siz
   rdv_->meet({src, dst}, rank_ == src ? 0 : 1, &mine, [&](std::span<const void* const> args) {
     issue(*static_cast<const Side*>(args[0]), *static_cast<const Side*>(args[1]));
   });
+}
+
+// ----------------------------------------------------------------------------- scheduled MoE
+
+MoeExpertRows ForwardComm::moe_dispatch(const __nv_bfloat16*, const int32_t*, const float*, int64_t, int64_t,
+                                        cudaStream_t) {
+  throw RuntimeError("this ForwardComm has no scheduled MoE communication");
+}
+void ForwardComm::moe_combine(__nv_bfloat16*, int64_t, cudaStream_t) {
+  throw RuntimeError("this ForwardComm has no scheduled MoE communication");
+}
+
+void TransportComm::set_stage_moe(StageMoe* moe, int top_k) {
+  moe_ = moe;
+  top_k_ = top_k;
+  if (!moe) return;
+  if (moe->geometry().num_ranks != int(stage_group_.size()))
+    throw InputError(fmt::format("stage MoE of {} ranks for a stage of {}", moe->geometry().num_ranks,
+                                 stage_group_.size()));
+  const int64_t S = int64_t(stage_group_.size()), H = moe->geometry().hidden;
+  const int64_t rows = std::max<int64_t>(moe->max_expert_rows(), 1);
+  const int64_t words = routing_words(moe->max_tokens(), top_k);
+  MIXSERVE_CUDA_CHECK(cudaMalloc(&route_dev_, std::size_t(S * words) * 4));
+  MIXSERVE_CUDA_CHECK(cudaMalloc(&ids_dev_, std::size_t(rows * top_k) * 4));
+  MIXSERVE_CUDA_CHECK(cudaMalloc(&w_dev_, std::size_t(rows * top_k) * 4));
+  if (moe->fused_schedule()) {
+    MIXSERVE_CUDA_CHECK(cudaMalloc(&xrow_, std::size_t(rows * H) * 2));
+    MIXSERVE_CUDA_CHECK(cudaMalloc(&yrow_, std::size_t(rows * H) * 2));
+  }
+}
+
+namespace {
+// Row-major [rows, h] <-> the fused expert side's slice-major blocks ([T][n_i][h/T] at
+// block_row_offset[i] * h): one 2-D copy per (block, slice).
+void fused_rows_copy(const sim::FusedSchedule& fs, const sim::ExpertSide& xs, const void* src, void* dst,
+                     bool to_row_major, cudaStream_t s) {
+  const std::size_t h = std::size_t(fs.geo.hidden), hs = std::size_t(fs.slice_elems), eb = 2;
+  for (int i = 0; i < fs.num_groups; ++i) {
+    const std::size_t off = std::size_t(xs.block_row_offset[std::size_t(i)]);
+    const std::size_t n = std::size_t(xs.block_row_offset[std::size_t(i) + 1]) - off;
+    if (n == 0) continue;
+    for (int t = 0; t < fs.group_size; ++t) {
+      const std::size_t rm = (off * h + std::size_t(t) * hs) * eb;           // row-major
+      const std::size_t sm = (off * h + std::size_t(t) * n * hs) * eb;       // slice-major
+      if (to_row_major)
+        MIXSERVE_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst) + rm, h * eb,
+                                              static_cast<const char*>(src) + sm, hs * eb, hs * eb, n,
+                                              cudaMemcpyDeviceToDevice, s));
+      else
+        MIXSERVE_CUDA_CHECK(cudaMemcpy2DAsync(static_cast<char*>(dst) + sm, hs * eb,
+                                              static_cast<const char*>(src) + rm, h * eb, hs * eb, n,
+                                              cudaMemcpyDeviceToDevice, s));
+    }
+  }
+}
+
+struct MoeArrival {
+  int index = 0;  // in the stage
+  cudaStream_t stream = nullptr;
+};
+}  // namespace
+
+MoeExpertRows TransportComm::moe_dispatch(const __nv_bfloat16* x, const int32_t* topk_ids, const float* topk_w,
+                                          int64_t T, int64_t T_stage, cudaStream_t s) {
+  if (!moe_) throw RuntimeError(fmt::format("rank {}: scheduled MoE without a StageMoe", rank_));
+  const sim::CommGeometry& geo = moe_->geometry();
+  const int K = top_k_, S = int(stage_group_.size()), u = group_index(CommGroup::stage);
+  const int64_t H = geo.hidden;
+  if (T > T_stage || T_stage > moe_->max_tokens())
+    throw InputError(fmt::format("scheduled MoE: {} tokens (stage {}), buffers for {}", T, T_stage,
+                                 moe_->max_tokens()));
+  // 1. The routing of every rank of the stage on the host: all-gather, then a copy back.
+  const int64_t words = routing_words(T_stage, K);
+  int32_t* mine = route_dev_ + std::size_t(u) * std::size_t(words);
+  const int32_t count = int32_t(T);
+  MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(mine, &count, 4, cudaMemcpyHostToDevice, s));
+  if (T > 0) {
+    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(mine + 1, topk_ids, std::size_t(T * K) * 4, cudaMemcpyDeviceToDevice, s));
+    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(mine + 1 + T_stage * K, topk_w, std::size_t(T * K) * 4,
+                                        cudaMemcpyDeviceToDevice, s));
+  }
+  all_gather(CommGroup::stage, route_dev_, std::size_t(words) * 4, s);
+  route_host_.resize(std::size_t(S * words));
+  MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(route_host_.data(), route_dev_, route_host_.size() * 4,
+                                      cudaMemcpyDeviceToHost, s));
+  MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(s));  // also: every earlier use of the MoE buffers is done
+  auto routing = unpack_routing(route_host_, S, layout_.attn_tp, T_stage, K);
+  // 2. This rank's rows into the executor's input, then the stage's dispatch (once, for all).
+  if (T > 0)
+    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(moe_->input(u), x, std::size_t(T * H) * 2, cudaMemcpyDeviceToDevice, s));
+  const MoeArrival me{u, s};
+  auto run = [&](std::span<const void* const> args) {
+    std::vector<cudaStream_t> main(std::size_t(S), nullptr);
+    for (const void* a : args) {
+      const auto* m = static_cast<const MoeArrival*>(a);
+      main[std::size_t(m->index)] = m->stream;
+    }
+    moe_->dispatch(std::move(routing), main);
+  };
+  if (rdv_) {
+    rdv_->meet(stage_group_, u, &me, run);
+  } else {
+    const void* arg = &me;
+    run(std::span<const void* const>(&arg, 1));
+  }
+  // 3. The expert step's rows and slots.
+  slots_ = moe_->expert_slots(u);
+  MoeExpertRows out;
+  out.rows = slots_.rows;
+  out.k = slots_.k;
+  if (out.rows == 0) return out;
+  MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(ids_dev_, slots_.ids.data(), slots_.ids.size() * 4, cudaMemcpyHostToDevice, s));
+  MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(w_dev_, slots_.weights.data(), slots_.weights.size() * 4,
+                                      cudaMemcpyHostToDevice, s));
+  out.ids = ids_dev_;
+  out.weights = w_dev_;
+  if (const sim::FusedSchedule* fs = moe_->fused_schedule()) {
+    fused_rows_copy(*fs, fs->expert_side[std::size_t(fs->group_of(u))], moe_->received(u), xrow_, true, s);
+    out.x = xrow_;
+    out.out = yrow_;
+  } else {
+    out.x = static_cast<const __nv_bfloat16*>(moe_->received(u));
+    out.out = static_cast<__nv_bfloat16*>(moe_->expert_out(u));
+  }
+  return out;
+}
+
+void TransportComm::moe_combine(__nv_bfloat16* out, int64_t T, cudaStream_t s) {
+  const int S = int(stage_group_.size()), u = group_index(CommGroup::stage);
+  const int64_t H = moe_->geometry().hidden;
+  if (const sim::FusedSchedule* fs = moe_->fused_schedule(); fs && slots_.rows > 0)
+    fused_rows_copy(*fs, fs->expert_side[std::size_t(fs->group_of(u))], yrow_, moe_->expert_out(u), false, s);
+  const MoeArrival me{u, s};
+  auto run = [&](std::span<const void* const> args) {
+    std::vector<cudaStream_t> main(std::size_t(S), nullptr);
+    for (const void* a : args) {
+      const auto* m = static_cast<const MoeArrival*>(a);
+      main[std::size_t(m->index)] = m->stream;
+    }
+    moe_->combine(main);
+  };
+  if (rdv_) {
+    rdv_->meet(stage_group_, u, &me, run);
+  } else {
+    const void* arg = &me;
+    run(std::span<const void* const>(&arg, 1));
+  }
+  if (T > 0)
+    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(out, moe_->output(u), std::size_t(T * H) * 2, cudaMemcpyDeviceToDevice, s));
 }
 
 void TransportComm::send_next_stage(const void* buf, std::size_t bytes, cudaStream_t s) {

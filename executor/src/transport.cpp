@@ -1,6 +1,7 @@
 // Transports of the GPU MoE communication (transport.hpp).
 #include "mixserve/gpu/transport.hpp"
 
+#include <algorithm>
 #include <string>
 
 #include "mixserve/core/error.hpp"
@@ -27,6 +28,60 @@ void check_group(std::span<const int> group, std::span<const CollRank> ranks, in
   for (int r : group) check_rank(r, num_ranks, what);
 }
 }  // namespace
+
+// ----------------------------------------------------------------------------- stage view
+
+StageTransport::StageTransport(Transport& base, int first, int num_ranks)
+    : base_(base), first_(first), n_(num_ranks), sent_(static_cast<std::size_t>(std::max(num_ranks, 0)), 0.0) {
+  if (num_ranks < 1 || first < 0 || first + num_ranks > base.num_ranks())
+    throw InputError("stage transport: ranks [" + std::to_string(first) + ", " + std::to_string(first + num_ranks) +
+                     ") outside the " + std::to_string(base.num_ranks()) + " ranks of the " + base.name() +
+                     " transport");
+}
+
+bool StageTransport::is_local(int rank) const {
+  return rank >= 0 && rank < n_ && base_.is_local(rank + first_);
+}
+
+std::vector<int> StageTransport::global(std::span<const int> group) const {
+  std::vector<int> g;
+  for (int r : group) {
+    check_rank(r, n_, "stage transport");
+    g.push_back(r + first_);
+  }
+  return g;
+}
+
+void StageTransport::p2p_round(std::span<const P2pOp> ops, std::span<const cudaStream_t> streams) {
+  check_streams(streams, n_, "stage transport p2p");
+  std::vector<P2pOp> g(ops.begin(), ops.end());
+  for (P2pOp& op : g) {
+    check_rank(op.src, n_, "stage transport p2p");
+    check_rank(op.dst, n_, "stage transport p2p");
+    if (op.src != op.dst) sent_[static_cast<std::size_t>(op.src)] += static_cast<double>(op.bytes);
+    op.src += first_;
+    op.dst += first_;
+  }
+  std::vector<cudaStream_t> st(static_cast<std::size_t>(base_.num_ranks()), nullptr);
+  for (int r = 0; r < n_; ++r) st[static_cast<std::size_t>(r + first_)] = streams[static_cast<std::size_t>(r)];
+  base_.p2p_round(g, st);
+}
+
+void StageTransport::all_gather(std::span<const int> group, std::span<const CollRank> ranks,
+                                std::size_t bytes_per_rank) {
+  const auto g = global(group);
+  for (int r : group) sent_[static_cast<std::size_t>(r)] += double(group.size() - 1) * double(bytes_per_rank);
+  base_.all_gather(g, ranks, bytes_per_rank);
+}
+
+void StageTransport::reduce_scatter(std::span<const int> group, std::span<const CollRank> ranks,
+                                    std::size_t count, kernels::MoeDType dtype) {
+  const auto g = global(group);
+  for (int r : group)
+    sent_[static_cast<std::size_t>(r)] +=
+        double(group.size() - 1) * double(count) * double(kernels::moe_dtype_bytes(dtype));
+  base_.reduce_scatter(g, ranks, count, dtype);
+}
 
 // ----------------------------------------------------------------------------- local
 

@@ -10,6 +10,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
+#include <map>
+#include <tuple>
 #include <span>
 #include <string>
 #include <thread>
@@ -265,4 +268,152 @@ TEST_CASE("bench: a multi-GPU plan needs --emulate-ranks or --gpu-per-rank (no d
   CHECK_THROWS_WITH_AS(gpu::check_bench_plan(p, c, "p.yaml"), doctest::Contains("exclude each other"), InputError);
   c.emulate_ranks = false;
   CHECK_NOTHROW(gpu::check_bench_plan(p, c, "p.yaml"));
+}
+
+// ----------------------------------------------------------------------------- scheduled MoE (host logic)
+
+namespace {
+// One rank's piece of the routing exchange: count, ids, weights (f32 bits), padded to stage_tokens.
+void put_piece(std::vector<int32_t>& buf, int r, int64_t stage_tokens, int k, const sim::ReplicaRouting& rt) {
+  const int64_t words = gpu::routing_words(stage_tokens, k);
+  int32_t* p = buf.data() + r * words;
+  p[0] = rt.num_tokens;
+  for (std::size_t i = 0; i < rt.topk_ids.size(); ++i) {
+    p[1 + i] = rt.topk_ids[i];
+    const float f = float(rt.topk_weights[i]);
+    std::memcpy(p + 1 + stage_tokens * k + int64_t(i), &f, 4);
+  }
+}
+sim::ReplicaRouting routing_of(int n, int k, int E, int seed) {
+  sim::ReplicaRouting rt;
+  rt.num_tokens = n;
+  for (int t = 0; t < n; ++t)
+    for (int j = 0; j < k; ++j) {
+      rt.topk_ids.push_back((t * 7 + j * 5 + seed * 3) % E);  // distinct per token while 5 * j < E
+      rt.topk_weights.push_back(0.125 * (1 + ((t + j + seed) % 7)));
+    }
+  return rt;
+}
+}  // namespace
+
+TEST_CASE("scheduled MoE: which plans run by schedule") {
+  const ModelSpec shared = tiny();                          // a shared expert: the moe_mode exchange
+  const ModelSpec plain = tiny("Qwen3MoeForCausalLM");      // no shared expert
+  auto layout = [](int atp, int adp, int mtp, int mep, MoeComm c) {
+    Layout l;
+    l.attn_tp = atp, l.attn_dp = adp, l.moe_tp = mtp, l.moe_ep = mep, l.moe_comm = c;
+    return l;
+  };
+  CHECK(gpu::moe_sched_for(layout(1, 4, 1, 4, MoeComm::nccl_a2a), plain) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 1, 4, MoeComm::nccl_a2a), plain) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::nccl_a2a), plain) == gpu::MoeSched::none);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::fused), plain) == gpu::MoeSched::fused);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::rs_a2a_ag), plain) == gpu::MoeSched::rs_a2a_ag);
+  CHECK(gpu::moe_sched_for(layout(4, 1, 4, 1, MoeComm::tp_allreduce), plain) == gpu::MoeSched::none);
+  CHECK(gpu::moe_sched_for(layout(1, 4, 1, 4, MoeComm::nccl_a2a), shared) == gpu::MoeSched::none);
+  // Every planner layout: the shard carries the layout's schedule.
+  for (int R : {2, 4, 8})
+    for (const Layout& l : planner::enumerate_layouts(R)) {
+      if (l.pp > plain.num_layers) continue;
+      const auto rm = build_rank_map(cluster_of(R), plain, l);
+      for (const auto& info : rm) CHECK(shard_for_rank(l, info, plain).moe_sched == gpu::moe_sched_for(l, plain));
+    }
+}
+
+TEST_CASE("scheduled MoE: the routing exchange gives one table per replica, uneven and empty replicas included") {
+  const int S = 8, A = 2, k = 3, E = 16;
+  const int64_t Ts = 5;
+  const std::vector<int> n = {5, 0, 3, 1};  // tokens per replica; replica 1 has none
+  std::vector<int32_t> buf(std::size_t(S * gpu::routing_words(Ts, k)), -7);
+  std::vector<sim::ReplicaRouting> want;
+  for (int d = 0; d < S / A; ++d) {
+    want.push_back(routing_of(n[std::size_t(d)], k, E, d));
+    for (int a = 0; a < A; ++a) put_piece(buf, d * A + a, Ts, k, want.back());
+  }
+  const auto got = gpu::unpack_routing(buf, S, A, Ts, k);
+  REQUIRE(got.size() == want.size());
+  for (std::size_t d = 0; d < got.size(); ++d) {
+    CHECK(got[d].num_tokens == want[d].num_tokens);
+    CHECK(got[d].topk_ids == want[d].topk_ids);
+    CHECK(got[d].topk_weights == want[d].topk_weights);  // multiples of 1/8: exact in f32
+  }
+  // Peers of one replica that disagree, a count above the piece, a wrong size.
+  auto bad = buf;
+  bad[std::size_t(gpu::routing_words(Ts, k))] = 4;  // rank 1 (replica 0) says 4 tokens, rank 0 says 5
+  CHECK_THROWS_AS(gpu::unpack_routing(bad, S, A, Ts, k), RuntimeError);
+  bad = buf;
+  bad[0] = 6;
+  CHECK_THROWS_AS(gpu::unpack_routing(bad, S, A, Ts, k), InputError);
+  CHECK_THROWS_AS(gpu::unpack_routing(std::span<const int32_t>(buf).first(buf.size() - 1), S, A, Ts, k), InputError);
+}
+
+TEST_CASE("scheduled MoE: the expert slots carry every (row, expert) pair of the schedule once") {
+  sim::CommGeometry g;
+  g.num_ranks = 8, g.gpus_per_node = 8, g.attn_tp = 2, g.attn_dp = 4, g.moe_tp = 2, g.moe_ep = 4;
+  g.num_experts = 16, g.top_k = 3, g.hidden = 8, g.elem_bytes = 2;
+  const std::vector<int> n = {5, 0, 3, 1};
+  std::vector<sim::ReplicaRouting> rt;
+  for (int d = 0; d < 4; ++d) rt.push_back(routing_of(n[std::size_t(d)], g.top_k, g.num_experts, d));
+  // Fused: every (token, expert) of every replica appears in exactly one group's slots, with its weight.
+  const auto fs = sim::build_fused_schedule(g, rt);
+  std::map<std::tuple<int, int, int>, double> seen;  // (replica, token, global expert) -> weight
+  for (int q = 0; q < 4; ++q) {
+    const auto& xs = fs.expert_side[std::size_t(q)];
+    const auto sl = gpu::fused_expert_slots(xs, g.top_k);
+    REQUIRE(sl.rows == xs.num_rows());
+    REQUIRE(sl.ids.size() == std::size_t(sl.rows * g.top_k));
+    for (int64_t r = 0; r < sl.rows; ++r) {
+      int blk = 0;
+      while (xs.block_row_offset[std::size_t(blk) + 1] <= r) ++blk;
+      const int src = ((q - blk) % 4 + 4) % 4;
+      for (int j = 0; j < g.top_k; ++j) {
+        const int e = sl.ids[std::size_t(r * g.top_k + j)];
+        if (e < 0) continue;
+        CHECK(e < 4);
+        CHECK(seen.emplace(std::make_tuple(src, xs.row_src_token[std::size_t(r)], q * 4 + e),
+                           sl.weights[std::size_t(r * g.top_k + j)]).second);
+      }
+    }
+  }
+  std::size_t pairs = 0;
+  for (int d = 0; d < 4; ++d)
+    for (int t = 0; t < n[std::size_t(d)]; ++t)
+      for (int j = 0; j < g.top_k; ++j) {
+        ++pairs;
+        const auto it = seen.find(std::make_tuple(d, t, rt[std::size_t(d)].topk_ids[std::size_t(t * g.top_k + j)]));
+        REQUIRE(it != seen.end());
+        CHECK(it->second == rt[std::size_t(d)].topk_weights[std::size_t(t * g.top_k + j)]);
+      }
+  CHECK(seen.size() == pairs);
+  // EP (moe_tp 1): one unweighted slot per received row, its local expert, in (source, expert) order.
+  g.moe_tp = 1, g.moe_ep = 8;
+  const auto es = sim::build_ep_schedule(g, rt, sim::EpSource::split);
+  int64_t rows = 0;
+  for (int r = 0; r < 8; ++r) {
+    const auto sl = gpu::ep_expert_slots(es, r);
+    CHECK(sl.k == 1);
+    REQUIRE(sl.rows == es.ranks[std::size_t(r)].recv_rows());
+    std::size_t i = 0;
+    for (int src = 0; src < 8; ++src)
+      for (int e = 0; e < 2; ++e)
+        for (int64_t c = 0; c < es.ranks[std::size_t(r)].recv_counts[std::size_t(src * 2 + e)]; ++c, ++i) {
+          CHECK(sl.ids[i] == e);
+          CHECK(sl.weights[i] == 1.f);
+        }
+    rows += sl.rows;
+  }
+  CHECK(rows == int64_t(pairs));
+  // The bytes a rank moves by the schedule: the summed rounds (+ the final all-gather, fused).
+  const auto b = gpu::schedule_bytes(es, 0);
+  CHECK(b.dispatch == es.ranks[0].dispatch_bytes.inter_bytes + es.ranks[0].dispatch_bytes.intra_bytes);
+  CHECK(b.combine == es.ranks[0].combine_bytes.inter_bytes + es.ranks[0].combine_bytes.intra_bytes);
+  double d0 = 0, c0 = 0;
+  for (const auto& st : fs.steps[0]) {
+    d0 += st.dispatch_bytes.intra_bytes + st.dispatch_bytes.inter_bytes;
+    c0 += st.combine_bytes.intra_bytes + st.combine_bytes.inter_bytes;
+  }
+  c0 += fs.final_ag_bytes[0].intra_bytes + fs.final_ag_bytes[0].inter_bytes;
+  CHECK(gpu::schedule_bytes(fs, 0).dispatch == d0);
+  CHECK(gpu::schedule_bytes(fs, 0).combine == c0);
+  CHECK(d0 > 0);
 }

@@ -36,6 +36,9 @@ class EmulatedRanks {
   const std::vector<RankInfo>& rank_map() const { return rank_map_; }
   int num_ranks() const { return int(models_.size()); }
   GpuModel& model(int rank) { return *models_.at(std::size_t(rank)); }
+  // The scheduled MoE communication of pipeline stage `stage` (null when the plan's moe_comm runs
+  // through the moe_mode exchange: ShardSpec::moe_sched none); its records() count the bytes.
+  StageMoe* stage_moe(int stage) { return stage_moe_.empty() ? nullptr : stage_moe_.at(std::size_t(stage)).get(); }
 
   // One step of every rank at once. batches[d]: the requests of attention-DP replica d (attn_dp
   // entries; an empty one steps with an empty batch). Returns per replica its output: logits
@@ -63,6 +66,7 @@ class EmulatedRanks {
   std::shared_ptr<void> nccl_world_;  // the NCCL world communicators (gpu_per_rank); outlive the splits
   std::vector<std::unique_ptr<Transport>> transports_;
   std::unique_ptr<Rendezvous> rendezvous_;
+  std::vector<std::unique_ptr<StageMoe>> stage_moe_;  // per stage, before the comms that use them
   std::vector<std::unique_ptr<TransportComm>> comms_;
   std::vector<std::unique_ptr<GpuModel>> models_;
 };

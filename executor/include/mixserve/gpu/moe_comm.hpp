@@ -60,6 +60,13 @@ class FusedMoeComm {
   void* output(int rank) const;
   // Number of tokens of rank r's replica in the prepared step.
   int64_t num_tokens(int rank) const;
+  // The expert side of rank r (the forward's expert step, in place of toy_experts): after
+  // dispatch, received(r) holds the group's received rows, slice-major per block
+  // ([T][rows_i][h/T] at block_row_offset[i] * h, ExpertSide of the prepared schedule); before
+  // combine, partial(r) must hold the rank's partial sums of those rows in the same layout.
+  void* received(int rank) const;
+  void* partial(int rank) const;
+  const sim::FusedSchedule* schedule() const { return s_; }
 
   // The rank's streams wait for `main[r]` (recorded now); join: main[r] waits for both streams.
   // main: one stream per global rank (null for ranks not held here), on the rank's device.
@@ -98,6 +105,12 @@ class EpMoeComm {
   void* input(int rank) const;   // [n_replica, hidden]
   void* output(int rank) const;  // [n_replica, hidden]; split: full after combine's all-gather
   int64_t num_tokens(int rank) const;
+  // The expert side of rank r: after dispatch, received(r) holds its recv_rows() rows
+  // [rows, hidden] row-major, by (source rank, local expert); before combine, expert_out(r) must
+  // hold each row's expert output, unweighted (the weights are applied at home), same layout.
+  void* received(int rank) const;
+  void* expert_out(int rank) const;
+  const sim::EpSchedule* schedule() const { return s_; }
   void fork(std::span<const cudaStream_t> main);
   void join(std::span<const cudaStream_t> main);
 

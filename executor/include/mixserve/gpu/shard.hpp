@@ -28,6 +28,7 @@
 #include <exception>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <condition_variable>
 #include <span>
@@ -40,10 +41,20 @@
 #include "mixserve/core/layout.hpp"
 #include "mixserve/core/model.hpp"
 #include "mixserve/core/plan.hpp"
+#include "mixserve/sim/comm_schedule.hpp"
 
 namespace mixserve::gpu {
 
 enum class MoeMode { none, replicated, gathered };
+
+// The plan's MoE communication run by schedule (docs/distributed.md, docs/moe-comm.md), in place
+// of the moe_mode exchange above: `ep` the plain EP dispatch/combine (a2a: counts exchanged, then
+// grouped send/recv; EpSource::split), `fused` MixServe's AG-Dispatch / RS-Combine, `rs_a2a_ag`
+// the same schedule without overlap. `none`: the moe_mode exchange (plans with `allreduce`, and
+// the layouts the schedules do not cover: a2a with moe_tp > 1, a model with a shared expert).
+enum class MoeSched { none, ep, fused, rs_a2a_ag };
+const char* to_string(MoeSched s);
+MoeSched moe_sched_for(const Layout& l, const ModelSpec& m);
 
 struct ShardSpec {
   int attn_tp = 1, attn_rank = 0;
@@ -52,6 +63,7 @@ struct ShardSpec {
   int layer_begin = 0, layer_end = -1;    // -1: every layer
   bool shared_expert = true;              // this rank adds (its shard of) the shared expert
   MoeMode moe_mode = MoeMode::none;
+  MoeSched moe_sched = MoeSched::none;    // the plan's MoE communication by schedule
   int stage_size = 1;                     // ranks of the pipeline stage (MoE group)
   int num_stages = 1;
   // More than one rank holds the model (then the forward needs a ForwardComm).
@@ -89,6 +101,109 @@ struct LaunchShape {
 };
 void check_plan_for_run(const Plan& p, const ModelSpec& model, const LaunchShape& launch);
 
+// ----------------------------------------------------------------------------- scheduled MoE
+// Host logic of the scheduled MoE layer (unit-tested on the CPU, tests/gpu/test_shard.cpp).
+//
+// Routing exchange: every rank of the stage contributes one piece of routing_words(T_stage, k)
+// int32 words (its token count, its [T, k] global top-k ids, then its [T, k] f32 weights as bits,
+// the rest unused), all-gathered over the stage; unpack_routing gives one table per attention-DP
+// replica (the piece of its first attention-TP rank; every rank of the replica must hold the same
+// count, RuntimeError otherwise; InputError for a count outside [0, T_stage]).
+int64_t routing_words(int64_t stage_tokens, int top_k);
+std::vector<sim::ReplicaRouting> unpack_routing(std::span<const int32_t> gathered, int stage_size, int attn_tp,
+                                                int64_t stage_tokens, int top_k);
+
+// The expert step of the received rows as the forward's permute / experts / combine take it:
+// per row k slots of a local expert id (-1: empty) and a weight. Fused: the group's pairs
+// (ExpertSide, k = top_k, weights applied on the expert side); EP: one unweighted slot per row
+// (k = 1, the weights are applied at home). RuntimeError if a row has more than k pairs.
+struct ExpertSlots {
+  int k = 1;
+  int64_t rows = 0;
+  std::vector<int32_t> ids;     // [rows * k]
+  std::vector<float> weights;   // [rows * k]
+};
+ExpertSlots fused_expert_slots(const sim::ExpertSide& xs, int top_k);
+ExpertSlots ep_expert_slots(const sim::EpSchedule& s, int rank);
+
+// Bytes rank `rank` sends in one MoE layer by the schedule's accounting (what the cost model
+// reads): dispatch and combine, all rounds (fused: + the final all-gather).
+struct MoeBytes {
+  double dispatch = 0, combine = 0;
+};
+MoeBytes schedule_bytes(const sim::FusedSchedule& s, int rank);
+MoeBytes schedule_bytes(const sim::EpSchedule& s, int rank);
+
+class Transport;
+class StageTransport;
+class FusedMoeComm;
+class EpMoeComm;
+
+// One MoE layer of one rank as moved by a StageMoe (its transport's counters) beside the
+// schedule's bytes; the EP counts round is `counts` (not in the schedule's bytes).
+struct MoeBytesRecord {
+  int rank = 0;  // in the stage
+  MoeBytes moved, scheduled;
+  double counts = 0;
+};
+
+// The scheduled MoE communication of one pipeline stage for the ranks of it this process holds:
+// one FusedMoeComm or EpMoeComm (buffers for `max_tokens_per_replica` tokens per replica,
+// allocated once here) over a StageTransport of the world transport `world`. Shared by the
+// stage's rank threads: dispatch() and combine() run once per layer for every local rank (the
+// last thread to reach the stage's meeting calls them; not thread-safe otherwise).
+class StageMoe {
+ public:
+  StageMoe(const sim::CommGeometry& geo, MoeSched sched, int64_t max_tokens_per_replica, Transport& world,
+           int first_rank);
+  ~StageMoe();
+  StageMoe(const StageMoe&) = delete;
+  StageMoe& operator=(const StageMoe&) = delete;
+  const sim::CommGeometry& geometry() const { return geo_; }
+  MoeSched sched() const { return sched_; }
+  int64_t max_tokens() const { return cap_; }
+  // Rows a rank's expert step may receive (fused_capacity_rows / ep_capacity_rows).
+  int64_t max_expert_rows() const;
+  void* input(int rank) const;
+  void* output(int rank) const;
+  // Builds the layer's schedule from the replicas' routing, uploads it, forks from main (one
+  // stream per stage rank, null for ranks not here), dispatches, joins.
+  void dispatch(std::vector<sim::ReplicaRouting> routing, std::span<const cudaStream_t> main);
+  void combine(std::span<const cudaStream_t> main);
+  // After dispatch: rank r's expert slots and rows.
+  ExpertSlots expert_slots(int rank) const;
+  const void* received(int rank) const;  // fused: slice-major blocks; EP: row-major
+  void* expert_out(int rank) const;      // fused: partial sums, slice-major; EP: row-major
+  const sim::FusedSchedule* fused_schedule() const;
+  // One record per layer and local rank since the last clear.
+  const std::vector<MoeBytesRecord>& records() const { return records_; }
+  void clear_records() { records_.clear(); }
+
+ private:
+  sim::CommGeometry geo_;
+  MoeSched sched_;
+  int64_t cap_ = 0;
+  std::unique_ptr<StageTransport> tr_;
+  std::unique_ptr<FusedMoeComm> fused_;
+  std::unique_ptr<EpMoeComm> ep_;
+  std::vector<sim::ReplicaRouting> routing_;
+  sim::FusedSchedule fs_;
+  sim::EpSchedule es_;
+  std::vector<double> before_;  // transport counters at the start of the phase
+  std::vector<MoeBytesRecord> pending_;
+  std::vector<MoeBytesRecord> records_;
+};
+
+// Rows handed to the forward's expert step by a scheduled dispatch (device pointers).
+struct MoeExpertRows {
+  const __nv_bfloat16* x = nullptr;  // [rows, hidden] row-major
+  __nv_bfloat16* out = nullptr;      // [rows, hidden]: the step writes its (TP-partial) sums here
+  int64_t rows = 0;
+  int k = 1;
+  const int32_t* ids = nullptr;      // [rows * k] local expert ids, -1 empty
+  const float* weights = nullptr;    // [rows * k]
+};
+
 enum class CommGroup { attn_tp, stage };
 
 class ForwardComm {
@@ -108,6 +223,13 @@ class ForwardComm {
   // Pipeline: the residual to the same stage index of the next stage / from the previous one.
   virtual void send_next_stage(const void* buf, std::size_t bytes, cudaStream_t s) = 0;
   virtual void recv_prev_stage(void* buf, std::size_t bytes, cudaStream_t s) = 0;
+  // Scheduled MoE (ShardSpec::moe_sched): x [T, H] this rank's rows, topk_ids / topk_w [T, k]
+  // their global routing (device); T_stage the stage's largest T (the routing exchange's piece).
+  // Returns the received rows for the expert step; moe_combine then writes the rank's [T, H]
+  // MoE output into out. Both are collective over the stage. Default: RuntimeError.
+  virtual MoeExpertRows moe_dispatch(const __nv_bfloat16* x, const int32_t* topk_ids, const float* topk_w,
+                                     int64_t T, int64_t T_stage, cudaStream_t s);
+  virtual void moe_combine(__nv_bfloat16* out, int64_t T, cudaStream_t s);
 };
 
 // Threads of one process meeting per group: the last member to arrive runs the operation for
@@ -131,8 +253,6 @@ class Rendezvous {
   std::map<std::vector<int>, Meeting> meetings_;
   bool aborted_ = false;
 };
-
-class Transport;
 
 // ForwardComm of one rank over transports: `attn` for the attention TP groups and `stage` for
 // the stage's MoE exchange and the pipeline sends (one LocalTransport can serve both; NCCL needs
@@ -158,6 +278,12 @@ class TransportComm final : public ForwardComm {
   int64_t max_over(CommGroup g, int64_t v, cudaStream_t s) override;
   void send_next_stage(const void* buf, std::size_t bytes, cudaStream_t s) override;
   void recv_prev_stage(void* buf, std::size_t bytes, cudaStream_t s) override;
+  // The stage's scheduled MoE (shared by its ranks in this process); allocates this rank's
+  // buffers (routing exchange, row-major expert rows, slots) on the current device.
+  void set_stage_moe(StageMoe* moe, int top_k);
+  MoeExpertRows moe_dispatch(const __nv_bfloat16* x, const int32_t* topk_ids, const float* topk_w, int64_t T,
+                             int64_t T_stage, cudaStream_t s) override;
+  void moe_combine(__nv_bfloat16* out, int64_t T, cudaStream_t s) override;
 
  private:
   const std::vector<int>& group(CommGroup g) const;
@@ -172,6 +298,15 @@ class TransportComm final : public ForwardComm {
   void* scratch_ = nullptr;        // [max_elements] bf16: all-reduce chunk
   int64_t max_elements_ = 0;
   int64_t* counts_dev_ = nullptr;  // [stage size] for max_over
+  StageMoe* moe_ = nullptr;
+  int top_k_ = 1;
+  int32_t* route_dev_ = nullptr;   // [stage size][routing_words(max tokens, k)]
+  std::vector<int32_t> route_host_;
+  __nv_bfloat16* xrow_ = nullptr;  // fused: [max_expert_rows, H] received rows, row-major
+  __nv_bfloat16* yrow_ = nullptr;  // fused: their partial sums, row-major
+  int32_t* ids_dev_ = nullptr;     // [max_expert_rows * k]
+  float* w_dev_ = nullptr;
+  ExpertSlots slots_;
 };
 
 }  // namespace mixserve::gpu

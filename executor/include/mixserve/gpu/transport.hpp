@@ -97,6 +97,33 @@ class LocalTransport final : public Transport {
   std::vector<cudaEvent_t> events_;  // scratch events, recorded and waited on at once
 };
 
+// Ranks [first, first + n) of `base` as ranks 0..n-1 (a pipeline stage of the world's
+// transport, for the MoE schedules of that stage), counting the bytes each rank sends through it
+// by the schedules' accounting (sim/comm_schedule.hpp): a p2p message to another rank counts its
+// bytes at the sender (a copy to itself: nothing); a member of an all-gather sends its piece to
+// the T-1 others, (T-1) * bytes_per_rank; of a reduce-scatter, (T-1) chunks of count elements.
+class StageTransport final : public Transport {
+ public:
+  StageTransport(Transport& base, int first, int num_ranks);
+  int num_ranks() const override { return n_; }
+  bool is_local(int rank) const override;
+  int device_of(int rank) const override { return base_.device_of(rank + first_); }
+  const char* name() const override { return base_.name(); }
+  void p2p_round(std::span<const P2pOp> ops, std::span<const cudaStream_t> streams) override;
+  void all_gather(std::span<const int> group, std::span<const CollRank> ranks,
+                  std::size_t bytes_per_rank) override;
+  void reduce_scatter(std::span<const int> group, std::span<const CollRank> ranks,
+                      std::size_t count, kernels::MoeDType dtype) override;
+  // Bytes rank r (0..n-1) sent through this transport since construction.
+  double bytes_sent(int rank) const { return sent_.at(static_cast<std::size_t>(rank)); }
+
+ private:
+  std::vector<int> global(std::span<const int> group) const;
+  Transport& base_;
+  int first_ = 0, n_ = 0;
+  std::vector<double> sent_;
+};
+
 #if MIXSERVE_HAVE_NCCL
 // One rank per device. `world` holds the world communicators of the ranks this process drives
 // (init_single_process or init_mpi_world); `group_size` T groups ranks [q*T, (q+1)*T) for the
