@@ -211,8 +211,41 @@ Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& 
            {req(0, {a.begin() + 11, a.end()}, 11), req(1, tok(1), 7), req(2, tok(1), 19), req(3, tok(13), 0)}, st);
   run_step(name + " decode", w, ref, one, dist,
            {req(0, tok(1), 17), req(1, tok(1), 8), req(2, tok(1), 20), req(3, tok(1), 13)}, st);
-  std::printf("  %-48s worst err/tol: hidden %.2f logits %.2f; %d/%d rows after near-ties left out, %d top-1 checked\n",
-              name.c_str(), st.worst_hidden, st.worst_logits, st.rows_excluded, st.rows, st.top1_checked);
+  // The plan's MoE communication ran by its schedule (a2a with moe_tp 1: EP dispatch/combine;
+  // fused, rs-a2a-ag: AG-Dispatch / RS-Combine), and every MoE layer of every rank moved exactly
+  // the bytes the schedule (and so the cost model) counts for it.
+  const gpu::MoeSched sched = gpu::moe_sched_for(l, m);
+  int64_t records = 0, wrong_bytes = 0;
+  double moved = 0;
+  for (int p = 0; p < l.pp; ++p) {
+    gpu::StageMoe* sm = dist.stage_moe(p);
+    if (sched == gpu::MoeSched::none) {
+      CHECK_MESSAGE(sm == nullptr, name << ": a StageMoe for a plan without a schedule");
+      continue;
+    }
+    REQUIRE_MESSAGE(sm != nullptr, name << ": no StageMoe for stage " << p << " (moe_sched " << gpu::to_string(sched) << ")");
+    for (const auto& r : sm->records()) {
+      ++records;
+      moved += r.moved.dispatch + r.moved.combine;
+      if (r.moved.dispatch != r.scheduled.dispatch || r.moved.combine != r.scheduled.combine) {
+        if (++wrong_bytes <= 4)
+          FAIL_CHECK(name << " stage " << p << " rank " << r.rank << ": moved dispatch " << r.moved.dispatch
+                          << " combine " << r.moved.combine << " bytes; the schedule counts " << r.scheduled.dispatch
+                          << " and " << r.scheduled.combine);
+      }
+    }
+  }
+  if (sched != gpu::MoeSched::none) {
+    CHECK_MESSAGE(records == 3 * int64_t(m.num_moe_layers()) * l.stage_size(),
+                  name << ": " << records << " scheduled MoE layer-ranks recorded, expected 3 steps x "
+                       << m.num_moe_layers() << " MoE layers x " << l.stage_size() << " ranks");
+    CHECK_MESSAGE(wrong_bytes == 0, name << ": " << wrong_bytes << " layer-ranks moved other bytes than the schedule");
+    CHECK_MESSAGE(moved > 0, name << ": the scheduled MoE moved nothing");
+  }
+  std::printf("  %-48s worst err/tol: hidden %.2f logits %.2f; %d/%d rows after near-ties left out, %d top-1 checked; "
+              "moe %s, %lld layer-ranks, %.0f bytes = schedule\n",
+              name.c_str(), st.worst_hidden, st.worst_logits, st.rows_excluded, st.rows, st.top1_checked,
+              gpu::to_string(sched), static_cast<long long>(records), moved);
   CHECK_MESSAGE(st.top1_checked > 0, name << ": no row had a clear top-1");
   CHECK_MESSAGE(2 * st.rows_excluded <= st.rows, name << ": too many near-tie rows left out");
   return st;
@@ -224,6 +257,7 @@ int run_all_layouts(gpu::Placement placement, int max_ranks) {
   const auto w = model::synthetic_weights(m, 77);
   int layouts = 0;
   double worst_hidden = 0, worst_logits = 0;
+  int by_sched[4] = {0, 0, 0, 0};  // gpu::MoeSched: none, ep, fused, rs_a2a_ag
   for (int P : {2, 4, 8}) {
     if (P > max_ranks) break;
     const ClusterSpec c = cluster_of(P);
@@ -235,12 +269,20 @@ int run_all_layouts(gpu::Placement placement, int max_ranks) {
                                        gpu::ExpertPath::automatic};
       const auto path = paths[layouts % 3];
       const Stats st = run_layout(w, c, l, path, placement);
+      ++by_sched[static_cast<int>(gpu::moe_sched_for(l, m))];
       worst_hidden = std::max(worst_hidden, st.worst_hidden);
       worst_logits = std::max(worst_logits, st.worst_logits);
       ++layouts;
     }
   }
   std::printf("%d layouts; worst error / tolerance: hidden %.2f, logits %.2f\n", layouts, worst_hidden, worst_logits);
+  std::printf("MoE by schedule: %d EP (a2a), %d fused, %d rs-a2a-ag; %d through the all-reduce / gather exchange\n",
+              by_sched[1], by_sched[2], by_sched[3], by_sched[0]);
+  if (max_ranks >= 4) {  // P = 4 has an EP layout and the hybrid TP2 x EP2 with fused and rs-a2a-ag
+    CHECK_MESSAGE(by_sched[1] > 0, "no layout ran the EP dispatch/combine");
+    CHECK_MESSAGE(by_sched[2] > 0, "no layout ran the fused AG-Dispatch / RS-Combine");
+    CHECK_MESSAGE(by_sched[3] > 0, "no layout ran rs-a2a-ag");
+  }
   return layouts;
 }
 

@@ -175,7 +175,8 @@ class StageMoe {
   const void* received(int rank) const;  // fused: slice-major blocks; EP: row-major
   void* expert_out(int rank) const;      // fused: partial sums, slice-major; EP: row-major
   const sim::FusedSchedule* fused_schedule() const;
-  // One record per layer and local rank since the last clear.
+  // One record per layer and local rank since the last clear (the first kMaxRecords).
+  static constexpr std::size_t kMaxRecords = std::size_t(1) << 16;
   const std::vector<MoeBytesRecord>& records() const { return records_; }
   void clear_records() { records_.clear(); }
 
