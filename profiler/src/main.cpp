@@ -1,6 +1,6 @@
 // mixserve-profile: measures this machine and writes a hardware profile (profiles/<name>.yaml).
 //   mixserve-profile all -o profiles/h200.yaml --json run.json
-//   mixserve-profile gemm|experts|elementwise|attention|expert_gemv|comm [-o FILE] [--merge OLD]
+//   mixserve-profile gemm|experts|elementwise|attention|expert_gemv|gemv|comm [-o FILE] [--merge OLD]
 //   mixserve-profile check --profile profiles/h200.yaml        (predicted vs measured)
 // Exit codes: 0 ok, 1 runtime failure or a failed check, 2 bad input, 3 no GPU.
 #include <filesystem>
@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 #include <fmt/ostream.h>
 
+#include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/expert_path.hpp"
 #include "mixserve/core/io.hpp"
@@ -72,7 +73,8 @@ std::string notes_for(const mixserve::HardwareProfile& p, const nlohmann::json& 
       "expert times: CUDA events, median, L2 flushed before each run; expert GEMMs run one cuBLASLt GEMM "
       "per non-empty expert inside a CUDA graph. ",
       p.gpu, p.versions.count("device_name") ? p.versions.at("device_name") : p.gpu);
-  for (const char* b : {"gemm", "experts", "elementwise", "attention", "expert_gemv", "comm"}) n += noise_summary(rows, b);
+  for (const char* b : {"gemm", "experts", "elementwise", "attention", "expert_gemv", "gemv", "comm"})
+    n += noise_summary(rows, b);
   return n + collectives_sentence(p);
 }
 
@@ -108,6 +110,10 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
       if (what == "all" || what == "elementwise") p.elementwise.clear();
       if (what == "all" || what == "comm") p.collectives.clear();
       if (what == "all" || what == "attention") p.attention.clear();
+      if (what == "all" || what == "gemv") {  // the decode kernels' points
+        p.gemv.clear();
+        std::erase_if(p.experts, [](const ExpertGemmPoint& e) { return e.distribution.starts_with(kExpertGemvV2Tag); });
+      }
       if (what == "expert_gemv")  // only the points of the executor's own paths (tagged)
         std::erase_if(p.experts, [](const ExpertGemmPoint& e) {
           return e.distribution.starts_with(kExpertGemvTag) || e.distribution.starts_with(kExpertEagerTag) ||
@@ -123,6 +129,7 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
     if (all || what == "elementwise") profiler::profile_elementwise(cfg, p, out);
     if (all || what == "attention") profiler::profile_attention(cfg, p, out);
     if (all || what == "expert_gemv") profiler::profile_expert_gemv(cfg, p, out);
+    if (all || what == "gemv") profiler::profile_gemv(cfg, p, out);
     int64_t wrong = 0;
     const bool comm = all || what == "comm";
     if (comm) wrong = profiler::profile_comm(cfg, p, out);
@@ -135,7 +142,7 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
     if (!cli.merge.empty()) {  // keep the merged file's description and statistics, add this run's
       const auto pos = p.notes.find("Collectives");
       std::string added;
-      for (const char* b : {"attention", "expert_gemv"}) {
+      for (const char* b : {"attention", "expert_gemv", "gemv"}) {
         const std::string sum = noise_summary(out.rows, b);
         if (!sum.empty()) added += fmt::format("Added {} by `mixserve-profile {} --merge`: {}", now_iso8601_utc(), b, sum);
       }
@@ -149,8 +156,10 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
       rc = kExitRuntime;
     } else {
       fmt::print(std::cout,
-                 "# Verdict: OK ({} GEMM, {} expert, {} elementwise, {} attention, {} collective points), exit code 0\n",
-                 p.gemm.size(), p.experts.size(), p.elementwise.size(), p.attention.size(), p.collectives.size());
+                 "# Verdict: OK ({} GEMM, {} expert, {} elementwise, {} attention, {} GEMV, {} collective points), exit "
+                 "code 0\n",
+                 p.gemm.size(), p.experts.size(), p.elementwise.size(), p.attention.size(), p.gemv.size(),
+                 p.collectives.size());
     }
     if (!cli.output.empty() && !cfg.dry_run && rc == kExitOk) {
       write_file_atomic(cli.output, profile_to_yaml(p));
@@ -211,7 +220,7 @@ int main(int argc, char** argv) {
     }
   };
   std::string chosen;
-  for (const char* name : {"all", "gemm", "experts", "elementwise", "attention", "expert_gemv", "comm"}) {
+  for (const char* name : {"all", "gemm", "experts", "elementwise", "attention", "expert_gemv", "gemv", "comm"}) {
     auto* s = app.add_subcommand(name, fmt::format("measure {} and write a profile", name));
     common(s, true);
     s->callback([&chosen, name] { chosen = name; });

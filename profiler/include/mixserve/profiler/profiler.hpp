@@ -57,6 +57,10 @@ void profile_attention(const ProfileConfig& cfg, HardwareProfile& p, Output& out
 // The executor's expert paths: device grouped GEMV (tagged "gemv:") and eager cuBLASLt with the
 // host count copy (tagged "eager:"), core/expert_path.hpp (expert_gemv.cpp).
 void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+// The decode kernels (core/decode_path.hpp): launch_gemv at 1 .. 8 rows over the unsharded GQA
+// models' projection shapes (tables.gemv) and launch_grouped_gemv_v2 at 1 .. 8 tokens (expert
+// points tagged "gemv2:"), both inside a CUDA graph (gemv.cpp).
+void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
 // Collectives on 2, 4, ... GPUs of this node driven by one process (NCCL_NVLS_ENABLE=0).
 // Returns the total number of wrong elements (0 expected).
 int64_t profile_comm(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
