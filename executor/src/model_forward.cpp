@@ -202,7 +202,18 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   const int64_t I = sd.inter, S = sd.shared, D = sd.dense;
   const int64_t T = cfg_.max_tokens_per_step;
   // Rows of the MoE buffers: the stage's gathered tokens in the gathered mode.
-  const int64_t Tm = T * (cfg_.shard.moe_mode == MoeMode::gathered ? cfg_.shard.stage_size : 1);
+  int64_t Tm = T * (cfg_.shard.moe_mode == MoeMode::gathered ? cfg_.shard.stage_size : 1);
+  if (cfg_.shard.moe_sched != MoeSched::none && m.num_moe_layers() > 0) {
+    // The expert step of a scheduled MoE layer runs on the received rows (ShardSpec::moe_sched):
+    // fused, the group's rows of every replica (fused_capacity_rows); EP, every replica's
+    // (token, local expert) rows with one slot each (ep_capacity_rows), within rows * K below.
+    const int Q = cfg_.shard.stage_size / cfg_.shard.moe_tp;
+    const int64_t dp = cfg_.shard.stage_size / cfg_.shard.attn_tp, epr = El;
+    const int64_t sched_rows = cfg_.shard.moe_sched == MoeSched::ep
+                                   ? (dp * T * std::min<int64_t>(K, epr) + std::max(K, 1) - 1) / std::max(K, 1)
+                                   : Q * T;
+    Tm = std::max(Tm, sched_rows);
+  }
   std::map<std::string, std::vector<int64_t>> shapes;
   for (const auto& t : model::expected_tensors(m)) shapes[t.name] = t.shape;
   cudaStream_t s = stream_.get();
@@ -566,6 +577,18 @@ void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, const b
 void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
   Act& A = *act_;
   const int64_t H = spec_.hidden_size;
+  if (cfg_.shard.moe_sched != MoeSched::none) {
+    // The plan's MoE communication by schedule (EP dispatch/combine, fused AG-Dispatch /
+    // RS-Combine): the router on this rank's rows, the stage's dispatch, the routed experts on
+    // the received rows (their slots as top-k ids and weights), the combine back into tmp.
+    const int64_t Ts = cfg_.shard.moe_mode == MoeMode::gathered ? prep_->moe_tokens : T;
+    if (Ts == 0) return;
+    if (T > 0) moe_route(L, A.normed, T, s);
+    const MoeExpertRows r = cfg_.comm->moe_dispatch(A.normed, A.topk_ids, A.topk_w, T, Ts, s);
+    if (r.rows > 0) moe_experts(L, r.x, r.rows, r.k, r.ids, r.weights, false, r.out, s);
+    cfg_.comm->moe_combine(A.tmp, T, s);
+    return;
+  }
   switch (cfg_.shard.moe_mode) {
     case MoeMode::none:
       ffn_moe(L, A.normed, T, A.tmp, s);
@@ -592,10 +615,18 @@ void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
 }
 
 void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cudaStream_t s) {
+  const int E = spec_.moe.num_experts, K = spec_.moe.top_k, El = dims_.experts;
+  moe_route(L, x, T, s);
+  // Expert parallel: ids relative to the shard's first expert; the permute drops the others.
+  if (El < E) launch_offset_ids(act_->topk_ids, T * K, -dims_.expert0, s);
+  moe_experts(L, x, T, K, act_->topk_ids, act_->topk_w, true, out, s);
+}
+
+void GpuModel::moe_route(const Layer& L, const bf16* x, int64_t T, cudaStream_t s) {
   Act& A = *act_;
   const ModelSpec& m = spec_;
-  const int64_t H = m.hidden_size, I = dims_.inter, S = L.shared_w13 ? dims_.shared : 0;
-  const int E = m.moe.num_experts, K = m.moe.top_k, El = dims_.experts;
+  const int64_t H = m.hidden_size;
+  const int E = m.moe.num_experts, K = m.moe.top_k;
   // Router: fp32 logits [T, E] -> top-k ids and weights.
   if (cfg_.decode_kernels) {
     GemvParams rg;
@@ -623,8 +654,14 @@ void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cuda
   rp.routed_scaling = static_cast<float>(m.moe.routed_scaling_factor);
   rp.pdl = pdl_;
   kernels::launch_router(rp, s);
-  // Expert parallel: ids relative to the shard's first expert; the permute drops the others.
-  if (El < E) launch_offset_ids(A.topk_ids, T * K, -dims_.expert0, s);
+}
+
+void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
+                           const float* weights, bool shared, bf16* out, cudaStream_t s) {
+  Act& A = *act_;
+  const ModelSpec& m = spec_;
+  const int64_t H = m.hidden_size, I = dims_.inter, S = (shared && L.shared_w13) ? dims_.shared : 0;
+  const int El = dims_.experts;
   // Shared expert first (it reuses the FFN scratch buffers).
   if (S > 0) {
     ffn_dense(L.shared_w13, L.shared_w2, S, x, T, A.shared_out, s);
@@ -632,7 +669,7 @@ void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cuda
   }
   // Permute into expert-contiguous rows (device-side counts and offsets).
   kernels::PermuteParams pp;
-  pp.topk_ids = A.topk_ids;
+  pp.topk_ids = ids;
   pp.x = x;
   pp.permuted_x = A.permuted_x;
   pp.expert_counts = A.counts;
@@ -730,7 +767,7 @@ void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cuda
   kernels::CombineParams cp;
   cp.expert_out = A.expert_out;
   cp.slot_row = A.slot_row;
-  cp.topk_weights = A.topk_w;
+  cp.topk_weights = weights;
   cp.shared_out = S > 0 ? A.shared_out : nullptr;
   cp.shared_gate = (S > 0 && L.shared_gate) ? A.shared_gate : nullptr;
   cp.out = out;
