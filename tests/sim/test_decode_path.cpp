@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "mixserve/core/decode_path.hpp"
+#include "mixserve/core/io.hpp"
 #include "mixserve/sim/cost_model.hpp"
 #include "mixserve/sim/op_timer.hpp"
 #include "sim_fixtures.hpp"
@@ -200,4 +201,36 @@ TEST_CASE("cost model: the decode step takes the GEMV table when the profile has
   // Above 8 tokens the table is not used (cuBLASLt GEMMs).
   const std::vector<ReplicaBatch> b16{decodes(16, 32)};
   CHECK(cm1->step(b16, false).time_us == doctest::Approx(cm0->step(b16, false).time_us));
+}
+
+// The models of tests/gpu/test_launches.cpp (top-2 of 8 experts, GQA 4/2 heads of 64; Qwen2-MoE:
+// MHA with QKV bias, shared expert with its gate), counted by hand here; the GPU test compares
+// the same predictions with a captured step.
+TEST_CASE("launch count: the GPU test's models") {
+  const auto qwen3 = import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 256,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "vocab_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64, "num_experts": 8,
+    "num_experts_per_tok": 2, "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": false})",
+                                      "launch-qwen3/config.json");
+  const auto qwen2 = import_hf_config(R"({"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 256,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+    "vocab_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64, "num_experts": 8,
+    "num_experts_per_tok": 2, "norm_topk_prob": false, "shared_expert_intermediate_size": 128,
+    "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
+                                      "launch-qwen2/config.json");
+  REQUIRE(qwen2.moe.shared_expert_gate);
+  // Qwen3, decode kernels: 12 per layer at <= 8 tokens, 13 with the split merge (301 keys), 15
+  // at 16 tokens and for the 40-token prefill (80 pairs: one-launch permute).
+  CHECK(run(qwen3, kOne, decodes(1, 21)).launches == 2 * 12 + 6);
+  CHECK(run(qwen3, kOne, decodes(4, 21)).launches == 2 * 12 + 6);
+  CHECK(run(qwen3, kOne, decodes(1, 301)).launches == 2 * 13 + 6);
+  CHECK(run(qwen3, kOne, decodes(16, 21)).launches == 2 * 15 + 6);
+  CHECK(run(qwen3, kOne, prefill(40)).launches == 2 * 15 + 6);
+  // Previous kernels: 22 per layer (23 with the merge).
+  CHECK(run(qwen3, kOne, decodes(1, 21), false).launches == 2 * 22 + 4);
+  CHECK(run(qwen3, kOne, decodes(1, 301), false).launches == 2 * 23 + 4);
+  // Qwen2: + shared GEMV x2 + gate = 15; previous kernels 22 + 3 bias - 2 q/k norms + 3 + 1 = 27.
+  CHECK(run(qwen2, kOne, decodes(1, 21)).launches == 2 * 15 + 6);
+  CHECK(run(qwen2, kOne, decodes(1, 21), false).launches == 2 * 27 + 4);
 }
