@@ -28,6 +28,7 @@ stamp() { echo "=== $(date -u +%H:%M:%S) (+$(( $(date +%s) - T0 )) s) $*"; }
     "$PROF" expert_gemv --merge /tmp/p1.yaml -o /tmp/p2.yaml --json /tmp/expert_gemv.json &&
     "$PROF" gemv --merge /tmp/p2.yaml -o "$OUT/$NAME.yaml" --json /tmp/gemv.json
   echo "profile exit $?"
+  stamp "host overhead per step (online bench, Qwen3-30B-A3B 8 layers) into $OUT/$NAME.yaml"; "$BUNDLE/bin/mixserve-plan" search --model qwen3-30b-a3b --cluster h200-1x1 --workload sharegpt-paper --layout 'attn TP1xDP1 | moe TP1xEP1 | PP1 | allreduce' -o /tmp/ho-plan.yaml > /tmp/ho-plan.log 2>&1 && timeout 240 "$BUNDLE/bin/mixserve-run" bench --plan /tmp/ho-plan.yaml --workload sharegpt-paper --num-requests 60 --request-rate 16 --num-layers 8 --progress-every 0 --profile "$OUT/$NAME.yaml" --host-overhead-to "$OUT/$NAME.yaml" --json /tmp/host-overhead.json | tail -n 16; echo "host overhead exit ${PIPESTATUS[0]}"
   stamp "check"
   timeout 180 "$PROF" check --profile "$OUT/$NAME.yaml" --count 30 --json "$OUT/check.json" | tail -n 6
   stamp "fidelity"

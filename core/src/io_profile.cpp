@@ -6,6 +6,7 @@
 //     the field names of GemmPoint, ExpertGemmPoint, ElementwisePoint, AttentionPoint,
 //     CollectivePoint, GemvPoint (gemv optional and written only when non-empty, so a profile
 //     without GEMV points reads as before),
+//   host_overhead {step_us, steps, measured_with} (optional; written when step_us > 0),
 //   versions {name: version}, measured_on, notes, provenance.
 #include <optional>
 
@@ -135,7 +136,7 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
   const YamlMap root(detail::yaml_parse(text, origin), origin, "");
   root.allow_keys({"version", "name", "gpu", "source", "sm_count", "memory_GiB", "peaks",
                    "efficiency", "kernel_launch_us", "tables", "versions", "measured_on", "notes",
-                   "provenance"});
+                   "provenance", "host_overhead"});
   HardwareProfile p;
   p.version = root.integer("version");
   if (p.version != 1) root.fail("version", "1", std::to_string(p.version));
@@ -169,6 +170,13 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
       const std::string k = kv.first.as<std::string>();
       p.versions[k] = v.as_str(kv.second, v.key_path(k));
     }
+  }
+  if (root.has("host_overhead")) {
+    const YamlMap h = root.map("host_overhead");
+    h.allow_keys({"step_us", "steps", "measured_with"});
+    p.host_overhead.step_us = h.nonneg_num("step_us", 0.0);
+    p.host_overhead.steps = h.positive_i64("steps");
+    p.host_overhead.measured_with = h.str("measured_with");
   }
   p.measured_on = root.str("measured_on", "");
   p.notes = root.str("notes", "");
@@ -272,6 +280,13 @@ std::string profile_to_yaml(const HardwareProfile& p) {
   }
   out << YAML::EndMap;  // tables
 
+  if (p.host_overhead.step_us > 0) {
+    out << YAML::Key << "host_overhead" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "step_us" << YAML::Value << fmt_num(p.host_overhead.step_us);
+    out << YAML::Key << "steps" << YAML::Value << p.host_overhead.steps;
+    out << YAML::Key << "measured_with" << YAML::Value << p.host_overhead.measured_with;
+    out << YAML::EndMap;
+  }
   out << YAML::Key << "versions" << YAML::Value << YAML::BeginMap;
   for (const auto& [k, v] : p.versions) out << YAML::Key << k << YAML::Value << v;
   out << YAML::EndMap;

@@ -17,6 +17,7 @@
 #include "mixserve/core/io.hpp"
 #include "mixserve/core/json.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/graph.hpp"
 #include "mixserve/gpu/distributed.hpp"
 #include "mixserve/gpu/shard.hpp"
 #include "mixserve/gpu/gemm.hpp"
@@ -121,38 +122,6 @@ int32_t argmax_row(const float* row, int64_t vocab) {
   return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
 }
 
-class Graph {
- public:
-  ~Graph() {
-    if (exec_) cudaGraphExecDestroy(exec_);
-  }
-  // Captures `enqueue` on `s` and updates (or instantiates) the executable graph.
-  template <class F>
-  void capture(cudaStream_t s, F&& enqueue) {
-    cudaGraph_t g = nullptr;
-    MIXSERVE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    enqueue(s);
-    MIXSERVE_CUDA_CHECK(cudaStreamEndCapture(s, &g));
-    bool updated = false;
-    if (exec_) {
-      cudaGraphExecUpdateResultInfo info{};
-      updated = cudaGraphExecUpdate(exec_, g, &info) == cudaSuccess;
-      if (!updated) {
-        (void)cudaGetLastError();  // clear the failed update's error
-        MIXSERVE_CUDA_CHECK(cudaGraphExecDestroy(exec_));
-        exec_ = nullptr;
-      }
-    }
-    if (!updated) MIXSERVE_CUDA_CHECK(cudaGraphInstantiate(&exec_, g, 0));
-    MIXSERVE_CUDA_CHECK(cudaGraphDestroy(g));
-  }
-  bool ready() const { return exec_ != nullptr; }
-  void launch(cudaStream_t s) const { MIXSERVE_CUDA_CHECK(cudaGraphLaunch(exec_, s)); }
-
- private:
-  cudaGraphExec_t exec_ = nullptr;
-};
-
 struct RunOutput {
   std::vector<double> step_ms;
   std::vector<bool> graph;
@@ -168,7 +137,7 @@ RunOutput run_once(GpuModel& g, const BenchConfig& cfg, const std::vector<StepSh
   RunOutput out;
   out.output_ids.assign(std::size_t(cfg.batch), {});
   Event start, stop;
-  Graph graph;
+  StepGraph graph;
   for (std::size_t i = 0; i < shapes.size(); ++i) {
     const bool decode = int(i) >= num_prefill;
     std::vector<model::SequenceStep> batch;
@@ -488,9 +457,7 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     g = std::make_unique<GpuModel>(w, gc);
   }
   // Decode steps go into a CUDA graph when the automatic expert path picks the device GEMV.
-  const bool gemv = r.model.num_moe_layers() == 0 ||
-                    int64_t(cfg.batch) * r.model.moe.top_k <= gc.device_gemv_max_rows;
-  const bool decode_graph = cfg.cuda_graph && gemv;
+  const bool decode_graph = cfg.cuda_graph && decode_step_graphable(r.model, gc, cfg.batch);
 
   std::mt19937_64 rng(cfg.seed);
   std::uniform_int_distribution<int32_t> tok(0, r.model.vocab_size - 1);
@@ -526,7 +493,10 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     st.batch = replica_batch(shapes[i], decode);
     st.measured_ms = run.step_ms[i];
     const auto reps = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
-    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(reps), false).time_us / 1e3;
+    // The GPU part: the measurement is CUDA events around the forward, without the host's per-step
+    // overhead that the cost model adds from the profile (host_overhead).
+    st.predicted_ms =
+        (cm->step(std::span<const sim::ReplicaBatch>(reps), false).time_us - profile.host_overhead.step_us) / 1e3;
     total_s += st.measured_ms / 1e3;
     if (decode) {
       decode_ms.push_back(st.measured_ms);

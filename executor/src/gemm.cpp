@@ -16,6 +16,7 @@ int64_t elem_bytes(DType d) { return is_fp8(d) ? 1 : 2; }
 std::string gemm_unsupported_reason(const GemmShape& s) {
   if (s.dtype != DType::bf16 && s.dtype != DType::fp8_e4m3 && s.dtype != DType::fp8_block)
     return fmt::format("dtype {} is not one of bf16, fp8, fp8_block128", to_string(s.dtype));
+  if (s.out_fp32 && s.dtype != DType::bf16) return "fp32 output is for bf16 operands only";
   if (s.m < 1 || s.n < 1 || s.k < 1) return fmt::format("m, n, k must be >= 1 (got {}, {}, {})", s.m, s.n, s.k);
   const int64_t align = is_fp8(s.dtype) ? 16 : 8;  // 16-byte rows
   if (s.k % align != 0) return fmt::format("k={} is not a multiple of {}", s.k, align);
@@ -69,7 +70,7 @@ LtGemm::LtGemm(const LtHandle& h, const GemmShape& s, void* workspace, std::size
   // A = weight: k x n column-major (ld k), transposed. B = act: k x rows (ld k). D: n x rows (ld n).
   MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_, in_type, s.k, s.n, s.k));
   MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_, in_type, s.k, rows, s.k));
-  MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d_, CUDA_R_16BF, s.n, rows, s.n));
+  MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d_, s.out_fp32 ? CUDA_R_32F : CUDA_R_16BF, s.n, rows, s.n));
   cublasLtMatmulPreference_t pref = nullptr;
   MIXSERVE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   MIXSERVE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)));

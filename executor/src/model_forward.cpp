@@ -12,6 +12,7 @@
 
 #include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/error.hpp"
+#include "mixserve/gpu/argmax.hpp"
 #include "mixserve/gpu/check.hpp"
 #include "mixserve/gpu/expert_gemm.hpp"
 #include "mixserve/gpu/model_forward_kernels.hpp"
@@ -74,10 +75,13 @@ struct GpuModel::Act {
   int32_t* block_table = nullptr;                                         // [S, max_blocks_per_seq]
   int32_t* logit_index = nullptr;                                         // [T]
   int32_t* counts_host = nullptr;                                         // pinned [E]
+  int32_t* sampled = nullptr;                                             // [T] greedy ids
+  int32_t* sampled_host = nullptr;                                        // pinned [T]
   DeviceBuffer attn_ws;
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
   ~Act() {
     if (counts_host) cudaFreeHost(counts_host);
+    if (sampled_host) cudaFreeHost(sampled_host);
   }
 };
 
@@ -89,6 +93,7 @@ struct GpuModel::Prepared {
   int64_t moe_tokens = 0;      // gathered MoE mode: rows per stage member (largest replica's T)
   std::vector<int64_t> seq_offsets, logit_rows;
   bool record = false;
+  bool greedy = false, copy_logits = true;
   std::vector<int> experts_touched;  // per layer, from the last enqueue
 };
 
@@ -365,6 +370,8 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   A.rope_cs = f32(T * m.attention.head_dim);
   A.token_seq = i32(T);
   A.logit_index = i32(T);
+  A.sampled = i32(T);
+  MIXSERVE_CUDA_CHECK(cudaMallocHost(&A.sampled_host, std::size_t(T) * 4));
   A.q_start = i32(cfg_.max_seqs_per_step + 1);
   A.seq_lens = i32(cfg_.max_seqs_per_step);
   A.block_table = i32(int64_t(cfg_.max_seqs_per_step) * cfg_.max_blocks_per_seq);
@@ -426,13 +433,13 @@ void GpuModel::reset_cache() {
 }
 
 void GpuModel::gemm(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
-                    cudaStream_t s) {
+                    cudaStream_t s, bool out_fp32) {
   if (m == 0) return;
-  auto key = std::make_tuple(m, n, k);
+  auto key = std::make_tuple(m, n, k, out_fp32);
   auto it = gemms_.find(key);
   if (it == gemms_.end())
-    it = gemms_.emplace(key, std::make_unique<LtGemm>(lt_, GemmShape{m, n, k, DType::bf16}, lt_workspace_.get(),
-                                                      lt_workspace_.bytes()))
+    it = gemms_.emplace(key, std::make_unique<LtGemm>(lt_, GemmShape{m, n, k, DType::bf16, out_fp32},
+                                                      lt_workspace_.get(), lt_workspace_.bytes()))
              .first;
   GemmOperands ops;
   ops.act = act;
@@ -454,6 +461,32 @@ void GpuModel::linear(const void* act, const void* weight, void* out, int64_t m,
   g.k = k;
   g.pdl = pdl_;
   launch_gemv(g, s);
+}
+
+void GpuModel::router_logits(const bf16* x, const bf16* w, float* out, int64_t T, cudaStream_t s) {
+  const int64_t E = spec_.moe.num_experts, H = spec_.hidden_size;
+  if (T == 0) return;
+  // core/decode_path.hpp router_uses_gemv: the GEMV with the decode kernels up to
+  // kDecodeGemvMaxTokens tokens; above, the tensor-core cuBLASLt GEMM (fp32 out): the GEMV re-reads
+  // the router weights per 8 rows and cost 767 us per layer at 16384 tokens (docs/prefill.md).
+  if (router_uses_gemv(cfg_.decode_kernels, T)) {
+    GemvParams rg;
+    rg.act = x;
+    rg.weights = w;
+    rg.seg[0] = {out, E};
+    rg.out_fp32 = true;
+    rg.num_rows = T;
+    rg.n = E;
+    rg.k = H;
+    rg.pdl = pdl_;
+    launch_gemv(rg, s);
+  } else if (T <= kDecodeGemvMaxTokens ||
+             !gemm_unsupported_reason(GemmShape{T, E, H, DType::bf16, true}).empty()) {
+    // Decode kernels off (the previous kernels) or an expert count cuBLASLt cannot take (n % 8).
+    launch_linear_fp32(x, w, out, T, static_cast<int>(E), static_cast<int>(H), s);
+  } else {
+    gemm(x, w, out, T, E, H, s, true);  // tensor cores, fp32 out
+  }
 }
 
 void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const StepOptions& opt) {
@@ -511,6 +544,8 @@ void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const Step
     throw InputError(fmt::format("GPU forward: {} tokens, max_tokens_per_step={}", p->T, cfg_.max_tokens_per_step));
   for (auto r : logit_index) p->logit_rows.push_back(r);
   p->record = opt.record_hidden;
+  p->greedy = opt.greedy;
+  p->copy_logits = opt.copy_logits;
   Act& A = *act_;
   cudaStream_t s = stream_.get();
   auto up = [&](int32_t* dst, const std::vector<int32_t>& v) {
@@ -625,23 +660,9 @@ void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cuda
 void GpuModel::moe_route(const Layer& L, const bf16* x, int64_t T, cudaStream_t s) {
   Act& A = *act_;
   const ModelSpec& m = spec_;
-  const int64_t H = m.hidden_size;
   const int E = m.moe.num_experts, K = m.moe.top_k;
   // Router: fp32 logits [T, E] -> top-k ids and weights.
-  if (cfg_.decode_kernels) {
-    GemvParams rg;
-    rg.act = x;
-    rg.weights = L.router;
-    rg.seg[0] = {A.router_logits, E};
-    rg.out_fp32 = true;
-    rg.num_rows = T;
-    rg.n = E;
-    rg.k = H;
-    rg.pdl = pdl_;
-    launch_gemv(rg, s);
-  } else {
-    launch_linear_fp32(x, L.router, A.router_logits, T, E, static_cast<int>(H), s);
-  }
+  router_logits(x, L.router, A.router_logits, T, s);
   kernels::RouterParams rp;
   rp.logits = A.router_logits;
   rp.topk_ids = A.topk_ids;
@@ -983,6 +1004,7 @@ void GpuModel::enqueue(cudaStream_t s) {
   fn.eps = eps;
   kernels::launch_rmsnorm(fn, s);
   gemm(A.last_x, lm_head_, A.logits, R, m.vocab_size, H, s);  // cuBLASLt: ~4.2 TB/s at m = 1 (measured)
+  if (P.greedy) launch_argmax_rows(A.logits, R, m.vocab_size, A.sampled, s);
 }
 
 GpuStepOutput GpuModel::step(const std::vector<model::SequenceStep>& batch, const StepOptions& opt) {
@@ -1004,11 +1026,16 @@ GpuStepOutput GpuModel::collect(cudaStream_t s) {
     for (std::size_t i = 0; i < h.size(); ++i) f[i] = model::bf16_to_f32(h[i]);
     return f;
   };
-  // Logits live on the last pipeline stage only.
-  std::vector<uint16_t> host(dims_.last_stage ? P.logit_rows.size() * std::size_t(m.vocab_size) : 0);
-  MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(host.data(), act_->logits, host.size() * 2, cudaMemcpyDeviceToHost, s));
+  // Logits and greedy ids live on the last pipeline stage only.
+  const std::size_t R = dims_.last_stage ? P.logit_rows.size() : 0;
+  std::vector<uint16_t> host(P.copy_logits ? R * std::size_t(m.vocab_size) : 0);
+  if (!host.empty())
+    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(host.data(), act_->logits, host.size() * 2, cudaMemcpyDeviceToHost, s));
+  if (P.greedy && R > 0)
+    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(act_->sampled_host, act_->sampled, R * 4, cudaMemcpyDeviceToHost, s));
   MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(s));
   out.logits = widen(host);
+  if (P.greedy) out.token_ids.assign(act_->sampled_host, act_->sampled_host + R);
   if (P.record) {
     const std::size_t plane = std::size_t(P.T) * std::size_t(m.hidden_size);
     std::vector<uint16_t> rec(2 * std::size_t(m.num_layers) * plane);

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <memory>
 #include <random>
+#include <set>
 #include <span>
 #include <thread>
 
@@ -17,6 +18,7 @@
 #include "mixserve/core/json.hpp"
 #include "mixserve/gpu/bench.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/graph.hpp"
 #include "mixserve/gpu/model_forward.hpp"
 #include "mixserve/gpu/runtime.hpp"
 #include "mixserve/kernels/kv_cache.cuh"
@@ -48,8 +50,42 @@ double kv_bytes_per_block(const ModelSpec& m, int block) {
   return 2.0 * m.num_layers * block * double(m.attention.num_kv_heads) * m.attention.head_dim * 2.0;
 }
 
-int32_t argmax_row(const float* row, int64_t vocab) {
-  return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+// Greedy ids on the device, no logits back (model_forward.hpp StepOptions).
+StepOptions greedy_options() {
+  StepOptions o;
+  o.greedy = true;
+  o.copy_logits = false;
+  return o;
+}
+
+struct Stats {
+  double mean = 0, median = 0, p90 = 0;
+};
+Stats stats_of(std::vector<double> v) {
+  Stats s;
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  double sum = 0;
+  for (double x : v) sum += x;
+  s.mean = sum / double(v.size());
+  const std::size_t n = v.size();
+  s.median = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  s.p90 = v[std::min(n - 1, static_cast<std::size_t>(std::ceil(0.9 * double(n))) - 1)];
+  return s;
+}
+
+std::vector<std::vector<double>> phase_columns(const std::vector<HostPhases>& ph, const std::vector<double>& gpu_ms) {
+  if (gpu_ms.size() != ph.size())
+    throw InputError(fmt::format("host phases: {} steps but {} GPU times", ph.size(), gpu_ms.size()));
+  std::vector<std::vector<double>> c(8);  // six phases, total, overhead
+  for (std::size_t i = 0; i < ph.size(); ++i) {
+    const HostPhases& h = ph[i];
+    const double v[] = {h.schedule_ms, h.prepare_ms, h.enqueue_ms, h.wait_ms, h.sample_ms, h.bookkeep_ms};
+    for (int k = 0; k < 6; ++k) c[std::size_t(k)].push_back(v[k]);
+    c[6].push_back(h.total());
+    c[7].push_back(h.total() - gpu_ms[i]);
+  }
+  return c;
 }
 
 }  // namespace
@@ -178,6 +214,7 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   r.cost_model = cost_model_name(r.plan);
   r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
   const auto cm = make_cm(r.plan, S.model, S.workload, r.profile_name);
+  r.profile_host_overhead_ms = load_profile(r.profile_name).host_overhead.step_us / 1e3;
 
   GpuModelConfig gc;
   gc.block_size = bs;
@@ -215,12 +252,12 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     q.tokens.assign(static_cast<size_t>(nw), 0);
     q.position = 0;
     for (int64_t b = 0; b < sim::blocks_for(nw + 1, bs); ++b) q.block_table.push_back(static_cast<int32_t>(b));
-    (void)g->step({q});
+    (void)g->step({q}, greedy_options());
     if (nw + 1 <= cap) {
       model::SequenceStep d = q;
       d.tokens = {0};
       d.position = nw;
-      (void)g->step({d});
+      (void)g->step({d}, greedy_options());
     }
     g->reset_cache();
   }
@@ -257,12 +294,15 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   std::vector<sim::Scheduled> list;
   std::vector<model::SequenceStep> batch;
   Event start, stop;
+  StepGraph graph;
+  std::set<int64_t> eager_decode_tokens;  // decode token counts run eagerly once (plans made)
   size_t next = 0;
   int64_t finished = 0, step_id = 0, tokens_sum = 0;
   double wall_sum_ms = 0;
   const auto t0 = clk::now();
   auto now_s = [&] { return std::chrono::duration<double>(clk::now() - t0).count(); };
   double next_progress = cfg.progress_every_s;
+  const StepOptions step_opt = greedy_options();
   while (finished < int64_t(n)) {
     double t = now_s();
     while (next < n && reqs[next].arrival_s <= t) sched.enqueue(static_cast<int32_t>(next++));
@@ -300,21 +340,41 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
       batch.push_back(std::move(q));
       st.num_tokens += k;
     }
-    g->prepare(batch, StepOptions{});
+    const double t_sched = now_s();
+    g->prepare(batch, step_opt);
+    const double t_prep = now_s();
+    // Decode-only steps as a CUDA graph once their token count has run eagerly (plans made).
+    const bool graphable = cfg.cuda_graph && st.num_prefill_seqs == 0 &&
+                           decode_step_graphable(S.model, gc, st.num_tokens);
+    st.cuda_graph = graphable && eager_decode_tokens.count(st.num_tokens) > 0;
+    if (st.cuda_graph) graph.capture(stream, [&](cudaStream_t cs) { g->enqueue(cs); });
     start.record(stream);
-    g->enqueue(stream);
+    if (st.cuda_graph)
+      graph.launch(stream);
+    else
+      g->enqueue(stream);
     stop.record(stream);
+    if (graphable) eager_decode_tokens.insert(st.num_tokens);
+    const double t_enq = now_s();
     const GpuStepOutput out = g->collect(stream);
+    const double t_wait = now_s();
     st.measured_ms = double(Event::elapsed_ms(start, stop));
+    if (out.token_ids.size() != list.size())
+      throw RuntimeError(fmt::format("online engine: {} sampled ids for {} sequences", out.token_ids.size(),
+                                     list.size()));
     // Sample the sequences whose whole length is now computed, then advance the scheduler.
     for (size_t k = 0; k < list.size(); ++k) {
       const auto& [si, m] = list[k];
       const sim::SchedSeq& s = seqs[static_cast<size_t>(si)];
-      if (s.computed + m == s.len())
-        tokens[static_cast<size_t>(si)].push_back(argmax_row(&out.logits[k * size_t(vocab)], vocab));
+      if (s.computed + m == s.len()) tokens[static_cast<size_t>(si)].push_back(out.token_ids[k]);
     }
     const double t_end = now_s();
     st.wall_ms = (t_end - t) * 1e3;
+    st.host.schedule_ms = (t_sched - t) * 1e3;
+    st.host.prepare_ms = (t_prep - t_sched) * 1e3;
+    st.host.enqueue_ms = (t_enq - t_prep) * 1e3;
+    st.host.wait_ms = (t_wait - t_enq) * 1e3;
+    st.host.sample_ms = (t_end - t_wait) * 1e3;
     sched.complete(list, [&](int32_t si) {
       const sim::SchedSeq& q = seqs[static_cast<size_t>(si)];
       auto& rr = res.requests[static_cast<size_t>(si)];
@@ -333,12 +393,11 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     });
     for (int32_t si : holding) release_extra(si);
     std::erase_if(holding, [&](int32_t si) { return held[static_cast<size_t>(si)].empty(); });
-    const sim::ReplicaBatch one[] = {st.batch};
-    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3;
     wall_sum_ms += st.wall_ms;
     tokens_sum += st.num_tokens;
-    r.steps.push_back(st);
+    r.steps.push_back(std::move(st));
     ++step_id;
+    r.steps.back().host.bookkeep_ms = (now_s() - t_end) * 1e3;  // the prediction is made after the run
     if (cfg.progress_every_s > 0 && t_end >= next_progress) {
       std::fprintf(stderr, "online: t = %.1f s, %lld / %zu requests done, %lld steps, %zu waiting, %zu running\n",
                    t_end, static_cast<long long>(finished), n, static_cast<long long>(step_id),
@@ -347,6 +406,13 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     }
   }
 
+  // The cost model's prediction per step, outside the timed loop.
+  for (auto& st : r.steps) {
+    const sim::ReplicaBatch one[] = {st.batch};
+    // The GPU part (the measurement is CUDA events around the forward).
+    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3 -
+                      r.profile_host_overhead_ms;
+  }
   for (size_t i = 0; i < n; ++i) res.requests[i].preemptions = seqs[i].preemptions;
   res.metrics = sim::compute_metrics(res, S.serving);
   auto& m = res.metrics;
@@ -411,6 +477,14 @@ nlohmann::json online_json(const OnlineResult& r) {
                      {"num_tokens", s.num_tokens},
                      {"measured_ms", s.measured_ms},
                      {"wall_ms", s.wall_ms},
+                     {"cuda_graph", s.cuda_graph},
+                     {"host_ms",
+                      {{"schedule", s.host.schedule_ms},
+                       {"prepare", s.host.prepare_ms},
+                       {"enqueue", s.host.enqueue_ms},
+                       {"wait", s.host.wait_ms},
+                       {"sample", s.host.sample_ms},
+                       {"bookkeep", s.host.bookkeep_ms}}},
                      {"predicted_ms", s.predicted_ms},
                      {"error_pct", s.error_pct()},
                      {"batch",
@@ -423,8 +497,20 @@ nlohmann::json online_json(const OnlineResult& r) {
   j["steps"] = steps;
   const sim::ErrorSummary e = sim::error_summary(errs);
   j["step_error_pct"] = {{"median", e.median}, {"p90_abs", e.p90_abs}, {"worst", e.worst}, {"steps", e.n}};
+  std::vector<HostPhases> ph;
+  std::vector<double> gpu;
+  for (const auto& s : r.steps) {
+    ph.push_back(s.host);
+    gpu.push_back(s.measured_ms);
+  }
+  j["host_phases_ms"] = host_phases_json(ph, gpu);
   j["output_ids"] = r.output_ids;
-  j["prediction"] = {{"cost_model", r.cost_model}, {"profile", r.profile_name}};
+  // predicted_ms of the steps is the GPU part: the cost model's step less the profile's host
+  // overhead per step (null: the profile has none, nothing added).
+  j["prediction"] = {{"cost_model", r.cost_model},
+                     {"profile", r.profile_name},
+                     {"host_overhead_ms", r.profile_host_overhead_ms > 0 ? nlohmann::json(r.profile_host_overhead_ms)
+                                                                         : nlohmann::json(nullptr)}};
   nlohmann::json versions = r.device.contains("versions") ? r.device["versions"] : nlohmann::json::object();
   versions["mixserve"] = kMixServeVersion;
   j["device"] = r.device;
@@ -464,6 +550,73 @@ std::string format_online_report(const OnlineResult& r) {
   line("prefill", pre);
   line("decode", dec);
   line("mixed", mixed);
+  std::vector<HostPhases> ph;
+  std::vector<double> gpu;
+  int64_t graphs = 0;
+  for (const auto& s : r.steps) {
+    ph.push_back(s.host);
+    gpu.push_back(s.measured_ms);
+    graphs += s.cuda_graph ? 1 : 0;
+  }
+  o += fmt::format("# host time per step ({} steps, {} as CUDA graphs):\n", r.steps.size(), graphs);
+  o += format_host_phases(ph, gpu);
+  o += r.profile_host_overhead_ms > 0
+           ? fmt::format("# the prediction adds the profile's host overhead, {:.3f} ms per step (step errors "
+                         "compare the GPU part)\n", r.profile_host_overhead_ms)
+           : std::string("# the profile has no host_overhead: the prediction adds none (0 ms per step)\n");
+  return o;
+}
+
+HardwareProfile with_host_overhead(HardwareProfile p, const std::vector<HostPhases>& phases,
+                                   const std::vector<double>& gpu_ms, const std::string& measured_with) {
+  if (phases.empty()) throw InputError("host overhead: the run has no steps");
+  const auto c = phase_columns(phases, gpu_ms);
+  p.host_overhead.step_us = std::max(0.0, stats_of(c[7]).median * 1e3);
+  p.host_overhead.steps = static_cast<int64_t>(phases.size());
+  p.host_overhead.measured_with = measured_with;
+  return p;
+}
+
+HardwareProfile with_host_overhead(HardwareProfile p, const OnlineResult& r, const std::string& command) {
+  std::vector<HostPhases> ph;
+  std::vector<double> gpu;
+  for (const auto& s : r.steps) {
+    ph.push_back(s.host);
+    gpu.push_back(s.measured_ms);
+  }
+  return with_host_overhead(std::move(p), ph, gpu,
+                            fmt::format("{} | {} | {} steps, median of host cycle - GPU time | {}", command,
+                                        r.device_name, ph.size(), now_iso8601_utc()));
+}
+
+nlohmann::json host_phases_json(const std::vector<HostPhases>& phases, const std::vector<double>& gpu_ms) {
+  const auto c = phase_columns(phases, gpu_ms);
+  nlohmann::json j = nlohmann::json::object();
+  auto put = [&](const char* key, const std::vector<double>& v) {
+    const Stats s = stats_of(v);
+    j[key] = {{"mean", s.mean}, {"median", s.median}, {"p90", s.p90}};
+  };
+  for (int k = 0; k < 6; ++k) put(kHostPhaseNames[k], c[std::size_t(k)]);
+  put("total", c[6]);
+  put("overhead", c[7]);
+  j["steps"] = phases.size();
+  return j;
+}
+
+std::string format_host_phases(const std::vector<HostPhases>& phases, const std::vector<double>& gpu_ms) {
+  const auto c = phase_columns(phases, gpu_ms);
+  if (phases.empty()) return "#   no steps\n";
+  const Stats tot = stats_of(c[6]);
+  std::string o;
+  for (int k = 0; k < 6; ++k) {
+    const Stats s = stats_of(c[std::size_t(k)]);
+    o += fmt::format("#   {:<9} mean {:8.3f} ms  median {:8.3f} ms  ({:5.1f}% of the host cycle)\n", kHostPhaseNames[k],
+                     s.mean, s.median, tot.mean > 0 ? 100.0 * s.mean / tot.mean : 0.0);
+  }
+  const Stats ov = stats_of(c[7]);
+  o += fmt::format("#   {:<9} mean {:8.3f} ms  median {:8.3f} ms\n", "total", tot.mean, tot.median);
+  o += fmt::format("#   host overhead (total - GPU time by CUDA events): mean {:.3f} ms, median {:.3f} ms, p90 "
+                   "{:.3f} ms\n", ov.mean, ov.median, ov.p90);
   return o;
 }
 

@@ -33,6 +33,8 @@ struct Args {
   bool online_mode = false;  // --workload or --online
   int64_t seed = -1;         // offline: prompts and weights (default 0); online: the workload's seed
   bool offline_opts = false, online_opts = false;
+  std::string host_overhead_to;  // online: profile YAML whose host_overhead the run sets
+  std::string command;           // the command line, for the profile's provenance
 };
 
 void write_json(const std::string& path, const nlohmann::json& j) {
@@ -54,9 +56,16 @@ int run_online(Args& a) {
   a.online.num_layers = a.offline.num_layers;
   a.online.weights_dir = a.offline.weights_dir;
   a.online.profile = a.offline.profile;
+  a.online.cuda_graph = a.offline.cuda_graph;
   const gpu::OnlineResult r = gpu::run_online(a.plan_path, a.online);
   std::fputs(gpu::format_online_report(r).c_str(), stdout);
   write_json(a.json_path, gpu::online_json(r));
+  if (!a.host_overhead_to.empty()) {
+    const HardwareProfile p = gpu::with_host_overhead(load_profile(a.host_overhead_to), r, a.command);
+    write_file_atomic(a.host_overhead_to, profile_to_yaml(p));
+    std::printf("# host overhead %.1f us per step (median of %lld steps) written to %s (host_overhead)\n",
+                p.host_overhead.step_us, static_cast<long long>(p.host_overhead.steps), a.host_overhead_to.c_str());
+  }
   return kExitOk;
 }
 
@@ -66,6 +75,7 @@ int main(int argc, char** argv) {
   CLI::App app{"mixserve-run: run a mixserve-plan plan on the GPU, measured beside the simulator's prediction"};
   app.require_subcommand(1);
   Args a;
+  for (int i = 0; i < argc; ++i) a.command += (i ? " " : "") + std::string(argv[i]);
   gpu::BenchConfig& cfg = a.offline;
   gpu::OnlineConfig& on = a.online;
   auto* bench = app.add_subcommand(
@@ -90,7 +100,7 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", cfg.warmup, "untimed runs of the whole benchmark first")
       ->capture_default_str()
       ->group(off);
-  bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly")->group(off);
+  bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly (offline and online)");
   bench->add_flag("--emulate-ranks", cfg.emulate_ranks,
                   "a multi-GPU plan: run its ranks as logical ranks on this one GPU (docs/distributed.md)")
       ->group(off);
@@ -102,6 +112,10 @@ int main(int argc, char** argv) {
   bench->add_option("--workload", on.workload, "shipped workload name (configs/workloads) or YAML path: online mode")
       ->group(onl);
   bench->add_flag("--online", a.online_mode, "online mode with the plan's own workload")->group(onl);
+  bench->add_option("--host-overhead-to", a.host_overhead_to,
+                    "profile YAML (e.g. profiles/h200.yaml): write the run's median host time per step outside "
+                    "the GPU's busy time into its host_overhead (the cost model adds it once per step)")
+      ->group(onl);
   bench->add_option("--num-requests", on.overrides.num_requests, "number of requests (default: the workload's)")
       ->group(onl);
   bench->add_option("--request-rate,--rate", on.overrides.rate,
@@ -128,14 +142,13 @@ int main(int argc, char** argv) {
 
   try {
     const bool online = a.online_mode || !on.workload.empty();
-    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--no-cuda-graph", "--emulate-ranks",
-                            "--gpu-per-rank"})
+    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--emulate-ranks", "--gpu-per-rank"})
       if (online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an offline option; online mode (--workload) takes the lengths from "
                                      "the workload", opt));
     for (const char* opt : {"--num-requests", "--request-rate", "--policy", "--max-num-seqs",
                             "--max-num-batched-tokens", "--no-chunked-prefill", "--kv-blocks", "--weight-seed",
-                            "--slo-ttft", "--slo-tpot", "--slo-e2el"})
+                            "--slo-ttft", "--slo-tpot", "--slo-e2el", "--host-overhead-to"})
       if (!online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an online option: give --workload W (or --online)", opt));
     return online ? run_online(a) : run_offline(a);

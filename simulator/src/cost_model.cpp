@@ -182,6 +182,7 @@ class MixServeModel final : public StepCostModel {
       : m_(m), l_(l), timer_(std::make_unique<GemmMemoTimer>(make_profile_timer(p, c))) {
     check_layout(m, c, l);
     dk_ = decode_kernels_enabled(opt.decode_kernels, l.world_size() > 1);
+    host_step_us_ = p.host_overhead.step_us;  // 0 when the profile has none
     qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
     sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
@@ -365,6 +366,10 @@ class MixServeModel final : public StepCostModel {
       out.stage_time_us = std::max(out.stage_time_us, ts);
       if (breakdown) total.add(stage, 1.0);
     }
+    // The executor's host time per step outside the GPU's busy time (profile host_overhead;
+    // 0 when the profile has none). An empty step costs nothing.
+    const double host_us = T_all > 0 ? host_step_us_ : 0.0;
+    out.time_us += host_us;
     if (E_ > 0 && T_all > 0) out.moe_layer_launches = best_full.launches + moe_lo.launches;
     if (has_dense && T_all > 0) out.dense_layer_launches = best_dense_full.launches;
     if (breakdown) {
@@ -372,6 +377,7 @@ class MixServeModel final : public StepCostModel {
       for (int i = 0; i < kSlots; ++i)
         if (total.used[i] && total.t[i] > 0)
           out.ops.push_back(OpCost{kSlotNames[i], phase, total.t[i], total.s[i]});
+      if (host_us > 0) out.ops.push_back(OpCost{"host.step_overhead", phase, host_us, CostSource::measured});
     }
     return out;
   }
@@ -813,6 +819,7 @@ class MixServeModel final : public StepCostModel {
   double act_ = 2;
   int heads_ = 0, kv_heads_ = 0;
   bool mla_ = false;
+  double host_step_us_ = 0;   // profile host_overhead.step_us: once per step
   bool dk_ = false;           // the executor's decode kernels (core/decode_path.hpp)
   bool qk_per_head_ = true;   // q/k norms per head or absent: the fused QK-norm/RoPE/KV write
   int sm_count_ = 132;

@@ -122,3 +122,32 @@ TEST_CASE("profile readers reject bad input naming file and key") {
                      "cut.yaml", "line");
   expect_input_error([&] { load_profile("no-such-profile"); }, "no-such-profile", "h200-datasheet");
 }
+
+TEST_CASE("profile host_overhead: optional, round-trips, and bad values name the key") {
+  HardwareProfile p = load_profile("h200");
+  const std::string before = profile_to_yaml(p);
+  CHECK(before.find("host_overhead") == std::string::npos);  // absent: not written
+  CHECK(parse_profile_yaml(before, "h200.yaml").host_overhead.step_us == 0);
+  p.host_overhead.step_us = 812.5;
+  p.host_overhead.steps = 3021;
+  p.host_overhead.measured_with = "mixserve-run bench --plan p.yaml --workload w | NVIDIA H200 | 2026-11-29";
+  const std::string text = profile_to_yaml(p);
+  const HardwareProfile q = parse_profile_yaml(text, "with.yaml");
+  CHECK(q.host_overhead.step_us == 812.5);
+  CHECK(q.host_overhead.steps == 3021);
+  CHECK(q.host_overhead.measured_with == p.host_overhead.measured_with);
+  CHECK(profile_to_yaml(q) == text);
+  const std::string head = "version: 1\nname: x\ngpu: H200\nsource: measured\nsm_count: 132\nmemory_GiB: 140\n"
+                           "peaks: {bf16_tflops: 800, fp8_tflops: 1500, fp32_tflops: 50, mem_bw_GBps: 4000}\n"
+                           "efficiency: {gemm: 1, memory: 1}\n";
+  CHECK(parse_profile_yaml(head, "x.yaml").host_overhead.step_us == 0);
+  expect_input_error([&] { parse_profile_yaml(head + "host_overhead: {step_us: -1, steps: 3, measured_with: a}\n", "x.yaml"); },
+                     "x.yaml", "step_us");
+  expect_input_error([&] { parse_profile_yaml(head + "host_overhead: {step_us: 5, steps: 0, measured_with: a}\n", "x.yaml"); },
+                     "x.yaml", "steps");
+  expect_input_error([&] { parse_profile_yaml(head + "host_overhead: {step_us: 5, steps: 3}\n", "x.yaml"); }, "x.yaml",
+                     "measured_with");
+  expect_input_error(
+      [&] { parse_profile_yaml(head + "host_overhead: {step_us: 5, steps: 3, measured_with: a, per: 1}\n", "x.yaml"); },
+      "x.yaml", "per");
+}

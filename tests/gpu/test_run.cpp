@@ -309,6 +309,37 @@ TEST_CASE("run bench online: burst arrivals follow the simulator's schedule step
   }
 }
 
+TEST_CASE("run bench online: decode steps as CUDA graphs give the eager run's tokens; host phases") {
+  const Plan plan = online_plan(ArrivalKind::burst);  // schedule independent of timing
+  auto c = online_config();
+  c.cuda_graph = false;
+  const gpu::OnlineResult eager = gpu::run_online(plan, "test-plan", c);
+  c.cuda_graph = true;
+  const gpu::OnlineResult graphed = gpu::run_online(plan, "test-plan", c);
+  CHECK(graphed.output_ids == eager.output_ids);
+  REQUIRE(graphed.steps.size() == eager.steps.size());
+  int64_t graphs = 0;
+  for (size_t k = 0; k < graphed.steps.size(); ++k) {
+    INFO("step " << k);
+    const auto& s = graphed.steps[k];
+    CHECK(!eager.steps[k].cuda_graph);
+    if (s.cuda_graph) CHECK(s.num_prefill_seqs == 0);  // decode-only steps only
+    graphs += s.cuda_graph ? 1 : 0;
+    CHECK(s.host.wait_ms >= 0.0);
+    CHECK(s.host.total() >= s.host.wait_ms);
+    CHECK(s.wall_ms > 0.0);
+  }
+  CHECK(graphs > 0);  // 12 requests of up to 8 tokens through 4 slots: decode-only steps repeat
+  const auto j = gpu::online_json(graphed);
+  REQUIRE(j.contains("host_phases_ms"));
+  for (const char* k : {"schedule", "prepare", "enqueue", "wait", "sample", "bookkeep", "total", "overhead"})
+    CHECK(j["host_phases_ms"].contains(k));
+  for (const char* k : {"host_ms", "cuda_graph", "wall_ms"}) CHECK(j["steps"][0].contains(k));
+  CHECK(j["prediction"].contains("host_overhead_ms"));
+  const std::string report = gpu::format_online_report(graphed);
+  CHECK(report.find("host overhead") != std::string::npos);
+}
+
 TEST_CASE("run bench online: closed-loop workloads and a KV cache too small for a request are InputError") {
   Plan plan = online_plan(ArrivalKind::closed_loop);
   plan.workload.concurrency = 2;

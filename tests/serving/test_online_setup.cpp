@@ -6,7 +6,9 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
@@ -116,4 +118,67 @@ TEST_CASE("online setup: bad inputs are InputErrors naming the reason") {
   CHECK(error_of(plan, c).find("--policy") != std::string::npos);
   const std::string multi = error_of(one_gpu_plan("configs/clusters/h200-2x8.yaml"), config());
   CHECK(multi.find("distributed runs are not built yet") != std::string::npos);
+}
+
+TEST_CASE("online host phases: JSON keys, statistics and the profile's host overhead") {
+  std::vector<gpu::HostPhases> ph(4);
+  std::vector<double> gpu_ms = {1.0, 2.0, 3.0, 10.0};
+  for (int i = 0; i < 4; ++i) {
+    ph[i].schedule_ms = 0.1 * (i + 1);
+    ph[i].prepare_ms = 0.2;
+    ph[i].enqueue_ms = 0.3;
+    ph[i].wait_ms = gpu_ms[i] + 0.05;
+    ph[i].sample_ms = 0.01;
+    ph[i].bookkeep_ms = 0.04 * (i + 1);
+  }
+  const nlohmann::json j = gpu::host_phases_json(ph, gpu_ms);
+  for (const char* k : gpu::kHostPhaseNames) {
+    REQUIRE(j.contains(k));
+    CHECK(j[k].contains("mean"));
+    CHECK(j[k].contains("median"));
+    CHECK(j[k].contains("p90"));
+  }
+  CHECK(j.size() == 6 + 3);  // phases, total, overhead, steps
+  CHECK(j["steps"] == 4);
+  CHECK(j["schedule"]["mean"].get<double>() == doctest::Approx(0.25));
+  CHECK(j["schedule"]["median"].get<double>() == doctest::Approx(0.25));
+  CHECK(j["schedule"]["p90"].get<double>() == doctest::Approx(0.4));
+  // total - gpu = 0.1i + 0.2 + 0.3 + 0.05 + 0.01 + 0.04i for i = 1..4: 0.70, 0.84, 0.98, 1.12.
+  CHECK(j["overhead"]["median"].get<double>() == doctest::Approx(0.91));
+  CHECK(j["total"]["mean"].get<double>() == doctest::Approx((1 + 2 + 3 + 10) / 4.0 + 0.91));
+  const std::string text = gpu::format_host_phases(ph, gpu_ms);
+  for (const char* k : gpu::kHostPhaseNames) CHECK(text.find(k) != std::string::npos);
+  CHECK(text.find("host overhead") != std::string::npos);
+  CHECK_THROWS_AS(gpu::host_phases_json(ph, {1.0}), InputError);
+
+  const HardwareProfile base = load_profile("h200");
+  CHECK(base.host_overhead.step_us == 0);
+  const HardwareProfile p = gpu::with_host_overhead(base, ph, gpu_ms, "cmd | dev | date");
+  CHECK(p.host_overhead.step_us == doctest::Approx(910.0));
+  CHECK(p.host_overhead.steps == 4);
+  CHECK(p.host_overhead.measured_with == "cmd | dev | date");
+  CHECK_THROWS_AS(gpu::with_host_overhead(base, {}, {}, "x"), InputError);
+
+  // The cost model adds it once per step, whatever the batch.
+  const Plan plan = one_gpu_plan();
+  const ModelSpec m = model::with_num_layers(plan.model, 8);
+  auto with = sim::make_cost_model("mixserve", m, plan.cluster, p, plan.chosen.layout, {});
+  auto without = sim::make_cost_model("mixserve", m, plan.cluster, base, plan.chosen.layout, {});
+  for (int64_t d : {1, 7, 64}) {
+    sim::ReplicaBatch b;
+    b.num_decode = static_cast<int>(d);
+    b.decode_context = d * 500;
+    const sim::ReplicaBatch one[] = {b};
+    const sim::StepCost a = with->step(std::span<const sim::ReplicaBatch>(one), true);
+    const sim::StepCost z = without->step(std::span<const sim::ReplicaBatch>(one), true);
+    CHECK(a.time_us - z.time_us == doctest::Approx(910.0));
+    bool labelled = false, absent = true;
+    for (const auto& op : a.ops) labelled |= op.op == "host.step_overhead" && op.time_us == doctest::Approx(910.0);
+    for (const auto& op : z.ops) absent &= op.op != "host.step_overhead";
+    CHECK(labelled);
+    CHECK(absent);  // no profile value: no term
+  }
+  sim::ReplicaBatch empty;
+  const sim::ReplicaBatch none[] = {empty};
+  CHECK(with->step(std::span<const sim::ReplicaBatch>(none), false).time_us == 0.0);  // no step, no overhead
 }

@@ -93,6 +93,17 @@ struct CollectivePoint {
   double time_us = 0;
 };
 
+// Host time per engine step outside the GPU's busy time (scheduler, metadata upload, launches or
+// graph capture, waiting for and copying back the sampled ids, bookkeeping): the median of
+// (host cycle - CUDA-event GPU time) over the steps of an online run of the executor
+// (mixserve-run bench --workload W --host-overhead-to PROFILE, online.hpp HostPhases). The cost
+// model adds step_us once per step. Absent (step_us 0): not added.
+struct HostOverhead {
+  double step_us = 0;
+  int64_t steps = 0;           // steps the median is over
+  std::string measured_with;   // the command, device and date
+};
+
 struct HardwareProfile {
   int version = 1;
   std::string name;                  // "h200-datasheet", "h200"
@@ -115,6 +126,7 @@ struct HardwareProfile {
   std::vector<ElementwisePoint> elementwise;
   std::vector<AttentionPoint> attention;
   std::vector<CollectivePoint> collectives;
+  HostOverhead host_overhead;        // host_overhead {step_us, steps, measured_with}; optional
   std::map<std::string, std::string> versions;  // driver, cuda, cublas, nccl
   std::string measured_on;           // host / date
   std::string notes;                 // e.g. "collectives are alpha-beta until measured"

@@ -54,7 +54,7 @@ struct BenchStep {
   bool cuda_graph = false;
   sim::ReplicaBatch batch;  // what the cost model was given
   double measured_ms = 0;
-  double predicted_ms = 0;
+  double predicted_ms = 0;  // the cost model's step less the profile's host_overhead (GPU time)
   double error_pct() const { return measured_ms > 0 ? 100.0 * (predicted_ms - measured_ms) / measured_ms : 0.0; }
 };
 

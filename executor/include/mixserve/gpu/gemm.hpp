@@ -26,6 +26,7 @@ inline constexpr int64_t kFp8BlockSize = 128;  // DeepSeek-V3 quantisation block
 struct GemmShape {
   int64_t m = 0, n = 0, k = 0;
   DType dtype = DType::bf16;
+  bool out_fp32 = false;  // fp32 output (bf16 operands only), e.g. the router logits
 };
 
 // "" when the shape can run, else why not (dtype unsupported, k or n not a multiple of the
@@ -46,7 +47,7 @@ int64_t weight_scale_index(const GemmShape& s, int64_t n_block, int64_t k_block)
 struct GemmOperands {
   const void* act = nullptr;            // [rows_padded, k]
   const void* weight = nullptr;         // [n, k]
-  void* out = nullptr;                  // [rows_padded, n] bf16
+  void* out = nullptr;                  // [rows_padded, n] bf16 (fp32 with GemmShape::out_fp32)
   const float* act_scale = nullptr;     // fp8: device scalar (fp8_e4m3) or act_scale_count floats
   const float* weight_scale = nullptr;  // fp8: device scalar (fp8_e4m3) or weight_scale_count floats
 };

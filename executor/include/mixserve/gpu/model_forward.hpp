@@ -95,13 +95,19 @@ struct GpuModelConfig {
 struct StepOptions {
   bool all_logits = false;     // logits for every token (else the last token of each sequence)
   bool record_hidden = false;  // copy the residual stream after every attention block and layer
+  // Greedy sampling on the device: enqueue() ends with an argmax over every logits row (ties to
+  // the lowest id; argmax.hpp) and collect() copies back only those ids (GpuStepOutput::token_ids).
+  bool greedy = false;
+  // collect() copies the logits back (GpuStepOutput::logits); false leaves them empty.
+  bool copy_logits = true;
 };
 
 struct GpuStepOutput {
   int64_t num_tokens = 0;
   std::vector<int64_t> seq_offsets;  // first row of each sequence; size batch + 1
   std::vector<int64_t> logit_rows;   // token row of each logits row
-  std::vector<float> logits;         // [logit_rows, vocab]
+  std::vector<float> logits;         // [logit_rows, vocab] (StepOptions::copy_logits)
+  std::vector<int32_t> token_ids;    // [logit_rows]: greedy id of each logits row (StepOptions::greedy)
   // [num_layers][num_tokens, hidden] when record_hidden (see model::StepOutput).
   std::vector<std::vector<float>> attn_hidden;
   std::vector<std::vector<float>> layer_hidden;
@@ -143,7 +149,8 @@ class GpuModel {
   // MoE layer; with device_gemv it only enqueues (capturable in a CUDA graph).
   void prepare(const std::vector<model::SequenceStep>& batch, const StepOptions& opt);
   void enqueue(cudaStream_t stream);
-  // Waits for `stream` and copies the outputs of the last enqueue of the prepared batch back.
+  // Waits for `stream` and copies the outputs of the last enqueue of the prepared batch back (the
+  // logits and/or the greedy ids, as the batch's StepOptions say).
   GpuStepOutput collect(cudaStream_t stream);
   // Bytes a step of the prepared batch must read at least: the weights it touches (attention,
   // norms, router, routed experts with tokens, shared/dense FFN, LM head) and the KV context.
@@ -156,8 +163,14 @@ class GpuModel {
   struct Layer;
   void check_supported() const;
   void allocate(bool from_host, const model::WeightSet* w, uint64_t seed);
+  // cuBLASLt, one plan per shape made on first use and kept (gemms_); out_fp32: fp32 output.
   void gemm(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
-            cudaStream_t s);
+            cudaStream_t s, bool out_fp32 = false);
+  // Router logits [T, E] in fp32: the GEMV where core/decode_path.hpp router_uses_gemv (decode
+  // kernels, <= kDecodeGemvMaxTokens tokens), the cuBLASLt tensor-core GEMM above that size
+  // (launch_linear_fp32 for small steps without the decode kernels, or an expert count cuBLASLt
+  // cannot take).
+  void router_logits(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int64_t T, cudaStream_t s);
   // gemm(), or the GEMV when decode_kernels and m <= kGemvMaxRows.
   void linear(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
               cudaStream_t s);
@@ -185,7 +198,7 @@ class GpuModel {
   double weight_bytes_ = 0;
   int num_blocks_ = 0;
   std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer
-  std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<LtGemm>> gemms_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::unique_ptr<LtGemm>> gemms_;  // m, n, k, fp32 out
   std::unique_ptr<ExpertGemm> expert_w13_, expert_w2_;
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
 

@@ -10,7 +10,9 @@
 // config, so `mixserve-plan validate` replays them through the simulator.
 //
 // Single GPU only (check_single_gpu_plan). Open-loop arrivals (poisson, gamma, burst, trace);
-// closed-loop workloads give InputError. Decode steps run eagerly (no CUDA graph).
+// closed-loop workloads give InputError. Greedy sampling runs on the device (only the token ids
+// come back); decode-only steps run as CUDA graphs (graph.hpp, as the offline bench) once their
+// token count has run eagerly; every step's host time is split into phases (HostPhases).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -20,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mixserve/core/plan.hpp"
+#include "mixserve/core/profile.hpp"
 #include "mixserve/sim/replay.hpp"
 #include "mixserve/sim/serving.hpp"
 
@@ -41,7 +44,31 @@ struct OnlineConfig {
   int block_size = 16;           // KV block tokens (8, 16, 32)
   // Progress line on stderr about every progress_every_s seconds of wall time (0: none).
   double progress_every_s = 5;
+  bool cuda_graph = true;        // decode-only steps as CUDA graphs (--no-cuda-graph: eager)
 };
+
+// Host time of one engine step by phase (std::chrono, ms), in loop order:
+//   schedule  arrivals, the scheduler's step, KV block ids, the batch's SequenceSteps
+//   prepare   GpuModel::prepare (checks, metadata upload)
+//   enqueue   the forward's launches, or the graph's capture and launch
+//   wait      GpuModel::collect: waiting for the GPU, the token ids back
+//   sample    the sampled ids appended to their sequences
+//   bookkeep  the scheduler's completion, request times, block release
+// total() is the step's host cycle (start to the next step's start, idle waits for arrivals
+// excluded); total() - the GPU time is the host overhead the cost model does not see.
+struct HostPhases {
+  double schedule_ms = 0, prepare_ms = 0, enqueue_ms = 0, wait_ms = 0, sample_ms = 0, bookkeep_ms = 0;
+  double total() const { return schedule_ms + prepare_ms + enqueue_ms + wait_ms + sample_ms + bookkeep_ms; }
+};
+// Phase names in HostPhases order, the JSON keys of host_phases_json.
+inline constexpr const char* kHostPhaseNames[] = {"schedule", "prepare", "enqueue", "wait", "sample", "bookkeep"};
+
+// {"<phase>": {"mean", "median", "p90"}, ... , "total": {...}, "overhead": {...}, "steps": n}
+// over the steps (ms); overhead is total - gpu_ms per step (gpu_ms[i] for phases[i]; the GPU time
+// by CUDA events), i.e. the host time outside the GPU's busy time.
+nlohmann::json host_phases_json(const std::vector<HostPhases>& phases, const std::vector<double>& gpu_ms);
+// One line per phase (mean and median ms, share of the host cycle) and the overhead line.
+std::string format_host_phases(const std::vector<HostPhases>& phases, const std::vector<double>& gpu_ms);
 
 // The engine setup without a device: workload with overrides, the request list, the engine config
 // (limits from the plan, the workload and the options; kv_blocks from the memory model, capped at
@@ -62,8 +89,10 @@ struct OnlineStep {
   int64_t num_tokens = 0;
   sim::ReplicaBatch batch;       // what the cost model was given
   double measured_ms = 0;        // CUDA events around the forward
-  double wall_ms = 0;            // host: prepare, forward, logits back, sampling
-  double predicted_ms = 0;
+  double wall_ms = 0;            // host: schedule, prepare, forward, ids back, sampling (to the tokens' time)
+  bool cuda_graph = false;       // the forward ran as a CUDA graph
+  HostPhases host;
+  double predicted_ms = 0;        // the cost model's step less the profile's host overhead (GPU time)
   double error_pct() const {
     return measured_ms > 0 ? 100.0 * (predicted_ms - measured_ms) / measured_ms : 0.0;
   }
@@ -81,17 +110,27 @@ struct OnlineResult {
   std::vector<OnlineStep> steps;
   std::vector<std::vector<int32_t>> output_ids;  // per request, its greedy tokens
   double median_step_error_pct = 0, p90_abs_step_error_pct = 0, worst_step_error_pct = 0;
+  double profile_host_overhead_ms = 0;  // the profile's host_overhead.step_us / 1e3 (0: absent)
 };
+
+// The profile with host_overhead set from an online run: step_us = the median over its steps of
+// (host cycle - CUDA-event GPU time) (host_phases_json "overhead"), steps, and `measured_with`
+// (the command, the device, the date). InputError when the run has no steps.
+HardwareProfile with_host_overhead(HardwareProfile p, const std::vector<HostPhases>& phases,
+                                   const std::vector<double>& gpu_ms, const std::string& measured_with);
+HardwareProfile with_host_overhead(HardwareProfile p, const OnlineResult& r, const std::string& command);
 
 OnlineResult run_online(const std::string& plan_path, const OnlineConfig& cfg);
 OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg);
 
 // The simulator's result keys (sim::metrics_to_json, plus request_rate and mixserve_*), then
 // mode "online", plan {path, sha256, model, ...}, model, workload, serving_config, requests (the
-// exact list, with each one's measured ttft/tpot/e2el), steps, step error summary, output_ids,
-// prediction, device, versions, date.
+// exact list, with each one's measured ttft/tpot/e2el), steps (each with its host phases),
+// step error summary, host_phases_ms (host_phases_json), output_ids, prediction, device,
+// versions, date.
 nlohmann::json online_json(const OnlineResult& r);
-// vLLM's printed block ("Serving Benchmark Result"), then the step error summary.
+// vLLM's printed block ("Serving Benchmark Result"), then the step error summary and the host
+// phases.
 std::string format_online_report(const OnlineResult& r);
 
 }  // namespace mixserve::gpu
