@@ -547,6 +547,9 @@ nlohmann::json bench_json(const BenchResult& r) {
       {"mode", "offline"},
       {"ranks", r.ranks},
       {"emulated_ranks", r.emulated},
+      // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
+      // "none" (the all-reduce / gather exchange; docs/distributed.md).
+      {"moe_schedule", gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, r.model) : MoeSched::none)},
       {"batch_size", c.batch},
       {"input_len", c.input_len},
       {"output_len", c.output_len},
@@ -593,6 +596,9 @@ std::string format_bench_report(const BenchResult& r) {
                    c.output_len, c.warmup, c.seed));
   line(fmt::format("# device {} | prefill chunk {} tokens | memory estimate {:.2f} GiB of {:.2f} GiB free",
                    r.device_name, r.prefill_chunk_tokens, r.memory.total() / kGiB, r.memory.free_device / kGiB));
+  if (r.ranks > 1)
+    line(fmt::format("# MoE communication: {} (plan moe_comm {})",
+                     to_string(moe_sched_for(r.plan.chosen.layout, r.model)), to_string(r.plan.chosen.layout.moe_comm)));
   if (r.emulated)
     line(fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
                      "steps): not the speed of {} GPUs",
