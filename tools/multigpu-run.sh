@@ -38,7 +38,7 @@ status=0
     esac
   done
 } > "$LOGS/tests.log" 2>&1
-grep -E "^===|layouts; worst" "$LOGS/tests.log"
+grep -E "^===|layouts; worst|^MoE by schedule" "$LOGS/tests.log"
 
 # Plans: the N-GPU cluster is h200-1x8 with gpus_per_node N (the shipped node, cut to N GPUs).
 P=$((N > 8 ? 8 : N))
@@ -47,7 +47,8 @@ sed -e "s/^name: h200-1x8/name: h200-1x$P/" -e "s/^gpus_per_node: 8/gpus_per_nod
   configs/clusters/h200-1x8.yaml > "$PLANS/h200-1x$P.yaml"
 layouts=("attn TP${P}xDP1 | moe TP${P}xEP1 | PP1 | allreduce"
          "attn TP1xDP${P} | moe TP1xEP${P} | PP1 | a2a")
-[ "$P" -ge 4 ] && layouts+=("attn TP2xDP$((P / 2)) | moe TP2xEP$((P / 2)) | PP1 | fused")
+[ "$P" -ge 4 ] && layouts+=("attn TP2xDP$((P / 2)) | moe TP2xEP$((P / 2)) | PP1 | fused"
+                             "attn TP2xDP$((P / 2)) | moe TP2xEP$((P / 2)) | PP1 | rs-a2a-ag")
 ARGS=(--num-layers 8 --batch 16 --input-len 512 --output-len 32 --warmup 1)
 {
   "$BIN/mixserve-plan" search --model qwen3-30b-a3b --cluster h200-1x1 --workload sharegpt-like \
@@ -66,6 +67,6 @@ ARGS=(--num-layers 8 --batch 16 --input-len 512 --output-len 32 --warmup 1)
     timeout 300 "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" "${ARGS[@]}" --emulate-ranks || status=1
   done
 } > "$LOGS/bench.log" 2>&1
-grep -E "^===|^Prefill|^Decode\.|^Total|error" "$LOGS/bench.log"
+grep -E "^===|^# MoE communication|^Prefill|^Decode\.|^Total|error" "$LOGS/bench.log"
 echo "=== multigpu-run: $([ $status -eq 0 ] && echo ok || echo FAILURES)"
 exit $status
