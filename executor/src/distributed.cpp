@@ -189,4 +189,38 @@ void EmulatedRanks::reset_cache() {
   MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
 }
 
+#if MIXSERVE_HAVE_NCCL
+ProcessRank::ProcessRank(const Comm& world, const ModelSpec& m, uint64_t seed, const ClusterSpec& c, const Layout& l,
+                         const GpuModelConfig& base)
+    : layout_(l), rank_(world.rank()) {
+  if (world.size() != l.world_size())
+    throw InputError(fmt::format("plan layout '{}' needs {} ranks; launched with {}", l.name(), l.world_size(),
+                                 world.size()));
+  MIXSERVE_CUDA_CHECK(cudaSetDevice(world.device()));
+  const auto rank_map = build_rank_map(c, m, l);
+  const std::vector<const Comm*> w{&world};
+  // The same transports, in the same order, on every rank (their constructors split the world).
+  transports_.push_back(std::make_unique<NcclTransport>(w, l.attn_tp));
+  Transport& attn = *transports_.back();
+  transports_.push_back(std::make_unique<NcclTransport>(w, l.stage_size()));
+  Transport& stage = *transports_.back();
+  const MoeSched sched = moe_sched_for(l, m);
+  if (sched != MoeSched::none) {
+    transports_.push_back(std::make_unique<NcclTransport>(w, l.moe_tp));
+    sim::CommGeometry geo = sim::make_comm_geometry(c, m, l);
+    geo.elem_bytes = 2;  // the forward moves bf16 rows
+    const int first = (rank_ / l.stage_size()) * l.stage_size();
+    stage_moe_ = std::make_unique<StageMoe>(geo, sched, int64_t(base.max_tokens_per_step), *transports_.back(), first);
+  }
+  comm_ = std::make_unique<TransportComm>(attn, stage, l, rank_, nullptr, int64_t(base.max_tokens_per_step) * m.hidden_size);
+  if (stage_moe_) comm_->set_stage_moe(stage_moe_.get(), m.moe.top_k);
+  GpuModelConfig cfg = base;
+  cfg.shard = shard_for_rank(l, rank_map.at(std::size_t(rank_)), m);
+  cfg.comm = comm_.get();
+  model_ = std::make_unique<GpuModel>(m, seed, cfg);
+}
+
+ProcessRank::~ProcessRank() = default;
+#endif
+
 }  // namespace mixserve::gpu

@@ -71,4 +71,31 @@ class EmulatedRanks {
   std::vector<std::unique_ptr<GpuModel>> models_;
 };
 
+#if MIXSERVE_HAVE_NCCL
+// One rank of a plan in this process (one process per GPU, launched by MPI: the world
+// communicator from init_mpi_world, rank = world.rank(); it must outlive this object): its GpuModel shard over NcclTransports
+// that hold this rank only, a TransportComm without rendezvous, and its stage's StageMoe when the
+// plan's MoE runs by schedule. Collective: every rank of the plan constructs it at once, and
+// steps at once (GpuModel::prepare / enqueue). Compiled, not run (no multi-GPU host lent), and
+// not yet wired into mixserve-run (docs/distributed.md).
+class ProcessRank {
+ public:
+  ProcessRank(const Comm& world, const ModelSpec& m, uint64_t seed, const ClusterSpec& c, const Layout& l,
+              const GpuModelConfig& base);
+  ~ProcessRank();
+  int rank() const { return rank_; }
+  int replica() const { return (rank_ % layout_.stage_size()) / layout_.attn_tp; }
+  GpuModel& model() { return *model_; }
+  StageMoe* stage_moe() { return stage_moe_.get(); }
+
+ private:
+  Layout layout_;
+  int rank_ = 0;
+  std::vector<std::unique_ptr<Transport>> transports_;
+  std::unique_ptr<StageMoe> stage_moe_;
+  std::unique_ptr<TransportComm> comm_;
+  std::unique_ptr<GpuModel> model_;
+};
+#endif
+
 }  // namespace mixserve::gpu
