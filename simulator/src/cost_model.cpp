@@ -182,6 +182,7 @@ class MixServeModel final : public StepCostModel {
       : m_(m), l_(l), timer_(std::make_unique<GemmMemoTimer>(make_profile_timer(p, c))) {
     check_layout(m, c, l);
     dk_ = decode_kernels_enabled(opt.decode_kernels, l.world_size() > 1);
+    device_greedy_ = opt.device_greedy;
     host_step_us_ = p.host_overhead.step_us;  // 0 when the profile has none
     qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
     sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
@@ -357,6 +358,8 @@ class MixServeModel final : public StepCostModel {
         stage.add(lm_head, timer_->gemm(rows_max, m_.vocab_size / l_.attn_tp, h_, m_.activation_dtype));
         stage.add_coll(lm_head, timer_->collective(CollOp::all_gather, g_attn_tp_,
                                               rows_max * m_.vocab_size * K.logits_bytes_per_element));
+        if (device_greedy_)  // argmax over each row's bf16 logits
+          stage.add(lm_head, timer_->memory_op(2.0 * rows_max * m_.vocab_size));
       }
       if (!st.last && T_max > 0)
         stage.add_coll(pp_send, timer_->collective(CollOp::send_recv, st.send, T_max * h_ * act_));
@@ -821,6 +824,7 @@ class MixServeModel final : public StepCostModel {
   bool mla_ = false;
   double host_step_us_ = 0;   // profile host_overhead.step_us: once per step
   bool dk_ = false;           // the executor's decode kernels (core/decode_path.hpp)
+  bool device_greedy_ = false;  // CostModelOptions::device_greedy
   bool qk_per_head_ = true;   // q/k norms per head or absent: the fused QK-norm/RoPE/KV write
   int sm_count_ = 132;
   int E_ = 0, k_ = 0, E_local_ = 0;

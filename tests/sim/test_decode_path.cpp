@@ -88,6 +88,12 @@ TEST_CASE("launch count: decode kernels above 8 tokens and a 40-token prefill") 
   const StepCost d16 = run(m, kOne, decodes(16, 32));
   CHECK(d16.moe_layer_launches == 15);
   CHECK(d16.launches == 15 * 2 + 6);
+  // Device greedy sampling: one argmax launch more per step.
+  CostModelOptions g;
+  g.device_greedy = true;
+  auto cm = make_cost_model("mixserve", m, test::h200_cluster(1, 1), test::h200_datasheet(), kOne, g);
+  const std::vector<ReplicaBatch> v{decodes(16, 32)};
+  CHECK(cm->step(v, false).launches == 15 * 2 + 7);
   // 40 tokens, 320 pairs: permute in 4 launches -> 18; one attention launch (40 keys).
   const StepCost p40 = run(m, kOne, prefill(40));
   CHECK(p40.moe_layer_launches == 18);

@@ -78,6 +78,9 @@ struct CostModelOptions {
   // The executor's GpuModelConfig::decode_kernels (core/decode_path.hpp): taken only for an
   // unsharded layout (world size 1), like the executor.
   bool decode_kernels = true;
+  // The executor's device greedy sampling (StepOptions::greedy): one argmax launch over the
+  // logits rows after the LM head. false: not counted (the logits are copied back instead).
+  bool device_greedy = false;
   bool want_breakdown = false;
 };
 
