@@ -120,11 +120,13 @@ int run_validate(const ValidateConfig& o) {
   }
   sim::CostModelOptions copt;
   copt.routing = sim::routing_from_workload(w);
-  const auto cm = sim::make_cost_model(cm_name, model, plan.cluster, load_profile(profile_name), plan.chosen.layout,
-                                       copt);
+  const HardwareProfile prof = load_profile(profile_name);
+  const auto cm = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt);
+  // Per step the GPU part: measured_ms is CUDA events around the forward, without the host
+  // overhead per step that the cost model adds from the profile (host_overhead).
   auto predict_ms = [&](const sim::ReplicaBatch& b) {
     const sim::ReplicaBatch one[] = {b};
-    return cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3;
+    return (cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us - prof.host_overhead.step_us) / 1e3;
   };
 
   // Per step.
