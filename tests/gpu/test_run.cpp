@@ -12,6 +12,7 @@
 // two runs give the same tokens; a small KV cache forces preemptions by recompute.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -329,7 +330,18 @@ TEST_CASE("run bench online: decode steps as CUDA graphs give the eager run's to
     CHECK(s.host.total() >= s.host.wait_ms);
     CHECK(s.wall_ms > 0.0);
   }
-  CHECK(graphs > 0);  // 12 requests of up to 8 tokens through 4 slots: decode-only steps repeat
+  // Graphs exactly where a decode-only step's token count ran eagerly before (the eager run has
+  // the same schedule: burst arrivals).
+  std::vector<int64_t> seen;
+  int64_t expected = 0;
+  for (size_t k = 0; k < eager.steps.size(); ++k) {
+    const auto& s = eager.steps[k];
+    const bool again = s.num_prefill_seqs == 0 && std::find(seen.begin(), seen.end(), s.num_tokens) != seen.end();
+    if (s.num_prefill_seqs == 0 && !again) seen.push_back(s.num_tokens);
+    CHECK(graphed.steps[k].cuda_graph == again);
+    expected += again ? 1 : 0;
+  }
+  CHECK(graphs == expected);
   const auto j = gpu::online_json(graphed);
   REQUIRE(j.contains("host_phases_ms"));
   for (const char* k : {"schedule", "prepare", "enqueue", "wait", "sample", "bookkeep", "total", "overhead"})
@@ -338,6 +350,24 @@ TEST_CASE("run bench online: decode steps as CUDA graphs give the eager run's to
   CHECK(j["prediction"].contains("host_overhead_ms"));
   const std::string report = gpu::format_online_report(graphed);
   CHECK(report.find("host overhead") != std::string::npos);
+
+  // 4 requests of 5 prompt tokens and 8 output tokens at once: one prefill step of 20 tokens, then
+  // 7 decode steps of 4 sequences, the first eager and 6 as graphs; same tokens as eager.
+  Plan fixed = plan;
+  fixed.workload.num_requests = 4;
+  fixed.workload.input = LengthDist{};
+  fixed.workload.input.value = 5;
+  fixed.workload.output = LengthDist{};
+  fixed.workload.output.value = 8;
+  c.cuda_graph = false;
+  const gpu::OnlineResult fe = gpu::run_online(fixed, "test-plan", c);
+  c.cuda_graph = true;
+  const gpu::OnlineResult fg = gpu::run_online(fixed, "test-plan", c);
+  REQUIRE(fg.steps.size() == 8);
+  CHECK(fg.output_ids == fe.output_ids);
+  int64_t fixed_graphs = 0;
+  for (const auto& s : fg.steps) fixed_graphs += s.cuda_graph ? 1 : 0;
+  CHECK(fixed_graphs == 6);
 }
 
 TEST_CASE("run bench online: closed-loop workloads and a KV cache too small for a request are InputError") {
