@@ -41,6 +41,7 @@ std::unique_ptr<sim::StepCostModel> make_cm(const Plan& plan, const ModelSpec& m
                                             const WorkloadSpec& w, const std::string& profile) {
   sim::CostModelOptions copt;
   copt.routing = sim::routing_from_workload(w);
+  copt.device_greedy = true;  // the engine samples on the device (argmax inside the measured events)
   return sim::make_cost_model(cost_model_name(plan), model, plan.cluster,
                               load_profile(profile.empty() ? plan.profile_name : profile),
                               plan.chosen.layout, copt);
