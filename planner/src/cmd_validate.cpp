@@ -120,6 +120,7 @@ int run_validate(const ValidateConfig& o) {
   }
   sim::CostModelOptions copt;
   copt.routing = sim::routing_from_workload(w);
+  copt.device_greedy = mode == "online";  // the online engine's argmax runs on the device, inside its events
   const HardwareProfile prof = load_profile(profile_name);
   const auto cm = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt);
   // Per step the GPU part: measured_ms is CUDA events around the forward, without the host

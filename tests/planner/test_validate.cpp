@@ -84,9 +84,11 @@ const fs::path& plan_path() {
 
 constexpr int kLayers = 4;
 
-std::unique_ptr<sim::StepCostModel> cost_model(const Plan& plan) {
+// online: the engine samples on the device, so validate costs the argmax launch (device_greedy).
+std::unique_ptr<sim::StepCostModel> cost_model(const Plan& plan, bool online) {
   sim::CostModelOptions copt;
   copt.routing = sim::routing_from_workload(plan.workload);
+  copt.device_greedy = online;
   return sim::make_cost_model("mixserve", model::with_num_layers(plan.model, kLayers), plan.cluster,
                               load_profile(plan.profile_name), plan.chosen.layout, copt);
 }
@@ -129,7 +131,7 @@ sim::RequestStream requests() {
 // An online results file whose measured metrics are 1.25 x the simulator's and whose measured
 // steps are 2 x the cost model's.
 json online_results(const Plan& plan, json* predicted_metrics) {
-  const auto cm = cost_model(plan);
+  const auto cm = cost_model(plan, true);
   const sim::ServingConfig cfg = serving_cfg();
   const sim::SimResult sr = sim::simulate(*cm, cfg, requests());
   const json pm = sim::metrics_to_json(sr.metrics, cfg);
@@ -196,7 +198,7 @@ TEST_CASE("validate: online results, every metric and step error as constructed"
   w.num_requests = 12;
   w.rate = 50;
   w.seed = 3;
-  const sim::SimResult sr = sim::simulate(*cost_model(plan), serving_cfg(), sim::generate_requests(w));
+  const sim::SimResult sr = sim::simulate(*cost_model(plan, true), serving_cfg(), sim::generate_requests(w));
   const json doc2 = json::parse(slurp(out));
   bool seen = false;
   for (const auto& m : doc2["metrics"])
@@ -209,7 +211,7 @@ TEST_CASE("validate: online results, every metric and step error as constructed"
 
 TEST_CASE("validate: offline results, per-step table and bench_one_batch metrics") {
   const Plan plan = load_plan(plan_path().string());
-  const auto cm = cost_model(plan);
+  const auto cm = cost_model(plan, false);
   json r = common(plan, "offline");
   r["batch_size"] = 2;
   r["input_len"] = 64;
