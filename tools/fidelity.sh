@@ -55,8 +55,10 @@ run)
       args=(bench --plan "$BUNDLE/fidelity/plan-$m.yaml" --batch "$b" --input-len "$INPUT_LEN"
             --output-len "$OUTPUT_LEN" --num-layers "$layers" --warmup 1 --json "$OUTDIR/$tag.json")
       [ -n "$PROFILE" ] && args+=(--profile "$PROFILE")
-      if ! timeout 300 "$BIN" "${args[@]}" > "$OUTDIR/$tag.log" 2>&1; then
-        echo "fidelity: $tag FAILED (exit $?); log tail:" >&2
+      timeout 300 "$BIN" "${args[@]}" > "$OUTDIR/$tag.log" 2>&1
+      rc=$?
+      if [ "$rc" -ne 0 ]; then
+        echo "fidelity: $tag FAILED (exit $rc); log tail:" >&2
         tail -5 "$OUTDIR/$tag.log" >&2
         failed=$((failed + 1))
       fi

@@ -101,6 +101,7 @@ namespace {
 
 // The cost model counts these launches from core/decode_path.hpp's rules and constants.
 static_assert(kGemvMaxRows == kDecodeGemvMaxTokens);
+static_assert(kGroupedGemvMaxK == kGemvMaxK, "core/expert_path.hpp gemv_k_fits mirrors the GEMV kernels' k limit");
 static_assert(kernels::kPermuteSingleLaunchMaxPairs == kPermuteSingleLaunchMaxPairsCore);
 
 bool ends_with(const std::string& s, std::string_view suf) {
@@ -451,7 +452,7 @@ void GpuModel::gemm(const void* act, const void* weight, void* out, int64_t m, i
 void GpuModel::linear(const void* act, const void* weight, void* out, int64_t m, int64_t n, int64_t k,
                       cudaStream_t s) {
   if (m == 0) return;
-  if (!uses_dense_gemv(cfg_.decode_kernels, m)) return gemm(act, weight, out, m, n, k, s);
+  if (!dense_gemv_for(cfg_.decode_kernels, m, k)) return gemm(act, weight, out, m, n, k, s);
   GemvParams g;
   g.act = static_cast<const bf16*>(act);
   g.weights = static_cast<const bf16*>(weight);
@@ -469,7 +470,7 @@ void GpuModel::router_logits(const bf16* x, const bf16* w, float* out, int64_t T
   // core/decode_path.hpp router_uses_gemv: the GEMV with the decode kernels up to
   // kDecodeGemvMaxTokens tokens; above, the tensor-core cuBLASLt GEMM (fp32 out): the GEMV re-reads
   // the router weights per 8 rows and cost 767 us per layer at 16384 tokens (docs/prefill.md).
-  if (router_uses_gemv(cfg_.decode_kernels, T)) {
+  if (router_uses_gemv(cfg_.decode_kernels, T) && gemv_k_fits(H)) {
     GemvParams rg;
     rg.act = x;
     rg.weights = w;
@@ -587,7 +588,7 @@ void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, const b
   Act& A = *act_;
   const int64_t H = spec_.hidden_size;
   linear(x, w13, A.gu, T, 2 * inter, H, s);  // [T, 2I]: gate | up
-  if (uses_dense_gemv(cfg_.decode_kernels, T)) {  // SwiGLU applied while the GEMV stages its input
+  if (dense_gemv_for(cfg_.decode_kernels, T, inter)) {  // SwiGLU applied while the GEMV stages its input
     GemvParams g;
     g.act = A.gu;
     g.swiglu_act = true;
@@ -706,8 +707,11 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   pp.allow_single_launch = cfg_.decode_kernels;  // one launch: permute_launches (core/decode_path.hpp)
   pp.pdl = pdl_;
   kernels::launch_permute(pp, s);
+  // automatic: the GEMV's row limit, and both projections' k must fit the GEMV
+  // (core/expert_path.hpp uses_device_gemv(rows, hidden, inter), the cost model's rule).
   const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
-                    (cfg_.expert_path == ExpertPath::automatic && T * K <= cfg_.device_gemv_max_rows);
+                    (cfg_.expert_path == ExpertPath::automatic && T * K <= cfg_.device_gemv_max_rows &&
+                     gemv_k_fits(H) && gemv_k_fits(I));
   // Above the GEMV rows, automatic takes the device-offset grouped GEMM (no host sync).
   const bool tensor_core_grouped = !gemv && cfg_.expert_path != ExpertPath::cublaslt;
   kernels::SwigluParams sw;
@@ -846,7 +850,7 @@ void GpuModel::enqueue(cudaStream_t s) {
     if (fused_residual && P.record)
       MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l - 1) * plane,
                                           A.res, plane * 2, cudaMemcpyDeviceToDevice, s));
-    if (uses_dense_gemv(cfg_.decode_kernels, T)) {
+    if (dense_gemv_for(cfg_.decode_kernels, T, H)) {
       GemvParams g;  // one launch: fused [QW + 2 KVW, H] weight, bias in the epilogue
       g.act = A.normed;
       g.weights = L.wq;

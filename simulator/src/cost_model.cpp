@@ -510,7 +510,6 @@ class MixServeModel final : public StepCostModel {
     if (t <= 0) return a;
     const AttentionSpec& at = m_.attention;
     const DType wd = m_.weight_dtype;
-    const bool g = uses_dense_gemv(dk_, int64_t(t));
     // Input RMSNorm; under the decode kernels it also adds the previous layer's output into the
     // residual (reads both, writes both).
     a.add(attn_norm, timer_->memory_op((1 + K.extra_elementwise_passes_per_layer) * (dk_ ? 4 : 2) * t * h_ * act_));
@@ -530,7 +529,7 @@ class MixServeModel final : public StepCostModel {
       v_dim = at.v_head_dim;
     } else {
       const int64_t qw = int64_t(heads_) * at.head_dim, kvw = int64_t(kv_heads_) * at.head_dim;
-      if (g) {
+      if (dense_gemv_for(dk_, int64_t(t), h_)) {
         // Decode kernels: q|k|v in one GEMV launch over the concatenated weight, bias inside.
         a.add(attn_qkv, timer_->gemv(t, qw + 2 * kvw, h_, wd, GemvKind::plain));
       } else {
@@ -603,7 +602,7 @@ class MixServeModel final : public StepCostModel {
     // One attention launch for the step's decodes and prefill chunks together, plus the merge
     // of the KV splits when it splits (the tables time both).
     a.launches += attention_launches(b);
-    if (g)
+    if (dense_gemv_for(dk_, int64_t(t), int64_t(heads_) * v_dim))
       a.add(attn_o, timer_->gemv(t, h_, int64_t(heads_) * v_dim, wd, GemvKind::plain));
     else
       a.add(attn_o, timer_->gemm(t, h_, int64_t(heads_) * v_dim, wd));
@@ -647,7 +646,7 @@ class MixServeModel final : public StepCostModel {
     Acc a;
     const double t = double(b.tokens());
     if (t <= 0) return a;
-    if (router_uses_gemv(dk_, int64_t(t)))
+    if (router_uses_gemv(dk_, int64_t(t)) && gemv_k_fits(h_))
       a.add(moe_router, timer_->gemv(t, E_, h_, m_.activation_dtype, GemvKind::fp32_out));
     else
       a.add(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
@@ -669,12 +668,17 @@ class MixServeModel final : public StepCostModel {
   // SwiGLU FFN of t tokens, intermediate I: under the decode kernels two GEMV launches (SwiGLU
   // fused into the down projection), else GEMM + SwiGLU + GEMM.
   void ffn(Acc& a, Slot slot, double t, int64_t I, DType wd) const {
-    if (uses_dense_gemv(dk_, int64_t(std::ceil(t)))) {
+    // Each projection takes the GEMV only if the kernel takes its k (dense_gemv_for), as the
+    // executor's GpuModel::linear / ffn_dense decide.
+    const int64_t tk = int64_t(std::ceil(t));
+    if (dense_gemv_for(dk_, tk, h_))
       a.add(slot, timer_->gemv(t, 2 * I, h_, wd, GemvKind::plain));
+    else
+      a.add(slot, timer_->gemm(t, 2 * I, h_, wd));
+    if (dense_gemv_for(dk_, tk, I)) {
       a.add(slot, timer_->gemv(t, h_, I, wd, GemvKind::swiglu));
       return;
     }
-    a.add(slot, timer_->gemm(t, 2 * I, h_, wd));
     a.add(slot, timer_->memory_op(3.0 * t * I * act_));
     a.add(slot, timer_->gemm(t, h_, I, wd));
   }
@@ -695,7 +699,7 @@ class MixServeModel final : public StepCostModel {
     // picks for the rank's routed rows (core/expert_path.hpp).
     const double active = expected_active_experts(T_all, E_, k_, E_local_);
     const int64_t routed = int64_t(std::ceil(Tg * k_));
-    const bool gemv = uses_device_gemv(routed), grouped = uses_grouped_gemm(routed);
+    const bool gemv = uses_device_gemv(routed, h_, I), grouped = uses_grouped_gemm(routed, h_, I);
     const int64_t tok = int64_t(std::ceil(Tg));
     const bool v2 = gemv && uses_grouped_gemv_v2(dk_, tok);
     if (E_local_ < E_) a.add(moe_experts, timer_->memory_op(2.0 * Tg * k_ * 4.0));  // ids - first expert

@@ -135,6 +135,32 @@ TEST_CASE("launch count: dense layers and shared experts") {
   CHECK(b16.dense_layer_launches == 1 + 3 + 1 + 1 + 1 + 1 + 3);
 }
 
+// The GEMV kernels take k up to kGemvMaxK (core/expert_path.hpp gemv_k_fits); a wider projection
+// runs on the GEMM, in the executor (GpuModel::linear / ffn_dense / moe_block) and here alike.
+TEST_CASE("GEMV k limit: wide projections fall back to the GEMM") {
+  CHECK(gemv_k_fits(8192));
+  CHECK_FALSE(gemv_k_fits(8200));
+  CHECK_FALSE(gemv_k_fits(14336));  // Mixtral expert down
+  CHECK_FALSE(gemv_k_fits(20));     // not a multiple of 8
+  CHECK(dense_gemv_for(true, 1, 4096));
+  CHECK_FALSE(dense_gemv_for(true, 1, 20480));  // Qwen2-57B shared expert down
+  CHECK_FALSE(dense_gemv_for(true, 9, 4096));
+  CHECK(uses_device_gemv(8, 4096, 8192));
+  CHECK_FALSE(uses_device_gemv(8, 4096, 14336));
+  CHECK(uses_grouped_gemm(8, 4096, 14336));
+  CHECK_FALSE(uses_device_gemv(1024, 2048, 768));
+  // A shared expert of width 20480 at 1 token: gate|up GEMV, then SwiGLU + GEMM (one launch more
+  // than the fused GEMV down projection of a width that fits).
+  ModelSpec narrow = small_qwen3(2), wide = small_qwen3(2);
+  for (ModelSpec* m : {&narrow, &wide}) {
+    m->moe.num_shared_experts = 1;
+    m->moe.shared_expert_gate = false;
+  }
+  narrow.moe.shared_intermediate_size = 2048;
+  wide.moe.shared_intermediate_size = 20480;
+  CHECK(run(wide, kOne, decodes(1, 32)).moe_layer_launches == run(narrow, kOne, decodes(1, 32)).moe_layer_launches + 1);
+}
+
 TEST_CASE("profile timer: GEMV table and grouped GEMV v2 points, fallbacks labelled") {
   HardwareProfile p = test::h200_datasheet();
   p.source = "measured";

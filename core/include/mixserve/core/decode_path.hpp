@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string_view>
 
+#include "mixserve/core/expert_path.hpp"
+
 namespace mixserve {
 
 // The decode kernels (docs/forward.md "Decode step", GpuModelConfig::decode_kernels) run on an
@@ -19,6 +21,11 @@ inline constexpr bool decode_kernels_enabled(bool requested, bool sharded) { ret
 inline constexpr int64_t kDecodeGemvMaxTokens = 8;
 inline constexpr bool uses_dense_gemv(bool decode_kernels, int64_t tokens) {
   return decode_kernels && tokens <= kDecodeGemvMaxTokens;
+}
+// One projection of inner size k in such a step: the GEMV when the kernel takes k
+// (core/expert_path.hpp gemv_k_fits), else the cuBLASLt GEMM.
+inline constexpr bool dense_gemv_for(bool decode_kernels, int64_t tokens, int64_t k) {
+  return uses_dense_gemv(decode_kernels, tokens) && gemv_k_fits(k);
 }
 
 // Router logits (fp32 out): the GEMV for the steps that take the dense GEMV, else the fp32

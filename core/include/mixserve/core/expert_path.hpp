@@ -18,6 +18,23 @@ inline constexpr int64_t kDeviceGemvMaxRows = 512;
 inline constexpr bool uses_device_gemv(int64_t routed_rows) { return routed_rows <= kDeviceGemvMaxRows; }
 inline constexpr bool uses_grouped_gemm(int64_t routed_rows) { return !uses_device_gemv(routed_rows); }
 
+// The GEMV kernels (executor/expert_gemm.hpp: launch_gemv, launch_grouped_gemv[_v2]) stage an
+// activation row in shared memory, so their inner size k is a multiple of 8 up to kGemvMaxK
+// (the executor static_asserts its kGroupedGemvMaxK against it). A projection whose k does not
+// fit runs on the GEMM instead (Mixtral's expert down projection, k = 14336; Qwen2-57B's shared
+// expert down, k = 20480).
+inline constexpr int64_t kGemvMaxK = 8192;
+inline constexpr bool gemv_k_fits(int64_t k) { return k >= 8 && k % 8 == 0 && k <= kGemvMaxK; }
+
+// The automatic expert path with the model's shapes: the device GEMV needs both projections'
+// k (hidden for gate|up, the expert width for down) to fit; otherwise the tensor-core grouped GEMM.
+inline constexpr bool uses_device_gemv(int64_t routed_rows, int64_t hidden, int64_t expert_inter) {
+  return uses_device_gemv(routed_rows) && gemv_k_fits(hidden) && gemv_k_fits(expert_inter);
+}
+inline constexpr bool uses_grouped_gemm(int64_t routed_rows, int64_t hidden, int64_t expert_inter) {
+  return !uses_device_gemv(routed_rows, hidden, expert_inter);
+}
+
 // ExpertGemmPoint::distribution prefixes naming the timed implementation. Untagged points are
 // cuBLASLt GEMMs per non-empty expert inside a CUDA graph (mixserve-profile experts).
 //   "gemv:<dist>"  - the device grouped GEMV, inside a CUDA graph (mixserve-profile expert_gemv);
