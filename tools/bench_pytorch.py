@@ -112,7 +112,8 @@ def main():
             if a.compile:
                 cache = static_cache  # one cache per batch size: the compiled graphs keep its addresses
                 try:
-                    cache.reset()
+                    with torch.inference_mode():  # its tensors were made in inference mode (lazily)
+                        cache.reset()
                 except (AttributeError, TypeError):  # transformers 5 allocates the layers lazily
                     pass                              # on first use: nothing to reset yet
             else:
