@@ -220,7 +220,7 @@ struct Curve {
 class ProfileTimer final : public OpTimer {
  public:
   ProfileTimer(const HardwareProfile& p, const ClusterSpec& c)
-      : roof_(std::make_unique<RooflineTimer>(p, c)) {
+      : roof_(std::make_unique<RooflineTimer>(p, c)), launch_us_(std::max(0.0, p.kernel_launch_us)) {
     for (const GemmPoint& g : p.gemm) {
       auto& f = gemm_[{int(compute_class(g.dtype)), g.n, g.k}];
       f.x.push_back(double(g.m));
@@ -236,8 +236,12 @@ class ProfileTimer final : public OpTimer {
       auto& f = experts_[{int(compute_class(e.dtype)), e.num_experts, e.n, e.k, impl}];
       f.x.push_back(double(e.tokens));
       f.y.push_back(e.time_us);
+      auto& a = expert_active_[{int(compute_class(e.dtype)), e.num_experts, e.n, e.k, impl}];
+      a.x.push_back(double(e.tokens));
+      a.y.push_back(double(e.active_experts));
     }
     for (auto& [key, f] : experts_) f.sort_unique();
+    for (auto& [key, f] : expert_active_) f.sort_unique();
     for (const GemvPoint& g : p.gemv) {
       const int kind = g.impl == kGemvImplSwiglu ? int(GemvKind::swiglu)
                        : g.impl == kGemvImplFp32 ? int(GemvKind::fp32_out)
@@ -306,10 +310,44 @@ class ProfileTimer final : public OpTimer {
   OpTime expert_gemm(const ExpertGemmShape& s) const override {
     const OpTime fallback = roof_->expert_gemm(s);
     const int cls = int(compute_class(s.dtype));
-    auto find = [&](int impl) {
+    int used = -1;  // the table family the time comes from
+    auto find = [&](int impl) -> const Curve* {
       auto it = experts_.find({cls, s.num_experts, s.n, s.k, impl});
-      return it == experts_.end() ? nullptr : &it->second;
+      if (it == experts_.end()) return nullptr;
+      used = impl;
+      return &it->second;
     };
+    const OpTime r = expert_gemm_table(s, fallback, find);
+    if (r.source == CostSource::roofline || r.source == CostSource::datasheet) return r;
+    return {rescale_active(s, cls, r.time_us, used), r.source};
+  }
+
+ private:
+  // The expert table's points are timed with their rows spread evenly over the experts
+  // (mixserve-profile expert_gemv / experts, distribution "uniform": active_experts =
+  // min(rows, num_experts), profiles/h200.yaml), i.e. every point reads the weights of as many
+  // experts as it has rows, up to all of them. A step routed at random touches fewer distinct
+  // experts (cost_model.cpp: expected_active_experts; 16 Qwen3 tokens x top-8 = 128 rows reach
+  // ~82 of 128 experts, the table's 128-row point reads all 128). These kernels are
+  // weight-bandwidth bound at decode sizes, so the table time above the profile's measured
+  // per-launch cost (kernel_launch_us) is scaled by the bytes the step reads over the bytes the
+  // point read: weights of the active experts plus the rows' activations in and out.
+  double rescale_active(const ExpertGemmShape& s, int cls, double t, int impl) const {
+    if (impl < 0 || s.active_experts <= 0) return t;
+    auto it = expert_active_.find({cls, s.num_experts, s.n, s.k, impl});
+    if (it == expert_active_.end()) return t;
+    double table_active;
+    CostSource ignored;
+    if (!it->second.at(s.rows, table_active, ignored) || table_active <= 0) return t;
+    const double w = double(s.n) * double(s.k) * dtype_bytes(s.dtype);
+    const double act = s.rows * double(s.n + s.k) * 2.0;
+    const double ratio = (s.active_experts * w + act) / (table_active * w + act);
+    const double floor = std::min(t, launch_us_);
+    return floor + (t - floor) * ratio;
+  }
+
+  template <class Find>
+  OpTime expert_gemm_table(const ExpertGemmShape& s, const OpTime& fallback, Find find) const {
     double t;
     CostSource src;
     if (s.device_gemv && s.gemv_v2) {
@@ -340,6 +378,7 @@ class ProfileTimer final : public OpTimer {
     return {t, src};
   }
 
+ public:
   OpTime gemv(double m, int64_t n, int64_t k, DType dtype, GemvKind kind) const override {
     auto it = gemv_.find({int(kind), int(compute_class(dtype)), n, k});
     double t;
@@ -399,6 +438,9 @@ class ProfileTimer final : public OpTimer {
                        kImplGemv2 = 4;  // expert point tags
   std::map<std::tuple<int, int, int64_t, int64_t>, Curve> gemv_;  // (kind, class, n, k) over m
   std::map<std::tuple<int, int, int64_t, int64_t, int>, Curve> experts_;
+  // The same families' active_experts per point (rows -> experts whose weights the point read).
+  std::map<std::tuple<int, int, int64_t, int64_t, int>, Curve> expert_active_;
+  double launch_us_ = 0;  // the profile's measured kernel_launch_us
   Curve elementwise_;
   std::map<std::tuple<bool, bool, int, int, int>, std::map<int, Curve>> attention_;
   std::map<std::tuple<int, int, int>, Curve> coll_;

@@ -305,3 +305,37 @@ TEST_CASE("profile timer: attention over batch, expert implementations, launch-b
   CHECK(o.time_us == 4.0);
   CHECK(prof->memory_op(0).time_us == 0.0);
 }
+
+TEST_CASE("profile timer: expert table rescaled to the step's distinct experts") {
+  // The table's "uniform" points spread their rows evenly (active_experts = min(rows, E)); a step
+  // routed at random touches fewer experts. The time above the launch cost scales with the bytes
+  // read: active experts' weights plus the rows' activations.
+  HardwareProfile p = test::h200_datasheet();
+  p.source = "measured";
+  p.kernel_launch_us = 6.0;
+  for (auto [r, t] : {std::pair{64, 139.0}, {128, 257.0}}) {
+    ExpertGemmPoint e;
+    e.num_experts = 128;
+    e.tokens = r;
+    e.max_tokens = 1;
+    e.active_experts = r;
+    e.n = 1536;
+    e.k = 2048;
+    e.distribution = "gemv:uniform";
+    e.time_us = t;
+    p.experts.push_back(e);
+  }
+  const ClusterSpec c = test::h200_cluster(1);
+  auto prof = make_profile_timer(p, c);
+  ExpertGemmShape s{128, 128, 128, 1536, 2048, DType::bf16, true};
+  CHECK(prof->expert_gemm(s).time_us == doctest::Approx(257.0));  // as many experts as the point
+  CHECK(prof->expert_gemm(s).source == CostSource::measured);
+  s.active_experts = 82;
+  const double w = 1536.0 * 2048 * 2, act = 128.0 * (1536 + 2048) * 2;
+  const double want = 6.0 + (257.0 - 6.0) * (82 * w + act) / (128 * w + act);
+  CHECK(prof->expert_gemm(s).time_us == doctest::Approx(want).epsilon(1e-12));
+  CHECK(prof->expert_gemm(s).source == CostSource::measured);
+  // Points without active_experts (older profiles): the table's time as it is.
+  for (auto& e : p.experts) e.active_experts = 0;
+  CHECK(make_profile_timer(p, c)->expert_gemm(s).time_us == doctest::Approx(257.0));
+}
