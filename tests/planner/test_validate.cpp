@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mixserve/core/io.hpp"
+#include "plan_cli_run.hpp"
 #include "mixserve/model/weights.hpp"
 #include "mixserve/sim/cost_model.hpp"
 #include "mixserve/sim/replay.hpp"
@@ -31,43 +32,13 @@ using namespace mixserve;
 
 namespace {
 
-struct Run {
-  int code = -1;
-  std::string out, err;
-};
+using Run = mixserve::test::CliRun;
+using mixserve::test::slurp;
+using mixserve::test::spit;
 
-fs::path scratch() {
-  static const fs::path dir = [] {
-    fs::path d = fs::temp_directory_path() / ("mixserve-validate-" + std::to_string(static_cast<long>(::getpid())));
-    fs::create_directories(d);
-    return d;
-  }();
-  return dir;
-}
+fs::path scratch() { return mixserve::test::cli_scratch("mixserve-validate"); }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-void spit(const fs::path& p, const std::string& text) {
-  std::ofstream f(p);
-  f << text;
-}
-
-Run run(const std::string& args) {
-  const fs::path out = scratch() / "stdout.txt", err = scratch() / "stderr.txt";
-  const std::string cmd = std::string("'") + MIXSERVE_PLAN_EXE + "' " + args + " > '" + out.string() + "' 2> '" +
-                          err.string() + "'";
-  const int status = std::system(cmd.c_str());
-  Run r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
+Run run(const std::string& args) { return mixserve::test::run_cli(MIXSERVE_PLAN_EXE, args, scratch()); }
 
 // A one-GPU plan (Qwen3-30B-A3B on one H200), written once.
 const fs::path& plan_path() {
