@@ -427,8 +427,12 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   r.cost_model = "mixserve";
   r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
   const HardwareProfile profile = load_profile(r.profile_name);
-  const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout,
-                                       sim::CostModelOptions{});
+  // Per step the model of how it ran: decode steps as CUDA graphs or eagerly (graph_launch saving).
+  sim::CostModelOptions graphed, eager;
+  eager.decode_graphs = false;
+  const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, graphed);
+  const auto cm_eager =
+      sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, eager);
 
   GpuModelConfig gc;
   gc.block_size = cfg.block_size;
@@ -495,8 +499,10 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     const auto reps = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
     // The GPU part: the measurement is CUDA events around the forward, without the host's per-step
     // overhead that the cost model adds from the profile (host_overhead).
+    const auto& model_of_step = st.cuda_graph ? *cm : *cm_eager;
     st.predicted_ms =
-        (cm->step(std::span<const sim::ReplicaBatch>(reps), false).time_us - profile.host_overhead.step_us) / 1e3;
+        (model_of_step.step(std::span<const sim::ReplicaBatch>(reps), false).time_us - profile.host_overhead.step_us) /
+        1e3;
     total_s += st.measured_ms / 1e3;
     if (decode) {
       decode_ms.push_back(st.measured_ms);

@@ -37,11 +37,15 @@ std::string cost_model_name(const Plan& plan) {
   return plan.cost_model.empty() ? std::string("mixserve") : plan.cost_model;
 }
 
+// graphs: whether the step runs as a CUDA graph (the per-step prediction takes the step's own
+// flag; the engine's setup the executor's default, graphs on).
 std::unique_ptr<sim::StepCostModel> make_cm(const Plan& plan, const ModelSpec& model,
-                                            const WorkloadSpec& w, const std::string& profile) {
+                                            const WorkloadSpec& w, const std::string& profile,
+                                            bool graphs = true) {
   sim::CostModelOptions copt;
   copt.routing = sim::routing_from_workload(w);
   copt.device_greedy = true;  // the engine samples on the device (argmax inside the measured events)
+  copt.decode_graphs = graphs;
   return sim::make_cost_model(cost_model_name(plan), model, plan.cluster,
                               load_profile(profile.empty() ? plan.profile_name : profile),
                               plan.chosen.layout, copt);
@@ -215,6 +219,7 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   r.cost_model = cost_model_name(r.plan);
   r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
   const auto cm = make_cm(r.plan, S.model, S.workload, r.profile_name);
+  const auto cm_eager = make_cm(r.plan, S.model, S.workload, r.profile_name, false);
   r.profile_host_overhead_ms = load_profile(r.profile_name).host_overhead.step_us / 1e3;
 
   GpuModelConfig gc;
@@ -411,7 +416,8 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   for (auto& st : r.steps) {
     const sim::ReplicaBatch one[] = {st.batch};
     // The GPU part (the measurement is CUDA events around the forward).
-    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3 -
+    const auto& model_of_step = st.cuda_graph ? *cm : *cm_eager;
+    st.predicted_ms = model_of_step.step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3 -
                       r.profile_host_overhead_ms;
   }
   for (size_t i = 0; i < n; ++i) res.requests[i].preemptions = seqs[i].preemptions;

@@ -123,11 +123,16 @@ int run_validate(const ValidateConfig& o) {
   copt.device_greedy = mode == "online";  // the online engine's argmax runs on the device, inside its events
   const HardwareProfile prof = load_profile(profile_name);
   const auto cm = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt);
+  sim::CostModelOptions copt_eager = copt;
+  copt_eager.decode_graphs = false;
+  const auto cm_eager = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt_eager);
   // Per step the GPU part: measured_ms is CUDA events around the forward, without the host
-  // overhead per step that the cost model adds from the profile (host_overhead).
-  auto predict_ms = [&](const sim::ReplicaBatch& b) {
+  // overhead per step that the cost model adds from the profile (host_overhead). A step that ran
+  // as a CUDA graph (its `cuda_graph`) is predicted with the graph's launch saving.
+  auto predict_ms = [&](const sim::ReplicaBatch& b, bool graphed) {
     const sim::ReplicaBatch one[] = {b};
-    return (cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us - prof.host_overhead.step_us) / 1e3;
+    const auto& m = graphed ? *cm : *cm_eager;
+    return (m.step(std::span<const sim::ReplicaBatch>(one), false).time_us - prof.host_overhead.step_us) / 1e3;
   };
 
   // Per step.
@@ -147,7 +152,10 @@ int run_validate(const ValidateConfig& o) {
     s.tokens = b.tokens();
     s.measured = sim::json_number(steps[i], "measured_ms", R, p);
     if (!(s.measured > 0)) throw InputError(fmt::format("{}: key '{}.measured_ms': expected > 0", R, p));
-    s.predicted = predict_ms(b);
+    const auto g = steps[i].find("cuda_graph");
+    if (g != steps[i].end() && !g->is_boolean())
+      throw InputError(fmt::format("{}: key '{}.cuda_graph': expected true or false", R, p));
+    s.predicted = predict_ms(b, g == steps[i].end() || g->get<bool>());
     rows.push_back(s);
   }
 

@@ -23,6 +23,7 @@
 #include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/gpu/expert_gemm.hpp"
+#include "mixserve/kernels/rmsnorm.cuh"
 #include "mixserve/profiler/shapes.hpp"
 
 namespace mixserve::profiler {
@@ -105,6 +106,51 @@ void collect_shapes(const ProfileConfig& cfg, std::vector<DenseShape>& dense, st
   }
 }
 
+// HardwareProfile::graph_launch: a minimal kernel (RMSNorm of one 2048-wide bf16 row, as a decode
+// step's norms) timed alone as a graph of one launch and eagerly, L2 flushed (as the table points
+// are timed), then per kernel inside a graph of kChain back-to-back launches with programmatic
+// dependent launch (as a decode step's graph runs its kernels).
+void measure_graph_launch(const ProfileConfig& cfg, GpuContext& ctx, HardwareProfile& p, Output& out) {
+  constexpr int kWidth = 2048, kChain = 64;
+  cudaStream_t s = ctx.stream.get();
+  gpu::DeviceBuffer x(kWidth * 2), w(kWidth * 2), y(kWidth * 2);
+  fill(x.get(), kWidth, DType::bf16, 94, -1, 1, s);
+  fill(w.get(), kWidth, DType::bf16, 95, 0.5f, 1.5f, s);
+  kernels::RmsNormParams r;
+  r.x = x.as<__nv_bfloat16>();
+  r.weight = w.as<__nv_bfloat16>();
+  r.out = y.as<__nv_bfloat16>();
+  r.num_rows = 1;
+  r.width = kWidth;
+  auto one = [&](cudaStream_t st) { kernels::launch_rmsnorm(r, st); };
+  const auto graph1 = gpu::time_op(one, s, timing_for(cfg, 3.0, true), &ctx.flusher);
+  const auto eager1 = gpu::time_op(one, s, timing_for(cfg, 3.0, false), &ctx.flusher);
+  kernels::RmsNormParams rp = r;
+  rp.pdl = true;
+  const auto chain = gpu::time_op(
+      [&](cudaStream_t st) {
+        for (int i = 0; i < kChain; ++i) kernels::launch_rmsnorm(rp, st);
+      },
+      s, timing_for(cfg, 3.0 * kChain, true), &ctx.flusher);
+  p.graph_launch.alone_graph_us = graph1.time_us.median;
+  p.graph_launch.alone_eager_us = eager1.time_us.median;
+  p.graph_launch.chain_us = chain.time_us.median / kChain;
+  p.graph_launch.chain_kernels = kChain;
+  p.graph_launch.measured_with = fmt::format(
+      "mixserve-profile gemv: RMSNorm 1 x {} bf16 alone (graph of 1, eager; L2 flushed) and {} back to back in a "
+      "graph with programmatic dependent launch | {} | {}",
+      kWidth, kChain, p.gpu, now_iso8601_utc());
+  fmt::print(out.table,
+             "# Minimal kernel alone: {:.2f} us (graph of 1), {:.2f} us (eager); back to back in a graph of {}: "
+             "{:.2f} us each -> {:.2f} us saved per launch of a graphed step\n",
+             p.graph_launch.alone_graph_us, p.graph_launch.alone_eager_us, kChain, p.graph_launch.chain_us,
+             p.graph_launch.saving_us());
+  out.rows.push_back({{"bench", "graph_launch"}, {"alone_graph_us", p.graph_launch.alone_graph_us},
+                      {"alone_eager_us", p.graph_launch.alone_eager_us}, {"chain_us", p.graph_launch.chain_us},
+                      {"chain_kernels", kChain}, {"noise_chain", chain.time_us.noise()},
+                      {"noise_graph1", graph1.time_us.noise()}, {"noise_eager1", eager1.time_us.noise()}});
+}
+
 }  // namespace
 
 void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
@@ -141,8 +187,9 @@ void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
                  s.swiglu ? "gemv2_swiglu" : "gemv2", s.num_experts, s.n, s.k, s.top_k);
     return;
   }
-  if (dense.empty() && v2.empty()) return;
   GpuContext ctx(cfg.device);
+  measure_graph_launch(cfg, ctx, p, out);
+  if (dense.empty() && v2.empty()) return;
   cudaStream_t s = ctx.stream.get();
   gpu::DeviceBuffer w(max_w * 2), act(max_act * 2), o(max_out * 2), bias(max_out * 2), off((max_e + 1) * 4);
   fill(w.get(), max_w, DType::bf16, 91, -1, 1, s);

@@ -184,6 +184,7 @@ class MixServeModel final : public StepCostModel {
     dk_ = decode_kernels_enabled(opt.decode_kernels, l.world_size() > 1);
     device_greedy_ = opt.device_greedy;
     host_step_us_ = p.host_overhead.step_us;  // 0 when the profile has none
+    graph_saving_us_ = opt.decode_graphs ? p.graph_launch.saving_us() : 0.0;
     qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
     sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
@@ -369,6 +370,14 @@ class MixServeModel final : public StepCostModel {
       out.stage_time_us = std::max(out.stage_time_us, ts);
       if (breakdown) total.add(stage, 1.0);
     }
+    // A decode-only step the executor runs as a CUDA graph: its kernels run back to back, each
+    // launch costing the profile's measured graph saving less than its table point (timed alone).
+    double graph_us = 0;
+    if (graph_saving_us_ > 0 && !any_prefill && per_replica.size() == 1 &&
+        decode_step_graphed(true, l_.world_size() > 1, E_ > 0, per_replica[0].num_decode, k_)) {
+      graph_us = std::min(out.launches * graph_saving_us_, out.time_us);
+      out.time_us -= graph_us;
+    }
     // The executor's host time per step outside the GPU's busy time (profile host_overhead;
     // 0 when the profile has none). An empty step costs nothing.
     const double host_us = T_all > 0 ? host_step_us_ : 0.0;
@@ -380,6 +389,8 @@ class MixServeModel final : public StepCostModel {
       for (int i = 0; i < kSlots; ++i)
         if (total.used[i] && total.t[i] > 0)
           out.ops.push_back(OpCost{kSlotNames[i], phase, total.t[i], total.s[i]});
+      if (graph_us > 0)  // negative: what the graph's back-to-back launches save on the ops above
+        out.ops.push_back(OpCost{"graph.launch_overlap", phase, -graph_us, CostSource::measured});
       if (host_us > 0) out.ops.push_back(OpCost{"host.step_overhead", phase, host_us, CostSource::measured});
     }
     return out;
@@ -828,6 +839,7 @@ class MixServeModel final : public StepCostModel {
   bool mla_ = false;
   double host_step_us_ = 0;   // profile host_overhead.step_us: once per step
   bool dk_ = false;           // the executor's decode kernels (core/decode_path.hpp)
+  double graph_saving_us_ = 0;  // per launch of a graphed decode step (profile graph_launch)
   bool device_greedy_ = false;  // CostModelOptions::device_greedy
   bool qk_per_head_ = true;   // q/k norms per head or absent: the fused QK-norm/RoPE/KV write
   int sm_count_ = 132;

@@ -104,6 +104,25 @@ struct HostOverhead {
   std::string measured_with;   // the command, device and date
 };
 
+// Kernels back to back inside a CUDA graph (a decode step's graph: programmatic dependent launch,
+// no events between them) cost less each than one kernel timed alone, as every table point is:
+// the launch and the ramp of the next kernel overlap the tail of the previous one. Measured by
+// mixserve-profile gemv on a minimal kernel (an RMSNorm of one 2048-wide row): alone as a graph of
+// one launch (as the GEMV and expert GEMV points are timed) and eagerly (as the elementwise points
+// are), and per kernel in a graph of `chain_kernels` back-to-back launches. The cost model takes
+// saving_us() off each launch of a step that the executor runs as a graph (core/decode_path.hpp
+// decode_step_graphed). Absent (chain_kernels 0): no saving.
+struct GraphLaunch {
+  double alone_graph_us = 0, alone_eager_us = 0, chain_us = 0;
+  int chain_kernels = 0;
+  std::string measured_with;  // the command, device and date
+  double saving_us() const {
+    if (chain_kernels <= 0) return 0;
+    const double alone = alone_graph_us < alone_eager_us ? alone_graph_us : alone_eager_us;
+    return alone > chain_us ? alone - chain_us : 0;
+  }
+};
+
 struct HardwareProfile {
   int version = 1;
   std::string name;                  // "h200-datasheet", "h200"
@@ -127,6 +146,7 @@ struct HardwareProfile {
   std::vector<AttentionPoint> attention;
   std::vector<CollectivePoint> collectives;
   HostOverhead host_overhead;        // host_overhead {step_us, steps, measured_with}; optional
+  GraphLaunch graph_launch;          // graph_launch {alone_graph_us, ...}; optional
   std::map<std::string, std::string> versions;  // driver, cuda, cublas, nccl
   std::string measured_on;           // host / date
   std::string notes;                 // e.g. "collectives are alpha-beta until measured"
