@@ -325,7 +325,7 @@ TEST_CASE("graphed decode steps: each launch costs the profile's graph saving le
   const ClusterSpec c1 = test::h200_cluster(1, 1);
   const Layout one = test::layout(1, 1, 1, 1, 1, MoeComm::tp_allreduce);
   auto plain = make_cost_model("mixserve", m, c1, p, one, {});  // no graph_launch in the profile
-  p.graph_launch = {4.0, 5.0, 1.5, 64, "test"};                 // saving 2.5 us per launch
+  p.graph_launch = {4.0, 5.0, 1.5, 64, 0, 0, "test"};           // saving 2.5 us per launch
   auto graphed = make_cost_model("mixserve", m, c1, p, one, {});
   CostModelOptions eager_opt;
   eager_opt.decode_graphs = false;
