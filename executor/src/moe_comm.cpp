@@ -468,8 +468,12 @@ struct EpMoeComm::Rank {
   cudaEvent_t ev[3] = {};
   DeviceBuffer x;            // [cap, h] the replica's tokens
   DeviceBuffer sendbuf;      // [cap * k, h] rows by (destination, local expert, token, slot)
-  DeviceBuffer recvbuf;      // [recv cap, h] rows by (source, local expert)
-  DeviceBuffer outbuf;       // [recv cap, h] expert outputs, same order
+  DeviceBuffer recvbuf;      // [recv cap, h] the EP index's rows after the moe-TP all-gather:
+                             // member u's received rows at its gather_begin, each by (source,
+                             // local expert); moe_tp 1: this rank's received rows
+  DeviceBuffer outbuf;       // [recv cap, h] expert (TP-partial) outputs, same order
+  DeviceBuffer rsbuf;        // [recv cap, h] moe_tp > 1: one member's partials of this rank's rows
+  DeviceBuffer redbuf;       // [recv cap, h] moe_tp > 1: this rank's rows, summed over the members
   DeviceBuffer backbuf;      // [cap * k, h] outputs back home, in send order
   DeviceBuffer y;            // [cap, h] combined rows
   DeviceBuffer send_counts;  // int64 [P * E/P]
@@ -515,6 +519,8 @@ EpMoeComm::EpMoeComm(const sim::CommGeometry& geo, int64_t max_tokens_per_replic
     rk->recvbuf = alloc(dev, recv_cap * h, eb_);
     rk->outbuf = alloc(dev, recv_cap * h, eb_);
     MIXSERVE_CUDA_CHECK(cudaMemset(rk->outbuf.get(), 0, rk->outbuf.bytes()));
+    rk->rsbuf = alloc(dev, geo.moe_tp > 1 ? recv_cap * h : 0, eb_);
+    rk->redbuf = alloc(dev, geo.moe_tp > 1 ? recv_cap * h : 0, eb_);
     rk->backbuf = alloc(dev, cap_ * K * h, eb_);
     rk->y = alloc(dev, cap_ * h, eb_);
     rk->send_counts = alloc(dev, static_cast<int64_t>(P) * epr, 8);
@@ -558,8 +564,9 @@ void EpMoeComm::prepare(const sim::EpSchedule& s, std::span<const sim::ReplicaRo
     const sim::EpRankPlan& rp = s.ranks[r];
     require(routing[rp.replica].num_tokens <= cap_, kEp, "routing[" + std::to_string(rp.replica) + "].num_tokens",
             "at most max_tokens_per_replica = " + std::to_string(cap_), std::to_string(routing[rp.replica].num_tokens));
-    require(rp.recv_rows() <= recv_cap, kEp, "step", "at most " + std::to_string(recv_cap) +
-            " received rows per rank (ep_capacity_rows)", std::to_string(rp.recv_rows()) + " at rank " + std::to_string(r));
+    require(rp.gather_rows <= recv_cap, kEp, "step", "at most " + std::to_string(recv_cap) +
+            " received (and all-gathered) rows per rank (ep_capacity_rows)",
+            std::to_string(rp.gather_rows) + " at rank " + std::to_string(r));
     if (!ranks_[r]) continue;
     Rank& rk = *ranks_[r];
     const sim::ReplicaRouting& rt = routing[rp.replica];
@@ -583,15 +590,18 @@ void EpMoeComm::prepare(const sim::EpSchedule& s, std::span<const sim::ReplicaRo
     upload(rk.comb_off, off, "combine offsets");
     upload(rk.comb_row, row, "combine rows");
     upload(rk.comb_w, w, "combine weights");
-    // Toy expert tables: received rows by (source, local expert), one unweighted pair each.
-    const int64_t rr = rp.recv_rows();
+    // Toy expert tables: the EP index's rows by (member, source, local expert), one
+    // unweighted pair each.
+    const int64_t rr = rp.gather_rows;
+    const int T = geo_.moe_tp, base = r - r % T;
     std::vector<int64_t> boff{0, rr}, poff(rr + 1);
     std::vector<int32_t> pe;
     std::vector<double> pw(rr, 1.0);
     for (int64_t k = 0; k <= rr; ++k) poff[k] = k;
-    for (int src = 0; src < P; ++src)
-      for (int e = 0; e < epr; ++e)
-        pe.insert(pe.end(), rp.recv_counts[static_cast<size_t>(src) * epr + e], r * epr + e);
+    for (int u = base; u < base + T; ++u)
+      for (int src = 0; src < P; ++src)
+        for (int e = 0; e < epr; ++e)
+          pe.insert(pe.end(), s.ranks[u].recv_counts[static_cast<size_t>(src) * epr + e], (r / T) * epr + e);
     upload(rk.block_off, boff, "block offsets");
     upload(rk.pair_off, poff, "pair offsets");
     upload(rk.pair_expert, pe, "pair experts");
@@ -658,7 +668,8 @@ void EpMoeComm::dispatch() {
       rk.recv_off[src + 1] = rk.recv_off[src] + n;
     }
   }
-  // 2. Pack the (token, expert) rows, 3. one grouped send/recv.
+  // 2. Pack the (token, expert) rows, 3. one grouped send/recv into this rank's piece of the
+  //    gathered rows.
   ops.clear();
   for (int r = 0; r < P; ++r) {
     const sim::EpRankPlan& rp = s.ranks[r];
@@ -682,8 +693,27 @@ void EpMoeComm::dispatch() {
           throw RuntimeError("EP MoE comm: rank " + std::to_string(r) + " sends " + std::to_string(rows) +
                              " rows to rank " + std::to_string(d) + ", its counts say " +
                              std::to_string(off[r + 1] - off[r]));
-        op.recv = at(ranks_[d]->recvbuf, off[r] * h, eb_);
+        op.recv = at(ranks_[d]->recvbuf, (s.ranks[d].gather_begin + off[r]) * h, eb_);
       }
+      ops.push_back(op);
+    }
+  }
+  tr_.p2p_round(ops, st);
+  // 4. moe_tp > 1: the members of an EP index all-gather their received rows (uneven pieces:
+  //    one grouped send/recv, each piece at its gather_begin on every member).
+  const int T = geo_.moe_tp;
+  if (T == 1) return;
+  ops.clear();
+  for (int r = 0; r < P; ++r) {
+    const sim::EpRankPlan& rp = s.ranks[r];
+    for (int u = r - r % T; u < r - r % T + T; ++u) {
+      if (u == r) continue;
+      P2pOp op;
+      op.src = r;
+      op.dst = u;
+      op.bytes = static_cast<std::size_t>(rp.recv_rows()) * h * eb_;
+      if (ranks_[r]) op.send = at(ranks_[r]->recvbuf, rp.gather_begin * h, eb_);
+      if (ranks_[u]) op.recv = at(ranks_[u]->recvbuf, rp.gather_begin * h, eb_);
       ops.push_back(op);
     }
   }
@@ -700,7 +730,7 @@ void EpMoeComm::toy_experts() {
     kernels::ToyExpertParams p;
     p.x = rk.recvbuf.as<double>();
     p.y = rk.outbuf.as<double>();
-    p.num_rows = s_->ranks[r].recv_rows();
+    p.num_rows = s_->ranks[r].gather_rows;
     p.hidden = geo_.hidden;
     p.slice_cols = geo_.hidden;
     p.block_row_offset = rk.block_off.as<int64_t>();
@@ -708,8 +738,8 @@ void EpMoeComm::toy_experts() {
     p.pair_offset = rk.pair_off.as<int64_t>();
     p.pair_expert = rk.pair_expert.as<int32_t>();
     p.pair_weight = rk.pair_w.as<double>();
-    p.tp_rank = 0;
-    p.tp = 1;
+    p.tp_rank = r % geo_.moe_tp;
+    p.tp = geo_.moe_tp;
     kernels::launch_toy_expert(p, rk.stream.get());
   }
 }
@@ -717,10 +747,44 @@ void EpMoeComm::toy_experts() {
 void EpMoeComm::combine() {
   if (!s_) throw RuntimeError("EP MoE comm: combine before prepare");
   const sim::EpSchedule& s = *s_;
-  const int P = geo_.num_ranks, h = geo_.hidden, A = geo_.attn_tp;
+  const int P = geo_.num_ranks, h = geo_.hidden, A = geo_.attn_tp, T = geo_.moe_tp;
   const auto st = streams();
-  // 4. The rows go back: rank d returns to r what it received from r.
   std::vector<P2pOp> ops;
+  // 1. moe_tp > 1: reduce-scatter of the partial sums over the members of an EP index, in
+  //    T - 1 rounds (uneven pieces): in round j member m sends its partials of member
+  //    (m + j) mod T's rows to it, which adds them to its sum (round 1: own partials + in).
+  for (int j = 1; j < T; ++j) {
+    ops.clear();
+    for (int r = 0; r < P; ++r) {
+      const int u = r - r % T + (r % T + j) % T;
+      const sim::EpRankPlan& up = s.ranks[u];
+      P2pOp op;
+      op.src = r;
+      op.dst = u;
+      op.bytes = static_cast<std::size_t>(up.recv_rows()) * h * eb_;
+      if (ranks_[r]) op.send = at(ranks_[r]->outbuf, up.gather_begin * h, eb_);
+      if (ranks_[u]) op.recv = ranks_[u]->rsbuf.get();
+      ops.push_back(op);
+    }
+    tr_.p2p_round(ops, st);
+    for (int r = 0; r < P; ++r) {
+      if (!ranks_[r]) continue;
+      Rank& rk = *ranks_[r];
+      const sim::EpRankPlan& rp = s.ranks[r];
+      if (rp.recv_rows() == 0) continue;
+      MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
+      kernels::SumBuffersParams p;
+      p.in[0] = j == 1 ? at(rk.outbuf, rp.gather_begin * h, eb_) : rk.redbuf.get();
+      p.in[1] = rk.rsbuf.get();
+      p.num_inputs = 2;
+      p.out = rk.redbuf.get();
+      p.num_elements = rp.recv_rows() * h;
+      p.dtype = dtype_;
+      kernels::launch_sum_buffers(p, rk.stream.get());
+    }
+  }
+  // 2. The rows go back: rank d returns to r what it received from r (summed over the
+  //    members when moe_tp > 1).
   for (int d = 0; d < P; ++d)
     for (int r = 0; r < P; ++r) {
       const sim::EpRankPlan& rp = s.ranks[r];
@@ -729,12 +793,12 @@ void EpMoeComm::combine() {
       op.src = d;
       op.dst = r;
       op.bytes = static_cast<std::size_t>(rows) * h * eb_;
-      if (ranks_[d]) op.send = at(ranks_[d]->outbuf, ranks_[d]->recv_off[r] * h, eb_);
+      if (ranks_[d]) op.send = at(T > 1 ? ranks_[d]->redbuf : ranks_[d]->outbuf, ranks_[d]->recv_off[r] * h, eb_);
       if (ranks_[r]) op.recv = at(ranks_[r]->backbuf, rp.send_offset[d] * h, eb_);
       ops.push_back(op);
     }
   tr_.p2p_round(ops, st);
-  // 5. Weighted combine at home: y[token] = sum over its rows of w * row.
+  // 3. Weighted combine at home: y[token] = sum over its rows of w * row.
   for (int r = 0; r < P; ++r) {
     if (!ranks_[r]) continue;
     Rank& rk = *ranks_[r];
@@ -752,7 +816,7 @@ void EpMoeComm::combine() {
     p.dtype = dtype_;
     kernels::launch_weighted_combine(p, rk.stream.get());
   }
-  // 6. Split source: the replica's ranks exchange their combined token ranges.
+  // 4. Split source: the replica's ranks exchange their combined token ranges.
   if (source_ == sim::EpSource::split && A > 1) {
     ops.clear();
     for (int r = 0; r < P; ++r) {

@@ -99,7 +99,7 @@ MoeSched moe_sched_for(const Layout& l, const ModelSpec& m) {
   if (m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0) return MoeSched::none;
   switch (l.moe_comm) {
     case MoeComm::nccl_a2a:
-      return l.moe_tp == 1 ? MoeSched::ep : MoeSched::none;  // build_ep_schedule: moe_tp == 1
+      return MoeSched::ep;  // build_ep_schedule: any moe_tp (all-gather / reduce-scatter inside)
     case MoeComm::fused:
     case MoeComm::rs_a2a_ag:
       if (l.attn_tp != l.moe_tp || m.hidden_size % l.moe_tp != 0) return MoeSched::none;
@@ -210,13 +210,16 @@ ExpertSlots fused_expert_slots(const sim::ExpertSide& xs, int top_k) {
 
 ExpertSlots ep_expert_slots(const sim::EpSchedule& s, int rank) {
   const sim::EpRankPlan& rp = s.ranks.at(std::size_t(rank));
-  const int P = s.geo.num_ranks, epr = s.geo.experts_per_ep_rank();
+  const int P = s.geo.num_ranks, epr = s.geo.experts_per_ep_rank(), T = s.geo.moe_tp;
   ExpertSlots o;
   o.k = 1;
-  o.rows = rp.recv_rows();
-  for (int src = 0; src < P; ++src)
-    for (int e = 0; e < epr; ++e)
-      o.ids.insert(o.ids.end(), std::size_t(rp.recv_counts[std::size_t(src) * std::size_t(epr) + std::size_t(e)]), e);
+  o.rows = rp.gather_rows;  // the EP index's rows: every member's received rows, member order
+  for (int u = rank - rank % T; u < rank - rank % T + T; ++u) {
+    const sim::EpRankPlan& up = s.ranks.at(std::size_t(u));
+    for (int src = 0; src < P; ++src)
+      for (int e = 0; e < epr; ++e)
+        o.ids.insert(o.ids.end(), std::size_t(up.recv_counts[std::size_t(src) * std::size_t(epr) + std::size_t(e)]), e);
+  }
   o.weights.assign(o.ids.size(), 1.f);
   return o;
 }

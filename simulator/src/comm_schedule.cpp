@@ -259,13 +259,12 @@ int64_t EpRankPlan::recv_rows() const {
 EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRouting> routing,
                              EpSource source) {
   check_common(geo);
-  require(geo.moe_tp == 1, "moe_tp", "1 (plain EP schedule)", std::to_string(geo.moe_tp));
   check_routing(geo, routing, geo.attn_dp);
 
   EpSchedule s;
   s.geo = geo;
   s.source = source;
-  const int P = geo.num_ranks, A = geo.attn_tp, K = geo.top_k;
+  const int P = geo.num_ranks, A = geo.attn_tp, K = geo.top_k, T = geo.moe_tp;
   const int epr = geo.experts_per_ep_rank();
   const double row_bytes = static_cast<double>(geo.hidden) * geo.elem_bytes;
   s.ranks.resize(P);
@@ -282,11 +281,15 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
       rp.token_end = rt.num_tokens;
     }
     // Bucket rows by (destination rank, local expert), keeping (token, slot) order inside.
+    // Expert e lives on EP index e / epr; its member of this rank's moe-TP index m = r % T is
+    // rank (e / epr) * T + m, whose bucket of local expert e % epr is at that rank * epr.
+    const int m = r % T;
+    auto bucket = [&](int e) { return ((e / epr) * T + m) * epr + e % epr; };
     rp.send_counts.assign(static_cast<size_t>(P) * epr, 0);
     for (int tok = rp.token_begin; tok < rp.token_end; ++tok)
       for (int j = 0; j < K; ++j) {
         const int e = rt.topk_ids[static_cast<size_t>(tok) * K + j];
-        if (e >= 0) ++rp.send_counts[e];  // e == d * epr + local expert
+        if (e >= 0) ++rp.send_counts[bucket(e)];
       }
     std::vector<int64_t> fill(rp.send_counts.size() + 1, 0);
     for (size_t b = 0; b < rp.send_counts.size(); ++b) fill[b + 1] = fill[b] + rp.send_counts[b];
@@ -299,7 +302,7 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
       for (int j = 0; j < K; ++j) {
         const int e = rt.topk_ids[static_cast<size_t>(tok) * K + j];
         if (e < 0) continue;
-        const int64_t slot = fill[e]++;
+        const int64_t slot = fill[bucket(e)]++;
         rp.send_token[slot] = tok;
         rp.send_slot[slot] = j;
       }
@@ -318,6 +321,26 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
       for (int e = 0; e < epr; ++e)
         rp.recv_counts[static_cast<size_t>(src) * epr + e] =
             s.ranks[src].send_counts[static_cast<size_t>(d) * epr + e];
+  }
+  // moe-TP all-gather of the received rows (dispatch) and its reduce-scatter (combine): every
+  // member sends its received rows to the T - 1 others, and each other member u its partial
+  // sums of u's received rows.
+  for (int d = 0; d < P; ++d) {
+    EpRankPlan& rp = s.ranks[d];
+    const int base = (d / T) * T;
+    for (int u = base; u < base + T; ++u) {
+      if (u == d) rp.gather_begin = rp.gather_rows;
+      rp.gather_rows += s.ranks[u].recv_rows();
+    }
+    for (int u = base; u < base + T; ++u) {
+      if (u == d) continue;
+      const bool inter = geo.node_of(u) != geo.node_of(d);
+      add_bytes(rp.dispatch_bytes, inter, rp.recv_rows() * row_bytes);
+      add_bytes(rp.combine_bytes, inter, s.ranks[u].recv_rows() * row_bytes);
+    }
+  }
+  for (int d = 0; d < P; ++d) {
+    EpRankPlan& rp = s.ranks[d];
     // Combine sends back what was received.
     for (int src = 0; src < P; ++src) {
       if (src == d) continue;
@@ -345,6 +368,8 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
 
 int64_t ep_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica,
                          EpSource source) {
+  // After the moe-TP all-gather a rank holds every row sent to its EP index: each source token
+  // (of one rank, split) sends at most min(k, E/moe_ep) rows there.
   const int64_t rows_per_token = std::min(geo.top_k, geo.experts_per_ep_rank());
   const int64_t copies = source == EpSource::replicated ? geo.attn_tp : 1;
   return max_tokens_per_replica * geo.attn_dp * rows_per_token * copies;

@@ -462,6 +462,11 @@ HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRoutin
   check_inputs(g, routing, inputs);
   const int P = g.num_ranks, A = g.attn_tp, K = g.top_k, h = g.hidden;
   const int epr = g.experts_per_ep_rank();
+  if (kToyIntermediate % g.moe_tp != 0 || h % g.moe_tp != 0)
+    throw_input_error("host executor", "moe_tp",
+                      "a divisor of the toy expert's width " + std::to_string(kToyIntermediate) +
+                          " and of hidden " + std::to_string(h),
+                      std::to_string(g.moe_tp));
   Transport tr(g, 1, timeout_s);
   std::vector<Buf> out(P);
 
@@ -506,16 +511,57 @@ HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRoutin
                            std::to_string(got[src].size() / h) + " rows, counts said " +
                            std::to_string(n));
     }
-    // 3. Experts (moe_tp == 1: the partial of TP rank 0 of 1 is the full output), rows of one
-    //    source are grouped by local expert in count order; the result goes back unweighted.
+    // 3. moe-TP all-gather: the EP index's rows on every member, member u's received rows at
+    //    its gather_begin (the schedule gives every member's layout); then the experts, this
+    //    member's TP slice, on all of them; their partial sums are reduce-scattered back so
+    //    this rank holds the summed rows it received (moe_tp == 1: the rows and the full
+    //    expert). Rows of one (member, source) are grouped by local expert in count order.
+    const int T = g.moe_tp, m = r % T, base = r - m, ep_index = r / T;
+    Buf own;
+    for (int src = 0; src < P; ++src) own.insert(own.end(), got[src].begin(), got[src].end());
+    for (int u = base; u < base + T; ++u)
+      if (u != r) tr.send(r, u, {Phase::dispatch, 0, Kind::all_gather}, own);
+    Buf gathered(static_cast<size_t>(rp.gather_rows) * h, kPoison);
+    for (int u = base; u < base + T; ++u) {
+      const EpRankPlan& up = s.ranks[u];
+      const Buf in = u == r ? own : tr.recv(r, u, {Phase::dispatch, 0, Kind::all_gather});
+      if (static_cast<int64_t>(in.size()) != up.recv_rows() * h)
+        throw RuntimeError("moe-TP all-gather from rank " + std::to_string(u) + ": size mismatch");
+      std::copy(in.begin(), in.end(), gathered.begin() + up.gather_begin * h);
+    }
+    Buf partial(gathered.size(), 0.0);
+    for (int u = base; u < base + T; ++u) {
+      const EpRankPlan& up = s.ranks[u];
+      int64_t row = up.gather_begin;
+      for (int src = 0; src < P; ++src)
+        for (int e = 0; e < epr; ++e)
+          for (int64_t k = 0; k < up.recv_counts[static_cast<size_t>(src) * epr + e]; ++k, ++row)
+            toy_expert_partial_add(ep_index * epr + e, m, T,
+                                   std::span<const double>(gathered).subspan(row * h, h), 1.0,
+                                   std::span<double>(partial).subspan(row * h, h));
+    }
+    for (int u = base; u < base + T; ++u) {
+      if (u == r) continue;
+      const EpRankPlan& up = s.ranks[u];
+      tr.send(r, u, {Phase::combine, 0, Kind::reduce_scatter},
+              Buf(partial.begin() + up.gather_begin * h,
+                  partial.begin() + (up.gather_begin + up.recv_rows()) * h));
+    }
+    Buf red(partial.begin() + rp.gather_begin * h,
+            partial.begin() + (rp.gather_begin + rp.recv_rows()) * h);
+    for (int u = base; u < base + T; ++u) {
+      if (u == r) continue;
+      const Buf in = tr.recv(r, u, {Phase::combine, 0, Kind::reduce_scatter});
+      if (in.size() != red.size())
+        throw RuntimeError("moe-TP reduce-scatter from rank " + std::to_string(u) + ": size mismatch");
+      for (size_t i = 0; i < red.size(); ++i) red[i] += in[i];
+    }
+    // The summed rows go back to their sources, unweighted.
+    int64_t row = 0;
     for (int src = 0; src < P; ++src) {
-      Buf y(got[src].size(), 0.0);
-      int64_t row = 0;
-      for (int e = 0; e < epr; ++e)
-        for (int64_t k = 0; k < recv_counts[static_cast<size_t>(src) * epr + e]; ++k, ++row)
-          toy_expert_partial_add(r * epr + e, 0, 1,
-                                 std::span<const double>(got[src]).subspan(row * h, h), 1.0,
-                                 std::span<double>(y).subspan(row * h, h));
+      const int64_t n = static_cast<int64_t>(got[src].size()) / h;
+      Buf y(red.begin() + row * h, red.begin() + (row + n) * h);
+      row += n;
       if (src == r) got[src] = std::move(y);
       else tr.send(r, src, {Phase::combine, 0, Kind::a2a}, std::move(y));
     }

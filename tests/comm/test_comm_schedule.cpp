@@ -242,5 +242,55 @@ TEST_CASE("bad geometry and routing are rejected with InputError") {
   bad = two;
   bad[0].topk_weights.pop_back();
   CHECK_THROWS_AS(build_fused_schedule(ok, bad), InputError);
-  CHECK_THROWS_AS(build_ep_schedule(ok, two), InputError);  // moe_tp != 1
+  CHECK_NOTHROW(build_ep_schedule(ok, two));  // EP with TP 2 inside the experts
+  CHECK_THROWS_AS(build_ep_schedule(ok, std::span(two).first(1)), InputError);
+  g = ok;
+  g.moe_ep = 1;  // 2 x 1 != 4 ranks
+  CHECK_THROWS_AS(build_ep_schedule(g, two), InputError);
+}
+
+TEST_CASE("EP with moe_tp 2 on 2 nodes x 2 GPUs: peers, gathered rows and bytes by hand") {
+  // attn TP2 x DP2 | moe TP2 x EP2: ranks 0, 1 = EP index 0 (experts 0, 1), ranks 2, 3 = EP
+  // index 1 (experts 2, 3); rank r sends to d * 2 + r % 2. Replica 0 (ranks 0, 1), split:
+  // rank 0 tokens [0, 1), rank 1 [1, 3); replica 1 (ranks 2, 3): rank 2 [0, 1), rank 3 [1, 2).
+  std::vector<ReplicaRouting> routing(2);
+  routing[0].num_tokens = 3;
+  routing[0].topk_ids = {0, 2, 2, 3, 0, 1};
+  routing[0].topk_weights = {1, 0.5, 0.25, 2, 1, 1};
+  routing[1].num_tokens = 2;
+  routing[1].topk_ids = {1, 3, 3, 2};
+  routing[1].topk_weights = {0.5, 0.5, 1, 0.25};
+  CommGeometry g = test::hybrid_geometry(2, 2, 4, 2, 4);  // h = 4, 2 bytes per element
+  g.moe_tp = 2;
+  g.moe_ep = 2;
+  const EpSchedule s = build_ep_schedule(g, routing, EpSource::split);
+  // Rank 0 (token 0 of replica 0: experts 0, 2) -> rank 0 (expert 0), rank 2 (expert 2).
+  CHECK(s.ranks[0].send_offset == std::vector<int64_t>{0, 1, 1, 2, 2});
+  // Rank 1 (tokens 1: 2, 3; 2: 0, 1) -> rank 1 (experts 0, 1), rank 3 (experts 2, 3).
+  CHECK(s.ranks[1].send_offset == std::vector<int64_t>{0, 0, 2, 2, 4});
+  CHECK(s.ranks[1].send_token == std::vector<int32_t>{2, 2, 1, 1});
+  // Rank 2 (replica 1 token 0: experts 1, 3) -> rank 0 (expert 1), rank 2 (expert 3).
+  CHECK(s.ranks[2].send_offset == std::vector<int64_t>{0, 1, 1, 2, 2});
+  // Rank 3 (replica 1 token 1: experts 3, 2) -> rank 3 (experts 2 then 3).
+  CHECK(s.ranks[3].send_offset == std::vector<int64_t>{0, 0, 0, 0, 2});
+  // Received: rank 0 from 0 (expert 0) and 2 (expert 1): 2 rows; rank 1 from 1: 2 rows;
+  // rank 2 from 0 and 2: 2 rows; rank 3 from 1 (2 rows) and 3 (2 rows): 4 rows.
+  const int64_t recv[] = {2, 2, 2, 4}, begin[] = {0, 2, 0, 2}, rows[] = {4, 4, 6, 6};
+  for (int r = 0; r < 4; ++r) {
+    CAPTURE(r);
+    CHECK(s.ranks[r].recv_rows() == recv[r]);
+    CHECK(s.ranks[r].gather_begin == begin[r]);
+    CHECK(s.ranks[r].gather_rows == rows[r]);
+  }
+  // Bytes (row = 8 B; ranks 0, 1 on node 0, 2, 3 on node 1). Rank 3 dispatch: nothing to
+  // others (its 2 rows stay), all-gather 4 rows to rank 2 (same node): 32 B intra. Combine:
+  // reduce-scatter of rank 2's 2 rows to rank 2 (16 B intra), rows back: 2 to rank 1 (16 B
+  // inter), final all-gather of its 1 token to rank 2 (8 B intra).
+  CHECK(s.ranks[3].dispatch_bytes.inter_bytes == 0);
+  CHECK(s.ranks[3].dispatch_bytes.intra_bytes == 32);
+  CHECK(s.ranks[3].combine_bytes.inter_bytes == 16);
+  CHECK(s.ranks[3].combine_bytes.intra_bytes == 16 + 8);
+  // Rank 0 dispatch: 1 row to rank 2 (8 B inter), all-gather 2 rows to rank 1 (16 B intra).
+  CHECK(s.ranks[0].dispatch_bytes.inter_bytes == 8);
+  CHECK(s.ranks[0].dispatch_bytes.intra_bytes == 16);
 }

@@ -129,6 +129,37 @@ TEST_CASE("fused and plain EP schedules match the single-device reference (full 
   CHECK(cases == 6 * 3 * 3 * 5);
 }
 
+TEST_CASE("EP by all-to-all with TP inside the experts (moe_tp 2 and G) matches the reference") {
+  // attention TP G x DP N as in the fused cases; moe TP tp x EP N*G/tp: the EP peers of a rank
+  // are the ranks with its moe-TP index, the members of an EP index all-gather the rows they
+  // received and reduce-scatter the partial sums.
+  int cases = 0;
+  for (auto [N, G] : {std::pair{1, 2}, {2, 2}, {2, 4}, {4, 2}}) {
+    const std::vector<int> tps = G == 2 ? std::vector<int>{2} : std::vector<int>{2, G};
+    for (int tp : tps)
+      for (int E : {8, 64})
+        for (int k : {1, 2, 8})
+          for (RoutingKind kind : test::kAllRoutings) {
+            const Case c{N, G, E, k, kind};
+            const int hidden = 3 * G;
+            const CommGeometry g = test::ep_tp_geometry(N, G, tp, E, k, hidden);
+            CAPTURE(c.str());
+            CAPTURE(tp);
+            const Problem p = make_problem(c, N, hidden, 4000037ull * (cases + 1));
+            for (EpSource src : {EpSource::split, EpSource::replicated}) {
+              const EpSchedule es = build_ep_schedule(g, p.routing, src);
+              const HostExecResult er = run_ep_on_host(es, p.routing, p.inputs);
+              CHECK_MESSAGE(count_wrong(er, p, G) == 0, "ep tp=", tp, ": ", c.str(),
+                            src == EpSource::split ? " split" : " replicated");
+              CHECK_MESSAGE(count_byte_mismatches(es, er) == 0, "ep tp=", tp, " bytes: ", c.str());
+            }
+            ++cases;
+          }
+  }
+  MESSAGE("EP x TP cases: ", cases);
+  CHECK(cases == (1 + 1 + 2 + 1) * 2 * 3 * 5);
+}
+
 TEST_CASE("general moe_tp | G: TP groups of 2 inside 4-GPU nodes, rails partly intra-node") {
   // 2 nodes x 4 GPUs, moe_tp = attn_tp = 2, moe_ep = attn_dp = 4: groups 0,1 on node 0.
   for (int k : kTopK) {

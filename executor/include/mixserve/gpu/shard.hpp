@@ -48,10 +48,11 @@ namespace mixserve::gpu {
 enum class MoeMode { none, replicated, gathered };
 
 // The plan's MoE communication run by schedule (docs/distributed.md, docs/moe-comm.md), in place
-// of the moe_mode exchange above: `ep` the plain EP dispatch/combine (a2a: counts exchanged, then
-// grouped send/recv; EpSource::split), `fused` MixServe's AG-Dispatch / RS-Combine, `rs_a2a_ag`
-// the same schedule without overlap. `none`: the moe_mode exchange (plans with `allreduce`, and
-// the layouts the schedules do not cover: a2a with moe_tp > 1, a model with a shared expert).
+// of the moe_mode exchange above: `ep` the EP dispatch/combine (a2a: counts exchanged, then
+// grouped send/recv; EpSource::split; with moe_tp > 1 the all-gather / reduce-scatter over the
+// EP index's members around the experts), `fused` MixServe's AG-Dispatch / RS-Combine,
+// `rs_a2a_ag` the same schedule without overlap. `none`: the moe_mode exchange (plans with
+// `allreduce`, and models with a shared expert, which the schedules do not carry).
 enum class MoeSched { none, ep, fused, rs_a2a_ag };
 const char* to_string(MoeSched s);
 MoeSched moe_sched_for(const Layout& l, const ModelSpec& m);
@@ -115,8 +116,9 @@ std::vector<sim::ReplicaRouting> unpack_routing(std::span<const int32_t> gathere
 
 // The expert step of the received rows as the forward's permute / experts / combine take it:
 // per row k slots of a local expert id (-1: empty) and a weight. Fused: the group's pairs
-// (ExpertSide, k = top_k, weights applied on the expert side); EP: one unweighted slot per row
-// (k = 1, the weights are applied at home). RuntimeError if a row has more than k pairs.
+// (ExpertSide, k = top_k, weights applied on the expert side); EP: the EP index's gathered rows
+// (EpRankPlan::gather_rows), one unweighted slot per row (k = 1, the weights are applied at
+// home). RuntimeError if a row has more than k pairs.
 struct ExpertSlots {
   int k = 1;
   int64_t rows = 0;

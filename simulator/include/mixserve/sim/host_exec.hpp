@@ -48,6 +48,8 @@ struct HostExecResult {
 HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const ReplicaRouting> routing,
                                  std::span<const std::vector<double>> inputs,
                                  double timeout_s = 60);
+// EP with moe_tp > 1: the moe-TP all-gather is booked in dispatch_bytes, its reduce-scatter in
+// combine_bytes (round 0 of both, as the schedule's EpRankPlan books them).
 HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRouting> routing,
                               std::span<const std::vector<double>> inputs, double timeout_s = 60);
 
