@@ -160,6 +160,42 @@ TEST_CASE("EP by all-to-all with TP inside the experts (moe_tp 2 and G) matches 
   CHECK(cases == (1 + 1 + 2 + 1) * 2 * 3 * 5);
 }
 
+TEST_CASE("EP x TP: the check can fail (a corrupted gather layout, a wrong weight at home)") {
+  const Case c{2, 4, 64, 2, RoutingKind::uniform};
+  const int hidden = 12;
+  const Problem p = make_problem(c, 2, hidden, 9);
+  const CommGeometry g = test::ep_tp_geometry(2, 4, 4, 64, 2, hidden);
+  SUBCASE("two members' pieces swapped in the gathered rows") {
+    EpSchedule s = build_ep_schedule(g, p.routing);
+    REQUIRE(s.ranks[0].recv_rows() > 0);
+    REQUIRE(s.ranks[1].recv_rows() > 0);
+    std::swap(s.ranks[0].gather_begin, s.ranks[1].gather_begin);
+    bool failed = false;
+    try {
+      failed = count_wrong(run_ep_on_host(s, p.routing, p.inputs, 2.0), p, c.G) > 0;
+    } catch (const RuntimeError&) {
+      failed = true;
+    }
+    CHECK(failed);
+  }
+  SUBCASE("a row combined with its token's other top-2 weight") {
+    EpSchedule s = build_ep_schedule(g, p.routing);
+    bool corrupted = false;
+    for (auto& rp : s.ranks) {
+      const auto& w = p.routing[rp.replica].topk_weights;
+      for (int64_t k = 0; k < rp.send_offset.back() && !corrupted; ++k) {
+        const size_t tok = size_t(rp.send_token[k]);
+        const int other = 1 - rp.send_slot[k];
+        if (w[tok * 2 + other] == w[tok * 2 + rp.send_slot[k]]) continue;
+        rp.send_slot[k] = other;
+        corrupted = true;
+      }
+    }
+    REQUIRE(corrupted);
+    CHECK(count_wrong(run_ep_on_host(s, p.routing, p.inputs, 2.0), p, c.G) > 0);
+  }
+}
+
 TEST_CASE("general moe_tp | G: TP groups of 2 inside 4-GPU nodes, rails partly intra-node") {
   // 2 nodes x 4 GPUs, moe_tp = attn_tp = 2, moe_ep = attn_dp = 4: groups 0,1 on node 0.
   for (int k : kTopK) {
