@@ -59,9 +59,9 @@ ModelSpec dist_model() {
 }
 
 // The same shape as Qwen2-MoE: a shared expert (width 64, 8 per rank at TP 8) with its sigmoid
-// gate beside the routed experts. The schedules carry routed experts only, so its MoE layers run
-// the all-reduce / gather exchange (gpu::moe_sched_for); the shared expert is TP-sharded over
-// moe_tp and added by the ranks of EP index 0.
+// gate beside the routed experts, TP-sharded over moe_tp. Under a schedule every moe-TP group
+// runs it on its own tokens inside the schedule's reduce-scatter; in the all-reduce / gather
+// exchange the ranks of EP index 0 add it.
 ModelSpec dist_model_shared() {
   return import_hf_config(R"({"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 128,
     "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
@@ -289,7 +289,7 @@ int run_all_layouts(const ModelSpec& m, uint64_t seed, gpu::Placement placement,
       ++by_sched[static_cast<int>(sched)];
       ep_tp += sched == gpu::MoeSched::ep && l.moe_tp > 1;
       // Plans whose MoE communication has a schedule (a2a, fused, rs-a2a-ag over > 1 rank) must
-      // run it, unless the model has a shared expert.
+      // run it, with or without a shared expert.
       with_plan_schedule += l.moe_comm != MoeComm::tp_allreduce && l.stage_size() > 1;
       worst_hidden = std::max(worst_hidden, st.worst_hidden);
       worst_logits = std::max(worst_logits, st.worst_logits);
@@ -300,17 +300,13 @@ int run_all_layouts(const ModelSpec& m, uint64_t seed, gpu::Placement placement,
   std::printf("MoE by schedule: %d EP (a2a; %d of them with moe_tp > 1), %d fused, %d rs-a2a-ag; %d through the "
               "all-reduce / gather exchange\n",
               by_sched[1], ep_tp, by_sched[2], by_sched[3], by_sched[0]);
-  if (shared) {
-    CHECK_MESSAGE(by_sched[0] == layouts, "a shared-expert model ran a schedule that does not carry the shared expert");
-  } else {
-    CHECK_MESSAGE(by_sched[1] + by_sched[2] + by_sched[3] == with_plan_schedule,
-                  "a layout whose plan says a2a, fused or rs-a2a-ag did not run by its schedule");
-    if (max_ranks >= 4) {  // P = 4: EP, TP2 x EP2 with a2a, fused and rs-a2a-ag
-      CHECK_MESSAGE(by_sched[1] > 0, "no layout ran the EP dispatch/combine");
-      CHECK_MESSAGE(ep_tp > 0, "no layout ran the EP schedule with moe_tp > 1");
-      CHECK_MESSAGE(by_sched[2] > 0, "no layout ran the fused AG-Dispatch / RS-Combine");
-      CHECK_MESSAGE(by_sched[3] > 0, "no layout ran rs-a2a-ag");
-    }
+  CHECK_MESSAGE(by_sched[1] + by_sched[2] + by_sched[3] == with_plan_schedule,
+                "a layout whose plan says a2a, fused or rs-a2a-ag did not run by its schedule");
+  if (max_ranks >= 4) {  // P = 4: EP, TP2 x EP2 with a2a, fused and rs-a2a-ag
+    CHECK_MESSAGE(by_sched[1] > 0, "no layout ran the EP dispatch/combine");
+    CHECK_MESSAGE(ep_tp > 0, "no layout ran the EP schedule with moe_tp > 1");
+    CHECK_MESSAGE(by_sched[2] > 0, "no layout ran the fused AG-Dispatch / RS-Combine");
+    CHECK_MESSAGE(by_sched[3] > 0, "no layout ran rs-a2a-ag");
   }
   return layouts;
 }

@@ -90,7 +90,12 @@ TEST_CASE("shards tile every dimension once per group, for every planner layout 
             if (info.moe_tp_rank == 0) ++experts[std::size_t(e)];
           if (info.moe_ep_rank == 0)
             for (int64_t i = d.inter0; i < d.inter0 + d.inter; ++i) ++inter[std::size_t(i)];
-          if (sh.shared_expert)
+          // The shared expert: once per stage in the moe_mode exchange (EP index 0 adds it, the
+          // exchange sums over the stage); under a schedule once per EP index (every moe-TP
+          // group runs it on its own tokens, the schedule's reduce-scatter sums the group).
+          CHECK(sh.shared_expert == (sh.moe_sched != gpu::MoeSched::none || info.moe_ep_rank == 0));
+          // Its width tiles once over the moe-TP group (counted on EP index 0).
+          if (info.moe_ep_rank == 0)
             for (int64_t i = d.shared0; i < d.shared0 + d.shared; ++i) ++shared[std::size_t(i)];
           if (info.attn_dp_rank == 0)
             for (int64_t i = d.dense0; i < d.dense0 + d.dense; ++i) ++dense[std::size_t(i)];
@@ -297,7 +302,7 @@ sim::ReplicaRouting routing_of(int n, int k, int E, int seed) {
 }  // namespace
 
 TEST_CASE("scheduled MoE: which plans run by schedule") {
-  const ModelSpec shared = tiny();                          // a shared expert: the moe_mode exchange
+  const ModelSpec shared = tiny();                          // a shared expert (Qwen2-MoE)
   const ModelSpec plain = tiny("Qwen3MoeForCausalLM");      // no shared expert
   auto layout = [](int atp, int adp, int mtp, int mep, MoeComm c) {
     Layout l;
@@ -313,16 +318,23 @@ TEST_CASE("scheduled MoE: which plans run by schedule") {
   CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::fused), plain) == gpu::MoeSched::fused);
   CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::rs_a2a_ag), plain) == gpu::MoeSched::rs_a2a_ag);
   CHECK(gpu::moe_sched_for(layout(4, 1, 4, 1, MoeComm::tp_allreduce), plain) == gpu::MoeSched::none);
-  CHECK(gpu::moe_sched_for(layout(1, 4, 1, 4, MoeComm::nccl_a2a), shared) == gpu::MoeSched::none);
+  // A shared expert runs inside the schedules (on each moe-TP group's own tokens).
+  CHECK(gpu::moe_sched_for(layout(1, 4, 1, 4, MoeComm::nccl_a2a), shared) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::nccl_a2a), shared) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::fused), shared) == gpu::MoeSched::fused);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::rs_a2a_ag), shared) == gpu::MoeSched::rs_a2a_ag);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::tp_allreduce), shared) == gpu::MoeSched::none);
   // Every planner layout: the shard carries the layout's schedule, and every layout whose plan
-  // says a2a, fused or rs-a2a-ag (with an EP degree > 1 and a stage of > 1 rank) has one.
+  // says a2a, fused or rs-a2a-ag (with an EP degree > 1 and a stage of > 1 rank) has one, with
+  // and without a shared expert.
+  for (const ModelSpec* m : {&plain, &shared})
   for (int R : {2, 4, 8})
     for (const Layout& l : planner::enumerate_layouts(R)) {
-      if (l.pp > plain.num_layers) continue;
+      if (l.pp > m->num_layers) continue;
       CAPTURE(l.name());
-      const auto rm = build_rank_map(cluster_of(R), plain, l);
-      for (const auto& info : rm) CHECK(shard_for_rank(l, info, plain).moe_sched == gpu::moe_sched_for(l, plain));
-      const gpu::MoeSched got = gpu::moe_sched_for(l, plain);
+      const auto rm = build_rank_map(cluster_of(R), *m, l);
+      for (const auto& info : rm) CHECK(shard_for_rank(l, info, *m).moe_sched == gpu::moe_sched_for(l, *m));
+      const gpu::MoeSched got = gpu::moe_sched_for(l, *m);
       if (l.moe_comm == MoeComm::tp_allreduce || l.stage_size() == 1) {
         CHECK(got == gpu::MoeSched::none);
       } else {

@@ -51,6 +51,12 @@ struct CommGeometry {
   int num_experts = 1, top_k = 1;
   int hidden = 1;             // elements per token row
   double elem_bytes = 2;      // bytes per element on the wire (activation dtype)
+  // The model has a shared expert, TP-sharded over moe_tp like the routed ones: every rank
+  // computes its TP slice of it on the tokens its moe-TP group owns, and the schedule's
+  // reduce-scatter sums the slices. Fused: route(q -> q) holds every token of replica q (block 0
+  // of the expert side is the whole replica). EP: the EP index's gathered rows start with its
+  // members' source tokens (EpRankPlan::shared_*).
+  bool shared_expert = false;
 
   int node_of(int rank) const { return rank / gpus_per_node; }
   // Experts owned by one EP index (a group of moe_tp ranks).
@@ -136,7 +142,8 @@ struct FusedSchedule {
   int group_size = 1;         // T = moe_tp
   int slice_elems = 1;        // h / T
   // route[s * Q + d]: ascending distinct token indices of replica s with at least one expert in
-  // group d. The rows of every transfer between s and d, in this order, both ways.
+  // group d. The rows of every transfer between s and d, in this order, both ways. With a shared
+  // expert, route(q -> q) is every token of replica q (its shared expert runs in group q).
   std::vector<std::vector<int32_t>> route;
   std::vector<ExpertSide> expert_side;        // [Q]
   std::vector<std::vector<FusedStep>> steps;  // [num_ranks][Q], steps[r][i].round == i
@@ -187,16 +194,25 @@ struct EpRankPlan {
   std::vector<int64_t> send_counts;      // [P * E/P]
   std::vector<int64_t> recv_counts;      // [P * E/P]: rows from (source s, local expert e)
   int64_t recv_rows() const;
-  // The EP index's rows after the moe-TP all-gather, [gather_rows, hidden]: member 0's received
-  // rows, then member 1's, ...; this rank's own at [gather_begin, gather_begin + recv_rows()).
-  // moe_tp == 1: gather_begin = 0, gather_rows = recv_rows().
+  // The EP index's rows after the moe-TP all-gather, [gather_rows, hidden]: with a shared
+  // expert first the members' source tokens (member 0's [token_begin, token_end), then member
+  // 1's, ...; this rank's at shared_begin, shared_rows of them; total shared_total), then the
+  // received rows of member 0, member 1, ...; this rank's own at [gather_begin, gather_begin +
+  // recv_rows()). Without a shared expert shared_total = 0; moe_tp == 1: shared rows (if any)
+  // then recv_rows().
+  int64_t shared_begin = 0;
+  int64_t shared_rows = 0;   // token_end - token_begin with a shared expert, else 0
+  int64_t shared_total = 0;
   int64_t gather_begin = 0;
   int64_t gather_rows = 0;
   // Sent bytes, by domain (node of the peer):
   //   dispatch: the rows to each EP peer (rows * hidden * elem_bytes), then the all-gather of
-  //     this rank's received rows to each of the moe_tp - 1 other members;
+  //     this rank's received rows to each of the moe_tp - 1 other members, and of its source
+  //     tokens (shared expert) to the members of other attention replicas (those of its own
+  //     replica hold them already);
   //   combine: the reduce-scatter (each other member u gets this rank's partial sums of u's
-  //     received rows), the rows back to their sources, the split source's final all-gather.
+  //     received rows and, shared expert, of u's source tokens), the rows back to their
+  //     sources, the split source's final all-gather.
   RankRoundBytes dispatch_bytes;
   RankRoundBytes combine_bytes;
 };
@@ -218,7 +234,8 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
 // Rows one rank must be able to receive in the EP dispatch and hold after the moe-TP
 // all-gather (and for the combine) for a step of at most `max_tokens_per_replica` tokens per
 // replica: every source token sends min(top_k, E/moe_ep) rows to its EP index;
-// `replicated` multiplies by attn_tp. [rows, hidden].
+// `replicated` multiplies by attn_tp; a shared expert adds moe_tp * max_tokens_per_replica (the
+// members' source tokens). [rows, hidden].
 int64_t ep_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica,
                          EpSource source = EpSource::split);
 
