@@ -83,6 +83,7 @@ TEST_CASE("per-round inter-node bytes of the fused schedule match the MoE load m
 }
 
 TEST_CASE("EP schedule (a2a, moe_tp 1, 2, G, with and without a shared expert) moves what the cost model costs") {
+  using namespace mixserve;
   // Per rank, averaged over ranks and seeded uniform routings, the EP schedule's bytes against
   // sim::ep_a2a_bytes, the volumes the step-cost model hands the op timer for MoeComm::nccl_a2a
   // (a collective over T ranks sends (T-1)/T of its buffer):
@@ -151,6 +152,7 @@ TEST_CASE("EP schedule (a2a, moe_tp 1, 2, G, with and without a shared expert) m
 }
 
 TEST_CASE("fused schedule with a shared expert: round 0 reduce-scatters every token of the group") {
+  using namespace mixserve;
   // The cost model's local (round-0) reduce-scatter with a shared expert is Tg rows (cost_model.cpp);
   // the schedule's round-0 combine bytes per rank are (T-1)/T of the replica's tokens.
   for (auto [N, G] : {std::pair{2, 2}, {2, 4}, {4, 2}}) {
