@@ -192,6 +192,29 @@ TEST_CASE("EP capacity bound is reached when every token goes to rank 0's expert
   }
 }
 
+TEST_CASE("EP capacity bound with moe_tp 2 and a shared expert covers the gathered rows") {
+  std::mt19937_64 rng(6);
+  // 2 nodes x 2 GPUs, moe TP 2 x EP 2, 16 experts (8 per EP index); every token to experts 0, 1.
+  CommGeometry g = test::ep_tp_geometry(2, 2, 2, 16, 2, 4);
+  std::vector<ReplicaRouting> routing;
+  for (int q = 0; q < 2; ++q)
+    routing.push_back(test::make_routing(test::RoutingKind::same_experts, q, 5, 16, 2, rng));
+  for (bool shared : {false, true}) {
+    g.shared_expert = shared;
+    for (EpSource src : {EpSource::split, EpSource::replicated}) {
+      CAPTURE(shared);
+      const EpSchedule s = build_ep_schedule(g, routing, src);
+      // EP index 0 (ranks 0, 1) gathers every row: 2 replicas x 5 tokens x 2 (x 2 replicated),
+      // plus its members' source tokens with a shared expert.
+      const int64_t routed = 2 * 5 * 2 * (src == EpSource::replicated ? 2 : 1);
+      const int64_t own = shared ? (src == EpSource::replicated ? 2 * 5 : 5) : 0;
+      CHECK(s.ranks[0].gather_rows == routed + own);
+      CHECK(s.ranks[0].gather_rows <= ep_capacity_rows(g, 5, src));
+      CHECK(s.ranks[2].gather_rows == (shared ? s.ranks[2].shared_total : 0));
+    }
+  }
+}
+
 TEST_CASE("geometry of a layout: one pipeline stage, activation bytes, legality") {
   ClusterSpec c;
   c.num_nodes = 4;
@@ -212,6 +235,10 @@ TEST_CASE("geometry of a layout: one pipeline stage, activation bytes, legality"
   CHECK(g.hidden == 7168);
   CHECK(g.elem_bytes == 2);
   CHECK(g.experts_per_ep_rank() == 128);
+  CHECK_FALSE(g.shared_expert);
+  m.moe.num_shared_experts = 1;
+  m.moe.shared_intermediate_size = 2048;
+  CHECK(make_comm_geometry(c, m, l).shared_expert);
   l.moe_ep = 4;  // 8 x 4 != 8 x 2
   CHECK_THROWS_AS(make_comm_geometry(c, m, l), InputError);
 }
