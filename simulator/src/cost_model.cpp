@@ -733,6 +733,10 @@ class MixServeModel final : public StepCostModel {
         a.add(moe_shared, timer_->gemm(Tg, 1, h_, m_.activation_dtype));
     }
     const double tok_bytes = h_ * act_;
+    // A shared expert under a scheduled MoE communication runs in every moe-TP group on the
+    // group's own tokens (docs/comm-schedules.md): its TP partials ride the schedule's
+    // reduce-scatter, which grows by those tokens.
+    const bool shared = m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0;
     switch (l_.moe_comm) {
       case MoeComm::tp_allreduce:
         if (l_.attn_dp > 1) {
@@ -743,18 +747,17 @@ class MixServeModel final : public StepCostModel {
         }
         break;
       case MoeComm::nccl_a2a: {
-        const double send_rows = Tg / l_.moe_tp * k_;
-        const double recv_rows = rows / l_.moe_tp;
-        const double a2a_bytes = std::max(send_rows, recv_rows) * tok_bytes;
-        a.add_coll(moe_dispatch, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
+        // The EP schedule (comm_schedule.hpp); `rows`: the most loaded EP index's.
+        const EpA2aBytes eb = ep_a2a_bytes(Tg, T_rep, rows, h_, act_, k_, l_.moe_tp, l_.attn_tp, shared);
+        a.add_coll(moe_dispatch, timer_->collective(CollOp::all_to_all, g_ep_, eb.a2a_bytes));
         if (l_.moe_tp > 1) {
-          a.add_coll(moe_dispatch, timer_->collective(CollOp::all_gather, g_moe_tp_, rows * tok_bytes));
-          a.add_coll(moe_combine, timer_->collective(CollOp::reduce_scatter, g_moe_tp_, rows * tok_bytes));
+          a.add_coll(moe_dispatch, timer_->collective(CollOp::all_gather, g_moe_tp_, eb.tp_ag_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::reduce_scatter, g_moe_tp_, eb.tp_rs_bytes));
         }
-        a.add_coll(moe_combine, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
-        a.add(moe_combine, timer_->memory_op(2.0 * send_rows * tok_bytes));  // weighted sum
+        a.add_coll(moe_combine, timer_->collective(CollOp::all_to_all, g_ep_, eb.a2a_bytes));
+        a.add(moe_combine, timer_->memory_op(2.0 * eb.send_rows * tok_bytes));  // weighted sum
         if (l_.attn_tp > 1)
-          a.add_coll(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, eb.final_ag_bytes));
         break;
       }
       case MoeComm::rs_a2a_ag:
@@ -798,8 +801,11 @@ class MixServeModel final : public StepCostModel {
           R[i] = r.time_us;
           src = worse(worse(src, p.source), worse(g.source, r.source));
         }
+        // Round 0's reduce-scatter: the group's rows of its own tokens; with a shared expert
+        // every one of its Tg tokens (block 0 is the whole replica).
         const double local_rs =
-            timer_->collective(CollOp::reduce_scatter, g_moe_tp_, fr.gather_bytes).time_us;
+            timer_->collective(CollOp::reduce_scatter, g_moe_tp_, shared ? Tg * tok_bytes : fr.gather_bytes)
+                .time_us;
         double t_dispatch, t_combine;
         if (overlap) {
           t_dispatch = fused_dispatch_time_us({P, size_t(n)}, {A, size_t(n)}, local_ag);
