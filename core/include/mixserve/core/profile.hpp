@@ -109,11 +109,13 @@ struct HostOverhead {
 // the launch and the ramp of the next kernel overlap the tail of the previous one. Measured by
 // mixserve-profile gemv: a minimal kernel (an RMSNorm of one 2048-wide row) alone as a graph of one
 // launch (as the GEMV and expert GEMV points are timed) and eagerly (as the elementwise points
-// are), and per kernel in a graph of `chain_kernels` back-to-back launches; and, as a decode step
-// alternates its norms with weight-streaming kernels, a 16 MiB GEMV alone and norm+GEMV pairs back
-// to back (mixed_chain_us per kernel). The cost model takes saving_us() off each launch of a step
-// the executor runs as a graph (core/decode_path.hpp decode_step_graphed): the pairs' saving when
-// measured, else the norm's. Absent (chain_kernels 0): no saving.
+// are), and per kernel in a graph of `chain_kernels` back-to-back launches; saving_us() = the
+// smaller alone time less the chained one, taken off each launch of a step the executor runs as a
+// graph (core/decode_path.hpp decode_step_graphed) by the cost model. Absent (chain_kernels 0): no
+// saving. Also recorded, not used: a 16 MiB GEMV alone and norm+GEMV pairs back to back
+// (mixed_chain_us per kernel); the GEMV streams its weights before it waits on the previous
+// kernel, so pairs save more per launch than a kernel whose inputs all depend on its predecessor
+// (router, permute, expert GEMV, attention) can (docs/fidelity.md).
 struct GraphLaunch {
   double alone_graph_us = 0, alone_eager_us = 0, chain_us = 0;
   int chain_kernels = 0;
@@ -121,10 +123,13 @@ struct GraphLaunch {
   std::string measured_with;  // the command, device and date
   double saving_us() const {
     if (chain_kernels <= 0) return 0;
-    const double norm = alone_graph_us < alone_eager_us ? alone_graph_us : alone_eager_us;
-    const double s = (alone_gemv_us > 0 && mixed_chain_us > 0) ? (norm + alone_gemv_us) / 2 - mixed_chain_us
-                                                                : norm - chain_us;
-    return s > 0 ? s : 0;
+    const double alone = alone_graph_us < alone_eager_us ? alone_graph_us : alone_eager_us;
+    return alone > chain_us ? alone - chain_us : 0;
+  }
+  double mixed_saving_us() const {  // informational (see above)
+    const double alone = alone_graph_us < alone_eager_us ? alone_graph_us : alone_eager_us;
+    const double s = (alone + alone_gemv_us) / 2 - mixed_chain_us;
+    return (alone_gemv_us > 0 && mixed_chain_us > 0 && s > 0) ? s : 0;
   }
 };
 
