@@ -363,6 +363,14 @@ BenchMemory estimate_bench_memory(const ModelSpec& m, const BenchConfig& cfg, in
   return mem;
 }
 
+BenchMemory emulated_ranks_memory(BenchMemory one, const ModelSpec& m, int ranks) {
+  one.weights += double(ranks - 1) * 2.0 *
+                 (2.0 * double(m.vocab_size) * m.hidden_size +
+                  double(m.num_moe_layers()) * m.moe.num_experts * m.hidden_size);
+  one.activations *= ranks;
+  return one;
+}
+
 std::vector<sim::ReplicaBatch> bench_step_batches(const BenchConfig& cfg, int64_t chunk_tokens) {
   int num_prefill = 0;
   const auto shapes = step_shapes(cfg, chunk_tokens, &num_prefill);
@@ -403,14 +411,7 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   check_device_matches(r.plan, info.name, plan_path);
 
   r.memory = estimate_bench_memory(r.model, cfg, r.prefill_chunk_tokens);
-  if (r.emulated) {  // emulated: sharded weights sum to about one model; every rank adds its
-                      // replicated embedding, LM head and routers and its own activations
-    const ModelSpec& m = r.model;
-    r.memory.weights += double(r.ranks - 1) * 2.0 *
-                        (2.0 * double(m.vocab_size) * m.hidden_size +
-                         double(m.num_moe_layers()) * m.moe.num_experts * m.hidden_size);
-    r.memory.activations *= r.ranks;
-  }
+  if (r.emulated) r.memory = emulated_ranks_memory(r.memory, r.model, r.ranks);
   std::size_t free_b = 0, total_b = 0;
   MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
   r.memory.free_device = double(free_b);

@@ -18,8 +18,11 @@
 #include "mixserve/core/json.hpp"
 #include "mixserve/gpu/bench.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/distributed.hpp"
 #include "mixserve/gpu/graph.hpp"
 #include "mixserve/gpu/model_forward.hpp"
+#include "mixserve/gpu/online_engine.hpp"
+#include "mixserve/gpu/shard.hpp"
 #include "mixserve/gpu/runtime.hpp"
 #include "mixserve/kernels/kv_cache.cuh"
 #include "mixserve/model/weights.hpp"
@@ -92,7 +95,15 @@ std::vector<std::vector<double>> phase_columns(const std::vector<HostPhases>& ph
 }  // namespace
 
 OnlineSetup online_setup(const Plan& plan, const std::string& origin, const OnlineConfig& cfg) {
-  check_single_gpu_plan(plan, origin);
+  check_single_gpu_plan(plan, origin,
+                        cfg.emulate_ranks || cfg.gpu_per_rank ? MultiGpuPlan::allowed : MultiGpuPlan::needs_flag);
+  if (cfg.emulate_ranks && cfg.gpu_per_rank) throw InputError("--emulate-ranks and --gpu-per-rank exclude each other");
+  const Layout& layout = plan.chosen.layout;
+  if (layout.pp > 1)
+    throw InputError(fmt::format(
+        "{}: the plan's layout '{}' is pipeline-parallel (PP{}): the online mode does not run it (the simulator "
+        "keeps {} micro-batches in flight; the executor's step runs one batch through every stage); the offline "
+        "bench runs it", origin, layout.name(), layout.pp, layout.pp));
   OnlineSetup s;
   const WorkloadSpec base = cfg.workload.empty() ? plan.workload : load_workload(cfg.workload);
   s.workload = sim::apply_overrides(base, cfg.overrides, "--request-rate");
@@ -121,7 +132,8 @@ OnlineSetup online_setup(const Plan& plan, const std::string& origin, const Onli
                                  limits.kv_block_tokens));
   s.serving = sim::serving_config_for(*cm, plan.chosen.layout, limits, s.workload);
   if (cfg.max_num_seqs > 0) s.serving.limits.max_num_seqs = cfg.max_num_seqs;  // the option wins
-  s.serving.sample_moe_load = false;  // one GPU: no EP load to sample
+  // The expected MoE load every step, as the per-step prediction of the run (no sampled loads).
+  s.serving.sample_moe_load = false;
   s.requests = sim::generate_requests(s.workload);
   if (s.requests.requests.empty()) throw InputError(fmt::format("workload '{}': no requests", s.workload.name));
 
@@ -130,8 +142,9 @@ OnlineSetup online_setup(const Plan& plan, const std::string& origin, const Onli
       L.max_model_len > 0 ? L.max_model_len : int64_t(s.model.max_position_embeddings);
   int64_t longest = 0;
   for (const auto& r : s.requests.requests) {
-    if (r.replica > 0)
-      throw InputError(fmt::format("request {}: replica {} not in the plan (one replica)", r.id, r.replica));
+    if (r.replica >= s.serving.num_replicas)
+      throw InputError(fmt::format("request {}: replica {} not in the plan ({} attention-DP replicas)", r.id,
+                                   r.replica, s.serving.num_replicas));
     if (max_len_model > 0 && r.input_tokens + r.output_tokens > max_len_model)
       throw InputError(fmt::format("request {} ({} + {} tokens) is longer than max_model_len ({}): cap the "
                                    "workload's limits.max_seq_len", r.id, r.input_tokens, r.output_tokens,
@@ -176,6 +189,13 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   }
   r.setup = online_setup(r.plan, origin, cfg);
   OnlineSetup& S = r.setup;
+  const Layout& layout = r.plan.chosen.layout;
+  r.ranks = layout.world_size();
+  const bool multi = r.ranks > 1;
+  r.emulated = multi && !cfg.gpu_per_rank;
+  if (multi)  // the executor's checks of a multi-GPU plan, before any device work
+    check_plan_for_run(r.plan, r.plan.model,
+                       LaunchShape{r.ranks, cfg.gpu_per_rank ? r.ranks : 1, std::max(device_count_or_zero(), 1)});
 
   const int ndev = device_count_or_zero();
   if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
@@ -188,25 +208,33 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
 
   RuntimeLimits& L = S.serving.limits;
   const int bs = L.kv_block_tokens;
-  // Memory: weights, activations for max_num_batched_tokens rows, the reserve, then the KV cache.
+  // Memory: weights, activations for max_num_batched_tokens rows, the reserve, then the KV cache
+  // (per replica; with ranks, every rank on this device holds its KV heads of its replica's pool).
   BenchConfig act_cfg;
   act_cfg.batch = L.max_num_seqs;
   act_cfg.input_len = static_cast<int>(std::min<int64_t>(L.max_num_batched_tokens, 1 << 30));
   act_cfg.output_len = 1;
   act_cfg.block_size = bs;
   BenchMemory mem = estimate_bench_memory(S.model, act_cfg, L.max_num_batched_tokens);
+  if (r.emulated) mem = emulated_ranks_memory(mem, S.model, r.ranks);
   std::size_t free_b = 0, total_b = 0;
   MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  const double per_block = kv_bytes_per_block(S.model, bs);
+  double per_block = kv_bytes_per_block(S.model, bs);
+  if (multi) {
+    const int kv = S.model.attention.num_kv_heads;
+    const int kv_rank = kv % layout.attn_tp == 0 ? kv / layout.attn_tp : 1;  // replicated below one head
+    per_block = per_block * kv_rank / kv * (r.emulated ? r.ranks : 1);
+  }
   const double room = double(free_b) - mem.weights - mem.activations - mem.reserved;
   const auto fit = static_cast<int64_t>(std::max(0.0, 0.9 * room / per_block));
   if (L.kv_blocks > fit) {
     if (cfg.kv_blocks > 0 || fit < S.max_blocks_per_seq)
       throw InputError(fmt::format(
-          "{}: not enough device memory for {} ({} layers): weights {:.2f} GiB, activations {:.2f} GiB, reserve "
+          "{}: not enough device memory for {} ({} layers{}): weights {:.2f} GiB, activations {:.2f} GiB, reserve "
           "{:.2f} GiB and {} KV blocks ({:.2f} GiB) but {} has {:.2f} GiB free; use --num-layers or --kv-blocks",
-          origin, S.model.name, S.model.num_layers, mem.weights / kGiB, mem.activations / kGiB,
-          mem.reserved / kGiB, L.kv_blocks, L.kv_blocks * per_block / kGiB, info.name, double(free_b) / kGiB));
+          origin, S.model.name, S.model.num_layers, r.emulated ? fmt::format(", {} ranks", r.ranks) : "",
+          mem.weights / kGiB, mem.activations / kGiB, mem.reserved / kGiB, L.kv_blocks,
+          L.kv_blocks * per_block / kGiB, info.name, double(free_b) / kGiB));
     std::fprintf(stderr, "mixserve-run: KV blocks lowered from %lld to %lld (device memory)\n",
                  static_cast<long long>(L.kv_blocks), static_cast<long long>(fit));
     L.kv_blocks = fit;
@@ -217,6 +245,7 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   const auto cm = make_cm(r.plan, S.model, S.workload, r.profile_name);
   r.profile_host_overhead_ms = load_profile(r.profile_name).host_overhead.step_us / 1e3;
 
+  // Per replica (every rank of a replica: the same limits and its own pool of kv_blocks blocks).
   GpuModelConfig gc;
   gc.block_size = bs;
   gc.num_blocks = static_cast<int>(L.kv_blocks);
@@ -224,28 +253,38 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   gc.max_seqs_per_step = L.max_num_seqs;
   gc.max_blocks_per_seq = S.max_blocks_per_seq;
   std::unique_ptr<GpuModel> g;
-  if (cfg.weights_dir.empty()) {
+  std::unique_ptr<EmulatedRanks> ranks;
+  if (multi) {
+    const Placement where = cfg.gpu_per_rank ? Placement::gpu_per_rank : Placement::one_gpu;
+    if (cfg.weights_dir.empty()) {
+      ranks = std::make_unique<EmulatedRanks>(S.model, cfg.weight_seed, r.plan.cluster, layout, gc, where);
+    } else {
+      const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
+      ranks = std::make_unique<EmulatedRanks>(w, r.plan.cluster, layout, gc, where);
+    }
+  } else if (cfg.weights_dir.empty()) {
     g = std::make_unique<GpuModel>(S.model, cfg.weight_seed, gc);
   } else {
     const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
     g = std::make_unique<GpuModel>(w, gc);
   }
-  const int64_t vocab = g->spec().vocab_size;
-  cudaStream_t stream = g->stream();
+  const int64_t vocab = S.model.vocab_size;
+  const int dp = layout.attn_dp;
+  const StepOptions step_opt = greedy_options();
 
   // Prompts: seeded by the workload's seed, request by request.
   const auto& reqs = S.requests.requests;
   const size_t n = reqs.size();
-  std::vector<std::vector<int32_t>> tokens(n);
+  std::vector<std::vector<int32_t>> prompts(n);
   {
     std::mt19937_64 rng(S.workload.seed ^ 0x6d69787365727665ull);
     std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
     for (size_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < reqs[i].input_tokens; ++k) tokens[i].push_back(tok(rng));
+      for (int64_t k = 0; k < reqs[i].input_tokens; ++k) prompts[i].push_back(tok(rng));
   }
 
   // Warm-up, untimed: one prefill of up to a step's budget and one decode (cuBLASLt plans,
-  // kernels' first launches); the cache is reset after.
+  // kernels' first launches) on every replica; the caches are reset after.
   {
     const int64_t cap = std::min<int64_t>(int64_t(S.max_blocks_per_seq), L.kv_blocks) * bs;
     const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(L.max_num_batched_tokens, cap - 1));
@@ -253,122 +292,89 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     q.tokens.assign(static_cast<size_t>(nw), 0);
     q.position = 0;
     for (int64_t b = 0; b < sim::blocks_for(nw + 1, bs); ++b) q.block_table.push_back(static_cast<int32_t>(b));
-    (void)g->step({q}, greedy_options());
-    if (nw + 1 <= cap) {
-      model::SequenceStep d = q;
-      d.tokens = {0};
-      d.position = nw;
-      (void)g->step({d}, greedy_options());
-    }
-    g->reset_cache();
+    model::SequenceStep d = q;
+    d.tokens = {0};
+    d.position = nw;
+    auto warm = [&](const model::SequenceStep& s) {
+      if (ranks)
+        (void)ranks->step(std::vector<std::vector<model::SequenceStep>>(size_t(dp), {s}), step_opt);
+      else
+        (void)g->step({s}, step_opt);
+    };
+    warm(q);
+    if (nw + 1 <= cap) warm(d);
+    if (ranks)
+      ranks->reset_cache();
+    else
+      g->reset_cache();
   }
 
-  // The engine: one replica, the simulator's scheduler, real clock.
-  std::vector<sim::SchedSeq> seqs(n);
-  for (size_t i = 0; i < n; ++i) {
-    seqs[i].input = reqs[i].input_tokens;
-    seqs[i].output = reqs[i].output_tokens;
-  }
-  sim::BatchScheduler sched(L, L.kv_blocks, seqs);
-  sim::SimResult& res = r.result;
-  res.requests.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    auto& q = res.requests[i];
-    q.id = reqs[i].id;
-    q.arrival_s = reqs[i].arrival_s;
-    q.input_tokens = reqs[i].input_tokens;
-    q.output_tokens = reqs[i].output_tokens;
-  }
-  std::vector<int32_t> free_ids;
-  for (int64_t b = L.kv_blocks - 1; b >= 0; --b) free_ids.push_back(static_cast<int32_t>(b));
-  std::vector<std::vector<int32_t>> held(n);
-  std::vector<int32_t> holding;  // sequences holding blocks
-  auto release_extra = [&](int32_t si) {
-    auto& h = held[static_cast<size_t>(si)];
-    while (int64_t(h.size()) > seqs[static_cast<size_t>(si)].blocks) {
-      free_ids.push_back(h.back());
-      h.pop_back();
-    }
-  };
-  std::vector<double> last_token_s(n, 0.0);
-  std::vector<int64_t> tokens_per_second;
-  std::vector<sim::Scheduled> list;
-  std::vector<model::SequenceStep> batch;
+  // The engine: the replicas' schedulers (online_engine.hpp) on the real clock.
+  OnlineEngine eng(S.serving, S.requests, std::move(prompts));
   Event start, stop;
   StepGraph graph;
   std::set<int64_t> eager_decode_tokens;  // decode token counts run eagerly once (plans made)
-  size_t next = 0;
-  int64_t finished = 0, step_id = 0, tokens_sum = 0;
+  std::vector<std::vector<int32_t>> ids(static_cast<size_t>(dp));
   double wall_sum_ms = 0;
   const auto t0 = clk::now();
   auto now_s = [&] { return std::chrono::duration<double>(clk::now() - t0).count(); };
   double next_progress = cfg.progress_every_s;
-  const StepOptions step_opt = greedy_options();
-  while (finished < int64_t(n)) {
-    double t = now_s();
-    while (next < n && reqs[next].arrival_s <= t) sched.enqueue(static_cast<int32_t>(next++));
-    if (!sched.has_work()) {
-      if (next >= n) throw RuntimeError("online engine: requests left unfinished with nothing to run");
-      const double wait = reqs[next].arrival_s - t;
+  while (!eng.done()) {
+    const double t = now_s();
+    eng.admit_until(t);
+    if (!eng.has_work()) {
+      const double next_arrival = eng.next_arrival_s();
+      if (!std::isfinite(next_arrival))
+        throw RuntimeError("online engine: requests left unfinished with nothing to run");
+      const double wait = next_arrival - t;
       if (wait > 2e-4) std::this_thread::sleep_for(std::chrono::duration<double>(wait - 1e-4));
       continue;
     }
-    sched.schedule(step_id, list);
-    if (list.empty()) throw RuntimeError("online engine: a step with queued work formed an empty batch");
-    // Blocks of preempted sequences go back; scheduled sequences get the blocks they now hold.
-    for (int32_t si : holding) release_extra(si);
-    std::erase_if(holding, [&](int32_t si) { return held[static_cast<size_t>(si)].empty(); });
-    batch.clear();
+    const OnlineEngine::Step& es = eng.schedule();
     OnlineStep st;
     st.start_s = t;
-    st.batch = sim::batch_of(list, seqs);
+    st.batch = es.total;
+    st.replicas = es.replicas;
     st.num_prefill_seqs = static_cast<int>(st.batch.num_prefill_seqs);
     st.num_decode = static_cast<int>(st.batch.num_decode);
-    for (const auto& [si, k] : list) {
-      const sim::SchedSeq& s = seqs[static_cast<size_t>(si)];
-      auto& h = held[static_cast<size_t>(si)];
-      if (h.empty() && s.blocks > 0) holding.push_back(si);
-      while (int64_t(h.size()) < s.blocks) {
-        if (free_ids.empty()) throw RuntimeError("online engine: KV block ids out of step with the scheduler");
-        h.push_back(free_ids.back());
-        free_ids.pop_back();
-      }
-      const auto& toks = tokens[static_cast<size_t>(si)];
-      model::SequenceStep q;
-      q.tokens.assign(toks.begin() + s.computed, toks.begin() + s.computed + k);
-      q.position = s.computed;
-      q.block_table = h;
-      batch.push_back(std::move(q));
-      st.num_tokens += k;
-    }
+    st.num_tokens = es.num_tokens;
     const double t_sched = now_s();
-    g->prepare(batch, step_opt);
-    const double t_prep = now_s();
-    // Decode-only steps as a CUDA graph once their token count has run eagerly (plans made).
-    const bool graphable = cfg.cuda_graph && st.num_prefill_seqs == 0 &&
-                           decode_step_graphable(S.model, gc, st.num_tokens);
-    st.cuda_graph = graphable && eager_decode_tokens.count(st.num_tokens) > 0;
-    if (st.cuda_graph) graph.capture(stream, [&](cudaStream_t cs) { g->enqueue(cs); });
-    start.record(stream);
-    if (st.cuda_graph)
-      graph.launch(stream);
-    else
-      g->enqueue(stream);
-    stop.record(stream);
-    if (graphable) eager_decode_tokens.insert(st.num_tokens);
-    const double t_enq = now_s();
-    const GpuStepOutput out = g->collect(stream);
-    const double t_wait = now_s();
-    st.measured_ms = double(Event::elapsed_ms(start, stop));
-    if (out.token_ids.size() != list.size())
-      throw RuntimeError(fmt::format("online engine: {} sampled ids for {} sequences", out.token_ids.size(),
-                                     list.size()));
-    // Sample the sequences whose whole length is now computed, then advance the scheduler.
-    for (size_t k = 0; k < list.size(); ++k) {
-      const auto& [si, m] = list[k];
-      const sim::SchedSeq& s = seqs[static_cast<size_t>(si)];
-      if (s.computed + m == s.len()) tokens[static_cast<size_t>(si)].push_back(out.token_ids[k]);
+    double t_prep = 0, t_enq = 0, t_wait = 0;
+    if (ranks) {
+      // Every rank prepares, then enqueues and completes; host-timed (several streams, threads).
+      ranks->prepare(es.batches, step_opt);
+      t_prep = now_s();
+      const auto e0 = clk::now();
+      ranks->enqueue_and_wait();
+      st.measured_ms = std::chrono::duration<double, std::milli>(clk::now() - e0).count();
+      t_enq = now_s();
+      const std::vector<GpuStepOutput> outs = ranks->collect();
+      t_wait = now_s();
+      for (int d = 0; d < dp; ++d) ids[size_t(d)] = outs[size_t(d)].token_ids;
+    } else {
+      cudaStream_t stream = g->stream();
+      g->prepare(es.batches[0], step_opt);
+      t_prep = now_s();
+      // Decode-only steps as a CUDA graph once their token count has run eagerly (plans made).
+      const bool graphable = cfg.cuda_graph && st.num_prefill_seqs == 0 &&
+                             decode_step_graphable(S.model, gc, st.num_tokens);
+      st.cuda_graph = graphable && eager_decode_tokens.count(st.num_tokens) > 0;
+      if (st.cuda_graph) graph.capture(stream, [&](cudaStream_t cs) { g->enqueue(cs); });
+      start.record(stream);
+      if (st.cuda_graph)
+        graph.launch(stream);
+      else
+        g->enqueue(stream);
+      stop.record(stream);
+      if (graphable) eager_decode_tokens.insert(st.num_tokens);
+      t_enq = now_s();
+      GpuStepOutput out = g->collect(stream);
+      t_wait = now_s();
+      st.measured_ms = double(Event::elapsed_ms(start, stop));
+      ids[0] = std::move(out.token_ids);
     }
+    // The sequences whose whole length is now computed take their sampled ids.
+    eng.take_tokens(ids);
     const double t_end = now_s();
     st.wall_ms = (t_end - t) * 1e3;
     st.host.schedule_ms = (t_sched - t) * 1e3;
@@ -376,58 +382,25 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     st.host.enqueue_ms = (t_enq - t_prep) * 1e3;
     st.host.wait_ms = (t_wait - t_enq) * 1e3;
     st.host.sample_ms = (t_end - t_wait) * 1e3;
-    sched.complete(list, [&](int32_t si) {
-      const sim::SchedSeq& q = seqs[static_cast<size_t>(si)];
-      auto& rr = res.requests[static_cast<size_t>(si)];
-      if (q.generated == 1)
-        rr.first_token_s = t_end;
-      else
-        res.itls_ms.push_back((t_end - last_token_s[static_cast<size_t>(si)]) * 1e3);
-      last_token_s[static_cast<size_t>(si)] = t_end;
-      const auto bucket = static_cast<size_t>(t_end);
-      if (bucket >= tokens_per_second.size()) tokens_per_second.resize(bucket + 1, 0);
-      ++tokens_per_second[bucket];
-      if (q.done) {
-        rr.finish_s = t_end;
-        ++finished;
-      }
-    });
-    for (int32_t si : holding) release_extra(si);
-    std::erase_if(holding, [&](int32_t si) { return held[static_cast<size_t>(si)].empty(); });
+    eng.complete(t_end);
     wall_sum_ms += st.wall_ms;
-    tokens_sum += st.num_tokens;
     r.steps.push_back(std::move(st));
-    ++step_id;
     r.steps.back().host.bookkeep_ms = (now_s() - t_end) * 1e3;  // the prediction is made after the run
     if (cfg.progress_every_s > 0 && t_end >= next_progress) {
-      std::fprintf(stderr, "online: t = %.1f s, %lld / %zu requests done, %lld steps, %zu waiting, %zu running\n",
-                   t_end, static_cast<long long>(finished), n, static_cast<long long>(step_id),
-                   sched.waiting().size(), sched.running().size());
+      std::fprintf(stderr, "online: t = %.1f s, %lld / %zu requests done, %lld steps, %lld waiting, %lld running\n",
+                   t_end, static_cast<long long>(eng.finished()), n, static_cast<long long>(eng.num_steps()),
+                   static_cast<long long>(eng.waiting()), static_cast<long long>(eng.running()));
       next_progress = t_end + cfg.progress_every_s;
     }
   }
 
-  // The cost model's prediction per step, outside the timed loop.
-  for (auto& st : r.steps) {
-    const sim::ReplicaBatch one[] = {st.batch};
-    // The GPU part (the measurement is CUDA events around the forward).
-    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3 -
+  // The cost model's prediction per step, outside the timed loop: every replica's batch.
+  for (auto& st : r.steps)
+    // The GPU part (the measurement is the forward alone, without the host's per-step overhead).
+    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us / 1e3 -
                       r.profile_host_overhead_ms;
-  }
-  for (size_t i = 0; i < n; ++i) res.requests[i].preemptions = seqs[i].preemptions;
-  res.metrics = sim::compute_metrics(res, S.serving);
-  auto& m = res.metrics;
-  m.num_steps = step_id;
-  m.num_preemptions = sched.preemptions();
-  m.mean_step_time_ms = step_id > 0 ? wall_sum_ms / double(step_id) : 0;
-  m.mean_tokens_per_step = step_id > 0 ? double(tokens_sum) / double(step_id) : 0;
-  m.busy_fraction = m.duration_s > 0 ? wall_sum_ms * 1e-3 / m.duration_s : 0;
-  for (int64_t c : tokens_per_second) m.max_output_tokens_per_s = std::max(m.max_output_tokens_per_s, double(c));
-  m.kv_blocks_per_replica = L.kv_blocks;
-
-  r.output_ids.resize(n);
-  for (size_t i = 0; i < n; ++i)
-    r.output_ids[i].assign(tokens[i].begin() + reqs[i].input_tokens, tokens[i].end());
+  r.result = eng.result(wall_sum_ms);
+  r.output_ids = eng.output_ids();
   return r;
 }
 
@@ -441,9 +414,15 @@ nlohmann::json online_json(const OnlineResult& r) {
   j["mixserve_cost_model"] = r.cost_model;
   j["mixserve_workload"] = w.name;
   j["mixserve_workload_approximate"] = w.approximate;
-  j["num_gpus"] = 1;
+  j["num_gpus"] = r.ranks;
   j["run_name"] = "mixserve-run bench";
   j["mode"] = "online";
+  j["ranks"] = r.ranks;
+  // Emulated: the plan's ranks shared one GPU; the times are not those of r.ranks GPUs.
+  j["emulated_ranks"] = r.emulated;
+  // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
+  // "none" (the all-reduce / gather exchange; docs/distributed.md).
+  j["moe_schedule"] = gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, S.model) : MoeSched::none);
   const Plan& p = r.plan;
   j["plan"] = {{"path", r.plan_path}, {"sha256", r.plan_sha256}, {"model", p.model.name},
                {"layout", p.chosen.layout.name()}, {"cluster", p.cluster.name},
@@ -466,10 +445,18 @@ nlohmann::json online_json(const OnlineResult& r) {
     reqs[i]["tpot_ms"] = q.tpot_ms();
     reqs[i]["e2el_ms"] = q.e2el_ms();
     reqs[i]["preemptions"] = q.preemptions;
+    reqs[i]["replica"] = q.replica;
   }
   j["requests"] = reqs;
   nlohmann::json steps = nlohmann::json::array();
   std::vector<double> errs;
+  auto batch_json = [](const sim::ReplicaBatch& b) {
+    return nlohmann::json{{"prefill_tokens", b.prefill_tokens},
+                          {"num_prefill_seqs", b.num_prefill_seqs},
+                          {"prefill_attn_pairs", b.prefill_attn_pairs},
+                          {"num_decode", b.num_decode},
+                          {"decode_context", b.decode_context}};
+  };
   for (const auto& s : r.steps) {
     errs.push_back(s.error_pct());
     steps.push_back({{"start_s", s.start_s},
@@ -488,12 +475,13 @@ nlohmann::json online_json(const OnlineResult& r) {
                        {"bookkeep", s.host.bookkeep_ms}}},
                      {"predicted_ms", s.predicted_ms},
                      {"error_pct", s.error_pct()},
-                     {"batch",
-                      {{"prefill_tokens", s.batch.prefill_tokens},
-                       {"num_prefill_seqs", s.batch.num_prefill_seqs},
-                       {"prefill_attn_pairs", s.batch.prefill_attn_pairs},
-                       {"num_decode", s.batch.num_decode},
-                       {"decode_context", s.batch.decode_context}}}});
+                     {"batch", batch_json(s.batch)}});
+    // Several replicas: the cost model was given each replica's batch (validate re-predicts them).
+    if (s.replicas.size() > 1) {
+      nlohmann::json reps = nlohmann::json::array();
+      for (const auto& b : s.replicas) reps.push_back(batch_json(b));
+      steps.back()["replicas"] = std::move(reps);
+    }
   }
   j["steps"] = steps;
   const sim::ErrorSummary e = sim::error_summary(errs);
@@ -531,6 +519,16 @@ std::string format_online_report(const OnlineResult& r) {
                    S.model.name, S.model.num_layers, r.plan.model.num_layers, w.name, to_string(w.arrival),
                    S.requests.requests.size(), w.seed, sim::policy_name(L.decode_first), L.max_num_seqs,
                    L.max_num_batched_tokens, L.chunked_prefill ? "on" : "off", L.kv_blocks, L.kv_block_tokens);
+  if (r.emulated)
+    o += fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
+                     "steps): not the speed of {} GPUs\n", r.ranks, r.ranks);
+  else if (r.ranks > 1)
+    o += fmt::format("# {} ranks, a GPU each, NCCL (one process, a thread per rank; host-timed steps)\n", r.ranks);
+  if (r.ranks > 1)
+    o += fmt::format("# {} attention-DP replicas, each with its own scheduler and {} KV blocks; MoE communication: "
+                     "{}; {} replica-steps ran an empty batch\n", S.serving.num_replicas, L.kv_blocks,
+                     to_string(moe_sched_for(r.plan.chosen.layout, S.model)),
+                     r.result.metrics.num_empty_replica_steps);
   const bool has_rate = w.arrival == ArrivalKind::poisson || w.arrival == ArrivalKind::gamma;
   o += sim::format_serving_block(r.result.metrics, S.serving, has_rate ? w.rate : 0.0,
                                  r.plan.chosen.layout.name(), "measured");
@@ -546,7 +544,8 @@ std::string format_online_report(const OnlineResult& r) {
                      e.n, e.median, e.p90_abs, e.worst);
   };
   o += fmt::format("# predicted vs measured per step (cost model {}, profile {}; error = (predicted - measured) / "
-                   "measured, measured by CUDA events)\n", r.cost_model, r.profile_name);
+                   "measured, measured by {})\n", r.cost_model, r.profile_name,
+                   r.ranks > 1 ? "the host clock around every rank's enqueue and completion" : "CUDA events");
   line("all", errs);
   line("prefill", pre);
   line("decode", dec);

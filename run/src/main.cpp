@@ -57,6 +57,8 @@ int run_online(Args& a) {
   a.online.weights_dir = a.offline.weights_dir;
   a.online.profile = a.offline.profile;
   a.online.cuda_graph = a.offline.cuda_graph;
+  a.online.emulate_ranks = a.offline.emulate_ranks;
+  a.online.gpu_per_rank = a.offline.gpu_per_rank;
   const gpu::OnlineResult r = gpu::run_online(a.plan_path, a.online);
   std::fputs(gpu::format_online_report(r).c_str(), stdout);
   write_json(a.json_path, gpu::online_json(r));
@@ -102,11 +104,11 @@ int main(int argc, char** argv) {
       ->group(off);
   bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly (offline and online)");
   bench->add_flag("--emulate-ranks", cfg.emulate_ranks,
-                  "a multi-GPU plan: run its ranks as logical ranks on this one GPU (docs/distributed.md)")
-      ->group(off);
+                  "a multi-GPU plan (offline and online): run its ranks as logical ranks on this one GPU "
+                  "(docs/distributed.md)");
   bench->add_flag("--gpu-per-rank", cfg.gpu_per_rank,
-                  "a multi-GPU plan on this node: rank r on GPU r, NCCL, a thread per rank (docs/distributed.md)")
-      ->group(off);
+                  "a multi-GPU plan on this node (offline and online): rank r on GPU r, NCCL, a thread per rank "
+                  "(docs/distributed.md)");
   // Online: the simulator CLI's names.
   const char* onl = "Online (serving, the simulator's scheduler)";
   bench->add_option("--workload", on.workload, "shipped workload name (configs/workloads) or YAML path: online mode")
@@ -142,7 +144,7 @@ int main(int argc, char** argv) {
 
   try {
     const bool online = a.online_mode || !on.workload.empty();
-    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--emulate-ranks", "--gpu-per-rank"})
+    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup"})
       if (online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an offline option; online mode (--workload) takes the lengths from "
                                      "the workload", opt));

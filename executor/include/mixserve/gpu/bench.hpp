@@ -107,6 +107,11 @@ ModelSpec bench_model(const Plan& plan, const BenchConfig& cfg);
 // Weights + KV cache + activations for the benchmark (free_device left 0).
 BenchMemory estimate_bench_memory(const ModelSpec& m, const BenchConfig& cfg, int64_t chunk_tokens);
 
+// The estimate for a plan's R ranks emulated on one GPU, from the one-model estimate: the sharded
+// weights sum to about one model, every further rank adds its replicated embedding, LM head and
+// routers, and every rank its own activations.
+BenchMemory emulated_ranks_memory(BenchMemory one, const ModelSpec& m, int ranks);
+
 // The step batches the benchmark runs, as the cost model sees them: prefill chunks of at most
 // chunk_tokens new tokens (sequences in order, a sequence split across chunks when longer),
 // then output_len - 1 decode steps of every sequence.
