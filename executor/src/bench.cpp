@@ -493,7 +493,8 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     st.cuda_graph = run.graph[i];
     st.batch = replica_batch(shapes[i], decode);
     st.measured_ms = run.step_ms[i];
-    const auto reps = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
+    st.replicas = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
+    const auto& reps = st.replicas;
     // The GPU part: the measurement is CUDA events around the forward, without the host's per-step
     // overhead that the cost model adds from the profile (host_overhead).
     st.predicted_ms =
@@ -523,6 +524,13 @@ nlohmann::json bench_json(const BenchResult& r) {
   const BenchConfig& c = r.config;
   nlohmann::json steps = nlohmann::json::array();
   std::vector<double> prefill_ms, decode_ms;
+  auto batch_json = [](const sim::ReplicaBatch& b) {
+    return nlohmann::json{{"prefill_tokens", b.prefill_tokens},
+                          {"num_prefill_seqs", b.num_prefill_seqs},
+                          {"prefill_attn_pairs", b.prefill_attn_pairs},
+                          {"num_decode", b.num_decode},
+                          {"decode_context", b.decode_context}};
+  };
   for (const auto& s : r.steps) {
     (s.kind == "decode" ? decode_ms : prefill_ms).push_back(s.measured_ms);
     steps.push_back({{"kind", s.kind},
@@ -533,12 +541,13 @@ nlohmann::json bench_json(const BenchResult& r) {
                      {"measured_ms", s.measured_ms},
                      {"predicted_ms", s.predicted_ms},
                      {"error_pct", s.error_pct()},
-                     {"batch",
-                      {{"prefill_tokens", s.batch.prefill_tokens},
-                       {"num_prefill_seqs", s.batch.num_prefill_seqs},
-                       {"prefill_attn_pairs", s.batch.prefill_attn_pairs},
-                       {"num_decode", s.batch.num_decode},
-                       {"decode_context", s.batch.decode_context}}}});
+                     {"batch", batch_json(s.batch)}});
+    // Several replicas: the cost model was given each replica's batch (validate re-predicts them).
+    if (s.replicas.size() > 1) {
+      nlohmann::json reps = nlohmann::json::array();
+      for (const auto& b : s.replicas) reps.push_back(batch_json(b));
+      steps.back()["replicas"] = std::move(reps);
+    }
   }
   nlohmann::json versions = r.device.contains("versions") ? r.device["versions"] : nlohmann::json::object();
   versions["mixserve"] = kMixServeVersion;

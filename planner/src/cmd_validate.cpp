@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,19 @@ std::string str_of(const json& j, const std::string& key, const std::string& ori
 
 double rel_err_pct(double predicted, double measured) {
   return measured != 0 ? 100.0 * (predicted - measured) / measured : 0.0;
+}
+
+sim::ReplicaBatch batch_json(const json& b, const std::string& origin, const std::string& p) {
+  if (!b.is_object()) throw InputError(fmt::format("{}: key '{}': expected an object", origin, p));
+  sim::ReplicaBatch r;
+  r.prefill_tokens = sim::json_int(b, "prefill_tokens", origin, p);
+  r.num_prefill_seqs = sim::json_int(b, "num_prefill_seqs", origin, p);
+  r.prefill_attn_pairs = sim::json_number(b, "prefill_attn_pairs", origin, p);
+  r.num_decode = sim::json_int(b, "num_decode", origin, p);
+  r.decode_context = sim::json_number(b, "decode_context", origin, p);
+  if (r.prefill_tokens < 0 || r.num_prefill_seqs < 0 || r.num_decode < 0)
+    throw InputError(fmt::format("{}: key '{}': expected counts >= 0", origin, p));
+  return r;
 }
 
 sim::ReplicaBatch batch_from(const json& j, const std::string& origin, const std::string& path) {
@@ -125,9 +139,34 @@ int run_validate(const ValidateConfig& o) {
   const auto cm = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt);
   // Per step the GPU part: measured_ms is CUDA events around the forward, without the host
   // overhead per step that the cost model adds from the profile (host_overhead).
-  auto predict_ms = [&](const sim::ReplicaBatch& b) {
-    const sim::ReplicaBatch one[] = {b};
-    return (cm->step(std::span<const sim::ReplicaBatch>(one), false).time_us - prof.host_overhead.step_us) / 1e3;
+  auto predict_ms = [&](std::span<const sim::ReplicaBatch> reps) {
+    return (cm->step(reps, false).time_us - prof.host_overhead.step_us) / 1e3;
+  };
+  // The cost model's input of a step: one batch per attention-DP replica. Results of a plan with
+  // several replicas carry them (steps[i].replicas); their summed `batch` is not what ran on any
+  // replica, so without them the step cannot be re-predicted.
+  const int dp = plan.chosen.layout.attn_dp;
+  auto replicas_of = [&](const json& step, const std::string& p) {
+    std::vector<sim::ReplicaBatch> reps;
+    if (!step.is_object() || !step.contains("replicas")) {
+      if (dp > 1)
+        throw InputError(fmt::format(
+            "{}: key '{}.replicas': missing: the plan has {} attention-DP replicas and the step's summed batch "
+            "cannot be re-predicted (results of a mixserve-run without per-replica batches)", R, p, dp));
+      reps.push_back(batch_from(step, R, p));
+      return reps;
+    }
+    const json& a = step.at("replicas");
+    if (!a.is_array() || int(a.size()) != dp)
+      throw InputError(fmt::format("{}: key '{}.replicas': expected an array of the plan's {} replica batches", R,
+                                   p, dp));
+    int64_t tokens = 0;
+    for (size_t d = 0; d < a.size(); ++d) {
+      reps.push_back(batch_json(a[d], R, fmt::format("{}.replicas[{}]", p, d)));
+      tokens += reps.back().tokens();
+    }
+    if (tokens < 1) throw InputError(fmt::format("{}: key '{}.replicas': expected a step of at least one token", R, p));
+    return reps;
   };
 
   // Per step.
@@ -142,12 +181,18 @@ int run_validate(const ValidateConfig& o) {
   for (size_t i = 0; i < steps.size(); ++i) {
     const std::string p = fmt::format("steps[{}]", i);
     StepRow s;
-    const sim::ReplicaBatch b = batch_from(steps[i], R, p);
+    const std::vector<sim::ReplicaBatch> reps = replicas_of(steps[i], p);
+    sim::ReplicaBatch b;
+    for (const auto& x : reps) {
+      b.num_prefill_seqs += x.num_prefill_seqs;
+      b.num_decode += x.num_decode;
+      b.prefill_tokens += x.prefill_tokens;
+    }
     s.kind = b.num_prefill_seqs == 0 ? "decode" : b.num_decode == 0 ? "prefill" : "mixed";
     s.tokens = b.tokens();
     s.measured = sim::json_number(steps[i], "measured_ms", R, p);
     if (!(s.measured > 0)) throw InputError(fmt::format("{}: key '{}.measured_ms': expected > 0", R, p));
-    s.predicted = predict_ms(b);
+    s.predicted = predict_ms(reps);
     rows.push_back(s);
   }
 
@@ -155,9 +200,12 @@ int run_validate(const ValidateConfig& o) {
   std::string head;
   if (mode == "online") {
     sim::ServingConfig cfg = sim::serving_config_from_json(key_of(res, "serving_config", R, ""), R);
-    if (cfg.num_replicas != 1 || cfg.pp != 1)
-      throw InputError(fmt::format("{}: key 'serving_config': one replica and pp 1 expected (single-GPU results)", R));
+    if (cfg.num_replicas != dp || cfg.pp != 1)
+      throw InputError(fmt::format("{}: key 'serving_config': expected the plan's {} attention-DP replicas and pp 1 "
+                                   "(the online engine runs no pipeline), got {} and pp {}", R, dp, cfg.num_replicas,
+                                   cfg.pp));
     cfg.moe_load_seed = w.seed;
+    cfg.sample_moe_load = false;  // the expected MoE load every step, as the run's own per-step prediction
     sim::RequestStream stream;
     if (res.contains("requests")) {
       stream = sim::requests_from_json(res["requests"], R);
@@ -217,6 +265,12 @@ int run_validate(const ValidateConfig& o) {
 
   // Report.
   std::string out = fmt::format("# validate: plan {} | {}\n", o.plan, head);
+  const int64_t ranks = res.contains("ranks") && res["ranks"].is_number_integer() ? res["ranks"].get<int64_t>() : 1;
+  const bool emulated = res.contains("emulated_ranks") && res["emulated_ranks"].is_boolean() &&
+                        res["emulated_ranks"].get<bool>();
+  if (emulated)
+    out += fmt::format("# measured with {} ranks emulated on one GPU: the measured times are not those of {} GPUs, "
+                       "so the errors below say nothing about the prediction of a {}-GPU run\n", ranks, ranks, ranks);
   out += "# error = (predicted - measured) / measured\n";
   out += fmt::format("{:<34} {:>14} {:>14} {:>9}\n", "metric", "predicted", "measured", "error(%)");
   json jm = json::array();
@@ -249,7 +303,8 @@ int run_validate(const ValidateConfig& o) {
                          es.median, es.p90_abs, es.worst);
   }
   if (!o.json.empty()) {
-    const json doc{{"plan", o.plan},      {"results", R},         {"mode", mode},
+    const json doc{{"plan", o.plan},      {"results", R},         {"mode", mode}, {"ranks", ranks},
+                   {"emulated_ranks", emulated},
                    {"cost_model", cm_name}, {"profile", profile_name}, {"num_layers", model.num_layers},
                    {"metrics", jm},       {"step_error_pct", jsum}, {"steps", jsteps}};
     write_file_atomic(o.json, doc.dump(2) + "\n");

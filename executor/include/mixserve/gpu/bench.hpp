@@ -52,7 +52,8 @@ struct BenchStep {
   int num_seqs = 0;
   int64_t num_tokens = 0;   // new tokens of the step
   bool cuda_graph = false;
-  sim::ReplicaBatch batch;  // what the cost model was given
+  sim::ReplicaBatch batch;  // the step's batch, summed over the attention-DP replicas
+  std::vector<sim::ReplicaBatch> replicas;  // per replica: what the cost model was given
   double measured_ms = 0;
   double predicted_ms = 0;  // the cost model's step less the profile's host_overhead (GPU time)
   double error_pct() const { return measured_ms > 0 ? 100.0 * (predicted_ms - measured_ms) / measured_ms : 0.0; }
