@@ -169,6 +169,16 @@ OnlineSetup online_setup(const Plan& plan, const std::string& origin, const Onli
   return s;
 }
 
+std::vector<std::vector<int32_t>> online_prompts(const OnlineSetup& s) {
+  const auto& reqs = s.requests.requests;
+  std::vector<std::vector<int32_t>> prompts(reqs.size());
+  std::mt19937_64 rng(s.workload.seed ^ 0x6d69787365727665ull);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(s.model.vocab_size - 1));
+  for (size_t i = 0; i < reqs.size(); ++i)
+    for (int64_t k = 0; k < reqs[i].input_tokens; ++k) prompts[i].push_back(tok(rng));
+  return prompts;
+}
+
 OnlineResult run_online(const std::string& plan_path, const OnlineConfig& cfg) {
   OnlineResult r = run_online(load_plan(plan_path), plan_path, cfg);
   return r;
@@ -268,20 +278,10 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
     g = std::make_unique<GpuModel>(w, gc);
   }
-  const int64_t vocab = S.model.vocab_size;
   const int dp = layout.attn_dp;
   const StepOptions step_opt = greedy_options();
 
-  // Prompts: seeded by the workload's seed, request by request.
-  const auto& reqs = S.requests.requests;
-  const size_t n = reqs.size();
-  std::vector<std::vector<int32_t>> prompts(n);
-  {
-    std::mt19937_64 rng(S.workload.seed ^ 0x6d69787365727665ull);
-    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
-    for (size_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < reqs[i].input_tokens; ++k) prompts[i].push_back(tok(rng));
-  }
+  const size_t n = S.requests.requests.size();
 
   // Warm-up, untimed: one prefill of up to a step's budget and one decode (cuBLASLt plans,
   // kernels' first launches) on every replica; the caches are reset after.
@@ -310,7 +310,7 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   }
 
   // The engine: the replicas' schedulers (online_engine.hpp) on the real clock.
-  OnlineEngine eng(S.serving, S.requests, std::move(prompts));
+  OnlineEngine eng(S.serving, S.requests, online_prompts(S));
   Event start, stop;
   StepGraph graph;
   std::set<int64_t> eager_decode_tokens;  // decode token counts run eagerly once (plans made)

@@ -95,6 +95,10 @@ struct OnlineSetup {
 };
 OnlineSetup online_setup(const Plan& plan, const std::string& origin, const OnlineConfig& cfg);
 
+// The requests' prompt ids: input_tokens each, uniform over the vocabulary, drawn in request
+// order from the workload's seed (the same ids for the same setup, whatever runs them).
+std::vector<std::vector<int32_t>> online_prompts(const OnlineSetup& s);
+
 struct OnlineStep {
   double start_s = 0;            // host clock since the benchmark started
   int num_prefill_seqs = 0, num_decode = 0;
