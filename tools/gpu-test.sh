@@ -37,6 +37,25 @@ NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
       esac
     done
   done
+  # mixserve-run bench --mpi (one process per rank, ProcessRank over an NCCL world from MPI) with a
+  # 1-rank plan: mpirun -np 1 where the host has mpirun, else the MPI singleton. Its greedy tokens
+  # must be those of the plain bench (same seeded weights; both eager).
+  echo "=== [mpi] mixserve-run bench --mpi, 1-rank plan"
+  MPIDIR="$(mktemp -d)"
+  MARGS=(--num-layers 4 --batch 4 --input-len 128 --output-len 16 --warmup 1 --no-cuda-graph)
+  LAUNCH=()
+  command -v mpirun > /dev/null && LAUNCH=(mpirun --allow-run-as-root -np 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE)
+  if "$BIN/mixserve-plan" search --model qwen3-30b-a3b --cluster h200-1x1 --workload sharegpt-like \
+       -o "$MPIDIR/one.yaml" > /dev/null &&
+     timeout 300 "$BIN/mixserve-run" bench --plan "$MPIDIR/one.yaml" "${MARGS[@]}" --json "$MPIDIR/plain.json" &&
+     timeout 300 "${LAUNCH[@]}" "$BIN/mixserve-run" bench --plan "$MPIDIR/one.yaml" "${MARGS[@]}" --mpi \
+       --json "$MPIDIR/mpi.json" &&
+     python3 -c 'import json,sys; a,b=(json.load(open(f)) for f in sys.argv[1:]); sys.exit(0 if a["output_ids"]==b["output_ids"] and b["launch"]=="mpi" else 1)' \
+       "$MPIDIR/plain.json" "$MPIDIR/mpi.json"; then
+    echo "=== [mpi] mixserve-run bench --mpi: PASSED (same greedy tokens as the plain bench)"
+  else
+    echo "=== [mpi] mixserve-run bench --mpi: FAILED"; status=1
+  fi
   echo "=== tests: $([ $status -eq 0 ] && echo all passed or skipped || echo FAILURES)"
 } > "$LOGS/tests.log" 2>&1
 tail -n 40 "$LOGS/tests.log" | grep -E "^===|skipped|FAILED|error" | tail -n 20

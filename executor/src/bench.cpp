@@ -713,6 +713,8 @@ nlohmann::json bench_json(const BenchResult& r) {
       {"mode", "offline"},
       {"ranks", r.ranks},
       {"emulated_ranks", r.emulated},
+      // How the ranks ran: one GPU, emulated on one GPU, a thread per GPU, a process per GPU (MPI).
+      {"launch", c.process_per_rank ? "mpi" : r.emulated ? "emulated" : r.ranks > 1 ? "gpu-per-rank" : "one-gpu"},
       // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
       // "none" (the all-reduce / gather exchange; docs/distributed.md).
       {"moe_schedule", gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, r.model) : MoeSched::none)},
@@ -769,6 +771,9 @@ std::string format_bench_report(const BenchResult& r) {
     line(fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
                      "steps): not the speed of {} GPUs",
                      r.ranks, r.ranks));
+  else if (c.process_per_rank)
+    line(fmt::format("# {} ranks, one process and GPU each (MPI), NCCL; every step timed on rank 0's host clock "
+                     "between barriers over the processes", r.ranks));
   else if (r.ranks > 1)
     line(fmt::format("# {} ranks, a GPU each, NCCL (one process, a thread per rank; host-timed steps)", r.ranks));
   line(fmt::format("Prefill. latency: {:8.5f} s, throughput: {:11.2f} token/s", r.prefill_latency,

@@ -420,6 +420,7 @@ nlohmann::json online_json(const OnlineResult& r) {
   j["ranks"] = r.ranks;
   // Emulated: the plan's ranks shared one GPU; the times are not those of r.ranks GPUs.
   j["emulated_ranks"] = r.emulated;
+  j["launch"] = r.emulated ? "emulated" : r.ranks > 1 ? "gpu-per-rank" : "one-gpu";
   // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
   // "none" (the all-reduce / gather exchange; docs/distributed.md).
   j["moe_schedule"] = gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, S.model) : MoeSched::none);
