@@ -250,15 +250,11 @@ void check_single_gpu_plan(const Plan& plan, const std::string& origin, MultiGpu
   const int world = std::max(l.world_size(), plan.cluster.world_size());
   if (world != 1 && multi != MultiGpuPlan::allowed)
     throw InputError(fmt::format(
-        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; {}; or make a plan for a 1-GPU "
-        "cluster, e.g. configs/clusters/h200-1x1.yaml",
+        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; give --emulate-ranks (its ranks as "
+        "logical ranks on this one GPU) or --gpu-per-rank (a GPU per rank, NCCL), or offline run it under mpirun "
+        "with --mpi (a process per GPU); or make a plan for a 1-GPU cluster, e.g. configs/clusters/h200-1x1.yaml",
         origin, l.name(), plan.cluster.name, plan.cluster.num_nodes, plan.cluster.gpus_per_node,
-        plan.cluster.gpu_model, world,
-        multi == MultiGpuPlan::needs_flag
-            ? "give --emulate-ranks (its ranks as logical ranks on this one GPU) or --gpu-per-rank (a GPU per "
-              "rank, NCCL)"
-            : "this mode runs one GPU: distributed runs are not built yet for it (the offline bench runs "
-              "multi-GPU plans with --emulate-ranks or --gpu-per-rank)"));
+        plan.cluster.gpu_model, world));
   const ModelSpec& m = plan.model;
   auto unsupported = [&](const std::string& what) {
     throw InputError(fmt::format("{}: model '{}' ({}): {} is not supported by the GPU forward; supported: {}", origin,

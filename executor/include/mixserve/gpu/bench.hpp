@@ -97,13 +97,12 @@ struct BenchResult {
   double median_prefill_error_pct = 0, median_decode_error_pct = 0;
 };
 
-// How check_single_gpu_plan treats a plan of several GPUs: refused as not built (the online mode),
-// refused naming --emulate-ranks / --gpu-per-rank (the offline mode without them), or allowed.
-enum class MultiGpuPlan { not_built, needs_flag, allowed };
+// How check_single_gpu_plan treats a plan of several GPUs: refused naming --emulate-ranks /
+// --gpu-per-rank (no launch flag given), or allowed.
+enum class MultiGpuPlan { needs_flag, allowed };
 // The checks of the plan alone, shared with the online mode (online.hpp): world size 1 (unless
 // `multi` allows more), a model the GPU forward supports (InputError naming what is not).
-void check_single_gpu_plan(const Plan& plan, const std::string& origin,
-                           MultiGpuPlan multi = MultiGpuPlan::not_built);
+void check_single_gpu_plan(const Plan& plan, const std::string& origin, MultiGpuPlan multi);
 // query_device() fields and library versions, as the results JSON holds them.
 nlohmann::json device_info_json(const DeviceInfo& d);
 // Validation without a device. InputError with the reason:
