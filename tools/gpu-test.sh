@@ -56,6 +56,19 @@ NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
   else
     echo "=== [mpi] mixserve-run bench --mpi: FAILED"; status=1
   fi
+  # Online: 12 requests at once (burst: the schedule does not depend on timing), eager decode.
+  printf '%s\n' 'version: 1' 'name: burst-12' 'arrival: {kind: burst}' 'input: {kind: uniform, min: 16, max: 200}' \
+    'output: {kind: uniform, min: 4, max: 24}' 'num_requests: 12' 'seed: 5' > "$MPIDIR/burst.yaml"
+  OARGS=(--workload "$MPIDIR/burst.yaml" --num-layers 4 --progress-every 0 --no-cuda-graph)
+  if timeout 300 "$BIN/mixserve-run" bench --plan "$MPIDIR/one.yaml" "${OARGS[@]}" --json "$MPIDIR/plain-online.json" &&
+     timeout 300 "${LAUNCH[@]}" "$BIN/mixserve-run" bench --plan "$MPIDIR/one.yaml" "${OARGS[@]}" --mpi \
+       --json "$MPIDIR/mpi-online.json" &&
+     python3 -c 'import json,sys; a,b=(json.load(open(f)) for f in sys.argv[1:]); sys.exit(0 if a["output_ids"]==b["output_ids"] and a["mixserve_num_steps"]==b["mixserve_num_steps"] else 1)' \
+       "$MPIDIR/plain-online.json" "$MPIDIR/mpi-online.json"; then
+    echo "=== [mpi] mixserve-run bench --mpi online: PASSED (same steps and greedy tokens as the plain online run)"
+  else
+    echo "=== [mpi] mixserve-run bench --mpi online: FAILED"; status=1
+  fi
   echo "=== tests: $([ $status -eq 0 ] && echo all passed or skipped || echo FAILURES)"
 } > "$LOGS/tests.log" 2>&1
 tail -n 40 "$LOGS/tests.log" | grep -E "^===|skipped|FAILED|error" | tail -n 20

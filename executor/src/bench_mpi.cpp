@@ -58,6 +58,11 @@ void MpiSession::max_int32(std::span<int32_t> v) {
             "MPI_Allreduce");
 }
 
+double MpiSession::broadcast(double v) {
+  mpi_check(MPI_Bcast(&v, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD), "MPI_Bcast");
+  return v;
+}
+
 void MpiSession::abort(int code) {
   MPI_Abort(MPI_COMM_WORLD, code);
   std::abort();  // MPI_Abort does not return
@@ -65,6 +70,10 @@ void MpiSession::abort(int code) {
 
 BenchResult run_bench_mpi(const std::string& plan_path, const BenchConfig& cfg, MpiSession& mpi) {
   return run_bench_process(plan_path, cfg, mpi, [](int device) { return init_mpi_world(device); });
+}
+
+OnlineResult run_online_mpi(const std::string& plan_path, const OnlineConfig& cfg, MpiSession& mpi) {
+  return run_online_process(plan_path, cfg, mpi, [](int device) { return init_mpi_world(device); });
 }
 
 }  // namespace mixserve::gpu

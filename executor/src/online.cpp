@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <memory>
 #include <random>
 #include <set>
@@ -96,8 +98,13 @@ std::vector<std::vector<double>> phase_columns(const std::vector<HostPhases>& ph
 
 OnlineSetup online_setup(const Plan& plan, const std::string& origin, const OnlineConfig& cfg) {
   check_single_gpu_plan(plan, origin,
-                        cfg.emulate_ranks || cfg.gpu_per_rank ? MultiGpuPlan::allowed : MultiGpuPlan::needs_flag);
-  if (cfg.emulate_ranks && cfg.gpu_per_rank) throw InputError("--emulate-ranks and --gpu-per-rank exclude each other");
+                        cfg.emulate_ranks || cfg.gpu_per_rank || cfg.process_per_rank ? MultiGpuPlan::allowed
+                                                                                      : MultiGpuPlan::needs_flag);
+  if (int(cfg.emulate_ranks) + int(cfg.gpu_per_rank) + int(cfg.process_per_rank) > 1)
+    throw InputError("--emulate-ranks, --gpu-per-rank and --mpi exclude each other");
+  if (cfg.process_per_rank && !cfg.weights_dir.empty())
+    throw InputError("--weights with --mpi: not built (each process draws its shard's synthetic weights on the "
+                     "device); use --emulate-ranks or --gpu-per-rank with --weights");
   const Layout& layout = plan.chosen.layout;
   if (layout.pp > 1)
     throw InputError(fmt::format(
@@ -184,8 +191,12 @@ OnlineResult run_online(const std::string& plan_path, const OnlineConfig& cfg) {
   return r;
 }
 
-OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg) {
-  using clk = std::chrono::steady_clock;
+namespace {
+
+// The checks before any device work: the plan, the setup, and the launch (check_plan_for_run for
+// a multi-GPU plan with the ranks this process drives, or for any plan with `launch`).
+OnlineResult online_check(const Plan& plan, const std::string& origin, const OnlineConfig& cfg,
+                          const LaunchShape* launch) {
   OnlineResult r;
   r.config = cfg;
   r.plan_path = origin;
@@ -198,42 +209,47 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     r.plan_sha256 = sha256_hex(plan_to_yaml(plan));
   }
   r.setup = online_setup(r.plan, origin, cfg);
-  OnlineSetup& S = r.setup;
-  const Layout& layout = r.plan.chosen.layout;
-  r.ranks = layout.world_size();
-  const bool multi = r.ranks > 1;
-  r.emulated = multi && !cfg.gpu_per_rank;
-  if (multi)  // the executor's checks of a multi-GPU plan, before any device work
-    check_plan_for_run(r.plan, r.plan.model,
-                       LaunchShape{r.ranks, cfg.gpu_per_rank ? r.ranks : 1, std::max(device_count_or_zero(), 1)});
+  r.ranks = r.plan.chosen.layout.world_size();
+  r.emulated = r.ranks > 1 && cfg.emulate_ranks;
+  const LaunchShape here{r.ranks, cfg.gpu_per_rank ? r.ranks : 1, std::max(device_count_or_zero(), 1)};
+  if (launch || r.ranks > 1) check_plan_for_run(r.plan, r.plan.model, launch ? *launch : here);
+  r.cost_model = cost_model_name(r.plan);
+  r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
+  r.profile_host_overhead_ms = load_profile(r.profile_name).host_overhead.step_us / 1e3;
+  return r;
+}
 
-  const int ndev = device_count_or_zero();
-  if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+// The current device: its name and GPU model against the plan; the memory of `ranks_here` ranks
+// of the plan on it (weights, activations for max_num_batched_tokens rows, the reserve, then the
+// KV cache: per replica, every rank holding its KV heads of its replica's pool); the KV blocks
+// lowered to what fits (InputError when --kv-blocks or a request does not fit).
+void online_device_check(OnlineResult& r, int ranks_here) {
+  OnlineSetup& S = r.setup;
+  const OnlineConfig& cfg = r.config;
+  const Layout& layout = r.plan.chosen.layout;
   int dev = 0;
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
   const DeviceInfo info = query_device(dev);
   r.device_name = info.name;
   r.device = device_info_json(info);
-  check_device_matches(r.plan, info.name, origin);
+  check_device_matches(r.plan, info.name, r.plan_path);
 
   RuntimeLimits& L = S.serving.limits;
   const int bs = L.kv_block_tokens;
-  // Memory: weights, activations for max_num_batched_tokens rows, the reserve, then the KV cache
-  // (per replica; with ranks, every rank on this device holds its KV heads of its replica's pool).
   BenchConfig act_cfg;
   act_cfg.batch = L.max_num_seqs;
   act_cfg.input_len = static_cast<int>(std::min<int64_t>(L.max_num_batched_tokens, 1 << 30));
   act_cfg.output_len = 1;
   act_cfg.block_size = bs;
   BenchMemory mem = estimate_bench_memory(S.model, act_cfg, L.max_num_batched_tokens);
-  if (r.emulated) mem = emulated_ranks_memory(mem, S.model, r.ranks);
+  if (ranks_here > 1) mem = emulated_ranks_memory(mem, S.model, ranks_here);
   std::size_t free_b = 0, total_b = 0;
   MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
   double per_block = kv_bytes_per_block(S.model, bs);
-  if (multi) {
+  if (r.ranks > 1) {
     const int kv = S.model.attention.num_kv_heads;
     const int kv_rank = kv % layout.attn_tp == 0 ? kv / layout.attn_tp : 1;  // replicated below one head
-    per_block = per_block * kv_rank / kv * (r.emulated ? r.ranks : 1);
+    per_block = per_block * kv_rank / kv * ranks_here;
   }
   const double room = double(free_b) - mem.weights - mem.activations - mem.reserved;
   const auto fit = static_cast<int64_t>(std::max(0.0, 0.9 * room / per_block));
@@ -242,29 +258,93 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
       throw InputError(fmt::format(
           "{}: not enough device memory for {} ({} layers{}): weights {:.2f} GiB, activations {:.2f} GiB, reserve "
           "{:.2f} GiB and {} KV blocks ({:.2f} GiB) but {} has {:.2f} GiB free; use --num-layers or --kv-blocks",
-          origin, S.model.name, S.model.num_layers, r.emulated ? fmt::format(", {} ranks", r.ranks) : "",
-          mem.weights / kGiB, mem.activations / kGiB, mem.reserved / kGiB, L.kv_blocks,
-          L.kv_blocks * per_block / kGiB, info.name, double(free_b) / kGiB));
+          r.plan_path, S.model.name, S.model.num_layers,
+          ranks_here > 1 ? fmt::format(", {} ranks", ranks_here) : std::string(), mem.weights / kGiB,
+          mem.activations / kGiB, mem.reserved / kGiB, L.kv_blocks, L.kv_blocks * per_block / kGiB, info.name,
+          double(free_b) / kGiB));
     std::fprintf(stderr, "mixserve-run: KV blocks lowered from %lld to %lld (device memory)\n",
                  static_cast<long long>(L.kv_blocks), static_cast<long long>(fit));
     L.kv_blocks = fit;
   }
+}
 
-  r.cost_model = cost_model_name(r.plan);
-  r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
-  const auto cm = make_cm(r.plan, S.model, S.workload, r.profile_name);
-  r.profile_host_overhead_ms = load_profile(r.profile_name).host_overhead.step_us / 1e3;
-
-  // Per replica (every rank of a replica: the same limits and its own pool of kv_blocks blocks).
+// Per replica (every rank of a replica: the same limits and its own pool of kv_blocks blocks).
+GpuModelConfig online_gpu_config(const OnlineResult& r) {
+  const RuntimeLimits& L = r.setup.serving.limits;
   GpuModelConfig gc;
-  gc.block_size = bs;
+  gc.block_size = L.kv_block_tokens;
   gc.num_blocks = static_cast<int>(L.kv_blocks);
   gc.max_tokens_per_step = static_cast<int>(std::max<int64_t>(L.max_num_batched_tokens, L.max_num_seqs));
   gc.max_seqs_per_step = L.max_num_seqs;
-  gc.max_blocks_per_seq = S.max_blocks_per_seq;
+  gc.max_blocks_per_seq = r.setup.max_blocks_per_seq;
+  return gc;
+}
+
+// The untimed warm-up steps: one prefill of up to a step's budget, then one decode when it fits
+// (cuBLASLt plans, kernels' first launches); the caches are reset after.
+std::vector<model::SequenceStep> warmup_steps(const OnlineResult& r) {
+  const RuntimeLimits& L = r.setup.serving.limits;
+  const int bs = L.kv_block_tokens;
+  const int64_t cap = std::min<int64_t>(int64_t(r.setup.max_blocks_per_seq), L.kv_blocks) * bs;
+  const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(L.max_num_batched_tokens, cap - 1));
+  model::SequenceStep q;
+  q.tokens.assign(static_cast<size_t>(nw), 0);
+  q.position = 0;
+  for (int64_t b = 0; b < sim::blocks_for(nw + 1, bs); ++b) q.block_table.push_back(static_cast<int32_t>(b));
+  std::vector<model::SequenceStep> out{q};
+  if (nw + 1 <= cap) {
+    model::SequenceStep d = q;
+    d.tokens = {0};
+    d.position = nw;
+    out.push_back(d);
+  }
+  return out;
+}
+
+// The step record of a scheduled step (times filled by the caller).
+OnlineStep step_record(const OnlineEngine::Step& es, double t) {
+  OnlineStep st;
+  st.start_s = t;
+  st.batch = es.total;
+  st.replicas = es.replicas;
+  st.num_prefill_seqs = static_cast<int>(st.batch.num_prefill_seqs);
+  st.num_decode = static_cast<int>(st.batch.num_decode);
+  st.num_tokens = es.num_tokens;
+  return st;
+}
+
+void progress_line(const OnlineEngine& eng, double t_end) {
+  std::fprintf(stderr, "online: t = %.1f s, %lld / %zu requests done, %lld steps, %lld waiting, %lld running\n", t_end,
+               static_cast<long long>(eng.finished()), eng.num_requests(),
+               static_cast<long long>(eng.num_steps()), static_cast<long long>(eng.waiting()),
+               static_cast<long long>(eng.running()));
+}
+
+// After the run: the cost model's prediction per step (outside the timed loop: every replica's
+// batch; the GPU part, less the profile's host overhead per step), the metrics, the ids.
+void online_finish(OnlineResult& r, const OnlineEngine& eng, double wall_sum_ms) {
+  const auto cm = make_cm(r.plan, r.setup.model, r.setup.workload, r.profile_name);
+  for (auto& st : r.steps)
+    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us / 1e3 -
+                      r.profile_host_overhead_ms;
+  r.result = eng.result(wall_sum_ms);
+  r.output_ids = eng.output_ids();
+}
+
+}  // namespace
+
+OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg) {
+  using clk = std::chrono::steady_clock;
+  OnlineResult r = online_check(plan, origin, cfg, nullptr);
+  const int ndev = device_count_or_zero();
+  if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+  online_device_check(r, r.emulated ? r.ranks : 1);
+  OnlineSetup& S = r.setup;
+  const Layout& layout = r.plan.chosen.layout;
+  const GpuModelConfig gc = online_gpu_config(r);
   std::unique_ptr<GpuModel> g;
   std::unique_ptr<EmulatedRanks> ranks;
-  if (multi) {
+  if (r.ranks > 1) {
     const Placement where = cfg.gpu_per_rank ? Placement::gpu_per_rank : Placement::one_gpu;
     if (cfg.weights_dir.empty()) {
       ranks = std::make_unique<EmulatedRanks>(S.model, cfg.weight_seed, r.plan.cluster, layout, gc, where);
@@ -281,33 +361,17 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
   const int dp = layout.attn_dp;
   const StepOptions step_opt = greedy_options();
 
-  const size_t n = S.requests.requests.size();
-
-  // Warm-up, untimed: one prefill of up to a step's budget and one decode (cuBLASLt plans,
-  // kernels' first launches) on every replica; the caches are reset after.
-  {
-    const int64_t cap = std::min<int64_t>(int64_t(S.max_blocks_per_seq), L.kv_blocks) * bs;
-    const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(L.max_num_batched_tokens, cap - 1));
-    model::SequenceStep q;
-    q.tokens.assign(static_cast<size_t>(nw), 0);
-    q.position = 0;
-    for (int64_t b = 0; b < sim::blocks_for(nw + 1, bs); ++b) q.block_table.push_back(static_cast<int32_t>(b));
-    model::SequenceStep d = q;
-    d.tokens = {0};
-    d.position = nw;
-    auto warm = [&](const model::SequenceStep& s) {
-      if (ranks)
-        (void)ranks->step(std::vector<std::vector<model::SequenceStep>>(size_t(dp), {s}), step_opt);
-      else
-        (void)g->step({s}, step_opt);
-    };
-    warm(q);
-    if (nw + 1 <= cap) warm(d);
+  // Warm-up, untimed, on every replica; the caches are reset after.
+  for (const model::SequenceStep& s : warmup_steps(r)) {
     if (ranks)
-      ranks->reset_cache();
+      (void)ranks->step(std::vector<std::vector<model::SequenceStep>>(size_t(dp), {s}), step_opt);
     else
-      g->reset_cache();
+      (void)g->step({s}, step_opt);
   }
+  if (ranks)
+    ranks->reset_cache();
+  else
+    g->reset_cache();
 
   // The engine: the replicas' schedulers (online_engine.hpp) on the real clock.
   OnlineEngine eng(S.serving, S.requests, online_prompts(S));
@@ -331,13 +395,7 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
       continue;
     }
     const OnlineEngine::Step& es = eng.schedule();
-    OnlineStep st;
-    st.start_s = t;
-    st.batch = es.total;
-    st.replicas = es.replicas;
-    st.num_prefill_seqs = static_cast<int>(st.batch.num_prefill_seqs);
-    st.num_decode = static_cast<int>(st.batch.num_decode);
-    st.num_tokens = es.num_tokens;
+    OnlineStep st = step_record(es, t);
     const double t_sched = now_s();
     double t_prep = 0, t_enq = 0, t_wait = 0;
     if (ranks) {
@@ -387,22 +445,138 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     r.steps.push_back(std::move(st));
     r.steps.back().host.bookkeep_ms = (now_s() - t_end) * 1e3;  // the prediction is made after the run
     if (cfg.progress_every_s > 0 && t_end >= next_progress) {
-      std::fprintf(stderr, "online: t = %.1f s, %lld / %zu requests done, %lld steps, %lld waiting, %lld running\n",
-                   t_end, static_cast<long long>(eng.finished()), n, static_cast<long long>(eng.num_steps()),
-                   static_cast<long long>(eng.waiting()), static_cast<long long>(eng.running()));
+      progress_line(eng, t_end);
       next_progress = t_end + cfg.progress_every_s;
     }
   }
-
-  // The cost model's prediction per step, outside the timed loop: every replica's batch.
-  for (auto& st : r.steps)
-    // The GPU part (the measurement is the forward alone, without the host's per-step overhead).
-    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us / 1e3 -
-                      r.profile_host_overhead_ms;
-  r.result = eng.result(wall_sum_ms);
-  r.output_ids = eng.output_ids();
+  online_finish(r, eng, wall_sum_ms);
   return r;
 }
+
+#if MIXSERVE_HAVE_NCCL
+OnlineResult run_online_process(const std::string& plan_path, const OnlineConfig& config, ProcessGroup& pg,
+                                const std::function<Comm(int device)>& make_world) {
+  using clk = std::chrono::steady_clock;
+  OnlineConfig cfg = config;
+  cfg.process_per_rank = true;
+  // Every check before any collective; the processes agree on the outcome (as run_bench_process).
+  OnlineResult r;
+  int code = 0;
+  std::exception_ptr failed;
+  try {
+    const int ndev = device_count_or_zero();
+    const LaunchShape launch{pg.size(), 1, std::max(ndev, 1)};
+    r = online_check(load_plan(plan_path), plan_path, cfg, &launch);
+    if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+    const int device = ndev == 1 ? 0 : pg.local_rank();
+    if (device >= ndev)
+      throw InputError(fmt::format("rank {}: local rank {} on a node with {} visible GPUs: launch at most {} "
+                                   "processes per node", pg.rank(), pg.local_rank(), ndev, ndev));
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
+    online_device_check(r, 1);
+  } catch (const InputError&) {
+    code = 2;
+    failed = std::current_exception();
+  } catch (...) {
+    code = 1;
+    failed = std::current_exception();
+  }
+  std::vector<int32_t> worst{code};
+  pg.max_int32(worst);
+  if (failed) std::rethrow_exception(failed);
+  if (worst[0] == 2) throw InputError("another rank refused the run (its message says why)");
+  if (worst[0] != 0) throw RuntimeError("another rank failed before the run (its message says why)");
+  // Every process's schedulers must form the same steps: the same KV pool per replica everywhere
+  // (the smallest that fits on every device).
+  RuntimeLimits& L = r.setup.serving.limits;
+  std::vector<int32_t> neg_blocks{-static_cast<int32_t>(std::min<int64_t>(L.kv_blocks, INT32_MAX))};
+  pg.max_int32(neg_blocks);
+  L.kv_blocks = -int64_t(neg_blocks[0]);
+
+  pg.collective = true;  // from here a failing rank leaves its peers waiting: the caller aborts
+  OnlineSetup& S = r.setup;
+  const Layout& layout = r.plan.chosen.layout;
+  int dev = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
+  const Comm world = make_world(dev);
+  ProcessRank pr(world, S.model, cfg.weight_seed, r.plan.cluster, layout, online_gpu_config(r));
+  GpuModel& g = pr.model();
+  const int dp = layout.attn_dp, replica = pr.replica();
+  const bool last_stage = pr.rank() / layout.stage_size() == layout.pp - 1;
+  const StepOptions step_opt = greedy_options();
+  for (const model::SequenceStep& s : warmup_steps(r)) (void)g.step({s}, step_opt);
+  g.reset_cache();
+
+  // The engine in every process; admissions on rank 0's clock (broadcast each step), so every
+  // process's schedulers form the same steps; each process runs its replica's batch.
+  OnlineEngine eng(S.serving, S.requests, online_prompts(S));
+  std::vector<std::vector<int32_t>> ids(static_cast<size_t>(dp));
+  std::vector<int32_t> flat;
+  double wall_sum_ms = 0;
+  pg.barrier();
+  const auto t0 = clk::now();
+  auto now_s = [&] { return std::chrono::duration<double>(clk::now() - t0).count(); };
+  double next_progress = cfg.progress_every_s;
+  while (!eng.done()) {
+    const double t = pg.broadcast(now_s());
+    eng.admit_until(t);
+    if (!eng.has_work()) {  // the same in every process: rank 0 waits, the others in the broadcast
+      const double next_arrival = eng.next_arrival_s();
+      if (!std::isfinite(next_arrival))
+        throw RuntimeError("online engine: requests left unfinished with nothing to run");
+      const double wait = next_arrival - t;
+      if (pg.rank() == 0 && wait > 2e-4) std::this_thread::sleep_for(std::chrono::duration<double>(wait - 1e-4));
+      continue;
+    }
+    const OnlineEngine::Step& es = eng.schedule();
+    OnlineStep st = step_record(es, t);
+    const double t_sched = now_s();
+    g.prepare(es.batches[size_t(replica)], step_opt);
+    const double t_prep = now_s();
+    pg.barrier();
+    const auto e0 = clk::now();
+    g.enqueue(g.stream());
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+    pg.barrier();
+    st.measured_ms = std::chrono::duration<double, std::milli>(clk::now() - e0).count();
+    const double t_enq = now_s();
+    const GpuStepOutput out = g.collect(g.stream());
+    const double t_wait = now_s();
+    // Every replica's ids to every process: the last stage's ranks fill their replica's slice.
+    std::vector<size_t> offset(size_t(dp) + 1, 0);
+    for (int d = 0; d < dp; ++d) offset[size_t(d) + 1] = offset[size_t(d)] + es.lists[size_t(d)].size();
+    flat.assign(offset.back(), -1);
+    if (last_stage) {
+      if (out.token_ids.size() != es.lists[size_t(replica)].size())
+        throw RuntimeError(fmt::format("rank {}: {} sampled ids for {} sequences", pr.rank(), out.token_ids.size(),
+                                       es.lists[size_t(replica)].size()));
+      std::copy(out.token_ids.begin(), out.token_ids.end(), flat.begin() + std::ptrdiff_t(offset[size_t(replica)]));
+    }
+    pg.max_int32(flat);
+    for (int d = 0; d < dp; ++d)
+      ids[size_t(d)].assign(flat.begin() + std::ptrdiff_t(offset[size_t(d)]),
+                            flat.begin() + std::ptrdiff_t(offset[size_t(d) + 1]));
+    eng.take_tokens(ids);
+    const double t_end = now_s();
+    st.wall_ms = (t_end - t) * 1e3;
+    st.host.schedule_ms = (t_sched - t) * 1e3;
+    st.host.prepare_ms = (t_prep - t_sched) * 1e3;
+    st.host.enqueue_ms = (t_enq - t_prep) * 1e3;
+    st.host.wait_ms = (t_wait - t_enq) * 1e3;
+    st.host.sample_ms = (t_end - t_wait) * 1e3;
+    eng.complete(t_end);
+    wall_sum_ms += st.wall_ms;
+    r.steps.push_back(std::move(st));
+    r.steps.back().host.bookkeep_ms = (now_s() - t_end) * 1e3;
+    if (pg.rank() == 0 && cfg.progress_every_s > 0 && t_end >= next_progress) {
+      progress_line(eng, t_end);
+      next_progress = t_end + cfg.progress_every_s;
+    }
+  }
+  online_finish(r, eng, wall_sum_ms);
+  return r;
+}
+#endif
 
 nlohmann::json online_json(const OnlineResult& r) {
   const OnlineSetup& S = r.setup;

@@ -10,7 +10,7 @@
 //                        [--request-rate R] [--seed S] [--num-layers N] [--json FILE] ...
 // A multi-GPU plan: --emulate-ranks (its ranks on this one GPU), --gpu-per-rank (a thread per GPU
 // of this node), or --mpi (one process per rank: mpirun -np R mixserve-run bench --plan P --mpi ...;
-// offline only; rank 0 prints and writes the results). Under a launcher with more than one
+// rank 0 prints and writes the results). Under a launcher with more than one
 // process (OMPI_COMM_WORLD_SIZE, PMI_SIZE, ...) --mpi is implied.
 // Exit codes: 0 ok, 1 runtime failure (no GPU, device errors), 2 bad input (plan for another GPU
 // model or another launch, unsupported model, not enough memory, bad weights, bad arguments).
@@ -58,8 +58,37 @@ int run_offline(Args& a) {
   return kExitOk;
 }
 
+void online_args(Args& a) {
+  a.online.overrides.seed = a.seed;
+  a.online.num_layers = a.offline.num_layers;
+  a.online.weights_dir = a.offline.weights_dir;
+  a.online.profile = a.offline.profile;
+  a.online.cuda_graph = a.offline.cuda_graph;
+  a.online.emulate_ranks = a.offline.emulate_ranks;
+  a.online.gpu_per_rank = a.offline.gpu_per_rank;
+}
+
+void write_host_overhead(const Args& a, const gpu::OnlineResult& r) {
+  if (a.host_overhead_to.empty()) return;
+  const HardwareProfile p = gpu::with_host_overhead(load_profile(a.host_overhead_to), r, a.command);
+  write_file_atomic(a.host_overhead_to, profile_to_yaml(p));
+  std::printf("# host overhead %.1f us per step (median of %lld steps) written to %s (host_overhead)\n",
+              p.host_overhead.step_us, static_cast<long long>(p.host_overhead.steps), a.host_overhead_to.c_str());
+}
+
 #if MIXSERVE_HAVE_MPI
 // One process of an MPI launch: every rank runs its part; rank 0 prints and writes the results.
+int run_online_mpi(Args& a, gpu::MpiSession& mpi) {
+  online_args(a);
+  const gpu::OnlineResult r = gpu::run_online_mpi(a.plan_path, a.online, mpi);
+  if (mpi.rank() == 0) {
+    std::fputs(gpu::format_online_report(r).c_str(), stdout);
+    write_json(a.json_path, gpu::online_json(r));
+    write_host_overhead(a, r);
+  }
+  return kExitOk;
+}
+
 int run_offline_mpi(Args& a, gpu::MpiSession& mpi) {
   if (a.seed >= 0) a.offline.seed = static_cast<uint64_t>(a.seed);
   const gpu::BenchResult r = gpu::run_bench_mpi(a.plan_path, a.offline, mpi);
@@ -72,22 +101,11 @@ int run_offline_mpi(Args& a, gpu::MpiSession& mpi) {
 #endif
 
 int run_online(Args& a) {
-  a.online.overrides.seed = a.seed;
-  a.online.num_layers = a.offline.num_layers;
-  a.online.weights_dir = a.offline.weights_dir;
-  a.online.profile = a.offline.profile;
-  a.online.cuda_graph = a.offline.cuda_graph;
-  a.online.emulate_ranks = a.offline.emulate_ranks;
-  a.online.gpu_per_rank = a.offline.gpu_per_rank;
+  online_args(a);
   const gpu::OnlineResult r = gpu::run_online(a.plan_path, a.online);
   std::fputs(gpu::format_online_report(r).c_str(), stdout);
   write_json(a.json_path, gpu::online_json(r));
-  if (!a.host_overhead_to.empty()) {
-    const HardwareProfile p = gpu::with_host_overhead(load_profile(a.host_overhead_to), r, a.command);
-    write_file_atomic(a.host_overhead_to, profile_to_yaml(p));
-    std::printf("# host overhead %.1f us per step (median of %lld steps) written to %s (host_overhead)\n",
-                p.host_overhead.step_us, static_cast<long long>(p.host_overhead.steps), a.host_overhead_to.c_str());
-  }
+  write_host_overhead(a, r);
   return kExitOk;
 }
 
@@ -131,8 +149,7 @@ int main(int argc, char** argv) {
                   "(docs/distributed.md)");
   bench->add_flag("--mpi", a.mpi,
                   "one process per rank of the plan, launched by mpirun / srun (implied under a launcher of more "
-                  "than one process); offline only (docs/distributed.md)")
-      ->group(off);
+                  "than one process); offline and online (docs/distributed.md)");
   // Online: the simulator CLI's names.
   const char* onl = "Online (serving, the simulator's scheduler)";
   bench->add_option("--workload", on.workload, "shipped workload name (configs/workloads) or YAML path: online mode")
@@ -176,13 +193,9 @@ int main(int argc, char** argv) {
     const int launched = gpu::launcher_world_size();
     if (launched > 1) a.mpi = true;
     if (a.mpi) {
-      if (online)
-        throw InputError("--workload (online mode) with --mpi (one process per rank) is not built: run the plan "
-                         "online with --emulate-ranks or --gpu-per-rank (one process)");
 #if MIXSERVE_HAVE_MPI
       mpi = std::make_unique<gpu::MpiSession>();
       who = fmt::format("mixserve-run (rank {} of {})", mpi->rank(), mpi->size());
-      return run_offline_mpi(a, *mpi);
 #else
       throw InputError(fmt::format(
           "{}: this mixserve-run was built without MPI (MPI or NCCL not found at configure time), so it cannot run "
@@ -198,6 +211,9 @@ int main(int argc, char** argv) {
                             "--slo-ttft", "--slo-tpot", "--slo-e2el", "--host-overhead-to"})
       if (!online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an online option: give --workload W (or --online)", opt));
+#if MIXSERVE_HAVE_MPI
+    if (mpi) return online ? run_online_mpi(a, *mpi) : run_offline_mpi(a, *mpi);
+#endif
     return online ? run_online(a) : run_offline(a);
   } catch (const InputError& e) {
     std::fprintf(stderr, "%s: %s\n", who.c_str(), e.what());

@@ -1,8 +1,9 @@
 // mixserve-run bench --mpi under mpirun, on any host (label unit): every process checks the plan
 // against the launch before any device work, so a plan of 2 ranks launched as 3 (or 1) processes
 // makes every rank exit non-zero with the same message naming both counts, and no results file
-// is written; --workload with --mpi is refused. On a host without a GPU, a launch of the right
-// size stops in every rank at "no GPU" (the processes agree before any NCCL call, so none hangs).
+// is written, offline and online (--workload); --emulate-ranks with --mpi is refused by every
+// rank. On a host without a GPU, a launch of the right size stops in every rank at "no GPU" (the
+// processes agree before any NCCL call, so none hangs).
 // Skipped (exit 77) when the mpiexec found at configure time cannot be run.
 #include <doctest/doctest.h>
 
@@ -88,19 +89,34 @@ TEST_CASE("mixserve-run bench --mpi: a launch of another world size is refused b
             std::string::npos);
     CHECK(!fs::exists(out));
   }
-  // Online mode is not built for one process per rank.
-  const test::CliRun on = mpirun(2, "--plan '" + plan.string() + "' --workload sharegpt-paper --json '" +
-                                        out.string() + "'");
-  CHECK(on.code != 0);
-  CHECK(count(on.out + on.err, "--workload (online mode) with --mpi (one process per rank) is not built") == 2);
-  CHECK(!fs::exists(out));
-  // The right launch on a host without a GPU: every rank stops before NCCL.
-  if (gpu::device_count_or_zero() == 0) {
-    const test::CliRun r = mpirun(2, args);
+  // Online mode: the same checks.
+  const std::string online = "--plan '" + plan.string() + "' --workload sharegpt-paper --num-requests 4 --num-layers 2 "
+                             "--progress-every 0 --json '" + out.string() + "'";
+  {
+    fs::remove(out);
+    const test::CliRun r = mpirun(3, online);
     const std::string all = r.out + r.err;
     INFO(all);
     CHECK(r.code != 0);
-    CHECK(count(all, "no GPU") == 2);
+    CHECK(count(all, "needs 2 ranks; launched with 3") == 3);
     CHECK(!fs::exists(out));
+  }
+  // Options the one-process launches take are refused with --mpi, by every rank.
+  {
+    const test::CliRun r = mpirun(2, args + " --emulate-ranks");
+    CHECK(r.code != 0);
+    CHECK(count(r.out + r.err, "--emulate-ranks, --gpu-per-rank and --mpi exclude each other") == 2);
+  }
+  // The right launch on a host without a GPU: every rank stops before NCCL, offline and online.
+  if (gpu::device_count_or_zero() == 0) {
+    for (const std::string& a : {args, online}) {
+      fs::remove(out);
+      const test::CliRun r = mpirun(2, a);
+      const std::string all = r.out + r.err;
+      INFO(all);
+      CHECK(r.code != 0);
+      CHECK(count(all, "no GPU") == 2);
+      CHECK(!fs::exists(out));
+    }
   }
 }

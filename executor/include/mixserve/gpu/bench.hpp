@@ -159,6 +159,7 @@ class ProcessGroup {
   virtual int local_rank() const = 0;  // on this node: the GPU it takes (of several visible)
   virtual void barrier() = 0;
   virtual void max_int32(std::span<int32_t> v) = 0;  // element-wise max over the processes, in place
+  virtual double broadcast(double v) = 0;            // rank 0's v, in every process
   // Set once the processes entered NCCL communication: a process that fails after that leaves its
   // peers waiting, so the caller aborts the whole job (MPI_Abort) instead of returning.
   bool collective = false;

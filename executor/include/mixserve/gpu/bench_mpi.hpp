@@ -7,6 +7,7 @@
 #include <string>
 
 #include "mixserve/gpu/bench.hpp"
+#include "mixserve/gpu/online.hpp"
 
 namespace mixserve::gpu {
 
@@ -30,6 +31,7 @@ class MpiSession final : public ProcessGroup {
   int local_rank() const override { return local_rank_; }
   void barrier() override;
   void max_int32(std::span<int32_t> v) override;
+  double broadcast(double v) override;
   // Ends every process of the job with `code` (a failure after the processes entered NCCL).
   [[noreturn]] void abort(int code);
 
@@ -37,8 +39,9 @@ class MpiSession final : public ProcessGroup {
   int rank_ = 0, size_ = 1, local_rank_ = 0;
 };
 
-// run_bench_process with the NCCL world from init_mpi_world.
+// run_bench_process / run_online_process with the NCCL world from init_mpi_world.
 BenchResult run_bench_mpi(const std::string& plan_path, const BenchConfig& cfg, MpiSession& mpi);
+OnlineResult run_online_mpi(const std::string& plan_path, const OnlineConfig& cfg, MpiSession& mpi);
 #endif
 
 }  // namespace mixserve::gpu

@@ -31,6 +31,7 @@
 
 #include "mixserve/core/plan.hpp"
 #include "mixserve/core/profile.hpp"
+#include "mixserve/gpu/bench.hpp"
 #include "mixserve/sim/replay.hpp"
 #include "mixserve/sim/serving.hpp"
 
@@ -55,6 +56,7 @@ struct OnlineConfig {
   bool cuda_graph = true;        // decode-only steps as CUDA graphs (--no-cuda-graph: eager)
   bool emulate_ranks = false;    // a multi-GPU plan's ranks as logical ranks on this one GPU
   bool gpu_per_rank = false;     // a multi-GPU plan on this node's GPUs, rank r on device r
+  bool process_per_rank = false; // one process per rank (run_online_process, --mpi); set by it
 };
 
 // Host time of one engine step by phase (std::chrono, ms), in loop order:
@@ -141,6 +143,17 @@ HardwareProfile with_host_overhead(HardwareProfile p, const OnlineResult& r, con
 
 OnlineResult run_online(const std::string& plan_path, const OnlineConfig& cfg);
 OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg);
+#if MIXSERVE_HAVE_NCCL
+// The online benchmark with one process per rank (mpirun ... --mpi; bench.hpp ProcessGroup): the
+// checks of run_bench_process before any device work and the processes' agreement on them, the
+// KV blocks per replica agreed (the smallest that fits on every device); then every process runs
+// the same engine (online_engine.hpp) with admissions on rank 0's clock, broadcast each step, so
+// all form the same steps; each steps its replica's batch (ProcessRank, seeded synthetic weights,
+// eager), steps are timed on the host between barriers over the processes, every replica's ids
+// reach every process (pg.max_int32). Rank 0's result is the run's.
+OnlineResult run_online_process(const std::string& plan_path, const OnlineConfig& cfg, ProcessGroup& pg,
+                                const std::function<Comm(int device)>& make_world);
+#endif
 
 // The simulator's result keys (sim::metrics_to_json, plus request_rate and mixserve_*), then
 // mode "online", ranks, emulated_ranks, moe_schedule, plan {path, sha256, model, ...}, model, workload, serving_config, requests (the

@@ -46,6 +46,7 @@ class OnlineEngine {
   OnlineEngine& operator=(const OnlineEngine&) = delete;
 
   int num_replicas() const { return cfg_.num_replicas; }
+  size_t num_requests() const { return seqs_.size(); }
   // Routes the requests with arrival_s <= t to their replicas, in arrival order.
   void admit_until(double t);
   bool has_work() const;  // a replica has a request waiting or running
