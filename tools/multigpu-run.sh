@@ -8,9 +8,9 @@
 #      GPU, NCCL) of Qwen3-30B-A3B (first 8 layers, synthetic weights) for the N-GPU layouts
 #      below, next to the 1-GPU plan on GPU 0 as the baseline of the same run, the same plans
 #      emulated on one GPU (--emulate-ranks) for comparison, one process per GPU under mpirun
-#      (--mpi; when the host has mpirun), and the online mode with a GPU per rank (60
-#      sharegpt-paper requests at 16 req/s); then mpirun of one process too many, which every
-#      rank must refuse.
+#      (--mpi; when the host has mpirun), and the online mode with a GPU per rank and under
+#      mpirun (60 sharegpt-paper requests at 16 req/s); then mpirun of one process too many,
+#      which every rank must refuse.
 # Usage: tools/multigpu-run.sh <bundle-dir> <log-dir>
 # Logs: tests.log, bench.log, bench-*.json (the last ones dropped past 8 files). Exit 1 on a
 # failed test or bench. It has not run yet: only 1-GPU machines were lent (docs/distributed.md).
@@ -76,9 +76,14 @@ ARGS=(--num-layers 8 --batch 16 --input-len 512 --output-len 32 --warmup 1)
     else
       echo "=== bench $L: no mpirun on this host: --mpi not run"
     fi
+    OARGS=(--workload sharegpt-paper --num-requests 60 --request-rate 16 --num-layers 8 --progress-every 0)
     echo "=== online $L: a GPU per rank (NCCL), one scheduler per attention-DP replica"
-    timeout 300 "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" --workload sharegpt-paper --num-requests 60 \
-      --request-rate 16 --num-layers 8 --progress-every 0 --gpu-per-rank || status=1
+    timeout 300 "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" "${OARGS[@]}" --gpu-per-rank || status=1
+    if command -v mpirun > /dev/null; then
+      echo "=== online $L: one process per GPU (mpirun -np $P --mpi)"
+      timeout 300 mpirun --allow-run-as-root -np "$P" -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE \
+        "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" "${OARGS[@]}" --mpi || status=1
+    fi
   done
   # A launch of the wrong size is refused by every rank before any device work.
   if command -v mpirun > /dev/null; then

@@ -251,7 +251,7 @@ void check_single_gpu_plan(const Plan& plan, const std::string& origin, MultiGpu
   if (world != 1 && multi != MultiGpuPlan::allowed)
     throw InputError(fmt::format(
         "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; give --emulate-ranks (its ranks as "
-        "logical ranks on this one GPU) or --gpu-per-rank (a GPU per rank, NCCL), or offline run it under mpirun "
+        "logical ranks on this one GPU) or --gpu-per-rank (a GPU per rank, NCCL), or run it under mpirun "
         "with --mpi (a process per GPU); or make a plan for a 1-GPU cluster, e.g. configs/clusters/h200-1x1.yaml",
         origin, l.name(), plan.cluster.name, plan.cluster.num_nodes, plan.cluster.gpus_per_node,
         plan.cluster.gpu_model, world));
