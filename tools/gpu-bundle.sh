@@ -4,7 +4,8 @@
 #   bin/  mixserve-profile, mixserve-run, mixserve-plan and the GPU test binaries (label gpu / multigpu / unit lists in tests-*.txt)
 #   lib/  the shared libraries a CUDA 13 host may lack (fmt, yaml-cpp, cudart); the binaries find
 #         them through tools/gpu-test.sh's LD_LIBRARY_PATH. cuBLAS and NCCL are the host's own.
-# Usage: tools/gpu-bundle.sh [bundle-dir]     (env: MIXSERVE_GPU_BUILD, default <repo>/build-gpu)
+# Usage: tools/gpu-bundle.sh [bundle-dir]     (env: MIXSERVE_GPU_BUILD, default <repo>/build-gpu;
+#        MIXSERVE_BUNDLE_1GPU=1 for a 1-GPU host: multigpu tests left out, binaries stripped)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="${1:-$ROOT/gpu-bundle}"
@@ -24,6 +25,13 @@ find "$BUILD/planner" -maxdepth 1 -type f -name 'mixserve-plan' -perm -u+x -exec
 # test_gpu_comm_mpi is left out: it needs the host's own MPI build and mpirun.
 find "$BUILD/tests/gpu" -maxdepth 1 -type f -name 'test_gpu_*' ! -name test_gpu_comm_mpi -perm -u+x \
   -exec cp {} "$BUNDLE/bin/" \;
+# MIXSERVE_BUNDLE_1GPU=1: for a 1-GPU host under the 64 MiB carry limit: no multigpu test binaries
+# (they would skip), binaries stripped.
+if [ "${MIXSERVE_BUNDLE_1GPU:-0}" = 1 ]; then
+  ctest --test-dir "$BUILD" -N -L '^multigpu$' 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z0-9_]*\)$/\1/p' |
+    while read -r t; do rm -f "$BUNDLE/bin/$t"; done
+  strip "$BUNDLE"/bin/* 2>/dev/null || true
+fi
 # Test lists by label, from CTest itself (the binaries run directly on the host: no CTest there).
 # Only binaries in the bundle: test_gpu_comm_mpi needs the host's own MPI and is left out.
 for label in gpu multigpu unit; do

@@ -7,6 +7,9 @@
 //     CollectivePoint, GemvPoint (gemv optional and written only when non-empty, so a profile
 //     without GEMV points reads as before),
 //   host_overhead {step_us, steps, measured_with} (optional; written when step_us > 0),
+//   graph_launch {alone_graph_us, alone_eager_us, chain_us, chain_kernels, [alone_gemv_us,
+//     mixed_chain_us,] measured_with}
+//     (optional; written when chain_kernels > 0),
 //   versions {name: version}, measured_on, notes, provenance.
 #include <optional>
 
@@ -136,7 +139,7 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
   const YamlMap root(detail::yaml_parse(text, origin), origin, "");
   root.allow_keys({"version", "name", "gpu", "source", "sm_count", "memory_GiB", "peaks",
                    "efficiency", "kernel_launch_us", "tables", "versions", "measured_on", "notes",
-                   "provenance", "host_overhead"});
+                   "provenance", "host_overhead", "graph_launch"});
   HardwareProfile p;
   p.version = root.integer("version");
   if (p.version != 1) root.fail("version", "1", std::to_string(p.version));
@@ -177,6 +180,18 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
     p.host_overhead.step_us = h.nonneg_num("step_us", 0.0);
     p.host_overhead.steps = h.positive_i64("steps");
     p.host_overhead.measured_with = h.str("measured_with");
+  }
+  if (root.has("graph_launch")) {
+    const YamlMap g = root.map("graph_launch");
+    g.allow_keys({"alone_graph_us", "alone_eager_us", "chain_us", "chain_kernels", "alone_gemv_us", "mixed_chain_us",
+                  "measured_with"});
+    p.graph_launch.alone_graph_us = g.positive_num("alone_graph_us");
+    p.graph_launch.alone_eager_us = g.positive_num("alone_eager_us");
+    p.graph_launch.chain_us = g.positive_num("chain_us");
+    p.graph_launch.chain_kernels = g.positive_int("chain_kernels");
+    p.graph_launch.alone_gemv_us = g.nonneg_num("alone_gemv_us", 0.0);
+    p.graph_launch.mixed_chain_us = g.nonneg_num("mixed_chain_us", 0.0);
+    p.graph_launch.measured_with = g.str("measured_with");
   }
   p.measured_on = root.str("measured_on", "");
   p.notes = root.str("notes", "");
@@ -285,6 +300,19 @@ std::string profile_to_yaml(const HardwareProfile& p) {
     out << YAML::Key << "step_us" << YAML::Value << fmt_num(p.host_overhead.step_us);
     out << YAML::Key << "steps" << YAML::Value << p.host_overhead.steps;
     out << YAML::Key << "measured_with" << YAML::Value << p.host_overhead.measured_with;
+    out << YAML::EndMap;
+  }
+  if (p.graph_launch.chain_kernels > 0) {
+    out << YAML::Key << "graph_launch" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "alone_graph_us" << YAML::Value << fmt_num(p.graph_launch.alone_graph_us);
+    out << YAML::Key << "alone_eager_us" << YAML::Value << fmt_num(p.graph_launch.alone_eager_us);
+    out << YAML::Key << "chain_us" << YAML::Value << fmt_num(p.graph_launch.chain_us);
+    out << YAML::Key << "chain_kernels" << YAML::Value << p.graph_launch.chain_kernels;
+    if (p.graph_launch.alone_gemv_us > 0 && p.graph_launch.mixed_chain_us > 0) {
+      out << YAML::Key << "alone_gemv_us" << YAML::Value << fmt_num(p.graph_launch.alone_gemv_us);
+      out << YAML::Key << "mixed_chain_us" << YAML::Value << fmt_num(p.graph_launch.mixed_chain_us);
+    }
+    out << YAML::Key << "measured_with" << YAML::Value << p.graph_launch.measured_with;
     out << YAML::EndMap;
   }
   out << YAML::Key << "versions" << YAML::Value << YAML::BeginMap;

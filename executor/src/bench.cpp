@@ -500,8 +500,12 @@ void bench_finish(BenchResult& r, const BenchRun& run) {
   const BenchConfig& cfg = r.config;
   // The prediction: the simulator's cost model for the plan's layout, the model that runs.
   const HardwareProfile profile = load_profile(r.profile_name);
-  const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout,
-                                       sim::CostModelOptions{});
+  // Per step the model of how it ran: decode steps as CUDA graphs or eagerly (graph_launch saving).
+  sim::CostModelOptions graphed, eager;
+  eager.decode_graphs = false;
+  const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, graphed);
+  const auto cm_eager =
+      sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, eager);
   int num_prefill = 0;
   const auto shapes = step_shapes(cfg, r.prefill_chunk_tokens, &num_prefill);
   if (run.step_ms.size() != shapes.size() || run.graph.size() != shapes.size())
@@ -523,8 +527,10 @@ void bench_finish(BenchResult& r, const BenchRun& run) {
     st.replicas = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
     // The GPU part: the measurement is CUDA events around the forward, without the host's per-step
     // overhead that the cost model adds from the profile (host_overhead).
+    const auto& model_of_step = st.cuda_graph ? *cm : *cm_eager;
     st.predicted_ms =
-        (cm->step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us - profile.host_overhead.step_us) /
+        (model_of_step.step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us -
+         profile.host_overhead.step_us) /
         1e3;
     total_s += st.measured_ms / 1e3;
     if (decode) {

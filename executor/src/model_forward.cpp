@@ -212,12 +212,18 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   if (cfg_.shard.moe_sched != MoeSched::none && m.num_moe_layers() > 0) {
     // The expert step of a scheduled MoE layer runs on the received rows (ShardSpec::moe_sched):
     // fused, the group's rows of every replica (fused_capacity_rows); EP, every replica's
-    // (token, local expert) rows with one slot each (ep_capacity_rows), within rows * K below.
+    // (token, local expert) rows of the EP index with one slot each (ep_capacity_rows), within
+    // rows * K below.
     const int Q = cfg_.shard.stage_size / cfg_.shard.moe_tp;
     const int64_t dp = cfg_.shard.stage_size / cfg_.shard.attn_tp, epr = El;
-    const int64_t sched_rows = cfg_.shard.moe_sched == MoeSched::ep
-                                   ? (dp * T * std::min<int64_t>(K, epr) + std::max(K, 1) - 1) / std::max(K, 1)
-                                   : Q * T;
+    // A shared expert adds the moe-TP group's source tokens (at most moe_tp * T) to the EP rows,
+    // and runs on them as the leading rows of the step (one slot each).
+    const int64_t shared_rows = S > 0 ? int64_t(cfg_.shard.moe_tp) * T : 0;
+    const int64_t sched_rows =
+        cfg_.shard.moe_sched == MoeSched::ep
+            ? std::max(shared_rows, (dp * T * std::min<int64_t>(K, epr) + shared_rows + std::max(K, 1) - 1) /
+                                        std::max(K, 1))
+            : Q * T;
     Tm = std::max(Tm, sched_rows);
   }
   std::map<std::string, std::vector<int64_t>> shapes;
@@ -621,7 +627,24 @@ void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
     if (Ts == 0) return;
     if (T > 0) moe_route(L, A.normed, T, s);
     const MoeExpertRows r = cfg_.comm->moe_dispatch(A.normed, A.topk_ids, A.topk_w, T, Ts, s);
-    if (r.rows > 0) moe_experts(L, r.x, r.rows, r.k, r.ids, r.weights, false, r.out, s);
+    // The leading shared_rows rows (the group's own tokens) also get the shared expert's TP
+    // slice; the schedule's reduce-scatter sums it with the routed partials.
+    const int64_t sh = std::min(r.shared_rows, r.rows);
+    const std::size_t touched0 = prep_->experts_touched.size();
+    if (sh > 0) {
+      if (!L.shared_w13)
+        throw RuntimeError("scheduled MoE: shared-expert rows on a rank without the shared expert's shard");
+      moe_experts(L, r.x, sh, r.k, r.ids, r.weights, true, r.out, s);
+    }
+    if (r.rows > sh)
+      moe_experts(L, r.x + sh * H, r.rows - sh, r.k, r.ids + sh * r.k, r.weights + sh * r.k, false,
+                  r.out + sh * H, s);
+    // One experts_touched entry per layer: two calls' counts merged (at most the local experts).
+    if (prep_->experts_touched.size() == touched0 + 2) {
+      const int second = prep_->experts_touched.back();
+      prep_->experts_touched.pop_back();
+      prep_->experts_touched.back() = std::min(prep_->experts_touched.back() + second, dims_.experts);
+    }
     cfg_.comm->moe_combine(A.tmp, T, s);
     return;
   }

@@ -65,7 +65,8 @@ void require(bool ok, const char* where, const std::string& key, const std::stri
 void check_same_geometry(const sim::CommGeometry& a, const sim::CommGeometry& b, const char* where) {
   const bool same = a.num_ranks == b.num_ranks && a.moe_tp == b.moe_tp && a.moe_ep == b.moe_ep &&
                     a.attn_tp == b.attn_tp && a.attn_dp == b.attn_dp &&
-                    a.num_experts == b.num_experts && a.top_k == b.top_k && a.hidden == b.hidden;
+                    a.num_experts == b.num_experts && a.top_k == b.top_k && a.hidden == b.hidden &&
+                    a.shared_expert == b.shared_expert;
   require(same, where, "schedule.geo", "the geometry the buffers were sized for",
           "a schedule of another geometry");
 }
@@ -125,7 +126,9 @@ FusedMoeComm::FusedMoeComm(const sim::CommGeometry& geo, int64_t max_tokens_per_
   require(eb_ > 0, kFused, "dtype", "f64, f32 or bf16", "?");
   const int P = geo.num_ranks, Q = geo.moe_ep, T = geo.moe_tp, h = geo.hidden, hs = h / T;
   const int64_t rows = sim::fused_capacity_rows(geo, cap_);
-  const int64_t pairs = rows * std::min(geo.top_k, geo.experts_per_ep_rank());
+  // Toy expert pairs: per row its (row, local expert) pairs, plus the shared expert's on the
+  // group's own rows (block 0, at most cap_ of them).
+  const int64_t pairs = rows * std::min(geo.top_k, geo.experts_per_ep_rank()) + (geo.shared_expert ? cap_ : 0);
   ranks_.resize(P);
   for (int r = 0; r < P; ++r) {
     if (!tr_.is_local(r)) continue;
@@ -211,17 +214,27 @@ void FusedMoeComm::prepare(const sim::FusedSchedule& s,
     upload(rk.idx_send, send, "rail send rows");
     upload(rk.idx_home, home, "home rows");
     upload(rk.block_off, xs.block_row_offset, "block offsets");
-    // Pair tables in fold order: per row, its (global expert, weight).
+    // Pair tables in fold order: per row, its (global expert, weight); with a shared expert the
+    // rows of block 0 (the group's own tokens) get one more pair, (toy expert E, 1).
     std::vector<int32_t> pair_local(xs.num_pairs());
     for (int e = 0; e < epg; ++e)
       for (int64_t p = xs.expert_pair_offset[e]; p < xs.expert_pair_offset[e + 1]; ++p) pair_local[p] = e;
     std::vector<int32_t> pe;
     std::vector<double> pw;
-    for (int64_t p : xs.row_pairs) {
-      pe.push_back(q * epg + pair_local[p]);
-      pw.push_back(xs.pair_weight[p]);
+    std::vector<int64_t> poff{0};
+    for (int64_t row = 0; row < xs.num_rows(); ++row) {
+      for (int64_t k = xs.row_pair_offset[row]; k < xs.row_pair_offset[row + 1]; ++k) {
+        const int64_t p = xs.row_pairs[k];
+        pe.push_back(q * epg + pair_local[p]);
+        pw.push_back(xs.pair_weight[p]);
+      }
+      if (geo_.shared_expert && row < xs.block_row_offset[1]) {
+        pe.push_back(geo_.num_experts);
+        pw.push_back(1.0);
+      }
+      poff.push_back(static_cast<int64_t>(pe.size()));
     }
-    upload(rk.pair_off, xs.row_pair_offset, "row pair offsets");
+    upload(rk.pair_off, poff, "row pair offsets");
     upload(rk.pair_expert, pe, "pair experts");
     upload(rk.pair_weight, pw, "pair weights");
   }
@@ -468,16 +481,23 @@ struct EpMoeComm::Rank {
   cudaEvent_t ev[3] = {};
   DeviceBuffer x;            // [cap, h] the replica's tokens
   DeviceBuffer sendbuf;      // [cap * k, h] rows by (destination, local expert, token, slot)
-  DeviceBuffer recvbuf;      // [recv cap, h] rows by (source, local expert)
-  DeviceBuffer outbuf;       // [recv cap, h] expert outputs, same order
-  DeviceBuffer backbuf;      // [cap * k, h] outputs back home, in send order
+  DeviceBuffer recvbuf;      // [recv cap, h] the EP index's rows after the moe-TP all-gather
+                             // (EpRankPlan::gather_*): shared expert, the members' source tokens
+                             // at their shared_begin; member u's received rows at its
+                             // gather_begin, each by (source, local expert)
+  DeviceBuffer outbuf;       // [recv cap, h] expert (TP-partial) outputs, same order
+  DeviceBuffer rsbuf;        // [recv cap, h] moe_tp > 1: one member's partials of this rank's
+                             // piece [shared rows | received rows]
+  DeviceBuffer redbuf;       // [recv cap, h] moe_tp > 1: this rank's piece, summed over the members
+  DeviceBuffer backbuf;      // [cap * (k + 1), h] outputs back home, in send order; shared
+                             // expert: then the summed shared rows of the source tokens
   DeviceBuffer y;            // [cap, h] combined rows
   DeviceBuffer send_counts;  // int64 [P * E/P]
   DeviceBuffer recv_counts;  // int64 [P * E/P]
   DeviceBuffer send_token;   // int32 [cap * k]
   DeviceBuffer comb_off;     // int64 [cap + 1] per source token: its rows in backbuf
-  DeviceBuffer comb_row;     // int64 [cap * k]
-  DeviceBuffer comb_w;       // f64 [cap * k]
+  DeviceBuffer comb_row;     // int64 [cap * (k + 1)]
+  DeviceBuffer comb_w;       // f64 [cap * (k + 1)]
   DeviceBuffer block_off;    // int64 [2] toy expert: one row-major block
   DeviceBuffer pair_off;     // int64 [recv cap + 1]
   DeviceBuffer pair_expert;  // int32 [recv cap]
@@ -515,14 +535,16 @@ EpMoeComm::EpMoeComm(const sim::CommGeometry& geo, int64_t max_tokens_per_replic
     rk->recvbuf = alloc(dev, recv_cap * h, eb_);
     rk->outbuf = alloc(dev, recv_cap * h, eb_);
     MIXSERVE_CUDA_CHECK(cudaMemset(rk->outbuf.get(), 0, rk->outbuf.bytes()));
-    rk->backbuf = alloc(dev, cap_ * K * h, eb_);
+    rk->rsbuf = alloc(dev, geo.moe_tp > 1 ? recv_cap * h : 0, eb_);
+    rk->redbuf = alloc(dev, geo.moe_tp > 1 ? recv_cap * h : 0, eb_);
+    rk->backbuf = alloc(dev, cap_ * (K + 1) * h, eb_);
     rk->y = alloc(dev, cap_ * h, eb_);
     rk->send_counts = alloc(dev, static_cast<int64_t>(P) * epr, 8);
     rk->recv_counts = alloc(dev, static_cast<int64_t>(P) * epr, 8);
     rk->send_token = alloc(dev, cap_ * K, 4);
     rk->comb_off = alloc(dev, cap_ + 1, 8);
-    rk->comb_row = alloc(dev, cap_ * K, 8);
-    rk->comb_w = alloc(dev, cap_ * K, 8);
+    rk->comb_row = alloc(dev, cap_ * (K + 1), 8);
+    rk->comb_w = alloc(dev, cap_ * (K + 1), 8);
     rk->block_off = alloc(dev, 2, 8);
     rk->pair_off = alloc(dev, recv_cap + 1, 8);
     rk->pair_expert = alloc(dev, recv_cap, 4);
@@ -558,8 +580,9 @@ void EpMoeComm::prepare(const sim::EpSchedule& s, std::span<const sim::ReplicaRo
     const sim::EpRankPlan& rp = s.ranks[r];
     require(routing[rp.replica].num_tokens <= cap_, kEp, "routing[" + std::to_string(rp.replica) + "].num_tokens",
             "at most max_tokens_per_replica = " + std::to_string(cap_), std::to_string(routing[rp.replica].num_tokens));
-    require(rp.recv_rows() <= recv_cap, kEp, "step", "at most " + std::to_string(recv_cap) +
-            " received rows per rank (ep_capacity_rows)", std::to_string(rp.recv_rows()) + " at rank " + std::to_string(r));
+    require(rp.gather_rows <= recv_cap, kEp, "step", "at most " + std::to_string(recv_cap) +
+            " received (and all-gathered) rows per rank (ep_capacity_rows)",
+            std::to_string(rp.gather_rows) + " at rank " + std::to_string(r));
     if (!ranks_[r]) continue;
     Rank& rk = *ranks_[r];
     const sim::ReplicaRouting& rt = routing[rp.replica];
@@ -567,31 +590,41 @@ void EpMoeComm::prepare(const sim::EpSchedule& s, std::span<const sim::ReplicaRo
     MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
     upload(rk.send_counts, rp.send_counts, "send counts");
     upload(rk.send_token, rp.send_token, "send tokens");
-    // Combine: per source token its rows (CSR over tokens [begin, end)) with their weights.
+    // Combine: per source token its rows (CSR over tokens [begin, end)) with their weights;
+    // with a shared expert also its summed shared row (backbuf row `rows + token - begin`, 1).
     const int64_t rows = rp.send_offset.back();
     const int32_t nb = rp.token_end - rp.token_begin;
-    std::vector<int64_t> off(nb + 1, 0), row(rows);
-    std::vector<double> w(rows);
+    const int extra = rp.shared_rows > 0 ? 1 : 0;
+    std::vector<int64_t> off(nb + 1, 0), row(rows + extra * nb);
+    std::vector<double> w(rows + extra * nb);
     for (int64_t k = 0; k < rows; ++k) ++off[rp.send_token[k] - rp.token_begin + 1];
-    for (int32_t t = 0; t < nb; ++t) off[t + 1] += off[t];
+    for (int32_t t = 0; t < nb; ++t) off[t + 1] += off[t] + extra;
     std::vector<int64_t> fill(off.begin(), off.end() - 1);
     for (int64_t k = 0; k < rows; ++k) {
       const int64_t j = fill[rp.send_token[k] - rp.token_begin]++;
       row[j] = k;
       w[j] = rt.topk_weights[static_cast<size_t>(rp.send_token[k]) * K + rp.send_slot[k]];
     }
+    for (int32_t t = 0; t < nb && extra; ++t) {
+      row[fill[t]] = rows + t;
+      w[fill[t]] = 1.0;
+    }
     upload(rk.comb_off, off, "combine offsets");
     upload(rk.comb_row, row, "combine rows");
     upload(rk.comb_w, w, "combine weights");
-    // Toy expert tables: received rows by (source, local expert), one unweighted pair each.
-    const int64_t rr = rp.recv_rows();
+    // Toy expert tables: the EP index's rows by (member, source, local expert), one
+    // unweighted pair each.
+    const int64_t rr = rp.gather_rows;
+    const int T = geo_.moe_tp, base = r - r % T;
     std::vector<int64_t> boff{0, rr}, poff(rr + 1);
     std::vector<int32_t> pe;
     std::vector<double> pw(rr, 1.0);
     for (int64_t k = 0; k <= rr; ++k) poff[k] = k;
-    for (int src = 0; src < P; ++src)
-      for (int e = 0; e < epr; ++e)
-        pe.insert(pe.end(), rp.recv_counts[static_cast<size_t>(src) * epr + e], r * epr + e);
+    pe.assign(rp.shared_total, geo_.num_experts);  // the shared expert: toy expert E
+    for (int u = base; u < base + T; ++u)
+      for (int src = 0; src < P; ++src)
+        for (int e = 0; e < epr; ++e)
+          pe.insert(pe.end(), s.ranks[u].recv_counts[static_cast<size_t>(src) * epr + e], (r / T) * epr + e);
     upload(rk.block_off, boff, "block offsets");
     upload(rk.pair_off, poff, "pair offsets");
     upload(rk.pair_expert, pe, "pair experts");
@@ -658,7 +691,8 @@ void EpMoeComm::dispatch() {
       rk.recv_off[src + 1] = rk.recv_off[src] + n;
     }
   }
-  // 2. Pack the (token, expert) rows, 3. one grouped send/recv.
+  // 2. Pack the (token, expert) rows, 3. one grouped send/recv into this rank's piece of the
+  //    gathered rows.
   ops.clear();
   for (int r = 0; r < P; ++r) {
     const sim::EpRankPlan& rp = s.ranks[r];
@@ -682,12 +716,46 @@ void EpMoeComm::dispatch() {
           throw RuntimeError("EP MoE comm: rank " + std::to_string(r) + " sends " + std::to_string(rows) +
                              " rows to rank " + std::to_string(d) + ", its counts say " +
                              std::to_string(off[r + 1] - off[r]));
-        op.recv = at(ranks_[d]->recvbuf, off[r] * h, eb_);
+        op.recv = at(ranks_[d]->recvbuf, (s.ranks[d].gather_begin + off[r]) * h, eb_);
       }
       ops.push_back(op);
     }
   }
   tr_.p2p_round(ops, st);
+  // 4. moe_tp > 1: the members of an EP index all-gather their received rows (uneven pieces:
+  //    one grouped send/recv, each piece at its gather_begin on every member). Shared expert:
+  //    each member's source tokens at its shared_begin, copied from the input by the members of
+  //    its attention replica, sent to the others in the same round.
+  const int T = geo_.moe_tp;
+  ops.clear();
+  for (int r = 0; r < P; ++r) {
+    const sim::EpRankPlan& rp = s.ranks[r];
+    for (int u = r - r % T; u < r - r % T + T; ++u) {
+      const sim::EpRankPlan& up = s.ranks[u];
+      if (up.shared_rows > 0 && up.replica == rp.replica && ranks_[r]) {
+        Rank& rk = *ranks_[r];
+        MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
+        MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(at(rk.recvbuf, up.shared_begin * h, eb_),
+                                            at(rk.x, static_cast<int64_t>(up.token_begin) * h, eb_),
+                                            static_cast<std::size_t>(up.shared_rows) * h * eb_,
+                                            cudaMemcpyDeviceToDevice, rk.stream.get()));
+      }
+      if (u == r) continue;
+      P2pOp op;
+      op.src = r;
+      op.dst = u;
+      op.bytes = static_cast<std::size_t>(rp.recv_rows()) * h * eb_;
+      if (ranks_[r]) op.send = at(ranks_[r]->recvbuf, rp.gather_begin * h, eb_);
+      if (ranks_[u]) op.recv = at(ranks_[u]->recvbuf, rp.gather_begin * h, eb_);
+      ops.push_back(op);
+      if (rp.shared_rows == 0 || up.replica == rp.replica) continue;
+      op.bytes = static_cast<std::size_t>(rp.shared_rows) * h * eb_;
+      op.send = ranks_[r] ? at(ranks_[r]->x, static_cast<int64_t>(rp.token_begin) * h, eb_) : nullptr;
+      op.recv = ranks_[u] ? at(ranks_[u]->recvbuf, rp.shared_begin * h, eb_) : nullptr;
+      ops.push_back(op);
+    }
+  }
+  if (!ops.empty()) tr_.p2p_round(ops, st);
 }
 
 void EpMoeComm::toy_experts() {
@@ -700,7 +768,7 @@ void EpMoeComm::toy_experts() {
     kernels::ToyExpertParams p;
     p.x = rk.recvbuf.as<double>();
     p.y = rk.outbuf.as<double>();
-    p.num_rows = s_->ranks[r].recv_rows();
+    p.num_rows = s_->ranks[r].gather_rows;
     p.hidden = geo_.hidden;
     p.slice_cols = geo_.hidden;
     p.block_row_offset = rk.block_off.as<int64_t>();
@@ -708,8 +776,8 @@ void EpMoeComm::toy_experts() {
     p.pair_offset = rk.pair_off.as<int64_t>();
     p.pair_expert = rk.pair_expert.as<int32_t>();
     p.pair_weight = rk.pair_w.as<double>();
-    p.tp_rank = 0;
-    p.tp = 1;
+    p.tp_rank = r % geo_.moe_tp;
+    p.tp = geo_.moe_tp;
     kernels::launch_toy_expert(p, rk.stream.get());
   }
 }
@@ -717,10 +785,59 @@ void EpMoeComm::toy_experts() {
 void EpMoeComm::combine() {
   if (!s_) throw RuntimeError("EP MoE comm: combine before prepare");
   const sim::EpSchedule& s = *s_;
-  const int P = geo_.num_ranks, h = geo_.hidden, A = geo_.attn_tp;
+  const int P = geo_.num_ranks, h = geo_.hidden, A = geo_.attn_tp, T = geo_.moe_tp;
   const auto st = streams();
-  // 4. The rows go back: rank d returns to r what it received from r.
   std::vector<P2pOp> ops;
+  // 1. moe_tp > 1: reduce-scatter of the partial sums over the members of an EP index, in
+  //    T - 1 rounds (uneven pieces): in round j member m sends its partials of member
+  //    (m + j) mod T's piece [shared rows | received rows] to it, which adds them to its sum
+  //    (round 1: its own partials + what came in).
+  auto sum = [&](Rank& rk, const void* a, const void* b, void* out, int64_t rows) {
+    if (rows == 0) return;
+    kernels::SumBuffersParams p;
+    p.in[0] = a;
+    p.in[1] = b;
+    p.num_inputs = 2;
+    p.out = out;
+    p.num_elements = rows * h;
+    p.dtype = dtype_;
+    kernels::launch_sum_buffers(p, rk.stream.get());
+  };
+  for (int j = 1; j < T; ++j) {
+    ops.clear();
+    for (int r = 0; r < P; ++r) {
+      const int u = r - r % T + (r % T + j) % T;
+      const sim::EpRankPlan& up = s.ranks[u];
+      P2pOp op;
+      op.src = r;
+      op.dst = u;
+      op.bytes = static_cast<std::size_t>(up.shared_rows) * h * eb_;
+      if (ranks_[r]) op.send = at(ranks_[r]->outbuf, up.shared_begin * h, eb_);
+      if (ranks_[u]) op.recv = ranks_[u]->rsbuf.get();
+      if (op.bytes > 0) ops.push_back(op);
+      op.bytes = static_cast<std::size_t>(up.recv_rows()) * h * eb_;
+      if (ranks_[r]) op.send = at(ranks_[r]->outbuf, up.gather_begin * h, eb_);
+      if (ranks_[u]) op.recv = at(ranks_[u]->rsbuf, up.shared_rows * h, eb_);
+      ops.push_back(op);
+    }
+    tr_.p2p_round(ops, st);
+    for (int r = 0; r < P; ++r) {
+      if (!ranks_[r]) continue;
+      Rank& rk = *ranks_[r];
+      const sim::EpRankPlan& rp = s.ranks[r];
+      MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
+      const int64_t sh = rp.shared_rows;
+      if (j == 1) {
+        sum(rk, at(rk.outbuf, rp.shared_begin * h, eb_), rk.rsbuf.get(), rk.redbuf.get(), sh);
+        sum(rk, at(rk.outbuf, rp.gather_begin * h, eb_), at(rk.rsbuf, sh * h, eb_), at(rk.redbuf, sh * h, eb_),
+            rp.recv_rows());
+      } else {
+        sum(rk, rk.redbuf.get(), rk.rsbuf.get(), rk.redbuf.get(), sh + rp.recv_rows());
+      }
+    }
+  }
+  // 2. The rows go back: rank d returns to r what it received from r (summed over the
+  //    members when moe_tp > 1).
   for (int d = 0; d < P; ++d)
     for (int r = 0; r < P; ++r) {
       const sim::EpRankPlan& rp = s.ranks[r];
@@ -729,17 +846,25 @@ void EpMoeComm::combine() {
       op.src = d;
       op.dst = r;
       op.bytes = static_cast<std::size_t>(rows) * h * eb_;
-      if (ranks_[d]) op.send = at(ranks_[d]->outbuf, ranks_[d]->recv_off[r] * h, eb_);
+      if (ranks_[d])  // its received rows: after its shared rows in redbuf (moe_tp > 1), at gather_begin in outbuf
+        op.send = T > 1 ? at(ranks_[d]->redbuf, (s.ranks[d].shared_rows + ranks_[d]->recv_off[r]) * h, eb_)
+                        : at(ranks_[d]->outbuf, (s.ranks[d].gather_begin + ranks_[d]->recv_off[r]) * h, eb_);
       if (ranks_[r]) op.recv = at(ranks_[r]->backbuf, rp.send_offset[d] * h, eb_);
       ops.push_back(op);
     }
   tr_.p2p_round(ops, st);
-  // 5. Weighted combine at home: y[token] = sum over its rows of w * row.
+  // 3. Weighted combine at home: y[token] = sum over its rows of w * row (+ its summed shared
+  //    row, copied behind the returned rows).
   for (int r = 0; r < P; ++r) {
     if (!ranks_[r]) continue;
     Rank& rk = *ranks_[r];
     const sim::EpRankPlan& rp = s.ranks[r];
     MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
+    if (rp.shared_rows > 0)
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(at(rk.backbuf, rp.send_offset.back() * h, eb_),
+                                          T > 1 ? rk.redbuf.get() : at(rk.outbuf, rp.shared_begin * h, eb_),
+                                          static_cast<std::size_t>(rp.shared_rows) * h * eb_,
+                                          cudaMemcpyDeviceToDevice, rk.stream.get()));
     kernels::WeightedCombineParams p;
     p.in = rk.backbuf.get();
     p.row_offset = rk.comb_off.as<int64_t>();
@@ -752,7 +877,7 @@ void EpMoeComm::combine() {
     p.dtype = dtype_;
     kernels::launch_weighted_combine(p, rk.stream.get());
   }
-  // 6. Split source: the replica's ranks exchange their combined token ranges.
+  // 4. Split source: the replica's ranks exchange their combined token ranges.
   if (source_ == sim::EpSource::split && A > 1) {
     ops.clear();
     for (int r = 0; r < P; ++r) {

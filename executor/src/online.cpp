@@ -42,11 +42,15 @@ std::string cost_model_name(const Plan& plan) {
   return plan.cost_model.empty() ? std::string("mixserve") : plan.cost_model;
 }
 
+// graphs: whether the step runs as a CUDA graph (the per-step prediction takes the step's own
+// flag; the engine's setup the executor's default, graphs on).
 std::unique_ptr<sim::StepCostModel> make_cm(const Plan& plan, const ModelSpec& model,
-                                            const WorkloadSpec& w, const std::string& profile) {
+                                            const WorkloadSpec& w, const std::string& profile,
+                                            bool graphs = true) {
   sim::CostModelOptions copt;
   copt.routing = sim::routing_from_workload(w);
   copt.device_greedy = true;  // the engine samples on the device (argmax inside the measured events)
+  copt.decode_graphs = graphs;
   return sim::make_cost_model(cost_model_name(plan), model, plan.cluster,
                               load_profile(profile.empty() ? plan.profile_name : profile),
                               plan.chosen.layout, copt);
@@ -323,10 +327,14 @@ void progress_line(const OnlineEngine& eng, double t_end) {
 // After the run: the cost model's prediction per step (outside the timed loop: every replica's
 // batch; the GPU part, less the profile's host overhead per step), the metrics, the ids.
 void online_finish(OnlineResult& r, const OnlineEngine& eng, double wall_sum_ms) {
+  // Per step the model of how it ran: decode steps as CUDA graphs or eagerly (graph_launch saving).
   const auto cm = make_cm(r.plan, r.setup.model, r.setup.workload, r.profile_name);
-  for (auto& st : r.steps)
-    st.predicted_ms = cm->step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us / 1e3 -
+  const auto cm_eager = make_cm(r.plan, r.setup.model, r.setup.workload, r.profile_name, false);
+  for (auto& st : r.steps) {
+    const auto& model_of_step = st.cuda_graph ? *cm : *cm_eager;
+    st.predicted_ms = model_of_step.step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us / 1e3 -
                       r.profile_host_overhead_ms;
+  }
   r.result = eng.result(wall_sum_ms);
   r.output_ids = eng.output_ids();
 }

@@ -75,11 +75,13 @@ ShardSpec shard_for_rank(const Layout& l, const RankInfo& info, const ModelSpec&
   if (m.num_moe_layers() == 0) s.expert_begin = 0, s.expert_end = -1;
   s.layer_begin = info.layer_begin;
   s.layer_end = info.layer_end;
-  s.shared_expert = info.moe_ep_rank == 0;
+  s.moe_sched = moe_sched_for(l, m);
+  // The exchange sums every rank's output over the stage: one EP index adds the shared expert.
+  // A schedule runs it in every moe-TP group on the group's own tokens.
+  s.shared_expert = s.moe_sched != MoeSched::none || info.moe_ep_rank == 0;
   s.stage_size = l.stage_size();
   s.num_stages = l.pp;
   s.moe_mode = l.stage_size() == 1 ? MoeMode::none : (l.attn_dp == 1 ? MoeMode::replicated : MoeMode::gathered);
-  s.moe_sched = moe_sched_for(l, m);
   return s;
 }
 
@@ -95,11 +97,9 @@ const char* to_string(MoeSched s) {
 
 MoeSched moe_sched_for(const Layout& l, const ModelSpec& m) {
   if (l.stage_size() == 1 || l.moe_ep == 1 || m.num_moe_layers() == 0) return MoeSched::none;
-  // The schedules carry the routed experts only; a shared expert keeps the moe_mode exchange.
-  if (m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0) return MoeSched::none;
   switch (l.moe_comm) {
     case MoeComm::nccl_a2a:
-      return l.moe_tp == 1 ? MoeSched::ep : MoeSched::none;  // build_ep_schedule: moe_tp == 1
+      return MoeSched::ep;  // build_ep_schedule: any moe_tp (all-gather / reduce-scatter inside)
     case MoeComm::fused:
     case MoeComm::rs_a2a_ag:
       if (l.attn_tp != l.moe_tp || m.hidden_size % l.moe_tp != 0) return MoeSched::none;
@@ -210,13 +210,17 @@ ExpertSlots fused_expert_slots(const sim::ExpertSide& xs, int top_k) {
 
 ExpertSlots ep_expert_slots(const sim::EpSchedule& s, int rank) {
   const sim::EpRankPlan& rp = s.ranks.at(std::size_t(rank));
-  const int P = s.geo.num_ranks, epr = s.geo.experts_per_ep_rank();
+  const int P = s.geo.num_ranks, epr = s.geo.experts_per_ep_rank(), T = s.geo.moe_tp;
   ExpertSlots o;
   o.k = 1;
-  o.rows = rp.recv_rows();
-  for (int src = 0; src < P; ++src)
-    for (int e = 0; e < epr; ++e)
-      o.ids.insert(o.ids.end(), std::size_t(rp.recv_counts[std::size_t(src) * std::size_t(epr) + std::size_t(e)]), e);
+  o.rows = rp.gather_rows;  // the EP index's rows: shared rows, every member's received rows
+  o.ids.assign(std::size_t(rp.shared_total), -1);
+  for (int u = rank - rank % T; u < rank - rank % T + T; ++u) {
+    const sim::EpRankPlan& up = s.ranks.at(std::size_t(u));
+    for (int src = 0; src < P; ++src)
+      for (int e = 0; e < epr; ++e)
+        o.ids.insert(o.ids.end(), std::size_t(up.recv_counts[std::size_t(src) * std::size_t(epr) + std::size_t(e)]), e);
+  }
   o.weights.assign(o.ids.size(), 1.f);
   return o;
 }
@@ -270,8 +274,15 @@ void* StageMoe::expert_out(int rank) const { return fused_ ? fused_->partial(ran
 const sim::FusedSchedule* StageMoe::fused_schedule() const { return fused_ ? &fs_ : nullptr; }
 
 ExpertSlots StageMoe::expert_slots(int rank) const {
-  if (fused_) return fused_expert_slots(fs_.expert_side.at(std::size_t(fs_.group_of(rank))), geo_.top_k);
-  return ep_expert_slots(es_, rank);
+  if (fused_) {
+    const sim::ExpertSide& xs = fs_.expert_side.at(std::size_t(fs_.group_of(rank)));
+    ExpertSlots o = fused_expert_slots(xs, geo_.top_k);
+    o.shared_rows = geo_.shared_expert ? xs.block_row_offset.at(1) : 0;  // block 0: the replica's tokens
+    return o;
+  }
+  ExpertSlots o = ep_expert_slots(es_, rank);
+  o.shared_rows = es_.ranks.at(std::size_t(rank)).shared_total;
+  return o;
 }
 
 void StageMoe::dispatch(std::vector<sim::ReplicaRouting> routing, std::span<const cudaStream_t> main) {
@@ -604,6 +615,7 @@ MoeExpertRows TransportComm::moe_dispatch(const __nv_bfloat16* x, const int32_t*
   MoeExpertRows out;
   out.rows = slots_.rows;
   out.k = slots_.k;
+  out.shared_rows = slots_.shared_rows;
   if (out.rows == 0) return out;
   MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(ids_dev_, slots_.ids.data(), slots_.ids.size() * 4, cudaMemcpyHostToDevice, s));
   MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(w_dev_, slots_.weights.data(), slots_.weights.size() * 4,

@@ -137,10 +137,15 @@ int run_validate(const ValidateConfig& o) {
   copt.device_greedy = mode == "online";  // the online engine's argmax runs on the device, inside its events
   const HardwareProfile prof = load_profile(profile_name);
   const auto cm = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt);
+  sim::CostModelOptions copt_eager = copt;
+  copt_eager.decode_graphs = false;
+  const auto cm_eager = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt_eager);
   // Per step the GPU part: measured_ms is CUDA events around the forward, without the host
-  // overhead per step that the cost model adds from the profile (host_overhead).
-  auto predict_ms = [&](std::span<const sim::ReplicaBatch> reps) {
-    return (cm->step(reps, false).time_us - prof.host_overhead.step_us) / 1e3;
+  // overhead per step that the cost model adds from the profile (host_overhead). A step that ran
+  // as a CUDA graph (its `cuda_graph`) is predicted with the graph's launch saving.
+  auto predict_ms = [&](std::span<const sim::ReplicaBatch> reps, bool graphed) {
+    const auto& m = graphed ? *cm : *cm_eager;
+    return (m.step(reps, false).time_us - prof.host_overhead.step_us) / 1e3;
   };
   // The cost model's input of a step: one batch per attention-DP replica. Results of a plan with
   // several replicas carry them (steps[i].replicas); their summed `batch` is not what ran on any
@@ -178,6 +183,7 @@ int run_validate(const ValidateConfig& o) {
     double measured = 0, predicted = 0;
   };
   std::vector<StepRow> rows;
+  bool any_graph = false;  // a step ran (or, without the key, is taken to have run) as a CUDA graph
   for (size_t i = 0; i < steps.size(); ++i) {
     const std::string p = fmt::format("steps[{}]", i);
     StepRow s;
@@ -192,7 +198,12 @@ int run_validate(const ValidateConfig& o) {
     s.tokens = b.tokens();
     s.measured = sim::json_number(steps[i], "measured_ms", R, p);
     if (!(s.measured > 0)) throw InputError(fmt::format("{}: key '{}.measured_ms': expected > 0", R, p));
-    s.predicted = predict_ms(reps);
+    const auto g = steps[i].find("cuda_graph");
+    if (g != steps[i].end() && !g->is_boolean())
+      throw InputError(fmt::format("{}: key '{}.cuda_graph': expected true or false", R, p));
+    const bool graphed = g == steps[i].end() || g->get<bool>();
+    any_graph = any_graph || graphed;
+    s.predicted = predict_ms(reps, graphed);
     rows.push_back(s);
   }
 
@@ -218,7 +229,8 @@ int run_validate(const ValidateConfig& o) {
         ov.rate = sim::json_number(wl, "rate", R, "workload");
       stream = sim::generate_requests(sim::apply_overrides(w, ov));
     }
-    const sim::SimResult sr = sim::simulate(*cm, cfg, stream);
+    // A run whose steps all ran eagerly (multi-GPU plans, --no-cuda-graph) is replayed eagerly.
+    const sim::SimResult sr = sim::simulate(any_graph ? *cm : *cm_eager, cfg, stream);
     const json pj = sim::metrics_to_json(sr.metrics, cfg);
     for (const auto& [k, v] : pj.items()) {
       if (!v.is_number() || !res.contains(k) || !res[k].is_number()) continue;
@@ -226,8 +238,9 @@ int run_validate(const ValidateConfig& o) {
     }
     if (metrics.empty()) throw InputError(fmt::format("{}: no metric keys (completed, mean_ttft_ms, ...)", R));
     head = fmt::format("online results {}: {} requests replayed through the simulator ({}, {} layers, profile {}, "
-                       "KV blocks {}, {})", R, stream.requests.size(), cm_name, model.num_layers, profile_name,
-                       cfg.limits.kv_blocks, sim::policy_name(cfg.limits.decode_first));
+                       "{} replica(s), KV blocks {} each, {}, decode {})", R, stream.requests.size(), cm_name,
+                       model.num_layers, profile_name, cfg.num_replicas, cfg.limits.kv_blocks,
+                       sim::policy_name(cfg.limits.decode_first), any_graph ? "as CUDA graphs" : "eager");
   } else {
     const int64_t B = sim::json_int(res, "batch_size", R), I = sim::json_int(res, "input_len", R),
                   O = sim::json_int(res, "output_len", R);

@@ -28,7 +28,13 @@ namespace {
 
 struct Family {
   ExpertFamily f;
-  bool eager = false;  // also time the eager cuBLASLt path
+  bool eager = false;  // also time the eager cuBLASLt path and the grouped GEMM above the GEMV rows
+  // The executor's device GEMV takes this model's experts (core/expert_path.hpp: both projections'
+  // k fit the kernel). When it does not (Mixtral, whose down projection has k = 14336), the
+  // executor runs the tensor-core grouped GEMM at every row count, decode included: the family's
+  // grouped points then start at the GEMV's row counts (grouped_small) and no GEMV is timed.
+  bool gemv = true;
+  bool grouped_small = false;
 };
 
 std::vector<Family> families(const ProfileConfig& cfg) {
@@ -49,11 +55,19 @@ std::vector<Family> families(const ProfileConfig& cfg) {
         g.weights = g.act;
         g.out = reinterpret_cast<__nv_bfloat16*>(16);
         g.expert_offsets = reinterpret_cast<const int32_t*>(16);
-        if (!gpu::grouped_gemv_unsupported_reason(g).empty()) continue;
-        const bool seen = std::any_of(out.begin(), out.end(), [&](const Family& o) {
+        const bool gemv = gemv_k_fits(m.hidden_size) && gemv_k_fits(m.moe.expert_intermediate_size) &&
+                          gpu::grouped_gemv_unsupported_reason(g).empty();
+        const auto same = [&](const Family& o) {
           return o.f.num_experts == f.num_experts && o.f.n == f.n && o.f.k == f.k;
-        });
-        if (!seen) out.push_back({f, ep == 1});
+        };
+        const auto it = std::find_if(out.begin(), out.end(), same);
+        if (it == out.end()) {
+          out.push_back({f, ep == 1 || !gemv, gemv, !gemv});
+        } else {  // the same shape in another model or EP degree: time what either path needs
+          it->eager = it->eager || ep == 1 || !gemv;
+          it->gemv = it->gemv || gemv;
+          it->grouped_small = it->grouped_small || !gemv;
+        }
       }
   }
   return out;
@@ -88,10 +102,12 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
     max_act = std::max(max_act, top * f.f.k);
     max_out = std::max(max_out, top * f.f.n);
     for (int64_t r : rows) {
+      if (!f.gemv && !f.grouped_small) break;
       const double active = std::min<double>(f.f.num_experts, double(r));
       const double est = guess_us(0, active * double(f.f.n * f.f.k) * 2.0, DType::bf16);
       const auto t = timing_for(cfg, est, true);
-      est_total_us += (est + 20.0) * (t.timed_iters + t.warmup_iters + 2) + 2000.0;
+      est_total_us += ((f.gemv ? 1 : 0) + (f.grouped_small ? 1 : 0)) *
+                      ((est + 20.0) * (t.timed_iters + t.warmup_iters + 2) + 2000.0);
     }
     if (f.eager)
       for (int64_t r : kEagerRows) {
@@ -114,11 +130,21 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
              rows.size(), kDeviceGemvMaxRows, kEagerRows.size(), kGroupedRows.size(), fams.size(), est_total_us / 1e6);
   if (cfg.dry_run) {
     for (const auto& f : fams)
-      fmt::print(out.table, "#   {:<44} E {:>4} n {:>6} k {:>6}{}\n", f.f.label, f.f.num_experts, f.f.n, f.f.k,
-                 f.eager ? " (+eager)" : "");
+      fmt::print(out.table, "#   {:<44} E {:>4} n {:>6} k {:>6}{}{}{}\n", f.f.label, f.f.num_experts, f.f.n,
+                 f.f.k, f.gemv ? " gemv" : "", f.grouped_small ? " grouped(1..)" : "",
+                 f.eager ? " grouped+eager" : "");
     return;
   }
   if (fams.empty()) return;
+  // A merged profile's points of these shapes from the executor's own paths (tagged) are replaced
+  // by this run's; other shapes' points stay.
+  std::erase_if(p.experts, [&](const ExpertGemmPoint& e) {
+    const bool ours = e.distribution.starts_with(kExpertGemvTag) || e.distribution.starts_with(kExpertEagerTag) ||
+                      e.distribution.starts_with(kExpertGroupedTag);
+    return ours && std::any_of(fams.begin(), fams.end(), [&](const Family& f) {
+             return f.f.num_experts == e.num_experts && f.f.n == e.n && f.f.k == e.k;
+           });
+  });
   GpuContext ctx(cfg.device);
   cudaStream_t s = ctx.stream.get();
   gpu::DeviceBuffer w(max_w * 2), act(max_act * 2), o(max_out * 2), off((max_e + 1) * 4), counts_dev(max_e * 4);
@@ -160,6 +186,7 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
     progress_line(out, fmt::format("expert_gemv {} E={} n={} k={}", f.label, f.num_experts, f.n, f.k), ++i,
                   fams.size());
     for (int64_t r : rows) {
+      if (!fam.gemv) break;
       const auto counts = tokens_per_expert("uniform", f.num_experts, r);
       const auto offsets = offsets_of(counts);
       MIXSERVE_CUDA_CHECK(
@@ -179,8 +206,10 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
       record(f, "gemv", std::string(kExpertGemvTag) + "uniform", r, *std::max_element(counts.begin(), counts.end()),
              active, res);
     }
-    if (!fam.eager) continue;
-    for (int64_t r : kGroupedRows) {
+    std::vector<int64_t> grouped_rows;
+    if (fam.grouped_small) grouped_rows = rows;
+    if (fam.eager) grouped_rows.insert(grouped_rows.end(), kGroupedRows.begin(), kGroupedRows.end());
+    for (int64_t r : grouped_rows) {
       const auto counts = tokens_per_expert("uniform", f.num_experts, r);
       const auto offsets = offsets_of(counts);
       MIXSERVE_CUDA_CHECK(
@@ -204,6 +233,7 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
       record(f, "grouped", std::string(kExpertGroupedTag) + "uniform", r,
              *std::max_element(counts.begin(), counts.end()), active, res);
     }
+    if (!fam.eager) continue;
     gpu::ExpertGemm eg(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
     for (int64_t r : kEagerRows) {
       const auto counts = tokens_per_expert("uniform", f.num_experts, r);

@@ -23,6 +23,7 @@
 #include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/gpu/expert_gemm.hpp"
+#include "mixserve/kernels/rmsnorm.cuh"
 #include "mixserve/profiler/shapes.hpp"
 
 namespace mixserve::profiler {
@@ -105,6 +106,85 @@ void collect_shapes(const ProfileConfig& cfg, std::vector<DenseShape>& dense, st
   }
 }
 
+// HardwareProfile::graph_launch: a minimal kernel (RMSNorm of one 2048-wide bf16 row, as a decode
+// step's norms) timed alone as a graph of one launch and eagerly, L2 flushed (as the table points
+// are timed), then per kernel inside a graph of kChain back-to-back launches with programmatic
+// dependent launch (as a decode step's graph runs its kernels).
+void measure_graph_launch(const ProfileConfig& cfg, GpuContext& ctx, HardwareProfile& p, Output& out) {
+  constexpr int kWidth = 2048, kChain = 64;
+  cudaStream_t s = ctx.stream.get();
+  gpu::DeviceBuffer x(kWidth * 2), w(kWidth * 2), y(kWidth * 2);
+  fill(x.get(), kWidth, DType::bf16, 94, -1, 1, s);
+  fill(w.get(), kWidth, DType::bf16, 95, 0.5f, 1.5f, s);
+  kernels::RmsNormParams r;
+  r.x = x.as<__nv_bfloat16>();
+  r.weight = w.as<__nv_bfloat16>();
+  r.out = y.as<__nv_bfloat16>();
+  r.num_rows = 1;
+  r.width = kWidth;
+  auto one = [&](cudaStream_t st) { kernels::launch_rmsnorm(r, st); };
+  const auto graph1 = gpu::time_op(one, s, timing_for(cfg, 3.0, true), &ctx.flusher);
+  const auto eager1 = gpu::time_op(one, s, timing_for(cfg, 3.0, false), &ctx.flusher);
+  kernels::RmsNormParams rp = r;
+  rp.pdl = true;
+  const auto chain = gpu::time_op(
+      [&](cudaStream_t st) {
+        for (int i = 0; i < kChain; ++i) kernels::launch_rmsnorm(rp, st);
+      },
+      s, timing_for(cfg, 3.0 * kChain, true), &ctx.flusher);
+  // The same with the weight-streaming kernel a decode step alternates with its norms: a GEMV of
+  // one row over a 2048 x 4096 bf16 weight (16 MiB, o_proj-sized), every launch of the chain on
+  // its own weights (no L2 reuse), alone as a graph of one launch (as the GEMV points are timed).
+  constexpr int64_t kN = 2048, kK = 4096;
+  gpu::DeviceBuffer gw(int64_t(kChain) * kN * kK * 2), ga(kK * 2), go(kN * 2);
+  fill(gw.get(), int64_t(kChain) * kN * kK, DType::bf16, 96, -1, 1, s);
+  fill(ga.get(), kK, DType::bf16, 97, -1, 1, s);
+  gpu::GemvParams gp;
+  gp.act = ga.as<__nv_bfloat16>();
+  gp.weights = gw.as<__nv_bfloat16>();
+  gp.seg[0] = {go.get(), kN};
+  gp.num_rows = 1;
+  gp.n = kN;
+  gp.k = kK;
+  const auto gemv1 = gpu::time_op([&](cudaStream_t st) { gpu::launch_gemv(gp, st); }, s,
+                                  timing_for(cfg, 8.0, true), &ctx.flusher);
+  const auto mixed = gpu::time_op(
+      [&](cudaStream_t st) {
+        for (int i = 0; i < kChain / 2; ++i) {
+          kernels::launch_rmsnorm(rp, st);
+          gpu::GemvParams gi = gp;
+          gi.weights = gw.as<__nv_bfloat16>() + int64_t(i) * kN * kK;
+          gi.pdl = true;
+          gpu::launch_gemv(gi, st);
+        }
+      },
+      s, timing_for(cfg, 10.0 * kChain, true), &ctx.flusher);
+  p.graph_launch.alone_gemv_us = gemv1.time_us.median;
+  p.graph_launch.mixed_chain_us = mixed.time_us.median / kChain;
+  p.graph_launch.alone_graph_us = graph1.time_us.median;
+  p.graph_launch.alone_eager_us = eager1.time_us.median;
+  p.graph_launch.chain_us = chain.time_us.median / kChain;
+  p.graph_launch.chain_kernels = kChain;
+  p.graph_launch.measured_with = fmt::format(
+      "mixserve-profile gemv: RMSNorm 1 x {} bf16 and GEMV 1 x {} x {} bf16 alone (graph of 1; the norm also "
+      "eager; L2 flushed), {} norms and {} norm+GEMV pairs back to back in a graph with programmatic dependent "
+      "launch | {} | {}",
+      kWidth, kN, kK, kChain, kChain / 2, p.gpu, now_iso8601_utc());
+  fmt::print(out.table,
+             "# Graph launches: RMSNorm alone {:.2f} us (graph of 1), {:.2f} us (eager), {:.2f} us each in a chain "
+             "of {}; GEMV 16 MiB alone {:.2f} us; norm+GEMV pairs {:.2f} us per kernel -> {:.2f} us saved per "
+             "launch of a graphed step\n",
+             p.graph_launch.alone_graph_us, p.graph_launch.alone_eager_us, p.graph_launch.chain_us, kChain,
+             p.graph_launch.alone_gemv_us, p.graph_launch.mixed_chain_us, p.graph_launch.saving_us());
+  out.rows.push_back({{"bench", "graph_launch"}, {"alone_graph_us", p.graph_launch.alone_graph_us},
+                      {"alone_eager_us", p.graph_launch.alone_eager_us}, {"chain_us", p.graph_launch.chain_us},
+                      {"alone_gemv_us", p.graph_launch.alone_gemv_us},
+                      {"mixed_chain_us", p.graph_launch.mixed_chain_us}, {"chain_kernels", kChain},
+                      {"noise_chain", chain.time_us.noise()}, {"noise_mixed", mixed.time_us.noise()},
+                      {"noise_graph1", graph1.time_us.noise()}, {"noise_eager1", eager1.time_us.noise()},
+                      {"noise_gemv1", gemv1.time_us.noise()}});
+}
+
 }  // namespace
 
 void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
@@ -141,8 +221,9 @@ void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
                  s.swiglu ? "gemv2_swiglu" : "gemv2", s.num_experts, s.n, s.k, s.top_k);
     return;
   }
-  if (dense.empty() && v2.empty()) return;
   GpuContext ctx(cfg.device);
+  measure_graph_launch(cfg, ctx, p, out);
+  if (dense.empty() && v2.empty()) return;
   cudaStream_t s = ctx.stream.get();
   gpu::DeviceBuffer w(max_w * 2), act(max_act * 2), o(max_out * 2), bias(max_out * 2), off((max_e + 1) * 4);
   fill(w.get(), max_w, DType::bf16, 91, -1, 1, s);

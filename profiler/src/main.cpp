@@ -114,11 +114,8 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
         p.gemv.clear();
         std::erase_if(p.experts, [](const ExpertGemmPoint& e) { return e.distribution.starts_with(kExpertGemvV2Tag); });
       }
-      if (what == "expert_gemv")  // only the points of the executor's own paths (tagged)
-        std::erase_if(p.experts, [](const ExpertGemmPoint& e) {
-          return e.distribution.starts_with(kExpertGemvTag) || e.distribution.starts_with(kExpertEagerTag) ||
-                 e.distribution.starts_with(kExpertGroupedTag);
-        });
+      // expert_gemv replaces the tagged points of the shapes it measures itself (profile_expert_gemv),
+      // so `--models M` re-measures M's experts and keeps the other models' points.
     } else if (!cfg.dry_run) {
       profiler::describe_machine(cfg, p, out);
       profiler::measure_peaks(cfg, p, out);

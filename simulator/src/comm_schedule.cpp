@@ -92,6 +92,7 @@ CommGeometry make_comm_geometry(const ClusterSpec& c, const ModelSpec& m, const 
   g.top_k = m.moe.top_k;
   g.hidden = m.hidden_size;
   g.elem_bytes = dtype_bytes(m.activation_dtype);
+  g.shared_expert = m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0;
   check_common(g);
   return g;
 }
@@ -133,7 +134,11 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
   for (int src = 0; src < Q; ++src) {
     const auto& rt = routing[src];
     std::vector<int> last_token(Q, -1);
-    for (int tok = 0; tok < rt.num_tokens; ++tok)
+    for (int tok = 0; tok < rt.num_tokens; ++tok) {
+      if (geo.shared_expert) {  // the shared expert: every token in its own group's block 0
+        last_token[src] = tok;
+        s.route[static_cast<size_t>(src) * Q + src].push_back(tok);
+      }
       for (int j = 0; j < K; ++j) {
         const int d = slot_group[src][static_cast<size_t>(tok) * K + j];
         if (d < 0) continue;
@@ -142,6 +147,7 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
           s.route[static_cast<size_t>(src) * Q + d].push_back(tok);
         }
       }
+    }
   }
 
   // Expert side of each group.
@@ -259,13 +265,12 @@ int64_t EpRankPlan::recv_rows() const {
 EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRouting> routing,
                              EpSource source) {
   check_common(geo);
-  require(geo.moe_tp == 1, "moe_tp", "1 (plain EP schedule)", std::to_string(geo.moe_tp));
   check_routing(geo, routing, geo.attn_dp);
 
   EpSchedule s;
   s.geo = geo;
   s.source = source;
-  const int P = geo.num_ranks, A = geo.attn_tp, K = geo.top_k;
+  const int P = geo.num_ranks, A = geo.attn_tp, K = geo.top_k, T = geo.moe_tp;
   const int epr = geo.experts_per_ep_rank();
   const double row_bytes = static_cast<double>(geo.hidden) * geo.elem_bytes;
   s.ranks.resize(P);
@@ -282,11 +287,15 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
       rp.token_end = rt.num_tokens;
     }
     // Bucket rows by (destination rank, local expert), keeping (token, slot) order inside.
+    // Expert e lives on EP index e / epr; its member of this rank's moe-TP index m = r % T is
+    // rank (e / epr) * T + m, whose bucket of local expert e % epr is at that rank * epr.
+    const int m = r % T;
+    auto bucket = [&](int e) { return ((e / epr) * T + m) * epr + e % epr; };
     rp.send_counts.assign(static_cast<size_t>(P) * epr, 0);
     for (int tok = rp.token_begin; tok < rp.token_end; ++tok)
       for (int j = 0; j < K; ++j) {
         const int e = rt.topk_ids[static_cast<size_t>(tok) * K + j];
-        if (e >= 0) ++rp.send_counts[e];  // e == d * epr + local expert
+        if (e >= 0) ++rp.send_counts[bucket(e)];
       }
     std::vector<int64_t> fill(rp.send_counts.size() + 1, 0);
     for (size_t b = 0; b < rp.send_counts.size(); ++b) fill[b + 1] = fill[b] + rp.send_counts[b];
@@ -299,7 +308,7 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
       for (int j = 0; j < K; ++j) {
         const int e = rt.topk_ids[static_cast<size_t>(tok) * K + j];
         if (e < 0) continue;
-        const int64_t slot = fill[e]++;
+        const int64_t slot = fill[bucket(e)]++;
         rp.send_token[slot] = tok;
         rp.send_slot[slot] = j;
       }
@@ -318,6 +327,36 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
       for (int e = 0; e < epr; ++e)
         rp.recv_counts[static_cast<size_t>(src) * epr + e] =
             s.ranks[src].send_counts[static_cast<size_t>(d) * epr + e];
+  }
+  // moe-TP all-gather of the received rows (dispatch) and its reduce-scatter (combine): every
+  // member sends its received rows to the T - 1 others, and each other member u its partial
+  // sums of u's received rows.
+  // With a shared expert the members' source tokens come first (their shared-expert rows):
+  // all-gathered only to the members of other attention replicas, reduce-scattered to all.
+  for (EpRankPlan& rp : s.ranks) rp.shared_rows = geo.shared_expert ? rp.token_end - rp.token_begin : 0;
+  for (int d = 0; d < P; ++d) {
+    EpRankPlan& rp = s.ranks[d];
+    const int base = (d / T) * T;
+    for (int u = base; u < base + T; ++u) {
+      if (u == d) rp.shared_begin = rp.gather_rows;
+      rp.gather_rows += s.ranks[u].shared_rows;
+    }
+    rp.shared_total = rp.gather_rows;
+    for (int u = base; u < base + T; ++u) {
+      if (u == d) rp.gather_begin = rp.gather_rows;
+      rp.gather_rows += s.ranks[u].recv_rows();
+    }
+    for (int u = base; u < base + T; ++u) {
+      if (u == d) continue;
+      const bool inter = geo.node_of(u) != geo.node_of(d);
+      const EpRankPlan& up = s.ranks[u];
+      const int64_t shared_ag = up.replica == rp.replica ? 0 : rp.shared_rows;
+      add_bytes(rp.dispatch_bytes, inter, (rp.recv_rows() + shared_ag) * row_bytes);
+      add_bytes(rp.combine_bytes, inter, (up.recv_rows() + up.shared_rows) * row_bytes);
+    }
+  }
+  for (int d = 0; d < P; ++d) {
+    EpRankPlan& rp = s.ranks[d];
     // Combine sends back what was received.
     for (int src = 0; src < P; ++src) {
       if (src == d) continue;
@@ -345,9 +384,13 @@ EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRou
 
 int64_t ep_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica,
                          EpSource source) {
+  // After the moe-TP all-gather a rank holds every row sent to its EP index: each source token
+  // (of one rank, split) sends at most min(k, E/moe_ep) rows there.
   const int64_t rows_per_token = std::min(geo.top_k, geo.experts_per_ep_rank());
   const int64_t copies = source == EpSource::replicated ? geo.attn_tp : 1;
-  return max_tokens_per_replica * geo.attn_dp * rows_per_token * copies;
+  // Shared expert: the moe_tp members' source tokens, at most a replica's each.
+  const int64_t shared = geo.shared_expert ? geo.moe_tp * max_tokens_per_replica : 0;
+  return max_tokens_per_replica * geo.attn_dp * rows_per_token * copies + shared;
 }
 
 }  // namespace mixserve::sim

@@ -184,6 +184,7 @@ class MixServeModel final : public StepCostModel {
     dk_ = decode_kernels_enabled(opt.decode_kernels, l.world_size() > 1);
     device_greedy_ = opt.device_greedy;
     host_step_us_ = p.host_overhead.step_us;  // 0 when the profile has none
+    graph_saving_us_ = opt.decode_graphs ? p.graph_launch.saving_us() : 0.0;
     qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
     sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
@@ -369,6 +370,14 @@ class MixServeModel final : public StepCostModel {
       out.stage_time_us = std::max(out.stage_time_us, ts);
       if (breakdown) total.add(stage, 1.0);
     }
+    // A decode-only step the executor runs as a CUDA graph: its kernels run back to back, each
+    // launch costing the profile's measured graph saving less than its table point (timed alone).
+    double graph_us = 0;
+    if (graph_saving_us_ > 0 && !any_prefill && per_replica.size() == 1 &&
+        decode_step_graphed(true, l_.world_size() > 1, E_ > 0, per_replica[0].num_decode, k_)) {
+      graph_us = std::min(out.launches * graph_saving_us_, out.time_us);
+      out.time_us -= graph_us;
+    }
     // The executor's host time per step outside the GPU's busy time (profile host_overhead;
     // 0 when the profile has none). An empty step costs nothing.
     const double host_us = T_all > 0 ? host_step_us_ : 0.0;
@@ -380,6 +389,8 @@ class MixServeModel final : public StepCostModel {
       for (int i = 0; i < kSlots; ++i)
         if (total.used[i] && total.t[i] > 0)
           out.ops.push_back(OpCost{kSlotNames[i], phase, total.t[i], total.s[i]});
+      if (graph_us > 0)  // negative: what the graph's back-to-back launches save on the ops above
+        out.ops.push_back(OpCost{"graph.launch_overlap", phase, -graph_us, CostSource::measured});
       if (host_us > 0) out.ops.push_back(OpCost{"host.step_overhead", phase, host_us, CostSource::measured});
     }
     return out;
@@ -722,6 +733,10 @@ class MixServeModel final : public StepCostModel {
         a.add(moe_shared, timer_->gemm(Tg, 1, h_, m_.activation_dtype));
     }
     const double tok_bytes = h_ * act_;
+    // A shared expert under a scheduled MoE communication runs in every moe-TP group on the
+    // group's own tokens (docs/comm-schedules.md): its TP partials ride the schedule's
+    // reduce-scatter, which grows by those tokens.
+    const bool shared = m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0;
     switch (l_.moe_comm) {
       case MoeComm::tp_allreduce:
         if (l_.attn_dp > 1) {
@@ -732,18 +747,17 @@ class MixServeModel final : public StepCostModel {
         }
         break;
       case MoeComm::nccl_a2a: {
-        const double send_rows = Tg / l_.moe_tp * k_;
-        const double recv_rows = rows / l_.moe_tp;
-        const double a2a_bytes = std::max(send_rows, recv_rows) * tok_bytes;
-        a.add_coll(moe_dispatch, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
+        // The EP schedule (comm_schedule.hpp); `rows`: the most loaded EP index's.
+        const EpA2aBytes eb = ep_a2a_bytes(Tg, T_rep, rows, h_, act_, k_, l_.moe_tp, l_.attn_tp, shared);
+        a.add_coll(moe_dispatch, timer_->collective(CollOp::all_to_all, g_ep_, eb.a2a_bytes));
         if (l_.moe_tp > 1) {
-          a.add_coll(moe_dispatch, timer_->collective(CollOp::all_gather, g_moe_tp_, rows * tok_bytes));
-          a.add_coll(moe_combine, timer_->collective(CollOp::reduce_scatter, g_moe_tp_, rows * tok_bytes));
+          a.add_coll(moe_dispatch, timer_->collective(CollOp::all_gather, g_moe_tp_, eb.tp_ag_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::reduce_scatter, g_moe_tp_, eb.tp_rs_bytes));
         }
-        a.add_coll(moe_combine, timer_->collective(CollOp::all_to_all, g_ep_, a2a_bytes));
-        a.add(moe_combine, timer_->memory_op(2.0 * send_rows * tok_bytes));  // weighted sum
+        a.add_coll(moe_combine, timer_->collective(CollOp::all_to_all, g_ep_, eb.a2a_bytes));
+        a.add(moe_combine, timer_->memory_op(2.0 * eb.send_rows * tok_bytes));  // weighted sum
         if (l_.attn_tp > 1)
-          a.add_coll(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, T_rep * tok_bytes));
+          a.add_coll(moe_combine, timer_->collective(CollOp::all_gather, g_attn_tp_, eb.final_ag_bytes));
         break;
       }
       case MoeComm::rs_a2a_ag:
@@ -787,8 +801,11 @@ class MixServeModel final : public StepCostModel {
           R[i] = r.time_us;
           src = worse(worse(src, p.source), worse(g.source, r.source));
         }
+        // Round 0's reduce-scatter: the group's rows of its own tokens; with a shared expert
+        // every one of its Tg tokens (block 0 is the whole replica).
         const double local_rs =
-            timer_->collective(CollOp::reduce_scatter, g_moe_tp_, fr.gather_bytes).time_us;
+            timer_->collective(CollOp::reduce_scatter, g_moe_tp_, shared ? Tg * tok_bytes : fr.gather_bytes)
+                .time_us;
         double t_dispatch, t_combine;
         if (overlap) {
           t_dispatch = fused_dispatch_time_us({P, size_t(n)}, {A, size_t(n)}, local_ag);
@@ -828,6 +845,7 @@ class MixServeModel final : public StepCostModel {
   bool mla_ = false;
   double host_step_us_ = 0;   // profile host_overhead.step_us: once per step
   bool dk_ = false;           // the executor's decode kernels (core/decode_path.hpp)
+  double graph_saving_us_ = 0;  // per launch of a graphed decode step (profile graph_launch)
   bool device_greedy_ = false;  // CostModelOptions::device_greedy
   bool qk_per_head_ = true;   // q/k norms per head or absent: the fused QK-norm/RoPE/KV write
   int sm_count_ = 132;

@@ -20,6 +20,24 @@ FusedRoundBytes fused_round_bytes(double group_tokens, int hidden, double act_by
   return b;
 }
 
+EpA2aBytes ep_a2a_bytes(double group_tokens, double replica_tokens, double ep_index_rows, int hidden,
+                        double act_bytes, int top_k, int moe_tp, int attn_tp, bool shared_expert) {
+  EpA2aBytes b;
+  const double row = hidden * act_bytes;
+  b.send_rows = group_tokens / moe_tp * top_k;
+  b.recv_rows = ep_index_rows / moe_tp;
+  b.a2a_bytes = std::max(b.send_rows, b.recv_rows) * row;
+  if (moe_tp > 1) {
+    const double ag_shared = shared_expert && moe_tp > attn_tp
+                                 ? group_tokens * double(moe_tp - attn_tp) / double(moe_tp - 1)
+                                 : 0.0;
+    b.tp_ag_bytes = (ep_index_rows + ag_shared) * row;
+    b.tp_rs_bytes = (ep_index_rows + (shared_expert ? group_tokens : 0.0)) * row;
+  }
+  if (attn_tp > 1) b.final_ag_bytes = replica_tokens * row;
+  return b;
+}
+
 double fused_dispatch_time_us(std::span<const double> p2p_us, std::span<const double> gather_us,
                               double local_ag_us) {
   double p_end = 0, a_end = local_ag_us;

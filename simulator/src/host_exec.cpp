@@ -51,10 +51,14 @@ void toy_expert_partial_add(int expert, int tp_rank, int tp, std::span<const dou
 }
 
 std::vector<double> reference_moe(const ReplicaRouting& routing, int top_k, int hidden,
-                                  std::span<const double> x) {
+                                  std::span<const double> x, int shared_expert) {
   std::vector<double> y(static_cast<size_t>(routing.num_tokens) * hidden, 0.0), f(hidden);
   for (int tok = 0; tok < routing.num_tokens; ++tok) {
     auto xr = x.subspan(static_cast<size_t>(tok) * hidden, hidden);
+    if (shared_expert >= 0) {
+      toy_expert_full(shared_expert, xr, f);
+      for (int c = 0; c < hidden; ++c) y[static_cast<size_t>(tok) * hidden + c] += f[c];
+    }
     for (int j = 0; j < top_k; ++j) {
       const int e = routing.topk_ids[static_cast<size_t>(tok) * top_k + j];
       if (e < 0) continue;
@@ -404,6 +408,12 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
                                xs.pair_weight[p],
                                std::span<double>(rs.partial).subspan(row * h, h));
       }
+    // The shared expert (toy expert E, weight 1): this TP rank's partial on the group's own
+    // tokens, expert-side block 0 (every token of the replica when geo.shared_expert).
+    if (g.shared_expert)
+      for (int64_t row = 0; row < xs.block_row_offset[1]; ++row)
+        toy_expert_partial_add(g.num_experts, t, T, std::span<const double>(rs.xr).subspan(row * h, h), 1.0,
+                               std::span<double>(rs.partial).subspan(row * h, h));
     // Combine: reduce-scatter the rows of home (q + i) mod Q, round by round in combine_order.
     for (int i : s.combine_order) {
       const FusedStep& fs = s.steps[r][i];
@@ -462,6 +472,11 @@ HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRoutin
   check_inputs(g, routing, inputs);
   const int P = g.num_ranks, A = g.attn_tp, K = g.top_k, h = g.hidden;
   const int epr = g.experts_per_ep_rank();
+  if (kToyIntermediate % g.moe_tp != 0 || h % g.moe_tp != 0)
+    throw_input_error("host executor", "moe_tp",
+                      "a divisor of the toy expert's width " + std::to_string(kToyIntermediate) +
+                          " and of hidden " + std::to_string(h),
+                      std::to_string(g.moe_tp));
   Transport tr(g, 1, timeout_s);
   std::vector<Buf> out(P);
 
@@ -506,16 +521,83 @@ HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRoutin
                            std::to_string(got[src].size() / h) + " rows, counts said " +
                            std::to_string(n));
     }
-    // 3. Experts (moe_tp == 1: the partial of TP rank 0 of 1 is the full output), rows of one
-    //    source are grouped by local expert in count order; the result goes back unweighted.
+    // 3. moe-TP all-gather: the EP index's rows on every member, member u's received rows at
+    //    its gather_begin (the schedule gives every member's layout); then the experts, this
+    //    member's TP slice, on all of them; their partial sums are reduce-scattered back so
+    //    this rank holds the summed rows it received (moe_tp == 1: the rows and the full
+    //    expert). Rows of one (member, source) are grouped by local expert in count order.
+    //    With a shared expert the gathered rows start with the members' source tokens: members
+    //    of this rank's replica hold them already (copied), the others' come with the
+    //    all-gather; every member adds its TP slice of the shared expert (toy expert E, weight
+    //    1) on them, and the reduce-scatter returns each its own tokens' sum.
+    const int T = g.moe_tp, m = r % T, base = r - m, ep_index = r / T;
+    Buf own;
+    for (int src = 0; src < P; ++src) own.insert(own.end(), got[src].begin(), got[src].end());
+    const Buf own_src(x.begin() + static_cast<int64_t>(rp.token_begin) * h,
+                      x.begin() + static_cast<int64_t>(rp.token_begin + rp.shared_rows) * h);
+    for (int u = base; u < base + T; ++u) {
+      if (u == r) continue;
+      tr.send(r, u, {Phase::dispatch, 0, Kind::all_gather}, own);
+      if (rp.shared_rows > 0 && s.ranks[u].replica != rp.replica)
+        tr.send(r, u, {Phase::dispatch, 0, Kind::rail}, own_src);
+    }
+    Buf gathered(static_cast<size_t>(rp.gather_rows) * h, kPoison);
+    for (int u = base; u < base + T; ++u) {
+      const EpRankPlan& up = s.ranks[u];
+      const Buf in = u == r ? own : tr.recv(r, u, {Phase::dispatch, 0, Kind::all_gather});
+      if (static_cast<int64_t>(in.size()) != up.recv_rows() * h)
+        throw RuntimeError("moe-TP all-gather from rank " + std::to_string(u) + ": size mismatch");
+      std::copy(in.begin(), in.end(), gathered.begin() + up.gather_begin * h);
+      if (up.shared_rows == 0) continue;
+      Buf src_rows;
+      if (up.replica == rp.replica) {
+        src_rows.assign(x.begin() + static_cast<int64_t>(up.token_begin) * h,
+                        x.begin() + static_cast<int64_t>(up.token_begin + up.shared_rows) * h);
+      } else {
+        src_rows = tr.recv(r, u, {Phase::dispatch, 0, Kind::rail});
+      }
+      if (static_cast<int64_t>(src_rows.size()) != up.shared_rows * h)
+        throw RuntimeError("shared-expert rows of rank " + std::to_string(u) + ": size mismatch");
+      std::copy(src_rows.begin(), src_rows.end(), gathered.begin() + up.shared_begin * h);
+    }
+    Buf partial(gathered.size(), 0.0);
+    for (int64_t row = 0; row < rp.shared_total; ++row)
+      toy_expert_partial_add(g.num_experts, m, T, std::span<const double>(gathered).subspan(row * h, h), 1.0,
+                             std::span<double>(partial).subspan(row * h, h));
+    for (int u = base; u < base + T; ++u) {
+      const EpRankPlan& up = s.ranks[u];
+      int64_t row = up.gather_begin;
+      for (int src = 0; src < P; ++src)
+        for (int e = 0; e < epr; ++e)
+          for (int64_t k = 0; k < up.recv_counts[static_cast<size_t>(src) * epr + e]; ++k, ++row)
+            toy_expert_partial_add(ep_index * epr + e, m, T,
+                                   std::span<const double>(gathered).subspan(row * h, h), 1.0,
+                                   std::span<double>(partial).subspan(row * h, h));
+    }
+    // A member's piece of the reduce-scatter: its shared rows, then its received rows.
+    auto piece = [&](const EpRankPlan& up) {
+      Buf b(partial.begin() + up.shared_begin * h, partial.begin() + (up.shared_begin + up.shared_rows) * h);
+      b.insert(b.end(), partial.begin() + up.gather_begin * h,
+               partial.begin() + (up.gather_begin + up.recv_rows()) * h);
+      return b;
+    };
+    for (int u = base; u < base + T; ++u)
+      if (u != r) tr.send(r, u, {Phase::combine, 0, Kind::reduce_scatter}, piece(s.ranks[u]));
+    Buf red = piece(rp);
+    for (int u = base; u < base + T; ++u) {
+      if (u == r) continue;
+      const Buf in = tr.recv(r, u, {Phase::combine, 0, Kind::reduce_scatter});
+      if (in.size() != red.size())
+        throw RuntimeError("moe-TP reduce-scatter from rank " + std::to_string(u) + ": size mismatch");
+      for (size_t i = 0; i < red.size(); ++i) red[i] += in[i];
+    }
+    // red: [shared_rows | recv_rows()] summed over the members.
+    // The summed rows go back to their sources, unweighted.
+    int64_t back_row = rp.shared_rows;
     for (int src = 0; src < P; ++src) {
-      Buf y(got[src].size(), 0.0);
-      int64_t row = 0;
-      for (int e = 0; e < epr; ++e)
-        for (int64_t k = 0; k < recv_counts[static_cast<size_t>(src) * epr + e]; ++k, ++row)
-          toy_expert_partial_add(r * epr + e, 0, 1,
-                                 std::span<const double>(got[src]).subspan(row * h, h), 1.0,
-                                 std::span<double>(y).subspan(row * h, h));
+      const int64_t n = static_cast<int64_t>(got[src].size()) / h;
+      Buf y(red.begin() + back_row * h, red.begin() + (back_row + n) * h);
+      back_row += n;
       if (src == r) got[src] = std::move(y);
       else tr.send(r, src, {Phase::combine, 0, Kind::a2a}, std::move(y));
     }
@@ -523,7 +605,9 @@ HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRoutin
     Buf& yo = out[r];
     yo.assign(static_cast<size_t>(rt.num_tokens) * h, kPoison);
     for (int tok = rp.token_begin; tok < rp.token_end; ++tok)
-      for (int c = 0; c < h; ++c) yo[static_cast<size_t>(tok) * h + c] = 0.0;
+      for (int c = 0; c < h; ++c)
+        yo[static_cast<size_t>(tok) * h + c] =
+            rp.shared_rows > 0 ? red[static_cast<size_t>(tok - rp.token_begin) * h + c] : 0.0;
     for (int d = 0; d < P; ++d) {
       const Buf back = d == r ? std::move(got[r]) : tr.recv(r, d, {Phase::combine, 0, Kind::a2a});
       const int64_t n = rp.send_offset[d + 1] - rp.send_offset[d];

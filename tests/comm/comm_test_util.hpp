@@ -133,4 +133,13 @@ inline sim::CommGeometry ep_geometry(int N, int G, int E, int k, int hidden) {
   return g;
 }
 
+// EP by all-to-all with TP inside the experts: moe_tp = tp (a divisor of N * G), moe_ep =
+// N * G / tp, attention as in hybrid_geometry (attn_tp = G, attn_dp = N).
+inline sim::CommGeometry ep_tp_geometry(int N, int G, int tp, int E, int k, int hidden) {
+  sim::CommGeometry g = hybrid_geometry(N, G, E, k, hidden);
+  g.moe_tp = tp;
+  g.moe_ep = N * G / tp;
+  return g;
+}
+
 }  // namespace mixserve::test

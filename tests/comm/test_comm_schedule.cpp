@@ -192,6 +192,29 @@ TEST_CASE("EP capacity bound is reached when every token goes to rank 0's expert
   }
 }
 
+TEST_CASE("EP capacity bound with moe_tp 2 and a shared expert covers the gathered rows") {
+  std::mt19937_64 rng(6);
+  // 2 nodes x 2 GPUs, moe TP 2 x EP 2, 16 experts (8 per EP index); every token to experts 0, 1.
+  CommGeometry g = test::ep_tp_geometry(2, 2, 2, 16, 2, 4);
+  std::vector<ReplicaRouting> routing;
+  for (int q = 0; q < 2; ++q)
+    routing.push_back(test::make_routing(test::RoutingKind::same_experts, q, 5, 16, 2, rng));
+  for (bool shared : {false, true}) {
+    g.shared_expert = shared;
+    for (EpSource src : {EpSource::split, EpSource::replicated}) {
+      CAPTURE(shared);
+      const EpSchedule s = build_ep_schedule(g, routing, src);
+      // EP index 0 (ranks 0, 1) gathers every row: 2 replicas x 5 tokens x 2 (x 2 replicated),
+      // plus its members' source tokens with a shared expert.
+      const int64_t routed = 2 * 5 * 2 * (src == EpSource::replicated ? 2 : 1);
+      const int64_t own = shared ? (src == EpSource::replicated ? 2 * 5 : 5) : 0;
+      CHECK(s.ranks[0].gather_rows == routed + own);
+      CHECK(s.ranks[0].gather_rows <= ep_capacity_rows(g, 5, src));
+      CHECK(s.ranks[2].gather_rows == (shared ? s.ranks[2].shared_total : 0));
+    }
+  }
+}
+
 TEST_CASE("geometry of a layout: one pipeline stage, activation bytes, legality") {
   ClusterSpec c;
   c.num_nodes = 4;
@@ -212,6 +235,10 @@ TEST_CASE("geometry of a layout: one pipeline stage, activation bytes, legality"
   CHECK(g.hidden == 7168);
   CHECK(g.elem_bytes == 2);
   CHECK(g.experts_per_ep_rank() == 128);
+  CHECK_FALSE(g.shared_expert);
+  m.moe.num_shared_experts = 1;
+  m.moe.shared_intermediate_size = 2048;
+  CHECK(make_comm_geometry(c, m, l).shared_expert);
   l.moe_ep = 4;  // 8 x 4 != 8 x 2
   CHECK_THROWS_AS(make_comm_geometry(c, m, l), InputError);
 }
@@ -242,5 +269,55 @@ TEST_CASE("bad geometry and routing are rejected with InputError") {
   bad = two;
   bad[0].topk_weights.pop_back();
   CHECK_THROWS_AS(build_fused_schedule(ok, bad), InputError);
-  CHECK_THROWS_AS(build_ep_schedule(ok, two), InputError);  // moe_tp != 1
+  CHECK_NOTHROW(build_ep_schedule(ok, two));  // EP with TP 2 inside the experts
+  CHECK_THROWS_AS(build_ep_schedule(ok, std::span(two).first(1)), InputError);
+  g = ok;
+  g.moe_ep = 1;  // 2 x 1 != 4 ranks
+  CHECK_THROWS_AS(build_ep_schedule(g, two), InputError);
+}
+
+TEST_CASE("EP with moe_tp 2 on 2 nodes x 2 GPUs: peers, gathered rows and bytes by hand") {
+  // attn TP2 x DP2 | moe TP2 x EP2: ranks 0, 1 = EP index 0 (experts 0, 1), ranks 2, 3 = EP
+  // index 1 (experts 2, 3); rank r sends to d * 2 + r % 2. Replica 0 (ranks 0, 1), split:
+  // rank 0 tokens [0, 1), rank 1 [1, 3); replica 1 (ranks 2, 3): rank 2 [0, 1), rank 3 [1, 2).
+  std::vector<ReplicaRouting> routing(2);
+  routing[0].num_tokens = 3;
+  routing[0].topk_ids = {0, 2, 2, 3, 0, 1};
+  routing[0].topk_weights = {1, 0.5, 0.25, 2, 1, 1};
+  routing[1].num_tokens = 2;
+  routing[1].topk_ids = {1, 3, 3, 2};
+  routing[1].topk_weights = {0.5, 0.5, 1, 0.25};
+  CommGeometry g = test::hybrid_geometry(2, 2, 4, 2, 4);  // h = 4, 2 bytes per element
+  g.moe_tp = 2;
+  g.moe_ep = 2;
+  const EpSchedule s = build_ep_schedule(g, routing, EpSource::split);
+  // Rank 0 (token 0 of replica 0: experts 0, 2) -> rank 0 (expert 0), rank 2 (expert 2).
+  CHECK(s.ranks[0].send_offset == std::vector<int64_t>{0, 1, 1, 2, 2});
+  // Rank 1 (tokens 1: 2, 3; 2: 0, 1) -> rank 1 (experts 0, 1), rank 3 (experts 2, 3).
+  CHECK(s.ranks[1].send_offset == std::vector<int64_t>{0, 0, 2, 2, 4});
+  CHECK(s.ranks[1].send_token == std::vector<int32_t>{2, 2, 1, 1});
+  // Rank 2 (replica 1 token 0: experts 1, 3) -> rank 0 (expert 1), rank 2 (expert 3).
+  CHECK(s.ranks[2].send_offset == std::vector<int64_t>{0, 1, 1, 2, 2});
+  // Rank 3 (replica 1 token 1: experts 3, 2) -> rank 3 (experts 2 then 3).
+  CHECK(s.ranks[3].send_offset == std::vector<int64_t>{0, 0, 0, 0, 2});
+  // Received: rank 0 from 0 (expert 0) and 2 (expert 1): 2 rows; rank 1 from 1: 2 rows;
+  // rank 2 from 0 and 2: 2 rows; rank 3 from 1 (2 rows) and 3 (2 rows): 4 rows.
+  const int64_t recv[] = {2, 2, 2, 4}, begin[] = {0, 2, 0, 2}, rows[] = {4, 4, 6, 6};
+  for (int r = 0; r < 4; ++r) {
+    CAPTURE(r);
+    CHECK(s.ranks[r].recv_rows() == recv[r]);
+    CHECK(s.ranks[r].gather_begin == begin[r]);
+    CHECK(s.ranks[r].gather_rows == rows[r]);
+  }
+  // Bytes (row = 8 B; ranks 0, 1 on node 0, 2, 3 on node 1). Rank 3 dispatch: nothing to
+  // others (its 2 rows stay), all-gather 4 rows to rank 2 (same node): 32 B intra. Combine:
+  // reduce-scatter of rank 2's 2 rows to rank 2 (16 B intra), rows back: 2 to rank 1 (16 B
+  // inter), final all-gather of its 1 token to rank 2 (8 B intra).
+  CHECK(s.ranks[3].dispatch_bytes.inter_bytes == 0);
+  CHECK(s.ranks[3].dispatch_bytes.intra_bytes == 32);
+  CHECK(s.ranks[3].combine_bytes.inter_bytes == 16);
+  CHECK(s.ranks[3].combine_bytes.intra_bytes == 16 + 8);
+  // Rank 0 dispatch: 1 row to rank 2 (8 B inter), all-gather 2 rows to rank 1 (16 B intra).
+  CHECK(s.ranks[0].dispatch_bytes.inter_bytes == 8);
+  CHECK(s.ranks[0].dispatch_bytes.intra_bytes == 16);
 }

@@ -36,13 +36,15 @@ int tokens_for(int replica, int num_replicas) {
   return num_replicas <= 2 ? 12 + 7 * replica : kCounts[replica % 8];
 }
 
-Problem make_problem(const Case& c, int replicas, int hidden, uint64_t seed) {
+// shared: the reference adds the shared expert (toy expert E, as the executors do when
+// geo.shared_expert).
+Problem make_problem(const Case& c, int replicas, int hidden, uint64_t seed, bool shared = false) {
   std::mt19937_64 rng(seed);
   Problem p;
   for (int q = 0; q < replicas; ++q) {
     p.routing.push_back(test::make_routing(c.kind, q, tokens_for(q, replicas), c.E, c.k, rng));
     p.inputs.push_back(test::make_input(q, p.routing.back().num_tokens, hidden));
-    p.reference.push_back(reference_moe(p.routing.back(), c.k, hidden, p.inputs.back()));
+    p.reference.push_back(reference_moe(p.routing.back(), c.k, hidden, p.inputs.back(), shared ? c.E : -1));
   }
   return p;
 }
@@ -127,6 +129,141 @@ TEST_CASE("fused and plain EP schedules match the single-device reference (full 
         }
   MESSAGE("fused cases: ", cases, ", plain EP cases: ", ep_cases);
   CHECK(cases == 6 * 3 * 3 * 5);
+}
+
+TEST_CASE("EP by all-to-all with TP inside the experts (moe_tp 2 and G) matches the reference") {
+  // attention TP G x DP N as in the fused cases; moe TP tp x EP N*G/tp: the EP peers of a rank
+  // are the ranks with its moe-TP index, the members of an EP index all-gather the rows they
+  // received and reduce-scatter the partial sums.
+  int cases = 0;
+  for (auto [N, G] : {std::pair{1, 2}, {2, 2}, {2, 4}, {4, 2}}) {
+    const std::vector<int> tps = G == 2 ? std::vector<int>{2} : std::vector<int>{2, G};
+    for (int tp : tps)
+      for (int E : {8, 64})
+        for (int k : {1, 2, 8})
+          for (RoutingKind kind : test::kAllRoutings) {
+            const Case c{N, G, E, k, kind};
+            const int hidden = 3 * G;
+            const CommGeometry g = test::ep_tp_geometry(N, G, tp, E, k, hidden);
+            CAPTURE(c.str());
+            CAPTURE(tp);
+            const Problem p = make_problem(c, N, hidden, 4000037ull * (cases + 1));
+            for (EpSource src : {EpSource::split, EpSource::replicated}) {
+              const EpSchedule es = build_ep_schedule(g, p.routing, src);
+              const HostExecResult er = run_ep_on_host(es, p.routing, p.inputs);
+              CHECK_MESSAGE(count_wrong(er, p, G) == 0, "ep tp=", tp, ": ", c.str(),
+                            src == EpSource::split ? " split" : " replicated");
+              CHECK_MESSAGE(count_byte_mismatches(es, er) == 0, "ep tp=", tp, " bytes: ", c.str());
+            }
+            ++cases;
+          }
+  }
+  MESSAGE("EP x TP cases: ", cases);
+  CHECK(cases == (1 + 1 + 2 + 1) * 2 * 3 * 5);
+}
+
+TEST_CASE("shared expert: fused, EP (moe_tp 1, 2, G) and EP x TP with attention TP < moe_tp match the reference") {
+  // The shared expert (toy expert E, TP-sliced like the routed ones) runs in the group that owns
+  // the tokens and is summed by the schedule's own reduce-scatter: fused, block 0 holds every
+  // token of the replica; EP, the gathered rows start with the members' source tokens.
+  int fused_cases = 0, ep_cases = 0;
+  for (auto [N, G] : {std::pair{1, 2}, {2, 2}, {2, 4}, {4, 2}})
+    for (int E : {8, 64})
+      for (int k : {1, 2, 8})
+        for (RoutingKind kind : test::kAllRoutings) {
+          const Case c{N, G, E, k, kind};
+          const int hidden = 3 * G;
+          CAPTURE(c.str());
+          const Problem p = make_problem(c, N, hidden, 7000003ull * (fused_cases + 1), true);
+          CommGeometry hg = test::hybrid_geometry(N, G, E, k, hidden);
+          hg.shared_expert = true;
+          const FusedSchedule fs = build_fused_schedule(hg, p.routing);
+          const HostExecResult fr = run_fused_on_host(fs, p.routing, p.inputs);
+          CHECK_MESSAGE(count_wrong(fr, p, G) == 0, "fused shared: ", c.str());
+          CHECK_MESSAGE(count_byte_mismatches(fs, fr) == 0, "fused shared bytes: ", c.str());
+          ++fused_cases;
+          for (int tp : {1, 2, G}) {
+            CommGeometry g = test::ep_tp_geometry(N, G, tp, E, k, hidden);
+            g.shared_expert = true;
+            if (E % g.moe_ep != 0) continue;
+            for (EpSource src : {EpSource::split, EpSource::replicated}) {
+              const EpSchedule es = build_ep_schedule(g, p.routing, src);
+              const HostExecResult er = run_ep_on_host(es, p.routing, p.inputs);
+              CHECK_MESSAGE(count_wrong(er, p, G) == 0, "ep shared tp=", tp, ": ", c.str());
+              CHECK_MESSAGE(count_byte_mismatches(es, er) == 0, "ep shared tp=", tp, " bytes: ", c.str());
+            }
+            ++ep_cases;
+          }
+        }
+  // Attention TP 1 x DP N*G with moe TP 2 and 4 x EP: a moe-TP group spans replicas, so the
+  // members' source tokens cross in the all-gather.
+  int cross = 0;
+  for (auto [N, G] : {std::pair{1, 4}, {2, 4}})
+    for (int tp : {2, 4})
+      for (int k : {1, 2}) {
+        const Case c{N, G, 16, k, RoutingKind::uniform};
+        CommGeometry g = test::ep_tp_geometry(N, G, tp, 16, k, 2 * tp);
+        g.attn_tp = 1;
+        g.attn_dp = N * G;
+        g.shared_expert = true;
+        CAPTURE(c.str());
+        CAPTURE(tp);
+        const Problem p = make_problem(c, N * G, g.hidden, 9100 + cross, true);
+        const EpSchedule es = build_ep_schedule(g, p.routing);
+        CHECK(es.ranks[0].dispatch_bytes.intra_bytes + es.ranks[0].dispatch_bytes.inter_bytes > 0);
+        const HostExecResult er = run_ep_on_host(es, p.routing, p.inputs);
+        CHECK(count_wrong(er, p, 1) == 0);
+        CHECK(count_byte_mismatches(es, er) == 0);
+        ++cross;
+      }
+  MESSAGE("shared expert: fused cases ", fused_cases, ", EP cases ", ep_cases, ", cross-replica ", cross);
+  CHECK(fused_cases == 4 * 2 * 3 * 5);
+}
+
+TEST_CASE("shared expert: without it in the executors the reference differs (the check can fail)") {
+  const Case c{2, 4, 64, 2, RoutingKind::uniform};
+  const Problem p = make_problem(c, 2, 12, 21, true);
+  const CommGeometry plain = test::hybrid_geometry(2, 4, 64, 2, 12);  // shared_expert = false
+  CHECK(count_wrong(run_fused_on_host(build_fused_schedule(plain, p.routing), p.routing, p.inputs), p, 4) > 0);
+  CHECK(count_wrong(run_ep_on_host(build_ep_schedule(test::ep_tp_geometry(2, 4, 2, 64, 2, 12), p.routing),
+                                   p.routing, p.inputs),
+                    p, 4) > 0);
+}
+
+TEST_CASE("EP x TP: the check can fail (a corrupted gather layout, a wrong weight at home)") {
+  const Case c{2, 4, 64, 2, RoutingKind::uniform};
+  const int hidden = 12;
+  const Problem p = make_problem(c, 2, hidden, 9);
+  const CommGeometry g = test::ep_tp_geometry(2, 4, 4, 64, 2, hidden);
+  SUBCASE("two members' pieces swapped in the gathered rows") {
+    EpSchedule s = build_ep_schedule(g, p.routing);
+    REQUIRE(s.ranks[0].recv_rows() > 0);
+    REQUIRE(s.ranks[1].recv_rows() > 0);
+    std::swap(s.ranks[0].gather_begin, s.ranks[1].gather_begin);
+    bool failed = false;
+    try {
+      failed = count_wrong(run_ep_on_host(s, p.routing, p.inputs, 2.0), p, c.G) > 0;
+    } catch (const RuntimeError&) {
+      failed = true;
+    }
+    CHECK(failed);
+  }
+  SUBCASE("a row combined with its token's other top-2 weight") {
+    EpSchedule s = build_ep_schedule(g, p.routing);
+    bool corrupted = false;
+    for (auto& rp : s.ranks) {
+      const auto& w = p.routing[rp.replica].topk_weights;
+      for (int64_t k = 0; k < rp.send_offset.back() && !corrupted; ++k) {
+        const size_t tok = size_t(rp.send_token[k]);
+        const int other = 1 - rp.send_slot[k];
+        if (w[tok * 2 + other] == w[tok * 2 + rp.send_slot[k]]) continue;
+        rp.send_slot[k] = other;
+        corrupted = true;
+      }
+    }
+    REQUIRE(corrupted);
+    CHECK(count_wrong(run_ep_on_host(s, p.routing, p.inputs, 2.0), p, c.G) > 0);
+  }
 }
 
 TEST_CASE("general moe_tp | G: TP groups of 2 inside 4-GPU nodes, rails partly intra-node") {

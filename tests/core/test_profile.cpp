@@ -38,6 +38,7 @@ TEST_CASE("profile round-trips through YAML with every table filled") {
   p.gemm_efficiency = 1.0;
   p.mem_efficiency = 1.0;
   p.kernel_launch_us = 2.7;
+  p.graph_launch = {4.25, 5.5, 1.5, 64, 0, 0, "mixserve-profile gemv | H200 | 2026-11-29"};
   p.gemm = {{128, 7168, 2048, DType::bf16, 17.3}, {4096, 4096, 4096, DType::fp8_block, 0.1}};
   p.experts = {{32, 4096, 300, 30, 4096, 7168, DType::bf16, "zipf:1.2", 123.456}};
   p.elementwise = {{1e9, 260.5}};
@@ -57,6 +58,12 @@ TEST_CASE("profile round-trips through YAML with every table filled") {
   CHECK(q.memory_GiB == p.memory_GiB);  // shortest round-trip formatting: exact
   CHECK(q.peak_tflops_fp32 == p.peak_tflops_fp32);
   CHECK(q.kernel_launch_us == p.kernel_launch_us);
+  CHECK(q.graph_launch.alone_graph_us == 4.25);
+  CHECK(q.graph_launch.alone_eager_us == 5.5);
+  CHECK(q.graph_launch.chain_us == 1.5);
+  CHECK(q.graph_launch.chain_kernels == 64);
+  CHECK(q.graph_launch.measured_with == p.graph_launch.measured_with);
+  CHECK(q.graph_launch.saving_us() == doctest::Approx(2.75));  // min(alone) - chain
   REQUIRE(q.gemm.size() == 2);
   CHECK(q.gemm[1].dtype == DType::fp8_block);
   CHECK(q.gemm[0].time_us == 17.3);
@@ -151,4 +158,40 @@ TEST_CASE("profile host_overhead: optional, round-trips, and bad values name the
   expect_input_error(
       [&] { parse_profile_yaml(head + "host_overhead: {step_us: 5, steps: 3, measured_with: a, per: 1}\n", "x.yaml"); },
       "x.yaml", "per");
+}
+
+TEST_CASE("profile graph_launch: optional, no saving when absent, bad values name the key") {
+  HardwareProfile p = load_profile("h200");
+  p.graph_launch = {};
+  const std::string before = profile_to_yaml(p);
+  CHECK(before.find("graph_launch") == std::string::npos);
+  CHECK(parse_profile_yaml(before, "h200.yaml").graph_launch.saving_us() == 0);
+  // A chain slower than the kernel alone saves nothing (never a negative saving).
+  p.graph_launch = {2.0, 3.0, 2.5, 32, 0, 0, "m"};
+  CHECK(p.graph_launch.saving_us() == 0);
+  p.graph_launch = {4.0, 3.0, 1.0, 32, 0, 0, "m"};
+  CHECK(p.graph_launch.saving_us() == doctest::Approx(2.0));  // the smaller of the two alone times
+  // With the norm+GEMV pairs: the pair's mean alone time less the pairs' per-kernel time.
+  p.graph_launch = {4.0, 3.0, 1.0, 32, 9.0, 4.5, "m"};
+  CHECK(p.graph_launch.saving_us() == doctest::Approx((3.0 + 9.0) / 2 - 4.5));
+  const HardwareProfile q = parse_profile_yaml(profile_to_yaml(p), "pairs.yaml");
+  CHECK(q.graph_launch.alone_gemv_us == 9.0);
+  CHECK(q.graph_launch.mixed_chain_us == 4.5);
+  const std::string head = "version: 1\nname: x\ngpu: H200\nsource: measured\nsm_count: 132\nmemory_GiB: 140\n"
+                           "peaks: {bf16_tflops: 800, fp8_tflops: 1500, fp32_tflops: 50, mem_bw_GBps: 4000}\n"
+                           "efficiency: {gemm: 1, memory: 1}\n";
+  expect_input_error(
+      [&] {
+        parse_profile_yaml(head + "graph_launch: {alone_graph_us: 4, alone_eager_us: 5, chain_us: 0, chain_kernels: 64, "
+                                  "measured_with: a}\n",
+                           "x.yaml");
+      },
+      "x.yaml", "chain_us");
+  expect_input_error(
+      [&] {
+        parse_profile_yaml(head + "graph_launch: {alone_graph_us: 4, alone_eager_us: 5, chain_us: 1, chain_kernels: 0, "
+                                  "measured_with: a}\n",
+                           "x.yaml");
+      },
+      "x.yaml", "chain_kernels");
 }

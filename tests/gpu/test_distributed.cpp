@@ -58,6 +58,20 @@ ModelSpec dist_model() {
                           "dist-qwen3/config.json");
 }
 
+// The same shape as Qwen2-MoE: a shared expert (width 64, 8 per rank at TP 8) with its sigmoid
+// gate beside the routed experts, TP-sharded over moe_tp. Under a schedule every moe-TP group
+// runs it on its own tokens inside the schedule's reduce-scatter; in the all-reduce / gather
+// exchange the ranks of EP index 0 add it.
+ModelSpec dist_model_shared() {
+  return import_hf_config(R"({"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 128,
+    "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+    "vocab_size": 128, "intermediate_size": 128, "moe_intermediate_size": 128, "num_experts": 16,
+    "num_experts_per_tok": 4, "norm_topk_prob": true, "mlp_only_layers": [0],
+    "shared_expert_intermediate_size": 64, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": false})",
+                          "dist-qwen2/config.json");
+}
+
 ClusterSpec cluster_of(int gpus) {
   ClusterSpec c = load_cluster("h200-1x8");
   c.num_nodes = gpus >= 4 ? 2 : 1;  // two nodes from 4 GPUs: the hybrid's "across nodes"
@@ -211,8 +225,9 @@ Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& 
            {req(0, {a.begin() + 11, a.end()}, 11), req(1, tok(1), 7), req(2, tok(1), 19), req(3, tok(13), 0)}, st);
   run_step(name + " decode", w, ref, one, dist,
            {req(0, tok(1), 17), req(1, tok(1), 8), req(2, tok(1), 20), req(3, tok(1), 13)}, st);
-  // The plan's MoE communication ran by its schedule (a2a with moe_tp 1: EP dispatch/combine;
-  // fused, rs-a2a-ag: AG-Dispatch / RS-Combine), and every MoE layer of every rank moved exactly
+  // The plan's MoE communication ran by its schedule (a2a: EP dispatch/combine, with the moe-TP
+  // all-gather / reduce-scatter when moe_tp > 1; fused, rs-a2a-ag: AG-Dispatch / RS-Combine),
+  // and every MoE layer of every rank moved exactly
   // the bytes the schedule (and so the cost model) counts for it.
   const gpu::MoeSched sched = gpu::moe_sched_for(l, m);
   int64_t records = 0, wrong_bytes = 0;
@@ -252,10 +267,11 @@ Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& 
 }
 
 // Every layout of the planner for R = 2, 4, 8 ranks (R <= max_ranks) through `placement`.
-int run_all_layouts(gpu::Placement placement, int max_ranks) {
-  const ModelSpec m = dist_model();
-  const auto w = model::synthetic_weights(m, 77);
-  int layouts = 0;
+int run_all_layouts(const ModelSpec& m, uint64_t seed, gpu::Placement placement, int max_ranks) {
+  const auto w = model::synthetic_weights(m, seed);
+  const bool shared = m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0;
+  std::printf("model %s%s\n", m.name.c_str(), shared ? " (shared expert with sigmoid gate)" : "");
+  int layouts = 0, ep_tp = 0, with_plan_schedule = 0;
   double worst_hidden = 0, worst_logits = 0;
   int by_sched[4] = {0, 0, 0, 0};  // gpu::MoeSched: none, ep, fused, rs_a2a_ag
   for (int P : {2, 4, 8}) {
@@ -269,17 +285,26 @@ int run_all_layouts(gpu::Placement placement, int max_ranks) {
                                        gpu::ExpertPath::automatic};
       const auto path = paths[layouts % 3];
       const Stats st = run_layout(w, c, l, path, placement);
-      ++by_sched[static_cast<int>(gpu::moe_sched_for(l, m))];
+      const gpu::MoeSched sched = gpu::moe_sched_for(l, m);
+      ++by_sched[static_cast<int>(sched)];
+      ep_tp += sched == gpu::MoeSched::ep && l.moe_tp > 1;
+      // Plans whose MoE communication has a schedule (a2a, fused, rs-a2a-ag over > 1 rank) must
+      // run it, with or without a shared expert.
+      with_plan_schedule += l.moe_comm != MoeComm::tp_allreduce && l.stage_size() > 1;
       worst_hidden = std::max(worst_hidden, st.worst_hidden);
       worst_logits = std::max(worst_logits, st.worst_logits);
       ++layouts;
     }
   }
   std::printf("%d layouts; worst error / tolerance: hidden %.2f, logits %.2f\n", layouts, worst_hidden, worst_logits);
-  std::printf("MoE by schedule: %d EP (a2a), %d fused, %d rs-a2a-ag; %d through the all-reduce / gather exchange\n",
-              by_sched[1], by_sched[2], by_sched[3], by_sched[0]);
-  if (max_ranks >= 4) {  // P = 4 has an EP layout and the hybrid TP2 x EP2 with fused and rs-a2a-ag
+  std::printf("MoE by schedule: %d EP (a2a; %d of them with moe_tp > 1), %d fused, %d rs-a2a-ag; %d through the "
+              "all-reduce / gather exchange\n",
+              by_sched[1], ep_tp, by_sched[2], by_sched[3], by_sched[0]);
+  CHECK_MESSAGE(by_sched[1] + by_sched[2] + by_sched[3] == with_plan_schedule,
+                "a layout whose plan says a2a, fused or rs-a2a-ag did not run by its schedule");
+  if (max_ranks >= 4) {  // P = 4: EP, TP2 x EP2 with a2a, fused and rs-a2a-ag
     CHECK_MESSAGE(by_sched[1] > 0, "no layout ran the EP dispatch/combine");
+    CHECK_MESSAGE(ep_tp > 0, "no layout ran the EP schedule with moe_tp > 1");
     CHECK_MESSAGE(by_sched[2] > 0, "no layout ran the fused AG-Dispatch / RS-Combine");
     CHECK_MESSAGE(by_sched[3] > 0, "no layout ran rs-a2a-ag");
   }
@@ -291,7 +316,11 @@ int run_all_layouts(gpu::Placement placement, int max_ranks) {
 #if MIXSERVE_GPU_TEST_MIN_DEVICES < 2
 TEST_CASE("distributed forward on one GPU equals the single-GPU forward for every planner layout, R <= 8") {
   // 5 + 16 + 36 layouts for P = 2, 4, 8 (docs/planner.md), less those the model does not divide.
-  CHECK(run_all_layouts(gpu::Placement::one_gpu, 8) >= 40);
+  CHECK(run_all_layouts(dist_model(), 77, gpu::Placement::one_gpu, 8) >= 40);
+}
+
+TEST_CASE("distributed forward on one GPU, shared expert + sigmoid gate (Qwen2-MoE-like), every planner layout, R <= 8") {
+  CHECK(run_all_layouts(dist_model_shared(), 79, gpu::Placement::one_gpu, 8) >= 40);
 }
 
 TEST_CASE("distributed forward: a rank that fails releases its peers") {
@@ -314,6 +343,7 @@ TEST_CASE("distributed forward: a rank that fails releases its peers") {
 TEST_CASE("distributed forward over NCCL, a GPU per rank, equals the single-GPU forward for every planner layout") {
   const int n = gpu::device_count_or_zero();
   std::printf("%d GPUs visible\n", n);
-  CHECK(run_all_layouts(gpu::Placement::gpu_per_rank, n) >= 4);  // P = 2 alone has 5 layouts
+  CHECK(run_all_layouts(dist_model(), 77, gpu::Placement::gpu_per_rank, n) >= 4);  // P = 2 alone has 5 layouts
+  CHECK(run_all_layouts(dist_model_shared(), 79, gpu::Placement::gpu_per_rank, n) >= 4);
 }
 #endif

@@ -52,7 +52,9 @@ struct Problem {
 };
 
 // A different, small token count per replica (awkward sizes: 1, primes), or `tokens` for all.
-Problem make_problem(const Case& c, int replicas, uint64_t seed, int tokens = 0) {
+// shared: the reference adds the shared expert (toy expert E, as the executors do when
+// geo.shared_expert).
+Problem make_problem(const Case& c, int replicas, uint64_t seed, int tokens = 0, bool shared = false) {
   static constexpr int kCounts[] = {7, 1, 13, 5, 11, 3, 17, 2};
   std::mt19937_64 rng(seed);
   Problem p;
@@ -60,7 +62,7 @@ Problem make_problem(const Case& c, int replicas, uint64_t seed, int tokens = 0)
     const int n = tokens > 0 ? tokens : (replicas <= 2 ? 12 + 7 * q : kCounts[q % 8]);
     p.routing.push_back(test::make_routing(c.kind, q, n, c.E, c.k, rng));
     p.inputs.push_back(test::make_input(q, p.routing.back().num_tokens, c.hidden));
-    p.reference.push_back(sim::reference_moe(p.routing.back(), c.k, c.hidden, p.inputs.back()));
+    p.reference.push_back(sim::reference_moe(p.routing.back(), c.k, c.hidden, p.inputs.back(), shared ? c.E : -1));
     p.max_tokens = std::max(p.max_tokens, n);
   }
   return p;
@@ -121,8 +123,9 @@ bool any_nonzero(const Problem& p) {
   return false;
 }
 
-// Fused (overlapped, and serialised = rs_a2a_ag) and plain EP (split, replicated) on one
-// problem; two steps per executor object (buffers reused). Returns the number of runs.
+// Fused (overlapped, and serialised = rs_a2a_ag), plain EP (split, replicated) and EP with
+// moe_tp 2 and G (split) on one problem; two steps per executor object (buffers reused).
+// Returns the number of runs.
 int check_case(const Case& c, gpu::Transport& tr, uint64_t seed, int tokens = 0) {
   int runs = 0;
   const Problem p = make_problem(c, c.N, seed, tokens);
@@ -163,6 +166,90 @@ int check_case(const Case& c, gpu::Transport& tr, uint64_t seed, int tokens = 0)
       runs += 2;
     }
   }
+  // EP by all-to-all with TP inside the experts (moe_tp 2 and G): the moe-TP all-gather and
+  // reduce-scatter around the toy expert's TP partials; the output must equal the reference and
+  // the host executor's, and the bytes each rank sent through the transport (counted by a
+  // StageTransport over `tr`) must equal the schedule's, the counts round apart.
+  const int P = c.N * c.G;
+  for (int tp : c.G == 2 ? std::vector<int>{2} : std::vector<int>{2, c.G}) {
+    CommGeometry tg = test::ep_tp_geometry(c.N, c.G, tp, c.E, c.k, c.hidden);
+    tg.elem_bytes = 8;  // f64 on the wire
+    if (c.E % tg.moe_ep != 0 || c.hidden % tp != 0) continue;
+    const auto es = sim::build_ep_schedule(tg, p.routing, EpSource::split);
+    const auto es2 = sim::build_ep_schedule(tg, p2.routing, EpSource::split);
+    const auto host = sim::run_ep_on_host(es, p.routing, p.inputs);
+    gpu::StageTransport st(tr, 0, P);
+    gpu::EpMoeComm mc(tg, cap, EpSource::split, kernels::MoeDType::f64, st);
+    mc.prepare(es, p.routing);
+    const auto got = run_step(mc, st, p, c.G, cap, c.hidden);
+    std::vector<std::vector<double>> host_per_replica;
+    for (int q = 0; q < c.N; ++q) host_per_replica.push_back(host.rank_output[q * c.G]);
+    CHECK_MESSAGE(count_wrong(got, st, p.reference, c.G) == 0, "ep moe_tp=", tp, " ", c.str());
+    CHECK_MESSAGE(count_wrong(got, st, host_per_replica, c.G) == 0, "ep moe_tp=", tp, " vs host ", c.str());
+    const double counts = double(P - 1) * tg.experts_per_ep_rank() * 8.0;
+    int64_t byte_mismatches = 0;
+    for (int r = 0; r < P; ++r) {
+      if (!st.is_local(r)) continue;
+      const auto& rp = es.ranks[r];
+      const double want = rp.dispatch_bytes.inter_bytes + rp.dispatch_bytes.intra_bytes +
+                          rp.combine_bytes.inter_bytes + rp.combine_bytes.intra_bytes;
+      byte_mismatches += st.bytes_sent(r) - counts != want;
+    }
+    CHECK_MESSAGE(byte_mismatches == 0, "ep moe_tp=", tp, " bytes ", c.str());
+    mc.prepare(es2, p2.routing);
+    const auto got2 = run_step(mc, st, p2, c.G, cap, c.hidden);
+    CHECK_MESSAGE(count_wrong(got2, st, p2.reference, c.G) == 0, "ep moe_tp=", tp, " step 2 ", c.str());
+    runs += 2;
+  }
+  return runs;
+}
+
+// Shared expert (toy expert E): fused (overlapped and serialised) and EP with moe_tp 1, 2, G
+// (split), against the reference with the shared expert and the host executor; EP bytes through
+// a StageTransport equal the schedule's. Returns the number of runs.
+int check_shared_case(const Case& c, gpu::Transport& tr, uint64_t seed) {
+  int runs = 0;
+  const Problem p = make_problem(c, c.N, seed, 0, true);
+  const int64_t cap = p.max_tokens;
+  const int P = c.N * c.G;
+  CommGeometry hg = test::hybrid_geometry(c.N, c.G, c.E, c.k, c.hidden);
+  hg.shared_expert = true;
+  const auto fs = sim::build_fused_schedule(hg, p.routing);
+  for (bool overlap : {true, false}) {
+    gpu::FusedMoeComm mc(hg, cap, kernels::MoeDType::f64, tr);
+    mc.set_overlap(overlap);
+    mc.prepare(fs, p.routing);
+    const auto got = run_step(mc, tr, p, c.G, cap, c.hidden);
+    CHECK_MESSAGE(count_wrong(got, tr, p.reference, c.G) == 0, "fused shared overlap=", overlap, " ", c.str());
+    ++runs;
+  }
+  for (int tp : {1, 2, c.G}) {
+    CommGeometry tg = test::ep_tp_geometry(c.N, c.G, tp, c.E, c.k, c.hidden);
+    tg.shared_expert = true;
+    tg.elem_bytes = 8;
+    if (c.E % tg.moe_ep != 0 || c.hidden % tp != 0) continue;
+    const auto es = sim::build_ep_schedule(tg, p.routing, EpSource::split);
+    const auto host = sim::run_ep_on_host(es, p.routing, p.inputs);
+    gpu::StageTransport st(tr, 0, P);
+    gpu::EpMoeComm mc(tg, cap, EpSource::split, kernels::MoeDType::f64, st);
+    mc.prepare(es, p.routing);
+    const auto got = run_step(mc, st, p, c.G, cap, c.hidden);
+    std::vector<std::vector<double>> host_per_replica;
+    for (int q = 0; q < c.N; ++q) host_per_replica.push_back(host.rank_output[q * c.G]);
+    CHECK_MESSAGE(count_wrong(got, st, p.reference, c.G) == 0, "ep shared moe_tp=", tp, " ", c.str());
+    CHECK_MESSAGE(count_wrong(got, st, host_per_replica, c.G) == 0, "ep shared moe_tp=", tp, " vs host ", c.str());
+    const double counts = double(P - 1) * tg.experts_per_ep_rank() * 8.0;
+    int64_t byte_mismatches = 0;
+    for (int r = 0; r < P; ++r) {
+      if (!st.is_local(r)) continue;
+      const auto& rp = es.ranks[r];
+      const double want = rp.dispatch_bytes.inter_bytes + rp.dispatch_bytes.intra_bytes +
+                          rp.combine_bytes.inter_bytes + rp.combine_bytes.intra_bytes;
+      byte_mismatches += st.bytes_sent(r) - counts != want;
+    }
+    CHECK_MESSAGE(byte_mismatches == 0, "ep shared moe_tp=", tp, " bytes ", c.str());
+    ++runs;
+  }
   return runs;
 }
 
@@ -170,7 +257,23 @@ int check_case(const Case& c, gpu::Transport& tr, uint64_t seed, int tokens = 0)
 
 #if MIXSERVE_GPU_TEST_MIN_DEVICES < 2
 
-TEST_CASE("local transport, R = N*G ranks on one GPU: fused and plain EP, 0 wrong (matrix)") {
+TEST_CASE("local transport: shared expert inside fused and EP (moe_tp 1, 2, G), 0 wrong") {
+  constexpr int kShapes[][2] = {{1, 2}, {2, 2}, {2, 4}, {4, 2}};
+  int runs = 0, cases = 0;
+  for (const auto& shape : kShapes)
+    for (int E : {8, 64})
+      for (int k : {1, 2, 8})
+        for (RoutingKind kind : test::kAllRoutings) {
+          const Case c{shape[0], shape[1], E, k, kind, 3 * shape[1]};
+          CAPTURE(c.str());
+          gpu::LocalTransport tr(c.N * c.G);
+          runs += check_shared_case(c, tr, 3000017ull * (++cases));
+        }
+  MESSAGE("shared-expert cases ", cases, ", GPU steps ", runs);
+  CHECK(cases == 4 * 2 * 3 * 5);
+}
+
+TEST_CASE("local transport, R = N*G ranks on one GPU: fused, plain EP and EP x TP, 0 wrong (matrix)") {
   constexpr int kShapes[][2] = {{1, 2}, {2, 2}, {2, 4}, {4, 2}};
   int runs = 0, cases = 0;
   for (const auto& shape : kShapes)
@@ -266,7 +369,7 @@ TEST_CASE("bf16 communication only: zero partial sums combine to zero rows, ever
 #else
 
 #if MIXSERVE_HAVE_NCCL
-TEST_CASE("NCCL transport, one rank per GPU: fused and plain EP, 0 wrong") {
+TEST_CASE("NCCL transport, one rank per GPU: fused, plain EP and EP x TP, 0 wrong") {
   const int g = gpu::device_count_or_zero();
   REQUIRE(g >= 2);
   const int P = g >= 8 ? 8 : g >= 4 ? 4 : 2;
@@ -286,6 +389,7 @@ TEST_CASE("NCCL transport, one rank per GPU: fused and plain EP, 0 wrong") {
           const Case c{N, G, E, k, kind, 3 * G};
           CAPTURE(c.str());
           check_case(c, tr, 1000003ull * (++cases));
+          check_shared_case(c, tr, 3000017ull * cases);
         }
   }
   MESSAGE("NCCL cases ", cases, " on ", P, " GPUs");

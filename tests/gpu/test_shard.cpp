@@ -90,7 +90,12 @@ TEST_CASE("shards tile every dimension once per group, for every planner layout 
             if (info.moe_tp_rank == 0) ++experts[std::size_t(e)];
           if (info.moe_ep_rank == 0)
             for (int64_t i = d.inter0; i < d.inter0 + d.inter; ++i) ++inter[std::size_t(i)];
-          if (sh.shared_expert)
+          // The shared expert: once per stage in the moe_mode exchange (EP index 0 adds it, the
+          // exchange sums over the stage); under a schedule once per EP index (every moe-TP
+          // group runs it on its own tokens, the schedule's reduce-scatter sums the group).
+          CHECK(sh.shared_expert == (sh.moe_sched != gpu::MoeSched::none || info.moe_ep_rank == 0));
+          // Its width tiles once over the moe-TP group (counted on EP index 0).
+          if (info.moe_ep_rank == 0)
             for (int64_t i = d.shared0; i < d.shared0 + d.shared; ++i) ++shared[std::size_t(i)];
           if (info.attn_dp_rank == 0)
             for (int64_t i = d.dense0; i < d.dense0 + d.dense; ++i) ++dense[std::size_t(i)];
@@ -297,7 +302,7 @@ sim::ReplicaRouting routing_of(int n, int k, int E, int seed) {
 }  // namespace
 
 TEST_CASE("scheduled MoE: which plans run by schedule") {
-  const ModelSpec shared = tiny();                          // a shared expert: the moe_mode exchange
+  const ModelSpec shared = tiny();                          // a shared expert (Qwen2-MoE)
   const ModelSpec plain = tiny("Qwen3MoeForCausalLM");      // no shared expert
   auto layout = [](int atp, int adp, int mtp, int mep, MoeComm c) {
     Layout l;
@@ -306,17 +311,38 @@ TEST_CASE("scheduled MoE: which plans run by schedule") {
   };
   CHECK(gpu::moe_sched_for(layout(1, 4, 1, 4, MoeComm::nccl_a2a), plain) == gpu::MoeSched::ep);
   CHECK(gpu::moe_sched_for(layout(2, 2, 1, 4, MoeComm::nccl_a2a), plain) == gpu::MoeSched::ep);
-  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::nccl_a2a), plain) == gpu::MoeSched::none);
+  // a2a with TP inside the experts: the EP schedule with the moe-TP all-gather / reduce-scatter.
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::nccl_a2a), plain) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(1, 4, 2, 2, MoeComm::nccl_a2a), plain) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(4, 1, 2, 2, MoeComm::nccl_a2a), plain) == gpu::MoeSched::ep);
   CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::fused), plain) == gpu::MoeSched::fused);
   CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::rs_a2a_ag), plain) == gpu::MoeSched::rs_a2a_ag);
   CHECK(gpu::moe_sched_for(layout(4, 1, 4, 1, MoeComm::tp_allreduce), plain) == gpu::MoeSched::none);
-  CHECK(gpu::moe_sched_for(layout(1, 4, 1, 4, MoeComm::nccl_a2a), shared) == gpu::MoeSched::none);
-  // Every planner layout: the shard carries the layout's schedule.
+  // A shared expert runs inside the schedules (on each moe-TP group's own tokens).
+  CHECK(gpu::moe_sched_for(layout(1, 4, 1, 4, MoeComm::nccl_a2a), shared) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::nccl_a2a), shared) == gpu::MoeSched::ep);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::fused), shared) == gpu::MoeSched::fused);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::rs_a2a_ag), shared) == gpu::MoeSched::rs_a2a_ag);
+  CHECK(gpu::moe_sched_for(layout(2, 2, 2, 2, MoeComm::tp_allreduce), shared) == gpu::MoeSched::none);
+  // Every planner layout: the shard carries the layout's schedule, and every layout whose plan
+  // says a2a, fused or rs-a2a-ag (with an EP degree > 1 and a stage of > 1 rank) has one, with
+  // and without a shared expert.
+  for (const ModelSpec* m : {&plain, &shared})
   for (int R : {2, 4, 8})
     for (const Layout& l : planner::enumerate_layouts(R)) {
-      if (l.pp > plain.num_layers) continue;
-      const auto rm = build_rank_map(cluster_of(R), plain, l);
-      for (const auto& info : rm) CHECK(shard_for_rank(l, info, plain).moe_sched == gpu::moe_sched_for(l, plain));
+      if (l.pp > m->num_layers) continue;
+      CAPTURE(l.name());
+      const auto rm = build_rank_map(cluster_of(R), *m, l);
+      for (const auto& info : rm) CHECK(shard_for_rank(l, info, *m).moe_sched == gpu::moe_sched_for(l, *m));
+      const gpu::MoeSched got = gpu::moe_sched_for(l, *m);
+      if (l.moe_comm == MoeComm::tp_allreduce || l.stage_size() == 1) {
+        CHECK(got == gpu::MoeSched::none);
+      } else {
+        const gpu::MoeSched want = l.moe_comm == MoeComm::nccl_a2a ? gpu::MoeSched::ep
+                                   : l.moe_comm == MoeComm::fused  ? gpu::MoeSched::fused
+                                                                   : gpu::MoeSched::rs_a2a_ag;
+        CHECK(got == want);
+      }
     }
 }
 
@@ -403,6 +429,28 @@ TEST_CASE("scheduled MoE: the expert slots carry every (row, expert) pair of the
     rows += sl.rows;
   }
   CHECK(rows == int64_t(pairs));
+  // EP with moe_tp 2 (EP 4, 4 local experts): every member of an EP index runs the index's
+  // gathered rows (both members' received rows, member order), the same slots on both.
+  g.moe_tp = 2, g.moe_ep = 4;
+  const auto et = sim::build_ep_schedule(g, rt, sim::EpSource::split);
+  int64_t tp_rows = 0;
+  for (int r = 0; r < 8; ++r) {
+    const auto sl = gpu::ep_expert_slots(et, r);
+    CHECK(sl.k == 1);
+    const int base = r - r % 2;
+    REQUIRE(sl.rows == et.ranks[std::size_t(base)].recv_rows() + et.ranks[std::size_t(base + 1)].recv_rows());
+    CHECK(sl.ids == gpu::ep_expert_slots(et, base).ids);
+    std::size_t i = 0;
+    for (int u = base; u < base + 2; ++u) {
+      CHECK(et.ranks[std::size_t(u)].gather_begin == int64_t(i));
+      for (int src = 0; src < 8; ++src)
+        for (int e = 0; e < 4; ++e)
+          for (int64_t c = 0; c < et.ranks[std::size_t(u)].recv_counts[std::size_t(src * 4 + e)]; ++c, ++i)
+            CHECK(sl.ids[i] == e);
+    }
+    if (r % 2 == 0) tp_rows += sl.rows;
+  }
+  CHECK(tp_rows == int64_t(pairs));
   // The bytes a rank moves by the schedule: the summed rounds (+ the final all-gather, fused).
   const auto b = gpu::schedule_bytes(es, 0);
   CHECK(b.dispatch == es.ranks[0].dispatch_bytes.inter_bytes + es.ranks[0].dispatch_bytes.intra_bytes);

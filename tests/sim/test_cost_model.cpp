@@ -316,3 +316,46 @@ TEST_CASE("analytic metrics: queueing, saturation and the offered-load cap") {
     CHECK(std::isinf(analytic_metrics(*cm, l, w, lim).ttft_ms));
   }
 }
+
+TEST_CASE("graphed decode steps: each launch costs the profile's graph saving less, only where the executor graphs") {
+  // Qwen3-235B-like (top-8), one GPU: the executor graphs decode-only steps of at most
+  // kDeviceGemvMaxRows routed rows (core/decode_path.hpp decode_step_graphed).
+  const ModelSpec m = test::qwen3_235b();
+  HardwareProfile p = test::h200_datasheet(3.0);
+  const ClusterSpec c1 = test::h200_cluster(1, 1);
+  const Layout one = test::layout(1, 1, 1, 1, 1, MoeComm::tp_allreduce);
+  auto plain = make_cost_model("mixserve", m, c1, p, one, {});  // no graph_launch in the profile
+  p.graph_launch = {4.0, 5.0, 1.5, 64, 0, 0, "test"};           // saving 2.5 us per launch
+  auto graphed = make_cost_model("mixserve", m, c1, p, one, {});
+  CostModelOptions eager_opt;
+  eager_opt.decode_graphs = false;
+  auto eager = make_cost_model("mixserve", m, c1, p, one, eager_opt);
+
+  const auto d1 = decode_batch(1, 1, 512);
+  const StepCost a = plain->step(d1, false), g = graphed->step(d1, true);
+  REQUIRE(a.launches > 0);
+  CHECK(g.launches == a.launches);
+  CHECK(g.time_us == doctest::Approx(a.time_us - 2.5 * a.launches));
+  double sum = 0, overlap = 0;
+  for (const OpCost& o : g.ops) {
+    sum += o.time_us;
+    if (o.op == "graph.launch_overlap") overlap = o.time_us;
+  }
+  CHECK(overlap == doctest::Approx(-2.5 * a.launches));
+  CHECK(sum == doctest::Approx(g.time_us).epsilon(1e-9));
+  // --no-cuda-graph, a prefill step, and a decode step above the GEMV's rows (65 x 8 > 512) run
+  // eagerly: the tables' times as they are.
+  CHECK(eager->step(d1, false).time_us == doctest::Approx(a.time_us));
+  const auto pf = prefill_batch(1, 256);
+  CHECK(graphed->step(pf, false).time_us == doctest::Approx(plain->step(pf, false).time_us));
+  const auto d65 = decode_batch(1, 65, 512), d64 = decode_batch(1, 64, 512);
+  CHECK(graphed->step(d65, false).time_us == doctest::Approx(plain->step(d65, false).time_us));
+  CHECK(graphed->step(d64, false).time_us < plain->step(d64, false).time_us);
+  // A sharded layout's decode runs eagerly (multi-rank decode steps are not graphed).
+  const ClusterSpec c2 = test::h200_cluster(1, 2);
+  const Layout tp2 = test::layout(2, 1, 2, 1, 1, MoeComm::tp_allreduce);
+  HardwareProfile none = p;
+  none.graph_launch = {};
+  CHECK(make_cost_model("mixserve", m, c2, p, tp2, {})->step(d1, false).time_us ==
+        doctest::Approx(make_cost_model("mixserve", m, c2, none, tp2, {})->step(d1, false).time_us));
+}

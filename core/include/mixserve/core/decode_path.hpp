@@ -66,6 +66,17 @@ inline constexpr int permute_launches(bool decode_kernels, int64_t pairs) {
   return pairs == 0 ? 0 : (decode_kernels && pairs <= kPermuteSingleLaunchMaxPairsCore ? 1 : 4);
 }
 
+// Decode-only steps that the benchmarks (offline and online) run as a CUDA graph, with CUDA graphs
+// on (the default; --no-cuda-graph turns them off) and the automatic expert path: an unsharded
+// model (multi-rank decode steps run eagerly), and either no MoE layer or at most `max_rows`
+// routed rows (tokens x top_k; the device GEMV's bound, executor/graph.hpp
+// decode_step_graphable). The cost model takes the profile's per-launch graph saving off such
+// steps (HardwareProfile::graph_launch).
+inline constexpr bool decode_step_graphed(bool cuda_graphs, bool sharded, bool has_moe, int64_t tokens, int top_k,
+                                          int64_t max_rows = kDeviceGemvMaxRows) {
+  return cuda_graphs && !sharded && tokens > 0 && (!has_moe || tokens * top_k <= max_rows);
+}
+
 // Tags of the profile's GEMV tables (HardwareProfile::gemv rows' `impl`, and the
 // ExpertGemmPoint::distribution prefix of the grouped GEMV v2, mixserve-profile gemv):
 //   "gemv"        - launch_gemv, bf16 out (q|k|v fused with bias, o_proj, FFN gate|up);

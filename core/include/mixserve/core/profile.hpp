@@ -104,6 +104,30 @@ struct HostOverhead {
   std::string measured_with;   // the command, device and date
 };
 
+// Kernels back to back inside a CUDA graph (a decode step's graph: programmatic dependent launch,
+// no events between them) cost less each than one kernel timed alone, as every table point is:
+// the launch and the ramp of the next kernel overlap the tail of the previous one. Measured by
+// mixserve-profile gemv: a minimal kernel (an RMSNorm of one 2048-wide row) alone as a graph of one
+// launch (as the GEMV and expert GEMV points are timed) and eagerly (as the elementwise points
+// are), and per kernel in a graph of `chain_kernels` back-to-back launches; and, as a decode step
+// alternates its norms with weight-streaming kernels, a 16 MiB GEMV alone and norm+GEMV pairs back
+// to back (mixed_chain_us per kernel). The cost model takes saving_us() off each launch of a step
+// the executor runs as a graph (core/decode_path.hpp decode_step_graphed): the pairs' saving when
+// measured, else the norm's. Absent (chain_kernels 0): no saving.
+struct GraphLaunch {
+  double alone_graph_us = 0, alone_eager_us = 0, chain_us = 0;
+  int chain_kernels = 0;
+  double alone_gemv_us = 0, mixed_chain_us = 0;  // 0: not measured (older profiles)
+  std::string measured_with;  // the command, device and date
+  double saving_us() const {
+    if (chain_kernels <= 0) return 0;
+    const double norm = alone_graph_us < alone_eager_us ? alone_graph_us : alone_eager_us;
+    const double s = (alone_gemv_us > 0 && mixed_chain_us > 0) ? (norm + alone_gemv_us) / 2 - mixed_chain_us
+                                                                : norm - chain_us;
+    return s > 0 ? s : 0;
+  }
+};
+
 struct HardwareProfile {
   int version = 1;
   std::string name;                  // "h200-datasheet", "h200"
@@ -127,6 +151,7 @@ struct HardwareProfile {
   std::vector<AttentionPoint> attention;
   std::vector<CollectivePoint> collectives;
   HostOverhead host_overhead;        // host_overhead {step_us, steps, measured_with}; optional
+  GraphLaunch graph_launch;          // graph_launch {alone_graph_us, ...}; optional
   std::map<std::string, std::string> versions;  // driver, cuda, cublas, nccl
   std::string measured_on;           // host / date
   std::string notes;                 // e.g. "collectives are alpha-beta until measured"

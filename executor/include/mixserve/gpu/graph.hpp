@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/model.hpp"
 #include "mixserve/gpu/check.hpp"
 #include "mixserve/gpu/model_forward.hpp"
@@ -21,7 +22,8 @@ inline bool decode_step_graphable(const ModelSpec& m, const GpuModelConfig& gc, 
     case ExpertPath::grouped_gemm: return true;
     case ExpertPath::automatic: break;
   }
-  return tokens * m.moe.top_k <= gc.device_gemv_max_rows;
+  // The rule the cost model reads (core/decode_path.hpp); this process's model is unsharded here.
+  return decode_step_graphed(true, false, true, tokens, m.moe.top_k, gc.device_gemv_max_rows);
 }
 
 // One executable graph, re-captured per step: capture() records `enqueue` on `s` and updates the

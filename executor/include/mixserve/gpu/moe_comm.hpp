@@ -10,9 +10,13 @@
 // of each combine round (the inter stream waits on its event before the rail send) and the final
 // all-gather after the last scatter-add. Received rows are kept slice-major per dispatch block
 // ([T][rows_i][h/T], moe_pack.cuh) so every all-gather / reduce-scatter is one contiguous call.
-// EpMoeComm — plain EP (MoeComm::nccl_a2a): counts exchanged (one round, then a host sync that
-// sizes the receives and checks them against the schedule), one grouped send/recv of the
-// (token, expert) rows, the experts, the rows sent back, the weighted combine at home and, for
+// EpMoeComm — EP by all-to-all (MoeComm::nccl_a2a, any moe_tp): counts exchanged (one round,
+// then a host sync that sizes the receives and checks them against the schedule), one grouped
+// send/recv of the (token, expert) rows, with moe_tp > 1 the all-gather of the received rows
+// over the EP index's members (one grouped send/recv: the pieces are uneven), the experts (the
+// member's TP slice), with moe_tp > 1 the reduce-scatter of their partial sums (moe_tp - 1
+// grouped send/recv rounds, each followed by a sum), the rows sent back, the weighted combine at
+// home and, for
 // EpSource::split, an all-gather of the combined rows in the attention replica (grouped
 // send/recv: the ranks' token ranges are uneven).
 // Buffers are preallocated at construction from the capacity bounds (fused_capacity_rows,
@@ -105,9 +109,10 @@ class EpMoeComm {
   void* input(int rank) const;   // [n_replica, hidden]
   void* output(int rank) const;  // [n_replica, hidden]; split: full after combine's all-gather
   int64_t num_tokens(int rank) const;
-  // The expert side of rank r: after dispatch, received(r) holds its recv_rows() rows
-  // [rows, hidden] row-major, by (source rank, local expert); before combine, expert_out(r) must
-  // hold each row's expert output, unweighted (the weights are applied at home), same layout.
+  // The expert side of rank r: after dispatch, received(r) holds the EP index's gather_rows
+  // rows [rows, hidden] row-major, by (member, source rank, local expert) (moe_tp 1: its own
+  // recv_rows()); before combine, expert_out(r) must hold each row's expert output of the
+  // rank's TP slice, unweighted (the weights are applied at home), same layout.
   void* received(int rank) const;
   void* expert_out(int rank) const;
   const sim::EpSchedule* schedule() const { return s_; }
@@ -115,7 +120,7 @@ class EpMoeComm {
   void join(std::span<const cudaStream_t> main);
 
   // Counts round, host sync (RuntimeError when the exchanged counts differ from the
-  // schedule's), pack and the grouped send/recv of the rows.
+  // schedule's), pack and the grouped send/recv of the rows, the moe-TP all-gather.
   void dispatch();
   void toy_experts();  // f64 only
   void combine();

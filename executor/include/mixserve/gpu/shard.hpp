@@ -48,10 +48,12 @@ namespace mixserve::gpu {
 enum class MoeMode { none, replicated, gathered };
 
 // The plan's MoE communication run by schedule (docs/distributed.md, docs/moe-comm.md), in place
-// of the moe_mode exchange above: `ep` the plain EP dispatch/combine (a2a: counts exchanged, then
-// grouped send/recv; EpSource::split), `fused` MixServe's AG-Dispatch / RS-Combine, `rs_a2a_ag`
-// the same schedule without overlap. `none`: the moe_mode exchange (plans with `allreduce`, and
-// the layouts the schedules do not cover: a2a with moe_tp > 1, a model with a shared expert).
+// of the moe_mode exchange above: `ep` the EP dispatch/combine (a2a: counts exchanged, then
+// grouped send/recv; EpSource::split; with moe_tp > 1 the all-gather / reduce-scatter over the
+// EP index's members around the experts), `fused` MixServe's AG-Dispatch / RS-Combine,
+// `rs_a2a_ag` the same schedule without overlap; a shared expert runs on the group's own tokens
+// inside them (ExpertSlots / MoeExpertRows::shared_rows). `none`: the moe_mode exchange (plans
+// with `allreduce`, TP-only stages).
 enum class MoeSched { none, ep, fused, rs_a2a_ag };
 const char* to_string(MoeSched s);
 MoeSched moe_sched_for(const Layout& l, const ModelSpec& m);
@@ -61,7 +63,9 @@ struct ShardSpec {
   int moe_tp = 1, moe_rank = 0;
   int expert_begin = 0, expert_end = -1;  // -1: every expert
   int layer_begin = 0, layer_end = -1;    // -1: every layer
-  bool shared_expert = true;              // this rank adds (its shard of) the shared expert
+  bool shared_expert = true;              // this rank adds (its shard of) the shared expert:
+                                          // EP index 0 in the moe_mode exchange, every rank
+                                          // under a schedule
   MoeMode moe_mode = MoeMode::none;
   MoeSched moe_sched = MoeSched::none;    // the plan's MoE communication by schedule
   int stage_size = 1;                     // ranks of the pipeline stage (MoE group)
@@ -115,13 +119,15 @@ std::vector<sim::ReplicaRouting> unpack_routing(std::span<const int32_t> gathere
 
 // The expert step of the received rows as the forward's permute / experts / combine take it:
 // per row k slots of a local expert id (-1: empty) and a weight. Fused: the group's pairs
-// (ExpertSide, k = top_k, weights applied on the expert side); EP: one unweighted slot per row
-// (k = 1, the weights are applied at home). RuntimeError if a row has more than k pairs.
+// (ExpertSide, k = top_k, weights applied on the expert side); EP: the EP index's gathered rows
+// (EpRankPlan::gather_rows), one unweighted slot per row (k = 1, the weights are applied at
+// home), none (-1) on the leading shared-expert rows. RuntimeError if a row has more than k pairs.
 struct ExpertSlots {
   int k = 1;
   int64_t rows = 0;
   std::vector<int32_t> ids;     // [rows * k]
   std::vector<float> weights;   // [rows * k]
+  int64_t shared_rows = 0;      // leading rows that also get the shared expert (StageMoe sets it)
 };
 ExpertSlots fused_expert_slots(const sim::ExpertSide& xs, int top_k);
 ExpertSlots ep_expert_slots(const sim::EpSchedule& s, int rank);
@@ -203,6 +209,10 @@ struct MoeExpertRows {
   int k = 1;
   const int32_t* ids = nullptr;      // [rows * k] local expert ids, -1 empty
   const float* weights = nullptr;    // [rows * k]
+  // The leading rows [0, shared_rows) also get the rank's TP slice of the shared expert (with
+  // its gate): the tokens its moe-TP group owns (fused: expert-side block 0, every token of the
+  // replica; EP: the members' source tokens). 0 without a shared expert.
+  int64_t shared_rows = 0;
 };
 
 enum class CommGroup { attn_tp, stage };

@@ -24,9 +24,13 @@
 //    Tokens with several experts in one group cross the rail once each way: the group's top-k
 //    weights are applied on the expert side when the (token, expert) outputs are folded back
 //    into the token's row (ExpertSide::row_pair_*), before the reduce-scatter.
-//  * EpSchedule — plain EP (MoeComm::nccl_a2a, moe_tp == 1, moe_ep == P): per-expert counts
-//    exchanged, then one grouped send/recv over the EP group of (token, expert) rows, full h,
-//    no dedup; combine sends the rows back and the home rank scatter-adds w * row.
+//  * EpSchedule — EP by all-to-all (MoeComm::nccl_a2a, any moe_tp, moe_tp * moe_ep == P):
+//    per-expert counts exchanged, then one grouped send/recv over the EP group of (token,
+//    expert) rows, full h, no dedup: rank (e, m) = e * moe_tp + m sends the rows for the
+//    experts of EP index d to rank (d, m). With moe_tp > 1 the members (e, 0..moe_tp-1) of an
+//    EP index all-gather what each received, every member runs its 1/moe_tp TP slice of the
+//    experts on all of them, a reduce-scatter returns member m the summed rows it received;
+//    combine sends the rows back and the home rank scatter-adds w * row.
 #pragma once
 #include <cstdint>
 #include <span>
@@ -47,6 +51,12 @@ struct CommGeometry {
   int num_experts = 1, top_k = 1;
   int hidden = 1;             // elements per token row
   double elem_bytes = 2;      // bytes per element on the wire (activation dtype)
+  // The model has a shared expert, TP-sharded over moe_tp like the routed ones: every rank
+  // computes its TP slice of it on the tokens its moe-TP group owns, and the schedule's
+  // reduce-scatter sums the slices. Fused: route(q -> q) holds every token of replica q (block 0
+  // of the expert side is the whole replica). EP: the EP index's gathered rows start with its
+  // members' source tokens (EpRankPlan::shared_*).
+  bool shared_expert = false;
 
   int node_of(int rank) const { return rank / gpus_per_node; }
   // Experts owned by one EP index (a group of moe_tp ranks).
@@ -132,7 +142,8 @@ struct FusedSchedule {
   int group_size = 1;         // T = moe_tp
   int slice_elems = 1;        // h / T
   // route[s * Q + d]: ascending distinct token indices of replica s with at least one expert in
-  // group d. The rows of every transfer between s and d, in this order, both ways.
+  // group d. The rows of every transfer between s and d, in this order, both ways. With a shared
+  // expert, route(q -> q) is every token of replica q (its shared expert runs in group q).
   std::vector<std::vector<int32_t>> route;
   std::vector<ExpertSide> expert_side;        // [Q]
   std::vector<std::vector<FusedStep>> steps;  // [num_ranks][Q], steps[r][i].round == i
@@ -161,7 +172,7 @@ FusedSchedule build_fused_schedule(const CommGeometry& geo,
 // the preallocation bound of the receive and partial-sum buffers, [rows, hidden].
 int64_t fused_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica);
 
-// ----------------------------------------------------------------------------- plain EP
+// ----------------------------------------------------------------------------- EP (all-to-all)
 
 // How the tokens of an attention replica (replicated on its attn_tp ranks) enter the A2A.
 enum class EpSource {
@@ -178,12 +189,32 @@ struct EpRankPlan {
   std::vector<int64_t> send_offset;      // [P + 1] rows for rank d: [send_offset[d], send_offset[d+1])
   std::vector<int32_t> send_token;       // [rows] token index in the replica
   std::vector<int32_t> send_slot;        // [rows] top-k slot (expert id and weight)
-  // Counts exchanged first: rows for (dest rank d, local expert e) at d * (E/P) + e.
+  // Counts exchanged first: rows for (dest rank d, local expert e) at d * (E/moe_ep) + e
+  // (zero for a d of another moe-TP index). Below E/P stands for E/moe_ep.
   std::vector<int64_t> send_counts;      // [P * E/P]
   std::vector<int64_t> recv_counts;      // [P * E/P]: rows from (source s, local expert e)
   int64_t recv_rows() const;
-  RankRoundBytes dispatch_bytes;         // rows * hidden * elem_bytes to each peer, by domain
-  RankRoundBytes combine_bytes;          // the rows back (+ the final all-gather when split)
+  // The EP index's rows after the moe-TP all-gather, [gather_rows, hidden]: with a shared
+  // expert first the members' source tokens (member 0's [token_begin, token_end), then member
+  // 1's, ...; this rank's at shared_begin, shared_rows of them; total shared_total), then the
+  // received rows of member 0, member 1, ...; this rank's own at [gather_begin, gather_begin +
+  // recv_rows()). Without a shared expert shared_total = 0; moe_tp == 1: shared rows (if any)
+  // then recv_rows().
+  int64_t shared_begin = 0;
+  int64_t shared_rows = 0;   // token_end - token_begin with a shared expert, else 0
+  int64_t shared_total = 0;
+  int64_t gather_begin = 0;
+  int64_t gather_rows = 0;
+  // Sent bytes, by domain (node of the peer):
+  //   dispatch: the rows to each EP peer (rows * hidden * elem_bytes), then the all-gather of
+  //     this rank's received rows to each of the moe_tp - 1 other members, and of its source
+  //     tokens (shared expert) to the members of other attention replicas (those of its own
+  //     replica hold them already);
+  //   combine: the reduce-scatter (each other member u gets this rank's partial sums of u's
+  //     received rows and, shared expert, of u's source tokens), the rows back to their
+  //     sources, the split source's final all-gather.
+  RankRoundBytes dispatch_bytes;
+  RankRoundBytes combine_bytes;
 };
 
 struct EpSchedule {
@@ -193,14 +224,18 @@ struct EpSchedule {
   RoundBytesSummary dispatch, combine;   // one grouped send/recv each
 };
 
-// Requires moe_tp == 1, moe_ep == attn_tp * attn_dp == num_ranks, E % P == 0;
+// Requires moe_tp * moe_ep == attn_tp * attn_dp == num_ranks, E % moe_ep == 0;
 // routing.size() == attn_dp. Throws InputError otherwise.
+// Members of a moe-TP group and EP peers of rank r: ranks (r / moe_tp) * moe_tp + u and
+// d * moe_tp + r % moe_tp (the rank map of core/layout.cpp).
 EpSchedule build_ep_schedule(const CommGeometry& geo, std::span<const ReplicaRouting> routing,
                              EpSource source = EpSource::split);
 
-// Rows one rank must be able to receive in the EP dispatch (and hold for the combine) for a
-// step of at most `max_tokens_per_replica` tokens per replica: every source token sends
-// min(top_k, E/P) rows to it; `replicated` multiplies by attn_tp. [rows, hidden].
+// Rows one rank must be able to receive in the EP dispatch and hold after the moe-TP
+// all-gather (and for the combine) for a step of at most `max_tokens_per_replica` tokens per
+// replica: every source token sends min(top_k, E/moe_ep) rows to its EP index;
+// `replicated` multiplies by attn_tp; a shared expert adds moe_tp * max_tokens_per_replica (the
+// members' source tokens). [rows, hidden].
 int64_t ep_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_replica,
                          EpSource source = EpSource::split);
 

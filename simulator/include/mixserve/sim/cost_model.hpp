@@ -81,6 +81,10 @@ struct CostModelOptions {
   // The executor's device greedy sampling (StepOptions::greedy): one argmax launch over the
   // logits rows after the LM head. false: not counted (the logits are copied back instead).
   bool device_greedy = false;
+  // The executor's CUDA graphs of decode-only steps (core/decode_path.hpp decode_step_graphed):
+  // such a step's launches each cost the profile's graph_launch.saving_us() less than their table
+  // points (timed alone). false: every step as the tables time it (--no-cuda-graph).
+  bool decode_graphs = true;
   bool want_breakdown = false;
 };
 

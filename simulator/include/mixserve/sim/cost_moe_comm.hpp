@@ -20,6 +20,25 @@ struct FusedRoundBytes {
 FusedRoundBytes fused_round_bytes(double group_tokens, int hidden, double act_bytes,
                                   int num_experts, int top_k, int moe_tp, int moe_ep, bool dedup);
 
+// What the step-cost model costs for MoeComm::nccl_a2a (the EpSchedule of comm_schedule.hpp,
+// split source), each a buffer size in bytes handed to a collective of the op timer (a member
+// of T sends (T-1)/T of it):
+//   a2a_bytes  — all-to-all over the EP group, max(send, receive) rows x row bytes; a rank
+//                dispatches group_tokens / moe_tp tokens x top_k rows (its 1/attn_tp share of
+//                its replica) and receives ep_index_rows / moe_tp;
+//   tp_ag_bytes, tp_rs_bytes — moe_tp > 1: all-gather / reduce-scatter over the moe-TP group of
+//                the EP index's rows; a shared expert adds the group's tokens to the
+//                reduce-scatter and, when the group spans attention replicas (moe_tp >
+//                attn_tp), a (moe_tp - attn_tp) / (moe_tp - 1) share of them to the all-gather
+//                (the members of a token's own replica hold it already);
+//   final_ag_bytes — attn_tp > 1: all-gather over attention TP of the replica's combined rows.
+struct EpA2aBytes {
+  double send_rows = 0, recv_rows = 0;
+  double a2a_bytes = 0, tp_ag_bytes = 0, tp_rs_bytes = 0, final_ag_bytes = 0;
+};
+EpA2aBytes ep_a2a_bytes(double group_tokens, double replica_tokens, double ep_index_rows, int hidden,
+                        double act_bytes, int top_k, int moe_tp, int attn_tp, bool shared_expert);
+
 // Fused AG-Dispatch on two streams. Inter stream: p2p[0..n) back to back. Intra stream: an
 // optional all-gather of the group's own tokens (local_ag_us, needs nothing), then gather[i]
 // once p2p[i] has arrived and gather[i-1] is done. Returns the time the last gather ends:

@@ -26,10 +26,11 @@ void toy_expert_full(int expert, std::span<const double> x, std::span<double> y)
 void toy_expert_partial_add(int expert, int tp_rank, int tp, std::span<const double> x,
                             double scale, std::span<double> y);
 
-// Single-device reference: y[tok] = sum over its top-k slots (id >= 0) of w * f_id(x[tok]).
-// x, result: [num_tokens, hidden].
+// Single-device reference: y[tok] = sum over its top-k slots (id >= 0) of w * f_id(x[tok]),
+// plus f_{shared_expert}(x[tok]) when shared_expert >= 0 (the executors' shared expert is toy
+// expert num_experts, weight 1, when geo.shared_expert). x, result: [num_tokens, hidden].
 std::vector<double> reference_moe(const ReplicaRouting& routing, int top_k, int hidden,
-                                  std::span<const double> x);
+                                  std::span<const double> x, int shared_expert = -1);
 
 struct HostExecResult {
   // Per rank: the MoE output rows of its attention replica as the next layer sees them,
@@ -48,6 +49,8 @@ struct HostExecResult {
 HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const ReplicaRouting> routing,
                                  std::span<const std::vector<double>> inputs,
                                  double timeout_s = 60);
+// EP with moe_tp > 1: the moe-TP all-gather is booked in dispatch_bytes, its reduce-scatter in
+// combine_bytes (round 0 of both, as the schedule's EpRankPlan books them).
 HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRouting> routing,
                               std::span<const std::vector<double>> inputs, double timeout_s = 60);
 
