@@ -37,6 +37,44 @@ NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
       esac
     done
   done
+  # mixserve-run bench --mpi (one process per rank, ProcessRank over an NCCL world from MPI) with a
+  # 1-rank plan, offline and online: mpirun -np 1 where the host has mpirun, else the MPI singleton
+  # (which needs an Open MPI installation; when it does not start, the case is reported NOT RUN).
+  # Its greedy tokens (online: and its step count) must be those of the plain run: same seeded
+  # weights, both eager; online with 12 requests at once (burst), so the schedule does not depend
+  # on timing.
+  MPIDIR="$(mktemp -d)"
+  LAUNCH=()
+  command -v mpirun > /dev/null && LAUNCH=(mpirun --allow-run-as-root -np 1 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE)
+  printf '%s\n' 'version: 1' 'name: burst-12' 'arrival: {kind: burst}' 'input: {kind: uniform, min: 16, max: 200}' \
+    'output: {kind: uniform, min: 4, max: 24}' 'num_requests: 12' 'seed: 5' > "$MPIDIR/burst.yaml"
+  "$BIN/mixserve-plan" search --model qwen3-30b-a3b --cluster h200-1x1 --workload sharegpt-like \
+    -o "$MPIDIR/one.yaml" > /dev/null || status=1
+  for mode in offline online; do
+    if [ "$mode" = offline ]; then
+      MARGS=(--num-layers 4 --batch 4 --input-len 128 --output-len 16 --warmup 1 --no-cuda-graph)
+      SAME='a["output_ids"]==b["output_ids"] and b["launch"]=="mpi"'
+    else
+      MARGS=(--workload "$MPIDIR/burst.yaml" --num-layers 4 --progress-every 0 --no-cuda-graph)
+      SAME='a["output_ids"]==b["output_ids"] and a["mixserve_num_steps"]==b["mixserve_num_steps"]'
+    fi
+    echo "=== [mpi] mixserve-run bench --mpi, 1-rank plan, $mode (${LAUNCH[*]:-MPI singleton})"
+    rm -f "$MPIDIR/plain.json" "$MPIDIR/mpi.json"
+    timeout 300 "$BIN/mixserve-run" bench --plan "$MPIDIR/one.yaml" "${MARGS[@]}" --json "$MPIDIR/plain.json" ||
+      status=1
+    timeout 300 "${LAUNCH[@]}" "$BIN/mixserve-run" bench --plan "$MPIDIR/one.yaml" "${MARGS[@]}" --mpi \
+      --json "$MPIDIR/mpi.json" 2>&1 | tee "$MPIDIR/mpi.log"
+    # After MPI_Init every message of mixserve-run names "(rank 0 of 1)": without it, MPI did not start.
+    if [ ! -f "$MPIDIR/mpi.json" ] && [ ${#LAUNCH[@]} -eq 0 ] && ! grep -q "(rank 0 of 1)" "$MPIDIR/mpi.log"; then
+      echo "=== [mpi] $mode: NOT RUN (no mpirun on this host and the MPI singleton did not start)"
+    elif [ -f "$MPIDIR/plain.json" ] && [ -f "$MPIDIR/mpi.json" ] &&
+         python3 -c "import json,sys; a,b=(json.load(open(f)) for f in sys.argv[1:]); sys.exit(0 if $SAME else 1)" \
+           "$MPIDIR/plain.json" "$MPIDIR/mpi.json"; then
+      echo "=== [mpi] $mode: PASSED (the plain run's greedy tokens)"
+    else
+      echo "=== [mpi] $mode: FAILED"; status=1
+    fi
+  done
   echo "=== tests: $([ $status -eq 0 ] && echo all passed or skipped || echo FAILURES)"
 } > "$LOGS/tests.log" 2>&1
 tail -n 40 "$LOGS/tests.log" | grep -E "^===|skipped|FAILED|error" | tail -n 20

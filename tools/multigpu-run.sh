@@ -6,8 +6,11 @@
 #      forward), test_gpu_comm, test_gpu_moe_comm_nccl;
 #   2. a distributed offline bench (mixserve-run bench --gpu-per-rank: one process, a thread per
 #      GPU, NCCL) of Qwen3-30B-A3B (first 8 layers, synthetic weights) for the N-GPU layouts
-#      below, next to the 1-GPU plan on GPU 0 as the baseline of the same run, and the same
-#      plans emulated on one GPU (--emulate-ranks) for comparison.
+#      below, next to the 1-GPU plan on GPU 0 as the baseline of the same run, the same plans
+#      emulated on one GPU (--emulate-ranks) for comparison, one process per GPU under mpirun
+#      (--mpi; when the host has mpirun), and the online mode with a GPU per rank and under
+#      mpirun (60 sharegpt-paper requests at 16 req/s); then mpirun of one process too many,
+#      which every rank must refuse.
 # Usage: tools/multigpu-run.sh <bundle-dir> <log-dir>
 # Logs: tests.log, bench.log, bench-*.json (the last ones dropped past 8 files). Exit 1 on a
 # failed test or bench. It has not run yet: only 1-GPU machines were lent (docs/distributed.md).
@@ -65,8 +68,31 @@ ARGS=(--num-layers 8 --batch 16 --input-len 512 --output-len 32 --warmup 1)
       --json "$LOGS/bench-$i-nccl.json" || status=1
     echo "=== bench $L: emulated on one GPU"
     timeout 300 "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" "${ARGS[@]}" --emulate-ranks || status=1
+    if command -v mpirun > /dev/null; then
+      echo "=== bench $L: one process per GPU (mpirun -np $P --mpi)"
+      timeout 300 mpirun --allow-run-as-root -np "$P" -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE \
+        "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" "${ARGS[@]}" --mpi --json "$LOGS/bench-$i-mpi.json" ||
+        status=1
+    else
+      echo "=== bench $L: no mpirun on this host: --mpi not run"
+    fi
+    OARGS=(--workload sharegpt-paper --num-requests 60 --request-rate 16 --num-layers 8 --progress-every 0)
+    echo "=== online $L: a GPU per rank (NCCL), one scheduler per attention-DP replica"
+    timeout 300 "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" "${OARGS[@]}" --gpu-per-rank || status=1
+    if command -v mpirun > /dev/null; then
+      echo "=== online $L: one process per GPU (mpirun -np $P --mpi)"
+      timeout 300 mpirun --allow-run-as-root -np "$P" -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE \
+        "$BIN/mixserve-run" bench --plan "$PLANS/p$i.yaml" "${OARGS[@]}" --mpi || status=1
+    fi
   done
+  # A launch of the wrong size is refused by every rank before any device work.
+  if command -v mpirun > /dev/null; then
+    echo "=== mpirun -np $((P + 1)) of a $P-rank plan (must be refused by every rank)"
+    timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$((P + 1))" -x LD_LIBRARY_PATH \
+      "$BIN/mixserve-run" bench --plan "$PLANS/p1.yaml" "${ARGS[@]}" --mpi && status=1
+  fi
 } > "$LOGS/bench.log" 2>&1
-grep -E "^===|^# MoE communication|^Prefill|^Decode\.|^Total|error" "$LOGS/bench.log"
+grep -E "^===|^# MoE communication|^Prefill|^Decode\.|^Total|error|needs .* ranks|Mean TTFT|Mean ITL|Output token throughput" \
+  "$LOGS/bench.log"
 echo "=== multigpu-run: $([ $status -eq 0 ] && echo ok || echo FAILURES)"
 exit $status

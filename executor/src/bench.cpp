@@ -1,10 +1,13 @@
 // Offline one-batch benchmark on one GPU with the simulator's prediction per step (bench.hpp).
 #include "mixserve/gpu/bench.hpp"
+#include "mixserve/gpu/bench_mpi.hpp"
 
 #include <algorithm>
 #include <cctype>
+#include <cstdlib>
 #include <chrono>
 #include <cmath>
+#include <exception>
 #include <memory>
 #include <random>
 #include <span>
@@ -122,19 +125,13 @@ int32_t argmax_row(const float* row, int64_t vocab) {
   return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
 }
 
-struct RunOutput {
-  std::vector<double> step_ms;
-  std::vector<bool> graph;
-  std::vector<std::vector<int32_t>> output_ids;
-};
-
 // One pass of the benchmark: the prefill chunks then the decode steps, every step timed.
-RunOutput run_once(GpuModel& g, const BenchConfig& cfg, const std::vector<StepShape>& shapes, int num_prefill,
+BenchRun run_once(GpuModel& g, const BenchConfig& cfg, const std::vector<StepShape>& shapes, int num_prefill,
                    const std::vector<std::vector<int32_t>>& prompts, bool decode_graph) {
   const int64_t vocab = g.spec().vocab_size;
   const int64_t nb = blocks_per_seq(cfg);
   cudaStream_t s = g.stream();
-  RunOutput out;
+  BenchRun out;
   out.output_ids.assign(std::size_t(cfg.batch), {});
   Event start, stop;
   StepGraph graph;
@@ -185,11 +182,11 @@ RunOutput run_once(GpuModel& g, const BenchConfig& cfg, const std::vector<StepSh
 // The same pass over a multi-GPU plan's ranks emulated on one GPU: sequence s goes to attention-DP
 // replica s % dp; a step is timed on the host from the first rank's enqueue to the last rank's
 // completion (all ranks prepared before).
-RunOutput run_once_ranks(EmulatedRanks& e, const BenchConfig& cfg, const std::vector<StepShape>& shapes,
+BenchRun run_once_ranks(EmulatedRanks& e, const BenchConfig& cfg, const std::vector<StepShape>& shapes,
                          int num_prefill, const std::vector<std::vector<int32_t>>& prompts, int64_t vocab) {
   const int64_t nb = blocks_per_seq(cfg);
   const int dp = e.layout().attn_dp;
-  RunOutput out;
+  BenchRun out;
   out.output_ids.assign(std::size_t(cfg.batch), {});
   for (std::size_t i = 0; i < shapes.size(); ++i) {
     const bool decode = int(i) >= num_prefill;
@@ -253,15 +250,11 @@ void check_single_gpu_plan(const Plan& plan, const std::string& origin, MultiGpu
   const int world = std::max(l.world_size(), plan.cluster.world_size());
   if (world != 1 && multi != MultiGpuPlan::allowed)
     throw InputError(fmt::format(
-        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; {}; or make a plan for a 1-GPU "
-        "cluster, e.g. configs/clusters/h200-1x1.yaml",
+        "{}: the plan's layout '{}' on cluster {} ({} x {} {}) spans {} GPUs; give --emulate-ranks (its ranks as "
+        "logical ranks on this one GPU) or --gpu-per-rank (a GPU per rank, NCCL), or run it under mpirun "
+        "with --mpi (a process per GPU); or make a plan for a 1-GPU cluster, e.g. configs/clusters/h200-1x1.yaml",
         origin, l.name(), plan.cluster.name, plan.cluster.num_nodes, plan.cluster.gpus_per_node,
-        plan.cluster.gpu_model, world,
-        multi == MultiGpuPlan::needs_flag
-            ? "give --emulate-ranks (its ranks as logical ranks on this one GPU) or --gpu-per-rank (a GPU per "
-              "rank, NCCL)"
-            : "this mode runs one GPU: distributed runs are not built yet for it (the offline bench runs "
-              "multi-GPU plans with --emulate-ranks or --gpu-per-rank)"));
+        plan.cluster.gpu_model, world));
   const ModelSpec& m = plan.model;
   auto unsupported = [&](const std::string& what) {
     throw InputError(fmt::format("{}: model '{}' ({}): {} is not supported by the GPU forward; supported: {}", origin,
@@ -286,9 +279,13 @@ void check_single_gpu_plan(const Plan& plan, const std::string& origin, MultiGpu
 
 void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::string& origin) {
   check_single_gpu_plan(plan, origin,
-                        cfg.emulate_ranks || cfg.gpu_per_rank ? MultiGpuPlan::allowed : MultiGpuPlan::needs_flag);
-  if (cfg.emulate_ranks && cfg.gpu_per_rank)
-    throw InputError("--emulate-ranks and --gpu-per-rank exclude each other");
+                        cfg.emulate_ranks || cfg.gpu_per_rank || cfg.process_per_rank ? MultiGpuPlan::allowed
+                                                                                      : MultiGpuPlan::needs_flag);
+  if (int(cfg.emulate_ranks) + int(cfg.gpu_per_rank) + int(cfg.process_per_rank) > 1)
+    throw InputError("--emulate-ranks, --gpu-per-rank and --mpi exclude each other");
+  if (cfg.process_per_rank && !cfg.weights_dir.empty())
+    throw InputError("--weights with --mpi: not built (each process draws its shard's synthetic weights on the "
+                     "device); use --emulate-ranks or --gpu-per-rank with --weights");
   const ModelSpec& m = plan.model;
   auto bad_arg = [&](const char* opt, int64_t v, const std::string& want) {
     throw InputError(fmt::format("{} {}: expected {}", opt, v, want));
@@ -363,6 +360,14 @@ BenchMemory estimate_bench_memory(const ModelSpec& m, const BenchConfig& cfg, in
   return mem;
 }
 
+BenchMemory emulated_ranks_memory(BenchMemory one, const ModelSpec& m, int ranks) {
+  one.weights += double(ranks - 1) * 2.0 *
+                 (2.0 * double(m.vocab_size) * m.hidden_size +
+                  double(m.num_moe_layers()) * m.moe.num_experts * m.hidden_size);
+  one.activations *= ranks;
+  return one;
+}
+
 std::vector<sim::ReplicaBatch> bench_step_batches(const BenchConfig& cfg, int64_t chunk_tokens) {
   int num_prefill = 0;
   const auto shapes = step_shapes(cfg, chunk_tokens, &num_prefill);
@@ -378,75 +383,15 @@ BenchResult run_bench(const std::string& plan_path, const BenchConfig& cfg) {
 }
 
 BenchResult run_bench(const Plan& plan, const std::string& plan_path, const BenchConfig& cfg) {
-  BenchResult r;
-  r.config = cfg;
-  r.plan_path = plan_path;
-  r.plan_sha256 = sha256_hex(plan_to_yaml(plan));
-  r.plan = plan;
-  validate_plan(r.plan, plan_path);
-  check_bench_plan(r.plan, cfg, plan_path);
-  r.model = bench_model(r.plan, cfg);
-  r.prefill_chunk_tokens = effective_chunk(r.plan, cfg);
-  r.ranks = r.plan.chosen.layout.world_size();
-  r.emulated = r.ranks > 1 && !cfg.gpu_per_rank;
-  if (r.ranks > 1)  // the executor's checks of a multi-GPU plan
-    check_plan_for_run(r.plan, r.plan.model,
-                       LaunchShape{r.ranks, cfg.gpu_per_rank ? r.ranks : 1, std::max(device_count_or_zero(), 1)});
-
+  BenchResult r = bench_check(plan, plan_path, cfg);
   const int ndev = device_count_or_zero();
   if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
-  int dev = 0;
-  MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
-  const DeviceInfo info = query_device(dev);
-  r.device_name = info.name;
-  r.device = device_info_json(info);
-  check_device_matches(r.plan, info.name, plan_path);
+  bench_device_check(r, r.emulated ? r.ranks : 1);
 
-  r.memory = estimate_bench_memory(r.model, cfg, r.prefill_chunk_tokens);
-  if (r.emulated) {  // emulated: sharded weights sum to about one model; every rank adds its
-                      // replicated embedding, LM head and routers and its own activations
-    const ModelSpec& m = r.model;
-    r.memory.weights += double(r.ranks - 1) * 2.0 *
-                        (2.0 * double(m.vocab_size) * m.hidden_size +
-                         double(m.num_moe_layers()) * m.moe.num_experts * m.hidden_size);
-    r.memory.activations *= r.ranks;
-  }
-  std::size_t free_b = 0, total_b = 0;
-  MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  r.memory.free_device = double(free_b);
-  if (r.memory.total() > r.memory.free_device)
-    throw InputError(fmt::format(
-        "{}: not enough device memory for {} ({} layers, batch {}, {} + {} tokens): need {:.2f} GiB (weights {:.2f}, "
-        "KV cache {:.2f}, activations {:.2f}, reserve {:.2f}) but {} has {:.2f} GiB free; use --num-layers or a "
-        "smaller --batch",
-        plan_path, r.model.name, r.model.num_layers, cfg.batch, cfg.input_len, cfg.output_len,
-        r.memory.total() / kGiB, r.memory.weights / kGiB, r.memory.kv_cache / kGiB, r.memory.activations / kGiB,
-        r.memory.reserved / kGiB, info.name, r.memory.free_device / kGiB));
-
-  // The prediction: the simulator's cost model for the plan's layout, the model that runs.
-  r.cost_model = "mixserve";
-  r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
-  const HardwareProfile profile = load_profile(r.profile_name);
-  // Per step the model of how it ran: decode steps as CUDA graphs or eagerly (graph_launch saving).
-  sim::CostModelOptions graphed, eager;
-  eager.decode_graphs = false;
-  const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, graphed);
-  const auto cm_eager =
-      sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, eager);
-
-  GpuModelConfig gc;
-  gc.block_size = cfg.block_size;
-  gc.max_seqs_per_step = cfg.batch;
-  gc.max_blocks_per_seq = static_cast<int>(blocks_per_seq(cfg));
-  gc.num_blocks = static_cast<int>(int64_t(cfg.batch) * blocks_per_seq(cfg));
-  gc.max_tokens_per_step = static_cast<int>(
-      std::max<int64_t>(std::min<int64_t>(r.prefill_chunk_tokens, int64_t(cfg.batch) * cfg.input_len), cfg.batch));
+  const GpuModelConfig gc = bench_gpu_config(r);
   std::unique_ptr<GpuModel> g;
   std::unique_ptr<EmulatedRanks> ranks;
   if (r.ranks > 1) {
-    // Every replica's block pool holds the sequences dealt to it.
-    const int dp = r.plan.chosen.layout.attn_dp;
-    gc.num_blocks = static_cast<int>(int64_t((cfg.batch + dp - 1) / dp) * blocks_per_seq(cfg));
     const Placement where = cfg.gpu_per_rank ? Placement::gpu_per_rank : Placement::one_gpu;
     if (cfg.weights_dir.empty()) {
       ranks = std::make_unique<EmulatedRanks>(r.model, cfg.seed, r.plan.cluster, r.plan.chosen.layout, gc, where);
@@ -463,11 +408,7 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   // Decode steps go into a CUDA graph when the automatic expert path picks the device GEMV.
   const bool decode_graph = cfg.cuda_graph && decode_step_graphable(r.model, gc, cfg.batch);
 
-  std::mt19937_64 rng(cfg.seed);
-  std::uniform_int_distribution<int32_t> tok(0, r.model.vocab_size - 1);
-  std::vector<std::vector<int32_t>> prompts(std::size_t(cfg.batch));
-  for (auto& p : prompts)
-    for (int i = 0; i < cfg.input_len; ++i) p.push_back(tok(rng));
+  const auto prompts = bench_prompts(cfg, r.model.vocab_size);
   int num_prefill = 0;
   const auto shapes = step_shapes(cfg, r.prefill_chunk_tokens, &num_prefill);
   auto pass = [&] {
@@ -481,9 +422,96 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     else
       g->reset_cache();
   }
-  const RunOutput run = pass();
-  r.output_ids = run.output_ids;
+  bench_finish(r, pass());
+  return r;
+}
 
+BenchResult bench_check(const Plan& plan, const std::string& plan_path, const BenchConfig& cfg,
+                        const LaunchShape* launch) {
+  BenchResult r;
+  r.config = cfg;
+  r.plan_path = plan_path;
+  r.plan_sha256 = sha256_hex(plan_to_yaml(plan));
+  r.plan = plan;
+  validate_plan(r.plan, plan_path);
+  check_bench_plan(r.plan, cfg, plan_path);
+  r.model = bench_model(r.plan, cfg);
+  r.prefill_chunk_tokens = effective_chunk(r.plan, cfg);
+  r.ranks = r.plan.chosen.layout.world_size();
+  r.emulated = r.ranks > 1 && cfg.emulate_ranks;
+  // The executor's checks of a multi-GPU plan (or of any plan launched as processes).
+  const LaunchShape here{r.ranks, cfg.gpu_per_rank ? r.ranks : 1, std::max(device_count_or_zero(), 1)};
+  if (launch || r.ranks > 1) check_plan_for_run(r.plan, r.plan.model, launch ? *launch : here);
+  r.cost_model = "mixserve";
+  r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
+  (void)load_profile(r.profile_name);  // a bad profile fails before the run
+  return r;
+}
+
+void bench_device_check(BenchResult& r, int ranks_here) {
+  const BenchConfig& cfg = r.config;
+  int dev = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
+  const DeviceInfo info = query_device(dev);
+  r.device_name = info.name;
+  r.device = device_info_json(info);
+  check_device_matches(r.plan, info.name, r.plan_path);
+  r.memory = estimate_bench_memory(r.model, cfg, r.prefill_chunk_tokens);
+  if (ranks_here > 1) r.memory = emulated_ranks_memory(r.memory, r.model, ranks_here);
+  std::size_t free_b = 0, total_b = 0;
+  MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  r.memory.free_device = double(free_b);
+  if (r.memory.total() > r.memory.free_device)
+    throw InputError(fmt::format(
+        "{}: not enough device memory for {} ({} layers, batch {}, {} + {} tokens): need {:.2f} GiB (weights {:.2f}, "
+        "KV cache {:.2f}, activations {:.2f}, reserve {:.2f}) but {} has {:.2f} GiB free; use --num-layers or a "
+        "smaller --batch",
+        r.plan_path, r.model.name, r.model.num_layers, cfg.batch, cfg.input_len, cfg.output_len,
+        r.memory.total() / kGiB, r.memory.weights / kGiB, r.memory.kv_cache / kGiB, r.memory.activations / kGiB,
+        r.memory.reserved / kGiB, info.name, r.memory.free_device / kGiB));
+}
+
+GpuModelConfig bench_gpu_config(const BenchResult& r) {
+  const BenchConfig& cfg = r.config;
+  GpuModelConfig gc;
+  gc.block_size = cfg.block_size;
+  gc.max_seqs_per_step = cfg.batch;
+  gc.max_blocks_per_seq = static_cast<int>(blocks_per_seq(cfg));
+  gc.num_blocks = static_cast<int>(int64_t(cfg.batch) * blocks_per_seq(cfg));
+  gc.max_tokens_per_step = static_cast<int>(
+      std::max<int64_t>(std::min<int64_t>(r.prefill_chunk_tokens, int64_t(cfg.batch) * cfg.input_len), cfg.batch));
+  if (r.ranks > 1) {  // every replica's block pool holds the sequences dealt to it
+    const int dp = r.plan.chosen.layout.attn_dp;
+    gc.num_blocks = static_cast<int>(int64_t((cfg.batch + dp - 1) / dp) * blocks_per_seq(cfg));
+  }
+  return gc;
+}
+
+std::vector<std::vector<int32_t>> bench_prompts(const BenchConfig& cfg, int64_t vocab) {
+  std::mt19937_64 rng(cfg.seed);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
+  std::vector<std::vector<int32_t>> prompts(std::size_t(cfg.batch));
+  for (auto& p : prompts)
+    for (int i = 0; i < cfg.input_len; ++i) p.push_back(tok(rng));
+  return prompts;
+}
+
+void bench_finish(BenchResult& r, const BenchRun& run) {
+  const BenchConfig& cfg = r.config;
+  // The prediction: the simulator's cost model for the plan's layout, the model that runs.
+  const HardwareProfile profile = load_profile(r.profile_name);
+  // Per step the model of how it ran: decode steps as CUDA graphs or eagerly (graph_launch saving).
+  sim::CostModelOptions graphed, eager;
+  eager.decode_graphs = false;
+  const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, graphed);
+  const auto cm_eager =
+      sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, eager);
+  int num_prefill = 0;
+  const auto shapes = step_shapes(cfg, r.prefill_chunk_tokens, &num_prefill);
+  if (run.step_ms.size() != shapes.size() || run.graph.size() != shapes.size())
+    throw RuntimeError(fmt::format("bench: {} step times for {} steps", run.step_ms.size(), shapes.size()));
+  r.output_ids = run.output_ids;
+  r.steps.clear();
   std::vector<double> decode_ms, prefill_err, decode_err;
   double prefill_s = 0, total_s = 0;
   for (std::size_t i = 0; i < shapes.size(); ++i) {
@@ -496,12 +524,13 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     st.cuda_graph = run.graph[i];
     st.batch = replica_batch(shapes[i], decode);
     st.measured_ms = run.step_ms[i];
-    const auto reps = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
+    st.replicas = replica_batches(shapes[i], decode, r.plan.chosen.layout.attn_dp);
     // The GPU part: the measurement is CUDA events around the forward, without the host's per-step
     // overhead that the cost model adds from the profile (host_overhead).
     const auto& model_of_step = st.cuda_graph ? *cm : *cm_eager;
     st.predicted_ms =
-        (model_of_step.step(std::span<const sim::ReplicaBatch>(reps), false).time_us - profile.host_overhead.step_us) /
+        (model_of_step.step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us -
+         profile.host_overhead.step_us) /
         1e3;
     total_s += st.measured_ms / 1e3;
     if (decode) {
@@ -521,13 +550,145 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
   r.overall_throughput = total_s > 0 ? double(cfg.batch) * (cfg.input_len + cfg.output_len) / total_s : 0;
   r.median_prefill_error_pct = median_of(prefill_err);
   r.median_decode_error_pct = median_of(decode_err);
+}
+
+int launcher_world_size() {
+  auto env = [](const char* k) -> int {
+    const char* v = std::getenv(k);
+    return v && *v ? std::atoi(v) : 0;
+  };
+  for (const char* k : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"})
+    if (env(k) > 0) return env(k);
+  if (std::getenv("PMIX_RANK") && env("SLURM_NTASKS") > 0) return env("SLURM_NTASKS");
+  return 0;
+}
+
+#if MIXSERVE_HAVE_NCCL
+namespace {
+
+// One pass of the benchmark in this process's rank (ProcessRank): the rank steps its replica's
+// sequences (s % dp, block tables of its own pool); every step is bracketed by barriers over the
+// processes and timed on the host between them; the last stage's greedy ids reach every process
+// (an element-wise max over the processes of per-sequence ids, -1 elsewhere), so the first stage
+// feeds them next step and rank 0 holds every sequence's tokens.
+BenchRun run_once_process(ProcessRank& pr, ProcessGroup& pg, const Layout& layout, const BenchConfig& cfg,
+                          const std::vector<StepShape>& shapes, int num_prefill,
+                          const std::vector<std::vector<int32_t>>& prompts, int64_t vocab) {
+  const int64_t nb = blocks_per_seq(cfg);
+  const int dp = layout.attn_dp, d = pr.replica();
+  const bool last_stage = pr.rank() / layout.stage_size() == layout.pp - 1;
+  GpuModel& g = pr.model();
+  BenchRun out;
+  out.output_ids.assign(std::size_t(cfg.batch), {});
+  std::vector<int32_t> ids(std::size_t(cfg.batch));
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const bool decode = int(i) >= num_prefill;
+    std::vector<model::SequenceStep> batch;
+    std::vector<int> seq_of;  // row of this rank's batch -> sequence
+    for (const auto& c : shapes[i]) {
+      if (c.seq % dp != d) continue;
+      model::SequenceStep q;
+      if (decode) {
+        q.tokens = {out.output_ids[std::size_t(c.seq)].back()};
+      } else {
+        const auto& p = prompts[std::size_t(c.seq)];
+        q.tokens.assign(p.begin() + c.position, p.begin() + c.position + c.n);
+      }
+      q.position = c.position;
+      for (int64_t b = 0; b < nb; ++b) q.block_table.push_back(static_cast<int32_t>((c.seq / dp) * nb + b));
+      batch.push_back(std::move(q));
+      seq_of.push_back(c.seq);
+    }
+    g.prepare(batch, StepOptions{});
+    pg.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    g.enqueue(g.stream());
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+    pg.barrier();
+    const auto t1 = std::chrono::steady_clock::now();
+    const GpuStepOutput res = g.collect(g.stream());
+    std::fill(ids.begin(), ids.end(), -1);
+    if (last_stage)
+      for (std::size_t k = 0; k < seq_of.size(); ++k)
+        ids[std::size_t(seq_of[k])] = argmax_row(&res.logits[k * std::size_t(vocab)], vocab);
+    pg.max_int32(ids);
+    out.step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    out.graph.push_back(false);
+    for (const auto& c : shapes[i]) {
+      if (!decode && c.position + c.n < cfg.input_len) continue;  // prompt not finished in this chunk
+      if (ids[std::size_t(c.seq)] < 0)
+        throw RuntimeError(fmt::format("rank {}: no greedy id for sequence {} after step {}", pr.rank(), c.seq, i));
+      out.output_ids[std::size_t(c.seq)].push_back(ids[std::size_t(c.seq)]);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+BenchResult run_bench_process(const std::string& plan_path, const BenchConfig& config, ProcessGroup& pg,
+                              const std::function<Comm(int device)>& make_world) {
+  BenchConfig cfg = config;
+  cfg.process_per_rank = true;
+  // Every check before any collective; the processes agree on the outcome, so that all of them
+  // stop (each with its own message) when one fails, and none waits in NCCL for a stopped peer.
+  BenchResult r;
+  int code = 0;
+  std::exception_ptr failed;
+  try {
+    const int ndev = device_count_or_zero();
+    const LaunchShape launch{pg.size(), 1, std::max(ndev, 1)};
+    r = bench_check(load_plan(plan_path), plan_path, cfg, &launch);
+    r.plan_sha256 = sha256_hex(read_text_file(plan_path));
+    if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+    const int device = ndev == 1 ? 0 : pg.local_rank();
+    if (device >= ndev)
+      throw InputError(fmt::format("rank {}: local rank {} on a node with {} visible GPUs: launch at most {} "
+                                   "processes per node", pg.rank(), pg.local_rank(), ndev, ndev));
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
+    bench_device_check(r, 1);
+  } catch (const InputError&) {
+    code = 2;
+    failed = std::current_exception();
+  } catch (...) {
+    code = 1;
+    failed = std::current_exception();
+  }
+  std::vector<int32_t> worst{code};
+  pg.max_int32(worst);
+  if (failed) std::rethrow_exception(failed);
+  if (worst[0] == 2) throw InputError("another rank refused the run (its message says why)");
+  if (worst[0] != 0) throw RuntimeError("another rank failed before the run (its message says why)");
+
+  pg.collective = true;  // from here a failing rank leaves its peers waiting: the caller aborts
+  int dev = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
+  const Comm world = make_world(dev);
+  const Layout& layout = r.plan.chosen.layout;
+  ProcessRank pr(world, r.model, cfg.seed, r.plan.cluster, layout, bench_gpu_config(r));
+  const auto prompts = bench_prompts(cfg, r.model.vocab_size);
+  int num_prefill = 0;
+  const auto shapes = step_shapes(cfg, r.prefill_chunk_tokens, &num_prefill);
+  for (int w = 0; w < cfg.warmup; ++w) {
+    (void)run_once_process(pr, pg, layout, cfg, shapes, num_prefill, prompts, r.model.vocab_size);
+    pr.model().reset_cache();
+  }
+  bench_finish(r, run_once_process(pr, pg, layout, cfg, shapes, num_prefill, prompts, r.model.vocab_size));
   return r;
 }
+#endif
 
 nlohmann::json bench_json(const BenchResult& r) {
   const BenchConfig& c = r.config;
   nlohmann::json steps = nlohmann::json::array();
   std::vector<double> prefill_ms, decode_ms;
+  auto batch_json = [](const sim::ReplicaBatch& b) {
+    return nlohmann::json{{"prefill_tokens", b.prefill_tokens},
+                          {"num_prefill_seqs", b.num_prefill_seqs},
+                          {"prefill_attn_pairs", b.prefill_attn_pairs},
+                          {"num_decode", b.num_decode},
+                          {"decode_context", b.decode_context}};
+  };
   for (const auto& s : r.steps) {
     (s.kind == "decode" ? decode_ms : prefill_ms).push_back(s.measured_ms);
     steps.push_back({{"kind", s.kind},
@@ -538,12 +699,13 @@ nlohmann::json bench_json(const BenchResult& r) {
                      {"measured_ms", s.measured_ms},
                      {"predicted_ms", s.predicted_ms},
                      {"error_pct", s.error_pct()},
-                     {"batch",
-                      {{"prefill_tokens", s.batch.prefill_tokens},
-                       {"num_prefill_seqs", s.batch.num_prefill_seqs},
-                       {"prefill_attn_pairs", s.batch.prefill_attn_pairs},
-                       {"num_decode", s.batch.num_decode},
-                       {"decode_context", s.batch.decode_context}}}});
+                     {"batch", batch_json(s.batch)}});
+    // Several replicas: the cost model was given each replica's batch (validate re-predicts them).
+    if (s.replicas.size() > 1) {
+      nlohmann::json reps = nlohmann::json::array();
+      for (const auto& b : s.replicas) reps.push_back(batch_json(b));
+      steps.back()["replicas"] = std::move(reps);
+    }
   }
   nlohmann::json versions = r.device.contains("versions") ? r.device["versions"] : nlohmann::json::object();
   versions["mixserve"] = kMixServeVersion;
@@ -553,6 +715,8 @@ nlohmann::json bench_json(const BenchResult& r) {
       {"mode", "offline"},
       {"ranks", r.ranks},
       {"emulated_ranks", r.emulated},
+      // How the ranks ran: one GPU, emulated on one GPU, a thread per GPU, a process per GPU (MPI).
+      {"launch", c.process_per_rank ? "mpi" : r.emulated ? "emulated" : r.ranks > 1 ? "gpu-per-rank" : "one-gpu"},
       // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
       // "none" (the all-reduce / gather exchange; docs/distributed.md).
       {"moe_schedule", gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, r.model) : MoeSched::none)},
@@ -609,6 +773,9 @@ std::string format_bench_report(const BenchResult& r) {
     line(fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
                      "steps): not the speed of {} GPUs",
                      r.ranks, r.ranks));
+  else if (c.process_per_rank)
+    line(fmt::format("# {} ranks, one process and GPU each (MPI), NCCL; every step timed on rank 0's host clock "
+                     "between barriers over the processes", r.ranks));
   else if (r.ranks > 1)
     line(fmt::format("# {} ranks, a GPU each, NCCL (one process, a thread per rank; host-timed steps)", r.ranks));
   line(fmt::format("Prefill. latency: {:8.5f} s, throughput: {:11.2f} token/s", r.prefill_latency,

@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <memory>
 #include <random>
 #include <set>
@@ -18,8 +20,11 @@
 #include "mixserve/core/json.hpp"
 #include "mixserve/gpu/bench.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/distributed.hpp"
 #include "mixserve/gpu/graph.hpp"
 #include "mixserve/gpu/model_forward.hpp"
+#include "mixserve/gpu/online_engine.hpp"
+#include "mixserve/gpu/shard.hpp"
 #include "mixserve/gpu/runtime.hpp"
 #include "mixserve/kernels/kv_cache.cuh"
 #include "mixserve/model/weights.hpp"
@@ -96,7 +101,20 @@ std::vector<std::vector<double>> phase_columns(const std::vector<HostPhases>& ph
 }  // namespace
 
 OnlineSetup online_setup(const Plan& plan, const std::string& origin, const OnlineConfig& cfg) {
-  check_single_gpu_plan(plan, origin);
+  check_single_gpu_plan(plan, origin,
+                        cfg.emulate_ranks || cfg.gpu_per_rank || cfg.process_per_rank ? MultiGpuPlan::allowed
+                                                                                      : MultiGpuPlan::needs_flag);
+  if (int(cfg.emulate_ranks) + int(cfg.gpu_per_rank) + int(cfg.process_per_rank) > 1)
+    throw InputError("--emulate-ranks, --gpu-per-rank and --mpi exclude each other");
+  if (cfg.process_per_rank && !cfg.weights_dir.empty())
+    throw InputError("--weights with --mpi: not built (each process draws its shard's synthetic weights on the "
+                     "device); use --emulate-ranks or --gpu-per-rank with --weights");
+  const Layout& layout = plan.chosen.layout;
+  if (layout.pp > 1)
+    throw InputError(fmt::format(
+        "{}: the plan's layout '{}' is pipeline-parallel (PP{}): the online mode does not run it (the simulator "
+        "keeps {} micro-batches in flight; the executor's step runs one batch through every stage); the offline "
+        "bench runs it", origin, layout.name(), layout.pp, layout.pp));
   OnlineSetup s;
   const WorkloadSpec base = cfg.workload.empty() ? plan.workload : load_workload(cfg.workload);
   s.workload = sim::apply_overrides(base, cfg.overrides, "--request-rate");
@@ -125,7 +143,8 @@ OnlineSetup online_setup(const Plan& plan, const std::string& origin, const Onli
                                  limits.kv_block_tokens));
   s.serving = sim::serving_config_for(*cm, plan.chosen.layout, limits, s.workload);
   if (cfg.max_num_seqs > 0) s.serving.limits.max_num_seqs = cfg.max_num_seqs;  // the option wins
-  s.serving.sample_moe_load = false;  // one GPU: no EP load to sample
+  // The expected MoE load every step, as the per-step prediction of the run (no sampled loads).
+  s.serving.sample_moe_load = false;
   s.requests = sim::generate_requests(s.workload);
   if (s.requests.requests.empty()) throw InputError(fmt::format("workload '{}': no requests", s.workload.name));
 
@@ -134,8 +153,9 @@ OnlineSetup online_setup(const Plan& plan, const std::string& origin, const Onli
       L.max_model_len > 0 ? L.max_model_len : int64_t(s.model.max_position_embeddings);
   int64_t longest = 0;
   for (const auto& r : s.requests.requests) {
-    if (r.replica > 0)
-      throw InputError(fmt::format("request {}: replica {} not in the plan (one replica)", r.id, r.replica));
+    if (r.replica >= s.serving.num_replicas)
+      throw InputError(fmt::format("request {}: replica {} not in the plan ({} attention-DP replicas)", r.id,
+                                   r.replica, s.serving.num_replicas));
     if (max_len_model > 0 && r.input_tokens + r.output_tokens > max_len_model)
       throw InputError(fmt::format("request {} ({} + {} tokens) is longer than max_model_len ({}): cap the "
                                    "workload's limits.max_seq_len", r.id, r.input_tokens, r.output_tokens,
@@ -160,13 +180,27 @@ OnlineSetup online_setup(const Plan& plan, const std::string& origin, const Onli
   return s;
 }
 
+std::vector<std::vector<int32_t>> online_prompts(const OnlineSetup& s) {
+  const auto& reqs = s.requests.requests;
+  std::vector<std::vector<int32_t>> prompts(reqs.size());
+  std::mt19937_64 rng(s.workload.seed ^ 0x6d69787365727665ull);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(s.model.vocab_size - 1));
+  for (size_t i = 0; i < reqs.size(); ++i)
+    for (int64_t k = 0; k < reqs[i].input_tokens; ++k) prompts[i].push_back(tok(rng));
+  return prompts;
+}
+
 OnlineResult run_online(const std::string& plan_path, const OnlineConfig& cfg) {
   OnlineResult r = run_online(load_plan(plan_path), plan_path, cfg);
   return r;
 }
 
-OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg) {
-  using clk = std::chrono::steady_clock;
+namespace {
+
+// The checks before any device work: the plan, the setup, and the launch (check_plan_for_run for
+// a multi-GPU plan with the ranks this process drives, or for any plan with `launch`).
+OnlineResult online_check(const Plan& plan, const std::string& origin, const OnlineConfig& cfg,
+                          const LaunchShape* launch) {
   OnlineResult r;
   r.config = cfg;
   r.plan_path = origin;
@@ -179,201 +213,234 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     r.plan_sha256 = sha256_hex(plan_to_yaml(plan));
   }
   r.setup = online_setup(r.plan, origin, cfg);
-  OnlineSetup& S = r.setup;
+  r.ranks = r.plan.chosen.layout.world_size();
+  r.emulated = r.ranks > 1 && cfg.emulate_ranks;
+  const LaunchShape here{r.ranks, cfg.gpu_per_rank ? r.ranks : 1, std::max(device_count_or_zero(), 1)};
+  if (launch || r.ranks > 1) check_plan_for_run(r.plan, r.plan.model, launch ? *launch : here);
+  r.cost_model = cost_model_name(r.plan);
+  r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
+  r.profile_host_overhead_ms = load_profile(r.profile_name).host_overhead.step_us / 1e3;
+  return r;
+}
 
-  const int ndev = device_count_or_zero();
-  if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+// The current device: its name and GPU model against the plan; the memory of `ranks_here` ranks
+// of the plan on it (weights, activations for max_num_batched_tokens rows, the reserve, then the
+// KV cache: per replica, every rank holding its KV heads of its replica's pool); the KV blocks
+// lowered to what fits (InputError when --kv-blocks or a request does not fit).
+void online_device_check(OnlineResult& r, int ranks_here) {
+  OnlineSetup& S = r.setup;
+  const OnlineConfig& cfg = r.config;
+  const Layout& layout = r.plan.chosen.layout;
   int dev = 0;
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
   const DeviceInfo info = query_device(dev);
   r.device_name = info.name;
   r.device = device_info_json(info);
-  check_device_matches(r.plan, info.name, origin);
+  check_device_matches(r.plan, info.name, r.plan_path);
 
   RuntimeLimits& L = S.serving.limits;
   const int bs = L.kv_block_tokens;
-  // Memory: weights, activations for max_num_batched_tokens rows, the reserve, then the KV cache.
   BenchConfig act_cfg;
   act_cfg.batch = L.max_num_seqs;
   act_cfg.input_len = static_cast<int>(std::min<int64_t>(L.max_num_batched_tokens, 1 << 30));
   act_cfg.output_len = 1;
   act_cfg.block_size = bs;
   BenchMemory mem = estimate_bench_memory(S.model, act_cfg, L.max_num_batched_tokens);
+  if (ranks_here > 1) mem = emulated_ranks_memory(mem, S.model, ranks_here);
   std::size_t free_b = 0, total_b = 0;
   MIXSERVE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  const double per_block = kv_bytes_per_block(S.model, bs);
+  double per_block = kv_bytes_per_block(S.model, bs);
+  if (r.ranks > 1) {
+    const int kv = S.model.attention.num_kv_heads;
+    const int kv_rank = kv % layout.attn_tp == 0 ? kv / layout.attn_tp : 1;  // replicated below one head
+    per_block = per_block * kv_rank / kv * ranks_here;
+  }
   const double room = double(free_b) - mem.weights - mem.activations - mem.reserved;
   const auto fit = static_cast<int64_t>(std::max(0.0, 0.9 * room / per_block));
   if (L.kv_blocks > fit) {
     if (cfg.kv_blocks > 0 || fit < S.max_blocks_per_seq)
       throw InputError(fmt::format(
-          "{}: not enough device memory for {} ({} layers): weights {:.2f} GiB, activations {:.2f} GiB, reserve "
+          "{}: not enough device memory for {} ({} layers{}): weights {:.2f} GiB, activations {:.2f} GiB, reserve "
           "{:.2f} GiB and {} KV blocks ({:.2f} GiB) but {} has {:.2f} GiB free; use --num-layers or --kv-blocks",
-          origin, S.model.name, S.model.num_layers, mem.weights / kGiB, mem.activations / kGiB,
-          mem.reserved / kGiB, L.kv_blocks, L.kv_blocks * per_block / kGiB, info.name, double(free_b) / kGiB));
+          r.plan_path, S.model.name, S.model.num_layers,
+          ranks_here > 1 ? fmt::format(", {} ranks", ranks_here) : std::string(), mem.weights / kGiB,
+          mem.activations / kGiB, mem.reserved / kGiB, L.kv_blocks, L.kv_blocks * per_block / kGiB, info.name,
+          double(free_b) / kGiB));
     std::fprintf(stderr, "mixserve-run: KV blocks lowered from %lld to %lld (device memory)\n",
                  static_cast<long long>(L.kv_blocks), static_cast<long long>(fit));
     L.kv_blocks = fit;
   }
+}
 
-  r.cost_model = cost_model_name(r.plan);
-  r.profile_name = cfg.profile.empty() ? r.plan.profile_name : cfg.profile;
-  const auto cm = make_cm(r.plan, S.model, S.workload, r.profile_name);
-  const auto cm_eager = make_cm(r.plan, S.model, S.workload, r.profile_name, false);
-  r.profile_host_overhead_ms = load_profile(r.profile_name).host_overhead.step_us / 1e3;
-
+// Per replica (every rank of a replica: the same limits and its own pool of kv_blocks blocks).
+GpuModelConfig online_gpu_config(const OnlineResult& r) {
+  const RuntimeLimits& L = r.setup.serving.limits;
   GpuModelConfig gc;
-  gc.block_size = bs;
+  gc.block_size = L.kv_block_tokens;
   gc.num_blocks = static_cast<int>(L.kv_blocks);
   gc.max_tokens_per_step = static_cast<int>(std::max<int64_t>(L.max_num_batched_tokens, L.max_num_seqs));
   gc.max_seqs_per_step = L.max_num_seqs;
-  gc.max_blocks_per_seq = S.max_blocks_per_seq;
+  gc.max_blocks_per_seq = r.setup.max_blocks_per_seq;
+  return gc;
+}
+
+// The untimed warm-up steps: one prefill of up to a step's budget, then one decode when it fits
+// (cuBLASLt plans, kernels' first launches); the caches are reset after.
+std::vector<model::SequenceStep> warmup_steps(const OnlineResult& r) {
+  const RuntimeLimits& L = r.setup.serving.limits;
+  const int bs = L.kv_block_tokens;
+  const int64_t cap = std::min<int64_t>(int64_t(r.setup.max_blocks_per_seq), L.kv_blocks) * bs;
+  const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(L.max_num_batched_tokens, cap - 1));
+  model::SequenceStep q;
+  q.tokens.assign(static_cast<size_t>(nw), 0);
+  q.position = 0;
+  for (int64_t b = 0; b < sim::blocks_for(nw + 1, bs); ++b) q.block_table.push_back(static_cast<int32_t>(b));
+  std::vector<model::SequenceStep> out{q};
+  if (nw + 1 <= cap) {
+    model::SequenceStep d = q;
+    d.tokens = {0};
+    d.position = nw;
+    out.push_back(d);
+  }
+  return out;
+}
+
+// The step record of a scheduled step (times filled by the caller).
+OnlineStep step_record(const OnlineEngine::Step& es, double t) {
+  OnlineStep st;
+  st.start_s = t;
+  st.batch = es.total;
+  st.replicas = es.replicas;
+  st.num_prefill_seqs = static_cast<int>(st.batch.num_prefill_seqs);
+  st.num_decode = static_cast<int>(st.batch.num_decode);
+  st.num_tokens = es.num_tokens;
+  return st;
+}
+
+void progress_line(const OnlineEngine& eng, double t_end) {
+  std::fprintf(stderr, "online: t = %.1f s, %lld / %zu requests done, %lld steps, %lld waiting, %lld running\n", t_end,
+               static_cast<long long>(eng.finished()), eng.num_requests(),
+               static_cast<long long>(eng.num_steps()), static_cast<long long>(eng.waiting()),
+               static_cast<long long>(eng.running()));
+}
+
+// After the run: the cost model's prediction per step (outside the timed loop: every replica's
+// batch; the GPU part, less the profile's host overhead per step), the metrics, the ids.
+void online_finish(OnlineResult& r, const OnlineEngine& eng, double wall_sum_ms) {
+  // Per step the model of how it ran: decode steps as CUDA graphs or eagerly (graph_launch saving).
+  const auto cm = make_cm(r.plan, r.setup.model, r.setup.workload, r.profile_name);
+  const auto cm_eager = make_cm(r.plan, r.setup.model, r.setup.workload, r.profile_name, false);
+  for (auto& st : r.steps) {
+    const auto& model_of_step = st.cuda_graph ? *cm : *cm_eager;
+    st.predicted_ms = model_of_step.step(std::span<const sim::ReplicaBatch>(st.replicas), false).time_us / 1e3 -
+                      r.profile_host_overhead_ms;
+  }
+  r.result = eng.result(wall_sum_ms);
+  r.output_ids = eng.output_ids();
+}
+
+}  // namespace
+
+OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg) {
+  using clk = std::chrono::steady_clock;
+  OnlineResult r = online_check(plan, origin, cfg, nullptr);
+  const int ndev = device_count_or_zero();
+  if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+  online_device_check(r, r.emulated ? r.ranks : 1);
+  OnlineSetup& S = r.setup;
+  const Layout& layout = r.plan.chosen.layout;
+  const GpuModelConfig gc = online_gpu_config(r);
   std::unique_ptr<GpuModel> g;
-  if (cfg.weights_dir.empty()) {
+  std::unique_ptr<EmulatedRanks> ranks;
+  if (r.ranks > 1) {
+    const Placement where = cfg.gpu_per_rank ? Placement::gpu_per_rank : Placement::one_gpu;
+    if (cfg.weights_dir.empty()) {
+      ranks = std::make_unique<EmulatedRanks>(S.model, cfg.weight_seed, r.plan.cluster, layout, gc, where);
+    } else {
+      const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
+      ranks = std::make_unique<EmulatedRanks>(w, r.plan.cluster, layout, gc, where);
+    }
+  } else if (cfg.weights_dir.empty()) {
     g = std::make_unique<GpuModel>(S.model, cfg.weight_seed, gc);
   } else {
     const model::WeightSet w = model::load_weights(r.plan.model, cfg.weights_dir, cfg.num_layers);
     g = std::make_unique<GpuModel>(w, gc);
   }
-  const int64_t vocab = g->spec().vocab_size;
-  cudaStream_t stream = g->stream();
+  const int dp = layout.attn_dp;
+  const StepOptions step_opt = greedy_options();
 
-  // Prompts: seeded by the workload's seed, request by request.
-  const auto& reqs = S.requests.requests;
-  const size_t n = reqs.size();
-  std::vector<std::vector<int32_t>> tokens(n);
-  {
-    std::mt19937_64 rng(S.workload.seed ^ 0x6d69787365727665ull);
-    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
-    for (size_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < reqs[i].input_tokens; ++k) tokens[i].push_back(tok(rng));
+  // Warm-up, untimed, on every replica; the caches are reset after.
+  for (const model::SequenceStep& s : warmup_steps(r)) {
+    if (ranks)
+      (void)ranks->step(std::vector<std::vector<model::SequenceStep>>(size_t(dp), {s}), step_opt);
+    else
+      (void)g->step({s}, step_opt);
   }
-
-  // Warm-up, untimed: one prefill of up to a step's budget and one decode (cuBLASLt plans,
-  // kernels' first launches); the cache is reset after.
-  {
-    const int64_t cap = std::min<int64_t>(int64_t(S.max_blocks_per_seq), L.kv_blocks) * bs;
-    const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(L.max_num_batched_tokens, cap - 1));
-    model::SequenceStep q;
-    q.tokens.assign(static_cast<size_t>(nw), 0);
-    q.position = 0;
-    for (int64_t b = 0; b < sim::blocks_for(nw + 1, bs); ++b) q.block_table.push_back(static_cast<int32_t>(b));
-    (void)g->step({q}, greedy_options());
-    if (nw + 1 <= cap) {
-      model::SequenceStep d = q;
-      d.tokens = {0};
-      d.position = nw;
-      (void)g->step({d}, greedy_options());
-    }
+  if (ranks)
+    ranks->reset_cache();
+  else
     g->reset_cache();
-  }
 
-  // The engine: one replica, the simulator's scheduler, real clock.
-  std::vector<sim::SchedSeq> seqs(n);
-  for (size_t i = 0; i < n; ++i) {
-    seqs[i].input = reqs[i].input_tokens;
-    seqs[i].output = reqs[i].output_tokens;
-  }
-  sim::BatchScheduler sched(L, L.kv_blocks, seqs);
-  sim::SimResult& res = r.result;
-  res.requests.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    auto& q = res.requests[i];
-    q.id = reqs[i].id;
-    q.arrival_s = reqs[i].arrival_s;
-    q.input_tokens = reqs[i].input_tokens;
-    q.output_tokens = reqs[i].output_tokens;
-  }
-  std::vector<int32_t> free_ids;
-  for (int64_t b = L.kv_blocks - 1; b >= 0; --b) free_ids.push_back(static_cast<int32_t>(b));
-  std::vector<std::vector<int32_t>> held(n);
-  std::vector<int32_t> holding;  // sequences holding blocks
-  auto release_extra = [&](int32_t si) {
-    auto& h = held[static_cast<size_t>(si)];
-    while (int64_t(h.size()) > seqs[static_cast<size_t>(si)].blocks) {
-      free_ids.push_back(h.back());
-      h.pop_back();
-    }
-  };
-  std::vector<double> last_token_s(n, 0.0);
-  std::vector<int64_t> tokens_per_second;
-  std::vector<sim::Scheduled> list;
-  std::vector<model::SequenceStep> batch;
+  // The engine: the replicas' schedulers (online_engine.hpp) on the real clock.
+  OnlineEngine eng(S.serving, S.requests, online_prompts(S));
   Event start, stop;
   StepGraph graph;
   std::set<int64_t> eager_decode_tokens;  // decode token counts run eagerly once (plans made)
-  size_t next = 0;
-  int64_t finished = 0, step_id = 0, tokens_sum = 0;
+  std::vector<std::vector<int32_t>> ids(static_cast<size_t>(dp));
   double wall_sum_ms = 0;
   const auto t0 = clk::now();
   auto now_s = [&] { return std::chrono::duration<double>(clk::now() - t0).count(); };
   double next_progress = cfg.progress_every_s;
-  const StepOptions step_opt = greedy_options();
-  while (finished < int64_t(n)) {
-    double t = now_s();
-    while (next < n && reqs[next].arrival_s <= t) sched.enqueue(static_cast<int32_t>(next++));
-    if (!sched.has_work()) {
-      if (next >= n) throw RuntimeError("online engine: requests left unfinished with nothing to run");
-      const double wait = reqs[next].arrival_s - t;
+  while (!eng.done()) {
+    const double t = now_s();
+    eng.admit_until(t);
+    if (!eng.has_work()) {
+      const double next_arrival = eng.next_arrival_s();
+      if (!std::isfinite(next_arrival))
+        throw RuntimeError("online engine: requests left unfinished with nothing to run");
+      const double wait = next_arrival - t;
       if (wait > 2e-4) std::this_thread::sleep_for(std::chrono::duration<double>(wait - 1e-4));
       continue;
     }
-    sched.schedule(step_id, list);
-    if (list.empty()) throw RuntimeError("online engine: a step with queued work formed an empty batch");
-    // Blocks of preempted sequences go back; scheduled sequences get the blocks they now hold.
-    for (int32_t si : holding) release_extra(si);
-    std::erase_if(holding, [&](int32_t si) { return held[static_cast<size_t>(si)].empty(); });
-    batch.clear();
-    OnlineStep st;
-    st.start_s = t;
-    st.batch = sim::batch_of(list, seqs);
-    st.num_prefill_seqs = static_cast<int>(st.batch.num_prefill_seqs);
-    st.num_decode = static_cast<int>(st.batch.num_decode);
-    for (const auto& [si, k] : list) {
-      const sim::SchedSeq& s = seqs[static_cast<size_t>(si)];
-      auto& h = held[static_cast<size_t>(si)];
-      if (h.empty() && s.blocks > 0) holding.push_back(si);
-      while (int64_t(h.size()) < s.blocks) {
-        if (free_ids.empty()) throw RuntimeError("online engine: KV block ids out of step with the scheduler");
-        h.push_back(free_ids.back());
-        free_ids.pop_back();
-      }
-      const auto& toks = tokens[static_cast<size_t>(si)];
-      model::SequenceStep q;
-      q.tokens.assign(toks.begin() + s.computed, toks.begin() + s.computed + k);
-      q.position = s.computed;
-      q.block_table = h;
-      batch.push_back(std::move(q));
-      st.num_tokens += k;
-    }
+    const OnlineEngine::Step& es = eng.schedule();
+    OnlineStep st = step_record(es, t);
     const double t_sched = now_s();
-    g->prepare(batch, step_opt);
-    const double t_prep = now_s();
-    // Decode-only steps as a CUDA graph once their token count has run eagerly (plans made).
-    const bool graphable = cfg.cuda_graph && st.num_prefill_seqs == 0 &&
-                           decode_step_graphable(S.model, gc, st.num_tokens);
-    st.cuda_graph = graphable && eager_decode_tokens.count(st.num_tokens) > 0;
-    if (st.cuda_graph) graph.capture(stream, [&](cudaStream_t cs) { g->enqueue(cs); });
-    start.record(stream);
-    if (st.cuda_graph)
-      graph.launch(stream);
-    else
-      g->enqueue(stream);
-    stop.record(stream);
-    if (graphable) eager_decode_tokens.insert(st.num_tokens);
-    const double t_enq = now_s();
-    const GpuStepOutput out = g->collect(stream);
-    const double t_wait = now_s();
-    st.measured_ms = double(Event::elapsed_ms(start, stop));
-    if (out.token_ids.size() != list.size())
-      throw RuntimeError(fmt::format("online engine: {} sampled ids for {} sequences", out.token_ids.size(),
-                                     list.size()));
-    // Sample the sequences whose whole length is now computed, then advance the scheduler.
-    for (size_t k = 0; k < list.size(); ++k) {
-      const auto& [si, m] = list[k];
-      const sim::SchedSeq& s = seqs[static_cast<size_t>(si)];
-      if (s.computed + m == s.len()) tokens[static_cast<size_t>(si)].push_back(out.token_ids[k]);
+    double t_prep = 0, t_enq = 0, t_wait = 0;
+    if (ranks) {
+      // Every rank prepares, then enqueues and completes; host-timed (several streams, threads).
+      ranks->prepare(es.batches, step_opt);
+      t_prep = now_s();
+      const auto e0 = clk::now();
+      ranks->enqueue_and_wait();
+      st.measured_ms = std::chrono::duration<double, std::milli>(clk::now() - e0).count();
+      t_enq = now_s();
+      const std::vector<GpuStepOutput> outs = ranks->collect();
+      t_wait = now_s();
+      for (int d = 0; d < dp; ++d) ids[size_t(d)] = outs[size_t(d)].token_ids;
+    } else {
+      cudaStream_t stream = g->stream();
+      g->prepare(es.batches[0], step_opt);
+      t_prep = now_s();
+      // Decode-only steps as a CUDA graph once their token count has run eagerly (plans made).
+      const bool graphable = cfg.cuda_graph && st.num_prefill_seqs == 0 &&
+                             decode_step_graphable(S.model, gc, st.num_tokens);
+      st.cuda_graph = graphable && eager_decode_tokens.count(st.num_tokens) > 0;
+      if (st.cuda_graph) graph.capture(stream, [&](cudaStream_t cs) { g->enqueue(cs); });
+      start.record(stream);
+      if (st.cuda_graph)
+        graph.launch(stream);
+      else
+        g->enqueue(stream);
+      stop.record(stream);
+      if (graphable) eager_decode_tokens.insert(st.num_tokens);
+      t_enq = now_s();
+      GpuStepOutput out = g->collect(stream);
+      t_wait = now_s();
+      st.measured_ms = double(Event::elapsed_ms(start, stop));
+      ids[0] = std::move(out.token_ids);
     }
+    // The sequences whose whole length is now computed take their sampled ids.
+    eng.take_tokens(ids);
     const double t_end = now_s();
     st.wall_ms = (t_end - t) * 1e3;
     st.host.schedule_ms = (t_sched - t) * 1e3;
@@ -381,61 +448,143 @@ OnlineResult run_online(const Plan& plan, const std::string& origin, const Onlin
     st.host.enqueue_ms = (t_enq - t_prep) * 1e3;
     st.host.wait_ms = (t_wait - t_enq) * 1e3;
     st.host.sample_ms = (t_end - t_wait) * 1e3;
-    sched.complete(list, [&](int32_t si) {
-      const sim::SchedSeq& q = seqs[static_cast<size_t>(si)];
-      auto& rr = res.requests[static_cast<size_t>(si)];
-      if (q.generated == 1)
-        rr.first_token_s = t_end;
-      else
-        res.itls_ms.push_back((t_end - last_token_s[static_cast<size_t>(si)]) * 1e3);
-      last_token_s[static_cast<size_t>(si)] = t_end;
-      const auto bucket = static_cast<size_t>(t_end);
-      if (bucket >= tokens_per_second.size()) tokens_per_second.resize(bucket + 1, 0);
-      ++tokens_per_second[bucket];
-      if (q.done) {
-        rr.finish_s = t_end;
-        ++finished;
-      }
-    });
-    for (int32_t si : holding) release_extra(si);
-    std::erase_if(holding, [&](int32_t si) { return held[static_cast<size_t>(si)].empty(); });
+    eng.complete(t_end);
     wall_sum_ms += st.wall_ms;
-    tokens_sum += st.num_tokens;
     r.steps.push_back(std::move(st));
-    ++step_id;
     r.steps.back().host.bookkeep_ms = (now_s() - t_end) * 1e3;  // the prediction is made after the run
     if (cfg.progress_every_s > 0 && t_end >= next_progress) {
-      std::fprintf(stderr, "online: t = %.1f s, %lld / %zu requests done, %lld steps, %zu waiting, %zu running\n",
-                   t_end, static_cast<long long>(finished), n, static_cast<long long>(step_id),
-                   sched.waiting().size(), sched.running().size());
+      progress_line(eng, t_end);
       next_progress = t_end + cfg.progress_every_s;
     }
   }
-
-  // The cost model's prediction per step, outside the timed loop.
-  for (auto& st : r.steps) {
-    const sim::ReplicaBatch one[] = {st.batch};
-    // The GPU part (the measurement is CUDA events around the forward).
-    const auto& model_of_step = st.cuda_graph ? *cm : *cm_eager;
-    st.predicted_ms = model_of_step.step(std::span<const sim::ReplicaBatch>(one), false).time_us / 1e3 -
-                      r.profile_host_overhead_ms;
-  }
-  for (size_t i = 0; i < n; ++i) res.requests[i].preemptions = seqs[i].preemptions;
-  res.metrics = sim::compute_metrics(res, S.serving);
-  auto& m = res.metrics;
-  m.num_steps = step_id;
-  m.num_preemptions = sched.preemptions();
-  m.mean_step_time_ms = step_id > 0 ? wall_sum_ms / double(step_id) : 0;
-  m.mean_tokens_per_step = step_id > 0 ? double(tokens_sum) / double(step_id) : 0;
-  m.busy_fraction = m.duration_s > 0 ? wall_sum_ms * 1e-3 / m.duration_s : 0;
-  for (int64_t c : tokens_per_second) m.max_output_tokens_per_s = std::max(m.max_output_tokens_per_s, double(c));
-  m.kv_blocks_per_replica = L.kv_blocks;
-
-  r.output_ids.resize(n);
-  for (size_t i = 0; i < n; ++i)
-    r.output_ids[i].assign(tokens[i].begin() + reqs[i].input_tokens, tokens[i].end());
+  online_finish(r, eng, wall_sum_ms);
   return r;
 }
+
+#if MIXSERVE_HAVE_NCCL
+OnlineResult run_online_process(const std::string& plan_path, const OnlineConfig& config, ProcessGroup& pg,
+                                const std::function<Comm(int device)>& make_world) {
+  using clk = std::chrono::steady_clock;
+  OnlineConfig cfg = config;
+  cfg.process_per_rank = true;
+  // Every check before any collective; the processes agree on the outcome (as run_bench_process).
+  OnlineResult r;
+  int code = 0;
+  std::exception_ptr failed;
+  try {
+    const int ndev = device_count_or_zero();
+    const LaunchShape launch{pg.size(), 1, std::max(ndev, 1)};
+    r = online_check(load_plan(plan_path), plan_path, cfg, &launch);
+    if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+    const int device = ndev == 1 ? 0 : pg.local_rank();
+    if (device >= ndev)
+      throw InputError(fmt::format("rank {}: local rank {} on a node with {} visible GPUs: launch at most {} "
+                                   "processes per node", pg.rank(), pg.local_rank(), ndev, ndev));
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
+    online_device_check(r, 1);
+  } catch (const InputError&) {
+    code = 2;
+    failed = std::current_exception();
+  } catch (...) {
+    code = 1;
+    failed = std::current_exception();
+  }
+  std::vector<int32_t> worst{code};
+  pg.max_int32(worst);
+  if (failed) std::rethrow_exception(failed);
+  if (worst[0] == 2) throw InputError("another rank refused the run (its message says why)");
+  if (worst[0] != 0) throw RuntimeError("another rank failed before the run (its message says why)");
+  // Every process's schedulers must form the same steps: the same KV pool per replica everywhere
+  // (the smallest that fits on every device).
+  RuntimeLimits& L = r.setup.serving.limits;
+  std::vector<int32_t> neg_blocks{-static_cast<int32_t>(std::min<int64_t>(L.kv_blocks, INT32_MAX))};
+  pg.max_int32(neg_blocks);
+  L.kv_blocks = -int64_t(neg_blocks[0]);
+
+  pg.collective = true;  // from here a failing rank leaves its peers waiting: the caller aborts
+  OnlineSetup& S = r.setup;
+  const Layout& layout = r.plan.chosen.layout;
+  int dev = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
+  const Comm world = make_world(dev);
+  ProcessRank pr(world, S.model, cfg.weight_seed, r.plan.cluster, layout, online_gpu_config(r));
+  GpuModel& g = pr.model();
+  const int dp = layout.attn_dp, replica = pr.replica();
+  const bool last_stage = pr.rank() / layout.stage_size() == layout.pp - 1;
+  const StepOptions step_opt = greedy_options();
+  for (const model::SequenceStep& s : warmup_steps(r)) (void)g.step({s}, step_opt);
+  g.reset_cache();
+
+  // The engine in every process; admissions on rank 0's clock (broadcast each step), so every
+  // process's schedulers form the same steps; each process runs its replica's batch.
+  OnlineEngine eng(S.serving, S.requests, online_prompts(S));
+  std::vector<std::vector<int32_t>> ids(static_cast<size_t>(dp));
+  std::vector<int32_t> flat;
+  double wall_sum_ms = 0;
+  pg.barrier();
+  const auto t0 = clk::now();
+  auto now_s = [&] { return std::chrono::duration<double>(clk::now() - t0).count(); };
+  double next_progress = cfg.progress_every_s;
+  while (!eng.done()) {
+    const double t = pg.broadcast(now_s());
+    eng.admit_until(t);
+    if (!eng.has_work()) {  // the same in every process: rank 0 waits, the others in the broadcast
+      const double next_arrival = eng.next_arrival_s();
+      if (!std::isfinite(next_arrival))
+        throw RuntimeError("online engine: requests left unfinished with nothing to run");
+      const double wait = next_arrival - t;
+      if (pg.rank() == 0 && wait > 2e-4) std::this_thread::sleep_for(std::chrono::duration<double>(wait - 1e-4));
+      continue;
+    }
+    const OnlineEngine::Step& es = eng.schedule();
+    OnlineStep st = step_record(es, t);
+    const double t_sched = now_s();
+    g.prepare(es.batches[size_t(replica)], step_opt);
+    const double t_prep = now_s();
+    pg.barrier();
+    const auto e0 = clk::now();
+    g.enqueue(g.stream());
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+    pg.barrier();
+    st.measured_ms = std::chrono::duration<double, std::milli>(clk::now() - e0).count();
+    const double t_enq = now_s();
+    const GpuStepOutput out = g.collect(g.stream());
+    const double t_wait = now_s();
+    // Every replica's ids to every process: the last stage's ranks fill their replica's slice.
+    std::vector<size_t> offset(size_t(dp) + 1, 0);
+    for (int d = 0; d < dp; ++d) offset[size_t(d) + 1] = offset[size_t(d)] + es.lists[size_t(d)].size();
+    flat.assign(offset.back(), -1);
+    if (last_stage) {
+      if (out.token_ids.size() != es.lists[size_t(replica)].size())
+        throw RuntimeError(fmt::format("rank {}: {} sampled ids for {} sequences", pr.rank(), out.token_ids.size(),
+                                       es.lists[size_t(replica)].size()));
+      std::copy(out.token_ids.begin(), out.token_ids.end(), flat.begin() + std::ptrdiff_t(offset[size_t(replica)]));
+    }
+    pg.max_int32(flat);
+    for (int d = 0; d < dp; ++d)
+      ids[size_t(d)].assign(flat.begin() + std::ptrdiff_t(offset[size_t(d)]),
+                            flat.begin() + std::ptrdiff_t(offset[size_t(d) + 1]));
+    eng.take_tokens(ids);
+    const double t_end = now_s();
+    st.wall_ms = (t_end - t) * 1e3;
+    st.host.schedule_ms = (t_sched - t) * 1e3;
+    st.host.prepare_ms = (t_prep - t_sched) * 1e3;
+    st.host.enqueue_ms = (t_enq - t_prep) * 1e3;
+    st.host.wait_ms = (t_wait - t_enq) * 1e3;
+    st.host.sample_ms = (t_end - t_wait) * 1e3;
+    eng.complete(t_end);
+    wall_sum_ms += st.wall_ms;
+    r.steps.push_back(std::move(st));
+    r.steps.back().host.bookkeep_ms = (now_s() - t_end) * 1e3;
+    if (pg.rank() == 0 && cfg.progress_every_s > 0 && t_end >= next_progress) {
+      progress_line(eng, t_end);
+      next_progress = t_end + cfg.progress_every_s;
+    }
+  }
+  online_finish(r, eng, wall_sum_ms);
+  return r;
+}
+#endif
 
 nlohmann::json online_json(const OnlineResult& r) {
   const OnlineSetup& S = r.setup;
@@ -447,9 +596,16 @@ nlohmann::json online_json(const OnlineResult& r) {
   j["mixserve_cost_model"] = r.cost_model;
   j["mixserve_workload"] = w.name;
   j["mixserve_workload_approximate"] = w.approximate;
-  j["num_gpus"] = 1;
+  j["num_gpus"] = r.ranks;
   j["run_name"] = "mixserve-run bench";
   j["mode"] = "online";
+  j["ranks"] = r.ranks;
+  // Emulated: the plan's ranks shared one GPU; the times are not those of r.ranks GPUs.
+  j["emulated_ranks"] = r.emulated;
+  j["launch"] = r.emulated ? "emulated" : r.ranks > 1 ? "gpu-per-rank" : "one-gpu";
+  // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
+  // "none" (the all-reduce / gather exchange; docs/distributed.md).
+  j["moe_schedule"] = gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, S.model) : MoeSched::none);
   const Plan& p = r.plan;
   j["plan"] = {{"path", r.plan_path}, {"sha256", r.plan_sha256}, {"model", p.model.name},
                {"layout", p.chosen.layout.name()}, {"cluster", p.cluster.name},
@@ -472,10 +628,18 @@ nlohmann::json online_json(const OnlineResult& r) {
     reqs[i]["tpot_ms"] = q.tpot_ms();
     reqs[i]["e2el_ms"] = q.e2el_ms();
     reqs[i]["preemptions"] = q.preemptions;
+    reqs[i]["replica"] = q.replica;
   }
   j["requests"] = reqs;
   nlohmann::json steps = nlohmann::json::array();
   std::vector<double> errs;
+  auto batch_json = [](const sim::ReplicaBatch& b) {
+    return nlohmann::json{{"prefill_tokens", b.prefill_tokens},
+                          {"num_prefill_seqs", b.num_prefill_seqs},
+                          {"prefill_attn_pairs", b.prefill_attn_pairs},
+                          {"num_decode", b.num_decode},
+                          {"decode_context", b.decode_context}};
+  };
   for (const auto& s : r.steps) {
     errs.push_back(s.error_pct());
     steps.push_back({{"start_s", s.start_s},
@@ -494,12 +658,13 @@ nlohmann::json online_json(const OnlineResult& r) {
                        {"bookkeep", s.host.bookkeep_ms}}},
                      {"predicted_ms", s.predicted_ms},
                      {"error_pct", s.error_pct()},
-                     {"batch",
-                      {{"prefill_tokens", s.batch.prefill_tokens},
-                       {"num_prefill_seqs", s.batch.num_prefill_seqs},
-                       {"prefill_attn_pairs", s.batch.prefill_attn_pairs},
-                       {"num_decode", s.batch.num_decode},
-                       {"decode_context", s.batch.decode_context}}}});
+                     {"batch", batch_json(s.batch)}});
+    // Several replicas: the cost model was given each replica's batch (validate re-predicts them).
+    if (s.replicas.size() > 1) {
+      nlohmann::json reps = nlohmann::json::array();
+      for (const auto& b : s.replicas) reps.push_back(batch_json(b));
+      steps.back()["replicas"] = std::move(reps);
+    }
   }
   j["steps"] = steps;
   const sim::ErrorSummary e = sim::error_summary(errs);
@@ -537,6 +702,16 @@ std::string format_online_report(const OnlineResult& r) {
                    S.model.name, S.model.num_layers, r.plan.model.num_layers, w.name, to_string(w.arrival),
                    S.requests.requests.size(), w.seed, sim::policy_name(L.decode_first), L.max_num_seqs,
                    L.max_num_batched_tokens, L.chunked_prefill ? "on" : "off", L.kv_blocks, L.kv_block_tokens);
+  if (r.emulated)
+    o += fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
+                     "steps): not the speed of {} GPUs\n", r.ranks, r.ranks);
+  else if (r.ranks > 1)
+    o += fmt::format("# {} ranks, a GPU each, NCCL (one process, a thread per rank; host-timed steps)\n", r.ranks);
+  if (r.ranks > 1)
+    o += fmt::format("# {} attention-DP replicas, each with its own scheduler and {} KV blocks; MoE communication: "
+                     "{}; {} replica-steps ran an empty batch\n", S.serving.num_replicas, L.kv_blocks,
+                     to_string(moe_sched_for(r.plan.chosen.layout, S.model)),
+                     r.result.metrics.num_empty_replica_steps);
   const bool has_rate = w.arrival == ArrivalKind::poisson || w.arrival == ArrivalKind::gamma;
   o += sim::format_serving_block(r.result.metrics, S.serving, has_rate ? w.rate : 0.0,
                                  r.plan.chosen.layout.name(), "measured");
@@ -552,7 +727,8 @@ std::string format_online_report(const OnlineResult& r) {
                      e.n, e.median, e.p90_abs, e.worst);
   };
   o += fmt::format("# predicted vs measured per step (cost model {}, profile {}; error = (predicted - measured) / "
-                   "measured, measured by CUDA events)\n", r.cost_model, r.profile_name);
+                   "measured, measured by {})\n", r.cost_model, r.profile_name,
+                   r.ranks > 1 ? "the host clock around every rank's enqueue and completion" : "CUDA events");
   line("all", errs);
   line("prefill", pre);
   line("decode", dec);

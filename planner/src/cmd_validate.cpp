@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,19 @@ std::string str_of(const json& j, const std::string& key, const std::string& ori
 
 double rel_err_pct(double predicted, double measured) {
   return measured != 0 ? 100.0 * (predicted - measured) / measured : 0.0;
+}
+
+sim::ReplicaBatch batch_json(const json& b, const std::string& origin, const std::string& p) {
+  if (!b.is_object()) throw InputError(fmt::format("{}: key '{}': expected an object", origin, p));
+  sim::ReplicaBatch r;
+  r.prefill_tokens = sim::json_int(b, "prefill_tokens", origin, p);
+  r.num_prefill_seqs = sim::json_int(b, "num_prefill_seqs", origin, p);
+  r.prefill_attn_pairs = sim::json_number(b, "prefill_attn_pairs", origin, p);
+  r.num_decode = sim::json_int(b, "num_decode", origin, p);
+  r.decode_context = sim::json_number(b, "decode_context", origin, p);
+  if (r.prefill_tokens < 0 || r.num_prefill_seqs < 0 || r.num_decode < 0)
+    throw InputError(fmt::format("{}: key '{}': expected counts >= 0", origin, p));
+  return r;
 }
 
 sim::ReplicaBatch batch_from(const json& j, const std::string& origin, const std::string& path) {
@@ -129,10 +143,35 @@ int run_validate(const ValidateConfig& o) {
   // Per step the GPU part: measured_ms is CUDA events around the forward, without the host
   // overhead per step that the cost model adds from the profile (host_overhead). A step that ran
   // as a CUDA graph (its `cuda_graph`) is predicted with the graph's launch saving.
-  auto predict_ms = [&](const sim::ReplicaBatch& b, bool graphed) {
-    const sim::ReplicaBatch one[] = {b};
+  auto predict_ms = [&](std::span<const sim::ReplicaBatch> reps, bool graphed) {
     const auto& m = graphed ? *cm : *cm_eager;
-    return (m.step(std::span<const sim::ReplicaBatch>(one), false).time_us - prof.host_overhead.step_us) / 1e3;
+    return (m.step(reps, false).time_us - prof.host_overhead.step_us) / 1e3;
+  };
+  // The cost model's input of a step: one batch per attention-DP replica. Results of a plan with
+  // several replicas carry them (steps[i].replicas); their summed `batch` is not what ran on any
+  // replica, so without them the step cannot be re-predicted.
+  const int dp = plan.chosen.layout.attn_dp;
+  auto replicas_of = [&](const json& step, const std::string& p) {
+    std::vector<sim::ReplicaBatch> reps;
+    if (!step.is_object() || !step.contains("replicas")) {
+      if (dp > 1)
+        throw InputError(fmt::format(
+            "{}: key '{}.replicas': missing: the plan has {} attention-DP replicas and the step's summed batch "
+            "cannot be re-predicted (results of a mixserve-run without per-replica batches)", R, p, dp));
+      reps.push_back(batch_from(step, R, p));
+      return reps;
+    }
+    const json& a = step.at("replicas");
+    if (!a.is_array() || int(a.size()) != dp)
+      throw InputError(fmt::format("{}: key '{}.replicas': expected an array of the plan's {} replica batches", R,
+                                   p, dp));
+    int64_t tokens = 0;
+    for (size_t d = 0; d < a.size(); ++d) {
+      reps.push_back(batch_json(a[d], R, fmt::format("{}.replicas[{}]", p, d)));
+      tokens += reps.back().tokens();
+    }
+    if (tokens < 1) throw InputError(fmt::format("{}: key '{}.replicas': expected a step of at least one token", R, p));
+    return reps;
   };
 
   // Per step.
@@ -144,10 +183,17 @@ int run_validate(const ValidateConfig& o) {
     double measured = 0, predicted = 0;
   };
   std::vector<StepRow> rows;
+  bool any_graph = false;  // a step ran (or, without the key, is taken to have run) as a CUDA graph
   for (size_t i = 0; i < steps.size(); ++i) {
     const std::string p = fmt::format("steps[{}]", i);
     StepRow s;
-    const sim::ReplicaBatch b = batch_from(steps[i], R, p);
+    const std::vector<sim::ReplicaBatch> reps = replicas_of(steps[i], p);
+    sim::ReplicaBatch b;
+    for (const auto& x : reps) {
+      b.num_prefill_seqs += x.num_prefill_seqs;
+      b.num_decode += x.num_decode;
+      b.prefill_tokens += x.prefill_tokens;
+    }
     s.kind = b.num_prefill_seqs == 0 ? "decode" : b.num_decode == 0 ? "prefill" : "mixed";
     s.tokens = b.tokens();
     s.measured = sim::json_number(steps[i], "measured_ms", R, p);
@@ -155,7 +201,9 @@ int run_validate(const ValidateConfig& o) {
     const auto g = steps[i].find("cuda_graph");
     if (g != steps[i].end() && !g->is_boolean())
       throw InputError(fmt::format("{}: key '{}.cuda_graph': expected true or false", R, p));
-    s.predicted = predict_ms(b, g == steps[i].end() || g->get<bool>());
+    const bool graphed = g == steps[i].end() || g->get<bool>();
+    any_graph = any_graph || graphed;
+    s.predicted = predict_ms(reps, graphed);
     rows.push_back(s);
   }
 
@@ -163,9 +211,12 @@ int run_validate(const ValidateConfig& o) {
   std::string head;
   if (mode == "online") {
     sim::ServingConfig cfg = sim::serving_config_from_json(key_of(res, "serving_config", R, ""), R);
-    if (cfg.num_replicas != 1 || cfg.pp != 1)
-      throw InputError(fmt::format("{}: key 'serving_config': one replica and pp 1 expected (single-GPU results)", R));
+    if (cfg.num_replicas != dp || cfg.pp != 1)
+      throw InputError(fmt::format("{}: key 'serving_config': expected the plan's {} attention-DP replicas and pp 1 "
+                                   "(the online engine runs no pipeline), got {} and pp {}", R, dp, cfg.num_replicas,
+                                   cfg.pp));
     cfg.moe_load_seed = w.seed;
+    cfg.sample_moe_load = false;  // the expected MoE load every step, as the run's own per-step prediction
     sim::RequestStream stream;
     if (res.contains("requests")) {
       stream = sim::requests_from_json(res["requests"], R);
@@ -178,7 +229,8 @@ int run_validate(const ValidateConfig& o) {
         ov.rate = sim::json_number(wl, "rate", R, "workload");
       stream = sim::generate_requests(sim::apply_overrides(w, ov));
     }
-    const sim::SimResult sr = sim::simulate(*cm, cfg, stream);
+    // A run whose steps all ran eagerly (multi-GPU plans, --no-cuda-graph) is replayed eagerly.
+    const sim::SimResult sr = sim::simulate(any_graph ? *cm : *cm_eager, cfg, stream);
     const json pj = sim::metrics_to_json(sr.metrics, cfg);
     for (const auto& [k, v] : pj.items()) {
       if (!v.is_number() || !res.contains(k) || !res[k].is_number()) continue;
@@ -186,8 +238,9 @@ int run_validate(const ValidateConfig& o) {
     }
     if (metrics.empty()) throw InputError(fmt::format("{}: no metric keys (completed, mean_ttft_ms, ...)", R));
     head = fmt::format("online results {}: {} requests replayed through the simulator ({}, {} layers, profile {}, "
-                       "KV blocks {}, {})", R, stream.requests.size(), cm_name, model.num_layers, profile_name,
-                       cfg.limits.kv_blocks, sim::policy_name(cfg.limits.decode_first));
+                       "{} replica(s), KV blocks {} each, {}, decode {})", R, stream.requests.size(), cm_name,
+                       model.num_layers, profile_name, cfg.num_replicas, cfg.limits.kv_blocks,
+                       sim::policy_name(cfg.limits.decode_first), any_graph ? "as CUDA graphs" : "eager");
   } else {
     const int64_t B = sim::json_int(res, "batch_size", R), I = sim::json_int(res, "input_len", R),
                   O = sim::json_int(res, "output_len", R);
@@ -225,6 +278,12 @@ int run_validate(const ValidateConfig& o) {
 
   // Report.
   std::string out = fmt::format("# validate: plan {} | {}\n", o.plan, head);
+  const int64_t ranks = res.contains("ranks") && res["ranks"].is_number_integer() ? res["ranks"].get<int64_t>() : 1;
+  const bool emulated = res.contains("emulated_ranks") && res["emulated_ranks"].is_boolean() &&
+                        res["emulated_ranks"].get<bool>();
+  if (emulated)
+    out += fmt::format("# measured with {} ranks emulated on one GPU: the measured times are not those of {} GPUs, "
+                       "so the errors below say nothing about the prediction of a {}-GPU run\n", ranks, ranks, ranks);
   out += "# error = (predicted - measured) / measured\n";
   out += fmt::format("{:<34} {:>14} {:>14} {:>9}\n", "metric", "predicted", "measured", "error(%)");
   json jm = json::array();
@@ -257,7 +316,8 @@ int run_validate(const ValidateConfig& o) {
                          es.median, es.p90_abs, es.worst);
   }
   if (!o.json.empty()) {
-    const json doc{{"plan", o.plan},      {"results", R},         {"mode", mode},
+    const json doc{{"plan", o.plan},      {"results", R},         {"mode", mode}, {"ranks", ranks},
+                   {"emulated_ranks", emulated},
                    {"cost_model", cm_name}, {"profile", profile_name}, {"num_layers", model.num_layers},
                    {"metrics", jm},       {"step_error_pct", jsum}, {"steps", jsteps}};
     write_file_atomic(o.json, doc.dump(2) + "\n");

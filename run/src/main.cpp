@@ -8,9 +8,14 @@
 //     scheduler forms the steps (online.hpp); same metrics JSON as mixserve-plan simulate:
 //     mixserve-run bench --plan plan.yaml --workload sharegpt-paper [--num-requests N]
 //                        [--request-rate R] [--seed S] [--num-layers N] [--json FILE] ...
-// One GPU only. Exit codes: 0 ok, 1 runtime failure (no GPU, device errors), 2 bad input (plan for
-// another GPU model or more GPUs, unsupported model, not enough memory, bad weights, bad arguments).
+// A multi-GPU plan: --emulate-ranks (its ranks on this one GPU), --gpu-per-rank (a thread per GPU
+// of this node), or --mpi (one process per rank: mpirun -np R mixserve-run bench --plan P --mpi ...;
+// rank 0 prints and writes the results). Under a launcher with more than one
+// process (OMPI_COMM_WORLD_SIZE, PMI_SIZE, ...) --mpi is implied.
+// Exit codes: 0 ok, 1 runtime failure (no GPU, device errors), 2 bad input (plan for another GPU
+// model or another launch, unsupported model, not enough memory, bad weights, bad arguments).
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -19,6 +24,7 @@
 #include "mixserve/core/error.hpp"
 #include "mixserve/core/io.hpp"
 #include "mixserve/gpu/bench.hpp"
+#include "mixserve/gpu/bench_mpi.hpp"
 #include "mixserve/gpu/online.hpp"
 #include "mixserve/sim/serving.hpp"
 
@@ -31,6 +37,7 @@ struct Args {
   gpu::BenchConfig offline;
   gpu::OnlineConfig online;
   bool online_mode = false;  // --workload or --online
+  bool mpi = false;          // --mpi: one process per rank
   int64_t seed = -1;         // offline: prompts and weights (default 0); online: the workload's seed
   bool offline_opts = false, online_opts = false;
   std::string host_overhead_to;  // online: profile YAML whose host_overhead the run sets
@@ -51,21 +58,54 @@ int run_offline(Args& a) {
   return kExitOk;
 }
 
-int run_online(Args& a) {
+void online_args(Args& a) {
   a.online.overrides.seed = a.seed;
   a.online.num_layers = a.offline.num_layers;
   a.online.weights_dir = a.offline.weights_dir;
   a.online.profile = a.offline.profile;
   a.online.cuda_graph = a.offline.cuda_graph;
+  a.online.emulate_ranks = a.offline.emulate_ranks;
+  a.online.gpu_per_rank = a.offline.gpu_per_rank;
+}
+
+void write_host_overhead(const Args& a, const gpu::OnlineResult& r) {
+  if (a.host_overhead_to.empty()) return;
+  const HardwareProfile p = gpu::with_host_overhead(load_profile(a.host_overhead_to), r, a.command);
+  write_file_atomic(a.host_overhead_to, profile_to_yaml(p));
+  std::printf("# host overhead %.1f us per step (median of %lld steps) written to %s (host_overhead)\n",
+              p.host_overhead.step_us, static_cast<long long>(p.host_overhead.steps), a.host_overhead_to.c_str());
+}
+
+#if MIXSERVE_HAVE_MPI
+// One process of an MPI launch: every rank runs its part; rank 0 prints and writes the results.
+int run_online_mpi(Args& a, gpu::MpiSession& mpi) {
+  online_args(a);
+  const gpu::OnlineResult r = gpu::run_online_mpi(a.plan_path, a.online, mpi);
+  if (mpi.rank() == 0) {
+    std::fputs(gpu::format_online_report(r).c_str(), stdout);
+    write_json(a.json_path, gpu::online_json(r));
+    write_host_overhead(a, r);
+  }
+  return kExitOk;
+}
+
+int run_offline_mpi(Args& a, gpu::MpiSession& mpi) {
+  if (a.seed >= 0) a.offline.seed = static_cast<uint64_t>(a.seed);
+  const gpu::BenchResult r = gpu::run_bench_mpi(a.plan_path, a.offline, mpi);
+  if (mpi.rank() == 0) {
+    std::fputs(gpu::format_bench_report(r).c_str(), stdout);
+    write_json(a.json_path, gpu::bench_json(r));
+  }
+  return kExitOk;
+}
+#endif
+
+int run_online(Args& a) {
+  online_args(a);
   const gpu::OnlineResult r = gpu::run_online(a.plan_path, a.online);
   std::fputs(gpu::format_online_report(r).c_str(), stdout);
   write_json(a.json_path, gpu::online_json(r));
-  if (!a.host_overhead_to.empty()) {
-    const HardwareProfile p = gpu::with_host_overhead(load_profile(a.host_overhead_to), r, a.command);
-    write_file_atomic(a.host_overhead_to, profile_to_yaml(p));
-    std::printf("# host overhead %.1f us per step (median of %lld steps) written to %s (host_overhead)\n",
-                p.host_overhead.step_us, static_cast<long long>(p.host_overhead.steps), a.host_overhead_to.c_str());
-  }
+  write_host_overhead(a, r);
   return kExitOk;
 }
 
@@ -102,11 +142,14 @@ int main(int argc, char** argv) {
       ->group(off);
   bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly (offline and online)");
   bench->add_flag("--emulate-ranks", cfg.emulate_ranks,
-                  "a multi-GPU plan: run its ranks as logical ranks on this one GPU (docs/distributed.md)")
-      ->group(off);
+                  "a multi-GPU plan (offline and online): run its ranks as logical ranks on this one GPU "
+                  "(docs/distributed.md)");
   bench->add_flag("--gpu-per-rank", cfg.gpu_per_rank,
-                  "a multi-GPU plan on this node: rank r on GPU r, NCCL, a thread per rank (docs/distributed.md)")
-      ->group(off);
+                  "a multi-GPU plan on this node (offline and online): rank r on GPU r, NCCL, a thread per rank "
+                  "(docs/distributed.md)");
+  bench->add_flag("--mpi", a.mpi,
+                  "one process per rank of the plan, launched by mpirun / srun (implied under a launcher of more "
+                  "than one process); offline and online (docs/distributed.md)");
   // Online: the simulator CLI's names.
   const char* onl = "Online (serving, the simulator's scheduler)";
   bench->add_option("--workload", on.workload, "shipped workload name (configs/workloads) or YAML path: online mode")
@@ -140,9 +183,26 @@ int main(int argc, char** argv) {
       ->group(onl);
   CLI11_PARSE(app, argc, argv);
 
+#if MIXSERVE_HAVE_MPI
+  std::unique_ptr<gpu::MpiSession> mpi;
+#endif
+  // Under MPI every message names its rank: each process prints its own.
+  std::string who = "mixserve-run";
   try {
     const bool online = a.online_mode || !on.workload.empty();
-    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup", "--emulate-ranks", "--gpu-per-rank"})
+    const int launched = gpu::launcher_world_size();
+    if (launched > 1) a.mpi = true;
+    if (a.mpi) {
+#if MIXSERVE_HAVE_MPI
+      mpi = std::make_unique<gpu::MpiSession>();
+      who = fmt::format("mixserve-run (rank {} of {})", mpi->rank(), mpi->size());
+#else
+      throw InputError(fmt::format(
+          "{}: this mixserve-run was built without MPI (MPI or NCCL not found at configure time), so it cannot run "
+          "one process per rank", launched > 1 ? fmt::format("launched as {} MPI processes", launched) : "--mpi"));
+#endif
+    }
+    for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup"})
       if (online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an offline option; online mode (--workload) takes the lengths from "
                                      "the workload", opt));
@@ -151,12 +211,21 @@ int main(int argc, char** argv) {
                             "--slo-ttft", "--slo-tpot", "--slo-e2el", "--host-overhead-to"})
       if (!online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an online option: give --workload W (or --online)", opt));
+#if MIXSERVE_HAVE_MPI
+    if (mpi) return online ? run_online_mpi(a, *mpi) : run_offline_mpi(a, *mpi);
+#endif
     return online ? run_online(a) : run_offline(a);
   } catch (const InputError& e) {
-    std::fprintf(stderr, "mixserve-run: %s\n", e.what());
+    std::fprintf(stderr, "%s: %s\n", who.c_str(), e.what());
+#if MIXSERVE_HAVE_MPI
+    if (mpi && mpi->collective) mpi->abort(kExitInput);  // the peers wait in NCCL for this rank
+#endif
     return kExitInput;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mixserve-run: %s\n", e.what());
+    std::fprintf(stderr, "%s: %s\n", who.c_str(), e.what());
+#if MIXSERVE_HAVE_MPI
+    if (mpi && mpi->collective) mpi->abort(kExitRuntime);
+#endif
     return kExitRuntime;
   }
 }

@@ -9,10 +9,16 @@
 // request completes exactly once with the workload's token counts, the metrics keys are there,
 // every step is measured and predicted; with all requests at t = 0 (burst) the schedule does not
 // depend on timing, so it must equal the serving simulator's step for step (same scheduler), and
-// two runs give the same tokens; a small KV cache forces preemptions by recompute.
+// two runs give the same tokens; a small KV cache forces preemptions by recompute. Online with a
+// TP2 and a DP2 x EP2 plan as emulated ranks (one scheduler per attention-DP replica): every
+// request completes, routed round-robin, and its greedy tokens are the float64 reference's where
+// the reference's choice is clear, as are the single-GPU run's.
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -22,8 +28,12 @@
 #include "mixserve/gpu/bench.hpp"
 #include "mixserve/gpu/online.hpp"
 #include "mixserve/gpu/runtime.hpp"
+#include "mixserve/model/reference.hpp"
+#include "mixserve/model/safetensors.hpp"
+#include "mixserve/model/weights.hpp"
 #include "mixserve/sim/cost_model.hpp"
 #include "mixserve/sim/workload_gen.hpp"
+#include "forward_ties.hpp"
 
 using namespace mixserve;
 
@@ -409,5 +419,149 @@ TEST_CASE("run bench --emulate-ranks: two-GPU plans (TP2; DP2 x EP2) run as logi
     // The ranks' sums run in a fixed order: a second run gives the same greedy tokens.
     const gpu::BenchResult b = gpu::run_bench(*p, "test-plan", c);
     CHECK(b.output_ids == a.output_ids);
+  }
+}
+
+namespace {
+
+// The weights of small_qwen3() as a safetensors file, so that a single-GPU run and a run of
+// sharded ranks hold the same model (device-drawn weights are drawn per shard).
+std::string write_small_weights(const model::WeightSet& w) {
+  const auto path = std::filesystem::temp_directory_path() / "mixserve-test-run-online-ranks.safetensors";
+  std::vector<model::StTensorData> all;
+  for (const auto& t : w.tensors()) {
+    model::StTensorData d{t.name, model::StDType::bf16, t.shape, std::vector<uint8_t>(t.bf16.size() * 2)};
+    std::memcpy(d.bytes.data(), t.bf16.data(), d.bytes.size());
+    all.push_back(std::move(d));
+  }
+  model::write_safetensors(path, all, {{"format", "pt"}});
+  return path.string();
+}
+
+struct GreedyCheck {
+  int64_t positions = 0, clear = 0, agree = 0, ties = 0;
+};
+
+// Every request's greedy tokens against the float64 reference, teacher-forced on the run's own
+// tokens: at each generated position the reference's top-1 must be the run's token where its gap
+// to the second is clear (> kGapOfRms x the logits row's RMS: twice the distributed forward's
+// logits tolerance of docs/distributed.md, (layers + 0.5) x 2e-2 relative L2) and no MoE layer
+// routed that row near a tie (forward_ties.hpp: the GPU may legitimately pick another expert).
+constexpr double kGapOfRms = 0.15;
+GreedyCheck check_greedy(const model::WeightSet& w, const gpu::OnlineResult& r) {
+  const auto prompts = gpu::online_prompts(r.setup);
+  const int64_t V = w.spec().vocab_size;
+  GreedyCheck c;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto& out = r.output_ids[i];
+    model::SequenceStep q;
+    q.tokens = prompts[i];
+    q.tokens.insert(q.tokens.end(), out.begin(), out.end() - 1);  // the last token is never fed
+    q.position = 0;
+    const int64_t n = int64_t(q.tokens.size());
+    for (int64_t b = 0; b < (n + 15) / 16; ++b) q.block_table.push_back(int32_t(b));
+    model::ReferenceModel ref(w, model::KVCacheConfig{16, int((n + 15) / 16)});
+    const model::StepOutput o = ref.step({q});
+    const auto tie = test::near_ties(w, o);
+    for (size_t g = 0; g < out.size(); ++g) {
+      const int64_t row = int64_t(prompts[i].size()) - 1 + int64_t(g);
+      const double* l = &o.logits[size_t(row * V)];
+      int64_t best = 0;
+      double ss = 0;
+      for (int64_t v = 0; v < V; ++v) {
+        ss += l[v] * l[v];
+        if (l[v] > l[best]) best = v;
+      }
+      double second = -1e300;
+      for (int64_t v = 0; v < V; ++v)
+        if (v != best) second = std::max(second, l[v]);
+      ++c.positions;
+      bool tied = false;
+      for (const auto& layer : tie) tied = tied || layer[size_t(row)];
+      c.ties += tied;
+      if (tied || l[best] - second <= kGapOfRms * std::sqrt(ss / double(V))) continue;
+      ++c.clear;
+      c.agree += out[g] == int32_t(best);
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("run bench online --emulate-ranks: TP2 and DP2 x EP2 plans serve every request with the greedy tokens "
+          "of the single GPU") {
+  const model::WeightSet w = model::synthetic_weights(small_qwen3(), 21);
+  auto c = online_config();
+  c.weights_dir = write_small_weights(w);
+  c.cuda_graph = false;
+  const Plan one = online_plan(ArrivalKind::poisson);
+  Plan tp = make_plan(small_qwen3(), 2, device_gpu_model());
+  tp.chosen.limits = one.chosen.limits;
+  tp.workload = one.workload;
+  Plan dp = tp;
+  dp.chosen.layout = Layout{};
+  dp.chosen.layout.attn_dp = 2;
+  dp.chosen.layout.moe_ep = 2;
+  dp.chosen.layout.moe_comm = MoeComm::nccl_a2a;  // the EP schedule (moe_comm.hpp)
+  dp.rank_map = build_rank_map(dp.cluster, dp.model, dp.chosen.layout);
+
+  // A multi-GPU plan without a flag is refused before any device work, naming the flags.
+  try {
+    (void)gpu::run_online(dp, "test-plan", c);
+    FAIL("a 2-GPU plan ran online without --emulate-ranks");
+  } catch (const InputError& e) {
+    CHECK(std::string(e.what()).find("--emulate-ranks") != std::string::npos);
+  }
+
+  const gpu::OnlineResult base = gpu::run_online(one, "test-plan", c);
+  const GreedyCheck gb = check_greedy(w, base);
+  INFO("single GPU: " << gb.agree << " of " << gb.clear << " clear positions agree (" << gb.positions
+                      << " positions, " << gb.ties << " near ties)");
+  CHECK(gb.agree == gb.clear);
+  c.emulate_ranks = true;
+  for (const Plan* p : {&tp, &dp}) {
+    const int dp_degree = p->chosen.layout.attn_dp;
+    INFO(p->chosen.layout.name());
+    const gpu::OnlineResult r = gpu::run_online(*p, "test-plan", c);
+    CHECK(r.ranks == 2);
+    CHECK(r.emulated);
+    REQUIRE(r.result.requests.size() == 12);
+    REQUIRE(r.output_ids.size() == 12);
+    for (size_t i = 0; i < 12; ++i) {
+      INFO("request " << i);
+      CHECK(r.result.requests[i].finish_s >= r.result.requests[i].first_token_s);
+      CHECK(r.output_ids[i].size() == size_t(r.result.requests[i].output_tokens));
+      CHECK(r.result.requests[i].replica == int(i % size_t(dp_degree)));  // round-robin, as the simulator
+    }
+    CHECK(r.result.metrics.completed == 12);
+    CHECK(r.result.metrics.total_output_tokens == base.result.metrics.total_output_tokens);
+    for (const auto& s : r.steps) {
+      CHECK(s.measured_ms > 0);
+      CHECK(s.predicted_ms > 0);
+      CHECK_FALSE(s.cuda_graph);
+      REQUIRE(s.replicas.size() == size_t(dp_degree));
+      int64_t tokens = 0;
+      for (const auto& b : s.replicas) {
+        tokens += b.tokens();
+        CHECK(b.tokens() <= 32);  // each replica's own token budget
+      }
+      CHECK(tokens == s.num_tokens);
+    }
+    const GreedyCheck g = check_greedy(w, r);
+    INFO(g.agree << " of " << g.clear << " clear positions agree (" << g.positions << " positions, " << g.ties
+                 << " near ties)");
+    CHECK(g.clear >= 10);  // of about 50 generated positions (12 requests of 1-8 tokens)
+    CHECK(g.agree == g.clear);
+    const auto j = gpu::online_json(r);
+    CHECK(j["ranks"] == 2);
+    CHECK(j["emulated_ranks"] == true);
+    CHECK(j["num_gpus"] == 2);
+    CHECK(j["serving_config"]["num_replicas"] == dp_degree);
+    if (dp_degree > 1) {
+      CHECK(j["steps"][0]["replicas"].size() == 2);
+      CHECK(j["moe_schedule"] == "ep");
+    }
+    CHECK(gpu::format_online_report(r).find("2 ranks emulated on this one GPU") != std::string::npos);
   }
 }

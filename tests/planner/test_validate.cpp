@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <span>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -47,6 +48,19 @@ const fs::path& plan_path() {
     const Run r = run("search --model qwen3-30b-a3b --cluster " +
                       (fs::path(MIXSERVE_SOURCE_DIR) / "configs/clusters/h200-1x1.yaml").string() +
                       " --workload sharegpt-paper --layout vllm-tp-pp -o " + f.string());
+    REQUIRE_MESSAGE(r.code == 0, r.err);
+    return f;
+  }();
+  return p;
+}
+
+// A plan of 8 GPUs with two attention-DP replicas (attention TP4 x DP2, MoE TP4 x EP2, a2a).
+const fs::path& dp2_plan_path() {
+  static const fs::path p = [] {
+    const fs::path f = scratch() / "plan-dp2.yaml";
+    const Run r = run("search --model qwen3-30b-a3b --cluster " +
+                      (fs::path(MIXSERVE_SOURCE_DIR) / "configs/clusters/h200-1x8.yaml").string() +
+                      " --workload sharegpt-paper --layout 'attn TP4xDP2 | moe TP4xEP2 | PP1 | a2a' -o " + f.string());
     REQUIRE_MESSAGE(r.code == 0, r.err);
     return f;
   }();
@@ -286,4 +300,80 @@ TEST_CASE("validate: bad results files give exit 2 naming file and key, and no o
   const Run v = run("validate --plan " + (scratch() / "nope.yaml").string() + " --results " + rf.string());
   CHECK(v.code == 2);
   CHECK(v.err.find("nope.yaml") != std::string::npos);
+}
+
+TEST_CASE("validate: online results of two attention-DP replicas (emulated ranks), per-replica step batches") {
+  const Plan plan = load_plan(dp2_plan_path().string());
+  REQUIRE(plan.chosen.layout.attn_dp == 2);
+  const auto cm = cost_model(plan, true);
+  sim::ServingConfig cfg = serving_cfg();
+  cfg.num_replicas = 2;
+  cfg.sample_moe_load = false;  // as the run's own prediction
+  const sim::SimResult sr = sim::simulate(*cm, cfg, requests());
+  const json pm = sim::metrics_to_json(sr.metrics, cfg);
+  json r = common(plan, "online");
+  r["plan"]["sha256"] = sha256_hex(slurp(dp2_plan_path()));
+  r["ranks"] = 8;
+  r["emulated_ranks"] = true;
+  for (const auto& [k, v] : pm.items()) r[k] = v.is_number() ? json(v.get<double>() * 1.25) : v;
+  r["serving_config"] = sim::serving_config_json(cfg);
+  r["requests"] = sim::requests_json(requests());
+  // A step of a prefill on replica 0 and decodes on replica 1, and a step with replica 1 idle.
+  sim::ReplicaBatch pre, dec, idle;
+  pre.prefill_tokens = 100;
+  pre.num_prefill_seqs = 1;
+  pre.prefill_attn_pairs = 100 * 50.5;
+  dec.num_decode = 3;
+  dec.decode_context = 3 * 120;
+  const double overhead_us = load_profile(plan.profile_name).host_overhead.step_us;
+  auto step_ms = [&](std::vector<sim::ReplicaBatch> reps) {
+    return (cm->step(std::span<const sim::ReplicaBatch>(reps), false).time_us - overhead_us) / 1e3;
+  };
+  sim::ReplicaBatch sum = pre;
+  sum.num_decode = dec.num_decode;
+  sum.decode_context = dec.decode_context;
+  const double p0 = step_ms({pre, dec}), p1 = step_ms({dec, idle});
+  // The summed batch on one replica costs otherwise: the per-replica batches are what is compared.
+  CHECK(step_ms({sum, idle}) != doctest::Approx(p0));
+  r["steps"] = json::array({{{"batch", batch_json(sum)}, {"replicas", {batch_json(pre), batch_json(dec)}},
+                             {"measured_ms", 2 * p0}},
+                            {{"batch", batch_json(dec)}, {"replicas", {batch_json(dec), batch_json(idle)}},
+                             {"measured_ms", 2 * p1}}});
+  const fs::path rf = scratch() / "online-dp2.json", out = scratch() / "online-dp2-validate.json";
+  spit(rf, r.dump(2));
+  const std::string args = "validate --plan " + dp2_plan_path().string() + " --results " + rf.string() +
+                           " --output-json " + out.string();
+  const Run v = run(args);
+  REQUIRE_MESSAGE(v.code == 0, v.err);
+  CHECK(v.out.find("8 ranks emulated on one GPU") != std::string::npos);
+  const json doc = json::parse(slurp(out));
+  CHECK(doc["emulated_ranks"] == true);
+  int compared = 0;
+  for (const auto& m : doc["metrics"]) {
+    const std::string k = m["key"];
+    CHECK_MESSAGE(m["predicted"].get<double>() == doctest::Approx(pm[k].get<double>()), k);
+    if (pm[k].get<double>() != 0) {
+      CHECK_MESSAGE(m["error_pct"].get<double>() == doctest::Approx(-20.0), k);
+      ++compared;
+    }
+  }
+  CHECK(compared > 20);
+  REQUIRE(doc["steps"].size() == 2);
+  for (const auto& s : doc["steps"]) CHECK(s["error_pct"].get<double>() == doctest::Approx(-50.0));
+  CHECK(doc["steps"][0]["kind"] == "mixed");
+
+  // Without the per-replica batches, or with another replica count, nothing is predicted.
+  json no_reps = r;
+  no_reps["steps"][0].erase("replicas");
+  json one_replica = r;
+  one_replica["serving_config"]["num_replicas"] = 1;
+  for (const auto& [bad, key] : {std::pair{no_reps, std::string("steps[0].replicas")},
+                                 std::pair{one_replica, std::string("serving_config")}}) {
+    fs::remove(out);
+    spit(rf, bad.dump());
+    const Run b = run(args);
+    CHECK(b.code == 2);
+    CHECK_MESSAGE(b.err.find(key) != std::string::npos, b.err);
+    CHECK(!fs::exists(out));
+  }
 }

@@ -117,7 +117,35 @@ TEST_CASE("online setup: bad inputs are InputErrors naming the reason") {
   c.policy = "random";
   CHECK(error_of(plan, c).find("--policy") != std::string::npos);
   const std::string multi = error_of(one_gpu_plan("configs/clusters/h200-2x8.yaml"), config());
-  CHECK(multi.find("distributed runs are not built yet") != std::string::npos);
+  CHECK(multi.find("--emulate-ranks") != std::string::npos);
+  CHECK(multi.find("16 GPUs") != std::string::npos);
+}
+
+TEST_CASE("online setup: a multi-GPU plan with --emulate-ranks, one scheduler per attention-DP replica; PP refused") {
+  Plan plan = one_gpu_plan("configs/clusters/h200-1x8.yaml");
+  plan.chosen.layout.attn_dp = 4;
+  plan.chosen.layout.attn_tp = 2;
+  plan.chosen.layout.moe_ep = 4;
+  plan.chosen.layout.moe_tp = 2;
+  plan.chosen.layout.moe_comm = MoeComm::fused;
+  auto c = config();
+  CHECK(error_of(plan, c).find("--emulate-ranks") != std::string::npos);
+  c.emulate_ranks = true;
+  const auto s = gpu::online_setup(plan, "plan.yaml", c);
+  CHECK(s.serving.num_replicas == 4);
+  CHECK(s.serving.pp == 1);
+  CHECK_FALSE(s.serving.sample_moe_load);  // the run predicts each step with the expected load
+  c.gpu_per_rank = true;
+  CHECK(error_of(plan, c).find("exclude each other") != std::string::npos);
+  c.gpu_per_rank = false;
+  plan.chosen.layout = Layout{};
+  plan.chosen.layout.attn_tp = 4;
+  plan.chosen.layout.moe_tp = 4;
+  plan.chosen.layout.pp = 2;
+  const std::string pp = error_of(plan, c);
+  INFO(pp);
+  CHECK(pp.find("pipeline-parallel (PP2)") != std::string::npos);
+  CHECK(pp.find("offline") != std::string::npos);
 }
 
 TEST_CASE("online host phases: JSON keys, statistics and the profile's host overhead") {

@@ -5,7 +5,7 @@
 // plan's layout and cluster, the hardware profile), built from the batch the executor ran.
 //
 // The plan is untrusted input (STYLE.md §5): check_bench_plan() rejects, before any device work,
-// a plan of more than one GPU (distributed runs are not built yet), a plan for another GPU model
+// a plan of more than one GPU without --emulate-ranks / --gpu-per-rank / --mpi, a plan for another GPU model
 // than the device, a model outside the GPU forward's family, a batch the plan's limits do not
 // allow; estimate_bench_memory() is compared with the device's free memory before allocating.
 //
@@ -13,14 +13,21 @@
 // the file and tensor); RuntimeError "no GPU" without a CUDA device, and for device failures.
 #pragma once
 #include <cstdint>
+#include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "mixserve/core/plan.hpp"
+#include "mixserve/gpu/model_forward.hpp"
 #include "mixserve/gpu/runtime.hpp"
+#include "mixserve/gpu/shard.hpp"
 #include "mixserve/sim/cost_model.hpp"
+#if MIXSERVE_HAVE_NCCL
+#include "mixserve/gpu/comm.hpp"
+#endif
 
 namespace mixserve::gpu {
 
@@ -43,6 +50,8 @@ struct BenchConfig {
   // A multi-GPU plan on this node's GPUs: one process, a thread per rank, rank r on device r,
   // NCCL between them (distributed.hpp, Placement::gpu_per_rank). Host-timed steps.
   bool gpu_per_rank = false;
+  // One process per rank (run_bench_process: mpirun mixserve-run bench --mpi); set by it.
+  bool process_per_rank = false;
 };
 
 // One timed forward step, with the simulator's prediction of the same batch.
@@ -52,7 +61,8 @@ struct BenchStep {
   int num_seqs = 0;
   int64_t num_tokens = 0;   // new tokens of the step
   bool cuda_graph = false;
-  sim::ReplicaBatch batch;  // what the cost model was given
+  sim::ReplicaBatch batch;  // the step's batch, summed over the attention-DP replicas
+  std::vector<sim::ReplicaBatch> replicas;  // per replica: what the cost model was given
   double measured_ms = 0;
   double predicted_ms = 0;  // the cost model's step less the profile's host_overhead (GPU time)
   double error_pct() const { return measured_ms > 0 ? 100.0 * (predicted_ms - measured_ms) / measured_ms : 0.0; }
@@ -87,13 +97,12 @@ struct BenchResult {
   double median_prefill_error_pct = 0, median_decode_error_pct = 0;
 };
 
-// How check_single_gpu_plan treats a plan of several GPUs: refused as not built (the online mode),
-// refused naming --emulate-ranks / --gpu-per-rank (the offline mode without them), or allowed.
-enum class MultiGpuPlan { not_built, needs_flag, allowed };
+// How check_single_gpu_plan treats a plan of several GPUs: refused naming --emulate-ranks /
+// --gpu-per-rank (no launch flag given), or allowed.
+enum class MultiGpuPlan { needs_flag, allowed };
 // The checks of the plan alone, shared with the online mode (online.hpp): world size 1 (unless
 // `multi` allows more), a model the GPU forward supports (InputError naming what is not).
-void check_single_gpu_plan(const Plan& plan, const std::string& origin,
-                           MultiGpuPlan multi = MultiGpuPlan::not_built);
+void check_single_gpu_plan(const Plan& plan, const std::string& origin, MultiGpuPlan multi);
 // query_device() fields and library versions, as the results JSON holds them.
 nlohmann::json device_info_json(const DeviceInfo& d);
 // Validation without a device. InputError with the reason:
@@ -107,10 +116,69 @@ ModelSpec bench_model(const Plan& plan, const BenchConfig& cfg);
 // Weights + KV cache + activations for the benchmark (free_device left 0).
 BenchMemory estimate_bench_memory(const ModelSpec& m, const BenchConfig& cfg, int64_t chunk_tokens);
 
+// The estimate for a plan's R ranks emulated on one GPU, from the one-model estimate: the sharded
+// weights sum to about one model, every further rank adds its replicated embedding, LM head and
+// routers, and every rank its own activations.
+BenchMemory emulated_ranks_memory(BenchMemory one, const ModelSpec& m, int ranks);
+
 // The step batches the benchmark runs, as the cost model sees them: prefill chunks of at most
 // chunk_tokens new tokens (sequences in order, a sequence split across chunks when longer),
 // then output_len - 1 decode steps of every sequence.
 std::vector<sim::ReplicaBatch> bench_step_batches(const BenchConfig& cfg, int64_t chunk_tokens);
+
+// What one pass measured: per step its time and whether it ran as a CUDA graph, per sequence its
+// greedy ids.
+struct BenchRun {
+  std::vector<double> step_ms;
+  std::vector<bool> graph;
+  std::vector<std::vector<int32_t>> output_ids;
+};
+// The pieces of run_bench, shared with the per-process run below.
+// Checks without a device: validate_plan, check_bench_plan, the profile, and check_plan_for_run for
+// a multi-GPU plan (with `launch`, or the ranks this process drives) or any plan with `launch`.
+// Returns the result's plan, model, chunk, ranks and prediction settings. InputError.
+BenchResult bench_check(const Plan& plan, const std::string& origin, const BenchConfig& cfg,
+                        const LaunchShape* launch = nullptr);
+// On the current device: its name and GPU model against the plan, and the memory estimate of
+// `ranks_here` ranks on it against its free memory. InputError.
+void bench_device_check(BenchResult& r, int ranks_here);
+// The GpuModel limits of the benchmark (per attention-DP replica for a multi-GPU plan).
+GpuModelConfig bench_gpu_config(const BenchResult& r);
+// The prompts: cfg.batch sequences of cfg.input_len ids, seeded by cfg.seed.
+std::vector<std::vector<int32_t>> bench_prompts(const BenchConfig& cfg, int64_t vocab);
+// The steps of a pass with their predictions (the cost model's step of the per-replica batches)
+// and the bench_one_batch metrics.
+void bench_finish(BenchResult& r, const BenchRun& run);
+
+// The host side of one process per rank (MPI: bench_mpi.hpp), for the per-process bench.
+class ProcessGroup {
+ public:
+  virtual ~ProcessGroup() = default;
+  virtual int rank() const = 0;        // in the world of processes
+  virtual int size() const = 0;
+  virtual int local_rank() const = 0;  // on this node: the GPU it takes (of several visible)
+  virtual void barrier() = 0;
+  virtual void max_int32(std::span<int32_t> v) = 0;  // element-wise max over the processes, in place
+  virtual double broadcast(double v) = 0;            // rank 0's v, in every process
+  // Set once the processes entered NCCL communication: a process that fails after that leaves its
+  // peers waiting, so the caller aborts the whole job (MPI_Abort) instead of returning.
+  bool collective = false;
+};
+
+#if MIXSERVE_HAVE_NCCL
+// The offline benchmark with one process per rank of the plan (ProcessRank, distributed.hpp):
+// every process loads and checks the plan before any device work (world size against pg.size(),
+// the GPUs it sees, the model, the rank map: check_plan_for_run), takes the GPU of its local rank
+// (or the only one visible), and checks the device; the processes agree on the outcome, so all
+// stop when one refuses (InputError; a peer's refusal is named as such). Then make_world(device)
+// gives the NCCL world (init_mpi_world), and each process steps its replica's sequences
+// (s % attn_dp) with seeded synthetic weights; every step is timed on the host between barriers
+// over the processes; the last stage's greedy ids reach every process (pg.max_int32). Every
+// process returns the same steps and ids; rank 0's times are the run's. Decode runs eagerly.
+// --weights is refused (ProcessRank draws its shard on the device).
+BenchResult run_bench_process(const std::string& plan_path, const BenchConfig& cfg, ProcessGroup& pg,
+                              const std::function<Comm(int device)>& make_world);
+#endif
 
 // Loads and checks the plan, runs the benchmark on the current device. RuntimeError "no GPU"
 // without one.

@@ -9,10 +9,18 @@
 // (vLLM benchmark_serving keys); the results file holds the exact request list and the engine
 // config, so `mixserve-plan validate` replays them through the simulator.
 //
-// Single GPU only (check_single_gpu_plan). Open-loop arrivals (poisson, gamma, burst, trace);
-// closed-loop workloads give InputError. Greedy sampling runs on the device (only the token ids
-// come back); decode-only steps run as CUDA graphs (graph.hpp, as the offline bench) once their
-// token count has run eagerly; every step's host time is split into phases (HostPhases).
+// A multi-GPU plan runs with emulate_ranks (its R ranks as logical ranks on this one GPU) or
+// gpu_per_rank (a GPU per rank, NCCL, a thread per rank): distributed.hpp EmulatedRanks. Its
+// attention-DP replicas each run their own scheduler and block pool, requests are routed to them
+// as the simulator routes them, and every engine step steps all replicas at once (an idle one
+// with an empty batch): online_engine.hpp. Such steps run eagerly and are timed on the host
+// (enqueue on every rank to the last rank's completion); the prediction is the cost model's step
+// for the per-replica batches. Pipeline-parallel plans are refused (the simulator keeps pp
+// micro-batches in flight; the executor's step runs one batch through every stage).
+// Open-loop arrivals (poisson, gamma, burst, trace); closed-loop workloads give InputError.
+// Greedy sampling runs on the device (only the token ids come back); single-GPU decode-only steps
+// run as CUDA graphs (graph.hpp, as the offline bench) once their token count has run eagerly;
+// every step's host time is split into phases (HostPhases).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -23,6 +31,7 @@
 
 #include "mixserve/core/plan.hpp"
 #include "mixserve/core/profile.hpp"
+#include "mixserve/gpu/bench.hpp"
 #include "mixserve/sim/replay.hpp"
 #include "mixserve/sim/serving.hpp"
 
@@ -45,12 +54,16 @@ struct OnlineConfig {
   // Progress line on stderr about every progress_every_s seconds of wall time (0: none).
   double progress_every_s = 5;
   bool cuda_graph = true;        // decode-only steps as CUDA graphs (--no-cuda-graph: eager)
+  bool emulate_ranks = false;    // a multi-GPU plan's ranks as logical ranks on this one GPU
+  bool gpu_per_rank = false;     // a multi-GPU plan on this node's GPUs, rank r on device r
+  bool process_per_rank = false; // one process per rank (run_online_process, --mpi); set by it
 };
 
 // Host time of one engine step by phase (std::chrono, ms), in loop order:
 //   schedule  arrivals, the scheduler's step, KV block ids, the batch's SequenceSteps
 //   prepare   GpuModel::prepare (checks, metadata upload)
-//   enqueue   the forward's launches, or the graph's capture and launch
+//   enqueue   the forward's launches, or the graph's capture and launch (several ranks: every
+//             rank's launches and its completion, EmulatedRanks::enqueue_and_wait)
 //   wait      GpuModel::collect: waiting for the GPU, the token ids back
 //   sample    the sampled ids appended to their sequences
 //   bookkeep  the scheduler's completion, request times, block release
@@ -72,8 +85,9 @@ std::string format_host_phases(const std::vector<HostPhases>& phases, const std:
 
 // The engine setup without a device: workload with overrides, the request list, the engine config
 // (limits from the plan, the workload and the options; kv_blocks from the memory model, capped at
-// what max_num_seqs sequences of the longest request can hold). InputError naming the option, file
-// or request at fault.
+// what max_num_seqs sequences of the longest request can hold; per attention-DP replica). A
+// multi-GPU plan needs cfg.emulate_ranks or cfg.gpu_per_rank and pp 1. InputError naming the
+// option, file or request at fault.
 struct OnlineSetup {
   WorkloadSpec workload;
   sim::RequestStream requests;
@@ -83,12 +97,17 @@ struct OnlineSetup {
 };
 OnlineSetup online_setup(const Plan& plan, const std::string& origin, const OnlineConfig& cfg);
 
+// The requests' prompt ids: input_tokens each, uniform over the vocabulary, drawn in request
+// order from the workload's seed (the same ids for the same setup, whatever runs them).
+std::vector<std::vector<int32_t>> online_prompts(const OnlineSetup& s);
+
 struct OnlineStep {
   double start_s = 0;            // host clock since the benchmark started
   int num_prefill_seqs = 0, num_decode = 0;
   int64_t num_tokens = 0;
-  sim::ReplicaBatch batch;       // what the cost model was given
-  double measured_ms = 0;        // CUDA events around the forward
+  sim::ReplicaBatch batch;       // the step's batch, summed over the replicas
+  std::vector<sim::ReplicaBatch> replicas;  // per attention-DP replica: what the cost model was given
+  double measured_ms = 0;        // CUDA events around the forward (several ranks: host-timed)
   double wall_ms = 0;            // host: schedule, prepare, forward, ids back, sampling (to the tokens' time)
   bool cuda_graph = false;       // the forward ran as a CUDA graph
   HostPhases host;
@@ -105,6 +124,8 @@ struct OnlineResult {
   OnlineSetup setup;
   std::string device_name;
   nlohmann::json device;
+  int ranks = 1;                 // the plan's world size
+  bool emulated = false;         // ranks > 1 on this one GPU (else a GPU per rank)
   std::string cost_model, profile_name;
   sim::SimResult result;         // requests (times on the host clock), ITLs, metrics
   std::vector<OnlineStep> steps;
@@ -122,10 +143,22 @@ HardwareProfile with_host_overhead(HardwareProfile p, const OnlineResult& r, con
 
 OnlineResult run_online(const std::string& plan_path, const OnlineConfig& cfg);
 OnlineResult run_online(const Plan& plan, const std::string& origin, const OnlineConfig& cfg);
+#if MIXSERVE_HAVE_NCCL
+// The online benchmark with one process per rank (mpirun ... --mpi; bench.hpp ProcessGroup): the
+// checks of run_bench_process before any device work and the processes' agreement on them, the
+// KV blocks per replica agreed (the smallest that fits on every device); then every process runs
+// the same engine (online_engine.hpp) with admissions on rank 0's clock, broadcast each step, so
+// all form the same steps; each steps its replica's batch (ProcessRank, seeded synthetic weights,
+// eager), steps are timed on the host between barriers over the processes, every replica's ids
+// reach every process (pg.max_int32). Rank 0's result is the run's.
+OnlineResult run_online_process(const std::string& plan_path, const OnlineConfig& cfg, ProcessGroup& pg,
+                                const std::function<Comm(int device)>& make_world);
+#endif
 
 // The simulator's result keys (sim::metrics_to_json, plus request_rate and mixserve_*), then
-// mode "online", plan {path, sha256, model, ...}, model, workload, serving_config, requests (the
-// exact list, with each one's measured ttft/tpot/e2el), steps (each with its host phases),
+// mode "online", ranks, emulated_ranks, moe_schedule, plan {path, sha256, model, ...}, model, workload, serving_config, requests (the
+// exact list, with each one's replica and measured ttft/tpot/e2el), steps (each with its host
+// phases, and with several replicas its per-replica batches `replicas`),
 // step error summary, host_phases_ms (host_phases_json), output_ids, prediction, device,
 // versions, date.
 nlohmann::json online_json(const OnlineResult& r);
