@@ -89,18 +89,21 @@ struct Acc {
   std::array<double, kSlots> t{};
   std::array<CostSource, kSlots> s{};
   std::array<bool, kSlots> used{};
+  std::array<double, kSlots> n{};  // launches per slot
   double launches = 0;
-  void add_launches(Slot i, OpTime o, double n) {
+  void add_launches(Slot i, OpTime o, double count) {
     t[i] += o.time_us;
     s[i] = used[i] ? worse(s[i], o.source) : o.source;
     used[i] = true;
-    launches += n;
+    n[i] += count;
+    launches += count;
   }
   void add(Slot i, OpTime o) { add_launches(i, o, 1); }
   void add_coll(Slot i, OpTime o) { add_launches(i, o, 0); }
   void add(const Acc& o, double mult) {
     launches += o.launches * mult;
     for (int i = 0; i < kSlots; ++i) {
+      n[i] += o.n[i] * mult;
       if (!o.used[i]) continue;
       t[i] += o.t[i] * mult;
       s[i] = used[i] ? worse(s[i], o.s[i]) : o.s[i];
@@ -368,15 +371,21 @@ class MixServeModel final : public StepCostModel {
       out.launches += stage.launches;
       out.time_us += ts;
       out.stage_time_us = std::max(out.stage_time_us, ts);
-      if (breakdown) total.add(stage, 1.0);
+      total.add(stage, 1.0);
     }
     // A decode-only step the executor runs as a CUDA graph: its kernels run back to back, each
     // launch costing the profile's measured graph saving less than its table point (timed alone).
+    // Per slot: its launches x the saving, at most the slot's time (the breakdown stays >= 0).
     double graph_us = 0;
     if (graph_saving_us_ > 0 && !any_prefill && per_replica.size() == 1 &&
         decode_step_graphed(true, l_.world_size() > 1, E_ > 0, per_replica[0].num_decode, k_)) {
-      graph_us = std::min(out.launches * graph_saving_us_, out.time_us);
+      for (int i = 0; i < kSlots; ++i) {
+        const double cut = std::min(total.n[i] * graph_saving_us_, total.t[i]);
+        total.t[i] -= cut;
+        graph_us += cut;
+      }
       out.time_us -= graph_us;
+      out.stage_time_us = std::max(0.0, out.stage_time_us - graph_us);  // one stage (unsharded)
     }
     // The executor's host time per step outside the GPU's busy time (profile host_overhead;
     // 0 when the profile has none). An empty step costs nothing.
@@ -389,8 +398,6 @@ class MixServeModel final : public StepCostModel {
       for (int i = 0; i < kSlots; ++i)
         if (total.used[i] && total.t[i] > 0)
           out.ops.push_back(OpCost{kSlotNames[i], phase, total.t[i], total.s[i]});
-      if (graph_us > 0)  // negative: what the graph's back-to-back launches save on the ops above
-        out.ops.push_back(OpCost{"graph.launch_overlap", phase, -graph_us, CostSource::measured});
       if (host_us > 0) out.ops.push_back(OpCost{"host.step_overhead", phase, host_us, CostSource::measured});
     }
     return out;
@@ -612,7 +619,9 @@ class MixServeModel final : public StepCostModel {
     }
     // One attention launch for the step's decodes and prefill chunks together, plus the merge
     // of the KV splits when it splits (the tables time both).
-    a.launches += attention_launches(b);
+    const double attn_launches = attention_launches(b);
+    a.launches += attn_launches;
+    a.n[attn_core] += attn_launches;
     if (dense_gemv_for(dk_, int64_t(t), int64_t(heads_) * v_dim))
       a.add(attn_o, timer_->gemv(t, h_, int64_t(heads_) * v_dim, wd, GemvKind::plain));
     else
