@@ -838,6 +838,7 @@ void EpMoeComm::combine() {
   }
   // 2. The rows go back: rank d returns to r what it received from r (summed over the
   //    members when moe_tp > 1).
+  ops.clear();
   for (int d = 0; d < P; ++d)
     for (int r = 0; r < P; ++r) {
       const sim::EpRankPlan& rp = s.ranks[r];
