@@ -475,6 +475,73 @@ void FusedMoeComm::combine() {
 
 // ----------------------------------------------------------------------------- plain EP
 
+EpRounds ep_rounds(const sim::EpSchedule& s) {
+  const sim::CommGeometry& geo = s.geo;
+  const int P = geo.num_ranks, epr = geo.experts_per_ep_rank(), T = geo.moe_tp, A = geo.attn_tp;
+  // recv_off[d][src]: where the rows from src start among rank d's received rows.
+  std::vector<std::vector<int64_t>> recv_off(static_cast<size_t>(P), std::vector<int64_t>(P + 1, 0));
+  for (int d = 0; d < P; ++d)
+    for (int src = 0; src < P; ++src) {
+      int64_t n = 0;
+      for (int e = 0; e < epr; ++e) n += s.ranks[d].recv_counts[static_cast<size_t>(src) * epr + e];
+      recv_off[d][src + 1] = recv_off[d][src] + n;
+    }
+  auto add = [](std::vector<EpTransfer>& round, int src, int dst, int64_t rows, EpBuf sb, int64_t srow, EpBuf rb,
+                int64_t rrow) {
+    if (rows > 0) round.push_back(EpTransfer{src, dst, rows, sb, srow, rb, rrow});
+  };
+  EpRounds out;
+  // Dispatch 1: rank r's rows for d into d's piece of the gathered rows.
+  for (int r = 0; r < P; ++r) {
+    const sim::EpRankPlan& rp = s.ranks[r];
+    for (int d = 0; d < P; ++d)
+      add(out.dispatch_rows, r, d, rp.send_offset[d + 1] - rp.send_offset[d], EpBuf::sendbuf, rp.send_offset[d],
+          EpBuf::recvbuf, s.ranks[d].gather_begin + recv_off[d][r]);
+  }
+  // Dispatch 2: every member sends its received rows to the other members of its EP index, and
+  // (shared expert) its source tokens to those of other attention replicas.
+  for (int r = 0; r < P; ++r) {
+    const sim::EpRankPlan& rp = s.ranks[r];
+    for (int u = r - r % T; u < r - r % T + T; ++u) {
+      if (u == r) continue;
+      add(out.dispatch_gather, r, u, rp.recv_rows(), EpBuf::recvbuf, rp.gather_begin, EpBuf::recvbuf, rp.gather_begin);
+      if (s.ranks[u].replica != rp.replica)
+        add(out.dispatch_gather, r, u, rp.shared_rows, EpBuf::x, rp.token_begin, EpBuf::recvbuf, rp.shared_begin);
+    }
+  }
+  // Combine 1: in round j member m sends its partials of member (m + j) mod T's piece
+  // [shared rows | received rows] to it.
+  for (int j = 1; j < T; ++j) {
+    std::vector<EpTransfer>& round = out.combine_rs.emplace_back();
+    for (int r = 0; r < P; ++r) {
+      const int u = r - r % T + (r % T + j) % T;
+      const sim::EpRankPlan& up = s.ranks[u];
+      add(round, r, u, up.shared_rows, EpBuf::outbuf, up.shared_begin, EpBuf::rsbuf, 0);
+      add(round, r, u, up.recv_rows(), EpBuf::outbuf, up.gather_begin, EpBuf::rsbuf, up.shared_rows);
+    }
+  }
+  // Combine 2: rank d returns to r what it received from r (summed over the members when
+  // moe_tp > 1: after its shared rows in redbuf; moe_tp 1: at gather_begin in outbuf).
+  for (int d = 0; d < P; ++d) {
+    const sim::EpRankPlan& dp = s.ranks[d];
+    for (int r = 0; r < P; ++r) {
+      const sim::EpRankPlan& rp = s.ranks[r];
+      add(out.combine_back, d, r, rp.send_offset[d + 1] - rp.send_offset[d], T > 1 ? EpBuf::redbuf : EpBuf::outbuf,
+          (T > 1 ? dp.shared_rows : dp.gather_begin) + recv_off[d][r], EpBuf::backbuf, rp.send_offset[d]);
+    }
+  }
+  // Combine 3: split source, the replica's ranks exchange their combined token ranges.
+  if (s.source == sim::EpSource::split && A > 1)
+    for (int r = 0; r < P; ++r) {
+      const sim::EpRankPlan& rp = s.ranks[r];
+      for (int u = rp.replica * A; u < (rp.replica + 1) * A; ++u)
+        if (u != r)
+          add(out.combine_gather, r, u, rp.token_end - rp.token_begin, EpBuf::y, rp.token_begin, EpBuf::y,
+              rp.token_begin);
+    }
+  return out;
+}
+
 struct EpMoeComm::Rank {
   int device = 0;
   Stream stream;
@@ -503,9 +570,21 @@ struct EpMoeComm::Rank {
   DeviceBuffer pair_expert;  // int32 [recv cap]
   DeviceBuffer pair_w;       // f64 [recv cap]
   std::vector<int64_t> counts_host;  // exchanged recv counts
-  std::vector<int64_t> recv_off;     // [P + 1] rows from source s at recv_off[s]
   int64_t n = 0;
   explicit Rank(int dev) : device(dev), stream(dev) {}
+  DeviceBuffer& buffer(EpBuf b) {
+    switch (b) {
+      case EpBuf::x: return x;
+      case EpBuf::sendbuf: return sendbuf;
+      case EpBuf::recvbuf: return recvbuf;
+      case EpBuf::outbuf: return outbuf;
+      case EpBuf::rsbuf: return rsbuf;
+      case EpBuf::redbuf: return redbuf;
+      case EpBuf::backbuf: return backbuf;
+      case EpBuf::y: return y;
+    }
+    throw RuntimeError("EP MoE comm: unknown buffer");
+  }
   ~Rank() {
     for (cudaEvent_t e : ev)
       if (e) cudaEventDestroy(e);
@@ -629,8 +708,8 @@ void EpMoeComm::prepare(const sim::EpSchedule& s, std::span<const sim::ReplicaRo
     upload(rk.pair_off, poff, "pair offsets");
     upload(rk.pair_expert, pe, "pair experts");
     upload(rk.pair_w, pw, "pair weights");
-    rk.recv_off.assign(P + 1, 0);
   }
+  rounds_ = ep_rounds(s);
   s_ = &s;
 }
 
@@ -685,77 +764,54 @@ void EpMoeComm::dispatch() {
     if (rk.counts_host != s.ranks[r].recv_counts)
       throw RuntimeError("EP MoE comm: rank " + std::to_string(r) +
                          " received counts that differ from the schedule's recv_counts");
-    for (int src = 0; src < P; ++src) {
-      int64_t n = 0;
-      for (int e = 0; e < epr; ++e) n += rk.counts_host[static_cast<size_t>(src) * epr + e];
-      rk.recv_off[src + 1] = rk.recv_off[src] + n;
-    }
   }
   // 2. Pack the (token, expert) rows, 3. one grouped send/recv into this rank's piece of the
-  //    gathered rows.
-  ops.clear();
+  //    gathered rows (offsets from the schedule's recv_counts, equal to the exchanged ones).
   for (int r = 0; r < P; ++r) {
-    const sim::EpRankPlan& rp = s.ranks[r];
-    if (ranks_[r]) {
-      Rank& rk = *ranks_[r];
-      const int64_t rows = rp.send_offset.back();
-      MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
-      pack(rk.x.get(), cap_, h, h, rk.sendbuf.get(), rows, h, h, rk.send_token.as<int32_t>(), rows,
-           h, 0, dtype_, rk.stream.get());
-    }
-    for (int d = 0; d < P; ++d) {
-      P2pOp op;
-      op.src = r;
-      op.dst = d;
-      const int64_t rows = rp.send_offset[d + 1] - rp.send_offset[d];
-      op.bytes = static_cast<std::size_t>(rows) * h * eb_;
-      if (ranks_[r]) op.send = at(ranks_[r]->sendbuf, rp.send_offset[d] * h, eb_);
-      if (ranks_[d]) {
-        const auto& off = ranks_[d]->recv_off;
-        if (off[r + 1] - off[r] != rows)
-          throw RuntimeError("EP MoE comm: rank " + std::to_string(r) + " sends " + std::to_string(rows) +
-                             " rows to rank " + std::to_string(d) + ", its counts say " +
-                             std::to_string(off[r + 1] - off[r]));
-        op.recv = at(ranks_[d]->recvbuf, (s.ranks[d].gather_begin + off[r]) * h, eb_);
-      }
-      ops.push_back(op);
-    }
+    if (!ranks_[r]) continue;
+    Rank& rk = *ranks_[r];
+    const int64_t rows = s.ranks[r].send_offset.back();
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
+    pack(rk.x.get(), cap_, h, h, rk.sendbuf.get(), rows, h, h, rk.send_token.as<int32_t>(), rows,
+         h, 0, dtype_, rk.stream.get());
   }
-  tr_.p2p_round(ops, st);
+  issue(rounds_.dispatch_rows);
   // 4. moe_tp > 1: the members of an EP index all-gather their received rows (uneven pieces:
   //    one grouped send/recv, each piece at its gather_begin on every member). Shared expert:
   //    each member's source tokens at its shared_begin, copied from the input by the members of
   //    its attention replica, sent to the others in the same round.
   const int T = geo_.moe_tp;
-  ops.clear();
   for (int r = 0; r < P; ++r) {
-    const sim::EpRankPlan& rp = s.ranks[r];
+    if (!ranks_[r]) continue;
+    Rank& rk = *ranks_[r];
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
     for (int u = r - r % T; u < r - r % T + T; ++u) {
       const sim::EpRankPlan& up = s.ranks[u];
-      if (up.shared_rows > 0 && up.replica == rp.replica && ranks_[r]) {
-        Rank& rk = *ranks_[r];
-        MIXSERVE_CUDA_CHECK(cudaSetDevice(rk.device));
+      if (up.shared_rows > 0 && up.replica == s.ranks[r].replica)
         MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(at(rk.recvbuf, up.shared_begin * h, eb_),
                                             at(rk.x, static_cast<int64_t>(up.token_begin) * h, eb_),
                                             static_cast<std::size_t>(up.shared_rows) * h * eb_,
                                             cudaMemcpyDeviceToDevice, rk.stream.get()));
-      }
-      if (u == r) continue;
-      P2pOp op;
-      op.src = r;
-      op.dst = u;
-      op.bytes = static_cast<std::size_t>(rp.recv_rows()) * h * eb_;
-      if (ranks_[r]) op.send = at(ranks_[r]->recvbuf, rp.gather_begin * h, eb_);
-      if (ranks_[u]) op.recv = at(ranks_[u]->recvbuf, rp.gather_begin * h, eb_);
-      ops.push_back(op);
-      if (rp.shared_rows == 0 || up.replica == rp.replica) continue;
-      op.bytes = static_cast<std::size_t>(rp.shared_rows) * h * eb_;
-      op.send = ranks_[r] ? at(ranks_[r]->x, static_cast<int64_t>(rp.token_begin) * h, eb_) : nullptr;
-      op.recv = ranks_[u] ? at(ranks_[u]->recvbuf, rp.shared_begin * h, eb_) : nullptr;
-      ops.push_back(op);
     }
   }
-  if (!ops.empty()) tr_.p2p_round(ops, st);
+  issue(rounds_.dispatch_gather);
+}
+
+void EpMoeComm::issue(std::span<const EpTransfer> ts) {
+  if (ts.empty()) return;
+  const int64_t h = geo_.hidden;
+  std::vector<P2pOp> ops;
+  ops.reserve(ts.size());
+  for (const EpTransfer& t : ts) {
+    P2pOp op;
+    op.src = t.src;
+    op.dst = t.dst;
+    op.bytes = static_cast<std::size_t>(t.rows * h) * eb_;
+    if (ranks_[t.src]) op.send = at(ranks_[t.src]->buffer(t.send_buf), t.send_row * h, eb_);
+    if (ranks_[t.dst]) op.recv = at(ranks_[t.dst]->buffer(t.recv_buf), t.recv_row * h, eb_);
+    ops.push_back(op);
+  }
+  tr_.p2p_round(ops, streams());
 }
 
 void EpMoeComm::toy_experts() {
@@ -785,9 +841,7 @@ void EpMoeComm::toy_experts() {
 void EpMoeComm::combine() {
   if (!s_) throw RuntimeError("EP MoE comm: combine before prepare");
   const sim::EpSchedule& s = *s_;
-  const int P = geo_.num_ranks, h = geo_.hidden, A = geo_.attn_tp, T = geo_.moe_tp;
-  const auto st = streams();
-  std::vector<P2pOp> ops;
+  const int P = geo_.num_ranks, h = geo_.hidden, T = geo_.moe_tp;
   // 1. moe_tp > 1: reduce-scatter of the partial sums over the members of an EP index, in
   //    T - 1 rounds (uneven pieces): in round j member m sends its partials of member
   //    (m + j) mod T's piece [shared rows | received rows] to it, which adds them to its sum
@@ -804,23 +858,7 @@ void EpMoeComm::combine() {
     kernels::launch_sum_buffers(p, rk.stream.get());
   };
   for (int j = 1; j < T; ++j) {
-    ops.clear();
-    for (int r = 0; r < P; ++r) {
-      const int u = r - r % T + (r % T + j) % T;
-      const sim::EpRankPlan& up = s.ranks[u];
-      P2pOp op;
-      op.src = r;
-      op.dst = u;
-      op.bytes = static_cast<std::size_t>(up.shared_rows) * h * eb_;
-      if (ranks_[r]) op.send = at(ranks_[r]->outbuf, up.shared_begin * h, eb_);
-      if (ranks_[u]) op.recv = ranks_[u]->rsbuf.get();
-      if (op.bytes > 0) ops.push_back(op);
-      op.bytes = static_cast<std::size_t>(up.recv_rows()) * h * eb_;
-      if (ranks_[r]) op.send = at(ranks_[r]->outbuf, up.gather_begin * h, eb_);
-      if (ranks_[u]) op.recv = at(ranks_[u]->rsbuf, up.shared_rows * h, eb_);
-      ops.push_back(op);
-    }
-    tr_.p2p_round(ops, st);
+    issue(rounds_.combine_rs[static_cast<size_t>(j - 1)]);
     for (int r = 0; r < P; ++r) {
       if (!ranks_[r]) continue;
       Rank& rk = *ranks_[r];
@@ -838,21 +876,7 @@ void EpMoeComm::combine() {
   }
   // 2. The rows go back: rank d returns to r what it received from r (summed over the
   //    members when moe_tp > 1).
-  for (int d = 0; d < P; ++d)
-    for (int r = 0; r < P; ++r) {
-      const sim::EpRankPlan& rp = s.ranks[r];
-      const int64_t rows = rp.send_offset[d + 1] - rp.send_offset[d];
-      P2pOp op;
-      op.src = d;
-      op.dst = r;
-      op.bytes = static_cast<std::size_t>(rows) * h * eb_;
-      if (ranks_[d])  // its received rows: after its shared rows in redbuf (moe_tp > 1), at gather_begin in outbuf
-        op.send = T > 1 ? at(ranks_[d]->redbuf, (s.ranks[d].shared_rows + ranks_[d]->recv_off[r]) * h, eb_)
-                        : at(ranks_[d]->outbuf, (s.ranks[d].gather_begin + ranks_[d]->recv_off[r]) * h, eb_);
-      if (ranks_[r]) op.recv = at(ranks_[r]->backbuf, rp.send_offset[d] * h, eb_);
-      ops.push_back(op);
-    }
-  tr_.p2p_round(ops, st);
+  issue(rounds_.combine_back);
   // 3. Weighted combine at home: y[token] = sum over its rows of w * row (+ its summed shared
   //    row, copied behind the returned rows).
   for (int r = 0; r < P; ++r) {
@@ -878,23 +902,7 @@ void EpMoeComm::combine() {
     kernels::launch_weighted_combine(p, rk.stream.get());
   }
   // 4. Split source: the replica's ranks exchange their combined token ranges.
-  if (source_ == sim::EpSource::split && A > 1) {
-    ops.clear();
-    for (int r = 0; r < P; ++r) {
-      const sim::EpRankPlan& rp = s.ranks[r];
-      for (int u = rp.replica * A; u < (rp.replica + 1) * A; ++u) {
-        if (u == r) continue;
-        P2pOp op;
-        op.src = r;
-        op.dst = u;
-        op.bytes = static_cast<std::size_t>(rp.token_end - rp.token_begin) * h * eb_;
-        if (ranks_[r]) op.send = at(ranks_[r]->y, static_cast<int64_t>(rp.token_begin) * h, eb_);
-        if (ranks_[u]) op.recv = at(ranks_[u]->y, static_cast<int64_t>(rp.token_begin) * h, eb_);
-        ops.push_back(op);
-      }
-    }
-    tr_.p2p_round(ops, st);
-  }
+  issue(rounds_.combine_gather);
 }
 
 }  // namespace mixserve::gpu

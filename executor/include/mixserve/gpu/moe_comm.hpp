@@ -97,6 +97,44 @@ class FusedMoeComm {
   std::vector<std::unique_ptr<Rank>> ranks_;  // [P], null for ranks not held here
 };
 
+// The transport rounds of EpMoeComm, built on the host from the schedule alone (no device):
+// each transfer moves `rows` full rows ([rows, hidden] row-major) from a row of one per-rank
+// buffer of src to a row of one of dst, and the executor only turns them into pointers. So a
+// CPU test can sum what the executor sends against EpRankPlan::dispatch_bytes / combine_bytes
+// (tests/gpu/test_ep_rounds.cpp). The counts round (int64 counts, not rows, outside the
+// schedule's bytes) and the local copies of the shared rows stay in EpMoeComm::dispatch().
+// Per-rank buffers of EpMoeComm, with the rows a step uses of each (EpRankPlan fields; n = the
+// replica's tokens, sent = send_offset.back()).
+enum class EpBuf {
+  x,        // [n, h] the replica's tokens
+  sendbuf,  // [sent, h] rows by (destination, local expert, token, slot)
+  recvbuf,  // [gather_rows, h] the EP index's rows (EpRankPlan::shared_* / gather_*)
+  outbuf,   // [gather_rows, h] expert (TP-partial) outputs, same order
+  rsbuf,    // [shared_rows + recv_rows(), h] one member's partials of this rank's piece
+  redbuf,   // [shared_rows + recv_rows(), h] this rank's piece, summed over the members
+  backbuf,  // [sent, h] outputs back home, in send order (then the shared rows, copied locally)
+  y,        // [n, h] combined rows
+};
+struct EpTransfer {
+  int src = 0, dst = 0;  // ranks of the stage
+  int64_t rows = 0;      // > 0: rounds hold no empty transfers
+  EpBuf send_buf = EpBuf::sendbuf;
+  int64_t send_row = 0;
+  EpBuf recv_buf = EpBuf::recvbuf;
+  int64_t recv_row = 0;
+};
+struct EpRounds {
+  std::vector<EpTransfer> dispatch_rows;            // the all-to-all of the (token, expert) rows
+  std::vector<EpTransfer> dispatch_gather;          // moe-TP all-gather (+ shared source rows)
+  std::vector<std::vector<EpTransfer>> combine_rs;  // [moe_tp - 1] reduce-scatter rounds
+  std::vector<EpTransfer> combine_back;             // rows back to their source rank
+  std::vector<EpTransfer> combine_gather;           // split source, attn_tp > 1: the replica's
+                                                    // exchange of its combined token ranges
+};
+// Row offsets come from the schedule's recv_counts, which dispatch() checks the exchanged
+// counts against before any row moves.
+EpRounds ep_rounds(const sim::EpSchedule& s);
+
 class EpMoeComm {
  public:
   EpMoeComm(const sim::CommGeometry& geo, int64_t max_tokens_per_replica, sim::EpSource source,
@@ -128,6 +166,8 @@ class EpMoeComm {
  private:
   struct Rank;
   std::vector<cudaStream_t> streams() const;
+  // One p2p round of `ts` (pointers of the ranks held here), skipped when empty.
+  void issue(std::span<const EpTransfer> ts);
   sim::CommGeometry geo_;
   int64_t cap_ = 0;
   sim::EpSource source_;
@@ -135,6 +175,7 @@ class EpMoeComm {
   int eb_ = 2;
   Transport& tr_;
   const sim::EpSchedule* s_ = nullptr;
+  EpRounds rounds_;  // of *s_, built by prepare()
   std::vector<std::unique_ptr<Rank>> ranks_;
 };
 
