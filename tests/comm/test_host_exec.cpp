@@ -136,14 +136,16 @@ TEST_CASE("EP by all-to-all with TP inside the experts (moe_tp 2 and G) matches 
   // are the ranks with its moe-TP index, the members of an EP index all-gather the rows they
   // received and reduce-scatter the partial sums.
   int cases = 0;
-  for (auto [N, G] : {std::pair{1, 2}, {2, 2}, {2, 4}, {4, 2}}) {
+  for (const auto& shape : kShapes) {
+    const int N = shape[0], G = shape[1];
     const std::vector<int> tps = G == 2 ? std::vector<int>{2} : std::vector<int>{2, G};
     for (int tp : tps)
-      for (int E : {8, 64})
-        for (int k : {1, 2, 8})
+      for (int E : kExperts)
+        for (int k : kTopK)
           for (RoutingKind kind : test::kAllRoutings) {
             const Case c{N, G, E, k, kind};
             const int hidden = 3 * G;
+            if (E % (N * G / tp) != 0) continue;  // an expert group per EP index
             const CommGeometry g = test::ep_tp_geometry(N, G, tp, E, k, hidden);
             CAPTURE(c.str());
             CAPTURE(tp);
@@ -159,7 +161,9 @@ TEST_CASE("EP by all-to-all with TP inside the experts (moe_tp 2 and G) matches 
           }
   }
   MESSAGE("EP x TP cases: ", cases);
-  CHECK(cases == (1 + 1 + 2 + 1) * 2 * 3 * 5);
+  // (shape, moe_tp, E) with E a multiple of moe_ep: 3 + 3 + 6 + 3 + 5 + 5 (E = 8 has no expert
+  // per EP index at 4x8 and 8x8 with moe_tp 2), x 3 top-k x 5 routings.
+  CHECK(cases == 25 * 3 * 5);
 }
 
 TEST_CASE("shared expert: fused, EP (moe_tp 1, 2, G) and EP x TP with attention TP < moe_tp match the reference") {
@@ -167,10 +171,11 @@ TEST_CASE("shared expert: fused, EP (moe_tp 1, 2, G) and EP x TP with attention 
   // the tokens and is summed by the schedule's own reduce-scatter: fused, block 0 holds every
   // token of the replica; EP, the gathered rows start with the members' source tokens.
   int fused_cases = 0, ep_cases = 0;
-  for (auto [N, G] : {std::pair{1, 2}, {2, 2}, {2, 4}, {4, 2}})
-    for (int E : {8, 64})
-      for (int k : {1, 2, 8})
+  for (const auto& shape : kShapes)
+    for (int E : kExperts)
+      for (int k : kTopK)
         for (RoutingKind kind : test::kAllRoutings) {
+          const int N = shape[0], G = shape[1];
           const Case c{N, G, E, k, kind};
           const int hidden = 3 * G;
           CAPTURE(c.str());
@@ -217,7 +222,7 @@ TEST_CASE("shared expert: fused, EP (moe_tp 1, 2, G) and EP x TP with attention 
         ++cross;
       }
   MESSAGE("shared expert: fused cases ", fused_cases, ", EP cases ", ep_cases, ", cross-replica ", cross);
-  CHECK(fused_cases == 4 * 2 * 3 * 5);
+  CHECK(fused_cases == 6 * 3 * 3 * 5);
 }
 
 TEST_CASE("shared expert: without it in the executors the reference differs (the check can fail)") {
