@@ -46,7 +46,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
   constexpr int U = L / C;          // vectors along k per column per batch of loads
   extern __shared__ uint4 smem[];   // [R, k / 8] activation rows
   __shared__ int s_rows[3];              // expert, first row, end row
+  if (!a.expert_offsets && blockIdx.y == 0 && threadIdx.x % 32 < C) {
+    // Plain GEMV: the weights do not depend on the previous kernel; under a programmatic launch
+    // their L2 prefetch overlaps its tail (one bulk prefetch per column of this warp).
+    const int64_t col = int64_t(blockIdx.x) * (kWarps * C) + int64_t(threadIdx.x / 32) * C + threadIdx.x % 32;
+    if (col < a.n) kernels::detail::prefetch_l2(a.weights + col * a.k, static_cast<unsigned>(a.k * 2));
+  }
   kernels::detail::wait_for_previous_kernel();
+  kernels::detail::allow_next_kernel();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (a.expert_offsets) {
     // The blockIdx.y-th expert with rows (in expert order); none: the block has nothing to do.

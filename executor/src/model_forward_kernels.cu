@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv_kernel(QkNormRopeK
   constexpr int half = D / 2, per_lane = D / 32, m_half = D / 64;
   __shared__ float s_cos[half], s_sin[half];
   kernels::detail::wait_for_previous_kernel();
+  kernels::detail::allow_next_kernel();
   const int64_t t = blockIdx.x;
   const int pos = p.positions[t];
   for (int i = threadIdx.x; i < half; i += kQkThreads) {

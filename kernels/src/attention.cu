@@ -1,5 +1,6 @@
 #include "mixserve/kernels/attention.cuh"
 #include "mixserve/kernels/detail/device_support.hpp"
+#include "mixserve/kernels/detail/pdl.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -63,6 +64,7 @@ __device__ __forceinline__ int64_t cache_offset(const PagedKvCache& c, int seq, 
 // See attention.cuh.
 template <int kHeadDim, int kW>
 static __global__ void __launch_bounds__(kW * 32) tc_attention_kernel(AttentionParams p, Launch L) {
+  detail::allow_next_kernel();  // the o_proj GEMV may start prefetching its weights
   static_assert(kHeadDim % 16 == 0, "the Q.K^T product walks head_dim in k-slices of 16");
   constexpr int kThreads = kW * 32;
   constexpr int kRowsPerCta = kW * 16;
@@ -268,6 +270,7 @@ __device__ __forceinline__ int seq_of_token(const int32_t* q_start, int num_seqs
 // Merge of the splits: one warp per (token, q head); splits past the row's position are unused.
 template <int kHeadDim>
 static __global__ void merge_splits_kernel(AttentionParams p, Launch L) {
+  detail::allow_next_kernel();  // the o_proj GEMV may start prefetching its weights
   constexpr int kPerLane = kHeadDim / 32;
   const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;

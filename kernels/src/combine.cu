@@ -37,6 +37,7 @@ __device__ __forceinline__ void axpy_vec(const __nv_bfloat16* src, float w, floa
 template <int kVec>
 static __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
   detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   __shared__ int64_t s_row[kCombineMaxTopK];  // [top_k], < 0: no contribution
   __shared__ float s_w[kCombineMaxTopK];      // [top_k]
   __shared__ float s_gate;

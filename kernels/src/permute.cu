@@ -135,6 +135,7 @@ static __global__ void __launch_bounds__(kThreads) permute_gather_kernel(Permute
 template <int kVec>
 static __global__ void __launch_bounds__(kThreads) permute_single_kernel(PermuteParams p) {
   detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   extern __shared__ int32_t s_mem[];
   const int E = p.num_experts;
   const int pairs = static_cast<int>(p.num_tokens * p.top_k);

@@ -67,6 +67,7 @@ __device__ __forceinline__ float row_sum(float v) {
 template <int kVec, int kRowThreads>
 static __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(RmsNormParams p) {
   detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   constexpr int kRowsPerBlock = kThreads / kRowThreads;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   const bool active = row < p.num_rows;

@@ -59,6 +59,7 @@ __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(
 template <int kPerLane>
 static __global__ void __launch_bounds__(kThreads) router_kernel(RouterParams p) {
   detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (t >= p.num_tokens) return;  // the whole warp leaves together

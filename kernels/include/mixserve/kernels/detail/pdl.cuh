@@ -21,6 +21,25 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// Lets the stream's next kernel, when it was launched with `pdl`, be scheduled now instead of when
+// this kernel's blocks exit; it still waits in wait_for_previous_kernel() until this kernel has
+// completed, so this changes no result. Called after this kernel's own wait, so at most one kernel
+// ahead is resident early; the next one can meanwhile do work that does not depend on this one
+// (the plain GEMV prefetches its weights into L2). A no-op without such a dependent.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asynchronous L2 prefetch hint of [p, p + bytes): p 16-byte aligned, bytes a multiple of 16 (sm_90;
+// elsewhere a no-op). For data no earlier kernel writes (weights), so it may precede the wait.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `pdl`.
 template <class... KArgs, class... Args>
 void launch_kernel(bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
