@@ -25,6 +25,7 @@ struct GemvArgs {
   int64_t num_rows;                // plain
   const int32_t* expert_offsets;   // grouped when set
   int num_experts;
+  bool offsets_early;              // grouped: the offsets may be read before the wait
 };
 
 __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -46,14 +47,12 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
   constexpr int U = L / C;          // vectors along k per column per batch of loads
   extern __shared__ uint4 smem[];   // [R, k / 8] activation rows
   __shared__ int s_rows[3];              // expert, first row, end row
-  if (!a.expert_offsets && blockIdx.y == 0 && threadIdx.x % 32 < C) {
-    // Plain GEMV: the weights do not depend on the previous kernel; under a programmatic launch
-    // their L2 prefetch overlaps its tail (one bulk prefetch per column of this warp).
-    const int64_t col = int64_t(blockIdx.x) * (kWarps * C) + int64_t(threadIdx.x / 32) * C + threadIdx.x % 32;
-    if (col < a.n) kernels::detail::prefetch_l2(a.weights + col * a.k, static_cast<unsigned>(a.k * 2));
-  }
-  kernels::detail::wait_for_previous_kernel();
-  kernels::detail::allow_next_kernel();
+  // Before the wait on the previous kernel only what it does not write is read: the block's rows
+  // for a plain GEMV, the expert offsets when the launcher says they were written earlier
+  // (offsets_early); then this warp's weight columns are prefetched into L2 so that, under a
+  // programmatic launch, their stream overlaps the previous kernel's tail.
+  const bool early = !a.expert_offsets || a.offsets_early;
+  if (!early) kernels::detail::wait_for_previous_kernel();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (a.expert_offsets) {
     // The blockIdx.y-th expert with rows (in expert order); none: the block has nothing to do.
@@ -85,6 +84,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
   }
   __syncthreads();
   const int e = s_rows[0], row_begin = s_rows[1], row_end = s_rows[2];
+  if (early) {
+    const int64_t col = int64_t(blockIdx.x) * (kWarps * C) + int64_t(warp) * C + lane;
+    const bool first = a.expert_offsets || blockIdx.y == 0;  // plain: one row chunk prefetches
+    if (first && e >= 0 && row_end > row_begin && lane < C && col < a.n)
+      kernels::detail::prefetch_l2(a.weights + (int64_t(e) * a.n + col) * a.k, static_cast<unsigned>(a.k * 2));
+    kernels::detail::wait_for_previous_kernel();
+  }
+  kernels::detail::allow_next_kernel();
   if (e < 0 || row_end <= row_begin) return;  // uniform over the block
   const int64_t kv = a.k / 8;
   const __nv_bfloat16* w = a.weights + int64_t(e) * a.n * a.k;
@@ -359,6 +366,7 @@ void launch_grouped_gemv_v2(const GroupedGemvParams& p, cudaStream_t stream) {
   a.k = p.k;
   a.expert_offsets = p.expert_offsets;
   a.num_experts = p.num_experts;
+  a.offsets_early = p.offsets_before_previous;
   const int64_t slots = p.max_rows > 0 ? std::min<int64_t>(p.num_experts, p.max_rows) : p.num_experts;
   const int r = rows_tile(p.max_rows_per_expert > 0 ? p.max_rows_per_expert : kGroupedGemvRowsPerChunk);
   launch(a, r, false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);

@@ -760,6 +760,9 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     if (v2) {
       g.act = A.gu;  // SwiGLU applied while the down GEMV stages its rows
       g.swiglu_act = true;
+      // Its predecessor is the gate|up GEMV over the same offsets, written by the permute before:
+      // the down GEMV may look up its experts and prefetch their weights before it waits.
+      g.offsets_before_previous = true;
     } else {
       sw.num_rows = T * K;
       sw.num_rows_device = A.offsets + El;

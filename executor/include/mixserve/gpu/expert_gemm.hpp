@@ -59,6 +59,11 @@ struct GroupedGemvParams {
   // Programmatic dependent launch (kernels/detail/pdl.cuh; not the v1 kernel): may start while the
   // stream's previous kernel finishes; waits for it before touching memory (decode steps).
   bool pdl = false;
+  // v2 only: expert_offsets were written before the previous kernel started (the down projection
+  // after the gate|up GEMV over the same offsets, which waited for their writer before it let this
+  // launch start), so the kernel may read them, and prefetch its experts' weights into L2, before
+  // it waits on the previous kernel. Wrong when the previous kernel writes the offsets.
+  bool offsets_before_previous = false;
 };
 
 struct GemvOutSegment {
