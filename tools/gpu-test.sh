@@ -56,7 +56,7 @@ NGPU="$(nvidia-smi -L 2>/dev/null | wc -l)"
       SAME='a["output_ids"]==b["output_ids"] and b["launch"]=="mpi"'
     else
       MARGS=(--workload "$MPIDIR/burst.yaml" --num-layers 4 --progress-every 0 --no-cuda-graph)
-      SAME='a["output_ids"]==b["output_ids"] and a["mixserve_num_steps"]==b["mixserve_num_steps"]'
+      SAME='a["output_ids"]==b["output_ids"] and a["mixserve_num_steps"]==b["mixserve_num_steps"] and b["launch"]=="mpi"'
     fi
     echo "=== [mpi] mixserve-run bench --mpi, 1-rank plan, $mode (${LAUNCH[*]:-MPI singleton})"
     rm -f "$MPIDIR/plain.json" "$MPIDIR/mpi.json"

@@ -89,7 +89,15 @@ ARGS=(--num-layers 8 --batch 16 --input-len 512 --output-len 32 --warmup 1)
   if command -v mpirun > /dev/null; then
     echo "=== mpirun -np $((P + 1)) of a $P-rank plan (must be refused by every rank)"
     timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$((P + 1))" -x LD_LIBRARY_PATH \
-      "$BIN/mixserve-run" bench --plan "$PLANS/p1.yaml" "${ARGS[@]}" --mpi && status=1
+      "$BIN/mixserve-run" bench --plan "$PLANS/p1.yaml" "${ARGS[@]}" --mpi > "$LOGS/refusal.log" 2>&1
+    rc=$?
+    cat "$LOGS/refusal.log"
+    # Refused: a non-zero exit that is not the timeout's (a hang is a failure), the message from
+    # every one of the P + 1 ranks.
+    n=$(grep -c "needs $P ranks; launched with $((P + 1))" "$LOGS/refusal.log")
+    if [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$n" -ne "$((P + 1))" ]; then
+      echo "=== refusal: FAILED (exit $rc, message from $n of $((P + 1)) ranks)"; status=1
+    fi
   fi
 } > "$LOGS/bench.log" 2>&1
 grep -E "^===|^# MoE communication|^Prefill|^Decode\.|^Total|error|needs .* ranks|Mean TTFT|Mean ITL|Output token throughput" \

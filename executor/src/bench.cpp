@@ -2,6 +2,9 @@
 #include "mixserve/gpu/bench.hpp"
 #include "mixserve/gpu/bench_mpi.hpp"
 
+#include <cstdint>
+#include <cstdlib>
+
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
@@ -552,14 +555,46 @@ void bench_finish(BenchResult& r, const BenchRun& run) {
   r.median_decode_error_pct = median_of(decode_err);
 }
 
+void agree_before_collectives(ProcessGroup& pg, const std::function<void(const LaunchShape&)>& checks,
+                              const std::function<void()>& device_checks) {
+  int code = 0;
+  std::exception_ptr failed;
+  try {
+    const int ndev = device_count_or_zero();
+    checks(LaunchShape{pg.size(), 1, std::max(ndev, 1)});
+    if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
+    const int device = ndev == 1 ? 0 : pg.local_rank();
+    if (device >= ndev)
+      throw InputError(fmt::format("rank {}: local rank {} on a node with {} visible GPUs: launch at most {} "
+                                   "processes per node", pg.rank(), pg.local_rank(), ndev, ndev));
+    MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
+    device_checks();
+  } catch (const InputError&) {
+    code = 2;
+    failed = std::current_exception();
+  } catch (...) {
+    code = 1;
+    failed = std::current_exception();
+  }
+  std::vector<int32_t> worst{code};
+  pg.max_int32(worst);
+  if (failed) std::rethrow_exception(failed);
+  if (worst[0] == 2) throw InputError("another rank refused the run (its message says why)");
+  if (worst[0] != 0) throw RuntimeError("another rank failed before the run (its message says why)");
+}
+
+int launcher_env_int(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return -1;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  return (end && *end == '\0' && x >= 0 && x <= INT32_MAX) ? static_cast<int>(x) : -1;
+}
+
 int launcher_world_size() {
-  auto env = [](const char* k) -> int {
-    const char* v = std::getenv(k);
-    return v && *v ? std::atoi(v) : 0;
-  };
   for (const char* k : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"})
-    if (env(k) > 0) return env(k);
-  if (std::getenv("PMIX_RANK") && env("SLURM_NTASKS") > 0) return env("SLURM_NTASKS");
+    if (launcher_env_int(k) > 0) return launcher_env_int(k);
+  if (std::getenv("PMIX_RANK") && launcher_env_int("SLURM_NTASKS") > 0) return launcher_env_int("SLURM_NTASKS");
   return 0;
 }
 
@@ -633,32 +668,13 @@ BenchResult run_bench_process(const std::string& plan_path, const BenchConfig& c
   // Every check before any collective; the processes agree on the outcome, so that all of them
   // stop (each with its own message) when one fails, and none waits in NCCL for a stopped peer.
   BenchResult r;
-  int code = 0;
-  std::exception_ptr failed;
-  try {
-    const int ndev = device_count_or_zero();
-    const LaunchShape launch{pg.size(), 1, std::max(ndev, 1)};
-    r = bench_check(load_plan(plan_path), plan_path, cfg, &launch);
-    r.plan_sha256 = sha256_hex(read_text_file(plan_path));
-    if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
-    const int device = ndev == 1 ? 0 : pg.local_rank();
-    if (device >= ndev)
-      throw InputError(fmt::format("rank {}: local rank {} on a node with {} visible GPUs: launch at most {} "
-                                   "processes per node", pg.rank(), pg.local_rank(), ndev, ndev));
-    MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
-    bench_device_check(r, 1);
-  } catch (const InputError&) {
-    code = 2;
-    failed = std::current_exception();
-  } catch (...) {
-    code = 1;
-    failed = std::current_exception();
-  }
-  std::vector<int32_t> worst{code};
-  pg.max_int32(worst);
-  if (failed) std::rethrow_exception(failed);
-  if (worst[0] == 2) throw InputError("another rank refused the run (its message says why)");
-  if (worst[0] != 0) throw RuntimeError("another rank failed before the run (its message says why)");
+  agree_before_collectives(
+      pg,
+      [&](const LaunchShape& launch) {
+        r = bench_check(load_plan(plan_path), plan_path, cfg, &launch);
+        r.plan_sha256 = sha256_hex(read_text_file(plan_path));
+      },
+      [&] { bench_device_check(r, 1); });
 
   pg.collective = true;  // from here a failing rank leaves its peers waiting: the caller aborts
   int dev = 0;
@@ -716,7 +732,7 @@ nlohmann::json bench_json(const BenchResult& r) {
       {"ranks", r.ranks},
       {"emulated_ranks", r.emulated},
       // How the ranks ran: one GPU, emulated on one GPU, a thread per GPU, a process per GPU (MPI).
-      {"launch", c.process_per_rank ? "mpi" : r.emulated ? "emulated" : r.ranks > 1 ? "gpu-per-rank" : "one-gpu"},
+      {"launch", launch_name(c.process_per_rank, r.emulated, r.ranks)},
       // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
       // "none" (the all-reduce / gather exchange; docs/distributed.md).
       {"moe_schedule", gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, r.model) : MoeSched::none)},

@@ -14,13 +14,6 @@
 namespace mixserve::gpu {
 namespace {
 
-int env_int(const char* name) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return -1;
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  return (end && *end == '\0' && x >= 0) ? static_cast<int>(x) : -1;
-}
 
 void mpi_check(int rc, const char* what) {
   if (rc != MPI_SUCCESS) throw RuntimeError(fmt::format("MPI: {} failed (error {})", what, rc));
@@ -33,20 +26,25 @@ MpiSession::MpiSession() {
   mpi_check(MPI_Initialized(&ready), "MPI_Initialized");
   if (ready) throw RuntimeError("MPI: MpiSession made twice in one process");
   mpi_check(MPI_Init(nullptr, nullptr), "MPI_Init");
-  mpi_check(MPI_Comm_rank(MPI_COMM_WORLD, &rank_), "MPI_Comm_rank");
-  mpi_check(MPI_Comm_size(MPI_COMM_WORLD, &size_), "MPI_Comm_size");
-  for (const char* k : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"}) {
-    const int v = env_int(k);
-    if (v >= 0) {
-      local_rank_ = v;
-      return;
+  try {  // a failure below leaves no initialised MPI behind (the destructor does not run)
+    mpi_check(MPI_Comm_rank(MPI_COMM_WORLD, &rank_), "MPI_Comm_rank");
+    mpi_check(MPI_Comm_size(MPI_COMM_WORLD, &size_), "MPI_Comm_size");
+    for (const char* k : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"}) {
+      const int v = launcher_env_int(k);
+      if (v >= 0) {
+        local_rank_ = v;
+        return;
+      }
     }
+    MPI_Comm node = MPI_COMM_NULL;
+    mpi_check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node),
+              "MPI_Comm_split_type");
+    mpi_check(MPI_Comm_rank(node, &local_rank_), "MPI_Comm_rank (node)");
+    MPI_Comm_free(&node);
+  } catch (...) {
+    MPI_Finalize();
+    throw;
   }
-  MPI_Comm node = MPI_COMM_NULL;
-  mpi_check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node),
-            "MPI_Comm_split_type");
-  mpi_check(MPI_Comm_rank(node, &local_rank_), "MPI_Comm_rank (node)");
-  MPI_Comm_free(&node);
 }
 
 MpiSession::~MpiSession() { MPI_Finalize(); }

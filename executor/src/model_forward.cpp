@@ -639,11 +639,12 @@ void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
     if (r.rows > sh)
       moe_experts(L, r.x + sh * H, r.rows - sh, r.k, r.ids + sh * r.k, r.weights + sh * r.k, false,
                   r.out + sh * H, s);
-    // One experts_touched entry per layer: two calls' counts merged (at most the local experts).
+    // One experts_touched entry per layer: the larger of the two calls' counts (their experts may
+    // overlap; the entry is a lower bound of the distinct experts read, prepared_min_bytes).
     if (prep_->experts_touched.size() == touched0 + 2) {
       const int second = prep_->experts_touched.back();
       prep_->experts_touched.pop_back();
-      prep_->experts_touched.back() = std::min(prep_->experts_touched.back() + second, dims_.experts);
+      prep_->experts_touched.back() = std::max(prep_->experts_touched.back(), second);
     }
     cfg_.comm->moe_combine(A.tmp, T, s);
     return;

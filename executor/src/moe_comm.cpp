@@ -473,7 +473,7 @@ void FusedMoeComm::combine() {
   }
 }
 
-// ----------------------------------------------------------------------------- plain EP
+// ----------------------------------------------------------------------------- EP (all-to-all)
 
 EpRounds ep_rounds(const sim::EpSchedule& s) {
   const sim::CommGeometry& geo = s.geo;

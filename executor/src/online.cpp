@@ -469,37 +469,20 @@ OnlineResult run_online_process(const std::string& plan_path, const OnlineConfig
   cfg.process_per_rank = true;
   // Every check before any collective; the processes agree on the outcome (as run_bench_process).
   OnlineResult r;
-  int code = 0;
-  std::exception_ptr failed;
-  try {
-    const int ndev = device_count_or_zero();
-    const LaunchShape launch{pg.size(), 1, std::max(ndev, 1)};
-    r = online_check(load_plan(plan_path), plan_path, cfg, &launch);
-    if (ndev == 0) throw RuntimeError("mixserve-run bench: no GPU (no CUDA device is visible)");
-    const int device = ndev == 1 ? 0 : pg.local_rank();
-    if (device >= ndev)
-      throw InputError(fmt::format("rank {}: local rank {} on a node with {} visible GPUs: launch at most {} "
-                                   "processes per node", pg.rank(), pg.local_rank(), ndev, ndev));
-    MIXSERVE_CUDA_CHECK(cudaSetDevice(device));
-    online_device_check(r, 1);
-  } catch (const InputError&) {
-    code = 2;
-    failed = std::current_exception();
-  } catch (...) {
-    code = 1;
-    failed = std::current_exception();
-  }
-  std::vector<int32_t> worst{code};
-  pg.max_int32(worst);
-  if (failed) std::rethrow_exception(failed);
-  if (worst[0] == 2) throw InputError("another rank refused the run (its message says why)");
-  if (worst[0] != 0) throw RuntimeError("another rank failed before the run (its message says why)");
+  agree_before_collectives(
+      pg, [&](const LaunchShape& launch) { r = online_check(load_plan(plan_path), plan_path, cfg, &launch); },
+      [&] { online_device_check(r, 1); });
   // Every process's schedulers must form the same steps: the same KV pool per replica everywhere
   // (the smallest that fits on every device).
   RuntimeLimits& L = r.setup.serving.limits;
   std::vector<int32_t> neg_blocks{-static_cast<int32_t>(std::min<int64_t>(L.kv_blocks, INT32_MAX))};
   pg.max_int32(neg_blocks);
   L.kv_blocks = -int64_t(neg_blocks[0]);
+  // Each process checked that its own pool holds the longest request; the agreed one is one of
+  // them. Every process computes the same value, so all refuse together (no collective yet).
+  if (L.kv_blocks < r.setup.max_blocks_per_seq)
+    throw InputError(fmt::format("{}: the KV pool every process can hold ({} blocks) is smaller than the longest "
+                                 "request ({} blocks)", r.plan_path, L.kv_blocks, r.setup.max_blocks_per_seq));
 
   pg.collective = true;  // from here a failing rank leaves its peers waiting: the caller aborts
   OnlineSetup& S = r.setup;
@@ -510,6 +493,8 @@ OnlineResult run_online_process(const std::string& plan_path, const OnlineConfig
   ProcessRank pr(world, S.model, cfg.weight_seed, r.plan.cluster, layout, online_gpu_config(r));
   GpuModel& g = pr.model();
   const int dp = layout.attn_dp, replica = pr.replica();
+  // Always true today (online refuses pp > 1, online_setup); kept so the id exchange below stays
+  // right when pipeline stages come.
   const bool last_stage = pr.rank() / layout.stage_size() == layout.pp - 1;
   const StepOptions step_opt = greedy_options();
   for (const model::SequenceStep& s : warmup_steps(r)) (void)g.step({s}, step_opt);
@@ -602,7 +587,7 @@ nlohmann::json online_json(const OnlineResult& r) {
   j["ranks"] = r.ranks;
   // Emulated: the plan's ranks shared one GPU; the times are not those of r.ranks GPUs.
   j["emulated_ranks"] = r.emulated;
-  j["launch"] = r.emulated ? "emulated" : r.ranks > 1 ? "gpu-per-rank" : "one-gpu";
+  j["launch"] = launch_name(r.config.process_per_rank, r.emulated, r.ranks);
   // The MoE communication the forward ran: the plan's schedule ("ep", "fused", "rs-a2a-ag") or
   // "none" (the all-reduce / gather exchange; docs/distributed.md).
   j["moe_schedule"] = gpu::to_string(r.ranks > 1 ? moe_sched_for(r.plan.chosen.layout, S.model) : MoeSched::none);
@@ -705,6 +690,9 @@ std::string format_online_report(const OnlineResult& r) {
   if (r.emulated)
     o += fmt::format("# {} ranks emulated on this one GPU (local transport: links are device copies; host-timed "
                      "steps): not the speed of {} GPUs\n", r.ranks, r.ranks);
+  else if (r.config.process_per_rank)
+    o += fmt::format("# {} ranks, one process and GPU each (MPI), NCCL; every step timed on rank 0's host clock "
+                     "between barriers over the processes\n", r.ranks);
   else if (r.ranks > 1)
     o += fmt::format("# {} ranks, a GPU each, NCCL (one process, a thread per rank; host-timed steps)\n", r.ranks);
   if (r.ranks > 1)

@@ -74,13 +74,8 @@ sim::ReplicaBatch batch_json(const json& b, const std::string& origin, const std
 sim::ReplicaBatch batch_from(const json& j, const std::string& origin, const std::string& path) {
   const json& b = key_of(j, "batch", origin, path);
   const std::string p = path + ".batch";
-  sim::ReplicaBatch r;
-  r.prefill_tokens = sim::json_int(b, "prefill_tokens", origin, p);
-  r.num_prefill_seqs = sim::json_int(b, "num_prefill_seqs", origin, p);
-  r.prefill_attn_pairs = sim::json_number(b, "prefill_attn_pairs", origin, p);
-  r.num_decode = sim::json_int(b, "num_decode", origin, p);
-  r.decode_context = sim::json_number(b, "decode_context", origin, p);
-  if (r.prefill_tokens < 0 || r.num_prefill_seqs < 0 || r.num_decode < 0 || r.tokens() < 1)
+  const sim::ReplicaBatch r = batch_json(b, origin, p);
+  if (r.tokens() < 1)
     throw InputError(fmt::format("{}: key '{}': expected a batch of at least one token", origin, p));
   return r;
 }

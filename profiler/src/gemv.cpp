@@ -80,7 +80,7 @@ void collect_shapes(const ProfileConfig& cfg, std::vector<DenseShape>& dense, st
     }
     if (m.moe.num_experts > 0) {
       add_dense(m, "moe.router", kGemvImplFp32, m.moe.num_experts, H, false);
-      if (m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0) {
+      if (m.moe.has_shared_expert()) {
         add_dense(m, "moe.shared.gate_up", kGemvImplPlain, 2 * m.moe.shared_intermediate_size, H, false);
         add_dense(m, "moe.shared.down", kGemvImplSwiglu, H, m.moe.shared_intermediate_size, false);
       }
@@ -136,8 +136,9 @@ void measure_graph_launch(const ProfileConfig& cfg, GpuContext& ctx, HardwarePro
   // one row over a 2048 x 4096 bf16 weight (16 MiB, o_proj-sized), every launch of the chain on
   // its own weights (no L2 reuse), alone as a graph of one launch (as the GEMV points are timed).
   constexpr int64_t kN = 2048, kK = 4096;
-  gpu::DeviceBuffer gw(int64_t(kChain) * kN * kK * 2), ga(kK * 2), go(kN * 2);
-  fill(gw.get(), int64_t(kChain) * kN * kK, DType::bf16, 96, -1, 1, s);
+  constexpr int kPairs = kChain / 2;
+  gpu::DeviceBuffer gw(int64_t(kPairs) * kN * kK * 2), ga(kK * 2), go(kN * 2);
+  fill(gw.get(), int64_t(kPairs) * kN * kK, DType::bf16, 96, -1, 1, s);
   fill(ga.get(), kK, DType::bf16, 97, -1, 1, s);
   gpu::GemvParams gp;
   gp.act = ga.as<__nv_bfloat16>();
@@ -150,7 +151,7 @@ void measure_graph_launch(const ProfileConfig& cfg, GpuContext& ctx, HardwarePro
                                   timing_for(cfg, 8.0, true), &ctx.flusher);
   const auto mixed = gpu::time_op(
       [&](cudaStream_t st) {
-        for (int i = 0; i < kChain / 2; ++i) {
+        for (int i = 0; i < kPairs; ++i) {
           kernels::launch_rmsnorm(rp, st);
           gpu::GemvParams gi = gp;
           gi.weights = gw.as<__nv_bfloat16>() + int64_t(i) * kN * kK;

@@ -63,7 +63,7 @@ std::vector<GemmFamily> model_gemm_families(const ModelSpec& m, int tp) {
     add(f, m.name, tp, "dense.gate_up", 2 * int64_t(m.dense_intermediate_size), tp, h, 1, w);
     add(f, m.name, tp, "dense.down", h, 1, m.dense_intermediate_size, tp, w);
   }
-  if (m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0) {
+  if (m.moe.has_shared_expert()) {
     add(f, m.name, tp, "moe.shared.gate_up", 2 * int64_t(m.moe.shared_intermediate_size), tp, h, 1, m.expert_weight_dtype);
     add(f, m.name, tp, "moe.shared.down", h, 1, m.moe.shared_intermediate_size, tp, m.expert_weight_dtype);
   }

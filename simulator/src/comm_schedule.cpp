@@ -92,7 +92,7 @@ CommGeometry make_comm_geometry(const ClusterSpec& c, const ModelSpec& m, const 
   g.top_k = m.moe.top_k;
   g.hidden = m.hidden_size;
   g.elem_bytes = dtype_bytes(m.activation_dtype);
-  g.shared_expert = m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0;
+  g.shared_expert = m.moe.has_shared_expert();
   check_common(g);
   return g;
 }
@@ -254,7 +254,7 @@ int64_t fused_capacity_rows(const CommGeometry& geo, int64_t max_tokens_per_repl
   return max_tokens_per_replica * geo.moe_ep;
 }
 
-// ----------------------------------------------------------------------------- plain EP
+// ----------------------------------------------------------------------------- EP (all-to-all)
 
 int64_t EpRankPlan::recv_rows() const {
   int64_t n = 0;

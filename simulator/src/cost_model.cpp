@@ -735,7 +735,7 @@ class MixServeModel final : public StepCostModel {
     if (!v2) a.add(moe_experts, timer_->memory_op(3.0 * rows * I * act_));  // v2: fused into down
     a.add(moe_experts, timer_->expert_gemm(down));
     a.add(moe_experts, timer_->memory_op((rows + 2.0 * Tg) * h_ * act_));
-    if (m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0) {
+    if (m_.moe.has_shared_expert()) {
       const int64_t Is = m_.moe.shared_intermediate_size / l_.moe_tp;
       ffn(a, moe_shared, Tg, Is, ed);
       if (m_.moe.shared_expert_gate)  // sigmoid gate logits (fp32 linear, one launch)
@@ -745,7 +745,7 @@ class MixServeModel final : public StepCostModel {
     // A shared expert under a scheduled MoE communication runs in every moe-TP group on the
     // group's own tokens (docs/comm-schedules.md): its TP partials ride the schedule's
     // reduce-scatter, which grows by those tokens.
-    const bool shared = m_.moe.num_shared_experts > 0 && m_.moe.shared_intermediate_size > 0;
+    const bool shared = m_.moe.has_shared_expert();
     switch (l_.moe_comm) {
       case MoeComm::tp_allreduce:
         if (l_.attn_dp > 1) {

@@ -464,7 +464,7 @@ HostExecResult run_fused_on_host(const FusedSchedule& s, std::span<const Replica
   return res;
 }
 
-// ----------------------------------------------------------------------------- plain EP
+// ----------------------------------------------------------------------------- EP (all-to-all)
 
 HostExecResult run_ep_on_host(const EpSchedule& s, std::span<const ReplicaRouting> routing,
                               std::span<const std::vector<double>> inputs, double timeout_s) {

@@ -223,6 +223,9 @@ TEST_CASE("shared expert: fused, EP (moe_tp 1, 2, G) and EP x TP with attention 
       }
   MESSAGE("shared expert: fused cases ", fused_cases, ", EP cases ", ep_cases, ", cross-replica ", cross);
   CHECK(fused_cases == 6 * 3 * 3 * 5);
+  // (shape, moe_tp in {1, 2, G} (G = 2 twice), E) with E a multiple of moe_ep: 9 + 9 + 9 + 9 + 7 + 7
+  // (E = 8 has no expert per EP index at 4x8 and 8x8 for moe_tp 1 and 2), x 3 top-k x 5 routings.
+  CHECK(ep_cases == 50 * 3 * 5);
 }
 
 TEST_CASE("shared expert: without it in the executors the reference differs (the check can fail)") {

@@ -269,7 +269,7 @@ Stats run_layout(const model::WeightSet& w, const ClusterSpec& c, const Layout& 
 // Every layout of the planner for R = 2, 4, 8 ranks (R <= max_ranks) through `placement`.
 int run_all_layouts(const ModelSpec& m, uint64_t seed, gpu::Placement placement, int max_ranks) {
   const auto w = model::synthetic_weights(m, seed);
-  const bool shared = m.moe.num_shared_experts > 0 && m.moe.shared_intermediate_size > 0;
+  const bool shared = m.moe.has_shared_expert();
   std::printf("model %s%s\n", m.name.c_str(), shared ? " (shared expert with sigmoid gate)" : "");
   int layouts = 0, ep_tp = 0, with_plan_schedule = 0;
   double worst_hidden = 0, worst_logits = 0;

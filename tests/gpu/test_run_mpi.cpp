@@ -32,9 +32,13 @@ std::string mpi_flags() {
   return open_mpi ? "--allow-run-as-root --oversubscribe " : "";
 }
 
+// Under `timeout 120`: a launch that hangs (a rank waiting for a peer that refused) ends with 124,
+// which the callers' exit-code checks reject (kTimedOut).
+constexpr int kTimedOut = 124;
 test::CliRun mpirun(int np, const std::string& args) {
-  return test::run_cli(MIXSERVE_MPIEXEC, mpi_flags() + "-np " + std::to_string(np) + " '" + MIXSERVE_RUN_EXE +
-                                             "' bench " + args, scratch());
+  return test::run_cli("timeout", "120 '" + std::string(MIXSERVE_MPIEXEC) + "' " + mpi_flags() + "-np " +
+                                      std::to_string(np) + " '" + MIXSERVE_RUN_EXE + "' bench " + args,
+                       scratch());
 }
 
 // A plan of 2 ranks (attention and MoE TP2) on a 2-GPU cut of the shipped 8-GPU node.
@@ -81,6 +85,7 @@ TEST_CASE("mixserve-run bench --mpi: a launch of another world size is refused b
     const std::string all = r.out + r.err;
     INFO(all);
     CHECK(r.code != 0);
+    CHECK(r.code != kTimedOut);
     const std::string msg = "plan layout 'attn TP2xDP1 | moe TP2xEP1 | PP1 | allreduce' needs 2 ranks; launched with " +
                             std::to_string(np);
     CHECK(count(all, msg) == np);  // every rank, each once
@@ -98,6 +103,7 @@ TEST_CASE("mixserve-run bench --mpi: a launch of another world size is refused b
     const std::string all = r.out + r.err;
     INFO(all);
     CHECK(r.code != 0);
+    CHECK(r.code != kTimedOut);
     CHECK(count(all, "needs 2 ranks; launched with 3") == 3);
     CHECK(!fs::exists(out));
   }
@@ -105,6 +111,7 @@ TEST_CASE("mixserve-run bench --mpi: a launch of another world size is refused b
   {
     const test::CliRun r = mpirun(2, args + " --emulate-ranks");
     CHECK(r.code != 0);
+    CHECK(r.code != kTimedOut);
     CHECK(count(r.out + r.err, "--emulate-ranks, --gpu-per-rank and --mpi exclude each other") == 2);
   }
   // The right launch on a host without a GPU: every rank stops before NCCL, offline and online.
@@ -115,6 +122,7 @@ TEST_CASE("mixserve-run bench --mpi: a launch of another world size is refused b
       const std::string all = r.out + r.err;
       INFO(all);
       CHECK(r.code != 0);
+      CHECK(r.code != kTimedOut);
       CHECK(count(all, "no GPU") == 2);
       CHECK(!fs::exists(out));
     }

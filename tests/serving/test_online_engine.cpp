@@ -4,8 +4,9 @@
 // for 1, 2 and 4 attention-DP replicas, round-robin and least-loaded routing, Poisson and burst
 // arrivals, and a KV cache small enough to preempt. The model's inputs are checked too: every
 // SequenceStep carries the sequence's own tokens (prompt, then the ids sampled for it, which a
-// fake sampler makes unique per (request, position)), block ids of its replica's pool held by
-// no other running sequence, enough blocks for its positions; and bad configs are InputErrors.
+// fake sampler makes unique per (request, position)), block ids of its replica's pool that no
+// other sequence of the same step holds, enough blocks for its positions; and bad configs are
+// InputErrors.
 #include <doctest/doctest.h>
 
 #include <algorithm>

@@ -57,6 +57,9 @@ struct MoESpec {
   bool router_bias = false;           // gpt-oss router linear has a bias
   bool score_correction_bias = false; // DeepSeek-V3 e_score_correction_bias (selection only)
   bool expert_bias = false;           // gpt-oss expert linears have biases
+  // A shared expert that runs (some width): what the executor, the schedules and the cost model
+  // test before they add its work.
+  bool has_shared_expert() const { return num_shared_experts > 0 && shared_intermediate_size > 0; }
 };
 
 struct LayerSpec {

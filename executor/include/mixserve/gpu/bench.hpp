@@ -54,6 +54,13 @@ struct BenchConfig {
   bool process_per_rank = false;
 };
 
+// The results' `launch` key: "mpi" (a process per rank), "emulated" (R ranks on one GPU),
+// "gpu-per-rank" (one process, a thread per GPU) or "one-gpu"; shared by the offline and online
+// benchmarks.
+inline const char* launch_name(bool process_per_rank, bool emulated, int ranks) {
+  return process_per_rank ? "mpi" : emulated ? "emulated" : ranks > 1 ? "gpu-per-rank" : "one-gpu";
+}
+
 // One timed forward step, with the simulator's prediction of the same batch.
 struct BenchStep {
   std::string kind;         // "prefill" | "decode"
@@ -164,6 +171,16 @@ class ProcessGroup {
   // peers waiting, so the caller aborts the whole job (MPI_Abort) instead of returning.
   bool collective = false;
 };
+
+// The checks of a process of a one-process-per-rank run, before any collective: `checks(launch)`
+// with the launch this process is part of (pg.size() processes, one rank each, the GPUs it sees),
+// then the GPU of its local rank (or the only one visible) made current, then `device_checks()`.
+// The processes then agree on the outcome (pg.max_int32 of their exit codes): a process that
+// failed rethrows its own error, the others throw "another rank refused / failed", so all of them
+// stop and none waits in NCCL for a stopped peer.
+struct LaunchShape;
+void agree_before_collectives(ProcessGroup& pg, const std::function<void(const LaunchShape&)>& checks,
+                              const std::function<void()>& device_checks);
 
 #if MIXSERVE_HAVE_NCCL
 // The offline benchmark with one process per rank of the plan (ProcessRank, distributed.hpp):

@@ -15,6 +15,8 @@ namespace mixserve::gpu {
 // OMPI_COMM_WORLD_SIZE (Open MPI), PMI_SIZE (MPICH/Hydra, Slurm PMI2), PMIX_SIZE, or SLURM_NTASKS
 // beside PMIX_RANK (srun --mpi=pmix). 0: not launched by MPI (or none of these set).
 int launcher_world_size();
+// A launcher's environment variable as a non-negative integer; -1 when unset, empty or not one.
+int launcher_env_int(const char* name);
 
 #if MIXSERVE_HAVE_MPI
 // MPI_Init on construction, MPI_Finalize on destruction. The local rank (the GPU it takes) is

@@ -148,8 +148,8 @@ class EpMoeComm {
   void* output(int rank) const;  // [n_replica, hidden]; split: full after combine's all-gather
   int64_t num_tokens(int rank) const;
   // The expert side of rank r: after dispatch, received(r) holds the EP index's gather_rows
-  // rows [rows, hidden] row-major, by (member, source rank, local expert) (moe_tp 1: its own
-  // recv_rows()); before combine, expert_out(r) must hold each row's expert output of the
+  // rows [rows, hidden] row-major: the members' shared-expert source rows first (a shared expert),
+  // then by (member, source rank, local expert) (moe_tp 1: its own rows only); before combine, expert_out(r) must hold each row's expert output of the
   // rank's TP slice, unweighted (the weights are applied at home), same layout.
   void* received(int rank) const;
   void* expert_out(int rank) const;

@@ -23,9 +23,10 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 
 // Lets the stream's next kernel, when it was launched with `pdl`, be scheduled now instead of when
 // this kernel's blocks exit; it still waits in wait_for_previous_kernel() until this kernel has
-// completed, so this changes no result. Called after this kernel's own wait, so at most one kernel
-// ahead is resident early; the next one can meanwhile do work that does not depend on this one
-// (the plain GEMV prefetches its weights into L2). A no-op without such a dependent.
+// completed, so this changes no result. A kernel launched with `pdl` calls it after its own wait,
+// so at most one kernel ahead is resident early; a kernel launched without it (attention, its
+// merge) may call it at entry. The next one can meanwhile do work that does not depend on this
+// one (the GEMV prefetches its weights into L2). A no-op without such a dependent.
 __device__ __forceinline__ void allow_next_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
