@@ -26,8 +26,6 @@ struct GemvArgs {
   const int32_t* expert_offsets;   // grouped when set
   int num_experts;
   bool offsets_early;              // grouped: the offsets may be read before the wait
-  const int32_t* prefetch_ids;     // grouped, not offsets_early: expert ids readable before the wait
-  int64_t prefetch_ids_count;
 };
 
 __device__ __forceinline__ int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -54,35 +52,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
   // (offsets_early); then this warp's weight columns are prefetched into L2 so that, under a
   // programmatic launch, their stream overlaps the previous kernel's tail.
   const bool early = !a.expert_offsets || a.offsets_early;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (!early && a.prefetch_ids) {
-    // The blockIdx.y-th distinct expert id of the step is the expert the offsets will give this
-    // block (experts with rows, in expert order): prefetch its columns before the wait.
-    if (warp == 0) {
-      const int slot = static_cast<int>(blockIdx.y);
-      int seen = 0, found = -1;
-      for (int base = 0; base < a.num_experts && found < 0; base += 32) {
-        const int e = base + lane;
-        bool has = false;
-        for (int64_t i = 0; i < a.prefetch_ids_count && e < a.num_experts; ++i) has |= a.prefetch_ids[i] == e;
-        unsigned m = __ballot_sync(0xffffffffu, has);
-        const int cnt = __popc(m);
-        if (slot < seen + cnt) {
-          for (int i = 0; i < slot - seen; ++i) m &= m - 1;
-          found = base + __ffs(m) - 1;
-        }
-        seen += cnt;
-      }
-      if (lane == 0) s_rows[0] = found;
-    }
-    __syncthreads();
-    const int pe = s_rows[0];
-    const int64_t col = int64_t(blockIdx.x) * (kWarps * C) + int64_t(warp) * C + lane;
-    if (pe >= 0 && lane < C && col < a.n)
-      kernels::detail::prefetch_l2(a.weights + (int64_t(pe) * a.n + col) * a.k, static_cast<unsigned>(a.k * 2));
-    __syncthreads();  // s_rows is rewritten below
-  }
   if (!early) kernels::detail::wait_for_previous_kernel();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (a.expert_offsets) {
     // The blockIdx.y-th expert with rows (in expert order); none: the block has nothing to do.
     if (warp == 0) {
@@ -396,8 +367,6 @@ void launch_grouped_gemv_v2(const GroupedGemvParams& p, cudaStream_t stream) {
   a.expert_offsets = p.expert_offsets;
   a.num_experts = p.num_experts;
   a.offsets_early = p.offsets_before_previous;
-  a.prefetch_ids = p.offsets_before_previous ? nullptr : p.prefetch_ids;
-  a.prefetch_ids_count = p.prefetch_ids_count;
   const int64_t slots = p.max_rows > 0 ? std::min<int64_t>(p.num_experts, p.max_rows) : p.num_experts;
   const int r = rows_tile(p.max_rows_per_expert > 0 ? p.max_rows_per_expert : kGroupedGemvRowsPerChunk);
   launch(a, r, false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);

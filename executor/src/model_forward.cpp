@@ -755,14 +755,9 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     g.max_rows = T * K;             // routed rows
     g.max_rows_per_expert = T;      // a token picks distinct experts
     g.pdl = pdl_;
-    // The router's top-k (written before the permute started): the gate|up GEMV prefetches its
-    // experts' weights before it waits on the permute.
-    g.prefetch_ids = ids;
-    g.prefetch_ids_count = T * K;
     const bool v2 = uses_grouped_gemv_v2(cfg_.decode_kernels, T, cfg_.grouped_gemv_v2_max_tokens);
     auto grouped = v2 ? launch_grouped_gemv_v2 : launch_grouped_gemv;
     grouped(g, s);
-    g.prefetch_ids = nullptr;
     if (v2) {
       g.act = A.gu;  // SwiGLU applied while the down GEMV stages its rows
       g.swiglu_act = true;

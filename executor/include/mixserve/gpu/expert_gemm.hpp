@@ -64,13 +64,6 @@ struct GroupedGemvParams {
   // launch start), so the kernel may read them, and prefetch its experts' weights into L2, before
   // it waits on the previous kernel. Wrong when the previous kernel writes the offsets.
   bool offsets_before_previous = false;
-  // v2 only, when the offsets are the previous kernel's output (the gate|up GEMV after the
-  // permute): the step's expert ids [prefetch_ids_count] (ids outside [0, num_experts) ignored),
-  // written before the previous kernel started (the router's top-k, which the permute read after
-  // its wait). Each block finds its expert (the blockIdx.y-th distinct id, as the offsets will
-  // say) and prefetches its weight columns into L2 before it waits. Null: no prefetch.
-  const int32_t* prefetch_ids = nullptr;
-  int64_t prefetch_ids_count = 0;
 };
 
 struct GemvOutSegment {
