@@ -117,23 +117,6 @@ int64_t blocks_per_seq(const BenchConfig& cfg) {
   return (int64_t(cfg.input_len) + cfg.output_len + cfg.block_size - 1) / cfg.block_size;
 }
 
-// The model input of one chunk of a step: its prompt tokens (prefill) or the sequence's last
-// sampled id (decode), and the block table of its slot in its replica's pool (sequence s of dp
-// replicas holds slot s / dp; one replica: slot s), nb blocks each.
-model::SequenceStep chunk_step(const SeqChunk& c, bool decode, const std::vector<std::vector<int32_t>>& output_ids,
-                               const std::vector<std::vector<int32_t>>& prompts, int64_t nb, int dp) {
-  model::SequenceStep q;
-  if (decode) {
-    q.tokens = {output_ids[std::size_t(c.seq)].back()};
-  } else {
-    const auto& p = prompts[std::size_t(c.seq)];
-    q.tokens.assign(p.begin() + c.position, p.begin() + c.position + c.n);
-  }
-  q.position = c.position;
-  for (int64_t b = 0; b < nb; ++b) q.block_table.push_back(static_cast<int32_t>((c.seq / dp) * nb + b));
-  return q;
-}
-
 double median_of(std::vector<double> v) {
   if (v.empty()) return 0.0;
   std::sort(v.begin(), v.end());
@@ -158,7 +141,18 @@ BenchRun run_once(GpuModel& g, const BenchConfig& cfg, const std::vector<StepSha
   for (std::size_t i = 0; i < shapes.size(); ++i) {
     const bool decode = int(i) >= num_prefill;
     std::vector<model::SequenceStep> batch;
-    for (const auto& c : shapes[i]) batch.push_back(chunk_step(c, decode, out.output_ids, prompts, nb, 1));
+    for (const auto& c : shapes[i]) {
+      model::SequenceStep q;
+      if (decode) {
+        q.tokens = {out.output_ids[std::size_t(c.seq)].back()};
+      } else {
+        const auto& p = prompts[std::size_t(c.seq)];
+        q.tokens.assign(p.begin() + c.position, p.begin() + c.position + c.n);
+      }
+      q.position = c.position;
+      for (int64_t b = 0; b < nb; ++b) q.block_table.push_back(static_cast<int32_t>(c.seq * nb + b));
+      batch.push_back(std::move(q));
+    }
     g.prepare(batch, StepOptions{});
     const bool use_graph = decode && decode_graph;
     if (use_graph) {
@@ -202,9 +196,18 @@ BenchRun run_once_ranks(EmulatedRanks& e, const BenchConfig& cfg, const std::vec
     std::vector<std::vector<model::SequenceStep>> per(static_cast<std::size_t>(dp));
     std::vector<std::pair<int, int>> where;  // chunk -> (replica, row in its outputs)
     for (const auto& c : shapes[i]) {
-      const int d = c.seq % dp;  // its replica, with its own block pool
+      model::SequenceStep q;
+      if (decode) {
+        q.tokens = {out.output_ids[std::size_t(c.seq)].back()};
+      } else {
+        const auto& p = prompts[std::size_t(c.seq)];
+        q.tokens.assign(p.begin() + c.position, p.begin() + c.position + c.n);
+      }
+      q.position = c.position;
+      const int d = c.seq % dp, local = c.seq / dp;  // the replica's own block pool
+      for (int64_t b = 0; b < nb; ++b) q.block_table.push_back(static_cast<int32_t>(local * nb + b));
       where.emplace_back(d, int(per[std::size_t(d)].size()));
-      per[std::size_t(d)].push_back(chunk_step(c, decode, out.output_ids, prompts, nb, dp));
+      per[std::size_t(d)].push_back(std::move(q));
     }
     e.prepare(per, StepOptions{});
     const auto t0 = std::chrono::steady_clock::now();
@@ -619,7 +622,16 @@ BenchRun run_once_process(ProcessRank& pr, ProcessGroup& pg, const Layout& layou
     std::vector<int> seq_of;  // row of this rank's batch -> sequence
     for (const auto& c : shapes[i]) {
       if (c.seq % dp != d) continue;
-      batch.push_back(chunk_step(c, decode, out.output_ids, prompts, nb, dp));
+      model::SequenceStep q;
+      if (decode) {
+        q.tokens = {out.output_ids[std::size_t(c.seq)].back()};
+      } else {
+        const auto& p = prompts[std::size_t(c.seq)];
+        q.tokens.assign(p.begin() + c.position, p.begin() + c.position + c.n);
+      }
+      q.position = c.position;
+      for (int64_t b = 0; b < nb; ++b) q.block_table.push_back(static_cast<int32_t>((c.seq / dp) * nb + b));
+      batch.push_back(std::move(q));
       seq_of.push_back(c.seq);
     }
     g.prepare(batch, StepOptions{});

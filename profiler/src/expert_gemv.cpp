@@ -180,19 +180,6 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
                         {"active_experts", active}, {"time_us", res.time_us.median}, {"noise", res.time_us.noise()},
                         {"iters", res.time_us.count}, {"family", f.label}});
   };
-  // Uniform rows of `r` over the family's experts: the offsets uploaded for the kernel, and the
-  // experts with rows and the largest count (what record() keeps).
-  struct Uniform {
-    int active = 0;
-    int64_t max_rows = 0;
-  };
-  auto uniform = [&](const ExpertFamily& f, int64_t r) {
-    const auto counts = tokens_per_expert("uniform", f.num_experts, r);
-    const auto offsets = offsets_of(counts);
-    MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
-    return Uniform{int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; })),
-                   *std::max_element(counts.begin(), counts.end())};
-  };
   std::size_t i = 0;
   for (const auto& fam : fams) {
     const ExpertFamily& f = fam.f;
@@ -200,7 +187,10 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
                   fams.size());
     for (int64_t r : rows) {
       if (!fam.gemv) break;
-      const Uniform u = uniform(f, r);
+      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      const auto offsets = offsets_of(counts);
+      MIXSERVE_CUDA_CHECK(
+          cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
       gpu::GroupedGemvParams g;
       g.act = act.as<__nv_bfloat16>();
       g.weights = w.as<__nv_bfloat16>();
@@ -209,16 +199,21 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
       g.num_experts = f.num_experts;
       g.n = f.n;
       g.k = f.k;
-      const double est = guess_us(0, u.active * double(f.n * f.k) * 2.0, DType::bf16);
+      const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
+      const double est = guess_us(0, active * double(f.n * f.k) * 2.0, DType::bf16);
       const auto res = gpu::time_op([&](cudaStream_t st) { gpu::launch_grouped_gemv(g, st); }, s,
                                     timing_for(cfg, est, true), &ctx.flusher);
-      record(f, "gemv", std::string(kExpertGemvTag) + "uniform", r, u.max_rows, u.active, res);
+      record(f, "gemv", std::string(kExpertGemvTag) + "uniform", r, *std::max_element(counts.begin(), counts.end()),
+             active, res);
     }
     std::vector<int64_t> grouped_rows;
     if (fam.grouped_small) grouped_rows = rows;
     if (fam.eager) grouped_rows.insert(grouped_rows.end(), kGroupedRows.begin(), kGroupedRows.end());
     for (int64_t r : grouped_rows) {
-      const Uniform u = uniform(f, r);
+      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      const auto offsets = offsets_of(counts);
+      MIXSERVE_CUDA_CHECK(
+          cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
       kernels::GroupedGemmParams g;
       g.act = act.as<__nv_bfloat16>();
       g.weights = w.as<__nv_bfloat16>();
@@ -231,10 +226,12 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
         fmt::print(out.table, "# skipped grouped experts E={} n={} k={}: {}\n", f.num_experts, f.n, f.k, why);
         break;
       }
-      const double est = guess_us(2.0 * r * f.n * f.k, u.active * double(f.n * f.k) * 2.0, DType::bf16);
+      const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
+      const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16);
       const auto res = gpu::time_op([&](cudaStream_t st) { kernels::launch_grouped_gemm(g, st); }, s,
                                     timing_for(cfg, est, false), &ctx.flusher);
-      record(f, "grouped", std::string(kExpertGroupedTag) + "uniform", r, u.max_rows, u.active, res);
+      record(f, "grouped", std::string(kExpertGroupedTag) + "uniform", r,
+             *std::max_element(counts.begin(), counts.end()), active, res);
     }
     if (!fam.eager) continue;
     gpu::ExpertGemm eg(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
