@@ -16,6 +16,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <fmt/format.h>
@@ -37,6 +38,7 @@ namespace {
 
 struct ValidateConfig {
   std::string plan, workload, results, json;
+  bool breakdown = false;  // per-op prediction of the first step of each distinct shape
 };
 
 using nlohmann::json;
@@ -176,6 +178,8 @@ int run_validate(const ValidateConfig& o) {
     std::string kind;
     int64_t tokens = 0;
     double measured = 0, predicted = 0;
+    bool graphed = false;
+    std::vector<sim::ReplicaBatch> reps;
   };
   std::vector<StepRow> rows;
   bool any_graph = false;  // a step ran (or, without the key, is taken to have run) as a CUDA graph
@@ -199,6 +203,8 @@ int run_validate(const ValidateConfig& o) {
     const bool graphed = g == steps[i].end() || g->get<bool>();
     any_graph = any_graph || graphed;
     s.predicted = predict_ms(reps, graphed);
+    s.graphed = graphed;
+    s.reps = reps;
     rows.push_back(s);
   }
 
@@ -298,6 +304,23 @@ int run_validate(const ValidateConfig& o) {
   for (const auto& s : rows)
     jsteps.push_back({{"kind", s.kind}, {"tokens", s.tokens}, {"measured_ms", s.measured},
                       {"predicted_ms", s.predicted}, {"error_pct", rel_err_pct(s.predicted, s.measured)}});
+  if (o.breakdown) {
+    // The cost model's ops for the first step of each distinct (kind, tokens, graph) shape, so a
+    // miss can be traced to the ops it predicts (times summed over the layers, as in plan files).
+    std::vector<std::tuple<std::string, int64_t, bool>> seen;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const auto key = std::make_tuple(rows[i].kind, rows[i].tokens, rows[i].graphed);
+      if (std::find(seen.begin(), seen.end(), key) != seen.end()) continue;
+      seen.push_back(key);
+      const auto& m = rows[i].graphed ? *cm : *cm_eager;
+      const sim::StepCost c = m.step(rows[i].reps, true);
+      out += fmt::format("\n# predicted ops of step {} ({}, {} tokens, {}): {:.4f} ms with the host overhead, "
+                         "{:.4f} ms measured\n", i, rows[i].kind, rows[i].tokens,
+                         rows[i].graphed ? "CUDA graph" : "eager", c.time_us / 1e3, rows[i].measured);
+      for (const auto& op : c.ops)
+        out += fmt::format("  {:<24} {:<8} {:>11.1f} us  {}\n", op.op, op.phase, op.time_us, to_string(op.source));
+    }
+  }
   out += "\n# per-step error (predicted - measured) / measured\n";
   json jsum = json::object();
   for (const char* kind : {"all", "prefill", "decode", "mixed"}) {
@@ -332,6 +355,8 @@ CommandRunner register_validate(CLI::App& app) {
   sub->add_option("--workload", o->workload,
                   "workload (routing; the requests when the results hold none); default: the results' or the plan's");
   sub->add_option("--output-json,--json", o->json, "write predicted vs measured as JSON here (atomically)");
+  sub->add_flag("--breakdown", o->breakdown,
+                "also print the predicted per-op times of the first step of each distinct step shape");
   return [o] { return run_validate(*o); };
 }
 

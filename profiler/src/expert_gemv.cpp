@@ -1,15 +1,15 @@
 // The `expert_gemv` family of mixserve-profile: the two expert paths of the single-GPU executor
 // (model_forward.cpp), timed as the executor runs them, bf16 weights (the executor's only dtype):
 //   - the device grouped GEMV (executor/expert_gemm.hpp), routed rows 1, 2, 4 .. kDeviceGemvMaxRows
-//     spread uniformly over the local experts, inside a CUDA graph (decode steps are graphs);
-//     points tagged "gemv:uniform", for every expert family at MoE TP 1 and EP 1 plus --ep;
+//     spread over the local experts as a router spreads them ("routed:K", profiler/shapes.hpp),
+//     inside a CUDA graph (decode steps are graphs); points tagged "gemv:routed:K", for every expert family at MoE TP 1 and EP 1 plus --ep;
 //   - the cuBLASLt path above kDeviceGemvMaxRows rows, eagerly: device->host copy of the expert
 //     counts, stream sync, set_counts, one GEMM per non-empty expert (no graph, host launches in
-//     the timed interval); rows 1024 .. 16384, EP 1 families; points tagged "eager:uniform";
+//     the timed interval); rows 1024 .. 16384, EP 1 families; points tagged "eager:routed:K";
 //   - the tensor-core grouped GEMM (kernels/grouped_gemm.cuh), the executor's automatic path
 //     above kDeviceGemvMaxRows: one launch per projection, rows from device offsets, no graph (as
 //     a prefill step runs it); rows 1024 .. 131072 (an 8 x 2048-token step of top-8), EP 1
-//     families; points tagged "grouped:uniform".
+//     families; points tagged "grouped:routed:K".
 #include <algorithm>
 #include <ostream>
 
@@ -35,6 +35,9 @@ struct Family {
   // grouped points then start at the GEMV's row counts (grouped_small) and no GEMV is timed.
   bool gemv = true;
   bool grouped_small = false;
+  // Rows per expert of every point: "routed:<top_k>" (profiler/shapes.hpp tokens_per_expert), the
+  // scatter of a real router's rows; the first model's top_k when models share the shape.
+  std::string distribution;
 };
 
 std::vector<Family> families(const ProfileConfig& cfg) {
@@ -62,7 +65,7 @@ std::vector<Family> families(const ProfileConfig& cfg) {
         };
         const auto it = std::find_if(out.begin(), out.end(), same);
         if (it == out.end()) {
-          out.push_back({f, ep == 1 || !gemv, gemv, !gemv});
+          out.push_back({f, ep == 1 || !gemv, gemv, !gemv, fmt::format("routed:{}", m.moe.top_k)});
         } else {  // the same shape in another model or EP degree: time what either path needs
           it->eager = it->eager || ep == 1 || !gemv;
           it->gemv = it->gemv || gemv;
@@ -187,7 +190,7 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
                   fams.size());
     for (int64_t r : rows) {
       if (!fam.gemv) break;
-      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      const auto counts = tokens_per_expert(fam.distribution, f.num_experts, r);
       const auto offsets = offsets_of(counts);
       MIXSERVE_CUDA_CHECK(
           cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
@@ -203,14 +206,14 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
       const double est = guess_us(0, active * double(f.n * f.k) * 2.0, DType::bf16);
       const auto res = gpu::time_op([&](cudaStream_t st) { gpu::launch_grouped_gemv(g, st); }, s,
                                     timing_for(cfg, est, true), &ctx.flusher);
-      record(f, "gemv", std::string(kExpertGemvTag) + "uniform", r, *std::max_element(counts.begin(), counts.end()),
+      record(f, "gemv", std::string(kExpertGemvTag) + fam.distribution, r, *std::max_element(counts.begin(), counts.end()),
              active, res);
     }
     std::vector<int64_t> grouped_rows;
     if (fam.grouped_small) grouped_rows = rows;
     if (fam.eager) grouped_rows.insert(grouped_rows.end(), kGroupedRows.begin(), kGroupedRows.end());
     for (int64_t r : grouped_rows) {
-      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      const auto counts = tokens_per_expert(fam.distribution, f.num_experts, r);
       const auto offsets = offsets_of(counts);
       MIXSERVE_CUDA_CHECK(
           cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
@@ -230,13 +233,13 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
       const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16);
       const auto res = gpu::time_op([&](cudaStream_t st) { kernels::launch_grouped_gemm(g, st); }, s,
                                     timing_for(cfg, est, false), &ctx.flusher);
-      record(f, "grouped", std::string(kExpertGroupedTag) + "uniform", r,
+      record(f, "grouped", std::string(kExpertGroupedTag) + fam.distribution, r,
              *std::max_element(counts.begin(), counts.end()), active, res);
     }
     if (!fam.eager) continue;
     gpu::ExpertGemm eg(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
     for (int64_t r : kEagerRows) {
-      const auto counts = tokens_per_expert("uniform", f.num_experts, r);
+      const auto counts = tokens_per_expert(fam.distribution, f.num_experts, r);
       std::vector<int32_t> c32(counts.begin(), counts.end());
       MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(counts_dev.get(), c32.data(), c32.size() * 4, cudaMemcpyHostToDevice, s));
       const int E = f.num_experts;
@@ -260,7 +263,7 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
                    e.what());
         continue;
       }
-      record(f, "eager", std::string(kExpertEagerTag) + "uniform", r, *std::max_element(counts.begin(), counts.end()),
+      record(f, "eager", std::string(kExpertEagerTag) + fam.distribution, r, *std::max_element(counts.begin(), counts.end()),
              active, res);
     }
   }

@@ -8,9 +8,9 @@
 //     [m, 2k] input ("gemv_swiglu"), the router logits with fp32 out ("gemv_fp32"): the
 //     profile's tables.gemv;
 //   - launch_grouped_gemv_v2 over the models' expert families at EP 1, tokens 1 .. 8, rows =
-//     tokens * top_k spread uniformly over the experts (at most `tokens` rows per expert, as the
-//     executor bounds them), the down projection with its SwiGLU input: expert points tagged
-//     "gemv2:uniform".
+//     tokens * top_k, each token on top_k distinct experts drawn at random ("routed:K",
+//     profiler/shapes.hpp; at most `tokens` rows per expert, as the executor bounds them), the
+//     down projection with its SwiGLU input: expert points tagged "gemv2:routed:K".
 // Sharded models keep the previous kernels (decode_kernels off), so only TP 1 / EP 1 is timed.
 #include <algorithm>
 #include <ostream>
@@ -262,7 +262,8 @@ void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
     progress_line(out, fmt::format("gemv2 {} E={} n={} k={}", f.label, f.num_experts, f.n, f.k), ++i, total);
     for (int64_t t = 1; t <= M; ++t) {
       const int64_t rows = t * f.top_k;
-      const auto counts = tokens_per_expert("uniform", f.num_experts, rows);
+      const std::string dist = fmt::format("routed:{}", f.top_k);  // a router's scatter (shapes.hpp)
+      const auto counts = tokens_per_expert(dist, f.num_experts, rows);
       std::vector<int32_t> offsets(counts.size() + 1, 0);
       for (std::size_t e = 0; e < counts.size(); ++e) offsets[e + 1] = offsets[e] + int32_t(counts[e]);
       MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(off.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
@@ -290,7 +291,7 @@ void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out) {
       e.n = f.n;
       e.k = f.k;
       e.dtype = DType::bf16;
-      e.distribution = std::string(kExpertGemvV2Tag) + "uniform";
+      e.distribution = std::string(kExpertGemvV2Tag) + dist;
       e.time_us = res.time_us.median;
       p.experts.push_back(e);
     }

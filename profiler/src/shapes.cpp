@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
 #include <set>
 #include <tuple>
 
@@ -117,6 +118,31 @@ std::vector<int64_t> tokens_per_expert(const std::string& distribution, int num_
   if (num_experts < 1 || total_rows < 0)
     throw InputError(fmt::format("expert distribution: {} experts, {} rows (need >= 1 expert, >= 0 rows)",
                                  num_experts, total_rows));
+  if (distribution.rfind("routed:", 0) == 0) {
+    int k = 0;
+    try {
+      k = std::stoi(distribution.substr(7));
+    } catch (const std::exception&) {
+      k = 0;
+    }
+    if (k < 1) throw InputError(fmt::format("expert distribution '{}': expected routed:K with K >= 1", distribution));
+    k = std::min(k, num_experts);
+    std::vector<int64_t> counts(num_experts, 0);
+    std::mt19937_64 rng(0x6d69787365727665ULL ^ (uint64_t(num_experts) << 40) ^ (uint64_t(total_rows) << 8) ^
+                        uint64_t(k));
+    std::vector<int> ids(num_experts);
+    std::iota(ids.begin(), ids.end(), 0);
+    for (int64_t left = total_rows; left > 0;) {
+      const int take = int(std::min<int64_t>(k, left));
+      for (int j = 0; j < take; ++j) {  // partial Fisher-Yates: `take` distinct experts
+        std::uniform_int_distribution<int> pick(j, num_experts - 1);
+        std::swap(ids[j], ids[pick(rng)]);
+        counts[ids[j]] += 1;
+      }
+      left -= take;
+    }
+    return counts;
+  }
   std::vector<double> share(num_experts, 1.0);
   if (distribution == "uniform") {
   } else if (distribution.rfind("zipf:", 0) == 0) {
@@ -127,7 +153,7 @@ std::vector<int64_t> tokens_per_expert(const std::string& distribution, int num_
     const int empty = std::min(num_experts - 1, static_cast<int>(std::lround(frac * num_experts)));
     for (int i = 0; i < empty; ++i) share[i] = 0.0;
   } else {
-    throw InputError(fmt::format("expert distribution '{}': expected uniform, zipf:S or empty:F", distribution));
+    throw InputError(fmt::format("expert distribution '{}': expected uniform, zipf:S, empty:F or routed:K", distribution));
   }
   const double total_share = std::accumulate(share.begin(), share.end(), 0.0);
   std::vector<int64_t> counts(num_experts, 0);

@@ -323,12 +323,14 @@ class ProfileTimer final : public OpTimer {
   }
 
  private:
-  // The expert table's points are timed with their rows spread evenly over the experts
-  // (mixserve-profile expert_gemv / experts, distribution "uniform": active_experts =
-  // min(rows, num_experts), profiles/h200.yaml), i.e. every point reads the weights of as many
-  // experts as it has rows, up to all of them. A step routed at random touches fewer distinct
-  // experts (cost_model.cpp: expected_active_experts; 16 Qwen3 tokens x top-8 = 128 rows reach
-  // ~82 of 128 experts, the table's 128-row point reads all 128). These kernels are
+  // Each expert table point records the distinct experts its rows reached (active_experts):
+  // mixserve-profile experts spreads them evenly ("uniform": min(rows, num_experts)), the
+  // executor's paths (expert_gemv, gemv) as a router does ("routed:K", each token on K distinct
+  // experts drawn at random, so rows per expert scatter around the mean as in a real step: the
+  // grouped GEMM's 128-row tiles and the GEMV's 8-row chunks follow the larger experts). A step
+  // may touch fewer distinct experts than its point did (cost_model.cpp: expected_active_experts;
+  // 16 Qwen3 tokens x top-8 = 128 rows reach ~82 of 128 experts, an evenly spread 128-row point
+  // reads all 128; a routed point about as many as the step). These kernels are
   // weight-bandwidth bound at decode sizes, so the table time above the profile's measured
   // per-launch cost (kernel_launch_us) is scaled by the bytes the step reads over the bytes the
   // point read: weights of the active experts plus the rows' activations in and out.

@@ -2,6 +2,7 @@
 // profiler's shapes and token distributions. Expected values are derived by hand in comments.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <numeric>
 
 #include "mixserve/core/error.hpp"
@@ -62,6 +63,34 @@ TEST_CASE("tokens per expert: sums, uniform spread, skew, empty experts") {
   // empty:0.5 over 8 experts: the first 4 get nothing, 8 rows over the other 4.
   CHECK(tokens_per_expert("empty:0.5", 8, 8) == std::vector<int64_t>{0, 0, 0, 0, 2, 2, 2, 2});
   CHECK_THROWS_AS(tokens_per_expert("normal", 4, 10), InputError);
+}
+
+TEST_CASE("tokens per expert, routed:K: distinct experts per token, reproducible, scattered like a router's") {
+  using profiler::tokens_per_expert;
+  for (int64_t rows : {int64_t(0), int64_t(1), int64_t(7), int64_t(1024), int64_t(16384)}) {
+    const auto c = tokens_per_expert("routed:8", 128, rows);
+    INFO("rows " << rows);
+    CHECK(std::accumulate(c.begin(), c.end(), int64_t(0)) == rows);
+    CHECK(c == tokens_per_expert("routed:8", 128, rows));  // fixed seed
+    // K distinct experts per token: no expert has more rows than there are tokens.
+    CHECK(*std::max_element(c.begin(), c.end()) <= (rows + 7) / 8);
+  }
+  // Top-2 of 2 experts: every token reaches both, so the split is exact.
+  CHECK(tokens_per_expert("routed:2", 2, 10) == std::vector<int64_t>{5, 5});
+  // K above E is capped at E (still distinct experts per token).
+  CHECK(tokens_per_expert("routed:4", 2, 6) == std::vector<int64_t>{3, 3});
+  // 16384 rows of top-8 over 128 experts: mean 128 per expert, binomial spread (sd ~11): some
+  // experts above 128 (a second 128-row tile in the grouped GEMM), none empty; "uniform" gives 128 each.
+  const auto c = tokens_per_expert("routed:8", 128, 16384);
+  const auto above = std::count_if(c.begin(), c.end(), [](int64_t x) { return x > 128; });
+  CHECK(above > 30);
+  CHECK(above < 98);
+  CHECK(*std::min_element(c.begin(), c.end()) > 64);
+  CHECK(*std::max_element(c.begin(), c.end()) < 200);
+  const auto u = tokens_per_expert("uniform", 128, 16384);
+  CHECK(*std::max_element(u.begin(), u.end()) == 128);
+  CHECK_THROWS_AS(tokens_per_expert("routed:0", 4, 10), InputError);
+  CHECK_THROWS_AS(tokens_per_expert("routed:x", 4, 10), InputError);
 }
 
 TEST_CASE("geometric sizes follow nccl-tests -b -e -f") {

@@ -45,7 +45,13 @@ std::vector<ExpertFamily> unique_families(std::vector<ExpertFamily> f);
 // Rows per expert for `total_rows` routed rows over `num_experts` experts:
 //   "uniform"  - as even as possible (the first experts take the remainder);
 //   "zipf:S"   - expert i gets a share proportional to 1 / (i + 1)^S (largest remainders);
-//   "empty:F"  - the first round(F * E) experts get nothing, the rest uniform.
+//   "empty:F"  - the first round(F * E) experts get nothing, the rest uniform;
+//   "routed:K" - as a router picks them: ceil(total_rows / K) tokens, each sending its rows to K
+//                distinct experts drawn uniformly at random (min(K, E); the last token takes the
+//                remainder), from a fixed seed per (E, total_rows, K), so a profile is reproducible.
+//                Unlike "uniform" the rows per expert scatter around the mean as a real step's do
+//                (docs/fidelity.md: tile and chunk counts of the grouped kernels follow the largest
+//                experts, so an evenly split table point is a best case).
 // The counts always sum to total_rows. Throws InputError for an unknown distribution.
 std::vector<int64_t> tokens_per_expert(const std::string& distribution, int num_experts,
                                        int64_t total_rows);
