@@ -78,6 +78,7 @@ struct GpuModel::Act {
   int32_t* sampled = nullptr;                                             // [T] greedy ids
   int32_t* sampled_host = nullptr;                                        // pinned [T]
   DeviceBuffer attn_ws;
+  DeviceBuffer attn_tickets;  // int32 [S, kv_heads, q_tiles] of the fused split merge, zero between launches
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
   ~Act() {
     if (counts_host) cudaFreeHost(counts_host);
@@ -581,6 +582,11 @@ void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const Step
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
   const std::size_t ws = p->T > 0 ? kernels::attention_workspace_bytes(ap, device) : 0;
   if (ws > A.attn_ws.bytes()) A.attn_ws = DeviceBuffer(ws);
+  const std::size_t tickets = p->T > 0 ? kernels::attention_merge_tickets(ap, device) * sizeof(int32_t) : 0;
+  if (tickets > A.attn_tickets.bytes()) {  // zeroed once; every attention launch leaves them zero
+    A.attn_tickets = DeviceBuffer(tickets);
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.attn_tickets.get(), 0, tickets, s));
+  }
   if (p->record) {
     const std::size_t rec = 2 * std::size_t(m.num_layers) * std::size_t(p->T) * std::size_t(m.hidden_size) * 2;
     if (rec > A.hidden_rec.bytes()) A.hidden_rec = DeviceBuffer(rec);
@@ -984,6 +990,10 @@ void GpuModel::enqueue(cudaStream_t s) {
     ap.max_seq_len = P.max_seq_len;
     ap.workspace = A.attn_ws.get();
     ap.workspace_bytes = A.attn_ws.bytes();
+    if (uses_fused_attention_merge(cfg_.decode_kernels) && cfg_.fused_attention_merge) {
+      ap.merge_tickets = A.attn_tickets.as<int32_t>();  // split merge inside the attention launch
+      ap.merge_tickets_count = A.attn_tickets.bytes() / sizeof(int32_t);
+    }
     kernels::launch_attention(ap, s);
     linear(A.attn, L.wo, A.tmp, T, H, QW, s);
     if (attn_tp) cfg_.comm->all_reduce(CommGroup::attn_tp, A.tmp, T * H, s);  // heads' partial sums

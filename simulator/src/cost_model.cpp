@@ -635,7 +635,9 @@ class MixServeModel final : public StepCostModel {
   }
 
   // Launches of kernels::launch_attention for the replica's batch: 1, plus the split-KV merge
-  // when it splits the keys (kernels/src/attention.cu choose_splits, tensor-core kernel: two
+  // when it splits the keys and the merge is not fused into the attention launch (decode kernels:
+  // fused, core/decode_path.hpp; the attention table's time covers both parts either way)
+  // (kernels/src/attention.cu choose_splits, tensor-core kernel: two
   // CTAs per SM aimed at, 64 query rows per CTA, 128 above 64 rows, 64-key tiles). The longest
   // query and context are taken as the batch's means (ReplicaBatch keeps sums only).
   double attention_launches(const ReplicaBatch& b) const {
@@ -659,7 +661,7 @@ class MixServeModel final : public StepCostModel {
     const int64_t target = 2 * int64_t(sm_count_);
     const int64_t want = base >= target ? 1 : cdiv(target, base);
     const int64_t split = std::max<int64_t>(64, cdiv(cdiv(kv_len, want), 64) * 64);
-    return cdiv(kv_len, split) > 1 ? 2 : 1;
+    return attention_launch_count(dk_, cdiv(kv_len, split) > 1);
   }
 
   Acc router_block(const ReplicaBatch& b) const {

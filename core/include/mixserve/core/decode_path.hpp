@@ -66,6 +66,14 @@ inline constexpr int permute_launches(bool decode_kernels, int64_t pairs) {
   return pairs == 0 ? 0 : (decode_kernels && pairs <= kPermuteSingleLaunchMaxPairsCore ? 1 : 4);
 }
 
+// Steps with decode_kernels, whatever their size: the attention's split-KV merge inside the
+// attention launch (kernels/attention.cuh merge_tickets; GpuModelConfig::fused_attention_merge
+// switches it off for measurements), so attention is one launch with or without splits.
+inline constexpr bool uses_fused_attention_merge(bool decode_kernels) { return decode_kernels; }
+inline constexpr int attention_launch_count(bool decode_kernels, bool splits) {
+  return splits && !uses_fused_attention_merge(decode_kernels) ? 2 : 1;
+}
+
 // Decode-only steps that the benchmarks (offline and online) run as a CUDA graph, with CUDA graphs
 // on (the default; --no-cuda-graph turns them off) and the automatic expert path: an unsharded
 // model (multi-rank decode steps run eagerly), and either no MoE layer or at most `max_rows`

@@ -85,6 +85,9 @@ struct GpuModelConfig {
   // decode_kernels, steps of <= kGemvMaxRows tokens that do not record the residual stream: launch
   // the layer's kernels as programmatic dependents of the previous one (kernels/detail/pdl.cuh).
   bool programmatic_launch = true;
+  // decode_kernels: the attention's split-KV merge runs inside the attention launch (the last CTA
+  // of each group merges; attention.cuh merge_tickets) instead of as a second kernel.
+  bool fused_attention_merge = true;
   // Distributed forward (shard.hpp, docs/distributed.md): the rank's shard of the model and the
   // communication its sites call (all-reduce after o_proj and the dense FFN, the MoE exchange of
   // the stage, the pipeline send/recv). Default: the whole model, no communication.
@@ -136,6 +139,7 @@ class GpuModel {
   void set_decode_kernels(bool on) { cfg_.decode_kernels = on && !cfg_.shard.sharded(); }
   void set_grouped_gemv_v2_max_tokens(int64_t t) { cfg_.grouped_gemv_v2_max_tokens = t; }
   void set_programmatic_launch(bool on) { cfg_.programmatic_launch = on; }
+  void set_fused_attention_merge(bool on) { cfg_.fused_attention_merge = on; }
 
   // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
   // the reference, plus the limits of the config). A sharded model runs the step of its rank: every
