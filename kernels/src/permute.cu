@@ -180,6 +180,8 @@ std::size_t permute_workspace_bytes(int64_t num_tokens, int top_k, int num_exper
   return std::size_t(num_chunks(num_tokens * top_k)) * std::size_t(num_experts) * sizeof(int32_t);
 }
 
+std::string permute_unsupported_reason(const PermuteParams& p) { return check_params(p); }
+
 bool is_supported(const PermuteParams& p, int device) {
   if (!check_params(p).empty()) return false;
   return detail::device_is_sm80_or_newer(device);

@@ -68,6 +68,8 @@ std::string check_params(const RouterParams& p) {
 
 }  // namespace
 
+std::string router_unsupported_reason(const RouterParams& p) { return check_params(p); }
+
 bool is_supported(const RouterParams& p, int device) {
   if (!check_params(p).empty()) return false;
   return detail::device_is_sm80_or_newer(device);

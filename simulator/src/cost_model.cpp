@@ -668,11 +668,15 @@ class MixServeModel final : public StepCostModel {
     Acc a;
     const double t = double(b.tokens());
     if (t <= 0) return a;
+    // Decode kernels at <= 8 tokens: logits, top-k and the permute are one launch
+    // (kernels/moe_route.cuh, core/decode_path.hpp uses_fused_moe_route), costed as the sum of the
+    // parts' table entries (the GEMV, the top-k pass here; the permute in moe_block, 0 launches).
+    const bool fused = uses_fused_moe_route(dk_, int64_t(std::ceil(t)));
     if (router_uses_gemv(dk_, int64_t(t)) && gemv_k_fits(h_))
       a.add(moe_router, timer_->gemv(t, E_, h_, m_.activation_dtype, GemvKind::fp32_out));
     else
       a.add(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
-    a.add(moe_router, timer_->memory_op(2.0 * t * E_ * K.logits_bytes_per_element));
+    a.add_launches(moe_router, timer_->memory_op(2.0 * t * E_ * K.logits_bytes_per_element), fused ? 0 : 1);
     return a;
   }
 
@@ -725,7 +729,9 @@ class MixServeModel final : public StepCostModel {
     const int64_t tok = int64_t(std::ceil(Tg));
     const bool v2 = gemv && uses_grouped_gemv_v2(dk_, tok);
     if (E_local_ < E_) a.add(moe_experts, timer_->memory_op(2.0 * Tg * k_ * 4.0));  // ids - first expert
-    if (permute_launches(dk_, routed) == 1) {  // histogram, scan, ranks and row copy in one launch
+    if (uses_fused_moe_route(dk_, tok)) {  // inside the router's launch (router_block): time only
+      a.add_launches(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_ + 3.0 * 2.0 * rows * 4.0), 0);
+    } else if (permute_launches(dk_, routed) == 1) {  // histogram, scan, ranks and row copy in one launch
       a.add(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_ + 3.0 * 2.0 * rows * 4.0));
     } else {
       for (int i = 0; i < 3; ++i) a.add(moe_experts, timer_->memory_op(2.0 * rows * 4.0));

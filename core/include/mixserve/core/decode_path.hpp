@@ -34,6 +34,13 @@ inline constexpr bool router_uses_gemv(bool decode_kernels, int64_t tokens) {
   return uses_dense_gemv(decode_kernels, tokens);
 }
 
+// Router logits, top-k and the permute in one launch (kernels/moe_route.cuh) for the steps that
+// take the dense GEMV (GpuModelConfig::fused_moe_route switches it off for measurements): one
+// launch instead of the router GEMV, the top-k and the one-launch permute.
+inline constexpr bool uses_fused_moe_route(bool decode_kernels, int64_t tokens) {
+  return uses_dense_gemv(decode_kernels, tokens);
+}
+
 // Grouped expert GEMV v2 (launch_grouped_gemv_v2: SwiGLU fused into the down projection, only the
 // experts with rows) up to this many tokens when the device GEMV path is taken
 // (core/expert_path.hpp), v1 (launch_grouped_gemv + a SwiGLU launch) above.
