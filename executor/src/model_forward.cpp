@@ -22,6 +22,7 @@
 #include "mixserve/kernels/fill.cuh"
 #include "mixserve/kernels/grouped_gemm.cuh"
 #include "mixserve/kernels/kv_cache.cuh"
+#include "mixserve/kernels/moe_route.cuh"
 #include "mixserve/kernels/permute.cuh"
 #include "mixserve/kernels/rmsnorm.cuh"
 #include "mixserve/kernels/rope.cuh"
@@ -78,6 +79,8 @@ struct GpuModel::Act {
   int32_t* sampled = nullptr;                                             // [T] greedy ids
   int32_t* sampled_host = nullptr;                                        // pinned [T]
   DeviceBuffer attn_ws;
+  DeviceBuffer route_ticket;  // int32 [1] of the fused router + permute, zero between launches
+  DeviceBuffer attn_tickets;  // int32 [S, kv_heads, q_tiles] of the fused split merge, zero between launches
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
   ~Act() {
     if (counts_host) cudaFreeHost(counts_host);
@@ -103,6 +106,9 @@ namespace {
 static_assert(kGemvMaxRows == kDecodeGemvMaxTokens);
 static_assert(kGroupedGemvMaxK == kGemvMaxK, "core/expert_path.hpp gemv_k_fits mirrors the GEMV kernels' k limit");
 static_assert(kernels::kPermuteSingleLaunchMaxPairs == kPermuteSingleLaunchMaxPairsCore);
+static_assert(kernels::kMoeRouteMaxTokens == kDecodeGemvMaxTokens, "uses_fused_moe_route's bound is the kernel's");
+static_assert(kernels::kMoeRouteMaxTokens * kernels::kRouterMaxTopK <= kernels::kPermuteSingleLaunchMaxPairs,
+              "the fused router's permute is the single-launch form");
 
 bool ends_with(const std::string& s, std::string_view suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
@@ -408,6 +414,8 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
 
   for (std::size_t i = first_activation; i < owned_.size(); ++i)
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(owned_[i].get(), 0xff, owned_[i].bytes(), s));
+  A.route_ticket = DeviceBuffer(sizeof(int32_t));  // zeroed once; every launch leaves it zero
+  MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.route_ticket.get(), 0, sizeof(int32_t), s));
   // KV cache: [num_blocks, block, kv_heads, head_dim] per layer for K and for V.
   const std::size_t block_bytes = std::size_t(cfg_.block_size) * std::size_t(KVW) * 2;
   num_blocks_ = cfg_.num_blocks;
@@ -581,6 +589,11 @@ void GpuModel::prepare(const std::vector<model::SequenceStep>& batch, const Step
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
   const std::size_t ws = p->T > 0 ? kernels::attention_workspace_bytes(ap, device) : 0;
   if (ws > A.attn_ws.bytes()) A.attn_ws = DeviceBuffer(ws);
+  const std::size_t tickets = p->T > 0 ? kernels::attention_merge_tickets(ap, device) * sizeof(int32_t) : 0;
+  if (tickets > A.attn_tickets.bytes()) {  // zeroed once; every attention launch leaves them zero
+    A.attn_tickets = DeviceBuffer(tickets);
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.attn_tickets.get(), 0, tickets, s));
+  }
   if (p->record) {
     const std::size_t rec = 2 * std::size_t(m.num_layers) * std::size_t(p->T) * std::size_t(m.hidden_size) * 2;
     if (rec > A.hidden_rec.bytes()) A.hidden_rec = DeviceBuffer(rec);
@@ -676,6 +689,11 @@ void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
 
 void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cudaStream_t s) {
   const int E = spec_.moe.num_experts, K = spec_.moe.top_k, El = dims_.experts;
+  if (El == E && uses_fused_moe_route(cfg_.decode_kernels, T) && cfg_.fused_moe_route) {
+    moe_route_permute(L, x, T, s);  // logits, top-k and permute in one launch
+    moe_experts(L, x, T, K, act_->topk_ids, act_->topk_w, true, out, s, true);
+    return;
+  }
   moe_route(L, x, T, s);
   // Expert parallel: ids relative to the shard's first expert; the permute drops the others.
   if (El < E) launch_offset_ids(act_->topk_ids, T * K, -dims_.expert0, s);
@@ -702,8 +720,38 @@ void GpuModel::moe_route(const Layer& L, const bf16* x, int64_t T, cudaStream_t 
   kernels::launch_router(rp, s);
 }
 
+void GpuModel::moe_route_permute(const Layer& L, const bf16* x, int64_t T, cudaStream_t s) {
+  Act& A = *act_;
+  const ModelSpec& m = spec_;
+  kernels::MoeRouteParams mr;
+  mr.weights = L.router;
+  mr.logits = A.router_logits;
+  mr.router.topk_ids = A.topk_ids;
+  mr.router.topk_weights = A.topk_w;
+  mr.router.num_tokens = T;
+  mr.router.num_experts = m.moe.num_experts;
+  mr.router.top_k = m.moe.top_k;
+  mr.router.scoring = kernels::RouterScoring::softmax_topk;
+  mr.router.renormalize = m.moe.norm_topk_prob;
+  mr.router.routed_scaling = static_cast<float>(m.moe.routed_scaling_factor);
+  mr.permute.topk_ids = A.topk_ids;
+  mr.permute.x = x;
+  mr.permute.permuted_x = A.permuted_x;
+  mr.permute.expert_counts = A.counts;
+  mr.permute.expert_offsets = A.offsets;
+  mr.permute.slot_row = A.slot_row;
+  mr.permute.permuted_token = A.permuted_token;
+  mr.permute.num_tokens = T;
+  mr.permute.top_k = m.moe.top_k;
+  mr.permute.num_experts = m.moe.num_experts;
+  mr.permute.hidden = m.hidden_size;
+  mr.ticket = A.route_ticket.as<int32_t>();
+  mr.pdl = pdl_;
+  kernels::launch_moe_route(mr, s);
+}
+
 void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
-                           const float* weights, bool shared, bf16* out, cudaStream_t s) {
+                           const float* weights, bool shared, bf16* out, cudaStream_t s, bool permuted) {
   Act& A = *act_;
   const ModelSpec& m = spec_;
   const int64_t H = m.hidden_size, I = dims_.inter, S = (shared && L.shared_w13) ? dims_.shared : 0;
@@ -713,24 +761,27 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     ffn_dense(L.shared_w13, L.shared_w2, S, x, T, A.shared_out, s);
     if (L.shared_gate) launch_linear_fp32(x, L.shared_gate, A.shared_gate, T, 1, static_cast<int>(H), s);
   }
-  // Permute into expert-contiguous rows (device-side counts and offsets).
-  kernels::PermuteParams pp;
-  pp.topk_ids = ids;
-  pp.x = x;
-  pp.permuted_x = A.permuted_x;
-  pp.expert_counts = A.counts;
-  pp.expert_offsets = A.offsets;
-  pp.slot_row = A.slot_row;
-  pp.permuted_token = A.permuted_token;
-  pp.workspace = A.permute_ws;
-  pp.workspace_bytes = A.permute_ws_bytes;
-  pp.num_tokens = T;
-  pp.top_k = K;
-  pp.num_experts = El;
-  pp.hidden = H;
-  pp.allow_single_launch = cfg_.decode_kernels;  // one launch: permute_launches (core/decode_path.hpp)
-  pp.pdl = pdl_;
-  kernels::launch_permute(pp, s);
+  // Permute into expert-contiguous rows (device-side counts and offsets), unless the fused router
+  // launch did (moe_route_permute).
+  if (!permuted) {
+    kernels::PermuteParams pp;
+    pp.topk_ids = ids;
+    pp.x = x;
+    pp.permuted_x = A.permuted_x;
+    pp.expert_counts = A.counts;
+    pp.expert_offsets = A.offsets;
+    pp.slot_row = A.slot_row;
+    pp.permuted_token = A.permuted_token;
+    pp.workspace = A.permute_ws;
+    pp.workspace_bytes = A.permute_ws_bytes;
+    pp.num_tokens = T;
+    pp.top_k = K;
+    pp.num_experts = El;
+    pp.hidden = H;
+    pp.allow_single_launch = cfg_.decode_kernels;  // one launch: permute_launches (core/decode_path.hpp)
+    pp.pdl = pdl_;
+    kernels::launch_permute(pp, s);
+  }
   // automatic: the GEMV's row limit, and both projections' k must fit the GEMV
   // (core/expert_path.hpp uses_device_gemv(rows, hidden, inter), the cost model's rule).
   const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
@@ -984,6 +1035,10 @@ void GpuModel::enqueue(cudaStream_t s) {
     ap.max_seq_len = P.max_seq_len;
     ap.workspace = A.attn_ws.get();
     ap.workspace_bytes = A.attn_ws.bytes();
+    if (uses_fused_attention_merge(cfg_.decode_kernels) && cfg_.fused_attention_merge) {
+      ap.merge_tickets = A.attn_tickets.as<int32_t>();  // split merge inside the attention launch
+      ap.merge_tickets_count = A.attn_tickets.bytes() / sizeof(int32_t);
+    }
     kernels::launch_attention(ap, s);
     linear(A.attn, L.wo, A.tmp, T, H, QW, s);
     if (attn_tp) cfg_.comm->all_reduce(CommGroup::attn_tp, A.tmp, T * H, s);  // heads' partial sums

@@ -35,6 +35,9 @@ struct Launch {
   float scale_log2 = 0.0f;   // softmax scale * log2(e): p = exp2((s - m) * scale_log2)
   float* part_o = nullptr;   // [num_splits, num_tokens, q_heads, head_dim] unnormalised out
   float2* part_ml = nullptr; // [num_splits, num_tokens, q_heads] (running max, sum)
+  // AttentionParams::merge_tickets when the split merge runs inside the attention launch:
+  // [num_seqs, kv_heads, q_tiles] arrival counters, zero between launches; null: merge kernel.
+  int32_t* merge_tickets = nullptr;
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -57,6 +60,60 @@ __device__ __forceinline__ int64_t cache_offset(const PagedKvCache& c, int seq, 
   const int64_t block = c.block_table[int64_t(seq) * c.max_blocks_per_seq + (pos >> block_shift)];
   const int slot = pos & ((1 << block_shift) - 1);
   return ((block << block_shift) + slot) * (int64_t(c.kv_heads) * head_dim) + int64_t(kv_head) * head_dim;
+}
+
+// Merge of the splits of one row w = token * q_heads + head (one warp; pos: the token's cache
+// position): splits past the position are unused. The partials are read through L2 (__ldcg): in
+// the fused merge other CTAs of this launch wrote them.
+template <int kHeadDim>
+__device__ __forceinline__ void merge_row(const AttentionParams& p, const Launch& L, int64_t w, int pos, int lane) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int used = min(L.num_splits, pos / L.split_tokens + 1);
+  const int64_t stride = p.num_tokens * int64_t(p.q_heads);  // between splits of one row
+  float mx = -INFINITY;
+  for (int s = 0; s < used; ++s) mx = fmaxf(mx, __ldcg(&L.part_ml[s * stride + w]).x);
+  float acc[kPerLane] = {};
+  float sum = 0.0f;
+  for (int s = 0; s < used; ++s) {
+    const float2 ml = __ldcg(&L.part_ml[s * stride + w]);
+    const float f = exp2f((ml.x - mx) * L.scale_log2);
+    sum += ml.y * f;
+    const float* src = L.part_o + (s * stride + w) * kHeadDim + lane * kPerLane;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) acc[j] += __ldcg(src + j) * f;
+  }
+  const float inv = 1.0f / sum;
+#pragma unroll
+  for (int j = 0; j < kPerLane; j += 2)
+    *reinterpret_cast<uint32_t*>(p.out + w * kHeadDim + lane * kPerLane + j) = pack_bf16(acc[j] * inv, acc[j + 1] * inv);
+}
+
+// Fused split merge (L.merge_tickets set): every CTA of a (sequence, kv head, q tile) that wrote
+// partials takes a ticket after a fence; the one that arrives last (`arrivals` in all: the splits
+// whose key range is not empty) resets the counter to zero for the next launch (graph replays)
+// and merges the tile's rows, one warp per row, with the same arithmetic as merge_splits_kernel.
+// Every thread of the CTA must call it.
+template <int kHeadDim, int kW>
+__device__ __forceinline__ void merge_tile_if_last(const AttentionParams& p, const Launch& L, int ticket,
+                                                   int arrivals, int row0, int rows_end, int q0, int kvh,
+                                                   int ctx_before) {
+  __shared__ int s_last;
+  __threadfence();  // this thread's partials are visible device-wide before the CTA's ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int before = atomicAdd(&L.merge_tickets[ticket], 1);
+    s_last = before == arrivals - 1;
+    if (s_last) L.merge_tickets[ticket] = 0;  // every arrival has counted: no more adds this launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();  // the other CTAs' partials (fenced before their tickets) are read after ours
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = row0 + warp; r < rows_end; r += kW) {
+    const int tok = r / L.group;
+    const int64_t w = int64_t(q0 + tok) * p.q_heads + kvh * L.group + r % L.group;
+    merge_row<kHeadDim>(p, L, w, ctx_before + tok, lane);
+  }
 }
 
 // grid (q_tiles * num_splits, num_seqs, kv_heads), kW * 32 threads (kW warps of 16 query rows:
@@ -227,34 +284,39 @@ static __global__ void __launch_bounds__(kW * 32) tc_attention_kernel(AttentionP
       }
     }
   }
-  if (!warp_active) return;
-
+  if (warp_active) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
-  if (L.num_splits == 1) {
+    for (int i = 0; i < 2; ++i) {
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    if (L.num_splits == 1) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (pos[i] < 0) continue;
+        const float inv = 1.0f / l[i];
+#pragma unroll
+        for (int dt = 0; dt < kHeadDim / 8; ++dt)
+          *reinterpret_cast<uint32_t*>(p.out + head_off[i] + dt * 8 + tq * 2) =
+              pack_bf16(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (pos[i] < 0) continue;
-      const float inv = 1.0f / l[i];
+      const int64_t idx = (int64_t(split) * p.num_tokens + tok_global[i]) * p.q_heads + q_head[i];
 #pragma unroll
       for (int dt = 0; dt < kHeadDim / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(p.out + head_off[i] + dt * 8 + tq * 2) =
-            pack_bf16(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+        *reinterpret_cast<float2*>(L.part_o + idx * kHeadDim + dt * 8 + tq * 2) = make_float2(o[dt][2 * i], o[dt][2 * i + 1]);
+      if (tq == 0) L.part_ml[idx] = make_float2(m[i], l[i]);
     }
-    return;
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (pos[i] < 0) continue;
-    const int64_t idx = (int64_t(split) * p.num_tokens + tok_global[i]) * p.q_heads + q_head[i];
-#pragma unroll
-    for (int dt = 0; dt < kHeadDim / 8; ++dt)
-      *reinterpret_cast<float2*>(L.part_o + idx * kHeadDim + dt * 8 + tq * 2) = make_float2(o[dt][2 * i], o[dt][2 * i + 1]);
-    if (tq == 0) L.part_ml[idx] = make_float2(m[i], l[i]);
-  }
+  if (L.num_splits == 1 || !L.merge_tickets) return;
+  // The splits of this tile that wrote partials: those whose key range [k_begin, k_end) is not empty.
+  const int arrivals = min(L.num_splits, (n_keys + L.split_tokens - 1) / L.split_tokens);
+  const int ticket = (seq * int(gridDim.z) + kvh) * num_q_tiles + q_tile;
+  merge_tile_if_last<kHeadDim, kW>(p, L, ticket, arrivals, row0, min(rows, row0 + kRowsPerCta), q0, kvh, ctx_before);
 }
 
 // Sequence of a step token: the last s with q_start[s] <= token (binary search).
@@ -267,11 +329,10 @@ __device__ __forceinline__ int seq_of_token(const int32_t* q_start, int num_seqs
   return lo;
 }
 
-// Merge of the splits: one warp per (token, q head); splits past the row's position are unused.
+// Merge of the splits (two-launch form): one warp per (token, q head).
 template <int kHeadDim>
 static __global__ void merge_splits_kernel(AttentionParams p, Launch L) {
   detail::allow_next_kernel();  // the o_proj GEMV may start prefetching its weights
-  constexpr int kPerLane = kHeadDim / 32;
   const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (w >= p.num_tokens * p.q_heads) return;
@@ -279,24 +340,7 @@ static __global__ void merge_splits_kernel(AttentionParams p, Launch L) {
   const int seq = seq_of_token(p.q_start, p.num_seqs, token);
   const int q_len = p.q_start[seq + 1] - p.q_start[seq];
   const int pos = p.seq_lens[seq] - q_len + (token - p.q_start[seq]);
-  const int used = min(L.num_splits, pos / L.split_tokens + 1);
-  const int64_t stride = p.num_tokens * int64_t(p.q_heads);  // between splits of one row
-  float mx = -INFINITY;
-  for (int s = 0; s < used; ++s) mx = fmaxf(mx, L.part_ml[s * stride + w].x);
-  float acc[kPerLane] = {};
-  float sum = 0.0f;
-  for (int s = 0; s < used; ++s) {
-    const float2 ml = L.part_ml[s * stride + w];
-    const float f = exp2f((ml.x - mx) * L.scale_log2);
-    sum += ml.y * f;
-    const float* src = L.part_o + (s * stride + w) * kHeadDim + lane * kPerLane;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) acc[j] += src[j] * f;
-  }
-  const float inv = 1.0f / sum;
-#pragma unroll
-  for (int j = 0; j < kPerLane; j += 2)
-    *reinterpret_cast<uint32_t*>(p.out + w * kHeadDim + lane * kPerLane + j) = pack_bf16(acc[j] * inv, acc[j + 1] * inv);
+  merge_row<kHeadDim>(p, L, w, pos, lane);
 }
 
 // AttentionImpl::simple: one warp per (token, q head), one key at a time, scalar fp32.
@@ -374,6 +418,12 @@ int sm_count(int device) {
   return sms;
 }
 
+// Query tiles per (sequence, kv head) of the tensor-core grid (RunTensorCore's choice of CTA rows).
+int q_tiles_of(const AttentionParams& p) {
+  const int64_t rows = int64_t(p.max_q_len) * (p.q_heads / p.cache.kv_heads);
+  return ceil_div(rows, rows > kRowsPerCta ? kRowsPerCtaWide : kRowsPerCta);
+}
+
 // Splits and their length in positions (a multiple of kKvTile).
 void choose_splits(const AttentionParams& p, int device, int& num_splits, int& split_tokens) {
   num_splits = 1;
@@ -419,7 +469,7 @@ struct RunTensorCore {
       tc_attention_kernel<D, kWarps><<<grid, kThreads, 0, stream>>>(p, L);
     }
     MIXSERVE_LAUNCH_CHECK("tc_attention_kernel");
-    if (L.num_splits > 1) {
+    if (L.num_splits > 1 && !L.merge_tickets) {
       const int64_t warps = p.num_tokens * p.q_heads;
       merge_splits_kernel<D><<<unsigned(ceil_div(warps * 32, kThreads)), kThreads, 0, stream>>>(p, L);
       MIXSERVE_LAUNCH_CHECK("merge_splits_kernel");
@@ -447,6 +497,13 @@ int attention_num_splits(const AttentionParams& p, int device) {
   int n = 1, len = 0;
   choose_splits(p, device, n, len);
   return n;
+}
+
+std::size_t attention_merge_tickets(const AttentionParams& p, int device) {
+  if (p.impl != AttentionImpl::tensor_core || p.num_seqs <= 0 || p.num_tokens <= 0 || p.cache.kv_heads <= 0 ||
+      attention_num_splits(p, device) <= 1)
+    return 0;
+  return std::size_t(p.num_seqs) * std::size_t(p.cache.kv_heads) * std::size_t(q_tiles_of(p));
 }
 
 std::size_t attention_workspace_bytes(const AttentionParams& p, int device) {
@@ -478,6 +535,13 @@ void launch_attention(const AttentionParams& p, cudaStream_t stream) {
     const std::size_t rows = std::size_t(L.num_splits) * std::size_t(p.num_tokens) * std::size_t(p.q_heads);
     L.part_o = static_cast<float*>(p.workspace);                               // [splits, tokens, q_heads, head_dim]
     L.part_ml = reinterpret_cast<float2*>(L.part_o + rows * p.cache.head_dim);  // [splits, tokens, q_heads]
+    if (p.merge_tickets && p.impl == AttentionImpl::tensor_core) {
+      const std::size_t need_tickets = attention_merge_tickets(p, device);
+      if (p.merge_tickets_count < need_tickets)
+        throw InputError("attention: merge_tickets_count=" + std::to_string(p.merge_tickets_count) + ", " +
+                         std::to_string(need_tickets) + " needed (num_seqs * kv_heads * query tiles) for the fused merge");
+      L.merge_tickets = p.merge_tickets;  // [num_seqs, kv_heads, q_tiles]
+    }
   }
   if (p.impl == AttentionImpl::simple)
     dispatch_head_dim<RunSimple>(p.cache.head_dim, p, L, stream);

@@ -1,6 +1,7 @@
 #include "mixserve/kernels/permute.cuh"
 #include "mixserve/kernels/detail/device_support.hpp"
 #include "mixserve/kernels/detail/pdl.cuh"
+#include "mixserve/kernels/detail/permute_device.cuh"
 
 #include <string>
 #include <type_traits>
@@ -131,82 +132,19 @@ static __global__ void __launch_bounds__(kThreads) permute_gather_kernel(Permute
 }
 
 // Single launch for up to kPermuteSingleLaunchMaxPairs pairs: every block rebuilds the maps in
-// shared memory (same order as the 4-launch path), block 0 writes them, all blocks gather.
+// shared memory (same order as the 4-launch path), block 0 writes them, all blocks gather
+// (detail/permute_device.cuh).
 template <int kVec>
 static __global__ void __launch_bounds__(kThreads) permute_single_kernel(PermuteParams p) {
   detail::wait_for_previous_kernel();
   detail::allow_next_kernel();
   extern __shared__ int32_t s_mem[];
-  const int E = p.num_experts;
   const int pairs = static_cast<int>(p.num_tokens * p.top_k);
-  int32_t* s_ids = s_mem;           // [pairs]
-  int32_t* s_slot = s_ids + pairs;  // [pairs]
-  int32_t* s_cnt = s_slot + pairs;  // [E]
-  int32_t* s_off = s_cnt + E;       // [E + 1]
-  for (int e = threadIdx.x; e < E; e += kThreads) s_cnt[e] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < pairs; i += kThreads) {
-    const int32_t raw = p.topk_ids[i];
-    const int32_t key = raw >= 0 && raw < E ? raw : -1;
-    s_ids[i] = key;
-    if (key >= 0) atomicAdd(&s_cnt[key], 1);  // integer: exact in any order
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {  // exclusive scan: lane l sums a contiguous run of experts
-    const int lane = threadIdx.x;
-    const int per = (E + 31) / 32;
-    const int b = min(E, lane * per), en = min(E, b + per);
-    int32_t sum = 0;
-    for (int e = b; e < en; ++e) sum += s_cnt[e];
-    int32_t incl = sum;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int32_t t = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += t;
-    }
-    int32_t run = incl - sum;
-    for (int e = b; e < en; ++e) {
-      s_off[e] = run;
-      run += s_cnt[e];
-    }
-    if (lane == 31) s_off[E] = incl;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < pairs; i += kThreads) {
-    const int32_t key = s_ids[i];
-    int32_t row = -1;
-    if (key >= 0) {
-      row = s_off[key];
-      for (int j = 0; j < i; ++j) row += s_ids[j] == key;
-    }
-    s_slot[i] = row;
-  }
-  __syncthreads();
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < E; e += kThreads) {
-      p.expert_counts[e] = s_cnt[e];
-      p.expert_offsets[e] = s_off[e];
-    }
-    if (threadIdx.x == 0) p.expert_offsets[E] = s_off[E];
-    for (int i = threadIdx.x; i < pairs; i += kThreads) {
-      p.slot_row[i] = s_slot[i];
-      if (i >= s_off[E]) p.permuted_token[i] = -1;
-      if (s_slot[i] >= 0) p.permuted_token[s_slot[i]] = int32_t(i / p.top_k);
-    }
-  }
+  const detail::PermuteMapsSmem m = detail::permute_maps_carve(s_mem, pairs, p.num_experts);
+  detail::permute_build_maps(p.topk_ids, pairs, p.num_experts, m);
+  if (blockIdx.x == 0) detail::permute_write_maps(p, pairs, m);
   if (!p.x) return;
-  const int64_t num_vec = p.hidden / kVec;
-  for (int i = blockIdx.x; i < pairs; i += gridDim.x) {
-    const int32_t row = s_slot[i];
-    if (row < 0) continue;
-    const int64_t t = i / p.top_k;
-    if constexpr (kVec == 1) {
-      for (int64_t v = threadIdx.x; v < num_vec; v += kThreads) p.permuted_x[row * p.hidden + v] = p.x[t * p.hidden + v];
-    } else {
-      const auto* src = reinterpret_cast<const uint4*>(p.x + t * p.hidden);
-      auto* dst = reinterpret_cast<uint4*>(p.permuted_x + int64_t(row) * p.hidden);
-      for (int64_t v = threadIdx.x; v < num_vec; v += kThreads) dst[v] = src[v];
-    }
-  }
+  detail::permute_gather_rows<kVec>(p, pairs, m, blockIdx.x, gridDim.x);
 }
 
 std::string check_params(const PermuteParams& p) {
@@ -242,6 +180,8 @@ std::size_t permute_workspace_bytes(int64_t num_tokens, int top_k, int num_exper
   return std::size_t(num_chunks(num_tokens * top_k)) * std::size_t(num_experts) * sizeof(int32_t);
 }
 
+std::string permute_unsupported_reason(const PermuteParams& p) { return check_params(p); }
+
 bool is_supported(const PermuteParams& p, int device) {
   if (!check_params(p).empty()) return false;
   return detail::device_is_sm80_or_newer(device);
@@ -258,7 +198,7 @@ void launch_permute(const PermuteParams& p, cudaStream_t stream) {
   }
   if (p.allow_single_launch && pairs <= kPermuteSingleLaunchMaxPairs) {
     const bool vec_ok = !p.x || (p.hidden % kVecWide == 0 && aligned16(p.x) && aligned16(p.permuted_x));
-    const std::size_t smem = sizeof(int32_t) * (2 * std::size_t(pairs) + 2 * std::size_t(E) + 1);
+    const std::size_t smem = sizeof(int32_t) * detail::permute_maps_smem_ints(int(pairs), E);
     const unsigned blocks = p.x ? static_cast<unsigned>(pairs) : 1u;
     dispatch_gather(vec_ok ? kVecWide : 1, [&](auto vec) {
       detail::launch_kernel(p.pdl, permute_single_kernel<decltype(vec)::value>, dim3(blocks), dim3(kThreads), smem,

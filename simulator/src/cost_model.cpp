@@ -635,7 +635,9 @@ class MixServeModel final : public StepCostModel {
   }
 
   // Launches of kernels::launch_attention for the replica's batch: 1, plus the split-KV merge
-  // when it splits the keys (kernels/src/attention.cu choose_splits, tensor-core kernel: two
+  // when it splits the keys and the merge is not fused into the attention launch (decode kernels:
+  // fused, core/decode_path.hpp; the attention table's time covers both parts either way)
+  // (kernels/src/attention.cu choose_splits, tensor-core kernel: two
   // CTAs per SM aimed at, 64 query rows per CTA, 128 above 64 rows, 64-key tiles). The longest
   // query and context are taken as the batch's means (ReplicaBatch keeps sums only).
   double attention_launches(const ReplicaBatch& b) const {
@@ -659,18 +661,22 @@ class MixServeModel final : public StepCostModel {
     const int64_t target = 2 * int64_t(sm_count_);
     const int64_t want = base >= target ? 1 : cdiv(target, base);
     const int64_t split = std::max<int64_t>(64, cdiv(cdiv(kv_len, want), 64) * 64);
-    return cdiv(kv_len, split) > 1 ? 2 : 1;
+    return attention_launch_count(dk_, cdiv(kv_len, split) > 1);
   }
 
   Acc router_block(const ReplicaBatch& b) const {
     Acc a;
     const double t = double(b.tokens());
     if (t <= 0) return a;
+    // Decode kernels at <= 8 tokens: logits, top-k and the permute are one launch
+    // (kernels/moe_route.cuh, core/decode_path.hpp uses_fused_moe_route), costed as the sum of the
+    // parts' table entries (the GEMV, the top-k pass here; the permute in moe_block, 0 launches).
+    const bool fused = uses_fused_moe_route(dk_, int64_t(std::ceil(t)));
     if (router_uses_gemv(dk_, int64_t(t)) && gemv_k_fits(h_))
       a.add(moe_router, timer_->gemv(t, E_, h_, m_.activation_dtype, GemvKind::fp32_out));
     else
       a.add(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
-    a.add(moe_router, timer_->memory_op(2.0 * t * E_ * K.logits_bytes_per_element));
+    a.add_launches(moe_router, timer_->memory_op(2.0 * t * E_ * K.logits_bytes_per_element), fused ? 0 : 1);
     return a;
   }
 
@@ -723,7 +729,9 @@ class MixServeModel final : public StepCostModel {
     const int64_t tok = int64_t(std::ceil(Tg));
     const bool v2 = gemv && uses_grouped_gemv_v2(dk_, tok);
     if (E_local_ < E_) a.add(moe_experts, timer_->memory_op(2.0 * Tg * k_ * 4.0));  // ids - first expert
-    if (permute_launches(dk_, routed) == 1) {  // histogram, scan, ranks and row copy in one launch
+    if (uses_fused_moe_route(dk_, tok)) {  // inside the router's launch (router_block): time only
+      a.add_launches(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_ + 3.0 * 2.0 * rows * 4.0), 0);
+    } else if (permute_launches(dk_, routed) == 1) {  // histogram, scan, ranks and row copy in one launch
       a.add(moe_experts, timer_->memory_op(2.0 * rows * h_ * act_ + 3.0 * 2.0 * rows * 4.0));
     } else {
       for (int i = 0; i < 3; ++i) a.add(moe_experts, timer_->memory_op(2.0 * rows * 4.0));

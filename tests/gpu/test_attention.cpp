@@ -2,12 +2,14 @@
 // (kernels/attention.cuh) against the float64 CPU reference of ref_attention.hpp: decode, chunked
 // prefill with and without prior context, mixed batches, shuffled block tables, GQA ratios 1-16,
 // head_dim 64/128, block_tokens 8/16/32, forced and automatic context splits, both
-// implementations, 0 sequences, bad parameters.
+// implementations, the split merge fused into the attention launch (every split case, bit-identical
+// to the merge kernel, eager and two CUDA-graph replays), 0 sequences, bad parameters.
 // The benchmark is a test case skipped by default; run it with
 //   test_gpu_attention --test-case='bench*' --no-skip      (env MIXSERVE_BENCH_JSON: JSON path)
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -19,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mixserve/gpu/gemm.hpp"
+#include "mixserve/gpu/runtime.hpp"
 #include "mixserve/gpu/timing.hpp"
 #include "mixserve/kernels/attention.cuh"
 #include "mixserve/kernels/fill.cuh"
@@ -77,8 +80,61 @@ struct AttnResult {
   int splits_used = 0;
 };
 
+// The fused split merge (AttentionParams::merge_tickets) against the two-launch output of the same
+// parameters (p.out holds it): bit-identical (the same arithmetic), eagerly and in two replays of a
+// CUDA graph (the last CTA of each group resets its ticket: a counter left non-zero would make the
+// next launch merge early or never), with the output and the partials poisoned before every run;
+// the tickets are zero after each. Too few tickets are refused.
+void check_fused_merge(const kernels::AttentionParams& p, const gpu::DeviceBuffer& ws, std::size_t out_elems) {
+  const auto want = bits_of(download<__nv_bfloat16>(p.out, out_elems));
+  const std::size_t n = kernels::attention_merge_tickets(p, 0);
+  REQUIRE(n > 0);
+  gpu::DeviceBuffer tickets(n * 4);
+  MIXSERVE_CUDA_CHECK(cudaMemset(tickets.get(), 0, n * 4));
+  kernels::AttentionParams f = p;
+  f.merge_tickets = tickets.as<int32_t>();
+  f.merge_tickets_count = n - 1;
+  CHECK_THROWS_AS(kernels::launch_attention(f, nullptr), InputError);
+  f.merge_tickets_count = n;
+  gpu::Stream st(0);
+  auto poison = [&] {
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(p.out, 0xff, out_elems * 2, st.get()));
+    if (ws.bytes()) MIXSERVE_CUDA_CHECK(cudaMemsetAsync(ws.get(), 0xff, ws.bytes(), st.get()));
+  };
+  auto check_run = [&](const char* what) {
+    st.synchronize();
+    const auto got = bits_of(download<__nv_bfloat16>(p.out, out_elems));
+    int64_t diff = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) diff += got[i] != want[i];
+    CHECK_MESSAGE(diff == 0, "fused merge (" << what << "): " << diff << " elements differ from the merge kernel's");
+    const auto t = download<int32_t>(tickets.get(), n);
+    int64_t nonzero = 0;
+    for (int32_t v : t) nonzero += v != 0;
+    CHECK_MESSAGE(nonzero == 0, "fused merge (" << what << "): " << nonzero << " of " << n << " tickets left non-zero");
+  };
+  poison();
+  kernels::launch_attention(f, st.get());
+  check_run("eager");
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MIXSERVE_CUDA_CHECK(cudaStreamBeginCapture(st.get(), cudaStreamCaptureModeThreadLocal));
+  kernels::launch_attention(f, st.get());
+  MIXSERVE_CUDA_CHECK(cudaStreamEndCapture(st.get(), &g));
+  MIXSERVE_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  for (const char* what : {"graph replay 1", "graph replay 2"}) {
+    poison();
+    MIXSERVE_CUDA_CHECK(cudaGraphLaunch(exec, st.get()));
+    check_run(what);
+  }
+  MIXSERVE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MIXSERVE_CUDA_CHECK(cudaGraphDestroy(g));
+  // Leave the two-launch output in place for the reference comparison that follows.
+  upload(p.out, want);
+}
+
 // Writes the step's K/V with launch_kv_write (checked bit-exact against the expected pool), runs
-// the attention and compares with the float64 reference.
+// the attention (and, when it splits, the fused merge: check_fused_merge) and compares with the
+// float64 reference.
 AttnResult run_attention_case(const AttnCase& c) {
   INFO(describe(c));
   const PagedStep s = make_paged_step(c.q_heads, c.kv_heads, c.head_dim, c.block_tokens, c.seqs, c.seed);
@@ -159,6 +215,7 @@ AttnResult run_attention_case(const AttnCase& c) {
   r.splits_used = kernels::attention_num_splits(p, 0);
   kernels::launch_attention(p, nullptr);
   MIXSERVE_CUDA_CHECK(cudaDeviceSynchronize());
+  if (c.impl == AttentionImpl::tensor_core && r.splits_used > 1) check_fused_merge(p, ws, s.q.size());
 
   const double scale = c.scale > 0 ? double(c.scale) : 1.0 / std::sqrt(double(D));
   const auto ref = ref_paged_attention(s, scale);

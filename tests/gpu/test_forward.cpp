@@ -440,10 +440,13 @@ static void run_bench(int num_layers, bool all_rows) {
   std::mt19937_64 rng(1);
   // Bytes from a cuBLASLt-path run (it counts the experts with tokens), then the timed runs.
   auto bench = [&](const std::string& name, const std::vector<SequenceStep>& batch, gpu::ExpertPath path, bool graph,
-                   bool decode_kernels, int grouped = 0, bool pdl = true) {
+                   bool decode_kernels, int grouped = 0, bool pdl = true, bool fused = true) {
     try {
       g.set_decode_kernels(decode_kernels);
       g.set_programmatic_launch(pdl);
+      // fused: the split merge inside the attention launch and the one-launch router + top-k + permute
+      g.set_fused_attention_merge(fused);
+      g.set_fused_moe_route(fused);
       // grouped expert GEMV: 0 the default switch (v2 up to kGemvMaxRows tokens), 1 v1, 2 v2
       g.set_grouped_gemv_v2_max_tokens(grouped == 0 ? gpu::kGemvMaxRows : grouped == 1 ? 0 : int64_t(1) << 30);
       g.set_expert_path(gpu::ExpertPath::cublaslt);
@@ -493,6 +496,8 @@ static void run_bench(int num_layers, bool all_rows) {
     if (b == 1) {
       bench(n + " GEMV, graph, decode kernels but v1 expert GEMV", batch, gpu::ExpertPath::device_gemv, true, true, 1);
       bench(n + " GEMV, graph, decode kernels without PDL", batch, gpu::ExpertPath::device_gemv, true, true, 0, false);
+      bench(n + " GEMV, graph, decode kernels, attn merge + router unfused", batch, gpu::ExpertPath::device_gemv, true,
+            true, 0, true, false);
     } else {
       bench(n + " GEMV, graph, decode kernels but v2 expert GEMV", batch, gpu::ExpertPath::device_gemv, true, true, 2);
     }

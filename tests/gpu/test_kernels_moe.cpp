@@ -23,6 +23,7 @@
 #include "mixserve/gpu/model_forward_kernels.hpp"
 #include "mixserve/gpu/timing.hpp"
 #include "mixserve/kernels/combine.cuh"
+#include "mixserve/kernels/moe_route.cuh"
 #include "mixserve/kernels/permute.cuh"
 #include "mixserve/kernels/rmsnorm.cuh"
 #include "mixserve/kernels/rope.cuh"
@@ -1294,4 +1295,200 @@ TEST_CASE("bench: rmsnorm, swiglu, combine (and router, permute) achieved GB/s v
     report("swiglu", "mixtral prefill rows=8192 I=14336", 3.0 * rows * I2 * 2, [&](cudaStream_t st) { kernels::launch_swiglu(sp, st); });
   }
   std::printf("# end of bench\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused router logits + top-k + permute (kernels/moe_route.cuh).
+namespace {
+
+// fp32 logits of <= 16384 bf16 products: each product exact in fp32, the sum's rounding error
+// <= k * 2^-24 * sum|terms| in the worst case (~1e-4 of sum|terms| at k = 2048, which is ~sqrt(k)
+// times the logit's size for random signs: ~3e-6 relative); 1e-4 norm-wise is far above that and
+// far below the O(1) of any indexing error.
+constexpr double kTolRouteLogits = 1e-4;
+
+struct MoeRouteCase {
+  int E, k;
+  int64_t hidden;
+  bool renorm;
+};
+
+// Runs the fused launch against the float64 logits and, bit for bit, against launch_router +
+// launch_permute run on the fused kernel's own logits; with `graph`, also two replays of a CUDA
+// graph of the fused launch (outputs poisoned before each; the ticket must be zero after each).
+void run_moe_route_case(int64_t T, const MoeRouteCase& c, uint64_t seed, bool graph) {
+  INFO("moe_route tokens=" << T << " E=" << c.E << " top_k=" << c.k << " hidden=" << c.hidden << " renorm=" << c.renorm
+                           << " seed=" << seed << " graph=" << graph);
+  const int64_t H = c.hidden, pairs = T * c.k;
+  const auto x = rand_bf16(T * H, seed, -2, 2);
+  const auto w = rand_bf16(int64_t(c.E) * H, seed + 1, -0.1f, 0.1f);
+  Dev dx(x.size() * 2), dw(w.size() * 2), tick(4);
+  upload(dx.as<bf16>(), x);
+  upload(dw.as<bf16>(), w);
+  MIXSERVE_CUDA_CHECK(cudaMemset(tick.get(), 0, 4));
+  // Two sets of outputs: the fused launch's and the unfused kernels'.
+  struct Out {
+    Dev logits, ids, weights, px, cnt, off, slot, tok, ws;
+    Out(int64_t T, int E, int k, int64_t H)
+        : logits(T * E * 4), ids(T * k * 4), weights(T * k * 4), px(T * k * H * 2), cnt(E * 4), off((E + 1) * 4),
+          slot(T * k * 4), tok(T * k * 4), ws(kernels::permute_workspace_bytes(T, k, E)) {}
+    void poison() const {
+      for (const Dev* d : {&logits, &weights, &px}) d->poison();
+      for (const Dev* d : {&ids, &cnt, &off, &slot, &tok, &ws}) d->poison_int();
+    }
+  };
+  Out fo(T, c.E, c.k, H), uo(T, c.E, c.k, H);
+  auto router_of = [&](const Out& o) {
+    kernels::RouterParams r;
+    r.logits = o.logits.as<float>();
+    r.topk_ids = o.ids.as<int32_t>();
+    r.topk_weights = o.weights.as<float>();
+    r.num_tokens = T;
+    r.num_experts = c.E;
+    r.top_k = c.k;
+    r.scoring = RouterScoring::softmax_topk;
+    r.renormalize = c.renorm;
+    return r;
+  };
+  auto permute_of = [&](const Out& o) {
+    kernels::PermuteParams q;
+    q.topk_ids = o.ids.as<int32_t>();
+    q.x = dx.as<bf16>();
+    q.permuted_x = o.px.as<bf16>();
+    q.expert_counts = o.cnt.as<int32_t>();
+    q.expert_offsets = o.off.as<int32_t>();
+    q.slot_row = o.slot.as<int32_t>();
+    q.permuted_token = o.tok.as<int32_t>();
+    q.workspace = o.ws.get();
+    q.workspace_bytes = o.ws.buf.bytes();
+    q.num_tokens = T;
+    q.top_k = c.k;
+    q.num_experts = c.E;
+    q.hidden = H;
+    return q;
+  };
+  kernels::MoeRouteParams p;
+  p.weights = dw.as<bf16>();
+  p.logits = fo.logits.as<float>();
+  p.router = router_of(fo);
+  p.router.logits = nullptr;  // ignored
+  p.permute = permute_of(fo);
+  p.permute.workspace = nullptr;  // not used by the fused form
+  p.permute.workspace_bytes = 0;
+  p.ticket = tick.as<int32_t>();
+  REQUIRE(kernels::is_supported(p, device()));
+  fo.poison();
+  kernels::launch_moe_route(p, nullptr);
+  sync();
+
+  // Logits against float64.
+  const auto got_logits = download<float>(fo.logits.get(), T * c.E);
+  std::vector<double> ref(T * c.E), got(got_logits.begin(), got_logits.end());
+  for (int64_t t = 0; t < T; ++t)
+    for (int e = 0; e < c.E; ++e) {
+      double s = 0;
+      for (int64_t h = 0; h < H; ++h)
+        s += double(__bfloat162float(x[t * H + h])) * double(__bfloat162float(w[int64_t(e) * H + h]));
+      ref[t * c.E + e] = s;
+    }
+  REQUIRE(norm(ref) > 0);
+  CHECK(all_finite(got));
+  const double err = rel_error(got, ref);
+  INFO("logits rel error " << err);
+  CHECK(err < kTolRouteLogits);
+
+  // The unfused kernels on the same logits.
+  uo.poison();
+  MIXSERVE_CUDA_CHECK(cudaMemcpy(uo.logits.get(), fo.logits.get(), T * c.E * 4, cudaMemcpyDeviceToDevice));
+  kernels::launch_router(router_of(uo), nullptr);
+  kernels::launch_permute(permute_of(uo), nullptr);
+  sync();
+  auto compare = [&](const char* what) {
+    auto same = [&](const Dev& a, const Dev& b, std::size_t bytes, const char* name) {
+      const auto va = download<uint8_t>(a.get(), bytes), vb = download<uint8_t>(b.get(), bytes);
+      int64_t diff = 0;
+      for (std::size_t i = 0; i < bytes; ++i) diff += va[i] != vb[i];
+      CHECK_MESSAGE(diff == 0, what << ": " << name << " differs from router + permute in " << diff << " bytes");
+    };
+    same(fo.ids, uo.ids, pairs * 4, "topk_ids");
+    same(fo.weights, uo.weights, pairs * 4, "topk_weights");
+    same(fo.cnt, uo.cnt, c.E * 4, "expert_counts");
+    same(fo.off, uo.off, (c.E + 1) * 4, "expert_offsets");
+    same(fo.slot, uo.slot, pairs * 4, "slot_row");
+    same(fo.tok, uo.tok, pairs * 4, "permuted_token");
+    same(fo.px, uo.px, pairs * H * 2, "permuted_x (rows past the routed ones: untouched)");
+    CHECK_MESSAGE(download<int32_t>(tick.get(), 1)[0] == 0, what << ": ticket left non-zero");
+  };
+  compare("eager");
+  if (!graph) return;
+  gpu::Stream st(0);
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  p.pdl = true;  // as the executor launches it (a plain edge in a graph without a kernel before)
+  MIXSERVE_CUDA_CHECK(cudaStreamBeginCapture(st.get(), cudaStreamCaptureModeThreadLocal));
+  kernels::launch_moe_route(p, st.get());
+  MIXSERVE_CUDA_CHECK(cudaStreamEndCapture(st.get(), &g));
+  MIXSERVE_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  for (const char* what : {"graph replay 1", "graph replay 2"}) {
+    fo.poison();
+    MIXSERVE_CUDA_CHECK(cudaGraphLaunch(exec, st.get()));
+    st.synchronize();
+    // The logits are recomputed identically (the same kernel and order).
+    const auto again = download<float>(fo.logits.get(), T * c.E);
+    CHECK_MESSAGE(std::memcmp(again.data(), got_logits.data(), again.size() * 4) == 0, what << ": logits changed");
+    compare(what);
+  }
+  MIXSERVE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MIXSERVE_CUDA_CHECK(cudaGraphDestroy(g));
+}
+}  // namespace
+
+TEST_CASE("moe_route (fused router logits + top-k + permute): float64 logits, bit-identical to router + permute, graph replays") {
+  const MoeRouteCase cases[] = {
+      {128, 8, 2048, true},  // Qwen3-30B-A3B
+      {60, 4, 2048, false},  // Qwen2-MoE-A2.7B
+      {8, 2, 4096, true},    // Mixtral
+      {64, 8, 2048, false},  // OLMoE
+      {256, 8, 512, true},   // the most experts the router takes
+      {8, 1, 296, false},    // hidden 8 * 37, top-1
+      {60, 2, 64, true},     // a short row
+  };
+  uint64_t seed = 9000;
+  for (const auto& c : cases)
+    for (int64_t T = 1; T <= kernels::kMoeRouteMaxTokens; ++T) run_moe_route_case(T, c, seed++, T == 1 || T == 8 || T == 5);
+}
+
+TEST_CASE("moe_route: unsupported parameters are rejected naming the legal values") {
+  Dev any(1 << 16);
+  kernels::MoeRouteParams p;
+  p.weights = any.as<bf16>();
+  p.logits = any.as<float>();
+  p.ticket = any.as<int32_t>();
+  p.router.topk_ids = any.as<int32_t>();
+  p.permute.topk_ids = p.router.topk_ids;
+  p.router.topk_weights = any.as<float>();
+  p.permute.permuted_x = any.as<bf16>();
+  p.permute.x = p.permute.permuted_x;
+  p.permute.expert_counts = p.permute.expert_offsets = p.permute.slot_row = p.permute.permuted_token =
+      any.as<int32_t>();
+  p.router.num_tokens = p.permute.num_tokens = 2;
+  p.router.num_experts = p.permute.num_experts = 8;
+  p.router.top_k = p.permute.top_k = 2;
+  p.permute.hidden = 64;
+  CHECK(kernels::moe_route_unsupported_reason(p).empty());
+  auto bad = p;
+  bad.router.num_tokens = bad.permute.num_tokens = 9;
+  check_rejects([&] { kernels::launch_moe_route(bad, nullptr); }, "num_tokens=9 (legal: 0..8");
+  bad = p;
+  bad.permute.hidden = 60;
+  check_rejects([&] { kernels::launch_moe_route(bad, nullptr); }, "hidden=60");
+  bad = p;
+  bad.permute.top_k = 3;
+  check_rejects([&] { kernels::launch_moe_route(bad, nullptr); }, "differ from the router's");
+  bad = p;
+  bad.ticket = nullptr;
+  check_rejects([&] { kernels::launch_moe_route(bad, nullptr); }, "ticket");
+  bad = p;
+  bad.router.num_experts = bad.permute.num_experts = 300;
+  check_rejects([&] { kernels::launch_moe_route(bad, nullptr); }, "num_experts=300");
 }

@@ -34,6 +34,13 @@ inline constexpr bool router_uses_gemv(bool decode_kernels, int64_t tokens) {
   return uses_dense_gemv(decode_kernels, tokens);
 }
 
+// Router logits, top-k and the permute in one launch (kernels/moe_route.cuh) for the steps that
+// take the dense GEMV (GpuModelConfig::fused_moe_route switches it off for measurements): one
+// launch instead of the router GEMV, the top-k and the one-launch permute.
+inline constexpr bool uses_fused_moe_route(bool decode_kernels, int64_t tokens) {
+  return uses_dense_gemv(decode_kernels, tokens);
+}
+
 // Grouped expert GEMV v2 (launch_grouped_gemv_v2: SwiGLU fused into the down projection, only the
 // experts with rows) up to this many tokens when the device GEMV path is taken
 // (core/expert_path.hpp), v1 (launch_grouped_gemv + a SwiGLU launch) above.
@@ -64,6 +71,14 @@ inline constexpr bool qk_norm_per_head(std::string_view architecture) {
 inline constexpr int64_t kPermuteSingleLaunchMaxPairsCore = 128;
 inline constexpr int permute_launches(bool decode_kernels, int64_t pairs) {
   return pairs == 0 ? 0 : (decode_kernels && pairs <= kPermuteSingleLaunchMaxPairsCore ? 1 : 4);
+}
+
+// Steps with decode_kernels, whatever their size: the attention's split-KV merge inside the
+// attention launch (kernels/attention.cuh merge_tickets; GpuModelConfig::fused_attention_merge
+// switches it off for measurements), so attention is one launch with or without splits.
+inline constexpr bool uses_fused_attention_merge(bool decode_kernels) { return decode_kernels; }
+inline constexpr int attention_launch_count(bool decode_kernels, bool splits) {
+  return splits && !uses_fused_attention_merge(decode_kernels) ? 2 : 1;
 }
 
 // Decode-only steps that the benchmarks (offline and online) run as a CUDA graph, with CUDA graphs

@@ -85,6 +85,12 @@ struct GpuModelConfig {
   // decode_kernels, steps of <= kGemvMaxRows tokens that do not record the residual stream: launch
   // the layer's kernels as programmatic dependents of the previous one (kernels/detail/pdl.cuh).
   bool programmatic_launch = true;
+  // decode_kernels: the attention's split-KV merge runs inside the attention launch (the last CTA
+  // of each group merges; attention.cuh merge_tickets) instead of as a second kernel.
+  bool fused_attention_merge = true;
+  // decode_kernels, steps of <= kGemvMaxRows tokens: router logits + top-k + permute in one launch
+  // (kernels/moe_route.cuh) instead of the router GEMV, launch_router and launch_permute.
+  bool fused_moe_route = true;
   // Distributed forward (shard.hpp, docs/distributed.md): the rank's shard of the model and the
   // communication its sites call (all-reduce after o_proj and the dense FFN, the MoE exchange of
   // the stage, the pipeline send/recv). Default: the whole model, no communication.
@@ -136,6 +142,8 @@ class GpuModel {
   void set_decode_kernels(bool on) { cfg_.decode_kernels = on && !cfg_.shard.sharded(); }
   void set_grouped_gemv_v2_max_tokens(int64_t t) { cfg_.grouped_gemv_v2_max_tokens = t; }
   void set_programmatic_launch(bool on) { cfg_.programmatic_launch = on; }
+  void set_fused_attention_merge(bool on) { cfg_.fused_attention_merge = on; }
+  void set_fused_moe_route(bool on) { cfg_.fused_moe_route = on; }
 
   // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
   // the reference, plus the limits of the config). A sharded model runs the step of its rank: every
@@ -178,8 +186,12 @@ class GpuModel {
   // ffn_moe's parts: the router (global top-k ids and weights into the activations), and the
   // routed experts (+ the shared expert when `shared`) on rows with k slots of local expert ids.
   void moe_route(const Layer& L, const __nv_bfloat16* x, int64_t T, cudaStream_t s);
+  // permuted: the rows are already permuted (moe_route_permute), no permute launch.
   void moe_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
-                   const float* weights, bool shared, __nv_bfloat16* out, cudaStream_t s);
+                   const float* weights, bool shared, __nv_bfloat16* out, cudaStream_t s, bool permuted = false);
+  // Router logits, top-k and permute in one launch (kernels/moe_route.cuh): decode-sized steps of
+  // the whole model (core/decode_path.hpp uses_fused_moe_route).
+  void moe_route_permute(const Layer& L, const __nv_bfloat16* x, int64_t T, cudaStream_t s);
   void ffn_dense(const __nv_bfloat16* w13, const __nv_bfloat16* w2, int64_t inter, const __nv_bfloat16* x,
                  int64_t T, __nv_bfloat16* out, cudaStream_t s);
   void moe_block(const Layer& L, int64_t T, cudaStream_t s);  // the MoE of the shard's moe_mode

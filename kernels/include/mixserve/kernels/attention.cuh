@@ -22,7 +22,13 @@
 // AttentionImpl::simple: one warp per (token, q head), scalar fp32, one pass with an online
 // softmax; a slow, independent implementation kept as a cross-check and a fallback.
 //
-// Sync contract: stream order only (the workspace is reused by the next launch on the stream).
+// Fused merge (AttentionParams::merge_tickets set): no second kernel; after writing its partials
+// every CTA takes a ticket (atomic counter per (sequence, kv head, query tile), after a
+// __threadfence), and the CTA that arrives last merges the tile's rows and resets the counter to
+// zero, so the next launch (a CUDA-graph replay included) starts from zero again. The arithmetic is
+// the merge kernel's: the two forms give bit-identical outputs.
+// Sync contract: stream order only (the workspace and the tickets are reused by the next launch on
+// the stream; two launches sharing tickets must not run concurrently).
 // Requirements: SM >= 8.0 (mma.sync bf16); head_dim 64 or 128; block_tokens in kKvBlockTokens;
 // q_heads a multiple of kv_heads with q_heads / kv_heads <= 64; 16-byte aligned buffers.
 #pragma once
@@ -58,6 +64,10 @@ struct AttentionParams {
   int num_splits = 0;                // tensor_core: context splits; 0 = chosen by the launcher
   void* workspace = nullptr;         // attention_workspace_bytes(...) bytes, 16-byte aligned
   std::size_t workspace_bytes = 0;
+  // Fused split merge (tensor_core): attention_merge_tickets(...) int32 counters, all zero before
+  // the first launch; every launch leaves them zero. Null: the merge is a second kernel.
+  int32_t* merge_tickets = nullptr;
+  std::size_t merge_tickets_count = 0;
 };
 
 // True when launch_attention can run these parameters on `device`.
@@ -65,6 +75,9 @@ bool is_supported(const AttentionParams& p, int device);
 // The split count launch_attention uses on `device` (p.num_splits when set, else chosen so that
 // the grid covers the GPU about twice: decode and short batches get several splits).
 int attention_num_splits(const AttentionParams& p, int device);
+// Ticket counters the fused merge needs on `device`: num_seqs * kv_heads * query tiles when the
+// launch splits the keys, else 0 (no merge).
+std::size_t attention_merge_tickets(const AttentionParams& p, int device);
 // Workspace the launch needs on `device` (0 with one split or the simple path).
 std::size_t attention_workspace_bytes(const AttentionParams& p, int device);
 // Throws mixserve::InputError for unsupported parameters (messages list the legal values) and

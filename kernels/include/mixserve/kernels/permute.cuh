@@ -19,6 +19,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -55,6 +56,8 @@ struct PermuteParams {
 // Workspace the launch needs: [ceil(num_tokens * top_k / kPermuteChunk), num_experts] int32.
 std::size_t permute_workspace_bytes(int64_t num_tokens, int top_k, int num_experts);
 
+// "" when the parameters are legal (the device is not checked), else why not, naming the legal values.
+std::string permute_unsupported_reason(const PermuteParams& p);
 bool is_supported(const PermuteParams& p, int device);
 // Throws mixserve::InputError naming the parameter and its legal values; launch errors are checked.
 void launch_permute(const PermuteParams& p, cudaStream_t stream);

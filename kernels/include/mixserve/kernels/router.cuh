@@ -19,6 +19,7 @@
 // Sync contract: stream order only. Requirements: SM >= 8.0.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include <cuda_runtime_api.h>
@@ -59,6 +60,8 @@ struct RouterParams {
   bool pdl = false;
 };
 
+// "" when the parameters are legal (the device is not checked), else why not, naming the legal values.
+std::string router_unsupported_reason(const RouterParams& p);
 bool is_supported(const RouterParams& p, int device);
 // Throws mixserve::InputError naming the parameter and its legal values; launch errors are checked.
 void launch_router(const RouterParams& p, cudaStream_t stream);
