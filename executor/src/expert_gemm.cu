@@ -182,6 +182,226 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
   }
 }
 
+// ---- GemvKernel::balanced (expert_gemm.hpp) ----
+// Columns per block tile; the warps' per-column partials for a tile live in shared memory as
+// float [kWarps][R][kBalTileCols].
+constexpr int kBalTileCols = 64;
+
+// L2 policy for the weights: evict first (each weight byte is read once per step, and should not
+// push the KV cache or the activations out of L2).
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+// One 16-byte weight load: non-coherent (nothing writes the weights during the kernel), not
+// allocated in L1, with the L2 policy above and a 256-byte L2 fetch (a warp reads 512 contiguous
+// bytes). volatile keeps the loads of a batch issued together, ahead of their first use.
+__device__ __forceinline__ uint4 ld_weight(const uint4* p, uint64_t policy) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(policy));
+  return v;
+}
+
+// 8 bf16 (one 16-byte vector, element 0 in the low half of the first word) to fp32, exactly.
+__device__ __forceinline__ void bf16x8_bits_to_float(const uint4& v, float* f) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    f[2 * q] = __uint_as_float(w[q] << 16);
+    f[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
+  }
+}
+
+// Number of experts with rows; called by every lane of a warp (all get the count).
+__device__ __forceinline__ int count_active_experts(const int32_t* off, int num_experts, int lane) {
+  int n = 0;
+  for (int base = 0; base < num_experts; base += 32) {
+    const int e = base + lane;
+    n += __popc(__ballot_sync(0xffffffffu, e < num_experts && off[e + 1] > off[e]));
+  }
+  return n;
+}
+
+// The slot-th expert with rows, in expert order (-1 if there are fewer); every lane of a warp calls
+// it and gets the answer.
+__device__ __forceinline__ int nth_active_expert(const int32_t* off, int num_experts, int64_t slot, int lane) {
+  int64_t seen = 0;
+  for (int base = 0; base < num_experts; base += 32) {
+    const int e = base + lane;
+    unsigned m = __ballot_sync(0xffffffffu, e < num_experts && off[e + 1] > off[e]);
+    const int cnt = __popc(m);
+    if (slot < seen + cnt) {
+      for (int64_t i = 0; i < slot - seen; ++i) m &= m - 1;  // drop the lower set bits
+      return base + __ffs(m) - 1;
+    }
+    seen += cnt;
+  }
+  return -1;
+}
+
+// out[rows, cols] over "slots": grouped, the experts with rows (their rows may exceed R: chunks of R,
+// the weights re-read from L2); plain, the chunks of R rows of one weight matrix. All slots' columns
+// form one list of slots * n; block b takes [total * b / grid, total * (b + 1) / grid).
+template <int R, int L, bool kF32, bool kSwiglu>
+__global__ void __launch_bounds__(kThreads, 2) gemv_balanced_kernel(GemvArgs a) {
+  extern __shared__ uint4 smem[];  // [R, k / 8] staged rows, then float [kWarps][R][kBalTileCols]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int kv = static_cast<int>(a.k / 8);  // 16-byte vectors per column, <= kGroupedGemvMaxK / 8
+  const int spc = (kv + 31) / 32;            // 512-byte segments per column (the last may be partial)
+  float* part = reinterpret_cast<float*>(smem + R * kv);
+  const bool grouped = a.expert_offsets != nullptr;
+  // Before the wait on the previous kernel only what it does not write is read: nothing for a plain
+  // GEMV, the expert offsets when the launcher says they were written earlier (offsets_early).
+  const bool early = !grouped || a.offsets_early;
+  if (!early) kernels::detail::wait_for_previous_kernel();
+  const int64_t slots =
+      grouped ? count_active_experts(a.expert_offsets, a.num_experts, lane) : (a.num_rows + R - 1) / R;
+  const int64_t total = slots * a.n;
+  const int64_t cb = total * blockIdx.x / gridDim.x, ce = total * (blockIdx.x + 1) / gridDim.x;
+  if (early) {
+    // This block's weight columns into L2 (plain: the first row chunk's blocks only, the others
+    // read the same columns), so that their stream overlaps the previous kernel's tail.
+    for (int64_t c = cb; c < ce;) {
+      const int64_t slot = c / a.n, pe = imin64(ce, (slot + 1) * a.n);
+      if (grouped || slot == 0) {
+        const int e = grouped ? nth_active_expert(a.expert_offsets, a.num_experts, slot, lane) : 0;
+        for (int64_t j = c + threadIdx.x; j < pe; j += kThreads)
+          kernels::detail::prefetch_l2(a.weights + (int64_t(e) * a.n + (j - slot * a.n)) * a.k,
+                                       static_cast<unsigned>(a.k * 2));
+      }
+      c = pe;
+    }
+    kernels::detail::wait_for_previous_kernel();
+  }
+  kernels::detail::allow_next_kernel();
+  const uint64_t policy = evict_first_policy();
+  for (int64_t c = cb; c < ce;) {  // pieces of the range within one slot
+    const int64_t slot = c / a.n, slot_col0 = slot * a.n, pe = imin64(ce, slot_col0 + a.n);
+    int e = 0, row_begin, row_end;
+    if (grouped) {
+      e = nth_active_expert(a.expert_offsets, a.num_experts, slot, lane);
+      row_begin = a.expert_offsets[e];
+      row_end = a.expert_offsets[e + 1];
+    } else {
+      row_begin = static_cast<int>(slot * R);
+      row_end = static_cast<int>(imin64(a.num_rows, slot * R + R));
+    }
+    const uint4* w = reinterpret_cast<const uint4*>(a.weights + int64_t(e) * a.n * a.k);
+    for (int64_t t0 = c - slot_col0; t0 < pe - slot_col0; t0 += kBalTileCols) {
+      const int nct = static_cast<int>(imin64(kBalTileCols, pe - slot_col0 - t0));  // columns of this tile
+      const uint4* wt = w + t0 * kv;  // [nct, kv], contiguous
+      for (int r0 = row_begin; r0 < row_end; r0 += R) {
+        const int nr = min(R, row_end - r0);
+        __syncthreads();  // the previous tile's readers of the rows and partials are done
+        for (int i = threadIdx.x; i < kWarps * R * kBalTileCols; i += kThreads) part[i] = 0.0f;
+        // Stage the rows; rows nr..R-1 of the tile are zero (multiplied, never written out).
+        for (int i = threadIdx.x; i < R * kv; i += kThreads) {
+          const int r = i / kv, v = i - r * kv;
+          uint4 o = make_uint4(0, 0, 0, 0);
+          if (r < nr) {
+            if constexpr (kSwiglu) {  // act is gate | up [rows, 2k]: bf16(silu(gate) * up) (swiglu.cuh)
+              const uint4* src = reinterpret_cast<const uint4*>(a.act + int64_t(r0 + r) * 2 * a.k);
+              const uint4 g = src[v], u = src[kv + v];
+              const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(&g);
+              const auto* u2 = reinterpret_cast<const __nv_bfloat162*>(&u);
+              auto* o2 = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const float2 gf = __bfloat1622float2(g2[j]), uf = __bfloat1622float2(u2[j]);
+                o2[j] = __floats2bfloat162_rn(silu_mul(gf.x, uf.x), silu_mul(gf.y, uf.y));
+              }
+            } else {
+              o = reinterpret_cast<const uint4*>(a.act + int64_t(r0 + r) * a.k)[v];
+            }
+          }
+          smem[i] = o;
+        }
+        __syncthreads();
+        // This warp's equal share of the tile's nct * spc segments, in column order.
+        const int segs = nct * spc;
+        const int sa = segs * warp / kWarps, sb = segs * (warp + 1) / kWarps;
+        int col = sa / spc, sc = sa - col * spc;  // column and segment in it of segment s0
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+        for (int s0 = sa; s0 < sb; s0 += L) {
+          uint4 wv[L];
+          {
+            int cc = col, qq = sc;
+#pragma unroll
+            for (int u = 0; u < L; ++u) {
+              const int v = qq * 32 + lane;
+              wv[u] = s0 + u < sb && v < kv ? ld_weight(wt + cc * kv + v, policy) : make_uint4(0, 0, 0, 0);
+              if (++qq == spc) qq = 0, ++cc;
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < L; ++u) {
+            if (s0 + u >= sb) break;  // uniform over the warp
+            const int v = sc * 32 + lane;
+            if (v < kv) {
+              float wf[8];
+              bf16x8_bits_to_float(wv[u], wf);
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                float af[8];
+                bf16x8_bits_to_float(smem[r * kv + v], af);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[r] = fmaf(wf[q], af[q], acc[r]);
+              }
+            }
+            if (++sc == spc || s0 + u + 1 == sb) {  // this warp's part of column col is done
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+#pragma unroll
+                for (int o = 16; o > 0; o /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+                if (lane == r) part[(warp * R + r) * kBalTileCols + col] = acc[r];
+                acc[r] = 0.0f;
+              }
+              if (sc == spc) sc = 0, ++col;
+            }
+          }
+        }
+        __syncthreads();
+        // Sum the warps' partials in warp order (deterministic), add the bias, write.
+        for (int i = threadIdx.x; i < nr * nct; i += kThreads) {
+          const int r = i / nct, j = i - r * nct;
+          float val = 0.0f;
+#pragma unroll
+          for (int ww = 0; ww < kWarps; ++ww) val += part[(ww * R + r) * kBalTileCols + j];
+          const int64_t colg = t0 + j;
+          if (a.bias) val += __bfloat162float(a.bias[colg]);
+          // The column's output segment, by constant indices (a run-time index would copy the
+          // parameters to local memory).
+          static_assert(kGemvMaxSegments == 3, "the segment lookup below is written for 3 segments");
+          void* out = a.out[0];
+          int64_t width = a.width[0], lc = colg;
+          if (lc >= a.width[0]) {
+            lc -= a.width[0];
+            out = a.out[1];
+            width = a.width[1];
+            if (lc >= a.width[1]) {
+              lc -= a.width[1];
+              out = a.out[2];
+              width = a.width[2];
+            }
+          }
+          const int64_t idx = int64_t(r0 + r) * width + lc;
+          if constexpr (kF32)
+            static_cast<float*>(out)[idx] = val;
+          else
+            static_cast<__nv_bfloat16*>(out)[idx] = __float2bfloat16(val);
+        }
+      }
+    }
+    c = pe;
+  }
+}
+
 int num_sms() {
   int dev = 0, sms = 0;
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
@@ -204,31 +424,35 @@ int cols_per_warp(int64_t k, int loads) {
   return 1;
 }
 
-// The one place runtime values become template arguments.
+// The one place runtime values become template arguments: row tile R (1, 2, 4, 8), loads in flight
+// per lane L (from R), fp32 output, SwiGLU input; dispatch() adds the by_column kernel's column tile.
 template <class F>
-void dispatch(int c, int r, bool f32, bool swiglu, F&& f) {
-  auto with_flags = [&](auto cc, auto rr) {
+void dispatch_rows(int r, bool f32, bool swiglu, F&& f) {
+  auto with_flags = [&](auto rr) {
     constexpr int L = decltype(rr)::value <= 2 ? 16 : 8;
     auto ll = std::integral_constant<int, L>{};
     if (f32 && swiglu) throw InputError("gemv: fp32 output with the SwiGLU input is not supported");
-    if (f32) return f(cc, rr, ll, std::true_type{}, std::false_type{});
-    if (swiglu) return f(cc, rr, ll, std::false_type{}, std::true_type{});
-    return f(cc, rr, ll, std::false_type{}, std::false_type{});
+    if (f32) return f(rr, ll, std::true_type{}, std::false_type{});
+    if (swiglu) return f(rr, ll, std::false_type{}, std::true_type{});
+    return f(rr, ll, std::false_type{}, std::false_type{});
   };
-  auto with_r = [&](auto cc) {
-    switch (r) {
-      case 1: return with_flags(cc, std::integral_constant<int, 1>{});
-      case 2: return with_flags(cc, std::integral_constant<int, 2>{});
-      case 4: return with_flags(cc, std::integral_constant<int, 4>{});
-      case 8: return with_flags(cc, std::integral_constant<int, 8>{});
-      default: throw InputError("gemv: no kernel for a row tile of " + std::to_string(r));
-    }
-  };
+  switch (r) {
+    case 1: return with_flags(std::integral_constant<int, 1>{});
+    case 2: return with_flags(std::integral_constant<int, 2>{});
+    case 4: return with_flags(std::integral_constant<int, 4>{});
+    case 8: return with_flags(std::integral_constant<int, 8>{});
+    default: throw InputError("gemv: no kernel for a row tile of " + std::to_string(r) + " (legal: 1, 2, 4, 8)");
+  }
+}
+
+template <class F>
+void dispatch(int c, int r, bool f32, bool swiglu, F&& f) {
+  auto with_c = [&](auto cc) { dispatch_rows(r, f32, swiglu, [&](auto... rest) { f(cc, rest...); }); };
   switch (c) {
-    case 1: return with_r(std::integral_constant<int, 1>{});
-    case 2: return with_r(std::integral_constant<int, 2>{});
-    case 4: return with_r(std::integral_constant<int, 4>{});
-    default: throw InputError("gemv: no kernel for a column tile of " + std::to_string(c));
+    case 1: return with_c(std::integral_constant<int, 1>{});
+    case 2: return with_c(std::integral_constant<int, 2>{});
+    case 4: return with_c(std::integral_constant<int, 4>{});
+    default: throw InputError("gemv: no kernel for a column tile of " + std::to_string(c) + " (legal: 1, 2, 4)");
   }
 }
 
@@ -247,6 +471,31 @@ void launch(const GemvArgs& a, int r, bool f32, bool swiglu, unsigned grid_y, bo
     kernels::detail::launch_kernel(pdl, kernel, dim3(grid_x, grid_y), dim3(kThreads), smem, stream, a);
   });
   MIXSERVE_LAUNCH_CHECK("gemv_kernel");
+}
+
+// GemvKernel::balanced: as many blocks as fit on the GPU at once (the occupancy calculator's blocks
+// per SM x SMs), fewer when the columns of max_slots slots give less than one segment per warp.
+void launch_balanced(const GemvArgs& a, int r, bool f32, bool swiglu, int64_t max_slots, bool pdl,
+                     cudaStream_t stream) {
+  const int64_t kv = a.k / 8, spc = (kv + 31) / 32;
+  const std::size_t smem = std::size_t(r) * std::size_t(kv) * 16 + std::size_t(kWarps) * r * kBalTileCols * 4;
+  dispatch_rows(r, f32, swiglu, [&](auto rr, auto ll, auto ff, auto sw) {
+    auto* kernel = gemv_balanced_kernel<decltype(rr)::value, decltype(ll)::value, decltype(ff)::value,
+                                        decltype(sw)::value>;
+    if (smem > 48 * 1024)
+      MIXSERVE_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int per_sm = 0;
+    MIXSERVE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    if (per_sm < 1)
+      throw InputError("gemv: no block of the balanced kernel fits on an SM (k=" + std::to_string(a.k) +
+                       ", row tile " + std::to_string(r) + ", " + std::to_string(smem) + " B shared memory)");
+    const int64_t resident = int64_t(per_sm) * num_sms();
+    const int64_t useful = (max_slots * a.n * spc + kWarps - 1) / kWarps;
+    const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, useful)));
+    kernels::detail::launch_kernel(pdl, kernel, dim3(grid), dim3(kThreads), smem, stream, a);
+  });
+  MIXSERVE_LAUNCH_CHECK("gemv_balanced_kernel");
 }
 
 std::string check_k(int64_t k) {
@@ -307,6 +556,17 @@ __global__ void __launch_bounds__(kThreads) grouped_gemv_v1_kernel(GroupedGemvPa
 }
 
 }  // namespace
+
+const char* gemv_kernel_name(GemvKernel k) {
+  switch (k) {
+#define MIXSERVE_GEMV_KERNEL_NAME(name) \
+  case GemvKernel::name:                \
+    return #name;
+    MIXSERVE_GEMV_KERNELS(MIXSERVE_GEMV_KERNEL_NAME)
+#undef MIXSERVE_GEMV_KERNEL_NAME
+  }
+  return "?";
+}
 
 std::string grouped_gemv_v2_unsupported_reason(const GroupedGemvParams& p) {
   if (p.num_experts < 1 || p.num_experts > 65535)
@@ -369,7 +629,10 @@ void launch_grouped_gemv_v2(const GroupedGemvParams& p, cudaStream_t stream) {
   a.offsets_early = p.offsets_before_previous;
   const int64_t slots = p.max_rows > 0 ? std::min<int64_t>(p.num_experts, p.max_rows) : p.num_experts;
   const int r = rows_tile(p.max_rows_per_expert > 0 ? p.max_rows_per_expert : kGroupedGemvRowsPerChunk);
-  launch(a, r, false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);
+  if (p.kernel == GemvKernel::balanced)
+    launch_balanced(a, r, false, p.swiglu_act, slots, p.pdl, stream);
+  else
+    launch(a, r, false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);
 }
 
 void launch_gemv(const GemvParams& p, cudaStream_t stream) {
@@ -389,7 +652,10 @@ void launch_gemv(const GemvParams& p, cudaStream_t stream) {
   a.num_rows = p.num_rows;
   const int r = rows_tile(p.num_rows);
   const int64_t chunks = (p.num_rows + r - 1) / r;
-  launch(a, r, p.out_fp32, p.swiglu_act, static_cast<unsigned>(chunks), p.pdl, stream);
+  if (p.kernel == GemvKernel::balanced)
+    launch_balanced(a, r, p.out_fp32, p.swiglu_act, chunks, p.pdl, stream);
+  else
+    launch(a, r, p.out_fp32, p.swiglu_act, static_cast<unsigned>(chunks), p.pdl, stream);
 }
 
 void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream) {

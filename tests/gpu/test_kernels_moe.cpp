@@ -566,24 +566,47 @@ struct PlainGemvCase {
   bool swiglu = false;
 };
 
-TEST_CASE("gemv (plain): float64 reference, fused q|k|v segments, bias, fp32 out, awkward sizes") {
+// The kernels launch_gemv and launch_grouped_gemv_v2 can run (GemvParams::kernel): each case runs
+// the previous kernel, the balanced one, and the balanced one again under a programmatic launch
+// (grouped: also reading the offsets before its wait), which must give the same bits (the same grid
+// and summation order: deterministic).
+struct GemvVariant {
+  const char* name;
+  gpu::GemvKernel kernel;
+  bool pdl;
+};
+const GemvVariant kGemvVariants[] = {
+    {"by_column", gpu::GemvKernel::by_column, false},
+    {"balanced", gpu::GemvKernel::balanced, false},
+    {"balanced, pdl", gpu::GemvKernel::balanced, true},
+};
+
+TEST_CASE("gemv (plain): float64 reference, fused q|k|v segments, bias, fp32 out, awkward sizes, both kernels") {
   const std::vector<PlainGemvCase> cases = {
       {"qwen3 q|k|v b=1", 1, 5120, 2048, {4096, 512, 512}, false, false},
+      {"qwen3 q|k|v b=8", 8, 5120, 2048, {4096, 512, 512}, false, false},
       {"qwen3 o_proj b=1", 1, 2048, 4096, {2048}, false, false},
+      {"qwen3 o_proj b=8", 8, 2048, 4096, {2048}, false, false},
+      {"qwen3 router b=1 fp32", 1, 128, 2048, {128}, false, true},
       {"qwen3 router b=8 fp32", 8, 128, 2048, {128}, false, true},
       {"router b=64 fp32 (8 row chunks)", 64, 128, 2048, {128}, false, true},
-      {"lm-head-like b=2 (wide n)", 2, 20000, 2048, {20000}, false, false},
+      {"lm-head-like b=2 (wide n: several tiles per block)", 2, 20000, 2048, {20000}, false, false},
+      {"n=100003 (prime), k=8: many tiles per block", 1, 100003, 8, {100003}, false, false},
       {"k=8, n=1000, 3 rows", 3, 1000, 8, {1000}, false, false},
       {"qwen2 qkv bias, 7 rows, odd segments", 7, 37, 264, {30, 5, 2}, true, false},
       {"n=1 fp32 (shared gate), 5 rows", 5, 1, 16, {1}, false, true},
+      {"n=1, 64 rows (8 row-chunk slots of one column)", 64, 1, 2048, {1}, false, false},
       {"6 rows (row tile 8), k=8192", 6, 24, 8192, {24}, true, false},
+      {"8 rows, k=8192, n=300: 1 block per SM", 8, 300, 8192, {300}, false, false},
+      {"k=8184 (last segment partial), 2 rows, n=19", 2, 19, 8184, {19}, false, true},
+      {"k=136 (17 vectors: one partial segment), 13 rows (2 chunks), n=997", 13, 997, 136, {500, 497}, true, false},
       {"no rows", 0, 16, 16, {16}, false, false},
       {"SwiGLU input (shared expert down b=3)", 3, 2048, 768, {2048}, false, false, true},
       {"SwiGLU input, k=8, n=5, 8 rows", 8, 5, 8, {5}, false, false, true},
+      {"SwiGLU input, 17 rows, k=1544, n=31", 17, 31, 1544, {31}, true, false, true},
   };
   uint64_t seed = 9100;
   for (const auto& c : cases) {
-    INFO(c.name << " rows=" << c.rows << " n=" << c.n << " k=" << c.k);
     const auto act = rand_bf16(c.rows * c.k * (c.swiglu ? 2 : 1), seed += 3, -2, 2);
     const auto w = rand_bf16(c.n * c.k, seed + 1, -1, 1);
     const auto bias = rand_bf16(c.n, seed + 2, -1, 1);
@@ -595,44 +618,58 @@ TEST_CASE("gemv (plain): float64 reference, fused q|k|v segments, bias, fp32 out
     outs.reserve(c.widths.size());
     const int64_t eb = c.f32 ? 4 : 2;
     for (int64_t wd : c.widths) outs.emplace_back(std::size_t(c.rows * wd * eb));
-    gpu::GemvParams p;
-    p.act = da.as<bf16>();
-    p.weights = dw.as<bf16>();
-    p.bias = c.bias ? db.as<bf16>() : nullptr;
-    p.num_segments = static_cast<int>(c.widths.size());
-    for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
-      outs[s2].poison();
-      p.seg[s2] = {outs[s2].get(), c.widths[s2]};
-    }
-    p.out_fp32 = c.f32;
-    p.swiglu_act = c.swiglu;
-    p.num_rows = c.rows;
-    p.n = c.n;
-    p.k = c.k;
-    REQUIRE(gpu::gemv_unsupported_reason(p).empty());
-    gpu::launch_gemv(p, nullptr);
-    sync();
     const auto ref = ref_gemv(act, 0, w, 0, c.bias ? &bias : nullptr, c.rows, c.n, c.k, c.swiglu);
-    std::vector<double> got(ref.size());
-    int64_t col0 = 0;
-    for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
-      const int64_t wd = c.widths[s2];
-      std::vector<double> seg;
-      if (c.f32) {
-        for (float v : download<float>(outs[s2].get(), std::size_t(c.rows * wd))) seg.push_back(v);
-      } else {
-        seg = to_double(download<bf16>(outs[s2].get(), std::size_t(c.rows * wd)));
+    std::vector<std::vector<uint8_t>> balanced_bits;  // the first balanced run's outputs
+    for (const auto& var : kGemvVariants) {
+      INFO(c.name << " rows=" << c.rows << " n=" << c.n << " k=" << c.k << " kernel " << var.name);
+      gpu::GemvParams p;
+      p.act = da.as<bf16>();
+      p.weights = dw.as<bf16>();
+      p.bias = c.bias ? db.as<bf16>() : nullptr;
+      p.num_segments = static_cast<int>(c.widths.size());
+      for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
+        outs[s2].poison();
+        p.seg[s2] = {outs[s2].get(), c.widths[s2]};
       }
-      for (int64_t r = 0; r < c.rows; ++r)
-        for (int64_t j = 0; j < wd; ++j) got[std::size_t(r * c.n + col0 + j)] = seg[std::size_t(r * wd + j)];
-      col0 += wd;
+      p.out_fp32 = c.f32;
+      p.swiglu_act = c.swiglu;
+      p.num_rows = c.rows;
+      p.n = c.n;
+      p.k = c.k;
+      p.kernel = var.kernel;
+      p.pdl = var.pdl;
+      REQUIRE(gpu::gemv_unsupported_reason(p).empty());
+      gpu::launch_gemv(p, nullptr);
+      sync();
+      std::vector<double> got(ref.size());
+      std::vector<std::vector<uint8_t>> bits_now;
+      int64_t col0 = 0;
+      for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
+        const int64_t wd = c.widths[s2];
+        bits_now.push_back(download<uint8_t>(outs[s2].get(), std::size_t(c.rows * wd * eb)));
+        std::vector<double> seg;
+        if (c.f32) {
+          for (float v : download<float>(outs[s2].get(), std::size_t(c.rows * wd))) seg.push_back(v);
+        } else {
+          seg = to_double(download<bf16>(outs[s2].get(), std::size_t(c.rows * wd)));
+        }
+        for (int64_t r = 0; r < c.rows; ++r)
+          for (int64_t j = 0; j < wd; ++j) got[std::size_t(r * c.n + col0 + j)] = seg[std::size_t(r * wd + j)];
+        col0 += wd;
+      }
+      if (var.kernel == gpu::GemvKernel::balanced) {
+        if (balanced_bits.empty())
+          balanced_bits = bits_now;
+        else
+          CHECK(bits_now == balanced_bits);  // same grid, same order: the same bits
+      }
+      if (c.rows == 0) continue;
+      REQUIRE(all_finite(got));
+      CHECK(norm(ref) > 0);
+      const double err = rel_error(got, ref);
+      INFO("rel error " << err);
+      CHECK(err <= (c.f32 ? kTolGemvF32 : kTolBf16Out));
     }
-    if (c.rows == 0) continue;
-    REQUIRE(all_finite(got));
-    CHECK(norm(ref) > 0);
-    const double err = rel_error(got, ref);
-    INFO("rel error " << err);
-    CHECK(err <= (c.f32 ? kTolGemvF32 : kTolBf16Out));
   }
 }
 
@@ -687,7 +724,7 @@ struct GroupedGemvCase {
   bool swiglu = false;
 };
 
-TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, chunks, rows past the end untouched") {
+TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, chunks, rows past the end untouched, both v2 kernels") {
   std::vector<GroupedGemvCase> cases = {
       {"qwen3 gate|up b=1", 128, 1536, 2048, {}, 1, 8, true, false},
       {"qwen3 down b=1", 128, 2048, 768, {}, 1, 8, true, false},
@@ -702,6 +739,12 @@ TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, c
       {"qwen3 down b=1 with the SwiGLU input", 128, 2048, 768, {}, 1, 8, true, false, true},
       {"qwen3 down b=64 with the SwiGLU input", 128, 2048, 768, {}, 64, 8, true, false, true},
       {"SwiGLU input, 37 rows, k=40", 4, 24, 40, {0, 37, 0, 2}, 0, 0, true, false, true},
+      {"qwen3 gate|up b=8", 128, 1536, 2048, {}, 8, 8, true, false},
+      {"qwen3 down b=8 with the SwiGLU input", 128, 2048, 768, {}, 8, 8, true, false, true},
+      {"n=1, k=8, 64 tokens top-8 of 128 (a block spans many experts)", 128, 1, 8, {}, 64, 8, true, false},
+      {"k=8192, 64 + 9 + 1 rows, n=70 (1 block per SM, 8-row chunks)", 5, 70, 8192, {64, 0, 9, 1, 0}, 0, 0, false, false},
+      {"k=8184 (partial segment), n=13, rows 1..5", 6, 13, 8184, {1, 2, 0, 3, 4, 5}, 0, 0, true, false},
+      {"k=136 SwiGLU, n=997 (prime), 3 experts", 7, 997, 136, {0, 1, 0, 6, 0, 2, 0}, 0, 0, true, false, true},
   };
   uint64_t seed = 9500;
   for (const auto& c : cases) {
@@ -732,41 +775,61 @@ TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, c
     upload(da.as<bf16>(), act);
     upload(dw.as<bf16>(), w);
     upload(doff.as<int32_t>(), off);
-    dout.poison();
-    gpu::GroupedGemvParams p;
-    p.act = da.as<bf16>();
-    p.weights = dw.as<bf16>();
-    p.out = dout.as<bf16>();
-    p.expert_offsets = doff.as<int32_t>();
-    p.num_experts = c.E;
-    p.n = c.n;
-    p.k = c.k;
-    p.swiglu_act = c.swiglu;
-    if (c.pass_bounds) {
-      p.max_rows = std::max<int64_t>(rows, 1);
-      p.max_rows_per_expert = std::max(max_per_expert, 1);
-    }
-    REQUIRE((c.v1 ? gpu::grouped_gemv_unsupported_reason(p) : gpu::grouped_gemv_v2_unsupported_reason(p)).empty());
-    if (c.v1)
-      gpu::launch_grouped_gemv(p, nullptr);
-    else
-      gpu::launch_grouped_gemv_v2(p, nullptr);
-    sync();
-    const auto got_all = to_double(download<bf16>(dout.get(), std::size_t(alloc_rows * c.n)));
-    std::vector<double> ref, got;
+    std::vector<double> ref;
     for (int e = 0; e < c.E; ++e) {
       const auto r = ref_gemv(act, off[e], w, int64_t(e) * c.n * c.k, nullptr, counts[e], c.n, c.k, c.swiglu);
       ref.insert(ref.end(), r.begin(), r.end());
     }
-    got.assign(got_all.begin(), got_all.begin() + std::ptrdiff_t(rows * c.n));
-    int64_t touched_past_end = 0;
-    for (int64_t i = rows * c.n; i < alloc_rows * c.n; ++i) touched_past_end += !std::isnan(got_all[std::size_t(i)]);
-    CHECK(touched_past_end == 0);
-    if (rows == 0) continue;
-    REQUIRE(all_finite(got));
-    const double err = rel_error(got, ref);
-    INFO("rel error " << err << " rows " << rows << " max rows per expert " << max_per_expert);
-    CHECK(err <= kTolBf16Out);
+    // v1: its one kernel; v2: every variant (kGemvVariants), the pdl one also reading the offsets
+    // before its wait (valid here: they were uploaded before the launch).
+    std::vector<uint16_t> balanced_bits;
+    for (const auto& var : kGemvVariants) {
+      if (c.v1 && var.kernel != gpu::GemvKernel::by_column) continue;
+      INFO("kernel " << (c.v1 ? "v1" : var.name));
+      dout.poison();
+      gpu::GroupedGemvParams p;
+      p.act = da.as<bf16>();
+      p.weights = dw.as<bf16>();
+      p.out = dout.as<bf16>();
+      p.expert_offsets = doff.as<int32_t>();
+      p.num_experts = c.E;
+      p.n = c.n;
+      p.k = c.k;
+      p.swiglu_act = c.swiglu;
+      p.kernel = var.kernel;
+      p.pdl = !c.v1 && var.pdl;
+      p.offsets_before_previous = p.pdl;
+      if (c.pass_bounds) {
+        p.max_rows = std::max<int64_t>(rows, 1);
+        p.max_rows_per_expert = std::max(max_per_expert, 1);
+      }
+      REQUIRE((c.v1 ? gpu::grouped_gemv_unsupported_reason(p) : gpu::grouped_gemv_v2_unsupported_reason(p)).empty());
+      if (c.v1)
+        gpu::launch_grouped_gemv(p, nullptr);
+      else
+        gpu::launch_grouped_gemv_v2(p, nullptr);
+      sync();
+      const auto raw = download<bf16>(dout.get(), std::size_t(alloc_rows * c.n));
+      if (!c.v1 && var.kernel == gpu::GemvKernel::balanced) {
+        std::vector<uint16_t> b(raw.size());
+        for (std::size_t i = 0; i < raw.size(); ++i) b[i] = bits(raw[i]);
+        if (balanced_bits.empty())
+          balanced_bits = b;
+        else
+          CHECK(b == balanced_bits);  // same grid, same order: the same bits
+      }
+      const auto got_all = to_double(raw);
+      std::vector<double> got(got_all.begin(), got_all.begin() + std::ptrdiff_t(rows * c.n));
+      int64_t touched_past_end = 0;
+      for (int64_t i = rows * c.n; i < alloc_rows * c.n; ++i) touched_past_end += !std::isnan(got_all[std::size_t(i)]);
+      CHECK(touched_past_end == 0);
+      if (rows == 0) continue;
+      REQUIRE(all_finite(got));
+      CHECK(norm(ref) > 0);
+      const double err = rel_error(got, ref);
+      INFO("rel error " << err << " rows " << rows << " max rows per expert " << max_per_expert);
+      CHECK(err <= kTolBf16Out);
+    }
   }
 }
 
@@ -1491,4 +1554,161 @@ TEST_CASE("moe_route: unsupported parameters are rejected naming the legal value
   bad = p;
   bad.router.num_experts = bad.permute.num_experts = 300;
   check_rejects([&] { kernels::launch_moe_route(bad, nullptr); }, "num_experts=300");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (skipped by default; run with --no-skip -tc="bench: gemv*"): the two GEMV kernels
+// (GemvKernel::by_column, the previous one, and GemvKernel::balanced) over the Qwen3-30B-A3B decode
+// shapes at 1 and 8 tokens, each timed in a CUDA graph and launched alone on the stream, L2 flushed
+// before every run (gpu::time_op: median of 50 after 10 warm-up runs). Bytes: the weights the step
+// must read (grouped: the experts that got rows) plus the activations in and the outputs out, once.
+// GB/s is reported against a 1 GiB device-to-device copy timed in the same run; "new/old" is the
+// time ratio (< 1: the balanced kernel is faster). The check: both kernels' outputs agree within
+// kTolBf16Out / kTolGemvF32 (they differ only in the fp32 summation order).
+TEST_CASE("bench: gemv by_column vs balanced, Qwen3-30B-A3B decode shapes, GB/s vs device copy" * doctest::skip()) {
+  const gpu::DeviceInfo info = gpu::query_device(device());
+  gpu::Stream s;
+  gpu::L2Flusher flusher(device());
+  const std::size_t copy_bytes = std::size_t(1) << 30;
+  Dev ca(copy_bytes), cb(copy_bytes);
+  MIXSERVE_CUDA_CHECK(cudaMemset(ca.buf.get(), 1, copy_bytes));
+  gpu::TimingOptions copt;
+  copt.cuda_graph = true;
+  copt.flush_l2 = false;
+  const auto ct = gpu::time_op(
+      [&](cudaStream_t st) {
+        MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(cb.buf.get(), ca.buf.get(), copy_bytes, cudaMemcpyDeviceToDevice, st));
+      },
+      s.get(), copt, nullptr);
+  const double copy_GBps = 2.0 * copy_bytes / (ct.time_us.median * 1e3);
+  gpu::TimingOptions graph_opt;
+  graph_opt.cuda_graph = true;
+  graph_opt.flush_l2 = true;
+  gpu::TimingOptions alone_opt = graph_opt;
+  alone_opt.cuda_graph = false;
+  std::printf("# test_gpu_kernels bench: gemv  device %s (%d SMs, L2 %.0f MB)  cuda_runtime %s\n", info.name.c_str(),
+              info.sm_count, info.l2_bytes / 1e6,
+              info.versions.count("cuda_runtime") ? info.versions.at("cuda_runtime").c_str() : "?");
+  std::printf("# timing: median of %d after %d warm-up, L2 flushed before each run; copy 1 GiB D2D this run: %.1f GB/s "
+              "(noise %.3f)\n",
+              graph_opt.timed_iters, graph_opt.warmup_iters, copy_GBps, ct.time_us.noise());
+  std::printf("# %-22s %2s %10s | %-6s %9s %8s %7s %6s | %-6s %9s %8s %7s %6s | %7s %7s\n", "op", "T", "bytes", "mode",
+              "old(us)", "GB/s", "%copy", "noise", "", "new(us)", "GB/s", "%copy", "noise", "new/old", "");
+  std::printf("# %-22s %2s %10s | %-6s %9s %8s %7s %6s | %-6s %9s %8s %7s %6s | %7s\n", "", "", "(B)", "", "(us)",
+              "(GB/s)", "(%)", "", "", "(us)", "(GB/s)", "(%)", "", "");
+  // op(kernel, stream) launches one GEMV with the given kernel; check() compares the two kernels.
+  auto report = [&](const char* op_name, int T, double bytes,
+                    const std::function<void(gpu::GemvKernel, cudaStream_t)>& op) {
+    for (const bool graph : {true, false}) {
+      const gpu::TimingOptions& o = graph ? graph_opt : alone_opt;
+      const auto old_t = gpu::time_op([&](cudaStream_t st) { op(gpu::GemvKernel::by_column, st); }, s.get(), o, &flusher);
+      const auto new_t = gpu::time_op([&](cudaStream_t st) { op(gpu::GemvKernel::balanced, st); }, s.get(), o, &flusher);
+      const double og = bytes / (old_t.time_us.median * 1e3), ng = bytes / (new_t.time_us.median * 1e3);
+      std::printf("  %-22s %2d %10.0f | %-6s %9.2f %8.1f %6.1f%% %6.3f | %-6s %9.2f %8.1f %6.1f%% %6.3f | %7.3f\n", op_name,
+                  T, bytes, graph ? "graph" : "alone", old_t.time_us.median, og, 100.0 * og / copy_GBps,
+                  old_t.time_us.noise(), "", new_t.time_us.median, ng, 100.0 * ng / copy_GBps, new_t.time_us.noise(),
+                  new_t.time_us.median / old_t.time_us.median);
+      CHECK(old_t.time_us.median > 0);
+      CHECK(new_t.time_us.median > 0);
+    }
+  };
+  // Runs both kernels once and compares their outputs (bf16 or fp32 [count] at out).
+  auto agree = [&](const char* op_name, int T, const void* out, std::size_t count, bool f32,
+                   const std::function<void(gpu::GemvKernel, cudaStream_t)>& op) {
+    std::vector<double> res[2];
+    for (int i = 0; i < 2; ++i) {
+      op(i == 0 ? gpu::GemvKernel::by_column : gpu::GemvKernel::balanced, s.get());
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(s.get()));
+      if (f32) {
+        for (float v : download<float>(out, count)) res[i].push_back(v);
+      } else {
+        res[i] = to_double(download<bf16>(out, count));
+      }
+    }
+    INFO(op_name << " T=" << T);
+    REQUIRE(all_finite(res[0]));
+    CHECK(norm(res[0]) > 0);
+    CHECK(rel_error(res[1], res[0]) <= (f32 ? kTolGemvF32 : kTolBf16Out));
+  };
+  const int64_t H = 2048, E = 128, K = 8, I = 768, Q = 4096, KV = 512;  // Qwen3-30B-A3B
+  Dev w_qkv((Q + 2 * KV) * H * 2), w_o(H * Q * 2), w_r(E * H * 2), w13(E * 2 * I * H * 2), w2(E * H * I * 2);
+  uint64_t seed = 9900;
+  for (const Dev* d : {&w_qkv, &w_o, &w_r, &w13, &w2})
+    upload(d->as<bf16>(), rand_bf16(d->buf.bytes() / 2, seed += 1, -0.05f, 0.05f));
+  for (const int T : {1, 8}) {
+    const int64_t rows = int64_t(T) * K;
+    Dev x(T * Q * 2), q(T * Q * 2), k(T * KV * 2), v(T * KV * 2), o(T * H * 2), logits(T * E * 4);
+    Dev px(rows * H * 2), gu(rows * 2 * I * 2), eo(rows * H * 2), off((E + 1) * 4);
+    upload(x.as<bf16>(), rand_bf16(T * Q, seed += 1, -1, 1));
+    upload(px.as<bf16>(), rand_bf16(rows * H, seed += 1, -1, 1));
+    upload(gu.as<bf16>(), rand_bf16(rows * 2 * I, seed += 1, -2, 2));
+    // T tokens, top-8 distinct experts each, drawn at random: expert offsets of the permuted rows.
+    std::mt19937_64 rng(seed += 1);
+    std::vector<int> counts(E, 0), pool(E);
+    for (int t = 0; t < T; ++t) {
+      std::iota(pool.begin(), pool.end(), 0);
+      for (int j = 0; j < K; ++j) {
+        std::swap(pool[j], pool[j + int(rng() % uint64_t(E - j))]);
+        ++counts[pool[j]];
+      }
+    }
+    std::vector<int32_t> offs(E + 1, 0);
+    int64_t active = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      offs[e + 1] = offs[e] + counts[e];
+      active += counts[e] > 0;
+    }
+    upload(off.as<int32_t>(), offs);
+
+    auto plain = [&](const void* act, const Dev& w, std::vector<gpu::GemvOutSegment> segs, int64_t n, int64_t kk,
+                     bool f32) {
+      return [=, &w](gpu::GemvKernel kern, cudaStream_t st) {
+        gpu::GemvParams p;
+        p.act = static_cast<const bf16*>(act);
+        p.weights = w.as<bf16>();
+        p.num_segments = static_cast<int>(segs.size());
+        for (std::size_t i = 0; i < segs.size(); ++i) p.seg[i] = segs[i];
+        p.out_fp32 = f32;
+        p.num_rows = T;
+        p.n = n;
+        p.k = kk;
+        p.kernel = kern;
+        gpu::launch_gemv(p, st);
+      };
+    };
+    auto grouped = [&](const Dev& act, const Dev& w, const Dev& out, int64_t n, int64_t kk, bool swiglu) {
+      return [=, &act, &w, &out, &off](gpu::GemvKernel kern, cudaStream_t st) {
+        gpu::GroupedGemvParams p;
+        p.act = act.as<bf16>();
+        p.weights = w.as<bf16>();
+        p.out = out.as<bf16>();
+        p.expert_offsets = off.as<int32_t>();
+        p.num_experts = static_cast<int>(E);
+        p.n = n;
+        p.k = kk;
+        p.max_rows = rows;
+        p.max_rows_per_expert = T;
+        p.swiglu_act = swiglu;
+        p.kernel = kern;
+        gpu::launch_grouped_gemv_v2(p, st);
+      };
+    };
+    const auto qkv = plain(x.get(), w_qkv, {{q.get(), Q}, {k.get(), KV}, {v.get(), KV}}, Q + 2 * KV, H, false);
+    report("q|k|v", T, double(Q + 2 * KV) * H * 2 + T * H * 2.0 + T * (Q + 2 * KV) * 2.0, qkv);
+    agree("q|k|v", T, q.get(), std::size_t(T * Q), false, qkv);
+    const auto oproj = plain(x.get(), w_o, {{o.get(), H}}, H, Q, false);
+    report("o_proj", T, double(H) * Q * 2 + T * Q * 2.0 + T * H * 2.0, oproj);
+    agree("o_proj", T, o.get(), std::size_t(T * H), false, oproj);
+    const auto router = plain(x.get(), w_r, {{logits.get(), E}}, E, H, true);
+    report("router logits (fp32)", T, double(E) * H * 2 + T * H * 2.0 + T * E * 4.0, router);
+    agree("router logits", T, logits.get(), std::size_t(T * E), true, router);
+    const auto gate_up = grouped(px, w13, gu, 2 * I, H, false);
+    report("experts gate|up", T, double(active) * 2 * I * H * 2 + rows * H * 2.0 + rows * 2 * I * 2.0, gate_up);
+    agree("experts gate|up", T, gu.get(), std::size_t(rows * 2 * I), false, gate_up);
+    upload(gu.as<bf16>(), rand_bf16(rows * 2 * I, seed += 1, -2, 2));  // bounded SwiGLU input for down
+    const auto down = grouped(gu, w2, eo, H, I, true);
+    report("experts down (SwiGLU)", T, double(active) * H * I * 2 + rows * 2 * I * 2.0 + rows * H * 2.0, down);
+    agree("experts down", T, eo.get(), std::size_t(rows * H), false, down);
+  }
+  std::printf("# end of bench: gemv\n");
 }

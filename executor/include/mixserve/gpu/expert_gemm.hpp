@@ -27,6 +27,24 @@
 // one column per warp at a time, kRowsPerChunk rows; n a multiple of 16, no swiglu_act, launched
 // without PDL). The executor takes it above GpuModelConfig::grouped_gemv_v2_max_tokens (on the
 // H200 it beat v2 at 64 tokens, lost at 1) and with decode_kernels off; mixserve-profile times it.
+//
+// Two kernels serve launch_gemv and launch_grouped_gemv_v2 (GemvParams::kernel,
+// GroupedGemvParams::kernel; same results up to fp32 summation order):
+//   GemvKernel::balanced  (default) a grid of exactly the blocks that fit on the GPU at once (SMs x
+//                         blocks per SM, from the occupancy calculator; fewer for small problems).
+//                         The output columns of all "slots" (grouped: the experts with rows, counted
+//                         on the device; plain: the chunks of R rows) are one list, cut into equal
+//                         contiguous ranges, one per block (<= 1 column more than the average: no
+//                         wave tail). A block cuts its range into 512-byte segments (32 lanes x 16
+//                         bytes of one column) and gives each warp an equal contiguous run of them,
+//                         so a column may be shared by two warps (split-K inside the block): each
+//                         warp issues L segment loads at once (L = 16 for 1-2 rows, 8 for 4-8;
+//                         non-coherent, no L1 allocation, L2 evict-first), multiplies them with
+//                         the staged rows, reduces a finished column over its lanes and stores the
+//                         partial in shared memory; the block then sums the warps' partials in warp
+//                         order (deterministic) and writes the outputs. No global workspace.
+//   GemvKernel::by_column the kernel before (8 warps x C columns per block, one block per 8 * C
+//                         columns and row chunk: one to three waves on the H200, with a tail).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -40,6 +58,18 @@ inline constexpr int kGroupedGemvColsPerBlock = 16;  // n granularity of the v1 
 inline constexpr int kGroupedGemvRowsPerChunk = 8;
 inline constexpr int64_t kGroupedGemvMaxK = 8192;
 inline constexpr int kGemvMaxSegments = 3;
+
+// Which GEMV kernel launch_gemv / launch_grouped_gemv_v2 run (see above). One list feeds the enum
+// and gemv_kernel_name.
+#define MIXSERVE_GEMV_KERNELS(X) \
+  X(balanced)                    \
+  X(by_column)
+enum class GemvKernel : uint8_t {
+#define MIXSERVE_GEMV_KERNEL_ENUM(name) name,
+  MIXSERVE_GEMV_KERNELS(MIXSERVE_GEMV_KERNEL_ENUM)
+#undef MIXSERVE_GEMV_KERNEL_ENUM
+};
+const char* gemv_kernel_name(GemvKernel k);
 
 struct GroupedGemvParams {
   const __nv_bfloat16* act = nullptr;      // [rows, k], expert-contiguous
@@ -64,6 +94,7 @@ struct GroupedGemvParams {
   // launch start), so the kernel may read them, and prefetch its experts' weights into L2, before
   // it waits on the previous kernel. Wrong when the previous kernel writes the offsets.
   bool offsets_before_previous = false;
+  GemvKernel kernel = GemvKernel::balanced;  // v2 only
 };
 
 struct GemvOutSegment {
@@ -83,6 +114,7 @@ struct GemvParams {
   // Programmatic dependent launch (kernels/detail/pdl.cuh): may start while the stream's previous
   // kernel finishes; waits for it before touching memory. For chains of kernels (decode steps).
   bool pdl = false;
+  GemvKernel kernel = GemvKernel::balanced;
 };
 
 // "" when supported, else why not (legal values named).
