@@ -1,5 +1,7 @@
 #include "mixserve/gpu/gemm.hpp"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include "mixserve/gpu/check.hpp"
@@ -92,7 +94,7 @@ LtGemm::~LtGemm() {
   if (desc_) cublasLtMatmulDescDestroy(desc_);
 }
 
-void LtGemm::run(const GemmOperands& ops, cudaStream_t stream) const {
+void LtGemm::run(const GemmOperands& ops, cudaStream_t stream, void* workspace) const {
   // The scale pointers live in the matmul descriptor, so one LtGemm must not run on two host
   // threads at once (each thread plans its own).
   if (is_fp8(s_.dtype)) {
@@ -102,7 +104,60 @@ void LtGemm::run(const GemmOperands& ops, cudaStream_t stream) const {
   }
   const float alpha = 1.0f, beta = 0.0f;
   MIXSERVE_CUBLAS_CHECK(cublasLtMatmul(h_, desc_, &alpha, ops.weight, a_, ops.act, b_, &beta, ops.out, d_,
-                                       ops.out, d_, &algo_, workspace_, workspace_bytes_, stream));
+                                       ops.out, d_, &algo_, workspace, workspace_bytes_, stream));
+}
+
+void LtGemm::run(const GemmOperands& ops, cudaStream_t stream) const { run(ops, stream, workspace_); }
+
+StreamFanout::StreamFanout(int num_streams, std::size_t workspace_bytes)
+    : num_streams_(num_streams), workspace_bytes_(workspace_bytes) {
+  if (num_streams < 1) throw InputError(fmt::format("stream fan-out: num_streams={} must be >= 1", num_streams));
+  // Release what was made if a later call throws (the destructor does not run then).
+  struct Guard {
+    StreamFanout* f;
+    bool armed = true;
+    ~Guard() {
+      if (armed) f->release();
+    }
+  } guard{this};
+  MIXSERVE_CUDA_CHECK(cudaMalloc(&workspace_, std::size_t(num_streams) * workspace_bytes));
+  MIXSERVE_CUDA_CHECK(cudaEventCreateWithFlags(&forked_, cudaEventDisableTiming));
+  for (int i = 1; i < num_streams; ++i) {
+    side_.push_back(nullptr);
+    MIXSERVE_CUDA_CHECK(cudaStreamCreateWithFlags(&side_.back(), cudaStreamNonBlocking));
+    done_.push_back(nullptr);
+    MIXSERVE_CUDA_CHECK(cudaEventCreateWithFlags(&done_.back(), cudaEventDisableTiming));
+  }
+  guard.armed = false;
+}
+
+StreamFanout::~StreamFanout() { release(); }
+
+void StreamFanout::release() {
+  for (cudaEvent_t e : done_)
+    if (e) cudaEventDestroy(e);
+  for (cudaStream_t st : side_)
+    if (st) cudaStreamDestroy(st);
+  done_.clear();
+  side_.clear();
+  if (forked_) cudaEventDestroy(forked_);
+  forked_ = nullptr;
+  if (workspace_) cudaFree(workspace_);
+  workspace_ = nullptr;
+}
+
+void StreamFanout::fork(cudaStream_t s) {
+  origin_ = s;
+  if (side_.empty()) return;
+  MIXSERVE_CUDA_CHECK(cudaEventRecord(forked_, s));
+  for (cudaStream_t st : side_) MIXSERVE_CUDA_CHECK(cudaStreamWaitEvent(st, forked_, 0));
+}
+
+void StreamFanout::join(cudaStream_t s) {
+  for (std::size_t i = 0; i < side_.size(); ++i) {
+    MIXSERVE_CUDA_CHECK(cudaEventRecord(done_[i], side_[i]));
+    MIXSERVE_CUDA_CHECK(cudaStreamWaitEvent(s, done_[i], 0));
+  }
 }
 
 ExpertGemm::ExpertGemm(const LtHandle& h, int num_experts, int64_t n, int64_t k, DType dtype,
@@ -135,25 +190,48 @@ void ExpertGemm::set_counts(const std::vector<int64_t>& tokens_per_expert) {
   total_rows_ = row;
 }
 
+GemmOperands ExpertGemm::operands(int e, const void* act, const void* weights, void* out, const float* act_scale,
+                                  const float* weight_scale) const {
+  const int64_t eb = elem_bytes(dtype_);
+  GemmOperands ops;
+  ops.act = static_cast<const char*>(act) + offsets_[e] * k_ * eb;
+  ops.weight = static_cast<const char*>(weights) + int64_t(e) * n_ * k_ * eb;
+  ops.out = static_cast<char*>(out) + offsets_[e] * n_ * 2;
+  if (dtype_ == DType::fp8_e4m3) {
+    ops.act_scale = act_scale;
+    ops.weight_scale = weight_scale + e * kScaleStrideFloats;
+  } else if (dtype_ == DType::fp8_block) {
+    ops.act_scale = act_scale + act_scale_offsets_[e];
+    ops.weight_scale = weight_scale + e * weight_scale_count({1, n_, k_, dtype_});
+  }
+  return ops;
+}
+
 void ExpertGemm::run(const void* act, const void* weights, void* out, const float* act_scale,
                      const float* weight_scale, cudaStream_t stream) const {
-  const int64_t eb = elem_bytes(dtype_);
-  const int64_t wscale_per_expert = weight_scale_count({1, n_, k_, dtype_});
   for (int e = 0; e < num_experts_; ++e) {
     if (counts_[e] == 0) continue;
-    GemmOperands ops;
-    ops.act = static_cast<const char*>(act) + offsets_[e] * k_ * eb;
-    ops.weight = static_cast<const char*>(weights) + int64_t(e) * n_ * k_ * eb;
-    ops.out = static_cast<char*>(out) + offsets_[e] * n_ * 2;
-    if (dtype_ == DType::fp8_e4m3) {
-      ops.act_scale = act_scale;
-      ops.weight_scale = weight_scale + e * kScaleStrideFloats;
-    } else if (dtype_ == DType::fp8_block) {
-      ops.act_scale = act_scale + act_scale_offsets_[e];
-      ops.weight_scale = weight_scale + e * wscale_per_expert;
-    }
-    plans_.at(counts_[e])->run(ops, stream);
+    plans_.at(counts_[e])->run(operands(e, act, weights, out, act_scale, weight_scale), stream);
   }
+}
+
+void ExpertGemm::run(const void* act, const void* weights, void* out, const float* act_scale,
+                     const float* weight_scale, cudaStream_t stream, StreamFanout& fan) const {
+  if (fan.workspace_bytes() < workspace_bytes_)
+    throw InputError(fmt::format("expert GEMM: stream workspace of {} bytes, the plans need {}",
+                                 fan.workspace_bytes(), workspace_bytes_));
+  fan.fork(stream);
+  // Least-loaded stream first (ties to the lowest index): balances skewed counts, and with
+  // uniform ones is round-robin.
+  std::vector<int64_t> load(std::size_t(fan.size()), 0);
+  for (int e = 0; e < num_experts_; ++e) {
+    if (counts_[e] == 0) continue;
+    const auto i = std::size_t(std::min_element(load.begin(), load.end()) - load.begin());
+    load[i] += counts_[e];
+    plans_.at(counts_[e])->run(operands(e, act, weights, out, act_scale, weight_scale), fan.stream(int(i)),
+                               fan.workspace(int(i)));
+  }
+  fan.join(stream);
 }
 
 double ExpertGemm::flops() const {

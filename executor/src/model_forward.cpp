@@ -155,6 +155,7 @@ void GpuModel::check_supported() const {
     throw InputError(fmt::format("GPU forward of {}: {}={} not supported ({})", spec_.name, what, v, legal));
   };
   if (a.type == AttentionType::mla) bad("attention MLA", 1, "GQA/MHA only");
+  if (cfg_.expert_gemm_streams < 1) bad("expert_gemm_streams", cfg_.expert_gemm_streams, ">= 1");
   if (std::find(kernels::kAttentionHeadDims.begin(), kernels::kAttentionHeadDims.end(), a.head_dim) ==
       kernels::kAttentionHeadDims.end())
     bad("head_dim", a.head_dim, "64 or 128");
@@ -750,6 +751,13 @@ void GpuModel::moe_route_permute(const Layer& L, const bf16* x, int64_t T, cudaS
   kernels::launch_moe_route(mr, s);
 }
 
+void GpuModel::set_expert_gemm_streams(int n) {
+  if (n < 1) throw InputError(fmt::format("expert GEMM streams: {} must be >= 1", n));
+  if (n == cfg_.expert_gemm_streams) return;
+  cfg_.expert_gemm_streams = n;
+  expert_fanout_.reset();  // the next step that needs it makes one with n streams
+}
+
 void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
                            const float* weights, bool shared, bf16* out, cudaStream_t s, bool permuted) {
   Act& A = *act_;
@@ -787,8 +795,12 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
                     (cfg_.expert_path == ExpertPath::automatic && T * K <= cfg_.device_gemv_max_rows &&
                      gemv_k_fits(H) && gemv_k_fits(I));
-  // Above the GEMV rows, automatic takes the device-offset grouped GEMM (no host sync).
-  const bool tensor_core_grouped = !gemv && cfg_.expert_path != ExpertPath::cublaslt;
+  // Above the GEMV rows, automatic takes the per-expert cuBLASLt GEMMs on several streams for large
+  // steps (core/expert_path.hpp uses_expert_streams, the cost model's and profiler's rule) and the
+  // device-offset grouped GEMM (no host sync) otherwise.
+  const bool per_expert = cfg_.expert_path == ExpertPath::cublaslt ||
+                          (cfg_.expert_path == ExpertPath::automatic && !gemv && uses_expert_streams(T * K, El));
+  const bool tensor_core_grouped = !gemv && !per_expert;
   kernels::SwigluParams sw;
   sw.gate_up = A.gu;
   sw.out = A.ffn_act;
@@ -862,10 +874,21 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     expert_w13_->set_counts(counts);
     expert_w2_->set_counts(counts);
     const int64_t rows = expert_w13_->total_rows();
-    expert_w13_->run(A.permuted_x, L.w13, A.gu, nullptr, nullptr, s);  // [rows, 2I]
+    if (cfg_.expert_gemm_streams > 1 && !expert_fanout_)
+      expert_fanout_ = std::make_unique<StreamFanout>(cfg_.expert_gemm_streams, lt_workspace_.bytes());
+    if (expert_fanout_) {
+      // Each projection's expert GEMMs forked over the streams and joined back to s.
+      expert_w13_->run(A.permuted_x, L.w13, A.gu, nullptr, nullptr, s, *expert_fanout_);  // [rows, 2I]
+    } else {
+      expert_w13_->run(A.permuted_x, L.w13, A.gu, nullptr, nullptr, s);
+    }
     sw.num_rows = rows;
     if (rows > 0) kernels::launch_swiglu(sw, s);
-    expert_w2_->run(A.ffn_act, L.w2, A.expert_out, nullptr, nullptr, s);  // [rows, H]
+    if (expert_fanout_) {
+      expert_w2_->run(A.ffn_act, L.w2, A.expert_out, nullptr, nullptr, s, *expert_fanout_);  // [rows, H]
+    } else {
+      expert_w2_->run(A.ffn_act, L.w2, A.expert_out, nullptr, nullptr, s);
+    }
   }
   kernels::CombineParams cp;
   cp.expert_out = A.expert_out;
@@ -1039,6 +1062,7 @@ void GpuModel::enqueue(cudaStream_t s) {
       ap.merge_tickets = A.attn_tickets.as<int32_t>();  // split merge inside the attention launch
       ap.merge_tickets_count = A.attn_tickets.bytes() / sizeof(int32_t);
     }
+    ap.prefill_kernel = cfg_.attention_prefill_kernel;
     kernels::launch_attention(ap, s);
     linear(A.attn, L.wo, A.tmp, T, H, QW, s);
     if (attn_tp) cfg_.comm->all_reduce(CommGroup::attn_tp, A.tmp, T * H, s);  // heads' partial sums

@@ -319,6 +319,328 @@ static __global__ void __launch_bounds__(kW * 32) tc_attention_kernel(AttentionP
   merge_tile_if_last<kHeadDim, kW>(p, L, ticket, arrivals, row0, min(rows, row0 + kRowsPerCta), q0, kvh, ctx_before);
 }
 
+// ---- Prefill kernels (AttentionPrefillKernel::pipelined, pipelined_m32) ----
+constexpr int kPrefillStages = 2;  // K/V tiles in flight: the one computed, the next
+template <int kHeadDim>
+constexpr int kPrefillRowElems = kHeadDim + kPad;  // smem row: 16 bytes more than the data, so the
+                                                   // 8 rows of an ldmatrix land in distinct banks
+// Dynamic shared memory of tc_prefill_attention_kernel<kHeadDim, kW, kM>: the K/V ring, then (kM
+// == 2) the CTA's Q rows.
+template <int kHeadDim, int kW, int kM>
+constexpr std::size_t prefill_smem_bytes() {
+  const std::size_t kv = std::size_t(kPrefillStages) * 2 * kKvTile * kPrefillRowElems<kHeadDim>;
+  const std::size_t q = kM == 1 ? 0 : std::size_t(kW) * kM * 16 * kPrefillRowElems<kHeadDim>;
+  return (kv + q) * sizeof(__nv_bfloat16);
+}
+
+// 16-byte async copy global -> shared; valid == false writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Four 8x8 bf16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i,
+// r[i] is the thread's fragment of matrix i (row lane/4, columns 2(lane%4), +1; transposed with
+// .trans: rows 2(lane%4), +1 of column lane/4).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* smem) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* smem) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+// 2^x, one MUFU op (2 ulp; -inf gives +0). P is rounded to bf16 before P.V anyway.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// grid (q_tiles * num_splits, num_seqs, kv_heads), kW * 32 threads, prefill_smem_bytes of dynamic
+// shared memory: [stage][K, V][kKvTile positions][kPrefillRowElems] bf16, row-major (position,
+// dim), then for kM == 2 [kW * kM * 16 rows][kPrefillRowElems] of Q. Each warp owns kM * 16
+// query rows: kM == 1 keeps its Q fragments in registers for the whole loop; kM == 2 reads them
+// from shared memory each tile (registers for the twice larger accumulators), so every K/V
+// fragment loaded serves two m-tiles (half the shared-memory reads per mma). The rows, splits
+// and outputs are those of tc_attention_kernel (attention.cuh).
+template <int kHeadDim, int kW, int kM>
+static __global__ void __launch_bounds__(kW * 32, 8 / kW) tc_prefill_attention_kernel(AttentionParams p, Launch L) {
+  detail::allow_next_kernel();  // the o_proj GEMV may start prefetching its weights
+  static_assert(kHeadDim % 16 == 0, "Q.K^T walks head_dim in k-slices of 16, P.V in pairs of 8-wide n-tiles");
+  static_assert(kKvTile % 16 == 0, "Q.K^T takes the tile's positions in pairs of 8-wide n-tiles");
+  static_assert(kM == 1 || kM == 2, "one or two 16-row m-tiles per warp");
+  constexpr int kThreads = kW * 32;
+  constexpr int kRowsPerWarp = kM * 16;
+  constexpr int kRowsPerCta = kW * kRowsPerWarp;
+  constexpr int kRow = kPrefillRowElems<kHeadDim>;
+  constexpr int kVecPerRow = kHeadDim / 8;  // 16-byte vectors per cache row
+  constexpr int kLoadsPerThread = kKvTile * kVecPerRow / kThreads;
+  static_assert(kKvTile * kVecPerRow % kThreads == 0, "the tile loader gives every thread the same count");
+  static_assert(kRowsPerCta * kVecPerRow % kThreads == 0, "the Q loader gives every thread the same count");
+  static_assert(kRow * 2 % 16 == 0, "cp.async and ldmatrix need 16-byte aligned smem rows");
+  extern __shared__ __align__(16) unsigned char prefill_smem[];
+  __nv_bfloat16* const smem = reinterpret_cast<__nv_bfloat16*>(prefill_smem);
+  auto k_tile = [&](int stage) { return smem + (stage * 2) * kKvTile * kRow; };      // [kKvTile][kRow]
+  auto v_tile = [&](int stage) { return smem + (stage * 2 + 1) * kKvTile * kRow; };  // [kKvTile][kRow]
+  __nv_bfloat16* const qs = smem + kPrefillStages * 2 * kKvTile * kRow;             // [kRowsPerCta][kRow] (kM == 2)
+
+  const int num_q_tiles = gridDim.x / L.num_splits;
+  const int q_tile = num_q_tiles - 1 - int(blockIdx.x) / L.num_splits;  // heavy (late) tiles first
+  const int split = int(blockIdx.x) % L.num_splits;
+  const int seq = blockIdx.y, kvh = blockIdx.z;
+  const int q0 = p.q_start[seq];
+  const int q_len = p.q_start[seq + 1] - q0;
+  const int rows = q_len * L.group;  // rows of this (sequence, kv head): token-major, group heads each
+  const int row0 = q_tile * kRowsPerCta;
+  if (row0 >= rows) return;
+  const int ctx_before = p.seq_lens[seq] - q_len;
+  const int last_tok = (min(rows, row0 + kRowsPerCta) - 1) / L.group;
+  const int n_keys = ctx_before + last_tok + 1;  // the CTA's last row sees positions [0, n_keys)
+  const int k_begin = split * L.split_tokens;
+  const int k_end = min(n_keys, k_begin + L.split_tokens);
+  if (k_begin >= k_end) return;  // rows whose keys all lie in earlier splits: the merge skips this split
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;  // mma fragment coordinates: row group, thread in quad
+  const int warp_row0 = row0 + warp * kRowsPerWarp;
+  const bool warp_active = warp_row0 < rows;
+  const bool warp_full = warp_row0 + kRowsPerWarp <= rows;
+  // Positions of the warp's first and last valid rows (-1 for an idle warp): tiles after
+  // warp_last_pos are skipped, tiles wholly at or before warp_first_pos need no causal mask.
+  const int warp_first_pos = warp_active ? ctx_before + warp_row0 / L.group : -1;
+  const int warp_last_pos = warp_active ? ctx_before + (min(rows, warp_row0 + kRowsPerWarp) - 1) / L.group : -1;
+
+  // The thread's rows: m-tile mi, fragment rows g (i = 0) and g + 8 (i = 1). Their q/out offsets
+  // are recomputed in the epilogue (registers go to the accumulators).
+  auto row_of = [&](int mi, int i) { return warp_row0 + mi * 16 + g + 8 * i; };
+  // Element offset of valid row r in q / out: [num_tokens, q_heads, head_dim].
+  auto head_off = [&](int r) {
+    return (int64_t(q0 + r / L.group) * p.q_heads + kvh * L.group + r % L.group) * kHeadDim;
+  };
+  int pos[kM][2];  // cache position of the row's token; -1 for rows past the sequence
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row_of(mi, i);
+      pos[mi][i] = r < rows ? ctx_before + r / L.group : -1;
+    }
+
+  // K/V tile at position kt into `stage`: one 16-byte cp.async per vector; positions at or past
+  // k_end are zero-filled (0 * NaN would be NaN in P.V).
+  auto load_tile = [&](int kt, int stage) {
+    __nv_bfloat16* ks = k_tile(stage);
+    __nv_bfloat16* vs = v_tile(stage);
+#pragma unroll
+    for (int j = 0; j < kLoadsPerThread; ++j) {
+      const int c = tid + j * kThreads;
+      const int row = c / kVecPerRow, vec = c % kVecPerRow;
+      const bool valid = kt + row < k_end;
+      const int64_t off =
+          valid ? cache_offset(p.cache, seq, kt + row, kvh, L.block_shift, kHeadDim) + vec * 8 : 0;
+      cp_async16_zfill(ks + row * kRow + vec * 8, p.cache.k + off, valid);
+      cp_async16_zfill(vs + row * kRow + vec * 8, p.cache.v + off, valid);
+    }
+  };
+  if constexpr (kM == 2) {
+    // The CTA's Q rows into shared memory (zeros past the sequence), in the first tile's group.
+#pragma unroll
+    for (int j = 0; j < kRowsPerCta * kVecPerRow / kThreads; ++j) {
+      const int c = tid + j * kThreads;
+      const int row = c / kVecPerRow, vec = c % kVecPerRow;
+      const int r = row0 + row;
+      const bool valid = r < rows;
+      cp_async16_zfill(qs + row * kRow + vec * 8, p.q + (valid ? head_off(r) + vec * 8 : 0), valid);
+    }
+  }
+  load_tile(k_begin, 0);
+  cp_async_commit();
+
+  // kM == 1: Q fragments for the whole loop, [k-slice][4 registers of bf16x2], zero for invalid rows.
+  uint32_t qa_regs[kM == 1 ? kHeadDim / 16 : 1][4];
+  if constexpr (kM == 1) {
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const int c = kk * 16 + tq * 2;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const __nv_bfloat16* q = p.q + (pos[0][i] >= 0 ? head_off(row_of(0, i)) : 0);
+        qa_regs[kk][i] = pos[0][i] >= 0 ? *reinterpret_cast<const uint32_t*>(q + c) : 0u;
+        qa_regs[kk][i + 2] = pos[0][i] >= 0 ? *reinterpret_cast<const uint32_t*>(q + c + 8) : 0u;
+      }
+    }
+  }
+
+  float o[kM][kHeadDim / 8][4];  // [m-tile][d n-tile][fragment]: rows g (0,1) and g + 8 (2,3)
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt) o[mi][dt][0] = o[mi][dt][1] = o[mi][dt][2] = o[mi][dt][3] = 0.0f;
+  float m[kM][2], l[kM][2];  // running max of the raw scores; this thread's share of the running sum
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi) {
+    m[mi][0] = m[mi][1] = -INFINITY;
+    l[mi][0] = l[mi][1] = 0.0f;
+  }
+
+  // ldmatrix row addresses: lane -> matrix lane / 8, row lane % 8 of it.
+  const int ld_mat = lane / 8, ld_row = lane % 8;
+  const int num_tiles = (k_end - k_begin + kKvTile - 1) / kKvTile;
+  for (int t = 0; t < num_tiles; ++t) {
+    const int kt = k_begin + t * kKvTile;
+    cp_async_wait_all();
+    // Tile t (and Q) has landed for every thread, and every warp is done with tile t - 1, whose
+    // stage the next copy overwrites.
+    __syncthreads();
+    if (t + 1 < num_tiles) {
+      load_tile(kt + kKvTile, (t + 1) % kPrefillStages);
+      cp_async_commit();
+    }
+    if (kt > warp_last_pos) continue;  // every key of the tile is after the warp's rows (or idle warp)
+    const __nv_bfloat16* ks = k_tile(t % kPrefillStages);
+    const __nv_bfloat16* vs = v_tile(t % kPrefillStages);
+
+    // S = Q K^T for the warp's rows x kKvTile positions: [m-tile][n-tile of 8 positions][fragment].
+    // One ldmatrix.x4 gives the B fragments (k lo, k hi) of two n-tiles.
+    float s[kM][kKvTile / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+      for (int nt = 0; nt < kKvTile / 8; ++nt) s[mi][nt][0] = s[mi][nt][1] = s[mi][nt][2] = s[mi][nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t qa[kM][4];
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi) {
+        if constexpr (kM == 1) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[mi][e] = qa_regs[kk][e];
+        } else {
+          // A fragment of rows (mi * 16 ..) x k-slice kk: matrices (rows lo, k lo), (hi, lo),
+          // (lo, hi), (hi, hi).
+          ldmatrix_x4(qa[mi], qs + ((warp * kM + mi) * 16 + (ld_mat % 2) * 8 + ld_row) * kRow + kk * 16 +
+                                  (ld_mat / 2) * 8);
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < kKvTile / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, ks + ((2 * np + ld_mat / 2) * 8 + ld_row) * kRow + kk * 16 + (ld_mat % 2) * 8);
+#pragma unroll
+        for (int mi = 0; mi < kM; ++mi) {
+          mma_bf16_16816(s[mi][2 * np], qa[mi], b[0], b[1]);
+          mma_bf16_16816(s[mi][2 * np + 1], qa[mi], b[2], b[3]);
+        }
+      }
+    }
+    // Causal and range mask, only where some key of the tile may be after a row or past k_end.
+    const bool masked = !warp_full || kt + kKvTile > k_end || kt + kKvTile - 1 > warp_first_pos;
+    if (masked) {
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < kKvTile / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = kt + nt * 8 + tq * 2 + (e % 2);
+            if (key >= k_end || key > pos[mi][e / 2]) s[mi][nt][e] = -INFINITY;
+          }
+    }
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi) {
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < kKvTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[mi][nt][e]);
+      float base_scaled[2];  // running max * scale * log2(e): p = 2^(s * scale_log2 - base_scaled)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+        tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+        const float m_new = fmaxf(m[mi][i], tile_max[i]);
+        base_scaled[i] = m_new == -INFINITY ? 0.0f : m_new * L.scale_log2;  // nothing seen yet: stays zero
+        const float alpha = exp2_approx(fmaf(m[mi][i], L.scale_log2, -base_scaled[i]));
+        m[mi][i] = m_new;
+        l[mi][i] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < kHeadDim / 8; ++dt) {
+          o[mi][dt][2 * i] *= alpha;
+          o[mi][dt][2 * i + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < kKvTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mi][nt][e] = exp2_approx(fmaf(s[mi][nt][e], L.scale_log2, -base_scaled[e / 2]));
+          l[mi][e / 2] += s[mi][nt][e];
+        }
+    }
+    // O += P V: the S accumulator layout of n-tiles 2j, 2j+1 is the A fragment of k-slice j; one
+    // ldmatrix.x4.trans gives the B fragments (positions lo, hi) of two 8-wide d-tiles.
+#pragma unroll
+    for (int j = 0; j < kKvTile / 16; ++j) {
+      uint32_t pa[kM][4];
+#pragma unroll
+      for (int mi = 0; mi < kM; ++mi) {
+        pa[mi][0] = pack_bf16(s[mi][2 * j][0], s[mi][2 * j][1]);
+        pa[mi][1] = pack_bf16(s[mi][2 * j][2], s[mi][2 * j][3]);
+        pa[mi][2] = pack_bf16(s[mi][2 * j + 1][0], s[mi][2 * j + 1][1]);
+        pa[mi][3] = pack_bf16(s[mi][2 * j + 1][2], s[mi][2 * j + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vs + (j * 16 + (ld_mat % 2) * 8 + ld_row) * kRow + (2 * dp + ld_mat / 2) * 8);
+#pragma unroll
+        for (int mi = 0; mi < kM; ++mi) {
+          mma_bf16_16816(o[mi][2 * dp], pa[mi], b[0], b[1]);
+          mma_bf16_16816(o[mi][2 * dp + 1], pa[mi], b[2], b[3]);
+        }
+      }
+    }
+  }
+  if (!warp_active) return;
+
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 1);
+      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 2);
+    }
+#pragma unroll
+  for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (pos[mi][i] < 0) continue;
+      const int r = row_of(mi, i);
+      if (L.num_splits == 1) {
+        const float inv = 1.0f / l[mi][i];
+        __nv_bfloat16* out = p.out + head_off(r);
+#pragma unroll
+        for (int dt = 0; dt < kHeadDim / 8; ++dt)
+          *reinterpret_cast<uint32_t*>(out + dt * 8 + tq * 2) = pack_bf16(o[mi][dt][2 * i] * inv, o[mi][dt][2 * i + 1] * inv);
+      } else {
+        const int64_t idx = (int64_t(split) * p.num_tokens + q0 + r / L.group) * p.q_heads + kvh * L.group + r % L.group;
+#pragma unroll
+        for (int dt = 0; dt < kHeadDim / 8; ++dt)
+          *reinterpret_cast<float2*>(L.part_o + idx * kHeadDim + dt * 8 + tq * 2) =
+              make_float2(o[mi][dt][2 * i], o[mi][dt][2 * i + 1]);
+        if (tq == 0) L.part_ml[idx] = make_float2(m[mi][i], l[mi][i]);
+      }
+    }
+}
+
 // Sequence of a step token: the last s with q_start[s] <= token (binary search).
 __device__ __forceinline__ int seq_of_token(const int32_t* q_start, int num_seqs, int token) {
   int lo = 0, hi = num_seqs - 1;
@@ -453,12 +775,28 @@ void dispatch_head_dim(int head_dim, Args&&... args) {
   }
 }
 
+// The pipelined prefill kernel with kW warps of kM 16-row m-tiles.
+template <int D, int kW, int kM>
+void launch_prefill(const AttentionParams& p, const Launch& L, int64_t rows, cudaStream_t stream) {
+  static_assert(kW * kM * 16 == kRowsPerCtaWide, "choose_splits sizes the grid with kRowsPerCtaWide rows per CTA");
+  const int q_tiles = ceil_div(rows, kRowsPerCtaWide);
+  const dim3 grid(unsigned(q_tiles * L.num_splits), unsigned(p.num_seqs), unsigned(p.cache.kv_heads));
+  constexpr std::size_t smem = prefill_smem_bytes<D, kW, kM>();
+  MIXSERVE_CUDA_CHECK(cudaFuncSetAttribute(tc_prefill_attention_kernel<D, kW, kM>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  tc_prefill_attention_kernel<D, kW, kM><<<grid, kW * 32, smem, stream>>>(p, L);
+}
+
 template <int D>
 struct RunTensorCore {
   static void run(const AttentionParams& p, const Launch& L, cudaStream_t stream) {
     // 8 warps (128 query rows per CTA) once a sequence has more than 4 warps' worth of rows.
     const int64_t rows = int64_t(p.max_q_len) * L.group;
-    if (rows > kRowsPerCta) {
+    if (rows > kRowsPerCta && p.prefill_kernel == AttentionPrefillKernel::pipelined) {
+      launch_prefill<D, kWarpsWide, 1>(p, L, rows, stream);
+    } else if (rows > kRowsPerCta && p.prefill_kernel == AttentionPrefillKernel::pipelined_m32) {
+      launch_prefill<D, kWarpsWide / 2, 2>(p, L, rows, stream);
+    } else if (rows > kRowsPerCta) {
       constexpr int kW = kWarpsWide;
       const int q_tiles = ceil_div(rows, kRowsPerCtaWide);
       const dim3 grid(unsigned(q_tiles * L.num_splits), unsigned(p.num_seqs), unsigned(p.cache.kv_heads));

@@ -4,13 +4,17 @@
 //     spread over the local experts as a router spreads them ("routed:K", profiler/shapes.hpp),
 //     inside a CUDA graph (decode steps are graphs); points tagged "gemv:routed:K", for every expert family at MoE TP 1 and EP 1 plus --ep;
 //   - the cuBLASLt path above kDeviceGemvMaxRows rows, eagerly: device->host copy of the expert
-//     counts, stream sync, set_counts, one GEMM per non-empty expert (no graph, host launches in
-//     the timed interval); rows 1024 .. 16384, EP 1 families; points tagged "eager:routed:K";
-//   - the tensor-core grouped GEMM (kernels/grouped_gemm.cuh), the executor's automatic path
-//     above kDeviceGemvMaxRows: one launch per projection, rows from device offsets, no graph (as
-//     a prefill step runs it); rows 1024 .. 131072 (an 8 x 2048-token step of top-8), EP 1
-//     families; points tagged "grouped:routed:K".
+//     counts, stream sync, set_counts, one GEMM per non-empty expert spread over
+//     kExpertGemmStreams streams as the executor's default (no graph, host launches in the timed
+//     interval); rows 1024 .. 16384, EP 1 families; points tagged "eager:routed:K";
+//   - the executor's automatic path above kDeviceGemvMaxRows, no graph (as a prefill step runs
+//     it): the tensor-core grouped GEMM (kernels/grouped_gemm.cuh, one launch per projection,
+//     rows from device offsets), or, at the rows where core/expert_path.hpp uses_expert_streams,
+//     the cuBLASLt path on streams as above; rows 1024 .. 131072 (an 8 x 2048-token step of
+//     top-8), EP 1 families; points tagged "grouped:routed:K".
 #include <algorithm>
+#include <memory>
+#include <optional>
 #include <ostream>
 
 #include <fmt/format.h>
@@ -183,6 +187,7 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
                         {"active_experts", active}, {"time_us", res.time_us.median}, {"noise", res.time_us.noise()},
                         {"iters", res.time_us.count}, {"family", f.label}});
   };
+  std::unique_ptr<gpu::StreamFanout> fanout;  // made on the first per-expert cuBLASLt point
   std::size_t i = 0;
   for (const auto& fam : fams) {
     const ExpertFamily& f = fam.f;
@@ -209,6 +214,33 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
       record(f, "gemv", std::string(kExpertGemvTag) + fam.distribution, r, *std::max_element(counts.begin(), counts.end()),
              active, res);
     }
+    // The executor's cuBLASLt branch (model_forward.cpp): counts to the host, sync, plan, run the
+    // per-expert GEMMs on the streams. Empty result when cuBLASLt has no algorithm.
+    std::optional<gpu::ExpertGemm> eg;
+    auto time_per_expert = [&](int64_t r, const std::vector<int64_t>& counts, int active) -> std::optional<gpu::TimingResult> {
+      if (!eg) eg.emplace(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
+      if (!fanout) fanout = std::make_unique<gpu::StreamFanout>(kExpertGemmStreams, ctx.workspace.bytes());
+      std::vector<int32_t> c32(counts.begin(), counts.end());
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(counts_dev.get(), c32.data(), c32.size() * 4, cudaMemcpyHostToDevice, s));
+      const int E = f.num_experts;
+      auto op = [&](cudaStream_t st) {
+        MIXSERVE_CUDA_CHECK(
+            cudaMemcpyAsync(counts_host, counts_dev.get(), std::size_t(E) * 4, cudaMemcpyDeviceToHost, st));
+        MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st));
+        std::vector<int64_t> h(static_cast<std::size_t>(E));
+        for (int e = 0; e < E; ++e) h[std::size_t(e)] = counts_host[e];
+        eg->set_counts(h);
+        eg->run(act.get(), w.get(), o.get(), nullptr, nullptr, st, *fanout);
+      };
+      const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16) + 6.0 * active;
+      try {
+        return gpu::time_op(op, s, timing_for(cfg, est, false), &ctx.flusher);
+      } catch (const RuntimeError& e) {
+        fmt::print(out.table, "# skipped per-expert cuBLASLt E={} n={} k={} rows={}: {}\n", f.num_experts, f.n, f.k,
+                   r, e.what());
+        return std::nullopt;
+      }
+    };
     std::vector<int64_t> grouped_rows;
     if (fam.grouped_small) grouped_rows = rows;
     if (fam.eager) grouped_rows.insert(grouped_rows.end(), kGroupedRows.begin(), kGroupedRows.end());
@@ -230,41 +262,24 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
         break;
       }
       const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
+      const int64_t max_rows = *std::max_element(counts.begin(), counts.end());
+      if (uses_expert_streams(r, f.num_experts)) {  // what the executor runs at these rows
+        if (const auto res = time_per_expert(r, counts, active))
+          record(f, "grouped", std::string(kExpertGroupedTag) + fam.distribution, r, max_rows, active, *res);
+        continue;
+      }
       const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16);
       const auto res = gpu::time_op([&](cudaStream_t st) { kernels::launch_grouped_gemm(g, st); }, s,
                                     timing_for(cfg, est, false), &ctx.flusher);
-      record(f, "grouped", std::string(kExpertGroupedTag) + fam.distribution, r,
-             *std::max_element(counts.begin(), counts.end()), active, res);
+      record(f, "grouped", std::string(kExpertGroupedTag) + fam.distribution, r, max_rows, active, res);
     }
     if (!fam.eager) continue;
-    gpu::ExpertGemm eg(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
     for (int64_t r : kEagerRows) {
       const auto counts = tokens_per_expert(fam.distribution, f.num_experts, r);
-      std::vector<int32_t> c32(counts.begin(), counts.end());
-      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(counts_dev.get(), c32.data(), c32.size() * 4, cudaMemcpyHostToDevice, s));
-      const int E = f.num_experts;
-      // As model_forward.cpp's cuBLASLt branch: counts to the host, sync, plan, run.
-      auto op = [&](cudaStream_t st) {
-        MIXSERVE_CUDA_CHECK(
-            cudaMemcpyAsync(counts_host, counts_dev.get(), std::size_t(E) * 4, cudaMemcpyDeviceToHost, st));
-        MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st));
-        std::vector<int64_t> h(static_cast<std::size_t>(E));
-        for (int e = 0; e < E; ++e) h[std::size_t(e)] = counts_host[e];
-        eg.set_counts(h);
-        eg.run(act.get(), w.get(), o.get(), nullptr, nullptr, st);
-      };
       const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
-      const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16) + 6.0 * active;
-      gpu::TimingResult res;
-      try {
-        res = gpu::time_op(op, s, timing_for(cfg, est, false), &ctx.flusher);
-      } catch (const RuntimeError& e) {
-        fmt::print(out.table, "# skipped eager experts E={} n={} k={} rows={}: {}\n", f.num_experts, f.n, f.k, r,
-                   e.what());
-        continue;
-      }
-      record(f, "eager", std::string(kExpertEagerTag) + fam.distribution, r, *std::max_element(counts.begin(), counts.end()),
-             active, res);
+      if (const auto res = time_per_expert(r, counts, active))
+        record(f, "eager", std::string(kExpertEagerTag) + fam.distribution, r,
+               *std::max_element(counts.begin(), counts.end()), active, *res);
     }
   }
 }

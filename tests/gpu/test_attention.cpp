@@ -2,7 +2,8 @@
 // (kernels/attention.cuh) against the float64 CPU reference of ref_attention.hpp: decode, chunked
 // prefill with and without prior context, mixed batches, shuffled block tables, GQA ratios 1-16,
 // head_dim 64/128, block_tokens 8/16/32, forced and automatic context splits, both
-// implementations, the split merge fused into the attention launch (every split case, bit-identical
+// implementations and the three prefill kernels of the tensor-core one (sequences of more than 64
+// query rows), the split merge fused into the attention launch (every split case, bit-identical
 // to the merge kernel, eager and two CUDA-graph replays), 0 sequences, bad parameters.
 // The benchmark is a test case skipped by default; run it with
 //   test_gpu_attention --test-case='bench*' --no-skip      (env MIXSERVE_BENCH_JSON: JSON path)
@@ -32,6 +33,7 @@
 using namespace mixserve;
 using namespace mixserve::test;
 using kernels::AttentionImpl;
+using kernels::AttentionPrefillKernel;
 
 namespace {
 
@@ -61,15 +63,29 @@ struct AttnCase {
   int q_heads = 32, kv_heads = 4, head_dim = 128, block_tokens = 16;
   std::vector<SeqSpec> seqs;
   AttentionImpl impl = AttentionImpl::tensor_core;
+  AttentionPrefillKernel prefill = AttentionPrefillKernel::pipelined;  // sequences of > 64 rows
   int num_splits = 0;
   float scale = 0.0f;  // 0: 1/sqrt(head_dim)
   uint64_t seed = 1;
 };
 
+const char* prefill_name(AttentionPrefillKernel k) {
+  switch (k) {
+    case AttentionPrefillKernel::pipelined: return "pipelined";
+    case AttentionPrefillKernel::pipelined_m32: return "pipelined_m32";
+    case AttentionPrefillKernel::registers: return "registers";
+  }
+  return "?";
+}
+constexpr AttentionPrefillKernel kPrefillKernels[] = {AttentionPrefillKernel::pipelined,
+                                                      AttentionPrefillKernel::pipelined_m32,
+                                                      AttentionPrefillKernel::registers};
+
 std::string describe(const AttnCase& c) {
   std::ostringstream o;
   o << c.name << ": q_heads=" << c.q_heads << " kv_heads=" << c.kv_heads << " head_dim=" << c.head_dim
     << " block_tokens=" << c.block_tokens << " impl=" << (c.impl == AttentionImpl::simple ? "simple" : "tensor_core")
+    << " prefill_kernel=" << prefill_name(c.prefill)
     << " num_splits=" << c.num_splits << " scale=" << c.scale << " seed=" << c.seed << " seqs(ctx_before+q_len)=";
   for (const auto& s : c.seqs) o << " " << s.ctx_before << "+" << s.q_len;
   return o.str();
@@ -204,6 +220,7 @@ AttnResult run_attention_case(const AttnCase& c) {
   p.max_seq_len = s.max_seq_len;
   p.softmax_scale = c.scale;
   p.impl = c.impl;
+  p.prefill_kernel = c.prefill;
   p.num_splits = c.num_splits;
   REQUIRE(kernels::is_supported(p, 0));
   const std::size_t ws_bytes = kernels::attention_workspace_bytes(p, 0);
@@ -235,17 +252,22 @@ AttnResult run_attention_case(const AttnCase& c) {
   }
   CHECK_MESSAGE(r.rel < kTolAttnRel, "relative error " << r.rel);
   CHECK_MESSAGE(r.worst_row < kTolAttnRow, "worst row max-abs/row-norm " << r.worst_row);
-  std::printf("  %-44s splits=%-3d rel=%.2e worst_row=%.2e\n", c.name.c_str(), r.splits_used, r.rel, r.worst_row);
+  std::printf("  %-44s %-13s splits=%-3d rel=%.2e worst_row=%.2e\n", c.name.c_str(),
+              c.impl == AttentionImpl::simple ? "simple" : prefill_name(c.prefill), r.splits_used, r.rel,
+              r.worst_row);
   return r;
 }
 
-// Every case for both implementations (and the tensor-core one with automatic and forced splits).
+// Every case for both implementations (and the tensor-core one with automatic and forced splits,
+// with every prefill kernel: they differ only where a sequence has more than 64 query rows).
 void run_all(AttnCase c, std::initializer_list<int> splits = {0, 1, 3}) {
-  for (int n : splits) {
-    c.impl = AttentionImpl::tensor_core;
-    c.num_splits = n;
-    run_attention_case(c);
-  }
+  for (int n : splits)
+    for (AttentionPrefillKernel k : kPrefillKernels) {
+      c.impl = AttentionImpl::tensor_core;
+      c.prefill = k;
+      c.num_splits = n;
+      run_attention_case(c);
+    }
   c.impl = AttentionImpl::simple;
   c.num_splits = 0;
   run_attention_case(c);
@@ -312,6 +334,37 @@ TEST_CASE("attention: GQA ratios 1, 4, 8, 16, head_dim 64/128, block_tokens 8/16
       c.scale = bt == 8 ? 0.0f : bt == 16 ? 1.0f : 0.3f;
       run_all(c, {0, 2});
     }
+}
+
+// The pipelined prefill kernel's own paths: the tiles it skips (wholly after a warp's rows), the
+// tiles it leaves unmasked (wholly before the warp's first row and inside the range), the
+// diagonal and range-end tiles, partly filled CTAs and warps (just over the 4-warp kernel's 64
+// rows), contexts that are not multiples of the 64-position tile, a two-stage ring that
+// wraps many times, head_dim 64 and 128, GQA 1, 4, 8 and 16, forced splits whose ranges end
+// mid-tile.
+TEST_CASE("attention: prefill kernels, long chunks with context, partial tiles, GQA, head_dim 64/128") {
+  struct Shape {
+    const char* model;
+    int qh, kvh, d;
+  };
+  const Shape shapes[] = {{"Qwen3-30B 32/4x128", 32, 4, 128}, {"MHA 4/4x64", 4, 4, 64},
+                          {"GQA 16/1x64", 16, 1, 64}, {"GQA 8/2x128", 8, 2, 128}};
+  uint64_t seed = 500;
+  for (const auto& sh : shapes) {
+    const int group = sh.qh / sh.kvh;
+    AttnCase c;
+    c.name = std::string(sh.model) + " long prefill + rows 65";
+    c.q_heads = sh.qh;
+    c.kv_heads = sh.kvh;
+    c.head_dim = sh.d;
+    c.block_tokens = 16;
+    // (65 + group - 1) / group tokens: the fewest rows past 64 (65 .. 80 here), the smallest
+    // sequence the prefill kernel takes; its CTA has one partly filled warp.
+    c.seqs = {{0, 600 / group + 1}, {1000, 333 / group + 2}, {0, (65 + group - 1) / group}, {77, 1}, {129, 250 / group}};
+    c.seed = seed++;
+    c.scale = sh.d == 64 ? 1.0f : 0.0f;  // peaked softmax on one head size, flat on the other
+    run_all(c, {0, 1, 3});
+  }
 }
 
 TEST_CASE("attention: 0 sequences and 0 tokens launch nothing; bad parameters throw") {
@@ -430,7 +483,8 @@ struct BenchRow {
 };
 
 BenchRow bench_attention(const BenchStep& b, AttentionImpl impl, int num_splits, gpu::Stream& st,
-                         const gpu::L2Flusher& fl) {
+                         const gpu::L2Flusher& fl,
+                         AttentionPrefillKernel prefill = AttentionPrefillKernel::pipelined) {
   const int qh = 32, kvh = 4, D = 128, bt = 16;
   const int seq_len = b.ctx_before + b.q_len;
   const int blocks_per_seq = (seq_len + bt - 1) / bt;
@@ -478,6 +532,7 @@ BenchRow bench_attention(const BenchStep& b, AttentionImpl impl, int num_splits,
   p.max_q_len = b.q_len;
   p.max_seq_len = seq_len;
   p.impl = impl;
+  p.prefill_kernel = prefill;
   p.num_splits = num_splits;
   const std::size_t wsb = kernels::attention_workspace_bytes(p, st.device());
   gpu::DeviceBuffer ws(std::max<std::size_t>(wsb, 16));
@@ -491,7 +546,9 @@ BenchRow bench_attention(const BenchStep& b, AttentionImpl impl, int num_splits,
   std::ostringstream name;
   name << (b.q_len == 1 ? "decode" : "prefill") << " b=" << b.batch << " q=" << b.q_len << " ctx=" << seq_len;
   row.name = name.str();
-  row.impl = impl == AttentionImpl::simple ? "simple" : "tensor_core";
+  row.impl = impl == AttentionImpl::simple ? "simple"
+             : b.q_len * qh / kvh <= 64           ? "tensor_core"  // the 4-warp kernel
+                                                  : std::string("tc-") + prefill_name(prefill);
   row.splits = kernels::attention_num_splits(p, st.device());
   row.time_us = r.time_us.median;
   row.noise = r.time_us.noise();
@@ -546,7 +603,15 @@ TEST_CASE("bench: attention decode and prefill (Qwen3-30B-A3B shapes)" * doctest
       if (batch == 1) rows.push_back(bench_attention({batch, 1, ctx - 1}, AttentionImpl::tensor_core, 1, st, fl));
     }
   rows.push_back(bench_attention({1, 1, 8191}, AttentionImpl::simple, 0, st, fl));
-  rows.push_back(bench_attention({8, 2048, 0}, AttentionImpl::tensor_core, 0, st, fl));
+  // Prefill: the previous kernel (registers) and the two pipelined ones, same shapes, this run. The
+  // 8 x 2048 step is the prefill benchmark's attention (docs/prefill.md); the chunk with context
+  // is a chunked prefill's second chunk.
+  const std::size_t first_prefill = rows.size();
+  for (const BenchStep& b : {BenchStep{8, 2048, 0}, BenchStep{1, 2048, 6144}}) {
+    rows.push_back(bench_attention(b, AttentionImpl::tensor_core, 0, st, fl, AttentionPrefillKernel::registers));
+    rows.push_back(bench_attention(b, AttentionImpl::tensor_core, 0, st, fl, AttentionPrefillKernel::pipelined));
+    rows.push_back(bench_attention(b, AttentionImpl::tensor_core, 0, st, fl, AttentionPrefillKernel::pipelined_m32));
+  }
 
   std::printf("# attention benchmark: %s, %d SMs, CUDA runtime %s\n", info.name.c_str(), info.sm_count,
               info.versions.count("cuda_runtime") ? info.versions.at("cuda_runtime").c_str() : "?");
@@ -570,9 +635,12 @@ TEST_CASE("bench: attention decode and prefill (Qwen3-30B-A3B shapes)" * doctest
     j["rows"].push_back({{"case", r.name}, {"impl", r.impl}, {"splits", r.splits}, {"time_us", r.time_us},
                          {"noise", r.noise}, {"kv_GB", r.kv_GB}, {"GBps", r.GBps}, {"TFLOPs", r.tflops}});
   }
+  for (std::size_t i = first_prefill; i + 2 < rows.size(); i += 3)
+    std::printf("# %s: vs the registers kernel (time ratio): pipelined %.3fx, pipelined_m32 %.3fx\n",
+                rows[i].name.c_str(), rows[i].time_us / rows[i + 1].time_us, rows[i].time_us / rows[i + 2].time_us);
   std::printf("# verdict: measured, no thresholds (see docs/attention.md)\n");
   const char* path = std::getenv("MIXSERVE_BENCH_JSON");
   std::ofstream f(path ? path : "bench_attention.json");
   f << j.dump(2) << "\n";
-  CHECK(rows.size() == 8u);
+  CHECK(rows.size() == 13u);
 }

@@ -170,7 +170,7 @@ struct Pair {
   model::ReferenceModel ref;
   GpuModel gpu;
   Pair(const ModelSpec& m, uint64_t seed, int block_size, int num_blocks, int max_tokens,
-       gpu::ExpertPath path = gpu::ExpertPath::automatic)
+       gpu::ExpertPath path = gpu::ExpertPath::automatic, int expert_streams = kExpertGemmStreams)
       : w(model::synthetic_weights(m, seed)),
         ref(w, model::KVCacheConfig{block_size, num_blocks}),
         gpu(w, [&] {
@@ -181,6 +181,7 @@ struct Pair {
           c.max_seqs_per_step = 8;
           c.max_blocks_per_seq = 64;
           c.expert_path = path;
+          c.expert_gemm_streams = expert_streams;
           return c;
         }()) {}
   void run(const std::string& what, const std::vector<SequenceStep>& batch, CompareStats& st) {
@@ -212,9 +213,11 @@ std::vector<int32_t> random_tokens(std::mt19937_64& rng, int n, int vocab) {
 // The scenario: sequences A (prefill in two chunks), C (one-shot prefill), then decodes, then
 // B joins (prefill while A and C decode), then everyone decodes. Blocks are a shuffled pool
 // handed out per sequence, so every block table is non-contiguous.
-void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path) {
+// expert_streams: the per-expert cuBLASLt path's streams (1: serial on the step's stream; more:
+// forked over streams, each expert on the least-loaded one).
+void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int expert_streams = kExpertGemmStreams) {
   const int block = 8, num_blocks = 40;
-  Pair p(m, seed, block, num_blocks, 64, path);
+  Pair p(m, seed, block, num_blocks, 64, path, expert_streams);
   std::mt19937_64 rng(seed * 7919 + 1);
   std::vector<int32_t> pool(num_blocks);
   std::iota(pool.begin(), pool.end(), 0);
@@ -231,7 +234,9 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path) {
   CompareStats st;
   const std::string name =
       m.name +
-      (path == gpu::ExpertPath::cublaslt ? " cublaslt" : path == gpu::ExpertPath::grouped_gemm ? " grouped" : " gemv") +
+      (path == gpu::ExpertPath::cublaslt ? " cublaslt x" + std::to_string(expert_streams) + " streams"
+       : path == gpu::ExpertPath::grouped_gemm ? std::string(" grouped")
+                                               : std::string(" gemv")) +
       " seed " + std::to_string(seed);
   auto seq = [](std::vector<int32_t> tok, int64_t pos, std::vector<int32_t> bt) {
     SequenceStep s;
@@ -272,22 +277,26 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path) {
 
 TEST_CASE("forward: Qwen3-MoE (GQA, per-head QK-norm, dense first layer) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::device_gemv); }
-  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, 1); }
+  SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, 3); }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::device_gemv); }
-  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, 1); }
+  SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, 3); }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Mixtral (GQA 2/1, renormalised top-2) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::device_gemv); }
-  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, 1); }
+  SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, 3); }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::device_gemv); }
-  SUBCASE("experts: cuBLASLt per expert") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt); }
+  SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, 1); }
+  SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, 3); }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::grouped_gemm); }
 }
 

@@ -3,6 +3,7 @@
 // awkward sizes (empty experts, one expert holding every row, row counts that are not multiples
 // of the 128-row tile, n and k that are not multiples of the 128 x 64 tile, k = 8, one expert,
 // 128 experts) and Qwen3-30B-A3B's expert shapes. Rows at and past offsets[E] must stay poisoned.
+// The per-expert cuBLASLt path (gpu::ExpertGemm) serially and forked over streams likewise.
 // The prefill-step benchmark (8 x 2048 tokens of Qwen3-30B-A3B in one step) is here too.
 // The benchmark (TFLOP/s against one cuBLASLt GEMM of the same FLOPs and against the per-expert
 // cuBLASLt path, measured in the same run) is skipped by default; run it with:
@@ -154,6 +155,99 @@ TEST_CASE("grouped_gemm: awkward sizes vs the float64 reference") {
   }
 }
 
+namespace {
+
+// The per-expert cuBLASLt path (gpu::ExpertGemm, the executor's ExpertPath::cublaslt and the
+// automatic path of large steps) on `streams` streams (1: the step's stream only, no fan-out)
+// against the same float64 reference; rows past the last expert must stay poisoned. The
+// fan-out is forked from a non-default stream whose earlier work (the poison memset) the side
+// streams must wait for, and the result is read after synchronising that stream only, so a
+// missing fork or join shows as poison or a race.
+void check_expert_gemm(const std::vector<int>& counts, int64_t n, int64_t k, int spare, uint64_t seed, int streams) {
+  const int E = static_cast<int>(counts.size());
+  std::vector<int64_t> c64(counts.begin(), counts.end());
+  int64_t rows = 0;
+  for (int c : counts) rows += c;
+  const int64_t cap = rows + spare;
+  INFO("per-expert cuBLASLt E=" << E << " rows=" << rows << " n=" << n << " k=" << k << " streams=" << streams);
+  const auto act = rand_bf16(std::size_t(std::max<int64_t>(cap, 1) * k), seed);
+  const auto w = rand_bf16(std::size_t(E) * n * k, seed + 1);
+  gpu::DeviceBuffer d_act(act.size() * 2), d_w(w.size() * 2), d_out(std::size_t(std::max<int64_t>(cap, 1) * n) * 2),
+      ws(gpu::LtGemm::kWorkspaceBytes);
+  upload(d_act.get(), act);
+  upload(d_w.get(), w);
+  gpu::Stream st;
+  gpu::LtHandle lt;
+  gpu::ExpertGemm eg(lt, E, n, k, DType::bf16, ws.get(), ws.bytes());
+  eg.set_counts(c64);
+  REQUIRE(eg.total_rows() == rows);
+  gpu::StreamFanout fan(streams, ws.bytes());
+  for (int rep = 0; rep < 2; ++rep) {  // twice: the second fork follows a join on the same events
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xff, d_out.bytes(), st.get()));
+    if (streams == 1)
+      eg.run(d_act.get(), d_w.get(), d_out.get(), nullptr, nullptr, st.get());
+    else
+      eg.run(d_act.get(), d_w.get(), d_out.get(), nullptr, nullptr, st.get(), fan);
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+    const auto got = download<bf16>(d_out.get(), std::size_t(cap) * n);
+    std::vector<double> ref(std::size_t(rows) * n), gd(std::size_t(rows) * n);
+    int64_t r = 0;
+    for (int e = 0; e < E; ++e)
+      for (int i = 0; i < counts[e]; ++i, ++r)
+        for (int64_t j = 0; j < n; ++j) {
+          double sum = 0;
+          const bf16* a = &act[r * k];
+          const bf16* b = &w[(int64_t(e) * n + j) * k];
+          for (int64_t c = 0; c < k; ++c) sum += double(__bfloat162float(a[c])) * double(__bfloat162float(b[c]));
+          ref[r * n + j] = sum;
+          gd[r * n + j] = __bfloat162float(got[r * n + j]);
+        }
+    CHECK(all_finite(gd));
+    if (rows > 0) CHECK(rel_error(gd, ref) < kTol);
+    int64_t touched = 0;
+    for (int64_t i = rows * n; i < cap * n; ++i) touched += bits(got[i]) != 0xffff;
+    CHECK_MESSAGE(touched == 0, touched << " elements past the last expert's rows were written");
+  }
+}
+
+void check_expert_gemm_all(const std::vector<int>& counts, int64_t n, int64_t k, int spare, uint64_t seed) {
+  for (int streams : {1, 2, 4, 7}) check_expert_gemm(counts, n, k, spare, seed, streams);
+}
+
+}  // namespace
+
+TEST_CASE("expert GEMM: per-expert cuBLASLt on 1, 2, 4, 7 streams vs the float64 reference") {
+  SUBCASE("empty experts, ragged rows, n and k off the tile") { check_expert_gemm_all({0, 1, 130, 0, 257, 0}, 136, 72, 5, 21); }
+  SUBCASE("one hot expert holds every row") { check_expert_gemm_all({0, 0, 0, 300, 0, 0, 0, 0}, 264, 200, 3, 22); }
+  SUBCASE("every expert empty") { check_expert_gemm_all({0, 0, 0, 0}, 64, 64, 40, 23); }
+  SUBCASE("one expert, one row, k = 8") { check_expert_gemm_all({1}, 8, 8, 2, 24); }
+  SUBCASE("fewer experts with rows than streams") { check_expert_gemm_all({0, 37, 0, 0, 0, 0, 0, 0, 0, 5}, 40, 48, 1, 25); }
+  SUBCASE("128 experts, random routing, skewed") {
+    std::mt19937_64 rng(26);
+    std::vector<int> counts(128, 0);
+    std::uniform_int_distribution<int> d(0, 127);
+    for (int i = 0; i < 3000; ++i) ++counts[d(rng)];
+    counts[17] = 0;
+    counts[90] = 1031;
+    check_expert_gemm_all(counts, 200, 520, 7, 26);
+  }
+  SUBCASE("Qwen3-30B-A3B gate|up (n 1536, k 2048) and down (n 2048, k 768)") {
+    check_expert_gemm_all({40, 0, 129, 3, 1024, 977}, 1536, 2048, 4, 27);
+    check_expert_gemm_all({40, 0, 129, 3, 1024, 977}, 2048, 768, 4, 28);
+  }
+}
+
+TEST_CASE("expert GEMM: stream fan-out rejects bad parameters") {
+  CHECK_THROWS_AS(gpu::StreamFanout(0, 1 << 20), InputError);
+  gpu::LtHandle lt;
+  gpu::DeviceBuffer ws(gpu::LtGemm::kWorkspaceBytes);
+  gpu::ExpertGemm eg(lt, 2, 16, 16, DType::bf16, ws.get(), ws.bytes());
+  eg.set_counts({1, 2});
+  gpu::StreamFanout small(2, ws.bytes() / 2);  // smaller per-stream workspace than the plans
+  gpu::Stream st;
+  CHECK_THROWS_AS(eg.run(ws.get(), ws.get(), ws.get(), nullptr, nullptr, st.get(), small), InputError);
+}
+
 TEST_CASE("grouped_gemm: rejects unsupported parameters") {
   gpu::DeviceBuffer buf(1 << 12);
   kernels::GroupedGemmParams p;
@@ -208,7 +302,8 @@ std::vector<int64_t> routed_counts(int64_t tokens, int top_k, int E, uint64_t se
 
 // Qwen3-30B-A3B expert GEMMs (E 128, top-8, H 2048, I 768) at a 2048-token chunk and at an
 // 8 x 2048-token prefill step: the grouped kernel, the executor's per-expert cuBLASLt path (its
-// GEMMs only: the host count copy and sync are not timed) and one cuBLASLt GEMM of the same
+// GEMMs only: the host count copy and sync are not timed) on 1 stream (the "vs per-exp"
+// baseline) and forked over 2, 4 and 8 streams, and one cuBLASLt GEMM of the same
 // total rows (the dense bound), all in this run. Not a test: prints only.
 TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)" * doctest::skip()) {
   const int E = 128, K = 8;
@@ -262,6 +357,15 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       eg.set_counts(counts);
       const auto te = gpu::time_op([&](cudaStream_t s) { eg.run(act.get(), w.get(), out.get(), nullptr, nullptr, s); },
                                    st.get(), topt, &flusher);
+      // The same GEMMs forked over several streams (core/expert_path.hpp kExpertGemmStreams is the
+      // executor's default).
+      std::vector<std::pair<int, gpu::TimingResult>> t_streams;
+      for (int ns : {2, 4, 8}) {
+        gpu::StreamFanout fan(ns, ws.bytes());
+        t_streams.emplace_back(ns, gpu::time_op([&](cudaStream_t s) {
+                                 eg.run(act.get(), w.get(), out.get(), nullptr, nullptr, s, fan);
+                               }, st.get(), topt, &flusher));
+      }
       gpu::LtGemm dense(lt, {rows, n, k, DType::bf16}, ws.get(), ws.bytes());
       gpu::GemmOperands ops;
       ops.act = act.get();
@@ -279,17 +383,19 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       if (tw.time_us.median > 0) row(tag + " grouped wgmma 128x128", tw);
       if (tww.time_us.median > 0) row(tag + " grouped wgmma 128x256", tww);
       row(tag + " per-expert cuBLASLt", te);
+      for (const auto& [ns, t] : t_streams) row(tag + " per-expert cuBLASLt " + std::to_string(ns) + " streams", t);
       row(tag + " dense cuBLASLt", td);
     }
   }
 }
 
 // One prefill step of 8 sequences x 2048 tokens (16384 tokens, 131072 routed rows) of
-// Qwen3-30B-A3B at full width (device-drawn weights), with the grouped-GEMM and the per-expert
-// cuBLASLt expert paths in the same run: step time and TFLOP/s over the step's matrix FLOPs (q/k/v/o,
+// Qwen3-30B-A3B at full width (device-drawn weights), with the grouped-GEMM, the per-expert
+// cuBLASLt expert paths on 1, 2, 4 and 8 streams, the automatic path, and the previous and the
+// pipelined prefill attention kernels in the same run: step time and TFLOP/s over the step's matrix FLOPs (q/k/v/o,
 // router, top-8 experts, causal attention QK^T and PV, LM head per sequence) against the measured
 // cuBLAS bf16 peak (797.6 TFLOP/s, profiles/h200.yaml). Layers: MIXSERVE_BENCH_LAYERS (default
-// 4). With MIXSERVE_BENCH_PROFILE=1 one more grouped-path step runs between cudaProfilerStart and
+// 4). With MIXSERVE_BENCH_PROFILE=1 one more step of the automatic path runs between cudaProfilerStart and
 // Stop, for a per-kernel breakdown under
 //   ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv ...
 // Not a test: prints only.
@@ -335,23 +441,50 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
               "q/k/v/o + router %.1f%%)\n",
               m.name.c_str(), m.num_layers, flops / 1e12, 100 * experts / flops, 100 * attn / flops,
               100 * proj / flops);
-  std::printf("%-28s %12s %8s %10s %12s\n", "expert path", "step (ms)", "noise", "TFLOP/s", "% of 797.6");
-  for (const auto& [name, path] :
-       {std::pair<const char*, gpu::ExpertPath>{"grouped GEMM", gpu::ExpertPath::grouped_gemm},
-        std::pair<const char*, gpu::ExpertPath>{"cuBLASLt per expert", gpu::ExpertPath::cublaslt}}) {
+  std::printf("%-40s %12s %8s %10s %12s %10s\n", "expert path", "step (ms)", "noise", "TFLOP/s", "% of 797.6",
+              "vs first");
+  struct Variant {
+    const char* name;
+    gpu::ExpertPath path;
+    int streams;
+    kernels::AttentionPrefillKernel attention;
+  };
+  // The first row is the baseline of the "vs first" column: the step as it ran before the
+  // streams and the pipelined attention (grouped GEMM, the previous attention kernel).
+  constexpr auto kOldAttn = kernels::AttentionPrefillKernel::registers;
+  constexpr auto kNewAttn = kernels::AttentionPrefillKernel::pipelined;
+  const Variant variants[] = {
+      {"grouped GEMM, old attention", gpu::ExpertPath::grouped_gemm, 1, kOldAttn},
+      {"grouped GEMM", gpu::ExpertPath::grouped_gemm, 1, kNewAttn},
+      {"cuBLASLt per expert, 1 stream", gpu::ExpertPath::cublaslt, 1, kNewAttn},
+      {"cuBLASLt per expert, 2 streams", gpu::ExpertPath::cublaslt, 2, kNewAttn},
+      {"cuBLASLt per expert, 4 streams", gpu::ExpertPath::cublaslt, 4, kNewAttn},
+      {"cuBLASLt per expert, 8 streams", gpu::ExpertPath::cublaslt, 8, kNewAttn},
+      {"automatic, old attention", gpu::ExpertPath::automatic, kExpertGemmStreams, kOldAttn},
+      {"automatic, attention m32", gpu::ExpertPath::automatic, kExpertGemmStreams,
+       kernels::AttentionPrefillKernel::pipelined_m32},
+      {"automatic (executor default)", gpu::ExpertPath::automatic, kExpertGemmStreams, kNewAttn},
+  };
+  double first_us = 0;
+  for (const Variant& v : variants) {
     try {
-      g.set_expert_path(path);
+      g.set_expert_path(v.path);
+      g.set_expert_gemm_streams(v.streams);
+      g.set_attention_prefill_kernel(v.attention);
       g.prepare(batch, gpu::StepOptions{});
       const auto r = gpu::time_op([&](cudaStream_t s) { g.enqueue(s); }, g.stream(), topt, nullptr);
       const double tf = flops / (r.time_us.median * 1e6);
-      std::printf("%-28s %12.2f %8.3f %10.1f %11.1f%%\n", name, r.time_us.median / 1e3, r.time_us.noise(), tf,
-                  100.0 * tf / 797.6);
+      if (first_us == 0) first_us = r.time_us.median;
+      std::printf("%-40s %12.2f %8.3f %10.1f %11.1f%% %9.3fx\n", v.name, r.time_us.median / 1e3, r.time_us.noise(),
+                  tf, 100.0 * tf / 797.6, first_us / r.time_us.median);
     } catch (const std::runtime_error& e) {
-      FAIL_CHECK(name << ": " << e.what());
+      FAIL_CHECK(v.name << ": " << e.what());
     }
   }
+  g.set_expert_gemm_streams(kExpertGemmStreams);
+  g.set_attention_prefill_kernel(kNewAttn);
   if (profile) {
-    g.set_expert_path(gpu::ExpertPath::grouped_gemm);
+    g.set_expert_path(gpu::ExpertPath::automatic);
     g.prepare(batch, gpu::StepOptions{});
     MIXSERVE_CUDA_CHECK(cudaProfilerStart());
     g.enqueue(g.stream());

@@ -138,6 +138,20 @@ TEST_CASE("launch count: dense layers and shared experts") {
 
 // The GEMV kernels take k up to kGemvMaxK (core/expert_path.hpp gemv_k_fits); a wider projection
 // runs on the GEMM, in the executor (GpuModel::linear / ffn_dense / moe_block) and here alike.
+TEST_CASE("expert path: per-expert cuBLASLt on streams for large steps only") {
+  // Qwen3-30B-A3B (128 experts, top-8): the 2048-token chunk (128 rows per expert) stays on the
+  // grouped GEMM, the 8 x 2048 step (1024 rows per expert) takes the streams.
+  CHECK_FALSE(uses_expert_streams(2048 * 8, 128));
+  CHECK(uses_expert_streams(16384 * 8, 128));
+  CHECK(uses_expert_streams(kExpertStreamsMinRowsPerExpert * 128, 128));
+  CHECK_FALSE(uses_expert_streams(kExpertStreamsMinRowsPerExpert * 128 - 1, 128));
+  // Never where the device GEMV runs, whatever the expert count.
+  CHECK_FALSE(uses_expert_streams(kDeviceGemvMaxRows, 1));
+  CHECK(uses_expert_streams(kDeviceGemvMaxRows + 1, 1));
+  CHECK_FALSE(uses_expert_streams(1 << 20, 0));
+  CHECK(kExpertGemmStreams >= 1);
+}
+
 TEST_CASE("GEMV k limit: wide projections fall back to the GEMM") {
   CHECK(gemv_k_fits(8192));
   CHECK_FALSE(gemv_k_fits(8200));

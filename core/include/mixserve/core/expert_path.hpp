@@ -10,13 +10,29 @@ namespace mixserve {
 // Routed rows (tokens * top_k) up to which the executor runs the device-side grouped expert GEMV
 // (executor/expert_gemm.hpp: no host sync, CUDA-graph capturable); above it, the tensor-core
 // grouped GEMM (kernels/grouped_gemm.cuh: one launch per projection for all experts, rows from
-// the device offsets, no host sync). The per-expert cuBLASLt path (one GEMM per expert with a host
-// copy of the counts) is still selectable in the executor (ExpertPath::cublaslt) but never
-// automatic.
+// the device offsets, no host sync), except for the large steps below.
 inline constexpr int64_t kDeviceGemvMaxRows = 512;
 
 inline constexpr bool uses_device_gemv(int64_t routed_rows) { return routed_rows <= kDeviceGemvMaxRows; }
 inline constexpr bool uses_grouped_gemm(int64_t routed_rows) { return !uses_device_gemv(routed_rows); }
+
+// Large steps: when the routed rows per local expert average at least this many, the automatic
+// path runs one cuBLASLt GEMM per non-empty expert (host copy of the counts + stream sync),
+// spread over kExpertGemmStreams CUDA streams (gpu::ExpertGemm with a gpu::StreamFanout). At
+// ~1024 rows an expert's GEMM fills only about a third of an H200's SMs, so on one stream the
+// per-expert path idles the GPU; concurrent GEMMs fill it, and cuBLAS's TMA/warp-specialised
+// kernels beat the grouped GEMM (413 TFLOP/s at 8 x 2048 tokens, docs/prefill.md). Not
+// graph-capturable (host sync): decode-sized steps never reach it. The threshold sits between
+// the 2048-token chunk of Qwen3-30B-A3B (128 rows per expert, where the grouped GEMM is 5.7x
+// the serial per-expert path) and the 8 x 2048 step (1024 rows); see docs/prefill.md for what
+// was measured. ExpertPath::cublaslt runs the same per-expert GEMMs at every row count.
+inline constexpr int64_t kExpertStreamsMinRowsPerExpert = 512;
+inline constexpr int kExpertGemmStreams = 4;
+
+inline constexpr bool uses_expert_streams(int64_t routed_rows, int64_t num_local_experts) {
+  return num_local_experts > 0 && uses_grouped_gemm(routed_rows) &&
+         routed_rows >= kExpertStreamsMinRowsPerExpert * num_local_experts;
+}
 
 // The GEMV kernels (executor/expert_gemm.hpp: launch_gemv, launch_grouped_gemv[_v2]) stage an
 // activation row in shared memory, so their inner size k is a multiple of 8 up to kGemvMaxK
@@ -40,8 +56,10 @@ inline constexpr bool uses_grouped_gemm(int64_t routed_rows, int64_t hidden, int
 //   "gemv:<dist>"  - the device grouped GEMV, inside a CUDA graph (mixserve-profile expert_gemv);
 //   "eager:<dist>" - the executor's cuBLASLt path as it runs: device->host copy of the counts,
 //                    stream sync, per-expert plans, one GEMM per non-empty expert, no graph;
-//   "grouped:<dist>" - the tensor-core grouped GEMM, one launch, no graph (as a prefill step
-//                    runs it; mixserve-profile expert_gemv).
+//   "grouped:<dist>" - the executor's automatic path above the GEMV rows, no graph (as a prefill
+//                    step runs it; mixserve-profile expert_gemv): the tensor-core grouped GEMM,
+//                    one launch, or, where uses_expert_streams, the per-expert cuBLASLt GEMMs on
+//                    kExpertGemmStreams streams with the host copy of the counts.
 inline constexpr std::string_view kExpertGemvTag = "gemv:";
 inline constexpr std::string_view kExpertEagerTag = "eager:";
 inline constexpr std::string_view kExpertGroupedTag = "grouped:";

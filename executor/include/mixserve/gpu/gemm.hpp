@@ -73,6 +73,8 @@ class LtGemm {
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
   void run(const GemmOperands& ops, cudaStream_t stream) const;
+  // The same GEMM with another workspace of the planned size (one per concurrent stream).
+  void run(const GemmOperands& ops, cudaStream_t stream, void* workspace) const;
   const GemmShape& shape() const { return s_; }
   double flops() const { return 2.0 * double(s_.m) * double(s_.n) * double(s_.k); }
 
@@ -84,6 +86,34 @@ class LtGemm {
   cublasLtMatmulDesc_t desc_ = nullptr;
   cublasLtMatrixLayout_t a_ = nullptr, b_ = nullptr, d_ = nullptr;
   cublasLtMatmulAlgo_t algo_{};
+};
+
+// Fork/join of independent work over several streams: fork(s) makes the side streams wait for
+// the work enqueued on s so far, stream(i) is s itself for i == 0 and side stream i otherwise,
+// join(s) makes s wait for everything the side streams got since. Each stream has its own
+// cuBLASLt workspace of workspace_bytes() (concurrent GEMMs must not share one).
+class StreamFanout {
+ public:
+  StreamFanout(int num_streams, std::size_t workspace_bytes);
+  ~StreamFanout();
+  StreamFanout(const StreamFanout&) = delete;
+  StreamFanout& operator=(const StreamFanout&) = delete;
+  int size() const { return num_streams_; }
+  std::size_t workspace_bytes() const { return workspace_bytes_; }
+  void fork(cudaStream_t s);
+  cudaStream_t stream(int i) const { return i == 0 ? origin_ : side_[std::size_t(i - 1)]; }
+  void* workspace(int i) const { return static_cast<char*>(workspace_) + std::size_t(i) * workspace_bytes_; }
+  void join(cudaStream_t s);
+
+ private:
+  int num_streams_;
+  std::size_t workspace_bytes_;
+  void* workspace_ = nullptr;                // [num_streams][workspace_bytes]
+  std::vector<cudaStream_t> side_;           // num_streams - 1 non-blocking streams
+  std::vector<cudaEvent_t> done_;            // per side stream, recorded at join
+  cudaEvent_t forked_ = nullptr;
+  cudaStream_t origin_ = nullptr;            // the stream of the last fork
+  void release();
 };
 
 // Grouped expert GEMM: for every expert e with tokens, out[rows of e] = act[rows of e] · W_e^T.
@@ -104,6 +134,12 @@ class ExpertGemm {
   static constexpr int64_t kScaleStrideFloats = 4;
   void run(const void* act, const void* weights, void* out, const float* act_scale,
            const float* weight_scale, cudaStream_t stream) const;
+  // The same GEMMs spread over fan's streams (forked from `stream` and joined back to it): each
+  // non-empty expert goes to the stream with the fewest rows so far, in expert order. The plans
+  // were made for this ExpertGemm's workspace_bytes, so fan's per-stream workspace must be at
+  // least that big.
+  void run(const void* act, const void* weights, void* out, const float* act_scale,
+           const float* weight_scale, cudaStream_t stream, StreamFanout& fan) const;
   int64_t act_scale_offset(int e) const { return act_scale_offsets_[e]; }
   double flops() const;
 
@@ -117,6 +153,8 @@ class ExpertGemm {
   std::vector<int64_t> counts_, offsets_, act_scale_offsets_;
   int64_t total_rows_ = 0;
   std::map<int64_t, std::unique_ptr<LtGemm>> plans_;
+  GemmOperands operands(int e, const void* act, const void* weights, void* out, const float* act_scale,
+                        const float* weight_scale) const;
 };
 
 }  // namespace mixserve::gpu

@@ -24,7 +24,10 @@
 //   grouped_gemm launch_grouped_gemm (kernels/grouped_gemm.cuh): tensor-core GEMM, one launch per
 //                projection for all experts, tiles scheduled on the device from the offsets; no
 //                host sync (graph-capturable). For prefill-sized steps.
-//   automatic    device_gemv when tokens * top_k <= device_gemv_max_rows, else grouped_gemm.
+//   automatic    device_gemv when tokens * top_k <= device_gemv_max_rows; the cublaslt path on
+//                expert_gemm_streams streams when the routed rows average at least
+//                kExpertStreamsMinRowsPerExpert per local expert (core/expert_path.hpp
+//                uses_expert_streams: large prefill steps); else grouped_gemm.
 // docs/forward.md gives the costs.
 //
 // Weight layouts on the device: q/k/v/o as Hugging Face [out, in]; the experts of a layer as one
@@ -49,6 +52,7 @@
 #include "mixserve/gpu/gemm.hpp"
 #include "mixserve/gpu/runtime.hpp"
 #include "mixserve/gpu/shard.hpp"
+#include "mixserve/kernels/attention.cuh"
 #include "mixserve/model/reference.hpp"
 #include "mixserve/model/weights.hpp"
 
@@ -68,6 +72,14 @@ struct GpuModelConfig {
   int max_blocks_per_seq = 64;   // columns of the device block table
   ExpertPath expert_path = ExpertPath::automatic;
   int64_t device_gemv_max_rows = kDeviceGemvMaxRows;  // automatic: routed rows (tokens * top_k) up to this
+  // Streams the per-expert cuBLASLt GEMMs are spread over (ExpertPath::cublaslt, and automatic
+  // where uses_expert_streams); 1: all on the step's stream, one after another (the path before
+  // the streams, kept to measure the change in the same run). Each extra stream owns a cuBLASLt
+  // workspace (LtGemm::kWorkspaceBytes), allocated on the first step that needs it.
+  int expert_gemm_streams = kExpertGemmStreams;
+  // The attention kernel of prefill-sized sequences (attention.cuh AttentionPrefillKernel):
+  // pipelined (cp.async K/V ring, ldmatrix) or registers (the previous kernel, to time the change).
+  kernels::AttentionPrefillKernel attention_prefill_kernel = kernels::AttentionPrefillKernel::pipelined;
   // The decode kernels (docs/forward.md "Decode step"): steps of <= kGemvMaxRows tokens run the
   // attention projections (one fused q|k|v launch with its bias), the shared/dense FFN and the LM
   // head on the CUDA-core GEMV (expert_gemm.hpp) instead of cuBLASLt; router logits by the same
@@ -139,6 +151,8 @@ class GpuModel {
   double weight_bytes() const { return weight_bytes_; }
   cudaStream_t stream() const { return stream_.get(); }
   void set_expert_path(ExpertPath p) { cfg_.expert_path = p; }
+  void set_expert_gemm_streams(int n);  // InputError unless n >= 1
+  void set_attention_prefill_kernel(kernels::AttentionPrefillKernel k) { cfg_.attention_prefill_kernel = k; }
   void set_decode_kernels(bool on) { cfg_.decode_kernels = on && !cfg_.shard.sharded(); }
   void set_grouped_gemv_v2_max_tokens(int64_t t) { cfg_.grouped_gemv_v2_max_tokens = t; }
   void set_programmatic_launch(bool on) { cfg_.programmatic_launch = on; }
@@ -212,6 +226,7 @@ class GpuModel {
   std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer
   std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::unique_ptr<LtGemm>> gemms_;  // m, n, k, fp32 out
   std::unique_ptr<ExpertGemm> expert_w13_, expert_w2_;
+  std::unique_ptr<StreamFanout> expert_fanout_;  // expert_gemm_streams > 1; made on first use
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
 
   struct Act;

@@ -17,8 +17,21 @@
 // to the workspace and a second kernel merges the splits (one warp per (token, q head)). With one
 // split the CTA writes the output directly. Decode (q_len 1) is the case where splits pay: the
 // launcher picks enough splits to fill the GPU. When a sequence has more than 64 rows (prefill),
-// the CTA has 8 warps and 128 rows (each K/V tile serves twice the rows) and loads the next K/V
-// tile into registers while the current one is computed.
+// the CTA has 8 warps and 128 rows (each K/V tile serves twice the rows), and the prefill kernel
+// is chosen by AttentionParams::prefill_kernel:
+//   pipelined (default): K/V tiles go straight from the paged cache to a two-stage shared-memory
+//     ring by cp.async (zero-filled past the range), the next tile's copy in flight while the
+//     current one is computed, one __syncthreads per tile; K and V fragments by ldmatrix (V by
+//     ldmatrix.trans from its row-major tile, no transpose on the way in); exp2 of scores
+//     pre-scaled by scale * log2(e) in one FMA; the causal and range mask only on the tiles that
+//     cross a warp's diagonal or the range end; a warp skips the tiles wholly after its rows;
+//   pipelined_m32: the same with 4 warps of 32 rows (two 16-row m-tiles each, so every K/V
+//     fragment read from shared memory serves twice the mma work), Q read into shared memory once
+//     and its fragments by ldmatrix each tile (the registers hold the twice larger
+//     accumulators), two CTAs per SM;
+//   registers: the previous kernel (the next tile's K/V staged in registers, V transposed on
+//     the store to shared memory, 32-bit fragment loads, two syncs per tile), kept to time the
+//     change in the same run.
 // AttentionImpl::simple: one warp per (token, q head), scalar fp32, one pass with an online
 // softmax; a slow, independent implementation kept as a cross-check and a fallback.
 //
@@ -46,6 +59,8 @@ namespace mixserve::kernels {
 inline constexpr std::array<int, 2> kAttentionHeadDims = {64, 128};
 
 enum class AttentionImpl { tensor_core, simple };
+// The tensor_core kernel of steps whose sequences have more than 64 query rows (see above).
+enum class AttentionPrefillKernel { pipelined, pipelined_m32, registers };
 
 struct AttentionParams {
   const __nv_bfloat16* q = nullptr;  // [num_tokens, q_heads, head_dim] (after RoPE)
@@ -61,6 +76,7 @@ struct AttentionParams {
   int max_seq_len = 0;               // >= every seq_lens[s]; <= max_blocks_per_seq * block_tokens
   float softmax_scale = 0.0f;        // 0: 1 / sqrt(head_dim)
   AttentionImpl impl = AttentionImpl::tensor_core;
+  AttentionPrefillKernel prefill_kernel = AttentionPrefillKernel::pipelined;
   int num_splits = 0;                // tensor_core: context splits; 0 = chosen by the launcher
   void* workspace = nullptr;         // attention_workspace_bytes(...) bytes, 16-byte aligned
   std::size_t workspace_bytes = 0;
