@@ -609,36 +609,41 @@ static __global__ void __launch_bounds__(kW * 32, 8 / kW) tc_prefill_attention_k
       }
     }
   }
-  if (!warp_active) return;
-
+  if (warp_active) {
 #pragma unroll
-  for (int mi = 0; mi < kM; ++mi)
+    for (int mi = 0; mi < kM; ++mi)
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 1);
-      l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 2);
-    }
-#pragma unroll
-  for (int mi = 0; mi < kM; ++mi)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      if (pos[mi][i] < 0) continue;
-      const int r = row_of(mi, i);
-      if (L.num_splits == 1) {
-        const float inv = 1.0f / l[mi][i];
-        __nv_bfloat16* out = p.out + head_off(r);
-#pragma unroll
-        for (int dt = 0; dt < kHeadDim / 8; ++dt)
-          *reinterpret_cast<uint32_t*>(out + dt * 8 + tq * 2) = pack_bf16(o[mi][dt][2 * i] * inv, o[mi][dt][2 * i + 1] * inv);
-      } else {
-        const int64_t idx = (int64_t(split) * p.num_tokens + q0 + r / L.group) * p.q_heads + kvh * L.group + r % L.group;
-#pragma unroll
-        for (int dt = 0; dt < kHeadDim / 8; ++dt)
-          *reinterpret_cast<float2*>(L.part_o + idx * kHeadDim + dt * 8 + tq * 2) =
-              make_float2(o[mi][dt][2 * i], o[mi][dt][2 * i + 1]);
-        if (tq == 0) L.part_ml[idx] = make_float2(m[mi][i], l[mi][i]);
+      for (int i = 0; i < 2; ++i) {
+        l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 1);
+        l[mi][i] += __shfl_xor_sync(0xffffffffu, l[mi][i], 2);
       }
-    }
+#pragma unroll
+    for (int mi = 0; mi < kM; ++mi)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (pos[mi][i] < 0) continue;
+        const int r = row_of(mi, i);
+        if (L.num_splits == 1) {
+          const float inv = 1.0f / l[mi][i];
+          __nv_bfloat16* out = p.out + head_off(r);
+#pragma unroll
+          for (int dt = 0; dt < kHeadDim / 8; ++dt)
+            *reinterpret_cast<uint32_t*>(out + dt * 8 + tq * 2) = pack_bf16(o[mi][dt][2 * i] * inv, o[mi][dt][2 * i + 1] * inv);
+        } else {
+          const int64_t idx = (int64_t(split) * p.num_tokens + q0 + r / L.group) * p.q_heads + kvh * L.group + r % L.group;
+#pragma unroll
+          for (int dt = 0; dt < kHeadDim / 8; ++dt)
+            *reinterpret_cast<float2*>(L.part_o + idx * kHeadDim + dt * 8 + tq * 2) =
+                make_float2(o[mi][dt][2 * i], o[mi][dt][2 * i + 1]);
+          if (tq == 0) L.part_ml[idx] = make_float2(m[mi][i], l[mi][i]);
+        }
+      }
+  }
+  if (L.num_splits == 1 || !L.merge_tickets) return;
+  // Fused split merge, as tc_attention_kernel: every thread of the CTA (idle warps included) calls it.
+  const int arrivals = min(L.num_splits, (n_keys + L.split_tokens - 1) / L.split_tokens);
+  const int ticket = (seq * int(gridDim.z) + kvh) * num_q_tiles + q_tile;
+  merge_tile_if_last<kHeadDim, kW>(p, L, ticket, arrivals, row0, min(rows, row0 + kRowsPerCta), q0, kvh, ctx_before);
 }
 
 // Sequence of a step token: the last s with q_start[s] <= token (binary search).
