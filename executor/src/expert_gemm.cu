@@ -629,7 +629,7 @@ void launch_grouped_gemv_v2(const GroupedGemvParams& p, cudaStream_t stream) {
   a.offsets_early = p.offsets_before_previous;
   const int64_t slots = p.max_rows > 0 ? std::min<int64_t>(p.num_experts, p.max_rows) : p.num_experts;
   const int r = rows_tile(p.max_rows_per_expert > 0 ? p.max_rows_per_expert : kGroupedGemvRowsPerChunk);
-  if (p.kernel == GemvKernel::balanced)
+  if (gemv_kernel_for(p.kernel, p.max_rows_per_expert) == GemvKernel::balanced)
     launch_balanced(a, r, false, p.swiglu_act, slots, p.pdl, stream);
   else
     launch(a, r, false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);
@@ -652,7 +652,7 @@ void launch_gemv(const GemvParams& p, cudaStream_t stream) {
   a.num_rows = p.num_rows;
   const int r = rows_tile(p.num_rows);
   const int64_t chunks = (p.num_rows + r - 1) / r;
-  if (p.kernel == GemvKernel::balanced)
+  if (gemv_kernel_for(p.kernel, p.num_rows) == GemvKernel::balanced)
     launch_balanced(a, r, p.out_fp32, p.swiglu_act, chunks, p.pdl, stream);
   else
     launch(a, r, p.out_fp32, p.swiglu_act, static_cast<unsigned>(chunks), p.pdl, stream);

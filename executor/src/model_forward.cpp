@@ -469,6 +469,7 @@ void GpuModel::linear(const void* act, const void* weight, void* out, int64_t m,
   if (m == 0) return;
   if (!dense_gemv_for(cfg_.decode_kernels, m, k)) return gemm(act, weight, out, m, n, k, s);
   GemvParams g;
+  g.kernel = cfg_.gemv_kernel;
   g.act = static_cast<const bf16*>(act);
   g.weights = static_cast<const bf16*>(weight);
   g.seg[0] = {out, n};
@@ -487,6 +488,7 @@ void GpuModel::router_logits(const bf16* x, const bf16* w, float* out, int64_t T
   // the router weights per 8 rows and cost 767 us per layer at 16384 tokens (docs/prefill.md).
   if (router_uses_gemv(cfg_.decode_kernels, T) && gemv_k_fits(H)) {
     GemvParams rg;
+    rg.kernel = cfg_.gemv_kernel;
     rg.act = x;
     rg.weights = w;
     rg.seg[0] = {out, E};
@@ -610,6 +612,7 @@ void GpuModel::ffn_dense(const bf16* w13, const bf16* w2, int64_t inter, const b
   linear(x, w13, A.gu, T, 2 * inter, H, s);  // [T, 2I]: gate | up
   if (dense_gemv_for(cfg_.decode_kernels, T, inter)) {  // SwiGLU applied while the GEMV stages its input
     GemvParams g;
+    g.kernel = cfg_.gemv_kernel;
     g.act = A.gu;
     g.swiglu_act = true;
     g.weights = w2;
@@ -690,7 +693,7 @@ void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
 
 void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cudaStream_t s) {
   const int E = spec_.moe.num_experts, K = spec_.moe.top_k, El = dims_.experts;
-  if (El == E && uses_fused_moe_route(cfg_.decode_kernels, T) && cfg_.fused_moe_route) {
+  if (El == E && uses_fused_moe_route(cfg_.decode_kernels, T, cfg_.fused_moe_route)) {
     moe_route_permute(L, x, T, s);  // logits, top-k and permute in one launch
     moe_experts(L, x, T, K, act_->topk_ids, act_->topk_w, true, out, s, true);
     return;
@@ -808,6 +811,7 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   if (gemv) {
     // All experts in one launch per projection; rows from the device offsets (no host sync).
     GroupedGemvParams g;
+    g.kernel = cfg_.gemv_kernel;
     g.act = A.permuted_x;
     g.weights = L.w13;
     g.out = A.gu;  // [T * K, 2I]
@@ -953,6 +957,7 @@ void GpuModel::enqueue(cudaStream_t s) {
                                           A.res, plane * 2, cudaMemcpyDeviceToDevice, s));
     if (dense_gemv_for(cfg_.decode_kernels, T, H)) {
       GemvParams g;  // one launch: fused [QW + 2 KVW, H] weight, bias in the epilogue
+      g.kernel = cfg_.gemv_kernel;
       g.act = A.normed;
       g.weights = L.wq;
       g.bias = L.bq;
@@ -1058,7 +1063,7 @@ void GpuModel::enqueue(cudaStream_t s) {
     ap.max_seq_len = P.max_seq_len;
     ap.workspace = A.attn_ws.get();
     ap.workspace_bytes = A.attn_ws.bytes();
-    if (uses_fused_attention_merge(cfg_.decode_kernels) && cfg_.fused_attention_merge) {
+    if (uses_fused_attention_merge(cfg_.decode_kernels, cfg_.fused_attention_merge)) {
       ap.merge_tickets = A.attn_tickets.as<int32_t>();  // split merge inside the attention launch
       ap.merge_tickets_count = A.attn_tickets.bytes() / sizeof(int32_t);
     }

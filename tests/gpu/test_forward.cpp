@@ -449,7 +449,8 @@ static void run_bench(int num_layers, bool all_rows) {
   std::mt19937_64 rng(1);
   // Bytes from a cuBLASLt-path run (it counts the experts with tokens), then the timed runs.
   auto bench = [&](const std::string& name, const std::vector<SequenceStep>& batch, gpu::ExpertPath path, bool graph,
-                   bool decode_kernels, int grouped = 0, bool pdl = true, bool fused = true) {
+                   bool decode_kernels, int grouped = 0, bool pdl = true,
+                   bool fused = kFusedAttentionMergeDefault) {
     try {
       g.set_decode_kernels(decode_kernels);
       g.set_programmatic_launch(pdl);
@@ -498,15 +499,27 @@ static void run_bench(int num_layers, bool all_rows) {
     return b;
   };
   const std::string layers = std::to_string(num_layers) + "L ";
-  for (int b : {1, 64}) {
+  // The GEMV kernel (expert_gemm.hpp gemv_kernel_for) forced either way, then back to automatic.
+  auto with_gemv = [&](gpu::GemvKernel k, const std::string& name, const std::vector<SequenceStep>& batch) {
+    g.set_gemv_kernel(k);
+    bench(name + ", GEMV kernel " + gpu::gemv_kernel_name(k), batch, gpu::ExpertPath::device_gemv, true, true);
+    g.set_gemv_kernel(gpu::GemvKernel::automatic);
+  };
+  for (int b : {1, 8, 64}) {
     const auto batch = decode(b, 1024);
     const std::string n = layers + "decode b=" + std::to_string(b) + " ctx=1024";
     bench(n + " GEMV, graph, decode kernels", batch, gpu::ExpertPath::device_gemv, true, true);
+    if (b == 8) {
+      with_gemv(gpu::GemvKernel::by_column, n + " GEMV, graph, decode kernels", batch);
+      with_gemv(gpu::GemvKernel::balanced, n + " GEMV, graph, decode kernels", batch);
+      continue;
+    }
     if (b == 1) {
+      with_gemv(gpu::GemvKernel::balanced, n + " GEMV, graph, decode kernels", batch);
       bench(n + " GEMV, graph, decode kernels but v1 expert GEMV", batch, gpu::ExpertPath::device_gemv, true, true, 1);
       bench(n + " GEMV, graph, decode kernels without PDL", batch, gpu::ExpertPath::device_gemv, true, true, 0, false);
-      bench(n + " GEMV, graph, decode kernels, attn merge + router unfused", batch, gpu::ExpertPath::device_gemv, true,
-            true, 0, true, false);
+      bench(n + " GEMV, graph, decode kernels, attn merge + router fused", batch, gpu::ExpertPath::device_gemv, true,
+            true, 0, true, true);
     } else {
       bench(n + " GEMV, graph, decode kernels but v2 expert GEMV", batch, gpu::ExpertPath::device_gemv, true, true, 2);
     }

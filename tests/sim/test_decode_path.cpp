@@ -60,8 +60,8 @@ const Layout kOne = test::layout(1, 1, 1, 1, 1, MoeComm::tp_allreduce);
 }  // namespace
 
 // Per MoE layer, decode kernels (unsharded, <= 8 tokens): input norm (+ previous residual), q|k|v
-// GEMV, QK-norm/RoPE/KV write, attention (split merge inside), o GEMV, post norm, router logits +
-// top-k + permute (one launch), grouped GEMV v2 up and down, combine = 10. Per step: RoPE table, the
+// GEMV, QK-norm/RoPE/KV write, attention (+ split merge), o GEMV, post norm, router GEMV, top-k,
+// one-launch permute, grouped GEMV v2 up and down, combine = 12 (+1). Per step: RoPE table, the
 // last layer's residual add, embedding gather, LM head (row gather, final norm, GEMM) = 6.
 TEST_CASE("launch count: decode kernels at 1 and 4 tokens") {
   for (int layers : {1, 3}) {
@@ -70,13 +70,13 @@ TEST_CASE("launch count: decode kernels at 1 and 4 tokens") {
       CAPTURE(layers);
       CAPTURE(n);
       const StepCost s = run(m, kOne, decodes(n, 32));  // 32 keys: one split
-      CHECK(s.moe_layer_launches == 10);
-      CHECK(s.launches == 10 * layers + 6);
+      CHECK(s.moe_layer_launches == 12);
+      CHECK(s.launches == 12 * layers + 6);
     }
   }
   // 1 sequence of 1000 keys: 8 query rows per KV head, 4 CTAs < 2 per SM: the keys are split
-  // and merged, inside the attention launch under the decode kernels (a second launch without).
-  CHECK(run(small_qwen3(2), kOne, decodes(1, 1000)).moe_layer_launches == 10);
+  // and merged (a second attention launch).
+  CHECK(run(small_qwen3(2), kOne, decodes(1, 1000)).moe_layer_launches == 13);
   CHECK(run(small_qwen3(2), kOne, decodes(1, 1000), false).moe_layer_launches == 23);
 }
 
@@ -115,7 +115,7 @@ TEST_CASE("launch count: previous kernels when sharded or switched off") {
   // OLMoE's whole-width q/k norms keep the separate norm, RoPE and KV-write launches.
   ModelSpec o = small_qwen3(2);
   o.architecture = "OlmoeForCausalLM";
-  CHECK(run(o, kOne, decodes(1, 32)).moe_layer_launches == 10 + 3);
+  CHECK(run(o, kOne, decodes(1, 32)).moe_layer_launches == 12 + 3);
 }
 
 TEST_CASE("launch count: dense layers and shared experts") {
@@ -128,9 +128,9 @@ TEST_CASE("launch count: dense layers and shared experts") {
   // Dense layer at 1 token: norm, qkv, qk-rope-kv, attention, o, post norm, FFN GEMV x2 = 8.
   const StepCost s = run(m, kOne, decodes(1, 32));
   CHECK(s.dense_layer_launches == 8);
-  // MoE layer: 10 + shared GEMV x2 + shared gate = 13.
-  CHECK(s.moe_layer_launches == 13);
-  CHECK(s.launches == 8 + 13 + 6);
+  // MoE layer: 12 + shared GEMV x2 + shared gate = 15.
+  CHECK(s.moe_layer_launches == 15);
+  CHECK(s.launches == 8 + 15 + 6);
   // Above 8 tokens the FFNs are GEMM + SwiGLU + GEMM.
   const StepCost b16 = run(m, kOne, decodes(16, 32));
   CHECK(b16.dense_layer_launches == 1 + 3 + 1 + 1 + 1 + 1 + 3);
@@ -267,17 +267,17 @@ TEST_CASE("launch count: the GPU test's models") {
     "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
                                       "launch-qwen2/config.json");
   REQUIRE(qwen2.moe.shared_expert_gate);
-  // Qwen3, decode kernels: 10 per layer at <= 8 tokens, also with the split merge (301 keys: fused), 15
+  // Qwen3, decode kernels: 12 per layer at <= 8 tokens, 13 with the split merge (301 keys), 15
   // at 16 tokens and for the 40-token prefill (80 pairs: one-launch permute).
-  CHECK(run(qwen3, kOne, decodes(1, 21)).launches == 2 * 10 + 6);
-  CHECK(run(qwen3, kOne, decodes(4, 21)).launches == 2 * 10 + 6);
-  CHECK(run(qwen3, kOne, decodes(1, 301)).launches == 2 * 10 + 6);
+  CHECK(run(qwen3, kOne, decodes(1, 21)).launches == 2 * 12 + 6);
+  CHECK(run(qwen3, kOne, decodes(4, 21)).launches == 2 * 12 + 6);
+  CHECK(run(qwen3, kOne, decodes(1, 301)).launches == 2 * 13 + 6);
   CHECK(run(qwen3, kOne, decodes(16, 21)).launches == 2 * 15 + 6);
   CHECK(run(qwen3, kOne, prefill(40)).launches == 2 * 15 + 6);
   // Previous kernels: 22 per layer (23 with the merge).
   CHECK(run(qwen3, kOne, decodes(1, 21), false).launches == 2 * 22 + 4);
   CHECK(run(qwen3, kOne, decodes(1, 301), false).launches == 2 * 23 + 4);
-  // Qwen2: + shared GEMV x2 + gate = 13; previous kernels 22 + 3 bias - 2 q/k norms + 3 + 1 = 27.
-  CHECK(run(qwen2, kOne, decodes(1, 21)).launches == 2 * 13 + 6);
+  // Qwen2: + shared GEMV x2 + gate = 15; previous kernels 22 + 3 bias - 2 q/k norms + 3 + 1 = 27.
+  CHECK(run(qwen2, kOne, decodes(1, 21)).launches == 2 * 15 + 6);
   CHECK(run(qwen2, kOne, decodes(1, 21), false).launches == 2 * 27 + 4);
 }

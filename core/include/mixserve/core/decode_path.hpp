@@ -35,10 +35,13 @@ inline constexpr bool router_uses_gemv(bool decode_kernels, int64_t tokens) {
 }
 
 // Router logits, top-k and the permute in one launch (kernels/moe_route.cuh) for the steps that
-// take the dense GEMV (GpuModelConfig::fused_moe_route switches it off for measurements): one
-// launch instead of the router GEMV, the top-k and the one-launch permute.
-inline constexpr bool uses_fused_moe_route(bool decode_kernels, int64_t tokens) {
-  return uses_dense_gemv(decode_kernels, tokens);
+// take the dense GEMV: one launch instead of the router GEMV, the top-k and the one-launch permute.
+// Off by default (GpuModelConfig::fused_moe_route): on the H200 the fused launch made the 48-layer
+// b=1 decode step slower (session 4 call 2, docs/forward.md), its last block routes and permutes
+// alone after the logits.
+inline constexpr bool kFusedMoeRouteDefault = false;
+inline constexpr bool uses_fused_moe_route(bool decode_kernels, int64_t tokens, bool enabled = kFusedMoeRouteDefault) {
+  return enabled && uses_dense_gemv(decode_kernels, tokens);
 }
 
 // Grouped expert GEMV v2 (launch_grouped_gemv_v2: SwiGLU fused into the down projection, only the
@@ -74,9 +77,13 @@ inline constexpr int permute_launches(bool decode_kernels, int64_t pairs) {
 }
 
 // Steps with decode_kernels, whatever their size: the attention's split-KV merge inside the
-// attention launch (kernels/attention.cuh merge_tickets; GpuModelConfig::fused_attention_merge
-// switches it off for measurements), so attention is one launch with or without splits.
-inline constexpr bool uses_fused_attention_merge(bool decode_kernels) { return decode_kernels; }
+// attention launch (kernels/attention.cuh merge_tickets), so attention is one launch with or
+// without splits. Off by default (GpuModelConfig::fused_attention_merge): slower on the H200 in
+// the 48-layer b=1 decode step (session 4 call 2, docs/forward.md).
+inline constexpr bool kFusedAttentionMergeDefault = false;
+inline constexpr bool uses_fused_attention_merge(bool decode_kernels, bool enabled = kFusedAttentionMergeDefault) {
+  return enabled && decode_kernels;
+}
 inline constexpr int attention_launch_count(bool decode_kernels, bool splits) {
   return splits && !uses_fused_attention_merge(decode_kernels) ? 2 : 1;
 }

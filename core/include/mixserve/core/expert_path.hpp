@@ -27,7 +27,10 @@ inline constexpr bool uses_grouped_gemm(int64_t routed_rows) { return !uses_devi
 // the serial per-expert path) and the 8 x 2048 step (1024 rows); see docs/prefill.md for what
 // was measured. ExpertPath::cublaslt runs the same per-expert GEMMs at every row count.
 inline constexpr int64_t kExpertStreamsMinRowsPerExpert = 512;
-inline constexpr int kExpertGemmStreams = 4;
+// 2: on the H200 the 8 x 2048 Qwen3-30B-A3B step took 22.64 ms on 2 streams, 23.16 on 4, 23.37
+// on 8 and 23.92 on 1 (session 4 call 2, docs/prefill.md): the host issuing 128 cuBLASLt calls per
+// projection, not the GPU, bounds it.
+inline constexpr int kExpertGemmStreams = 2;
 
 inline constexpr bool uses_expert_streams(int64_t routed_rows, int64_t num_local_experts) {
   return num_local_experts > 0 && uses_grouped_gemm(routed_rows) &&

@@ -62,6 +62,7 @@ inline constexpr int kGemvMaxSegments = 3;
 // Which GEMV kernel launch_gemv / launch_grouped_gemv_v2 run (see above). One list feeds the enum
 // and gemv_kernel_name.
 #define MIXSERVE_GEMV_KERNELS(X) \
+  X(automatic)                   \
   X(balanced)                    \
   X(by_column)
 enum class GemvKernel : uint8_t {
@@ -94,7 +95,7 @@ struct GroupedGemvParams {
   // launch start), so the kernel may read them, and prefetch its experts' weights into L2, before
   // it waits on the previous kernel. Wrong when the previous kernel writes the offsets.
   bool offsets_before_previous = false;
-  GemvKernel kernel = GemvKernel::balanced;  // v2 only
+  GemvKernel kernel = GemvKernel::automatic;  // v2 only (gemv_kernel_for)
 };
 
 struct GemvOutSegment {
@@ -114,8 +115,18 @@ struct GemvParams {
   // Programmatic dependent launch (kernels/detail/pdl.cuh): may start while the stream's previous
   // kernel finishes; waits for it before touching memory. For chains of kernels (decode steps).
   bool pdl = false;
-  GemvKernel kernel = GemvKernel::balanced;
+  GemvKernel kernel = GemvKernel::automatic;  // gemv_kernel_for
 };
+
+// GemvKernel::automatic: by_column for one row per launch (plain GEMV) or per expert (grouped v2
+// with max_rows_per_expert 1: a batch-1 decode), balanced above. On the H200 (session 4, call 2,
+// docs/forward.md) balanced took 0.72-0.79x by_column's time for 8-row q|k|v, o_proj and the
+// SwiGLU down projection, but at one row its q|k|v / o_proj were 7-8% slower and the 48-layer b=1
+// decode step 6% slower (its full-GPU grid leaves no room for the next PDL kernel's prefetch).
+inline constexpr GemvKernel gemv_kernel_for(GemvKernel requested, int64_t rows_per_weight) {
+  if (requested != GemvKernel::automatic) return requested;
+  return rows_per_weight == 1 ? GemvKernel::by_column : GemvKernel::balanced;
+}
 
 // "" when supported, else why not (legal values named).
 std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p);     // v1

@@ -47,8 +47,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/expert_path.hpp"
 #include "mixserve/core/model.hpp"
+#include "mixserve/gpu/expert_gemm.hpp"
 #include "mixserve/gpu/gemm.hpp"
 #include "mixserve/gpu/runtime.hpp"
 #include "mixserve/gpu/shard.hpp"
@@ -78,8 +80,9 @@ struct GpuModelConfig {
   // workspace (LtGemm::kWorkspaceBytes), allocated on the first step that needs it.
   int expert_gemm_streams = kExpertGemmStreams;
   // The attention kernel of prefill-sized sequences (attention.cuh AttentionPrefillKernel):
-  // pipelined (cp.async K/V ring, ldmatrix) or registers (the previous kernel, to time the change).
-  kernels::AttentionPrefillKernel attention_prefill_kernel = kernels::AttentionPrefillKernel::pipelined;
+  // pipelined_m32 (4 warps of two 16-row m-tiles; on the H200 1.66x the previous kernel at 8 x 2048,
+  // pipelined 1.44x: session 4 call 2), pipelined (8 warps of 16 rows) or registers (the previous one).
+  kernels::AttentionPrefillKernel attention_prefill_kernel = kernels::AttentionPrefillKernel::pipelined_m32;
   // The decode kernels (docs/forward.md "Decode step"): steps of <= kGemvMaxRows tokens run the
   // attention projections (one fused q|k|v launch with its bias), the shared/dense FFN and the LM
   // head on the CUDA-core GEMV (expert_gemm.hpp) instead of cuBLASLt; router logits by the same
@@ -99,10 +102,12 @@ struct GpuModelConfig {
   bool programmatic_launch = true;
   // decode_kernels: the attention's split-KV merge runs inside the attention launch (the last CTA
   // of each group merges; attention.cuh merge_tickets) instead of as a second kernel.
-  bool fused_attention_merge = true;
+  bool fused_attention_merge = kFusedAttentionMergeDefault;  // off: measured slower (decode_path.hpp)
   // decode_kernels, steps of <= kGemvMaxRows tokens: router logits + top-k + permute in one launch
   // (kernels/moe_route.cuh) instead of the router GEMV, launch_router and launch_permute.
-  bool fused_moe_route = true;
+  bool fused_moe_route = kFusedMoeRouteDefault;  // off: measured slower (decode_path.hpp)
+  // The GEMV kernel of launch_gemv / launch_grouped_gemv_v2 (expert_gemm.hpp gemv_kernel_for).
+  GemvKernel gemv_kernel = GemvKernel::automatic;
   // Distributed forward (shard.hpp, docs/distributed.md): the rank's shard of the model and the
   // communication its sites call (all-reduce after o_proj and the dense FFN, the MoE exchange of
   // the stage, the pipeline send/recv). Default: the whole model, no communication.
@@ -158,6 +163,7 @@ class GpuModel {
   void set_programmatic_launch(bool on) { cfg_.programmatic_launch = on; }
   void set_fused_attention_merge(bool on) { cfg_.fused_attention_merge = on; }
   void set_fused_moe_route(bool on) { cfg_.fused_moe_route = on; }
+  void set_gemv_kernel(GemvKernel k) { cfg_.gemv_kernel = k; }
 
   // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
   // the reference, plus the limits of the config). A sharded model runs the step of its rank: every

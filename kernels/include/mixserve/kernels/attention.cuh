@@ -19,13 +19,14 @@
 // launcher picks enough splits to fill the GPU. When a sequence has more than 64 rows (prefill),
 // the CTA has 8 warps and 128 rows (each K/V tile serves twice the rows), and the prefill kernel
 // is chosen by AttentionParams::prefill_kernel:
-//   pipelined (default): K/V tiles go straight from the paged cache to a two-stage shared-memory
+//   pipelined: K/V tiles go straight from the paged cache to a two-stage shared-memory
 //     ring by cp.async (zero-filled past the range), the next tile's copy in flight while the
 //     current one is computed, one __syncthreads per tile; K and V fragments by ldmatrix (V by
 //     ldmatrix.trans from its row-major tile, no transpose on the way in); exp2 of scores
 //     pre-scaled by scale * log2(e) in one FMA; the causal and range mask only on the tiles that
 //     cross a warp's diagonal or the range end; a warp skips the tiles wholly after its rows;
-//   pipelined_m32: the same with 4 warps of 32 rows (two 16-row m-tiles each, so every K/V
+//   pipelined_m32 (default: 1.66x the registers kernel at 8 x 2048 on the H200, pipelined
+//     1.44x, session 4): the same with 4 warps of 32 rows (two 16-row m-tiles each, so every K/V
 //     fragment read from shared memory serves twice the mma work), Q read into shared memory once
 //     and its fragments by ldmatrix each tile (the registers hold the twice larger
 //     accumulators), two CTAs per SM;
@@ -76,7 +77,7 @@ struct AttentionParams {
   int max_seq_len = 0;               // >= every seq_lens[s]; <= max_blocks_per_seq * block_tokens
   float softmax_scale = 0.0f;        // 0: 1 / sqrt(head_dim)
   AttentionImpl impl = AttentionImpl::tensor_core;
-  AttentionPrefillKernel prefill_kernel = AttentionPrefillKernel::pipelined;
+  AttentionPrefillKernel prefill_kernel = AttentionPrefillKernel::pipelined_m32;  // fastest measured (docs/prefill.md)
   int num_splits = 0;                // tensor_core: context splits; 0 = chosen by the launcher
   void* workspace = nullptr;         // attention_workspace_bytes(...) bytes, 16-byte aligned
   std::size_t workspace_bytes = 0;
