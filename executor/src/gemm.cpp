@@ -1,6 +1,7 @@
 #include "mixserve/gpu/gemm.hpp"
 
 #include <algorithm>
+#include <limits>
 
 #include <fmt/format.h>
 
@@ -45,6 +46,11 @@ int64_t weight_scale_index(const GemmShape& s, int64_t n_block, int64_t k_block)
 LtHandle::LtHandle() { MIXSERVE_CUBLAS_CHECK(cublasLtCreate(&h_)); }
 LtHandle::~LtHandle() {
   if (h_) cublasLtDestroy(h_);
+}
+
+BlasHandle::BlasHandle() { MIXSERVE_CUBLAS_CHECK(cublasCreate(&h_)); }
+BlasHandle::~BlasHandle() {
+  if (h_) cublasDestroy(h_);
 }
 
 LtGemm::LtGemm(const LtHandle& h, const GemmShape& s, void* workspace, std::size_t workspace_bytes)
@@ -169,6 +175,53 @@ ExpertGemm::ExpertGemm(const LtHandle& h, int num_experts, int64_t n, int64_t k,
     throw InputError(fmt::format("expert GEMM n={} k={} {}: {}", n, k, to_string(dtype), why));
 }
 
+// run_grouped_call's arrays. Host arrays (cuBLAS reads them during the call): one entry per group.
+// Pointer arrays: [A x groups][B x groups][C x groups], pinned on the host, copied to the device.
+struct ExpertGemm::GroupedCall {
+  std::vector<cublasOperation_t> trans_a, trans_b;
+  std::vector<int> m, n, k, lda, ldb, ldc, group_size;
+  std::vector<float> alpha, beta;
+  const void** host_ptrs = nullptr;  // pinned, [3 * num_experts]
+  void** dev_ptrs = nullptr;         // device, [3 * num_experts]
+  cudaEvent_t done = nullptr;        // recorded after the last call that read dev_ptrs
+  bool pending = false;              // done was recorded
+  // What dev_ptrs holds: the buffers and counts it was built for.
+  const void* act = nullptr;
+  const void* weights = nullptr;
+  void* out = nullptr;
+  uint64_t generation = 0;
+  bool uploaded = false;
+
+  explicit GroupedCall(int num_experts) {
+    // Release what was made if a later call throws (the destructor does not run then).
+    struct Guard {
+      GroupedCall* g;
+      bool armed = true;
+      ~Guard() {
+        if (armed) g->release();
+      }
+    } guard{this};
+    const std::size_t bytes = std::size_t(3) * std::size_t(num_experts) * sizeof(void*);
+    MIXSERVE_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_ptrs), bytes));
+    MIXSERVE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dev_ptrs), bytes));
+    MIXSERVE_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    guard.armed = false;
+  }
+  ~GroupedCall() { release(); }
+  GroupedCall(const GroupedCall&) = delete;
+  GroupedCall& operator=(const GroupedCall&) = delete;
+  void release() {
+    if (done) cudaEventDestroy(done);
+    if (dev_ptrs) cudaFree(dev_ptrs);
+    if (host_ptrs) cudaFreeHost(host_ptrs);
+    done = nullptr;
+    dev_ptrs = nullptr;
+    host_ptrs = nullptr;
+  }
+};
+
+ExpertGemm::~ExpertGemm() = default;
+
 void ExpertGemm::set_counts(const std::vector<int64_t>& tokens_per_expert) {
   if (static_cast<int>(tokens_per_expert.size()) != num_experts_)
     throw InputError(fmt::format("expert GEMM: {} token counts for {} experts", tokens_per_expert.size(), num_experts_));
@@ -188,6 +241,7 @@ void ExpertGemm::set_counts(const std::vector<int64_t>& tokens_per_expert) {
     if (!plans_.count(c)) plans_.emplace(c, std::make_unique<LtGemm>(h_, s, workspace_, workspace_bytes_));
   }
   total_rows_ = row;
+  ++counts_generation_;
 }
 
 GemmOperands ExpertGemm::operands(int e, const void* act, const void* weights, void* out, const float* act_scale,
@@ -232,6 +286,80 @@ void ExpertGemm::run(const void* act, const void* weights, void* out, const floa
                                fan.workspace(int(i)));
   }
   fan.join(stream);
+}
+
+void ExpertGemm::run_grouped_call(const void* act, const void* weights, void* out, cudaStream_t stream,
+                                  const BlasHandle& blas) {
+  if (dtype_ != DType::bf16)
+    throw InputError(fmt::format("expert GEMM: the cuBLAS grouped call runs bf16 only (got {})", to_string(dtype_)));
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  if (n_ > kIntMax || k_ > kIntMax)
+    throw InputError(fmt::format("expert GEMM: the cuBLAS grouped call needs n, k <= {} (got {}, {})", kIntMax, n_, k_));
+  if (static_cast<int>(counts_.size()) != num_experts_)
+    throw InputError("expert GEMM: run_grouped_call before set_counts");
+  if (!grouped_call_) grouped_call_ = std::make_unique<GroupedCall>(num_experts_);
+  GroupedCall& g = *grouped_call_;
+  const bool stale = !g.uploaded || g.generation != counts_generation_ || g.act != act || g.weights != weights ||
+                     g.out != out;
+  if (stale) {
+    // The previous call may still read dev_ptrs (and its copy read host_ptrs).
+    if (g.pending) MIXSERVE_CUDA_CHECK(cudaEventSynchronize(g.done));
+    g.n.clear();
+    int groups = 0;
+    for (int e = 0; e < num_experts_; ++e) {
+      if (counts_[e] == 0) continue;
+      if (counts_[e] > kIntMax)
+        throw InputError(fmt::format("expert GEMM: expert {} has {} rows, the cuBLAS grouped call takes <= {}", e,
+                                     counts_[e], kIntMax));
+      g.n.push_back(int(counts_[e]));
+      ++groups;
+    }
+    const std::size_t G = std::size_t(groups);
+    // cuBLAS is column-major: as in LtGemm, A = W_e (k x n, ld k) transposed, B = the expert's
+    // activation rows (k x rows, ld k), C = its output rows (n x rows, ld n), i.e. row-major
+    // [rows, n] = act . W_e^T. cuBLAS's m is our n, its n the expert's row count (g.n, above).
+    g.trans_a.assign(G, CUBLAS_OP_T);
+    g.trans_b.assign(G, CUBLAS_OP_N);
+    g.m.assign(G, int(n_));
+    g.k.assign(G, int(k_));
+    g.lda.assign(G, int(k_));
+    g.ldb.assign(G, int(k_));
+    g.ldc.assign(G, int(n_));
+    g.group_size.assign(G, 1);
+    g.alpha.assign(G, 1.0f);
+    g.beta.assign(G, 0.0f);
+    std::size_t i = 0;
+    for (int e = 0; e < num_experts_; ++e) {
+      if (counts_[e] == 0) continue;
+      const GemmOperands ops = operands(e, act, weights, out, nullptr, nullptr);
+      g.host_ptrs[i] = ops.weight;
+      g.host_ptrs[G + i] = ops.act;
+      g.host_ptrs[2 * G + i] = ops.out;
+      ++i;
+    }
+    if (G > 0)
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(g.dev_ptrs, g.host_ptrs, 3 * G * sizeof(void*), cudaMemcpyHostToDevice,
+                                          stream));
+    g.act = act;
+    g.weights = weights;
+    g.out = out;
+    g.generation = counts_generation_;
+    g.uploaded = true;
+  }
+  const int groups = static_cast<int>(g.group_size.size());
+  if (groups == 0) return;
+  const std::size_t G = std::size_t(groups);
+  const cublasHandle_t h = blas.get();
+  // cublasSetStream resets the handle's workspace to cuBLAS's default pool: set ours after it.
+  MIXSERVE_CUBLAS_CHECK(cublasSetStream(h, stream));
+  MIXSERVE_CUBLAS_CHECK(cublasSetWorkspace(h, workspace_, workspace_bytes_));
+  MIXSERVE_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+      h, g.trans_a.data(), g.trans_b.data(), g.m.data(), g.n.data(), g.k.data(), g.alpha.data(),
+      g.dev_ptrs, CUDA_R_16BF, g.lda.data(), g.dev_ptrs + G, CUDA_R_16BF, g.ldb.data(),
+      g.beta.data(), g.dev_ptrs + 2 * G, CUDA_R_16BF, g.ldc.data(), groups, g.group_size.data(),
+      CUBLAS_COMPUTE_32F));
+  MIXSERVE_CUDA_CHECK(cudaEventRecord(g.done, stream));
+  g.pending = true;
 }
 
 double ExpertGemm::flops() const {

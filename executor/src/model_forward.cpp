@@ -155,7 +155,8 @@ void GpuModel::check_supported() const {
     throw InputError(fmt::format("GPU forward of {}: {}={} not supported ({})", spec_.name, what, v, legal));
   };
   if (a.type == AttentionType::mla) bad("attention MLA", 1, "GQA/MHA only");
-  if (cfg_.expert_gemm_streams < 1) bad("expert_gemm_streams", cfg_.expert_gemm_streams, ">= 1");
+  if (cfg_.expert_gemm_streams < 0)
+    bad("expert_gemm_streams", cfg_.expert_gemm_streams, ">= 1, or 0 for the cuBLAS grouped call");
   if (std::find(kernels::kAttentionHeadDims.begin(), kernels::kAttentionHeadDims.end(), a.head_dim) ==
       kernels::kAttentionHeadDims.end())
     bad("head_dim", a.head_dim, "64 or 128");
@@ -755,7 +756,8 @@ void GpuModel::moe_route_permute(const Layer& L, const bf16* x, int64_t T, cudaS
 }
 
 void GpuModel::set_expert_gemm_streams(int n) {
-  if (n < 1) throw InputError(fmt::format("expert GEMM streams: {} must be >= 1", n));
+  if (n < 0)
+    throw InputError(fmt::format("expert GEMM streams: {} must be >= 1, or 0 for the cuBLAS grouped call", n));
   if (n == cfg_.expert_gemm_streams) return;
   cfg_.expert_gemm_streams = n;
   expert_fanout_.reset();  // the next step that needs it makes one with n streams
@@ -878,9 +880,14 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     expert_w13_->set_counts(counts);
     expert_w2_->set_counts(counts);
     const int64_t rows = expert_w13_->total_rows();
+    const bool grouped_call = cfg_.expert_gemm_streams == kExpertGemmGroupedCall;
+    if (grouped_call && !blas_) blas_ = std::make_unique<BlasHandle>();
     if (cfg_.expert_gemm_streams > 1 && !expert_fanout_)
       expert_fanout_ = std::make_unique<StreamFanout>(cfg_.expert_gemm_streams, lt_workspace_.bytes());
-    if (expert_fanout_) {
+    if (grouped_call) {
+      // One cuBLAS grouped call per projection for all the experts with rows.
+      expert_w13_->run_grouped_call(A.permuted_x, L.w13, A.gu, s, *blas_);  // [rows, 2I]
+    } else if (expert_fanout_) {
       // Each projection's expert GEMMs forked over the streams and joined back to s.
       expert_w13_->run(A.permuted_x, L.w13, A.gu, nullptr, nullptr, s, *expert_fanout_);  // [rows, 2I]
     } else {
@@ -888,7 +895,9 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     }
     sw.num_rows = rows;
     if (rows > 0) kernels::launch_swiglu(sw, s);
-    if (expert_fanout_) {
+    if (grouped_call) {
+      expert_w2_->run_grouped_call(A.ffn_act, L.w2, A.expert_out, s, *blas_);  // [rows, H]
+    } else if (expert_fanout_) {
       expert_w2_->run(A.ffn_act, L.w2, A.expert_out, nullptr, nullptr, s, *expert_fanout_);  // [rows, H]
     } else {
       expert_w2_->run(A.ffn_act, L.w2, A.expert_out, nullptr, nullptr, s);

@@ -214,7 +214,8 @@ std::vector<int32_t> random_tokens(std::mt19937_64& rng, int n, int vocab) {
 // B joins (prefill while A and C decode), then everyone decodes. Blocks are a shuffled pool
 // handed out per sequence, so every block table is non-contiguous.
 // expert_streams: the per-expert cuBLASLt path's streams (1: serial on the step's stream; more:
-// forked over streams, each expert on the least-loaded one).
+// forked over streams, each expert on the least-loaded one; kExpertGemmGroupedCall: one cuBLAS
+// grouped call per projection).
 void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int expert_streams = kExpertGemmStreams) {
   const int block = 8, num_blocks = 40;
   Pair p(m, seed, block, num_blocks, 64, path, expert_streams);
@@ -234,7 +235,9 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int e
   CompareStats st;
   const std::string name =
       m.name +
-      (path == gpu::ExpertPath::cublaslt ? " cublaslt x" + std::to_string(expert_streams) + " streams"
+      (path == gpu::ExpertPath::cublaslt
+           ? (expert_streams == kExpertGemmGroupedCall ? std::string(" cuBLAS grouped call")
+                                                       : " cublaslt x" + std::to_string(expert_streams) + " streams")
        : path == gpu::ExpertPath::grouped_gemm ? std::string(" grouped")
                                                : std::string(" gemv")) +
       " seed " + std::to_string(seed);
@@ -279,24 +282,36 @@ TEST_CASE("forward: Qwen3-MoE (GQA, per-head QK-norm, dense first layer) vs the 
   SUBCASE("experts: device GEMV") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, 1); }
   SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, 3); }
+  SUBCASE("experts: per expert, one cuBLAS grouped call") {
+    run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, 1); }
   SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, 3); }
+  SUBCASE("experts: per expert, one cuBLAS grouped call") {
+    run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Mixtral (GQA 2/1, renormalised top-2) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, 1); }
   SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, 3); }
+  SUBCASE("experts: per expert, one cuBLAS grouped call") {
+    run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 reference") {
   SUBCASE("experts: device GEMV") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::device_gemv); }
   SUBCASE("experts: cuBLASLt per expert, 1 stream") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, 1); }
   SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, 3); }
+  SUBCASE("experts: per expert, one cuBLAS grouped call") {
+    run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::grouped_gemm); }
 }
 

@@ -3,7 +3,8 @@
 // awkward sizes (empty experts, one expert holding every row, row counts that are not multiples
 // of the 128-row tile, n and k that are not multiples of the 128 x 64 tile, k = 8, one expert,
 // 128 experts) and Qwen3-30B-A3B's expert shapes. Rows at and past offsets[E] must stay poisoned.
-// The per-expert cuBLASLt path (gpu::ExpertGemm) serially and forked over streams likewise.
+// The per-expert cuBLASLt path (gpu::ExpertGemm) serially and forked over streams likewise, and
+// the same GEMMs as one cuBLAS grouped call (ExpertGemm::run_grouped_call).
 // The prefill-step benchmark (8 x 2048 tokens of Qwen3-30B-A3B in one step) is here too.
 // The benchmark (TFLOP/s against one cuBLASLt GEMM of the same FLOPs and against the per-expert
 // cuBLASLt path, measured in the same run) is skipped by default; run it with:
@@ -14,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -158,8 +160,10 @@ TEST_CASE("grouped_gemm: awkward sizes vs the float64 reference") {
 namespace {
 
 // The per-expert cuBLASLt path (gpu::ExpertGemm, the executor's ExpertPath::cublaslt and the
-// automatic path of large steps) on `streams` streams (1: the step's stream only, no fan-out)
-// against the same float64 reference; rows past the last expert must stay poisoned. The
+// automatic path of large steps) on `streams` streams (1: the step's stream only, no fan-out;
+// kExpertGemmGroupedCall: one cuBLAS grouped call, run three times: the second reuses its device
+// pointer arrays, the third follows set_counts and uploads them again) against the same float64
+// reference; rows past the last expert must stay poisoned. The
 // fan-out is forked from a non-default stream whose earlier work (the poison memset) the side
 // streams must wait for, and the result is read after synchronising that stream only, so a
 // missing fork or join shows as poison or a race.
@@ -181,27 +185,37 @@ void check_expert_gemm(const std::vector<int>& counts, int64_t n, int64_t k, int
   gpu::ExpertGemm eg(lt, E, n, k, DType::bf16, ws.get(), ws.bytes());
   eg.set_counts(c64);
   REQUIRE(eg.total_rows() == rows);
-  gpu::StreamFanout fan(streams, ws.bytes());
-  for (int rep = 0; rep < 2; ++rep) {  // twice: the second fork follows a join on the same events
+  const bool grouped_call = streams == kExpertGemmGroupedCall;
+  gpu::StreamFanout fan(std::max(streams, 1), ws.bytes());
+  std::unique_ptr<gpu::BlasHandle> blas;
+  if (grouped_call) blas = std::make_unique<gpu::BlasHandle>();
+  std::vector<double> ref(std::size_t(rows) * n);
+  int64_t r = 0;
+  for (int e = 0; e < E; ++e)
+    for (int i = 0; i < counts[e]; ++i, ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        double sum = 0;
+        const bf16* a = &act[r * k];
+        const bf16* b = &w[(int64_t(e) * n + j) * k];
+        for (int64_t c = 0; c < k; ++c) sum += double(__bfloat162float(a[c])) * double(__bfloat162float(b[c]));
+        ref[r * n + j] = sum;
+      }
+  // Twice: the second fork follows a join on the same events; the grouped call a third time.
+  for (int rep = 0; rep < (grouped_call ? 3 : 2); ++rep) {
+    INFO("rep " << rep);
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xff, d_out.bytes(), st.get()));
-    if (streams == 1)
+    if (grouped_call) {
+      if (rep == 2) eg.set_counts(c64);
+      eg.run_grouped_call(d_act.get(), d_w.get(), d_out.get(), st.get(), *blas);
+    } else if (streams == 1) {
       eg.run(d_act.get(), d_w.get(), d_out.get(), nullptr, nullptr, st.get());
-    else
+    } else {
       eg.run(d_act.get(), d_w.get(), d_out.get(), nullptr, nullptr, st.get(), fan);
+    }
     MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
     const auto got = download<bf16>(d_out.get(), std::size_t(cap) * n);
-    std::vector<double> ref(std::size_t(rows) * n), gd(std::size_t(rows) * n);
-    int64_t r = 0;
-    for (int e = 0; e < E; ++e)
-      for (int i = 0; i < counts[e]; ++i, ++r)
-        for (int64_t j = 0; j < n; ++j) {
-          double sum = 0;
-          const bf16* a = &act[r * k];
-          const bf16* b = &w[(int64_t(e) * n + j) * k];
-          for (int64_t c = 0; c < k; ++c) sum += double(__bfloat162float(a[c])) * double(__bfloat162float(b[c]));
-          ref[r * n + j] = sum;
-          gd[r * n + j] = __bfloat162float(got[r * n + j]);
-        }
+    std::vector<double> gd(std::size_t(rows) * n);
+    for (int64_t i = 0; i < rows * n; ++i) gd[i] = __bfloat162float(got[i]);
     CHECK(all_finite(gd));
     if (rows > 0) CHECK(rel_error(gd, ref) < kTol);
     int64_t touched = 0;
@@ -211,12 +225,12 @@ void check_expert_gemm(const std::vector<int>& counts, int64_t n, int64_t k, int
 }
 
 void check_expert_gemm_all(const std::vector<int>& counts, int64_t n, int64_t k, int spare, uint64_t seed) {
-  for (int streams : {1, 2, 4, 7}) check_expert_gemm(counts, n, k, spare, seed, streams);
+  for (int streams : {1, 2, 4, 7, kExpertGemmGroupedCall}) check_expert_gemm(counts, n, k, spare, seed, streams);
 }
 
 }  // namespace
 
-TEST_CASE("expert GEMM: per-expert cuBLASLt on 1, 2, 4, 7 streams vs the float64 reference") {
+TEST_CASE("expert GEMM: per-expert cuBLASLt on 1, 2, 4, 7 streams and one cuBLAS grouped call vs the float64 reference") {
   SUBCASE("empty experts, ragged rows, n and k off the tile") { check_expert_gemm_all({0, 1, 130, 0, 257, 0}, 136, 72, 5, 21); }
   SUBCASE("one hot expert holds every row") { check_expert_gemm_all({0, 0, 0, 300, 0, 0, 0, 0}, 264, 200, 3, 22); }
   SUBCASE("every expert empty") { check_expert_gemm_all({0, 0, 0, 0}, 64, 64, 40, 23); }
@@ -246,6 +260,10 @@ TEST_CASE("expert GEMM: stream fan-out rejects bad parameters") {
   gpu::StreamFanout small(2, ws.bytes() / 2);  // smaller per-stream workspace than the plans
   gpu::Stream st;
   CHECK_THROWS_AS(eg.run(ws.get(), ws.get(), ws.get(), nullptr, nullptr, st.get(), small), InputError);
+  gpu::BlasHandle blas;  // the cuBLAS grouped call is bf16 only
+  gpu::ExpertGemm fp8(lt, 2, 16, 16, DType::fp8_e4m3, ws.get(), ws.bytes());
+  fp8.set_counts({1, 2});
+  CHECK_THROWS_AS(fp8.run_grouped_call(ws.get(), ws.get(), ws.get(), st.get(), blas), InputError);
 }
 
 TEST_CASE("grouped_gemm: rejects unsupported parameters") {
@@ -303,7 +321,8 @@ std::vector<int64_t> routed_counts(int64_t tokens, int top_k, int E, uint64_t se
 // Qwen3-30B-A3B expert GEMMs (E 128, top-8, H 2048, I 768) at a 2048-token chunk and at an
 // 8 x 2048-token prefill step: the grouped kernel, the executor's per-expert cuBLASLt path (its
 // GEMMs only: the host count copy and sync are not timed) on 1 stream (the "vs per-exp"
-// baseline) and forked over 2, 4 and 8 streams, and one cuBLASLt GEMM of the same
+// baseline) and forked over 2, 4 and 8 streams, as one cuBLAS grouped call (cublasGemmGroupedBatchedEx;
+// its pointer-array upload happens before the timed runs), and one cuBLASLt GEMM of the same
 // total rows (the dense bound), all in this run. Not a test: prints only.
 TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)" * doctest::skip()) {
   const int E = 128, K = 8;
@@ -366,6 +385,11 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
                                  eg.run(act.get(), w.get(), out.get(), nullptr, nullptr, s, fan);
                                }, st.get(), topt, &flusher));
       }
+      // The same GEMMs as one cuBLAS grouped call (the pointer arrays are uploaded on the first
+      // call only: the counts and buffers do not change between the timed runs).
+      gpu::BlasHandle blas;
+      const auto tg = gpu::time_op([&](cudaStream_t s) { eg.run_grouped_call(act.get(), w.get(), out.get(), s, blas); },
+                                   st.get(), topt, &flusher);
       gpu::LtGemm dense(lt, {rows, n, k, DType::bf16}, ws.get(), ws.bytes());
       gpu::GemmOperands ops;
       ops.act = act.get();
@@ -384,6 +408,7 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       if (tww.time_us.median > 0) row(tag + " grouped wgmma 128x256", tww);
       row(tag + " per-expert cuBLASLt", te);
       for (const auto& [ns, t] : t_streams) row(tag + " per-expert cuBLASLt " + std::to_string(ns) + " streams", t);
+      row(tag + " per-expert cuBLAS grouped call", tg);
       row(tag + " dense cuBLASLt", td);
     }
   }
@@ -391,7 +416,8 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
 
 // One prefill step of 8 sequences x 2048 tokens (16384 tokens, 131072 routed rows) of
 // Qwen3-30B-A3B at full width (device-drawn weights), with the grouped-GEMM, the per-expert
-// cuBLASLt expert paths on 1, 2, 4 and 8 streams, the automatic path, and the previous and the
+// cuBLASLt expert paths on 1, 2, 4 and 8 streams and as one cuBLAS grouped call per projection
+// (host count copy included, as the step runs it), the automatic path, and the previous and the
 // pipelined prefill attention kernels in the same run: step time and TFLOP/s over the step's matrix FLOPs (q/k/v/o,
 // router, top-8 experts, causal attention QK^T and PV, LM head per sequence) against the measured
 // cuBLAS bf16 peak (797.6 TFLOP/s, profiles/h200.yaml). Layers: MIXSERVE_BENCH_LAYERS (default
@@ -460,6 +486,7 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
       {"cuBLASLt per expert, 2 streams", gpu::ExpertPath::cublaslt, 2, kNewAttn},
       {"cuBLASLt per expert, 4 streams", gpu::ExpertPath::cublaslt, 4, kNewAttn},
       {"cuBLASLt per expert, 8 streams", gpu::ExpertPath::cublaslt, 8, kNewAttn},
+      {"cuBLAS grouped call per projection", gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall, kNewAttn},
       {"automatic, old attention", gpu::ExpertPath::automatic, kExpertGemmStreams, kOldAttn},
       {"automatic, attention m32", gpu::ExpertPath::automatic, kExpertGemmStreams,
        kernels::AttentionPrefillKernel::pipelined_m32},

@@ -31,6 +31,11 @@ inline constexpr int64_t kExpertStreamsMinRowsPerExpert = 512;
 // on 8 and 23.92 on 1 (session 4 call 2, docs/prefill.md): the host issuing 128 cuBLASLt calls per
 // projection, not the GPU, bounds it.
 inline constexpr int kExpertGemmStreams = 2;
+// The value of GpuModelConfig::expert_gemm_streams that runs the per-expert GEMMs as ONE cuBLAS
+// grouped call per projection (cublasGemmGroupedBatchedEx, gpu::ExpertGemm::run_grouped_call)
+// instead of one cuBLASLt call per expert: the host issues 1 call, not 128. Not the default: not
+// yet measured on a GPU.
+inline constexpr int kExpertGemmGroupedCall = 0;
 
 inline constexpr bool uses_expert_streams(int64_t routed_rows, int64_t num_local_experts) {
   return num_local_experts > 0 && uses_grouped_gemm(routed_rows) &&

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include <cublasLt.h>
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 #include "mixserve/core/types.hpp"
@@ -62,6 +63,19 @@ class LtHandle {
 
  private:
   cublasLtHandle_t h_ = nullptr;
+};
+
+// A cuBLAS (not cuBLASLt) handle: ExpertGemm::run_grouped_call's cublasGemmGroupedBatchedEx.
+class BlasHandle {
+ public:
+  BlasHandle();
+  ~BlasHandle();
+  BlasHandle(const BlasHandle&) = delete;
+  BlasHandle& operator=(const BlasHandle&) = delete;
+  cublasHandle_t get() const { return h_; }
+
+ private:
+  cublasHandle_t h_ = nullptr;
 };
 
 // One planned GEMM: descriptors and the heuristic's algorithm are chosen once at construction.
@@ -124,6 +138,7 @@ class ExpertGemm {
  public:
   ExpertGemm(const LtHandle& h, int num_experts, int64_t n, int64_t k, DType dtype,
              void* workspace, std::size_t workspace_bytes);
+  ~ExpertGemm();
   void set_counts(const std::vector<int64_t>& tokens_per_expert);
   // Row offset of each expert's first row (rows of fp8_block experts are padded to 4).
   const std::vector<int64_t>& row_offsets() const { return offsets_; }
@@ -140,6 +155,16 @@ class ExpertGemm {
   // least that big.
   void run(const void* act, const void* weights, void* out, const float* act_scale,
            const float* weight_scale, cudaStream_t stream, StreamFanout& fan) const;
+  // The same GEMMs as ONE cuBLAS call, cublasGemmGroupedBatchedEx (cuBLAS >= 12.5): one group
+  // of one GEMM per non-empty expert (the groups differ in m), bf16 operands and output, fp32
+  // compute, on `stream` with this ExpertGemm's workspace. bf16 only (InputError otherwise).
+  // The per-expert A/B/C pointer arrays must be in device memory: they are written into pinned
+  // host memory and copied by cudaMemcpyAsync on `stream`, only when the counts (set_counts) or
+  // the buffers changed since the last call. Before rewriting them the host waits for the
+  // previous grouped call of this ExpertGemm to finish (in the executor it has: the next layer's
+  // count copy synchronises the stream first).
+  void run_grouped_call(const void* act, const void* weights, void* out, cudaStream_t stream,
+                        const BlasHandle& blas);
   int64_t act_scale_offset(int e) const { return act_scale_offsets_[e]; }
   double flops() const;
 
@@ -153,6 +178,9 @@ class ExpertGemm {
   std::vector<int64_t> counts_, offsets_, act_scale_offsets_;
   int64_t total_rows_ = 0;
   std::map<int64_t, std::unique_ptr<LtGemm>> plans_;
+  uint64_t counts_generation_ = 0;  // bumped by set_counts: run_grouped_call re-uploads its arrays
+  struct GroupedCall;                // run_grouped_call's arrays; made on its first call
+  std::unique_ptr<GroupedCall> grouped_call_;
   GemmOperands operands(int e, const void* act, const void* weights, void* out, const float* act_scale,
                         const float* weight_scale) const;
 };

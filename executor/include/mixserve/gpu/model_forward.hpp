@@ -25,7 +25,8 @@
 //                projection for all experts, tiles scheduled on the device from the offsets; no
 //                host sync (graph-capturable). For prefill-sized steps.
 //   automatic    device_gemv when tokens * top_k <= device_gemv_max_rows; the cublaslt path on
-//                expert_gemm_streams streams when the routed rows average at least
+//                expert_gemm_streams streams (0: one cuBLAS grouped call per projection) when
+//                the routed rows average at least
 //                kExpertStreamsMinRowsPerExpert per local expert (core/expert_path.hpp
 //                uses_expert_streams: large prefill steps); else grouped_gemm.
 // docs/forward.md gives the costs.
@@ -78,6 +79,9 @@ struct GpuModelConfig {
   // where uses_expert_streams); 1: all on the step's stream, one after another (the path before
   // the streams, kept to measure the change in the same run). Each extra stream owns a cuBLASLt
   // workspace (LtGemm::kWorkspaceBytes), allocated on the first step that needs it.
+  // kExpertGemmGroupedCall (0): the same per-expert GEMMs as ONE cuBLAS grouped call per
+  // projection on the step's stream (cublasGemmGroupedBatchedEx, ExpertGemm::run_grouped_call;
+  // a cuBLAS handle made on the first step that needs it).
   int expert_gemm_streams = kExpertGemmStreams;
   // The attention kernel of prefill-sized sequences (attention.cuh AttentionPrefillKernel):
   // pipelined_m32 (4 warps of two 16-row m-tiles; on the H200 1.66x the previous kernel at 8 x 2048,
@@ -156,7 +160,7 @@ class GpuModel {
   double weight_bytes() const { return weight_bytes_; }
   cudaStream_t stream() const { return stream_.get(); }
   void set_expert_path(ExpertPath p) { cfg_.expert_path = p; }
-  void set_expert_gemm_streams(int n);  // InputError unless n >= 1
+  void set_expert_gemm_streams(int n);  // InputError unless n >= 0 (0: kExpertGemmGroupedCall)
   void set_attention_prefill_kernel(kernels::AttentionPrefillKernel k) { cfg_.attention_prefill_kernel = k; }
   void set_decode_kernels(bool on) { cfg_.decode_kernels = on && !cfg_.shard.sharded(); }
   void set_grouped_gemv_v2_max_tokens(int64_t t) { cfg_.grouped_gemv_v2_max_tokens = t; }
@@ -233,6 +237,7 @@ class GpuModel {
   std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::unique_ptr<LtGemm>> gemms_;  // m, n, k, fp32 out
   std::unique_ptr<ExpertGemm> expert_w13_, expert_w2_;
   std::unique_ptr<StreamFanout> expert_fanout_;  // expert_gemm_streams > 1; made on first use
+  std::unique_ptr<BlasHandle> blas_;             // expert_gemm_streams == kExpertGemmGroupedCall; on first use
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
 
   struct Act;
