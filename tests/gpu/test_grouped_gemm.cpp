@@ -478,7 +478,7 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
   // The first row is the baseline of the "vs first" column: the step as it ran before the
   // streams and the pipelined attention (grouped GEMM, the previous attention kernel).
   constexpr auto kOldAttn = kernels::AttentionPrefillKernel::registers;
-  constexpr auto kNewAttn = kernels::AttentionPrefillKernel::pipelined;
+  const auto kNewAttn = gpu::GpuModelConfig{}.attention_prefill_kernel;  // the executor's default
   const Variant variants[] = {
       {"grouped GEMM, old attention", gpu::ExpertPath::grouped_gemm, 1, kOldAttn},
       {"grouped GEMM", gpu::ExpertPath::grouped_gemm, 1, kNewAttn},
@@ -488,8 +488,8 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
       {"cuBLASLt per expert, 8 streams", gpu::ExpertPath::cublaslt, 8, kNewAttn},
       {"cuBLAS grouped call per projection", gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall, kNewAttn},
       {"automatic, old attention", gpu::ExpertPath::automatic, kExpertGemmStreams, kOldAttn},
-      {"automatic, attention m32", gpu::ExpertPath::automatic, kExpertGemmStreams,
-       kernels::AttentionPrefillKernel::pipelined_m32},
+      {"automatic, attention pipelined (8 warps)", gpu::ExpertPath::automatic, kExpertGemmStreams,
+       kernels::AttentionPrefillKernel::pipelined},
       {"automatic (executor default)", gpu::ExpertPath::automatic, kExpertGemmStreams, kNewAttn},
   };
   double first_us = 0;
