@@ -88,6 +88,36 @@ __device__ __forceinline__ void merge_row(const AttentionParams& p, const Launch
     *reinterpret_cast<uint32_t*>(p.out + w * kHeadDim + lane * kPerLane + j) = pack_bf16(acc[j] * inv, acc[j + 1] * inv);
 }
 
+// The tile of a tensor-core attention CTA: grid (q_tiles * num_splits, num_seqs, kv_heads), the
+// late (heavy) query tiles first. false when the CTA has nothing to do: its rows lie past the
+// sequence, or its split's key range is empty (rows whose keys all lie in earlier splits: the merge
+// skips this split).
+struct CtaTile {
+  int num_q_tiles, q_tile, split, seq, kvh;
+  int q0, q_len, rows, row0;  // rows of this (sequence, kv head): token-major, group heads each
+  int ctx_before, n_keys;     // the CTA's last row sees positions [0, n_keys)
+  int k_begin, k_end;         // this split's keys
+};
+template <int kRowsPerCta>
+__device__ __forceinline__ bool cta_tile(const AttentionParams& p, const Launch& L, CtaTile& t) {
+  t.num_q_tiles = gridDim.x / L.num_splits;
+  t.q_tile = t.num_q_tiles - 1 - int(blockIdx.x) / L.num_splits;
+  t.split = int(blockIdx.x) % L.num_splits;
+  t.seq = blockIdx.y;
+  t.kvh = blockIdx.z;
+  t.q0 = p.q_start[t.seq];
+  t.q_len = p.q_start[t.seq + 1] - t.q0;
+  t.rows = t.q_len * L.group;
+  t.row0 = t.q_tile * kRowsPerCta;
+  if (t.row0 >= t.rows) return false;
+  t.ctx_before = p.seq_lens[t.seq] - t.q_len;
+  const int last_tok = (min(t.rows, t.row0 + kRowsPerCta) - 1) / L.group;
+  t.n_keys = t.ctx_before + last_tok + 1;
+  t.k_begin = t.split * L.split_tokens;
+  t.k_end = min(t.n_keys, t.k_begin + L.split_tokens);
+  return t.k_begin < t.k_end;
+}
+
 // Fused split merge (L.merge_tickets set): every CTA of a (sequence, kv head, q tile) that wrote
 // partials takes a ticket after a fence; the one that arrives last (`arrivals` in all: the splits
 // whose key range is not empty) resets the counter to zero for the next launch (graph replays)
@@ -132,21 +162,9 @@ static __global__ void __launch_bounds__(kW * 32) tc_attention_kernel(AttentionP
   __shared__ __align__(16) __nv_bfloat16 ks[kKvTile][kHeadDim + kPad];  // [position, dim]
   __shared__ __align__(16) __nv_bfloat16 vt[kHeadDim][kKvTile + kPad];  // [dim, position] (V transposed)
 
-  const int num_q_tiles = gridDim.x / L.num_splits;
-  const int q_tile = num_q_tiles - 1 - int(blockIdx.x) / L.num_splits;  // heavy (late) tiles first
-  const int split = int(blockIdx.x) % L.num_splits;
-  const int seq = blockIdx.y, kvh = blockIdx.z;
-  const int q0 = p.q_start[seq];
-  const int q_len = p.q_start[seq + 1] - q0;
-  const int rows = q_len * L.group;  // rows of this (sequence, kv head): token-major, group heads each
-  const int row0 = q_tile * kRowsPerCta;
-  if (row0 >= rows) return;
-  const int ctx_before = p.seq_lens[seq] - q_len;
-  const int last_tok = (min(rows, row0 + kRowsPerCta) - 1) / L.group;
-  const int n_keys = ctx_before + last_tok + 1;  // the CTA's last row sees positions [0, n_keys)
-  const int k_begin = split * L.split_tokens;
-  const int k_end = min(n_keys, k_begin + L.split_tokens);
-  if (k_begin >= k_end) return;  // rows whose keys all lie in earlier splits: the merge skips this split
+  CtaTile t;
+  if (!cta_tile<kRowsPerCta>(p, L, t)) return;
+  const auto [num_q_tiles, q_tile, split, seq, kvh, q0, q_len, rows, row0, ctx_before, n_keys, k_begin, k_end] = t;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;  // mma fragment coordinates: row group, thread in quad
@@ -392,21 +410,9 @@ static __global__ void __launch_bounds__(kW * 32, 8 / kW) tc_prefill_attention_k
   auto v_tile = [&](int stage) { return smem + (stage * 2 + 1) * kKvTile * kRow; };  // [kKvTile][kRow]
   __nv_bfloat16* const qs = smem + kPrefillStages * 2 * kKvTile * kRow;             // [kRowsPerCta][kRow] (kM == 2)
 
-  const int num_q_tiles = gridDim.x / L.num_splits;
-  const int q_tile = num_q_tiles - 1 - int(blockIdx.x) / L.num_splits;  // heavy (late) tiles first
-  const int split = int(blockIdx.x) % L.num_splits;
-  const int seq = blockIdx.y, kvh = blockIdx.z;
-  const int q0 = p.q_start[seq];
-  const int q_len = p.q_start[seq + 1] - q0;
-  const int rows = q_len * L.group;  // rows of this (sequence, kv head): token-major, group heads each
-  const int row0 = q_tile * kRowsPerCta;
-  if (row0 >= rows) return;
-  const int ctx_before = p.seq_lens[seq] - q_len;
-  const int last_tok = (min(rows, row0 + kRowsPerCta) - 1) / L.group;
-  const int n_keys = ctx_before + last_tok + 1;  // the CTA's last row sees positions [0, n_keys)
-  const int k_begin = split * L.split_tokens;
-  const int k_end = min(n_keys, k_begin + L.split_tokens);
-  if (k_begin >= k_end) return;  // rows whose keys all lie in earlier splits: the merge skips this split
+  CtaTile t;
+  if (!cta_tile<kRowsPerCta>(p, L, t)) return;
+  const auto [num_q_tiles, q_tile, split, seq, kvh, q0, q_len, rows, row0, ctx_before, n_keys, k_begin, k_end] = t;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;  // mma fragment coordinates: row group, thread in quad
