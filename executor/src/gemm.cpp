@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 #include <fmt/format.h>
 
@@ -21,6 +22,9 @@ std::string gemm_unsupported_reason(const GemmShape& s) {
     return fmt::format("dtype {} is not one of bf16, fp8, fp8_block128", to_string(s.dtype));
   if (s.out_fp32 && s.dtype != DType::bf16) return "fp32 output is for bf16 operands only";
   if (s.m < 1 || s.n < 1 || s.k < 1) return fmt::format("m, n, k must be >= 1 (got {}, {}, {})", s.m, s.n, s.k);
+  if (s.batch < 1 || s.batch > std::numeric_limits<int32_t>::max())
+    return fmt::format("batch={} must be in [1, 2^31 - 1]", s.batch);
+  if (s.batch > 1 && s.dtype != DType::bf16) return "a strided batch is for bf16 operands only";
   const int64_t align = is_fp8(s.dtype) ? 16 : 8;  // 16-byte rows
   if (s.k % align != 0) return fmt::format("k={} is not a multiple of {}", s.k, align);
   if (s.n % align != 0) return fmt::format("n={} is not a multiple of {}", s.n, align);
@@ -79,6 +83,15 @@ LtGemm::LtGemm(const LtHandle& h, const GemmShape& s, void* workspace, std::size
   MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&a_, in_type, s.k, s.n, s.k));
   MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&b_, in_type, s.k, rows, s.k));
   MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d_, s.out_fp32 ? CUDA_R_32F : CUDA_R_16BF, s.n, rows, s.n));
+  if (s.batch > 1) {
+    // Strided batch: A steps one [n, k] weight, B one [rows, k] activation block, D one [rows, n] block.
+    const int32_t count = static_cast<int32_t>(s.batch);
+    const int64_t a_stride = s.n * s.k, b_stride = rows * s.k, d_stride = rows * s.n;
+    for (auto [layout, stride] : {std::pair{a_, a_stride}, std::pair{b_, b_stride}, std::pair{d_, d_stride}}) {
+      MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      MIXSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+    }
+  }
   cublasLtMatmulPreference_t pref = nullptr;
   MIXSERVE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   MIXSERVE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_, sizeof(workspace_bytes_)));
@@ -286,6 +299,26 @@ void ExpertGemm::run(const void* act, const void* weights, void* out, const floa
                                fan.workspace(int(i)));
   }
   fan.join(stream);
+}
+
+void ExpertGemm::run_padded_batch(const void* act, const void* weights, void* out, int64_t rows_per_expert,
+                                  cudaStream_t stream) {
+  if (dtype_ != DType::bf16)
+    throw InputError(fmt::format("expert GEMM padded batch: dtype {} (bf16 only)", to_string(dtype_)));
+  if (rows_per_expert < 0)
+    throw InputError(fmt::format("expert GEMM padded batch: rows_per_expert={} must be >= 0", rows_per_expert));
+  if (rows_per_expert == 0) return;
+  auto& plan = padded_plans_[rows_per_expert];
+  if (!plan) {
+    GemmShape s{rows_per_expert, n_, k_, dtype_};
+    s.batch = num_experts_;
+    plan = std::make_unique<LtGemm>(h_, s, workspace_, workspace_bytes_);
+  }
+  GemmOperands ops;
+  ops.act = act;
+  ops.weight = weights;
+  ops.out = out;
+  plan->run(ops, stream);
 }
 
 void ExpertGemm::run_grouped_call(const void* act, const void* weights, void* out, cudaStream_t stream,

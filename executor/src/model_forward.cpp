@@ -19,6 +19,7 @@
 #include "mixserve/kernels/attention.cuh"
 #include "mixserve/kernels/combine.cuh"
 #include "mixserve/kernels/elementwise.cuh"
+#include "mixserve/kernels/expert_pad.cuh"
 #include "mixserve/kernels/fill.cuh"
 #include "mixserve/kernels/grouped_gemm.cuh"
 #include "mixserve/kernels/kv_cache.cuh"
@@ -69,6 +70,9 @@ struct GpuModel::Act {
   float* rope_cs = nullptr;                                    // [T, head_dim] cos | sin
   int32_t *topk_ids = nullptr, *counts = nullptr, *offsets = nullptr, *slot_row = nullptr,
           *permuted_token = nullptr;
+  int32_t* padded_token = nullptr;  // [expert_rows]: kExpertGemmPaddedBatch's padded row -> token
+  int64_t padded_capacity = 0;      // kExpertGemmPaddedBatch: padded rows allowed (<= expert_rows)
+  int64_t expert_rows = 0;          // rows of permuted_x, gu, ffn_act, expert_out (>= routed rows)
   void* permute_ws = nullptr;
   std::size_t permute_ws_bytes = 0;
   int32_t *tokens = nullptr, *positions = nullptr, *token_seq = nullptr;  // [T]
@@ -155,8 +159,12 @@ void GpuModel::check_supported() const {
     throw InputError(fmt::format("GPU forward of {}: {}={} not supported ({})", spec_.name, what, v, legal));
   };
   if (a.type == AttentionType::mla) bad("attention MLA", 1, "GQA/MHA only");
-  if (cfg_.expert_gemm_streams < 0)
-    bad("expert_gemm_streams", cfg_.expert_gemm_streams, ">= 1, or 0 for the cuBLAS grouped call");
+  if (cfg_.expert_gemm_streams < kExpertGemmPaddedBatch)
+    bad("expert_gemm_streams", cfg_.expert_gemm_streams,
+        ">= 1, 0 for the cuBLAS grouped call or -1 for the padded batched GEMM");
+  if (!(cfg_.expert_padded_capacity >= 0.0 && cfg_.expert_padded_capacity <= 64.0))
+    throw InputError(fmt::format("GPU forward of {}: expert_padded_capacity={} not supported (0 .. 64)",
+                                 spec_.name, cfg_.expert_padded_capacity));
   if (std::find(kernels::kAttentionHeadDims.begin(), kernels::kAttentionHeadDims.end(), a.head_dim) ==
       kernels::kAttentionHeadDims.end())
     bad("head_dim", a.head_dim, "64 or 128");
@@ -359,10 +367,15 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   auto i32 = [&](int64_t n) { return static_cast<int32_t*>(alloc(std::size_t(n) * 4)); };
   auto f32 = [&](int64_t n) { return static_cast<float*>(alloc(std::size_t(n) * 4)); };
   const int64_t rows = Tm * std::max(K, 1);
+  // The expert buffers hold the routed rows, or the padded layout of kExpertGemmPaddedBatch up to
+  // expert_padded_capacity times them (rounded up to the padded row alignment).
+  A.padded_capacity = expert_padded_rows(static_cast<int64_t>(std::ceil(cfg_.expert_padded_capacity * double(rows))));
+  A.expert_rows = std::max(rows, A.padded_capacity);
+  const int64_t xrows = A.expert_rows;
   int64_t gu_elems = 0, act_elems = 0;
   if (m.num_moe_layers() > 0) {
-    gu_elems = std::max(rows * 2 * I, Tm * 2 * S);
-    act_elems = std::max(rows * I, Tm * S);
+    gu_elems = std::max(xrows * 2 * I, Tm * 2 * S);
+    act_elems = std::max(xrows * I, Tm * S);
   }
   if (m.num_dense_layers() > 0) {
     gu_elems = std::max(gu_elems, T * 2 * D);
@@ -391,8 +404,9 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   A.seq_lens = i32(cfg_.max_seqs_per_step);
   A.block_table = i32(int64_t(cfg_.max_seqs_per_step) * cfg_.max_blocks_per_seq);
   if (m.num_moe_layers() > 0) {
-    A.permuted_x = bf(rows * H);
-    A.expert_out = bf(rows * H);
+    A.permuted_x = bf(xrows * H);   // [expert_rows, H]
+    A.expert_out = bf(xrows * H);   // [expert_rows, H]
+    A.padded_token = i32(xrows);
     A.router_logits = f32(Tm * E);
     A.topk_w = f32(rows);
     A.shared_gate = f32(Tm);
@@ -756,8 +770,9 @@ void GpuModel::moe_route_permute(const Layer& L, const bf16* x, int64_t T, cudaS
 }
 
 void GpuModel::set_expert_gemm_streams(int n) {
-  if (n < 0)
-    throw InputError(fmt::format("expert GEMM streams: {} must be >= 1, or 0 for the cuBLAS grouped call", n));
+  if (n < kExpertGemmPaddedBatch)
+    throw InputError(fmt::format(
+        "expert GEMM streams: {} must be >= 1, 0 for the cuBLAS grouped call or -1 for the padded batched GEMM", n));
   if (n == cfg_.expert_gemm_streams) return;
   cfg_.expert_gemm_streams = n;
   expert_fanout_.reset();  // the next step that needs it makes one with n streams
@@ -769,6 +784,36 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   const ModelSpec& m = spec_;
   const int64_t H = m.hidden_size, I = dims_.inter, S = (shared && L.shared_w13) ? dims_.shared : 0;
   const int El = dims_.experts;
+  // automatic: the GEMV's row limit, and both projections' k must fit the GEMV
+  // (core/expert_path.hpp uses_device_gemv(rows, hidden, inter), the cost model's rule).
+  const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
+                    (cfg_.expert_path == ExpertPath::automatic && T * K <= cfg_.device_gemv_max_rows &&
+                     gemv_k_fits(H) && gemv_k_fits(I));
+  // Above the GEMV rows, automatic takes the per-expert cuBLASLt GEMMs on several streams for large
+  // steps (core/expert_path.hpp uses_expert_streams, the cost model's and profiler's rule) and the
+  // device-offset grouped GEMM (no host sync) otherwise.
+  const bool per_expert = cfg_.expert_path == ExpertPath::cublaslt ||
+                          (cfg_.expert_path == ExpertPath::automatic && !gemv && uses_expert_streams(T * K, El));
+  const bool tensor_core_grouped = !gemv && !per_expert;
+  // The padded batched GEMM gathers the rows itself (into its padded layout, or in expert order
+  // when it falls back), so its permute writes the index maps only.
+  const bool padded_batch = per_expert && cfg_.expert_gemm_streams == kExpertGemmPaddedBatch;
+  // The weighted sum of each token's expert rows (through slot_row: expert-ordered or padded rows)
+  // plus the shared expert.
+  auto combine = [&] {
+    kernels::CombineParams cp;
+    cp.expert_out = A.expert_out;
+    cp.slot_row = A.slot_row;
+    cp.topk_weights = weights;
+    cp.shared_out = S > 0 ? A.shared_out : nullptr;
+    cp.shared_gate = (S > 0 && L.shared_gate) ? A.shared_gate : nullptr;
+    cp.out = out;
+    cp.num_tokens = T;
+    cp.top_k = K;
+    cp.hidden = H;
+    cp.pdl = pdl_ && gemv;  // the other paths may end in a host copy rather than a kernel
+    kernels::launch_combine(cp, s);
+  };
   // Shared expert first (it reuses the FFN scratch buffers).
   if (S > 0) {
     ffn_dense(L.shared_w13, L.shared_w2, S, x, T, A.shared_out, s);
@@ -779,7 +824,7 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   if (!permuted) {
     kernels::PermuteParams pp;
     pp.topk_ids = ids;
-    pp.x = x;
+    pp.x = padded_batch ? nullptr : x;
     pp.permuted_x = A.permuted_x;
     pp.expert_counts = A.counts;
     pp.expert_offsets = A.offsets;
@@ -795,17 +840,6 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     pp.pdl = pdl_;
     kernels::launch_permute(pp, s);
   }
-  // automatic: the GEMV's row limit, and both projections' k must fit the GEMV
-  // (core/expert_path.hpp uses_device_gemv(rows, hidden, inter), the cost model's rule).
-  const bool gemv = cfg_.expert_path == ExpertPath::device_gemv ||
-                    (cfg_.expert_path == ExpertPath::automatic && T * K <= cfg_.device_gemv_max_rows &&
-                     gemv_k_fits(H) && gemv_k_fits(I));
-  // Above the GEMV rows, automatic takes the per-expert cuBLASLt GEMMs on several streams for large
-  // steps (core/expert_path.hpp uses_expert_streams, the cost model's and profiler's rule) and the
-  // device-offset grouped GEMM (no host sync) otherwise.
-  const bool per_expert = cfg_.expert_path == ExpertPath::cublaslt ||
-                          (cfg_.expert_path == ExpertPath::automatic && !gemv && uses_expert_streams(T * K, El));
-  const bool tensor_core_grouped = !gemv && !per_expert;
   kernels::SwigluParams sw;
   sw.gate_up = A.gu;
   sw.out = A.ffn_act;
@@ -880,10 +914,30 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     expert_w13_->set_counts(counts);
     expert_w2_->set_counts(counts);
     const int64_t rows = expert_w13_->total_rows();
-    const bool grouped_call = cfg_.expert_gemm_streams == kExpertGemmGroupedCall;
+    if (padded_batch) {
+      const int64_t padded = El * expert_padded_rows(*std::max_element(counts.begin(), counts.end()));
+      if (padded <= A.padded_capacity) {
+        ++padded_counts_.padded;
+        run_padded_experts(L, x, T, K, ids, padded / El, s);
+        combine();
+        return;
+      }
+      // Falls back: the per-expert GEMMs on kExpertGemmStreams streams, rows in expert order.
+      ++padded_counts_.fallback;
+      if (!permuted) {
+        kernels::GatherRowsParams gp;
+        gp.x = x;
+        gp.row_token = A.permuted_token;
+        gp.dst = A.permuted_x;  // [rows, H]
+        gp.num_rows = rows;
+        gp.hidden = H;
+        kernels::launch_gather_rows(gp, s);
+      }
+    }
+    const int streams = padded_batch ? kExpertGemmStreams : cfg_.expert_gemm_streams;
+    const bool grouped_call = streams == kExpertGemmGroupedCall;
     if (grouped_call && !blas_) blas_ = std::make_unique<BlasHandle>();
-    if (cfg_.expert_gemm_streams > 1 && !expert_fanout_)
-      expert_fanout_ = std::make_unique<StreamFanout>(cfg_.expert_gemm_streams, lt_workspace_.bytes());
+    if (streams > 1 && !expert_fanout_) expert_fanout_ = std::make_unique<StreamFanout>(streams, lt_workspace_.bytes());
     if (grouped_call) {
       // One cuBLAS grouped call per projection for all the experts with rows.
       expert_w13_->run_grouped_call(A.permuted_x, L.w13, A.gu, s, *blas_);  // [rows, 2I]
@@ -903,18 +957,45 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
       expert_w2_->run(A.ffn_act, L.w2, A.expert_out, nullptr, nullptr, s);
     }
   }
-  kernels::CombineParams cp;
-  cp.expert_out = A.expert_out;
-  cp.slot_row = A.slot_row;
-  cp.topk_weights = weights;
-  cp.shared_out = S > 0 ? A.shared_out : nullptr;
-  cp.shared_gate = (S > 0 && L.shared_gate) ? A.shared_gate : nullptr;
-  cp.out = out;
-  cp.num_tokens = T;
-  cp.top_k = K;
-  cp.hidden = H;
-  cp.pdl = pdl_ && gemv;  // the other paths may end in a host copy rather than a kernel
-  kernels::launch_combine(cp, s);
+  combine();
+}
+
+void GpuModel::run_padded_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
+                                  int64_t rows_per_expert, cudaStream_t s) {
+  Act& A = *act_;
+  const int64_t H = spec_.hidden_size, I = dims_.inter;
+  const int El = dims_.experts;
+  if (rows_per_expert == 0) return;  // no local rows: every slot_row is -1, the combine adds nothing
+  const int64_t padded = El * rows_per_expert;
+  // slot_row -> padded rows, and the padded row -> token map.
+  kernels::PadExpertRowsParams pr;
+  pr.topk_ids = ids;
+  pr.expert_counts = A.counts;
+  pr.expert_offsets = A.offsets;
+  pr.permuted_token = A.permuted_token;
+  pr.slot_row = A.slot_row;
+  pr.padded_token = A.padded_token;  // [El * rows_per_expert]
+  pr.num_tokens = T;
+  pr.top_k = K;
+  pr.num_experts = El;
+  pr.rows_per_expert = rows_per_expert;
+  kernels::launch_pad_expert_rows(pr, s);
+  // Token rows into the padded layout; pad rows zero.
+  kernels::GatherRowsParams gp;
+  gp.x = x;
+  gp.row_token = A.padded_token;
+  gp.dst = A.permuted_x;  // [El * rows_per_expert, H]
+  gp.num_rows = padded;
+  gp.hidden = H;
+  kernels::launch_gather_rows(gp, s);
+  expert_w13_->run_padded_batch(A.permuted_x, L.w13, A.gu, rows_per_expert, s);  // [padded, 2I]
+  kernels::SwigluParams sw;
+  sw.gate_up = A.gu;
+  sw.out = A.ffn_act;  // [padded, I]
+  sw.num_rows = padded;
+  sw.inter = I;
+  kernels::launch_swiglu(sw, s);
+  expert_w2_->run_padded_batch(A.ffn_act, L.w2, A.expert_out, rows_per_expert, s);  // [padded, H]
 }
 
 void GpuModel::enqueue(cudaStream_t s) {

@@ -170,7 +170,8 @@ struct Pair {
   model::ReferenceModel ref;
   GpuModel gpu;
   Pair(const ModelSpec& m, uint64_t seed, int block_size, int num_blocks, int max_tokens,
-       gpu::ExpertPath path = gpu::ExpertPath::automatic, int expert_streams = kExpertGemmStreams)
+       gpu::ExpertPath path = gpu::ExpertPath::automatic, int expert_streams = kExpertGemmStreams,
+       double padded_capacity = GpuModelConfig{}.expert_padded_capacity)
       : w(model::synthetic_weights(m, seed)),
         ref(w, model::KVCacheConfig{block_size, num_blocks}),
         gpu(w, [&] {
@@ -182,6 +183,7 @@ struct Pair {
           c.max_blocks_per_seq = 64;
           c.expert_path = path;
           c.expert_gemm_streams = expert_streams;
+          c.expert_padded_capacity = padded_capacity;
           return c;
         }()) {}
   void run(const std::string& what, const std::vector<SequenceStep>& batch, CompareStats& st) {
@@ -215,10 +217,16 @@ std::vector<int32_t> random_tokens(std::mt19937_64& rng, int n, int vocab) {
 // handed out per sequence, so every block table is non-contiguous.
 // expert_streams: the per-expert cuBLASLt path's streams (1: serial on the step's stream; more:
 // forked over streams, each expert on the least-loaded one; kExpertGemmGroupedCall: one cuBLAS
-// grouped call per projection).
-void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int expert_streams = kExpertGemmStreams) {
+// grouped call per projection; kExpertGemmPaddedBatch: one strided-batched GEMM per projection
+// over the padded layout, with padded_capacity kPaddedAlwaysFits (every layer padded) or 0
+// (every layer falls back to the streams)).
+// The small models' padded layout is at most E x round_up(64 tokens, 16) rows = 8 x 64 = 4x the
+// routed rows (64 tokens x top-2), so 4 always fits.
+constexpr double kPaddedAlwaysFits = 4.0;
+void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int expert_streams = kExpertGemmStreams,
+                  double padded_capacity = GpuModelConfig{}.expert_padded_capacity) {
   const int block = 8, num_blocks = 40;
-  Pair p(m, seed, block, num_blocks, 64, path, expert_streams);
+  Pair p(m, seed, block, num_blocks, 64, path, expert_streams, padded_capacity);
   std::mt19937_64 rng(seed * 7919 + 1);
   std::vector<int32_t> pool(num_blocks);
   std::iota(pool.begin(), pool.end(), 0);
@@ -237,7 +245,9 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int e
       m.name +
       (path == gpu::ExpertPath::cublaslt
            ? (expert_streams == kExpertGemmGroupedCall ? std::string(" cuBLAS grouped call")
-                                                       : " cublaslt x" + std::to_string(expert_streams) + " streams")
+              : expert_streams == kExpertGemmPaddedBatch
+                  ? " padded batch (capacity " + std::to_string(padded_capacity) + ")"
+                  : " cublaslt x" + std::to_string(expert_streams) + " streams")
        : path == gpu::ExpertPath::grouped_gemm ? std::string(" grouped")
                                                : std::string(" gemv")) +
       " seed " + std::to_string(seed);
@@ -274,6 +284,18 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int e
   CHECK_MESSAGE(st.top1_checked > 0, name << ": no row had a clear top-1 (check kTop1GapRel)");
   CHECK_MESSAGE(2 * st.rows_excluded <= st.rows_total,
                 name << ": too many near-tie rows left out (" << st.rows_excluded << "/" << st.rows_total << ")");
+  if (expert_streams == kExpertGemmPaddedBatch) {
+    // The path under test ran: every MoE layer padded, or every one fell back.
+    const auto& pc = p.gpu.padded_batch_counts();
+    INFO(name << ": " << pc.padded << " layers padded, " << pc.fallback << " fell back");
+    if (padded_capacity >= kPaddedAlwaysFits) {
+      CHECK(pc.padded > 0);
+      CHECK(pc.fallback == 0);
+    } else if (padded_capacity == 0.0) {
+      CHECK(pc.padded == 0);
+      CHECK(pc.fallback > 0);
+    }
+  }
 }
 
 }  // namespace
@@ -285,6 +307,12 @@ TEST_CASE("forward: Qwen3-MoE (GQA, per-head QK-norm, dense first layer) vs the 
   SUBCASE("experts: per expert, one cuBLAS grouped call") {
     run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
   }
+  SUBCASE("experts: padded batched GEMM") {
+    run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, kPaddedAlwaysFits);
+  }
+  SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
+    run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) vs the float64 reference") {
@@ -293,6 +321,12 @@ TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) v
   SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, 3); }
   SUBCASE("experts: per expert, one cuBLAS grouped call") {
     run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
+  }
+  SUBCASE("experts: padded batched GEMM") {
+    run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, kPaddedAlwaysFits);
+  }
+  SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
+    run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
   }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::grouped_gemm); }
 }
@@ -303,6 +337,12 @@ TEST_CASE("forward: Mixtral (GQA 2/1, renormalised top-2) vs the float64 referen
   SUBCASE("experts: per expert, one cuBLAS grouped call") {
     run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
   }
+  SUBCASE("experts: padded batched GEMM") {
+    run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, kPaddedAlwaysFits);
+  }
+  SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
+    run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 reference") {
@@ -311,6 +351,12 @@ TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 refere
   SUBCASE("experts: cuBLASLt per expert, 3 streams") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, 3); }
   SUBCASE("experts: per expert, one cuBLAS grouped call") {
     run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall);
+  }
+  SUBCASE("experts: padded batched GEMM") {
+    run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, kPaddedAlwaysFits);
+  }
+  SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
+    run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
   }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::grouped_gemm); }
 }

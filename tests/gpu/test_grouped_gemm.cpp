@@ -30,8 +30,11 @@
 #include "mixserve/model/reference.hpp"
 #include "mixserve/model/weights.hpp"
 #include "mixserve/gpu/timing.hpp"
+#include "mixserve/core/expert_path.hpp"
+#include "mixserve/kernels/expert_pad.cuh"
 #include "mixserve/kernels/fill.cuh"
 #include "mixserve/kernels/grouped_gemm.cuh"
+#include "mixserve/kernels/permute.cuh"
 #include "reference.hpp"
 
 using namespace mixserve;
@@ -249,6 +252,192 @@ TEST_CASE("expert GEMM: per-expert cuBLASLt on 1, 2, 4, 7 streams and one cuBLAS
     check_expert_gemm_all({40, 0, 129, 3, 1024, 977}, 1536, 2048, 4, 27);
     check_expert_gemm_all({40, 0, 129, 3, 1024, 977}, 2048, 768, 4, 28);
   }
+}
+
+namespace {
+
+// The padded batched expert GEMM as the executor runs it (kExpertGemmPaddedBatch,
+// GpuModel::run_padded_experts): index-only permute of top_k = 1 ids with the given counts (pairs
+// in shuffled order), host copy of the counts, rows_per_expert = expert_padded_rows(max count);
+// if E x rows_per_expert <= capacity rows: slot_row remapped and the token rows gathered into
+// the padded layout (launch_pad_expert_rows, launch_gather_rows), ONE strided-batched GEMM
+// (ExpertGemm::run_padded_batch) whose output, read through slot_row, must match the float64
+// reference of x[t] . W_e^T; pad rows must be zero (zero activations). Else (the fallback) the
+// rows are gathered in expert order through permuted_token and must equal x's rows exactly.
+// Returns whether the padded layout fitted. Outputs are poisoned before each run; run twice (the
+// second reuses the plan).
+bool check_padded_batch(const std::vector<int>& counts, int64_t n, int64_t k, int64_t capacity, uint64_t seed) {
+  const int E = static_cast<int>(counts.size());
+  std::vector<int32_t> ids;
+  for (int e = 0; e < E; ++e) ids.insert(ids.end(), std::size_t(counts[e]), e);
+  std::mt19937_64 rng(seed);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  const int64_t T = static_cast<int64_t>(ids.size());
+  const int max_count = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+  const int64_t S = expert_padded_rows(max_count);
+  const bool fits = int64_t(E) * S <= capacity;
+  INFO("padded batch E=" << E << " tokens=" << T << " n=" << n << " k=" << k << " rows_per_expert=" << S
+                         << " capacity=" << capacity << " fits=" << fits);
+  const auto x = rand_bf16(std::size_t(std::max<int64_t>(T, 1) * k), seed + 1);
+  const auto w = rand_bf16(std::size_t(E) * n * k, seed + 2);
+  const int64_t cap = std::max<int64_t>({capacity, T, 1});
+  gpu::DeviceBuffer d_x(x.size() * 2), d_w(w.size() * 2), d_act(std::size_t(cap * k) * 2),
+      d_out(std::size_t(cap * n) * 2), ws(gpu::LtGemm::kWorkspaceBytes);
+  gpu::DeviceBuffer d_ids(std::max<std::size_t>(ids.size(), 1) * 4), d_counts(std::size_t(E) * 4),
+      d_offsets(std::size_t(E + 1) * 4), d_slot(std::max<std::size_t>(ids.size(), 1) * 4),
+      d_ptok(std::max<std::size_t>(ids.size(), 1) * 4), d_padtok(std::size_t(cap) * 4);
+  const std::size_t pws_bytes = kernels::permute_workspace_bytes(T, 1, E);
+  gpu::DeviceBuffer d_pws(std::max<std::size_t>(pws_bytes, 4));
+  upload(d_x.get(), x);
+  upload(d_w.get(), w);
+  if (T > 0) upload(d_ids.get(), ids);
+  gpu::Stream st;
+  gpu::LtHandle lt;
+  gpu::ExpertGemm eg(lt, E, n, k, DType::bf16, ws.get(), ws.bytes());
+  for (int rep = 0; rep < 2; ++rep) {
+    INFO("rep " << rep);
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_act.get(), 0xff, d_act.bytes(), st.get()));
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xff, d_out.bytes(), st.get()));
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_padtok.get(), 0x7f, d_padtok.bytes(), st.get()));
+    kernels::PermuteParams pp;
+    pp.topk_ids = d_ids.as<int32_t>();
+    pp.x = nullptr;  // index maps only
+    pp.permuted_x = d_act.as<bf16>();
+    pp.expert_counts = d_counts.as<int32_t>();
+    pp.expert_offsets = d_offsets.as<int32_t>();
+    pp.slot_row = d_slot.as<int32_t>();
+    pp.permuted_token = d_ptok.as<int32_t>();
+    pp.workspace = d_pws.get();
+    pp.workspace_bytes = pws_bytes;
+    pp.num_tokens = T;
+    pp.top_k = 1;
+    pp.num_experts = E;
+    pp.hidden = k;
+    kernels::launch_permute(pp, st.get());
+    const auto got_counts = [&] {
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+      return download<int32_t>(d_counts.get(), std::size_t(E));
+    }();
+    for (int e = 0; e < E; ++e) REQUIRE(got_counts[e] == counts[e]);
+    if (!fits) {
+      kernels::GatherRowsParams gp;
+      gp.x = d_x.as<bf16>();
+      gp.row_token = d_ptok.as<int32_t>();
+      gp.dst = d_act.as<bf16>();
+      gp.num_rows = T;
+      gp.hidden = k;
+      kernels::launch_gather_rows(gp, st.get());
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+      const auto got = download<bf16>(d_act.get(), std::size_t(T * k));
+      const auto ptok = download<int32_t>(d_ptok.get(), std::size_t(T));
+      int64_t wrong = 0;
+      for (int64_t r = 0; r < T; ++r)
+        for (int64_t c = 0; c < k; ++c) wrong += bits(got[r * k + c]) != bits(x[ptok[r] * k + c]);
+      CHECK_MESSAGE(wrong == 0, wrong << " gathered elements differ from x");
+      continue;
+    }
+    kernels::PadExpertRowsParams pr;
+    pr.topk_ids = d_ids.as<int32_t>();
+    pr.expert_counts = d_counts.as<int32_t>();
+    pr.expert_offsets = d_offsets.as<int32_t>();
+    pr.permuted_token = d_ptok.as<int32_t>();
+    pr.slot_row = d_slot.as<int32_t>();
+    pr.padded_token = d_padtok.as<int32_t>();
+    pr.num_tokens = T;
+    pr.top_k = 1;
+    pr.num_experts = E;
+    pr.rows_per_expert = S;
+    kernels::launch_pad_expert_rows(pr, st.get());
+    kernels::GatherRowsParams gp;
+    gp.x = d_x.as<bf16>();
+    gp.row_token = d_padtok.as<int32_t>();
+    gp.dst = d_act.as<bf16>();
+    gp.num_rows = int64_t(E) * S;
+    gp.hidden = k;
+    kernels::launch_gather_rows(gp, st.get());
+    eg.run_padded_batch(d_act.get(), d_w.get(), d_out.get(), S, st.get());
+    MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+    const int64_t padded = int64_t(E) * S;
+    const auto slot = download<int32_t>(d_slot.get(), std::size_t(T));
+    const auto padtok = download<int32_t>(d_padtok.get(), std::size_t(std::max<int64_t>(padded, 1)));
+    const auto got = download<bf16>(d_out.get(), std::size_t(std::max<int64_t>(padded, 1) * n));
+    // Every token's row lies in its expert's block, and the padded map points back to the token.
+    int64_t bad_rows = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r = slot[t];
+      bad_rows += r < int64_t(ids[t]) * S || r >= int64_t(ids[t] + 1) * S || padtok[r] != t;
+    }
+    REQUIRE_MESSAGE(bad_rows == 0, bad_rows << " tokens with a wrong padded row");
+    std::vector<double> ref(std::size_t(T) * n), gd(std::size_t(T) * n);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < n; ++j) {
+        double sum = 0;
+        const bf16* a = &x[t * k];
+        const bf16* b = &w[(int64_t(ids[t]) * n + j) * k];
+        for (int64_t c = 0; c < k; ++c) sum += double(__bfloat162float(a[c])) * double(__bfloat162float(b[c]));
+        ref[t * n + j] = sum;
+        gd[t * n + j] = __bfloat162float(got[slot[t] * n + j]);
+      }
+    CHECK(all_finite(gd));
+    if (T > 0) CHECK(rel_error(gd, ref) < kTol);
+    // Pad rows: token -1, zero activations, so zero outputs (finite: never NaN-poisoned).
+    int64_t pad_rows = 0, nonzero = 0;
+    for (int64_t r = 0; r < padded; ++r) {
+      const int e = static_cast<int>(r / S);
+      if (r - int64_t(e) * S < counts[e]) continue;
+      ++pad_rows;
+      if (padtok[r] != -1) ++nonzero;
+      for (int64_t j = 0; j < n; ++j) nonzero += __bfloat162float(got[r * n + j]) != 0.0f;
+    }
+    CHECK(pad_rows == padded - T);
+    CHECK_MESSAGE(nonzero == 0, nonzero << " pad-row elements or tokens are not zero / -1");
+  }
+  return fits;
+}
+
+}  // namespace
+
+TEST_CASE("expert GEMM: padded strided-batched cuBLASLt GEMM vs the float64 reference") {
+  SUBCASE("ragged experts with an empty one, n and k off the tile") {
+    CHECK(check_padded_batch({5, 0, 130, 17, 64, 1}, 136, 72, 6 * 144, 31));
+  }
+  SUBCASE("one expert holds every row") { CHECK(check_padded_batch({0, 0, 300, 0}, 264, 200, 4 * 304, 32)); }
+  SUBCASE("every expert empty (nothing to run)") { CHECK(check_padded_batch({0, 0, 0}, 64, 64, 16, 33)); }
+  SUBCASE("one expert, one row, k = 8") { CHECK(check_padded_batch({1}, 8, 8, 16, 34)); }
+  SUBCASE("capacity fallback: E x rows_per_expert one row over the capacity") {
+    CHECK_FALSE(check_padded_batch({5, 0, 130, 17, 64, 1}, 136, 72, 6 * 144 - 1, 35));
+  }
+  SUBCASE("128 experts ~1024 rows each at 1.25x capacity, Qwen3-30B-A3B gate|up and down") {
+    std::mt19937_64 rng(36);
+    std::uniform_int_distribution<int> d(992, 1056);
+    std::vector<int> counts(128);
+    for (int& c : counts) c = d(rng);
+    counts[7] = 0;
+    const int64_t rows = std::accumulate(counts.begin(), counts.end(), int64_t(0));
+    const int64_t capacity = expert_padded_rows(rows + rows / 4);
+    CHECK(check_padded_batch(counts, 1536, 2048, capacity, 37));
+    CHECK(check_padded_batch(counts, 2048, 768, capacity, 38));
+  }
+}
+
+TEST_CASE("expert GEMM: padded batch rejects bad parameters") {
+  gpu::LtHandle lt;
+  gpu::DeviceBuffer ws(gpu::LtGemm::kWorkspaceBytes);
+  gpu::ExpertGemm fp8(lt, 2, 16, 16, DType::fp8_e4m3, ws.get(), ws.bytes());
+  gpu::Stream st;
+  CHECK_THROWS_AS(fp8.run_padded_batch(ws.get(), ws.get(), ws.get(), 16, st.get()), InputError);
+  gpu::ExpertGemm eg(lt, 2, 16, 16, DType::bf16, ws.get(), ws.bytes());
+  CHECK_THROWS_AS(eg.run_padded_batch(ws.get(), ws.get(), ws.get(), -1, st.get()), InputError);
+  kernels::PadExpertRowsParams pr;  // pointers unset
+  pr.num_tokens = 1;
+  pr.top_k = 1;
+  pr.num_experts = 1;
+  pr.rows_per_expert = 16;
+  CHECK_THROWS_AS(kernels::launch_pad_expert_rows(pr, st.get()), InputError);
+  kernels::GatherRowsParams gp;
+  gp.num_rows = 1;
+  gp.hidden = 0;
+  CHECK_THROWS_AS(kernels::launch_gather_rows(gp, st.get()), InputError);
 }
 
 TEST_CASE("expert GEMM: stream fan-out rejects bad parameters") {
@@ -487,6 +676,8 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
       {"cuBLASLt per expert, 4 streams", gpu::ExpertPath::cublaslt, 4, kNewAttn},
       {"cuBLASLt per expert, 8 streams", gpu::ExpertPath::cublaslt, 8, kNewAttn},
       {"cuBLAS grouped call per projection", gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall, kNewAttn},
+      {"cuBLASLt padded batch", gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, kNewAttn},
+      {"automatic, cuBLASLt padded batch", gpu::ExpertPath::automatic, kExpertGemmPaddedBatch, kNewAttn},
       {"automatic, old attention", gpu::ExpertPath::automatic, kExpertGemmStreams, kOldAttn},
       {"automatic, attention pipelined (8 warps)", gpu::ExpertPath::automatic, kExpertGemmStreams,
        kernels::AttentionPrefillKernel::pipelined},
@@ -499,11 +690,19 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
       g.set_expert_gemm_streams(v.streams);
       g.set_attention_prefill_kernel(v.attention);
       g.prepare(batch, gpu::StepOptions{});
+      const auto before = g.padded_batch_counts();
       const auto r = gpu::time_op([&](cudaStream_t s) { g.enqueue(s); }, g.stream(), topt, nullptr);
       const double tf = flops / (r.time_us.median * 1e6);
       if (first_us == 0) first_us = r.time_us.median;
       std::printf("%-40s %12.2f %8.3f %10.1f %11.1f%% %9.3fx\n", v.name, r.time_us.median / 1e3, r.time_us.noise(),
                   tf, 100.0 * tf / 797.6, first_us / r.time_us.median);
+      if (v.streams == kExpertGemmPaddedBatch) {
+        // Whether the row timed the padded layout or its fallback (expert_padded_capacity).
+        const auto& after = g.padded_batch_counts();
+        std::printf("#   %s: %lld MoE layer runs padded, %lld fell back to %d streams\n", v.name,
+                    static_cast<long long>(after.padded - before.padded),
+                    static_cast<long long>(after.fallback - before.fallback), kExpertGemmStreams);
+      }
     } catch (const std::runtime_error& e) {
       FAIL_CHECK(v.name << ": " << e.what());
     }

@@ -36,6 +36,18 @@ inline constexpr int kExpertGemmStreams = 2;
 // instead of one cuBLASLt call per expert: the host issues 1 call, not 128. Not the default: not
 // yet measured on a GPU.
 inline constexpr int kExpertGemmGroupedCall = 0;
+// The value of GpuModelConfig::expert_gemm_streams that runs the per-expert GEMMs as ONE
+// strided-batched cuBLASLt GEMM per projection over all local experts, each expert's rows padded
+// to a common count (gpu::ExpertGemm::run_padded_batch, kernels/expert_pad.cuh): the host issues
+// 1 call, not 128, and cuBLAS sees one large GEMM. When the padded rows do not fit the buffers
+// (GpuModelConfig::expert_padded_capacity) the step falls back to kExpertGemmStreams streams.
+// Not the default: not yet measured on a GPU.
+inline constexpr int kExpertGemmPaddedBatch = -1;
+// Rows per expert of the padded layout: the largest expert's count rounded up to this.
+inline constexpr int64_t kExpertPaddedRowAlign = 16;
+inline constexpr int64_t expert_padded_rows(int64_t max_count) {
+  return (max_count + kExpertPaddedRowAlign - 1) / kExpertPaddedRowAlign * kExpertPaddedRowAlign;
+}
 
 inline constexpr bool uses_expert_streams(int64_t routed_rows, int64_t num_local_experts) {
   return num_local_experts > 0 && uses_grouped_gemm(routed_rows) &&

@@ -28,6 +28,10 @@ struct GemmShape {
   int64_t m = 0, n = 0, k = 0;
   DType dtype = DType::bf16;
   bool out_fp32 = false;  // fp32 output (bf16 operands only), e.g. the router logits
+  // Strided batch (bf16 only): `batch` GEMMs of the same m, n, k in one cuBLASLt call, GEMM b
+  // reading act + b*m*k and weight + b*n*k (stacked [batch, n, k] weights, e.g. an MoE layer's
+  // experts) and writing out + b*m*n. ExpertGemm::run_padded_batch.
+  int64_t batch = 1;
 };
 
 // "" when the shape can run, else why not (dtype unsupported, k or n not a multiple of the
@@ -90,7 +94,7 @@ class LtGemm {
   // The same GEMM with another workspace of the planned size (one per concurrent stream).
   void run(const GemmOperands& ops, cudaStream_t stream, void* workspace) const;
   const GemmShape& shape() const { return s_; }
-  double flops() const { return 2.0 * double(s_.m) * double(s_.n) * double(s_.k); }
+  double flops() const { return 2.0 * double(s_.batch) * double(s_.m) * double(s_.n) * double(s_.k); }
 
  private:
   cublasLtHandle_t h_;
@@ -165,6 +169,14 @@ class ExpertGemm {
   // count copy synchronises the stream first).
   void run_grouped_call(const void* act, const void* weights, void* out, cudaStream_t stream,
                         const BlasHandle& blas);
+  // The same GEMMs as ONE strided-batched cuBLASLt call over all num_experts experts, each expert's
+  // rows padded to rows_per_expert: act [E * rows_per_expert, k] with expert e's rows at
+  // e * rows_per_expert (rows past its count are pad rows; their outputs are computed and never
+  // read), weights [E, n, k], out [E * rows_per_expert, n]. Planned once per distinct
+  // rows_per_expert (kept, as the per-expert plans are). Does not use set_counts. bf16 only (InputError otherwise);
+  // rows_per_expert = 0 runs nothing.
+  void run_padded_batch(const void* act, const void* weights, void* out, int64_t rows_per_expert,
+                        cudaStream_t stream);
   int64_t act_scale_offset(int e) const { return act_scale_offsets_[e]; }
   double flops() const;
 
@@ -178,6 +190,7 @@ class ExpertGemm {
   std::vector<int64_t> counts_, offsets_, act_scale_offsets_;
   int64_t total_rows_ = 0;
   std::map<int64_t, std::unique_ptr<LtGemm>> plans_;
+  std::map<int64_t, std::unique_ptr<LtGemm>> padded_plans_;  // run_padded_batch's, by rows_per_expert
   uint64_t counts_generation_ = 0;  // bumped by set_counts: run_grouped_call re-uploads its arrays
   struct GroupedCall;                // run_grouped_call's arrays; made on its first call
   std::unique_ptr<GroupedCall> grouped_call_;

@@ -82,7 +82,18 @@ struct GpuModelConfig {
   // kExpertGemmGroupedCall (0): the same per-expert GEMMs as ONE cuBLAS grouped call per
   // projection on the step's stream (cublasGemmGroupedBatchedEx, ExpertGemm::run_grouped_call;
   // a cuBLAS handle made on the first step that needs it).
+  // kExpertGemmPaddedBatch (-1): ONE strided-batched cuBLASLt GEMM per projection over all local
+  // experts, each expert's rows padded to the largest count rounded up to kExpertPaddedRowAlign
+  // (index-only permute, host copy of the counts, kernels/expert_pad.cuh remap + gather,
+  // ExpertGemm::run_padded_batch); falls back to kExpertGemmStreams streams when
+  // local experts x padded rows exceed the padded capacity below.
   int expert_gemm_streams = kExpertGemmStreams;
+  // The capacity of kExpertGemmPaddedBatch's padded layout as a multiple of the step's routed
+  // rows (max_tokens_per_step * top_k), rounded up to kExpertPaddedRowAlign; the expert
+  // activation buffers (permuted_x, gate|up, SwiGLU, expert output) get max(routed rows,
+  // capacity) rows. 1.25 holds the largest expert up to ~1.25x the mean count; at 16384 tokens of
+  // Qwen3-30B-A3B it adds ~400 MiB. 0: the padded layout never fits, every layer falls back (tests).
+  double expert_padded_capacity = 1.25;
   // The attention kernel of prefill-sized sequences (attention.cuh AttentionPrefillKernel):
   // pipelined_m32 (4 warps of two 16-row m-tiles; on the H200 1.66x the previous kernel at 8 x 2048,
   // pipelined 1.44x: session 4 call 2), pipelined (8 warps of 16 rows) or registers (the previous one).
@@ -160,7 +171,14 @@ class GpuModel {
   double weight_bytes() const { return weight_bytes_; }
   cudaStream_t stream() const { return stream_.get(); }
   void set_expert_path(ExpertPath p) { cfg_.expert_path = p; }
-  void set_expert_gemm_streams(int n);  // InputError unless n >= 0 (0: kExpertGemmGroupedCall)
+  // InputError unless n >= -1 (0: kExpertGemmGroupedCall, -1: kExpertGemmPaddedBatch)
+  void set_expert_gemm_streams(int n);
+  // MoE layers run by kExpertGemmPaddedBatch since construction: in the padded layout, and
+  // fallen back to the streams because the padded rows exceeded expert_padded_capacity.
+  struct PaddedBatchCounts {
+    int64_t padded = 0, fallback = 0;
+  };
+  const PaddedBatchCounts& padded_batch_counts() const { return padded_counts_; }
   void set_attention_prefill_kernel(kernels::AttentionPrefillKernel k) { cfg_.attention_prefill_kernel = k; }
   void set_decode_kernels(bool on) { cfg_.decode_kernels = on && !cfg_.shard.sharded(); }
   void set_grouped_gemv_v2_max_tokens(int64_t t) { cfg_.grouped_gemv_v2_max_tokens = t; }
@@ -213,6 +231,10 @@ class GpuModel {
   // permuted: the rows are already permuted (moe_route_permute), no permute launch.
   void moe_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
                    const float* weights, bool shared, __nv_bfloat16* out, cudaStream_t s, bool permuted = false);
+  // kExpertGemmPaddedBatch after the permute and the host copy of the counts: remap slot_row to
+  // the padded layout, gather x into it, one strided-batched GEMM per projection, the SwiGLU.
+  void run_padded_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
+                          int64_t rows_per_expert, cudaStream_t s);
   // Router logits, top-k and permute in one launch (kernels/moe_route.cuh): decode-sized steps of
   // the whole model (core/decode_path.hpp uses_fused_moe_route).
   void moe_route_permute(const Layer& L, const __nv_bfloat16* x, int64_t T, cudaStream_t s);
@@ -237,6 +259,7 @@ class GpuModel {
   std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::unique_ptr<LtGemm>> gemms_;  // m, n, k, fp32 out
   std::unique_ptr<ExpertGemm> expert_w13_, expert_w2_;
   std::unique_ptr<StreamFanout> expert_fanout_;  // expert_gemm_streams > 1; made on first use
+  PaddedBatchCounts padded_counts_;
   std::unique_ptr<BlasHandle> blas_;             // expert_gemm_streams == kExpertGemmGroupedCall; on first use
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
 
