@@ -627,6 +627,7 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
   c.max_seqs_per_step = seqs;
   c.max_blocks_per_seq = len / c.block_size;
   c.num_blocks = seqs * c.max_blocks_per_seq;
+  c.expert_padded_capacity = 1.25;  // room for the padded-batch rows (off by default)
   gpu::GpuModel g(m, 7, c);
   std::mt19937_64 rng(1);
   std::uniform_int_distribution<int32_t> tok(0, m.vocab_size - 1);

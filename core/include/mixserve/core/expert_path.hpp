@@ -33,15 +33,18 @@ inline constexpr int64_t kExpertStreamsMinRowsPerExpert = 512;
 inline constexpr int kExpertGemmStreams = 2;
 // The value of GpuModelConfig::expert_gemm_streams that runs the per-expert GEMMs as ONE cuBLAS
 // grouped call per projection (cublasGemmGroupedBatchedEx, gpu::ExpertGemm::run_grouped_call)
-// instead of one cuBLASLt call per expert: the host issues 1 call, not 128. Not the default: not
-// yet measured on a GPU.
+// instead of one cuBLASLt call per expert: the host issues 1 call, not 128. Not the default: on the
+// H200 it was slower than the streams (8 x 2048 step: 29.98 vs 22.48 ms; cuBLAS runs the groups
+// one after another), docs/prefill.md.
 inline constexpr int kExpertGemmGroupedCall = 0;
 // The value of GpuModelConfig::expert_gemm_streams that runs the per-expert GEMMs as ONE
 // strided-batched cuBLASLt GEMM per projection over all local experts, each expert's rows padded
 // to a common count (gpu::ExpertGemm::run_padded_batch, kernels/expert_pad.cuh): the host issues
 // 1 call, not 128, and cuBLAS sees one large GEMM. When the padded rows do not fit the buffers
 // (GpuModelConfig::expert_padded_capacity) the step falls back to kExpertGemmStreams streams.
-// Not the default: not yet measured on a GPU.
+// Not the default: on the H200 (session 4 call 6) the 8 x 2048 step took 22.04 ms against 22.60 on
+// 2 streams with 21 of 28 layer runs padded at capacity 1.25, and at 48 layers most layers fell
+// back (the largest expert above 1.25x the mean), docs/prefill.md.
 inline constexpr int kExpertGemmPaddedBatch = -1;
 // Rows per expert of the padded layout: the largest expert's count rounded up to this.
 inline constexpr int64_t kExpertPaddedRowAlign = 16;

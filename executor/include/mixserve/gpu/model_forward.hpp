@@ -92,8 +92,10 @@ struct GpuModelConfig {
   // rows (max_tokens_per_step * top_k), rounded up to kExpertPaddedRowAlign; the expert
   // activation buffers (permuted_x, gate|up, SwiGLU, expert output) get max(routed rows,
   // capacity) rows. 1.25 holds the largest expert up to ~1.25x the mean count; at 16384 tokens of
-  // Qwen3-30B-A3B it adds ~400 MiB. 0: the padded layout never fits, every layer falls back (tests).
-  double expert_padded_capacity = 1.25;
+  // Qwen3-30B-A3B it adds ~400 MiB. 0 (default: the path is not the default and measured little
+  // faster, docs/prefill.md, so no model pays the memory): the padded layout never fits, every
+  // layer falls back to the streams.
+  double expert_padded_capacity = 0.0;
   // The attention kernel of prefill-sized sequences (attention.cuh AttentionPrefillKernel):
   // pipelined_m32 (4 warps of two 16-row m-tiles; on the H200 1.66x the previous kernel at 8 x 2048,
   // pipelined 1.44x: session 4 call 2), pipelined (8 warps of 16 rows) or registers (the previous one).
