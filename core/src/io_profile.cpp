@@ -8,7 +8,7 @@
 //     without GEMV points reads as before),
 //   host_overhead {step_us, steps, measured_with} (optional; written when step_us > 0),
 //   graph_launch {alone_graph_us, alone_eager_us, chain_us, chain_kernels, [alone_gemv_us,
-//     mixed_chain_us,] measured_with}
+//     mixed_chain_us,] measured_with, [no_pdl_extra_us, no_pdl_measured_with]}
 //     (optional; written when chain_kernels > 0),
 //   versions {name: version}, measured_on, notes, provenance.
 #include <optional>
@@ -184,6 +184,7 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
   if (root.has("graph_launch")) {
     const YamlMap g = root.map("graph_launch");
     g.allow_keys({"alone_graph_us", "alone_eager_us", "chain_us", "chain_kernels", "alone_gemv_us", "mixed_chain_us",
+                  "no_pdl_extra_us", "no_pdl_measured_with",
                   "measured_with"});
     p.graph_launch.alone_graph_us = g.positive_num("alone_graph_us");
     p.graph_launch.alone_eager_us = g.positive_num("alone_eager_us");
@@ -192,6 +193,8 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
     p.graph_launch.alone_gemv_us = g.nonneg_num("alone_gemv_us", 0.0);
     p.graph_launch.mixed_chain_us = g.nonneg_num("mixed_chain_us", 0.0);
     p.graph_launch.measured_with = g.str("measured_with");
+    p.graph_launch.no_pdl_extra_us = g.nonneg_num("no_pdl_extra_us", 0.0);
+    if (p.graph_launch.no_pdl_extra_us > 0) p.graph_launch.no_pdl_measured_with = g.str("no_pdl_measured_with");
   }
   p.measured_on = root.str("measured_on", "");
   p.notes = root.str("notes", "");
@@ -313,6 +316,10 @@ std::string profile_to_yaml(const HardwareProfile& p) {
       out << YAML::Key << "mixed_chain_us" << YAML::Value << fmt_num(p.graph_launch.mixed_chain_us);
     }
     out << YAML::Key << "measured_with" << YAML::Value << p.graph_launch.measured_with;
+    if (p.graph_launch.no_pdl_extra_us > 0) {
+      out << YAML::Key << "no_pdl_extra_us" << YAML::Value << fmt_num(p.graph_launch.no_pdl_extra_us);
+      out << YAML::Key << "no_pdl_measured_with" << YAML::Value << p.graph_launch.no_pdl_measured_with;
+    }
     out << YAML::EndMap;
   }
   out << YAML::Key << "versions" << YAML::Value << YAML::BeginMap;

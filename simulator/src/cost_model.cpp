@@ -89,7 +89,8 @@ struct Acc {
   std::array<double, kSlots> t{};
   std::array<CostSource, kSlots> s{};
   std::array<bool, kSlots> used{};
-  std::array<double, kSlots> n{};  // launches per slot
+  std::array<double, kSlots> n{};   // launches per slot
+  std::array<double, kSlots> np{};  // of which launched without programmatic dependent launch
   double launches = 0;
   void add_launches(Slot i, OpTime o, double count) {
     t[i] += o.time_us;
@@ -99,11 +100,19 @@ struct Acc {
     launches += count;
   }
   void add(Slot i, OpTime o) { add_launches(i, o, 1); }
+  // One launch the executor makes without PDL even in a PDL step (model_forward.cpp: attention,
+  // the separate q/k norm, RoPE and KV-write kernels, the expert GEMMs that are not the device
+  // GEMV, and the step's embedding, RoPE-table and LM-head launches).
+  void add_no_pdl(Slot i, OpTime o) {
+    add_launches(i, o, 1);
+    np[i] += 1;
+  }
   void add_coll(Slot i, OpTime o) { add_launches(i, o, 0); }
   void add(const Acc& o, double mult) {
     launches += o.launches * mult;
     for (int i = 0; i < kSlots; ++i) {
       n[i] += o.n[i] * mult;
+      np[i] += o.np[i] * mult;
       if (!o.used[i]) continue;
       t[i] += o.t[i] * mult;
       s[i] = used[i] ? worse(s[i], o.s[i]) : o.s[i];
@@ -188,6 +197,7 @@ class MixServeModel final : public StepCostModel {
     device_greedy_ = opt.device_greedy;
     host_step_us_ = p.host_overhead.step_us;  // 0 when the profile has none
     graph_saving_us_ = opt.decode_graphs ? p.graph_launch.saving_us() : 0.0;
+    graph_saving_no_pdl_us_ = opt.decode_graphs ? p.graph_launch.saving_no_pdl_us() : 0.0;
     qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
     sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
@@ -349,21 +359,21 @@ class MixServeModel final : public StepCostModel {
       if (dk_ && T_max > 0 && st.dense_full + st.dense_sliding + st.moe_full + st.moe_sliding > 0) {
         // decode kernels: the RoPE table once per step (cos/sin, fp32, per token and frequency),
         // and the stage's last layer's residual add (the others are fused into the next norm).
-        stage.add(embedding, timer_->memory_op(T_max * (4.0 + 2.0 * m_.attention.head_dim)));
-        stage.add(attn_norm, timer_->memory_op(3 * T_max * h_ * act_));
+        stage.add_no_pdl(embedding, timer_->memory_op(T_max * (4.0 + 2.0 * m_.attention.head_dim)));
+        stage.add_no_pdl(attn_norm, timer_->memory_op(3 * T_max * h_ * act_));
       }
       if (st.first && T_max > 0) {
-        stage.add(embedding, timer_->memory_op(2 * T_max * h_ * act_));
+        stage.add_no_pdl(embedding, timer_->memory_op(2 * T_max * h_ * act_));
         stage.add_coll(embedding, timer_->collective(CollOp::all_reduce, g_attn_tp_, T_max * h_ * act_));
       }
       if (st.last && rows_max > 0) {
-        stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // gather last rows
-        stage.add(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // final RMSNorm
-        stage.add(lm_head, timer_->gemm(rows_max, m_.vocab_size / l_.attn_tp, h_, m_.activation_dtype));
+        stage.add_no_pdl(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // gather last rows
+        stage.add_no_pdl(lm_head, timer_->memory_op(2 * rows_max * h_ * act_));  // final RMSNorm
+        stage.add_no_pdl(lm_head, timer_->gemm(rows_max, m_.vocab_size / l_.attn_tp, h_, m_.activation_dtype));
         stage.add_coll(lm_head, timer_->collective(CollOp::all_gather, g_attn_tp_,
                                               rows_max * m_.vocab_size * K.logits_bytes_per_element));
         if (device_greedy_)  // argmax over each row's bf16 logits
-          stage.add(lm_head, timer_->memory_op(2.0 * rows_max * m_.vocab_size));
+          stage.add_no_pdl(lm_head, timer_->memory_op(2.0 * rows_max * m_.vocab_size));
       }
       if (!st.last && T_max > 0)
         stage.add_coll(pp_send, timer_->collective(CollOp::send_recv, st.send, T_max * h_ * act_));
@@ -379,8 +389,13 @@ class MixServeModel final : public StepCostModel {
     double graph_us = 0;
     if (graph_saving_us_ > 0 && !any_prefill && per_replica.size() == 1 &&
         decode_step_graphed(true, l_.world_size() > 1, E_ > 0, per_replica[0].num_decode, k_)) {
+      // Launches without PDL save no_pdl_extra_us less (profile graph_launch); in a step above
+      // kDecodeGemvMaxTokens tokens no launch takes PDL.
+      const bool pdl_step = uses_programmatic_launch(dk_, true, int64_t(per_replica[0].tokens()));
       for (int i = 0; i < kSlots; ++i) {
-        const double cut = std::min(total.n[i] * graph_saving_us_, total.t[i]);
+        const double no_pdl = pdl_step ? total.np[i] : total.n[i];
+        const double cut = std::min(total.n[i] * graph_saving_us_ - no_pdl * (graph_saving_us_ - graph_saving_no_pdl_us_),
+                                    total.t[i]);
         total.t[i] -= cut;
         graph_us += cut;
       }
@@ -569,11 +584,11 @@ class MixServeModel final : public StepCostModel {
       } else {
         // Per launch: the q/k RMSNorm (Qwen3, OLMoE), RoPE on q and k, the KV-cache write.
         if (at.qk_norm) {
-          a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
-          a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+          a.add_no_pdl(attn_qkv, timer_->memory_op(2 * t * qw * act_));
+          a.add_no_pdl(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
         }
-        a.add(attn_qkv, timer_->memory_op(2 * t * (qw + kvw) * act_));   // RoPE
-        a.add(attn_core, timer_->memory_op(2 * t * 2 * kvw * act_));     // KV write
+        a.add_no_pdl(attn_qkv, timer_->memory_op(2 * t * (qw + kvw) * act_));   // RoPE
+        a.add_no_pdl(attn_core, timer_->memory_op(2 * t * 2 * kvw * act_));     // KV write
       }
       v_dim = at.head_dim;
     }
@@ -622,6 +637,7 @@ class MixServeModel final : public StepCostModel {
     const double attn_launches = attention_launches(b);
     a.launches += attn_launches;
     a.n[attn_core] += attn_launches;
+    a.np[attn_core] += attn_launches;  // launch_attention takes no PDL
     if (dense_gemv_for(dk_, int64_t(t), int64_t(heads_) * v_dim))
       a.add(attn_o, timer_->gemv(t, h_, int64_t(heads_) * v_dim, wd, GemvKind::plain));
     else
@@ -739,9 +755,17 @@ class MixServeModel final : public StepCostModel {
     }
     ExpertGemmShape up{E_local_, rows, active, 2 * I, h_, ed, gemv, grouped, v2};
     ExpertGemmShape down{E_local_, rows, active, h_, I, ed, gemv, grouped, v2};
-    a.add(moe_experts, timer_->expert_gemm(up));
+    if (gemv) {
+      a.add(moe_experts, timer_->expert_gemm(up));
+    } else {  // the grouped GEMM / cuBLASLt launches take no PDL
+      a.add_no_pdl(moe_experts, timer_->expert_gemm(up));
+    }
     if (!v2) a.add(moe_experts, timer_->memory_op(3.0 * rows * I * act_));  // v2: fused into down
-    a.add(moe_experts, timer_->expert_gemm(down));
+    if (gemv) {
+      a.add(moe_experts, timer_->expert_gemm(down));
+    } else {
+      a.add_no_pdl(moe_experts, timer_->expert_gemm(down));
+    }
     a.add(moe_experts, timer_->memory_op((rows + 2.0 * Tg) * h_ * act_));
     if (m_.moe.has_shared_expert()) {
       const int64_t Is = m_.moe.shared_intermediate_size / l_.moe_tp;
@@ -863,6 +887,7 @@ class MixServeModel final : public StepCostModel {
   double host_step_us_ = 0;   // profile host_overhead.step_us: once per step
   bool dk_ = false;           // the executor's decode kernels (core/decode_path.hpp)
   double graph_saving_us_ = 0;  // per launch of a graphed decode step (profile graph_launch)
+  double graph_saving_no_pdl_us_ = 0;  // per launch made without PDL (saving_no_pdl_us)
   bool device_greedy_ = false;  // CostModelOptions::device_greedy
   bool qk_per_head_ = true;   // q/k norms per head or absent: the fused QK-norm/RoPE/KV write
   int sm_count_ = 132;

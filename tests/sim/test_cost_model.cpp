@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/core/io.hpp"
 #include "mixserve/sim/cost_model.hpp"
 #include "mixserve/sim/queueing.hpp"
 #include "mixserve/sim/cost_moe_comm.hpp"
@@ -369,4 +370,50 @@ TEST_CASE("graphed decode steps: each launch costs the profile's graph saving le
   none.graph_launch = {};
   CHECK(make_cost_model("mixserve", m, c2, p, tp2, {})->step(d1, false).time_us ==
         doctest::Approx(make_cost_model("mixserve", m, c2, none, tp2, {})->step(d1, false).time_us));
+}
+
+TEST_CASE("graphed decode steps: launches without programmatic dependent launch save no_pdl_extra_us less") {
+  const ModelSpec m = test::qwen3_235b();
+  HardwareProfile p = test::h200_datasheet(3.0);
+  const ClusterSpec c1 = test::h200_cluster(1, 1);
+  const Layout one = test::layout(1, 1, 1, 1, 1, MoeComm::tp_allreduce);
+  p.graph_launch = {4.0, 5.0, 1.5, 64, 0, 0, "test"};  // saving 2.5 us per launch
+  const HardwareProfile p_base = p;
+  auto base = make_cost_model("mixserve", m, c1, p, one, {});
+  p.graph_launch.no_pdl_extra_us = 1.0;  // 1.5 us per launch made without PDL
+  p.graph_launch.no_pdl_measured_with = "test";
+  CHECK(p.graph_launch.saving_no_pdl_us() == doctest::Approx(1.5));
+  auto extra = make_cost_model("mixserve", m, c1, p, one, {});
+  auto op_time = [](const StepCost& s, const std::string& op) {
+    for (const OpCost& o : s.ops)
+      if (o.op == op) return o.time_us;
+    return 0.0;
+  };
+  // One token: a PDL step. The LM head's three launches (row gather, final norm, cuBLASLt GEMM)
+  // take no PDL: 3 x 1 us more; the experts (device GEMV, permute, router, combine: all PDL) and
+  // q|k|v (GEMV + fused QK-norm/RoPE/KV write) the same.
+  const auto d1 = decode_batch(1, 1, 512);
+  const StepCost b1 = base->step(d1, true), e1 = extra->step(d1, true);
+  CHECK(op_time(e1, "lm_head") - op_time(b1, "lm_head") == doctest::Approx(3.0));
+  CHECK(op_time(e1, "moe.experts") == doctest::Approx(op_time(b1, "moe.experts")));
+  CHECK(op_time(e1, "attn.qkv_proj") == doctest::Approx(op_time(b1, "attn.qkv_proj")));
+  CHECK(e1.time_us > b1.time_us);
+  // 16 tokens: above kDecodeGemvMaxTokens no launch takes PDL: every launch whose op is not cut
+  // to zero saves 1 us less, so the experts' slot (n launches, each far above 2.5 us) grows by n.
+  const auto d16 = decode_batch(1, 16, 512);
+  const StepCost b16 = base->step(d16, true), e16 = extra->step(d16, true);
+  const double grow = op_time(e16, "moe.experts") - op_time(b16, "moe.experts");
+  CHECK(grow > 0);
+  CHECK(grow == doctest::Approx(std::round(grow)));  // whole launches
+  CHECK(e16.time_us - b16.time_us <= 1.0 * b16.launches + 1e-6);
+  // Eager steps are not affected.
+  CostModelOptions eager_opt;
+  eager_opt.decode_graphs = false;
+  CHECK(make_cost_model("mixserve", m, c1, p, one, eager_opt)->step(d1, false).time_us ==
+        doctest::Approx(make_cost_model("mixserve", m, c1, p_base, one, eager_opt)->step(d1, false).time_us));
+  // The profile round-trips the measurement (and an older profile without it reads as 0).
+  const HardwareProfile back = parse_profile_yaml(profile_to_yaml(p), "round-trip");
+  CHECK(back.graph_launch.no_pdl_extra_us == doctest::Approx(1.0));
+  CHECK(back.graph_launch.no_pdl_measured_with == "test");
+  CHECK(parse_profile_yaml(profile_to_yaml(p_base), "round-trip").graph_launch.no_pdl_extra_us == 0.0);
 }

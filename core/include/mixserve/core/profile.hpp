@@ -121,6 +121,16 @@ struct GraphLaunch {
   int chain_kernels = 0;
   double alone_gemv_us = 0, mixed_chain_us = 0;  // 0: not measured (older profiles)
   std::string measured_with;  // the command, device and date
+  // Per launch made WITHOUT programmatic dependent launch inside a graphed decode step, what it
+  // costs more than a launch with it (so saves that much less): measured on the executor's real
+  // decode chain, the same graphed step with and without PDL over its PDL launches. 0: not
+  // measured (every launch gets saving_us()). no_pdl_measured_with: the command, device and date.
+  double no_pdl_extra_us = 0;
+  std::string no_pdl_measured_with;
+  double saving_no_pdl_us() const {
+    const double s = saving_us() - no_pdl_extra_us;
+    return s > 0 ? s : 0;
+  }
   double saving_us() const {
     if (chain_kernels <= 0) return 0;
     const double alone = alone_graph_us < alone_eager_us ? alone_graph_us : alone_eager_us;
