@@ -566,14 +566,14 @@ class MixServeModel final : public StepCostModel {
         // Decode kernels: q|k|v in one GEMV launch over the concatenated weight, bias inside.
         a.add(attn_qkv, timer_->gemv(t, qw + 2 * kvw, h_, wd, GemvKind::plain));
       } else {
-        // q, k and v as three cuBLASLt GEMMs (model_forward.cpp), then the biases (Qwen2).
-        a.add(attn_qkv, timer_->gemm(t, qw, h_, wd));
-        a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
-        a.add(attn_qkv, timer_->gemm(t, kvw, h_, wd));
+        // q, k and v as three cuBLASLt GEMMs (model_forward.cpp), then the biases (Qwen2); no PDL.
+        a.add_no_pdl(attn_qkv, timer_->gemm(t, qw, h_, wd));
+        a.add_no_pdl(attn_qkv, timer_->gemm(t, kvw, h_, wd));
+        a.add_no_pdl(attn_qkv, timer_->gemm(t, kvw, h_, wd));
         if (at.qkv_bias) {
-          a.add(attn_qkv, timer_->memory_op(2 * t * qw * act_));
-          a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
-          a.add(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+          a.add_no_pdl(attn_qkv, timer_->memory_op(2 * t * qw * act_));
+          a.add_no_pdl(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
+          a.add_no_pdl(attn_qkv, timer_->memory_op(2 * t * kvw * act_));
         }
       }
       if (uses_fused_qk_rope_kv(dk_, qk_per_head_)) {
@@ -641,7 +641,7 @@ class MixServeModel final : public StepCostModel {
     if (dense_gemv_for(dk_, int64_t(t), int64_t(heads_) * v_dim))
       a.add(attn_o, timer_->gemv(t, h_, int64_t(heads_) * v_dim, wd, GemvKind::plain));
     else
-      a.add(attn_o, timer_->gemm(t, h_, int64_t(heads_) * v_dim, wd));
+      a.add_no_pdl(attn_o, timer_->gemm(t, h_, int64_t(heads_) * v_dim, wd));
     a.add_coll(attn_ar, timer_->collective(CollOp::all_reduce, g_attn_tp_, t * h_ * act_));
     // The layer's closing residual add (x + ffn_out), one launch after the FFN / MoE block;
     // under the decode kernels fused into the next layer's input norm (above; the stage's last
@@ -691,7 +691,7 @@ class MixServeModel final : public StepCostModel {
     if (router_uses_gemv(dk_, int64_t(t)) && gemv_k_fits(h_))
       a.add(moe_router, timer_->gemv(t, E_, h_, m_.activation_dtype, GemvKind::fp32_out));
     else
-      a.add(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
+      a.add_no_pdl(moe_router, timer_->gemm(t, E_, h_, m_.activation_dtype));
     a.add_launches(moe_router, timer_->memory_op(2.0 * t * E_ * K.logits_bytes_per_element), fused ? 0 : 1);
     return a;
   }
@@ -713,16 +713,17 @@ class MixServeModel final : public StepCostModel {
     // Each projection takes the GEMV only if the kernel takes its k (dense_gemv_for), as the
     // executor's GpuModel::linear / ffn_dense decide.
     const int64_t tk = int64_t(std::ceil(t));
+    // The cuBLASLt GEMMs and the SwiGLU kernel take no PDL (add_no_pdl), the GEMVs do.
     if (dense_gemv_for(dk_, tk, h_))
       a.add(slot, timer_->gemv(t, 2 * I, h_, wd, GemvKind::plain));
     else
-      a.add(slot, timer_->gemm(t, 2 * I, h_, wd));
+      a.add_no_pdl(slot, timer_->gemm(t, 2 * I, h_, wd));
     if (dense_gemv_for(dk_, tk, I)) {
       a.add(slot, timer_->gemv(t, h_, I, wd, GemvKind::swiglu));
       return;
     }
-    a.add(slot, timer_->memory_op(3.0 * t * I * act_));
-    a.add(slot, timer_->gemm(t, h_, I, wd));
+    a.add_no_pdl(slot, timer_->memory_op(3.0 * t * I * act_));
+    a.add_no_pdl(slot, timer_->gemm(t, h_, I, wd));
   }
 
   // rows: routed rows of the most loaded EP rank.
@@ -771,7 +772,7 @@ class MixServeModel final : public StepCostModel {
       const int64_t Is = m_.moe.shared_intermediate_size / l_.moe_tp;
       ffn(a, moe_shared, Tg, Is, ed);
       if (m_.moe.shared_expert_gate)  // sigmoid gate logits (fp32 linear, one launch)
-        a.add(moe_shared, timer_->gemm(Tg, 1, h_, m_.activation_dtype));
+        a.add_no_pdl(moe_shared, timer_->gemm(Tg, 1, h_, m_.activation_dtype));
     }
     const double tok_bytes = h_ * act_;
     // A shared expert under a scheduled MoE communication runs in every moe-TP group on the

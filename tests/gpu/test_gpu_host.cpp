@@ -91,6 +91,8 @@ TEST_CASE("tokens per expert, routed:K: distinct experts per token, reproducible
   CHECK(*std::max_element(u.begin(), u.end()) == 128);
   CHECK_THROWS_AS(tokens_per_expert("routed:0", 4, 10), InputError);
   CHECK_THROWS_AS(tokens_per_expert("routed:x", 4, 10), InputError);
+  CHECK_THROWS_AS(tokens_per_expert("routed:8x", 4, 10), InputError);
+  CHECK_THROWS_AS(tokens_per_expert("routed:", 4, 10), InputError);
 }
 
 TEST_CASE("geometric sizes follow nccl-tests -b -e -f") {
