@@ -192,8 +192,10 @@ class GpuModel {
   // ffn_moe's parts: the router (global top-k ids and weights into the activations), and the
   // routed experts (+ the shared expert when `shared`) on rows with k slots of local expert ids.
   void moe_route(const Layer& L, const __nv_bfloat16* x, int64_t T, cudaStream_t s);
+  // local_rows: the routed rows of the shard's experts the automatic path expects (its choice
+  // between the grouped GEMM and the per-expert streams is made before the counts are known).
   void moe_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
-                   const float* weights, bool shared, __nv_bfloat16* out, cudaStream_t s);
+                   const float* weights, bool shared, __nv_bfloat16* out, int64_t local_rows, cudaStream_t s);
   void ffn_dense(const __nv_bfloat16* w13, const __nv_bfloat16* w2, int64_t inter, const __nv_bfloat16* x,
                  int64_t T, __nv_bfloat16* out, cudaStream_t s);
   void moe_block(const Layer& L, int64_t T, cudaStream_t s);  // the MoE of the shard's moe_mode
