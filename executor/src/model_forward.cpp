@@ -666,11 +666,11 @@ void GpuModel::moe_block(const Layer& L, int64_t T, cudaStream_t s) {
     if (sh > 0) {
       if (!L.shared_w13)
         throw RuntimeError("scheduled MoE: shared-expert rows on a rank without the shared expert's shard");
-      moe_experts(L, r.x, sh, r.k, r.ids, r.weights, true, r.out, s);
+      moe_experts(L, r.x, sh, r.k, r.ids, r.weights, true, r.out, sh * r.k, s);  // slots of local experts
     }
     if (r.rows > sh)
       moe_experts(L, r.x + sh * H, r.rows - sh, r.k, r.ids + sh * r.k, r.weights + sh * r.k, false,
-                  r.out + sh * H, s);
+                  r.out + sh * H, (r.rows - sh) * r.k, s);
     // One experts_touched entry per layer: the larger of the two calls' counts (their experts may
     // overlap; the entry is a lower bound of the distinct experts read, prepared_min_bytes).
     if (prep_->experts_touched.size() == touched0 + 2) {
@@ -710,13 +710,14 @@ void GpuModel::ffn_moe(const Layer& L, const bf16* x, int64_t T, bf16* out, cuda
   const int E = spec_.moe.num_experts, K = spec_.moe.top_k, El = dims_.experts;
   if (El == E && uses_fused_moe_route(cfg_.decode_kernels, T, cfg_.fused_moe_route)) {
     moe_route_permute(L, x, T, s);  // logits, top-k and permute in one launch
-    moe_experts(L, x, T, K, act_->topk_ids, act_->topk_w, true, out, s, true);
+    moe_experts(L, x, T, K, act_->topk_ids, act_->topk_w, true, out, T * K, s, true);  // El == E
     return;
   }
   moe_route(L, x, T, s);
   // Expert parallel: ids relative to the shard's first expert; the permute drops the others.
   if (El < E) launch_offset_ids(act_->topk_ids, T * K, -dims_.expert0, s);
-  moe_experts(L, x, T, K, act_->topk_ids, act_->topk_w, true, out, s);
+  // The ids cover all E experts; the shard's El get their share of the routed rows on average.
+  moe_experts(L, x, T, K, act_->topk_ids, act_->topk_w, true, out, T * K * El / E, s);
 }
 
 void GpuModel::moe_route(const Layer& L, const bf16* x, int64_t T, cudaStream_t s) {
@@ -779,7 +780,8 @@ void GpuModel::set_expert_gemm_streams(int n) {
 }
 
 void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
-                           const float* weights, bool shared, bf16* out, cudaStream_t s, bool permuted) {
+                           const float* weights, bool shared, bf16* out, int64_t local_rows, cudaStream_t s,
+                           bool permuted) {
   Act& A = *act_;
   const ModelSpec& m = spec_;
   const int64_t H = m.hidden_size, I = dims_.inter, S = (shared && L.shared_w13) ? dims_.shared : 0;
@@ -793,7 +795,7 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   // steps (core/expert_path.hpp uses_expert_streams, the cost model's and profiler's rule) and the
   // device-offset grouped GEMM (no host sync) otherwise.
   const bool per_expert = cfg_.expert_path == ExpertPath::cublaslt ||
-                          (cfg_.expert_path == ExpertPath::automatic && !gemv && uses_expert_streams(T * K, El));
+                          (cfg_.expert_path == ExpertPath::automatic && !gemv && uses_expert_streams(local_rows, El));
   const bool tensor_core_grouped = !gemv && !per_expert;
   // The padded batched GEMM gathers the rows itself (into its padded layout, or in expert order
   // when it falls back), so its permute writes the index maps only.

@@ -230,9 +230,12 @@ class GpuModel {
   // ffn_moe's parts: the router (global top-k ids and weights into the activations), and the
   // routed experts (+ the shared expert when `shared`) on rows with k slots of local expert ids.
   void moe_route(const Layer& L, const __nv_bfloat16* x, int64_t T, cudaStream_t s);
+  // local_rows: the routed rows of the shard's experts the automatic path expects (its choice
+  // between the grouped GEMM and the per-expert streams is made before the counts are known).
   // permuted: the rows are already permuted (moe_route_permute), no permute launch.
   void moe_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
-                   const float* weights, bool shared, __nv_bfloat16* out, cudaStream_t s, bool permuted = false);
+                   const float* weights, bool shared, __nv_bfloat16* out, int64_t local_rows, cudaStream_t s,
+                   bool permuted = false);
   // kExpertGemmPaddedBatch after the permute and the host copy of the counts: remap slot_row to
   // the padded layout, gather x into it, one strided-batched GEMM per projection, the SwiGLU.
   void run_padded_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
