@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <set>
@@ -14,6 +15,7 @@
 #include "mixserve/core/error.hpp"
 #include "mixserve/gpu/argmax.hpp"
 #include "mixserve/gpu/check.hpp"
+#include "mixserve/gpu/decode_layer.hpp"
 #include "mixserve/gpu/expert_gemm.hpp"
 #include "mixserve/gpu/model_forward_kernels.hpp"
 #include "mixserve/kernels/attention.cuh"
@@ -86,6 +88,11 @@ struct GpuModel::Act {
   DeviceBuffer route_ticket;  // int32 [1] of the fused router + permute, zero between launches
   DeviceBuffer attn_tickets;  // int32 [S, kv_heads, q_tiles] of the fused split merge, zero between launches
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
+  // The fused batch-1 decode layer (decode_layer.hpp): scratch, and one grid-barrier counter per
+  // layer (zeroed by one memset per step that runs it). Empty when the model cannot take it.
+  DeviceBuffer fused_kv, fused_ws, fused_o, fused_barrier;
+  DeviceBuffer fused_phase_ns;  // [8] u64 when MIXSERVE_FUSED_PHASE_TIMING is set (diagnostics)
+  int64_t fused_ws_floats = 0;
   ~Act() {
     if (counts_host) cudaFreeHost(counts_host);
     if (sampled_host) cudaFreeHost(sampled_host);
@@ -432,6 +439,20 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(owned_[i].get(), 0xff, owned_[i].bytes(), s));
   A.route_ticket = DeviceBuffer(sizeof(int32_t));  // zeroed once; every launch leaves it zero
   MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.route_ticket.get(), 0, sizeof(int32_t), s));
+  if (cfg_.decode_kernels && m.num_moe_layers() > 0) {
+    int device = 0;
+    MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
+    const int blocks = fused_decode_layer_blocks(device);
+    A.fused_ws_floats = fused_decode_layer_ws_floats(blocks, dims_.q_heads, dims_.kv_heads, m.attention.head_dim);
+    A.fused_kv = DeviceBuffer(std::size_t(2 * KVW) * 2);
+    A.fused_ws = DeviceBuffer(std::size_t(A.fused_ws_floats) * 4);
+    A.fused_o = DeviceBuffer(std::size_t(H) * 2);
+    A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * sizeof(unsigned));
+    if (const char* e = std::getenv("MIXSERVE_FUSED_PHASE_TIMING"); e && *e && *e != '0') {
+      A.fused_phase_ns = DeviceBuffer(8 * sizeof(unsigned long long));
+      MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_phase_ns.get(), 0, A.fused_phase_ns.bytes(), s));
+    }
+  }
   // KV cache: [num_blocks, block, kv_heads, head_dim] per layer for K and for V.
   const std::size_t block_bytes = std::size_t(cfg_.block_size) * std::size_t(KVW) * 2;
   num_blocks_ = cfg_.num_blocks;
@@ -1000,6 +1021,67 @@ void GpuModel::run_padded_experts(const Layer& L, const bf16* x, int64_t T, int 
   expert_w2_->run_padded_batch(A.ffn_act, L.w2, A.expert_out, rows_per_expert, s);  // [padded, H]
 }
 
+FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaStream_t) const {
+  const Act& A = *act_;
+  const ModelSpec& m = spec_;
+  FusedDecodeLayerParams fp;
+  // Layers the kernel does not cover keep the unfused kernels: dense FFNs, shared experts, q/k/v
+  // bias, q/k norms over the whole projection (OLMoE). An empty pointer fails the reason check.
+  const bool per_head_norm = !L.q_norm || (L.q_norm_width == m.attention.head_dim && L.k_norm_width == m.attention.head_dim);
+  if (!L.moe || L.shared_w13 || L.bq || !per_head_norm) return fp;
+  fp.res = A.res;
+  fp.tmp_out = A.tmp;
+  fp.hidden = m.hidden_size;
+  fp.eps = static_cast<float>(m.rms_norm_eps);
+  fp.in_norm = L.in_norm;
+  fp.post_norm = L.post_norm;
+  fp.wqkv = L.wq;  // fused [q | k | v] rows (allocate(): wk and wv point into it)
+  fp.q_norm = L.q_norm;
+  fp.k_norm = L.k_norm;
+  fp.wo = L.wo;
+  fp.q_heads = dims_.q_heads;
+  fp.kv_heads = dims_.kv_heads;
+  fp.head_dim = m.attention.head_dim;
+  fp.rope_cs = A.rope_cs;
+  fp.position = A.positions;
+  fp.seq_len = A.seq_lens;
+  fp.k_cache = k_cache_[l].as<bf16>();
+  fp.v_cache = v_cache_[l].as<bf16>();
+  fp.block_table = A.block_table;  // sequence 0's row
+  fp.block_tokens = cfg_.block_size;
+  fp.router = L.router;
+  fp.w13 = L.w13;
+  fp.w2 = L.w2;
+  fp.num_experts = m.moe.num_experts;
+  fp.top_k = m.moe.top_k;
+  fp.inter = dims_.inter;
+  fp.renormalize = m.moe.norm_topk_prob;
+  fp.routed_scaling = static_cast<float>(m.moe.routed_scaling_factor);
+  fp.q = A.q;
+  fp.kv = A.fused_kv.as<bf16>();
+  fp.attn_ws = A.fused_ws.as<float>();
+  fp.attn_ws_floats = A.fused_ws_floats;
+  fp.attn = A.attn;
+  fp.o = A.fused_o.as<bf16>();
+  fp.logits = A.router_logits;
+  fp.gu = A.gu;
+  fp.barrier = A.fused_barrier.as<unsigned>() + l;
+  fp.phase_ns = A.fused_phase_ns.as<unsigned long long>();
+  return fp;
+}
+
+std::vector<double> GpuModel::take_fused_phase_us() {
+  Act& A = *act_;
+  if (A.fused_phase_ns.bytes() == 0) return {};
+  unsigned long long h[8] = {};
+  MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+  MIXSERVE_CUDA_CHECK(cudaMemcpy(h, A.fused_phase_ns.get(), sizeof(h), cudaMemcpyDeviceToHost));
+  MIXSERVE_CUDA_CHECK(cudaMemset(A.fused_phase_ns.get(), 0, sizeof(h)));
+  std::vector<double> us(7, 0.0);
+  for (int i = 0; i < 7; ++i) us[std::size_t(i)] = h[7] ? double(h[i]) / double(h[7]) / 1e3 : 0.0;
+  return us;
+}
+
 void GpuModel::enqueue(cudaStream_t s) {
   if (!prep_) throw InputError("GPU forward: enqueue() before prepare()");
   Prepared& P = *prep_;
@@ -1022,6 +1104,11 @@ void GpuModel::enqueue(cudaStream_t s) {
   }
   if (cfg_.decode_kernels && T > 0)  // the tokens' RoPE angles once per step (the fused QK-norm/RoPE reads them)
     launch_rope_table(A.positions, A.rope_cs, T, at.head_dim, static_cast<float>(m.rope_theta), s);
+  // The fused batch-1 decode layer (decode_layer.hpp) for the MoE layers it supports: one
+  // sequence, one token, the whole model; its grid-barrier counters zeroed once per step.
+  const bool fused_layer_now = uses_fused_decode_layer(cfg_.decode_kernels, cfg_.fused_decode_layer, T, P.S) &&
+                               A.fused_barrier.bytes() > 0 && dims_.experts == m.moe.num_experts;
+  if (fused_layer_now) MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_barrier.get(), 0, A.fused_barrier.bytes(), s));
   for (int l = dims_.layer_begin; l < dims_.layer_end; ++l) {
     const Layer& L = layers_[l];
     if (T == 0) {  // an idle DP-attention rank: only the stage's MoE exchange
@@ -1031,6 +1118,30 @@ void GpuModel::enqueue(cudaStream_t s) {
     const std::size_t plane = std::size_t(T) * std::size_t(H);
     // decode_kernels: the previous layer's residual add (res += tmp) is fused into this norm.
     const bool fused_residual = cfg_.decode_kernels && l > dims_.layer_begin;
+    if (fused_layer_now) {
+      FusedDecodeLayerParams fp = fused_layer_params(L, l, s);
+      if (fused_decode_layer_unsupported_reason(fp).empty()) {
+        fp.tmp_in = fused_residual ? A.tmp : nullptr;
+        fp.rec_in = fused_residual && P.record
+                        ? A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l - 1) * plane
+                        : nullptr;
+        fp.rec_attn = P.record ? A.hidden_rec.as<bf16>() + std::size_t(l) * plane : nullptr;
+        fp.pdl = pdl_ && l > 0;
+        launch_fused_decode_layer(fp, s);
+        ++fused_layers_run_;
+        if (l + 1 < dims_.layer_end) continue;  // the next layer's norm adds tmp
+        kernels::AxpbyParams ax;
+        ax.x = A.res;
+        ax.y = A.tmp;
+        ax.out = A.res;
+        ax.num_elements = T * H;
+        kernels::launch_axpby(ax, s);
+        if (P.record)
+          MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l) * plane,
+                                              A.res, plane * 2, cudaMemcpyDeviceToDevice, s));
+        continue;
+      }
+    }
     kernels::RmsNormParams rn;
     rn.x = fused_residual ? A.tmp : A.res;
     if (fused_residual) {

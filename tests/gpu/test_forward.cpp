@@ -365,6 +365,57 @@ TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 refere
 // the logits may differ by a bf16 rounding: kTolSameRows = 2^-7 of the row's largest logit.
 constexpr double kTolSameRows = 1.0 / 128;
 
+// The fused batch-1 decode layer (gpu/decode_layer.hpp): one sequence decoding at contexts that
+// span one and several attention tiles of 32 positions and several context chunks, against the
+// float64 reference (per-layer residual stream and logits), and the unfused kernels of the same
+// steps (fused off) within the same tolerances. head_dim 64 (small Qwen3, Mixtral) and 128.
+ModelSpec small_qwen3_d128() {  // GQA 8/2 (group 4), head_dim 128, per-head QK-norm, top-4 of 16
+  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 256,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
+    "vocab_size": 136, "intermediate_size": 128, "moe_intermediate_size": 72, "num_experts": 16,
+    "num_experts_per_tok": 4, "norm_topk_prob": true,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
+                          "small-qwen3-d128/config.json");
+}
+void run_fused_decode(const ModelSpec& m, uint64_t seed) {
+  const int block = 8, num_blocks = 64, prompt = 300;
+  Pair p(m, seed, block, num_blocks, 512, gpu::ExpertPath::device_gemv);
+  p.gpu.set_fused_decode_layer(true);
+  std::mt19937_64 rng(seed * 31 + 5);
+  std::vector<int32_t> pool(num_blocks);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng);
+  const std::vector<int32_t> bt(pool.begin(), pool.begin() + 40);  // 320 positions, shuffled blocks
+  CompareStats st;
+  const std::string name = m.name + " fused decode seed " + std::to_string(seed);
+  // Contexts 1..3 (one partial tile) from a short first prompt, then a long one.
+  p.run(name + " prefill 2", {SequenceStep{random_tokens(rng, 2, m.vocab_size), 0, bt}}, st);
+  const int64_t before = p.gpu.fused_layers_run();
+  for (int pos = 2; pos < 4; ++pos)
+    p.run(name + " decode @" + std::to_string(pos), {SequenceStep{random_tokens(rng, 1, m.vocab_size), pos, bt}}, st);
+  p.run(name + " prefill 4.." + std::to_string(prompt),
+        {SequenceStep{random_tokens(rng, prompt - 4, m.vocab_size), 4, bt}}, st);
+  for (int pos = prompt; pos < prompt + 3; ++pos)
+    p.run(name + " decode @" + std::to_string(pos), {SequenceStep{random_tokens(rng, 1, m.vocab_size), pos, bt}}, st);
+  const int moe_layers = m.num_moe_layers();
+  // Every decode step ran the fused layer on every MoE layer, twice (recorded and plain: Pair::run).
+  CHECK(p.gpu.fused_layers_run() - before == int64_t(5) * 2 * moe_layers);
+  // The unfused kernels on the same model give the same tokens within the tolerances.
+  p.gpu.set_fused_decode_layer(false);
+  const int64_t off = p.gpu.fused_layers_run();
+  p.run(name + " decode @" + std::to_string(prompt + 3) + " unfused",
+        {SequenceStep{random_tokens(rng, 1, m.vocab_size), prompt + 3, bt}}, st);
+  CHECK(p.gpu.fused_layers_run() == off);
+  std::printf("%s: %d rows left out after router near-ties, %d top-1 ids checked\n", name.c_str(), st.rows_excluded,
+              st.top1_checked);
+  CHECK(st.top1_checked > 0);
+}
+TEST_CASE("forward: fused batch-1 decode layer vs the float64 reference") {
+  SUBCASE("Qwen3 head_dim 64, dense first layer") { run_fused_decode(small_qwen3(), 41); }
+  SUBCASE("Mixtral head_dim 64, GQA 2/1") { run_fused_decode(small_mixtral(), 42); }
+  SUBCASE("Qwen3 head_dim 128, GQA 8/2, top-4 of 16") { run_fused_decode(small_qwen3_d128(), 43); }
+}
+
 TEST_CASE("forward: last-token logits equal the all-token logits' last rows") {
   const ModelSpec m = small_qwen3();
   const auto w = model::synthetic_weights(m, 21);
@@ -521,10 +572,13 @@ static void run_bench(int num_layers, bool all_rows) {
       // grouped expert GEMV: 0 the default switch (v2 up to kGemvMaxRows tokens), 1 v1, 2 v2
       g.set_grouped_gemv_v2_max_tokens(grouped == 0 ? gpu::kGemvMaxRows : grouped == 1 ? 0 : int64_t(1) << 30);
       g.set_expert_path(gpu::ExpertPath::cublaslt);
+      const bool fused = g.config().fused_decode_layer;
+      g.set_fused_decode_layer(false);  // the cuBLASLt path counts the experts touched
       g.prepare(batch, StepOptions{});
       g.enqueue(g.stream());
       MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(g.stream()));
       const double gb = g.prepared_min_bytes() / 1e9;
+      g.set_fused_decode_layer(fused);
       g.set_expert_path(path);
       topt.cuda_graph = graph;
       const auto r = gpu::time_op([&](cudaStream_t s) { g.enqueue(s); }, g.stream(), topt, nullptr);
@@ -576,6 +630,19 @@ static void run_bench(int num_layers, bool all_rows) {
       continue;
     }
     if (b == 1) {
+      // The fused decode layer (default at b=1) against the unfused decode kernels, same run.
+      // The fused decode layer (gpu/decode_layer.hpp, off by default) in the same run; with
+      // MIXSERVE_FUSED_PHASE_TIMING set, the mean time of its phases.
+      const bool fused_default = g.config().fused_decode_layer;
+      g.set_fused_decode_layer(true);
+      g.take_fused_phase_us();
+      bench(n + " GEMV, graph, fused decode layer", batch, gpu::ExpertPath::device_gemv, true, true);
+      if (const auto ph = g.take_fused_phase_us(); !ph.empty()) {
+        std::printf("#   fused layer phases (us, block 0, mean per launch):");
+        for (double v : ph) std::printf(" %.2f", v);
+        std::printf("\n");
+      }
+      g.set_fused_decode_layer(fused_default);
       with_gemv(gpu::GemvKernel::balanced, n + " GEMV, graph, decode kernels", batch);
       bench(n + " GEMV, graph, decode kernels but v1 expert GEMV", batch, gpu::ExpertPath::device_gemv, true, true, 1);
       bench(n + " GEMV, graph, decode kernels without PDL", batch, gpu::ExpertPath::device_gemv, true, true, 0, false);

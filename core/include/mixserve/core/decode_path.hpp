@@ -53,6 +53,13 @@ inline constexpr bool uses_grouped_gemv_v2(bool decode_kernels, int64_t tokens,
   return decode_kernels && tokens <= v2_max_tokens;
 }
 
+// The fused batch-1 decode layer (executor gpu/decode_layer.hpp): a step of one sequence and one
+// token with the decode kernels runs each MoE layer the kernel supports as one launch.
+inline constexpr bool kFusedDecodeLayerDefault = false;
+inline constexpr bool uses_fused_decode_layer(bool decode_kernels, bool enabled, int64_t tokens, int64_t seqs) {
+  return decode_kernels && enabled && tokens == 1 && seqs == 1;
+}
+
 // Programmatic dependent launches between the layer's kernels (steps that take the dense GEMV).
 inline constexpr bool uses_programmatic_launch(bool decode_kernels, bool requested, int64_t tokens) {
   return requested && uses_dense_gemv(decode_kernels, tokens);

@@ -51,6 +51,7 @@
 #include "mixserve/core/decode_path.hpp"
 #include "mixserve/core/expert_path.hpp"
 #include "mixserve/core/model.hpp"
+#include "mixserve/gpu/decode_layer.hpp"
 #include "mixserve/gpu/expert_gemm.hpp"
 #include "mixserve/gpu/gemm.hpp"
 #include "mixserve/gpu/runtime.hpp"
@@ -125,6 +126,11 @@ struct GpuModelConfig {
   bool fused_moe_route = kFusedMoeRouteDefault;  // off: measured slower (decode_path.hpp)
   // The GEMV kernel of launch_gemv / launch_grouped_gemv_v2 (expert_gemm.hpp gemv_kernel_for).
   GemvKernel gemv_kernel = GemvKernel::automatic;
+  // decode_kernels, steps of one sequence and one token on the whole model: each MoE layer the
+  // kernel supports (no shared expert, no q/k/v bias, per-head or no q/k norm) runs as ONE launch
+  // (gpu/decode_layer.hpp: a persistent grid with grid barriers between its phases) instead of
+  // ~13 (core/decode_path.hpp uses_fused_decode_layer).
+  bool fused_decode_layer = kFusedDecodeLayerDefault;
   // Distributed forward (shard.hpp, docs/distributed.md): the rank's shard of the model and the
   // communication its sites call (all-reduce after o_proj and the dense FFN, the MoE exchange of
   // the stage, the pipeline send/recv). Default: the whole model, no communication.
@@ -188,6 +194,12 @@ class GpuModel {
   void set_fused_attention_merge(bool on) { cfg_.fused_attention_merge = on; }
   void set_fused_moe_route(bool on) { cfg_.fused_moe_route = on; }
   void set_gemv_kernel(GemvKernel k) { cfg_.gemv_kernel = k; }
+  void set_fused_decode_layer(bool on) { cfg_.fused_decode_layer = on; }
+  // Layers run by the fused decode layer since construction (tests check that it ran).
+  int64_t fused_layers_run() const { return fused_layers_run_; }
+  // With MIXSERVE_FUSED_PHASE_TIMING set at construction: the mean time (us) of the fused layer's
+  // phases 0..6 over the launches since the last call (block 0's view; diagnostics), else empty.
+  std::vector<double> take_fused_phase_us();
 
   // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
   // the reference, plus the limits of the config). A sharded model runs the step of its rank: every
@@ -267,6 +279,10 @@ class GpuModel {
   PaddedBatchCounts padded_counts_;
   std::unique_ptr<BlasHandle> blas_;             // expert_gemm_streams == kExpertGemmGroupedCall; on first use
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
+  int64_t fused_layers_run_ = 0;
+  // The fused decode layer's parameters for layer l (decode_layer.hpp); unsupported layers get
+  // parameters that fused_decode_layer_unsupported_reason refuses.
+  FusedDecodeLayerParams fused_layer_params(const Layer& L, int l, cudaStream_t s) const;
 
   struct Act;
   std::unique_ptr<Act> act_;

@@ -1,0 +1,114 @@
+// One launch per MoE layer for a decode step of ONE sequence and ONE token (batch 1), on the
+// whole GPU: a persistent grid (one block of 8 warps per SM) that runs the layer's phases with
+// grid-wide barriers between them instead of ~13 dependent launches (docs/forward.md "Fused decode
+// layer"):
+//   0  x = bf16(res + tmp_in) (tmp_in null: x = res), normed = RMSNorm(x) * in_norm    (every block)
+//      q | k | v = normed . Wqkv^T                            (columns over all warps of the grid)
+//   -- barrier
+//   1  attention: QK-norm and RoPE of q (per head) and of the new k, the new k / v written to the
+//      paged cache, softmax(scale q . K^T) V over the context split into chunks: partials
+//      (max, sum, acc) per q head and chunk                     (work items = kv heads x chunks)
+//   -- barrier
+//   2  merge of the chunks' partials -> attn [q_heads * head_dim] bf16      (a block per q head)
+//   -- barrier
+//   3  o = attn . Wo^T                                                       (columns over warps)
+//   -- barrier
+//   4  x2 = bf16(x + o), normed2 = RMSNorm(x2) * post_norm (every block); router logits (fp32)
+//   -- barrier
+//   5  top-k (every block: routing as router.cuh, softmax top-k, optional renormalisation)
+//      gu = normed2 . W13[e]^T for the k experts              (columns over warps)
+//   -- barrier
+//   6  tmp_out[d] = bf16(sum_j w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d]))  (columns over warps)
+//      res = x2 (block 0)
+// So on return res holds the residual after attention and tmp_out the MoE output, the contract of
+// GpuModel's decode kernels (the next layer's input norm adds them). The same formulas and bf16
+// rounding points as the unfused kernels (rmsnorm.cuh, the QK-norm/RoPE kernel, the grouped GEMV
+// with the SwiGLU fused, combine.cuh); fp32 sums in a different order, so not bit-identical to them.
+// Weights are streamed with 16-byte non-caching loads, one warp per output column (its loads for
+// the next chunk issued before the current one is summed); optionally (prefetch_l2) the next
+// phase's weights that are already known are prefetched into L2.
+//
+// Measured on the H200 (session 5, docs/forward.md "Fused decode layer"): correct against the
+// float64 reference, but SLOWER than the unfused decode kernels (48-layer b=1 step 4622 vs 4060
+// us): its GEMV phases stream at ~1.3-1.8 TB/s and each of the 7 phases ends in a grid barrier.
+// So GpuModelConfig::fused_decode_layer is off by default; kept for the next attempt.
+//
+// Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
+// (weights prefetched before the wait). The grid barrier needs every block resident at once: the
+// launch uses at most one block per SM and checks with the occupancy calculator. `barrier` must be
+// zero at launch (the executor clears the step's counters with one memset before the layers) and
+// is left at 6 x blocks.
+// Requirements: SM >= 8.0 (barrier and PDL as on SM 9.0 where available); head_dim 64 or 128;
+// q_heads a multiple of kv_heads; hidden, q width and expert width multiples of 8; num_experts <=
+// kRouterMaxExperts and top_k <= 8; 16-byte aligned weights and buffers.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+namespace mixserve::gpu {
+
+inline constexpr int kFusedDecodeMaxTopK = 8;
+
+struct FusedDecodeLayerParams {
+  // Residual stream and outputs.
+  __nv_bfloat16* res = nullptr;           // [H]: x in, x2 out
+  const __nv_bfloat16* tmp_in = nullptr;  // [H] previous layer's FFN output, or null (first layer)
+  __nv_bfloat16* tmp_out = nullptr;       // [H] this layer's MoE output (may alias tmp_in)
+  __nv_bfloat16* rec_in = nullptr;        // [H] or null: x (the previous layer's output) recorded
+  __nv_bfloat16* rec_attn = nullptr;      // [H] or null: x2 recorded
+  int64_t hidden = 0;
+  float eps = 1e-6f;
+  const __nv_bfloat16* in_norm = nullptr;    // [H]
+  const __nv_bfloat16* post_norm = nullptr;  // [H]
+  // Attention.
+  const __nv_bfloat16* wqkv = nullptr;    // [(q_heads + 2 kv_heads) * head_dim, H]
+  const __nv_bfloat16* q_norm = nullptr;  // [head_dim] or null (then k_norm null too)
+  const __nv_bfloat16* k_norm = nullptr;
+  const __nv_bfloat16* wo = nullptr;      // [H, q_heads * head_dim]
+  int q_heads = 0, kv_heads = 0, head_dim = 0;
+  float softmax_scale = 0.0f;             // 0: 1 / sqrt(head_dim)
+  const float* rope_cs = nullptr;         // [head_dim]: cos | sin of the token's angles
+  const int32_t* position = nullptr;      // [1] the token's position (device)
+  const int32_t* seq_len = nullptr;       // [1] context length including the token (device)
+  __nv_bfloat16* k_cache = nullptr;       // [num_blocks, block_tokens, kv_heads, head_dim]
+  __nv_bfloat16* v_cache = nullptr;
+  const int32_t* block_table = nullptr;   // the sequence's row of the block table
+  int block_tokens = 16;
+  // MoE.
+  const __nv_bfloat16* router = nullptr;  // [E, H]
+  const __nv_bfloat16* w13 = nullptr;     // [E, 2I, H]: gate rows then up rows
+  const __nv_bfloat16* w2 = nullptr;      // [E, H, I]
+  int num_experts = 0, top_k = 0;
+  int64_t inter = 0;                      // I
+  bool renormalize = false;
+  float routed_scaling = 1.0f;
+  // Scratch (device): written and read inside the launch.
+  __nv_bfloat16* q = nullptr;             // [q_heads * head_dim]
+  __nv_bfloat16* kv = nullptr;            // [2 * kv_heads * head_dim]
+  float* attn_ws = nullptr;               // [q_heads, max chunks, head_dim + 2]
+  int64_t attn_ws_floats = 0;
+  __nv_bfloat16* attn = nullptr;          // [q_heads * head_dim]
+  __nv_bfloat16* o = nullptr;             // [H]
+  float* logits = nullptr;                // [E]
+  __nv_bfloat16* gu = nullptr;            // [top_k, 2I]
+  unsigned* barrier = nullptr;            // one counter, zero at launch
+  bool pdl = false;
+  // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
+  // its wait at the barrier that ends the phase) to [0..6] and counts the launch in [7].
+  unsigned long long* phase_ns = nullptr;
+  // Prefetch the next phase's known weights into L2 (see the kernel): off, measured slower.
+  bool prefetch_l2 = false;
+};
+
+// Blocks of the launch on `device` (one per SM), and the attention workspace it needs (floats).
+int fused_decode_layer_blocks(int device);
+int64_t fused_decode_layer_ws_floats(int blocks, int q_heads, int kv_heads, int head_dim);
+// "" when the shapes are supported (the device is not checked), else why not, naming the legal values.
+std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& p);
+// Throws mixserve::InputError naming the unsupported parameter; launch errors are checked.
+void launch_fused_decode_layer(const FusedDecodeLayerParams& p, cudaStream_t stream);
+
+}  // namespace mixserve::gpu
