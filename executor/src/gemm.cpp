@@ -188,8 +188,9 @@ ExpertGemm::ExpertGemm(const LtHandle& h, int num_experts, int64_t n, int64_t k,
     throw InputError(fmt::format("expert GEMM n={} k={} {}: {}", n, k, to_string(dtype), why));
 }
 
-// run_grouped_call's arrays. Host arrays (cuBLAS reads them during the call): one entry per group.
-// Pointer arrays: [A x groups][B x groups][C x groups], pinned on the host, copied to the device.
+// run_grouped_call's and run_bucketed_call's arrays. Host arrays (cuBLAS reads them during the
+// call): one entry per group. Pointer arrays: [A x problems][B x problems][C x problems] (problems:
+// the GEMMs of all groups, group by group), pinned on the host, copied to the device.
 struct ExpertGemm::GroupedCall {
   std::vector<cublasOperation_t> trans_a, trans_b;
   std::vector<int> m, n, k, lda, ldb, ldc, group_size;
@@ -203,6 +204,8 @@ struct ExpertGemm::GroupedCall {
   const void* weights = nullptr;
   void* out = nullptr;
   uint64_t generation = 0;
+  std::vector<int64_t> padded_counts;  // run_bucketed_call
+  int problems = 0;                    // pointers per array in dev_ptrs
   bool uploaded = false;
 
   explicit GroupedCall(int num_experts) {
@@ -377,6 +380,7 @@ void ExpertGemm::run_grouped_call(const void* act, const void* weights, void* ou
     g.weights = weights;
     g.out = out;
     g.generation = counts_generation_;
+    g.problems = groups;
     g.uploaded = true;
   }
   const int groups = static_cast<int>(g.group_size.size());
@@ -393,6 +397,101 @@ void ExpertGemm::run_grouped_call(const void* act, const void* weights, void* ou
       CUBLAS_COMPUTE_32F));
   MIXSERVE_CUDA_CHECK(cudaEventRecord(g.done, stream));
   g.pending = true;
+}
+
+int ExpertGemm::run_bucketed_call(const void* act, const void* weights, void* out,
+                                  const std::vector<int64_t>& padded_counts, cudaStream_t stream,
+                                  const BlasHandle& blas, BucketIssue issue) {
+  if (dtype_ != DType::bf16)
+    throw InputError(fmt::format("expert GEMM: the bucketed cuBLAS call runs bf16 only (got {})", to_string(dtype_)));
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  if (n_ > kIntMax || k_ > kIntMax)
+    throw InputError(fmt::format("expert GEMM: the bucketed cuBLAS call needs n, k <= {} (got {}, {})", kIntMax, n_, k_));
+  if (static_cast<int>(padded_counts.size()) != num_experts_)
+    throw InputError(fmt::format("expert GEMM: {} padded counts for {} experts", padded_counts.size(), num_experts_));
+  if (!bucketed_call_) bucketed_call_ = std::make_unique<GroupedCall>(num_experts_);
+  GroupedCall& g = *bucketed_call_;
+  const bool stale = !g.uploaded || g.padded_counts != padded_counts || g.act != act || g.weights != weights ||
+                     g.out != out;
+  if (stale) {
+    // Buckets: padded count -> its experts, in expert order; row starts in expert order.
+    std::map<int64_t, std::vector<int>> buckets;
+    std::vector<int64_t> start(std::size_t(num_experts_), 0);
+    int64_t row = 0;
+    for (int e = 0; e < num_experts_; ++e) {
+      const int64_t c = padded_counts[std::size_t(e)];
+      if (c < 0 || c > kIntMax)
+        throw InputError(fmt::format("expert GEMM: expert {} has {} padded rows (bucketed call: 0 .. {})", e, c, kIntMax));
+      start[std::size_t(e)] = row;
+      row += c;
+      if (c > 0) buckets[c].push_back(e);
+    }
+    // The previous call may still read dev_ptrs (and its copy read host_ptrs).
+    if (g.pending) MIXSERVE_CUDA_CHECK(cudaEventSynchronize(g.done));
+    const std::size_t G = buckets.size();
+    g.n.clear();
+    g.group_size.clear();
+    int problems = 0;
+    for (const auto& [rows, experts] : buckets) {
+      g.n.push_back(int(rows));  // cuBLAS's n: the bucket's padded row count (run_grouped_call's comment)
+      g.group_size.push_back(int(experts.size()));
+      problems += int(experts.size());
+    }
+    g.trans_a.assign(G, CUBLAS_OP_T);
+    g.trans_b.assign(G, CUBLAS_OP_N);
+    g.m.assign(G, int(n_));
+    g.k.assign(G, int(k_));
+    g.lda.assign(G, int(k_));
+    g.ldb.assign(G, int(k_));
+    g.ldc.assign(G, int(n_));
+    g.alpha.assign(G, 1.0f);
+    g.beta.assign(G, 0.0f);
+    const std::size_t P = std::size_t(problems);
+    std::size_t i = 0;
+    for (const auto& [rows, experts] : buckets)
+      for (int e : experts) {
+        g.host_ptrs[i] = static_cast<const char*>(weights) + int64_t(e) * n_ * k_ * 2;
+        g.host_ptrs[P + i] = static_cast<const char*>(act) + start[std::size_t(e)] * k_ * 2;
+        g.host_ptrs[2 * P + i] = static_cast<char*>(out) + start[std::size_t(e)] * n_ * 2;
+        ++i;
+      }
+    if (P > 0)
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(g.dev_ptrs, g.host_ptrs, 3 * P * sizeof(void*), cudaMemcpyHostToDevice,
+                                          stream));
+    g.act = act;
+    g.weights = weights;
+    g.out = out;
+    g.padded_counts = padded_counts;
+    g.problems = problems;
+    g.uploaded = true;
+  }
+  const int groups = static_cast<int>(g.group_size.size());
+  if (groups == 0) return 0;
+  const std::size_t P = std::size_t(g.problems);
+  const cublasHandle_t h = blas.get();
+  // cublasSetStream resets the handle's workspace to cuBLAS's default pool: set ours after it.
+  MIXSERVE_CUBLAS_CHECK(cublasSetStream(h, stream));
+  MIXSERVE_CUBLAS_CHECK(cublasSetWorkspace(h, workspace_, workspace_bytes_));
+  if (issue == BucketIssue::grouped_call) {
+    MIXSERVE_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+        h, g.trans_a.data(), g.trans_b.data(), g.m.data(), g.n.data(), g.k.data(), g.alpha.data(),
+        g.dev_ptrs, CUDA_R_16BF, g.lda.data(), g.dev_ptrs + P, CUDA_R_16BF, g.ldb.data(),
+        g.beta.data(), g.dev_ptrs + 2 * P, CUDA_R_16BF, g.ldc.data(), groups, g.group_size.data(),
+        CUBLAS_COMPUTE_32F));
+  } else {
+    const float alpha = 1.0f, beta = 0.0f;
+    std::size_t first = 0;  // the bucket's first problem in the pointer arrays
+    for (int b = 0; b < groups; ++b) {
+      MIXSERVE_CUBLAS_CHECK(cublasGemmBatchedEx(
+          h, CUBLAS_OP_T, CUBLAS_OP_N, int(n_), g.n[std::size_t(b)], int(k_), &alpha, g.dev_ptrs + first,
+          CUDA_R_16BF, int(k_), g.dev_ptrs + P + first, CUDA_R_16BF, int(k_), &beta, g.dev_ptrs + 2 * P + first,
+          CUDA_R_16BF, int(n_), g.group_size[std::size_t(b)], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      first += std::size_t(g.group_size[std::size_t(b)]);
+    }
+  }
+  MIXSERVE_CUDA_CHECK(cudaEventRecord(g.done, stream));
+  g.pending = true;
+  return groups;
 }
 
 double ExpertGemm::flops() const {

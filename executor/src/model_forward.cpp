@@ -74,7 +74,15 @@ struct GpuModel::Act {
           *permuted_token = nullptr;
   int32_t* padded_token = nullptr;  // [expert_rows]: kExpertGemmPaddedBatch's padded row -> token
   int64_t padded_capacity = 0;      // kExpertGemmPaddedBatch: padded rows allowed (<= expert_rows)
+  int64_t routed_rows = 0;          // max MoE rows x top_k: what the per-expert paths can route
   int64_t expert_rows = 0;          // rows of permuted_x, gu, ffn_act, expert_out (>= routed rows)
+  // kExpertGemmBucketed[Batched]: each local expert's first padded row, [E_local + 1], on the device
+  // and in pinned host memory; bucket_offsets_copied is recorded after each upload, so the host
+  // does not rewrite the pinned array while a copy from it may still be pending.
+  int32_t* bucket_offsets = nullptr;
+  int32_t* bucket_offsets_host = nullptr;
+  cudaEvent_t bucket_offsets_copied = nullptr;
+  bool bucket_offsets_pending = false;
   void* permute_ws = nullptr;
   std::size_t permute_ws_bytes = 0;
   int32_t *tokens = nullptr, *positions = nullptr, *token_seq = nullptr;  // [T]
@@ -94,6 +102,8 @@ struct GpuModel::Act {
   DeviceBuffer fused_phase_ns;  // [8] u64 when MIXSERVE_FUSED_PHASE_TIMING is set (diagnostics)
   int64_t fused_ws_floats = 0;
   ~Act() {
+    if (bucket_offsets_copied) cudaEventDestroy(bucket_offsets_copied);
+    if (bucket_offsets_host) cudaFreeHost(bucket_offsets_host);
     if (counts_host) cudaFreeHost(counts_host);
     if (sampled_host) cudaFreeHost(sampled_host);
   }
@@ -166,9 +176,11 @@ void GpuModel::check_supported() const {
     throw InputError(fmt::format("GPU forward of {}: {}={} not supported ({})", spec_.name, what, v, legal));
   };
   if (a.type == AttentionType::mla) bad("attention MLA", 1, "GQA/MHA only");
-  if (cfg_.expert_gemm_streams < kExpertGemmPaddedBatch)
-    bad("expert_gemm_streams", cfg_.expert_gemm_streams,
-        ">= 1, 0 for the cuBLAS grouped call or -1 for the padded batched GEMM");
+  if (cfg_.expert_gemm_streams < kExpertGemmStreamsMin)
+    bad("expert_gemm_streams", cfg_.expert_gemm_streams, std::string(kExpertGemmStreamsLegal));
+  if (cfg_.expert_bucket_row_align < 1 || cfg_.expert_bucket_row_align > kExpertBucketRowAlignMax)
+    bad("expert_bucket_row_align", cfg_.expert_bucket_row_align,
+        fmt::format("1 .. {} rows", kExpertBucketRowAlignMax));
   if (!(cfg_.expert_padded_capacity >= 0.0 && cfg_.expert_padded_capacity <= 64.0))
     throw InputError(fmt::format("GPU forward of {}: expert_padded_capacity={} not supported (0 .. 64)",
                                  spec_.name, cfg_.expert_padded_capacity));
@@ -375,9 +387,14 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   auto f32 = [&](int64_t n) { return static_cast<float*>(alloc(std::size_t(n) * 4)); };
   const int64_t rows = Tm * std::max(K, 1);
   // The expert buffers hold the routed rows, or the padded layout of kExpertGemmPaddedBatch up to
-  // expert_padded_capacity times them (rounded up to the padded row alignment).
+  // expert_padded_capacity times them (rounded up to the padded row alignment), or, when the model
+  // is built for the bucketed path, its largest layout (every local expert's rows rounded up to
+  // expert_bucket_row_align: at most El x (align - 1) more rows).
   A.padded_capacity = expert_padded_rows(static_cast<int64_t>(std::ceil(cfg_.expert_padded_capacity * double(rows))));
+  A.routed_rows = rows;
   A.expert_rows = std::max(rows, A.padded_capacity);
+  if (is_bucketed_expert_gemm(cfg_.expert_gemm_streams))
+    A.expert_rows = std::max(A.expert_rows, expert_bucket_capacity(rows, El, cfg_.expert_bucket_row_align));
   const int64_t xrows = A.expert_rows;
   int64_t gu_elems = 0, act_elems = 0;
   if (m.num_moe_layers() > 0) {
@@ -420,6 +437,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     A.topk_ids = i32(rows);
     A.counts = i32(El);
     A.offsets = i32(El + 1);
+    A.bucket_offsets = i32(El + 1);
     A.slot_row = i32(rows);
     A.permuted_token = i32(rows);
     A.permute_ws_bytes = kernels::permute_workspace_bytes(Tm, K, El);
@@ -429,6 +447,8 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
       A.moe_out = bf(Tm * H);
     }
     MIXSERVE_CUDA_CHECK(cudaMallocHost(&A.counts_host, std::size_t(El) * 4));
+    MIXSERVE_CUDA_CHECK(cudaMallocHost(&A.bucket_offsets_host, std::size_t(El + 1) * 4));
+    MIXSERVE_CUDA_CHECK(cudaEventCreateWithFlags(&A.bucket_offsets_copied, cudaEventDisableTiming));
     expert_w13_ = std::make_unique<ExpertGemm>(lt_, El, 2 * I, H, DType::bf16, lt_workspace_.get(),
                                                lt_workspace_.bytes());
     expert_w2_ = std::make_unique<ExpertGemm>(lt_, El, H, I, DType::bf16, lt_workspace_.get(),
@@ -791,13 +811,32 @@ void GpuModel::moe_route_permute(const Layer& L, const bf16* x, int64_t T, cudaS
   kernels::launch_moe_route(mr, s);
 }
 
-void GpuModel::set_expert_gemm_streams(int n) {
-  if (n < kExpertGemmPaddedBatch)
+void GpuModel::check_bucket_rows_fit(int64_t align) const {
+  if (!act_ || act_->routed_rows == 0) return;  // no MoE layers: the switch does nothing
+  const int64_t need = expert_bucket_capacity(act_->routed_rows, dims_.experts, align);
+  if (need > act_->expert_rows)
     throw InputError(fmt::format(
-        "expert GEMM streams: {} must be >= 1, 0 for the cuBLAS grouped call or -1 for the padded batched GEMM", n));
+        "bucketed expert GEMM (expert_gemm_streams {} or {}) with expert_bucket_row_align {}: needs expert buffers of "
+        "{} rows, the model has {} (build it with expert_gemm_streams {} or {} and an alignment >= {})",
+        kExpertGemmBucketed, kExpertGemmBucketedBatched, align, need, act_->expert_rows, kExpertGemmBucketed,
+        kExpertGemmBucketedBatched, align));
+}
+
+void GpuModel::set_expert_gemm_streams(int n) {
+  if (n < kExpertGemmStreamsMin)
+    throw InputError(fmt::format("expert GEMM streams: {} not supported ({})", n, kExpertGemmStreamsLegal));
+  if (is_bucketed_expert_gemm(n)) check_bucket_rows_fit(cfg_.expert_bucket_row_align);
   if (n == cfg_.expert_gemm_streams) return;
   cfg_.expert_gemm_streams = n;
   expert_fanout_.reset();  // the next step that needs it makes one with n streams
+}
+
+void GpuModel::set_expert_bucket_row_align(int64_t align) {
+  if (align < 1 || align > kExpertBucketRowAlignMax)
+    throw InputError(fmt::format("expert_bucket_row_align: {} not supported (1 .. {} rows)", align,
+                                 kExpertBucketRowAlignMax));
+  if (is_bucketed_expert_gemm(cfg_.expert_gemm_streams)) check_bucket_rows_fit(align);
+  cfg_.expert_bucket_row_align = align;
 }
 
 void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
@@ -821,6 +860,8 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   // The padded batched GEMM gathers the rows itself (into its padded layout, or in expert order
   // when it falls back), so its permute writes the index maps only.
   const bool padded_batch = per_expert && cfg_.expert_gemm_streams == kExpertGemmPaddedBatch;
+  // The bucketed layout likewise (it always fits: the buffers were sized for it).
+  const bool bucketed = per_expert && is_bucketed_expert_gemm(cfg_.expert_gemm_streams);
   // The weighted sum of each token's expert rows (through slot_row: expert-ordered or padded rows)
   // plus the shared expert.
   auto combine = [&] {
@@ -847,7 +888,7 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   if (!permuted) {
     kernels::PermuteParams pp;
     pp.topk_ids = ids;
-    pp.x = padded_batch ? nullptr : x;
+    pp.x = (padded_batch || bucketed) ? nullptr : x;
     pp.permuted_x = A.permuted_x;
     pp.expert_counts = A.counts;
     pp.expert_offsets = A.offsets;
@@ -934,6 +975,11 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
       touched += counts[e] > 0;
     }
     prep_->experts_touched.push_back(touched);
+    if (bucketed) {
+      run_bucketed_experts(L, x, T, K, ids, counts, s);
+      combine();
+      return;
+    }
     expert_w13_->set_counts(counts);
     expert_w2_->set_counts(counts);
     const int64_t rows = expert_w13_->total_rows();
@@ -1080,6 +1126,67 @@ std::vector<double> GpuModel::take_fused_phase_us() {
   std::vector<double> us(7, 0.0);
   for (int i = 0; i < 7; ++i) us[std::size_t(i)] = h[7] ? double(h[i]) / double(h[7]) / 1e3 : 0.0;
   return us;
+}
+
+void GpuModel::run_bucketed_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
+                                    const std::vector<int64_t>& counts, cudaStream_t s) {
+  Act& A = *act_;
+  const int64_t H = spec_.hidden_size, I = dims_.inter, align = cfg_.expert_bucket_row_align;
+  const int El = dims_.experts;
+  // Each expert's rows rounded up to the alignment, and their prefix sums (the padded offsets).
+  std::vector<int64_t> padded(counts.size());
+  int64_t total = 0;
+  for (std::size_t e = 0; e < counts.size(); ++e) {
+    padded[e] = expert_bucket_rows(counts[e], align);
+    total += padded[e];
+  }
+  if (total > A.expert_rows)  // set_expert_gemm_streams / set_expert_bucket_row_align checked the room
+    throw RuntimeError(fmt::format("bucketed expert GEMM: {} padded rows, the buffers hold {}", total, A.expert_rows));
+  ++padded_counts_.bucketed;
+  if (total == 0) return;  // no local rows: every slot_row is -1, the combine adds nothing
+  // The previous layer's upload may still be reading the pinned offsets (in a step it has finished:
+  // the count copy above synchronised the stream; the event makes it a rule, not a coincidence).
+  if (A.bucket_offsets_pending) MIXSERVE_CUDA_CHECK(cudaEventSynchronize(A.bucket_offsets_copied));
+  A.bucket_offsets_host[0] = 0;
+  for (int e = 0; e < El; ++e)
+    A.bucket_offsets_host[e + 1] = static_cast<int32_t>(A.bucket_offsets_host[e] + padded[std::size_t(e)]);
+  MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.bucket_offsets, A.bucket_offsets_host, std::size_t(El + 1) * 4,
+                                      cudaMemcpyHostToDevice, s));
+  MIXSERVE_CUDA_CHECK(cudaEventRecord(A.bucket_offsets_copied, s));
+  A.bucket_offsets_pending = true;
+  // slot_row -> padded rows, and the padded row -> token map.
+  kernels::PadExpertRowsParams pr;
+  pr.topk_ids = ids;
+  pr.expert_counts = A.counts;
+  pr.expert_offsets = A.offsets;
+  pr.permuted_token = A.permuted_token;
+  pr.slot_row = A.slot_row;
+  pr.padded_token = A.padded_token;  // [total]
+  pr.num_tokens = T;
+  pr.top_k = K;
+  pr.num_experts = El;
+  pr.padded_offsets = A.bucket_offsets;
+  pr.num_padded_rows = total;
+  kernels::launch_pad_expert_rows(pr, s);
+  // Token rows into the padded layout; pad rows zero.
+  kernels::GatherRowsParams gp;
+  gp.x = x;
+  gp.row_token = A.padded_token;
+  gp.dst = A.permuted_x;  // [total, H]
+  gp.num_rows = total;
+  gp.hidden = H;
+  kernels::launch_gather_rows(gp, s);
+  if (!blas_) blas_ = std::make_unique<BlasHandle>();
+  const BucketIssue issue = cfg_.expert_gemm_streams == kExpertGemmBucketedBatched ? BucketIssue::batched_per_bucket
+                                                                                   : BucketIssue::grouped_call;
+  padded_counts_.buckets += expert_w13_->run_bucketed_call(A.permuted_x, L.w13, A.gu, padded, s, *blas_, issue);  // [total, 2I]
+  kernels::SwigluParams sw;
+  sw.gate_up = A.gu;
+  sw.out = A.ffn_act;  // [total, I]
+  sw.num_rows = total;
+  sw.inter = I;
+  kernels::launch_swiglu(sw, s);
+  expert_w2_->run_bucketed_call(A.ffn_act, L.w2, A.expert_out, padded, s, *blas_, issue);  // [total, H]
 }
 
 void GpuModel::enqueue(cudaStream_t s) {

@@ -29,9 +29,26 @@ unsigned grid_for(int64_t work) {
   return static_cast<unsigned>(blocks);
 }
 
+// Expert e's first padded row: uniform or per-expert layout (the branch is uniform across the grid).
+__device__ __forceinline__ int64_t padded_start(const PadExpertRowsParams& p, int e) {
+  return p.padded_offsets ? int64_t(p.padded_offsets[e]) : int64_t(e) * p.rows_per_expert;
+}
+
+// The expert whose padded rows hold row r: the last e with padded_offsets[e] <= r (empty experts
+// share their start with the next one, so the search lands on the one with rows).
+__device__ __forceinline__ int expert_of_padded_row(const int32_t* poff, int num_experts, int64_t r) {
+  int lo = 0, hi = num_experts - 1;  // invariant: poff[lo] <= r < poff[num_experts]
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (int64_t(poff[mid]) <= r) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
 static __global__ void __launch_bounds__(kThreads) pad_expert_rows_kernel(PadExpertRowsParams p) {
   const int64_t pairs = p.num_tokens * p.top_k;
-  const int64_t padded = int64_t(p.num_experts) * p.rows_per_expert;
+  const int64_t padded = p.padded_offsets ? p.num_padded_rows : int64_t(p.num_experts) * p.rows_per_expert;
   const int64_t total = max(pairs, padded);
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += stride) {
@@ -39,12 +56,13 @@ static __global__ void __launch_bounds__(kThreads) pad_expert_rows_kernel(PadExp
       const int32_t row = p.slot_row[idx];
       if (row >= 0) {
         const int e = p.topk_ids[idx];  // in [0, E): the permute gave the pair a row
-        p.slot_row[idx] = static_cast<int32_t>(int64_t(e) * p.rows_per_expert + (row - p.expert_offsets[e]));
+        p.slot_row[idx] = static_cast<int32_t>(padded_start(p, e) + (row - p.expert_offsets[e]));
       }
     }
     if (idx < padded) {
-      const int e = static_cast<int>(idx / p.rows_per_expert);
-      const int64_t i = idx - int64_t(e) * p.rows_per_expert;
+      const int e = p.padded_offsets ? expert_of_padded_row(p.padded_offsets, p.num_experts, idx)
+                                     : static_cast<int>(idx / p.rows_per_expert);
+      const int64_t i = idx - padded_start(p, e);
       p.padded_token[idx] = i < p.expert_counts[e] ? p.permuted_token[p.expert_offsets[e] + i] : -1;
     }
   }
@@ -83,9 +101,20 @@ std::string pad_expert_rows_unsupported_reason(const PadExpertRowsParams& p) {
   if (p.top_k < 1) return "top_k=" + std::to_string(p.top_k) + " (need >= 1)";
   if (p.num_experts < 1) return "num_experts=" + std::to_string(p.num_experts) + " (need >= 1)";
   if (p.rows_per_expert < 0) return "rows_per_expert=" + std::to_string(p.rows_per_expert) + " (need >= 0)";
-  if (int64_t(p.num_experts) * p.rows_per_expert > INT32_MAX)
-    return "num_experts * rows_per_expert=" + std::to_string(int64_t(p.num_experts) * p.rows_per_expert) +
-           " (need <= 2^31 - 1: slot_row is int32)";
+  if (p.padded_offsets) {
+    if (p.rows_per_expert != 0)
+      return "rows_per_expert=" + std::to_string(p.rows_per_expert) +
+             " with padded_offsets (need 0: the per-expert layout reads padded_offsets only)";
+    if (p.num_padded_rows < 0 || p.num_padded_rows > INT32_MAX)
+      return "num_padded_rows=" + std::to_string(p.num_padded_rows) + " (need 0 .. 2^31 - 1: slot_row is int32)";
+  } else {
+    if (p.num_padded_rows != 0)
+      return "num_padded_rows=" + std::to_string(p.num_padded_rows) +
+             " without padded_offsets (need 0: the uniform layout has num_experts * rows_per_expert rows)";
+    if (int64_t(p.num_experts) * p.rows_per_expert > INT32_MAX)
+      return "num_experts * rows_per_expert=" + std::to_string(int64_t(p.num_experts) * p.rows_per_expert) +
+             " (need <= 2^31 - 1: slot_row is int32)";
+  }
   if (!p.topk_ids || !p.expert_counts || !p.expert_offsets || !p.permuted_token || !p.slot_row || !p.padded_token)
     return "topk_ids, expert_counts, expert_offsets, permuted_token, slot_row and padded_token must be set";
   return {};
@@ -98,7 +127,7 @@ bool is_supported(const PadExpertRowsParams& p, int device) {
 void launch_pad_expert_rows(const PadExpertRowsParams& p, cudaStream_t stream) {
   if (const auto err = pad_expert_rows_unsupported_reason(p); !err.empty())
     throw InputError("pad_expert_rows: " + err);
-  const int64_t work = std::max(p.num_tokens * p.top_k, int64_t(p.num_experts) * p.rows_per_expert);
+  const int64_t work = std::max(p.num_tokens * p.top_k, padded_rows(p));
   if (work == 0) return;
   pad_expert_rows_kernel<<<grid_for(work), kThreads, 0, stream>>>(p);
   MIXSERVE_LAUNCH_CHECK("pad_expert_rows_kernel");

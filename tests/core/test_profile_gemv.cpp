@@ -124,3 +124,46 @@ TEST_CASE("decode path rules: the executor's switches at their bounds") {
   CHECK(permute_launches(false, 8) == 4);
   CHECK(permute_launches(true, 0) == 0);
 }
+
+TEST_CASE("expert path: the bucketed layout's row counts and the switch's values") {
+  // Each count rounded up to the alignment; 0 stays 0 (an empty expert gets no rows, no bucket).
+  CHECK(expert_bucket_rows(0, 128) == 0);
+  CHECK(expert_bucket_rows(1, 128) == 128);
+  CHECK(expert_bucket_rows(128, 128) == 128);
+  CHECK(expert_bucket_rows(129, 128) == 256);
+  CHECK(expert_bucket_rows(1031, 64) == 1088);
+  CHECK(expert_bucket_rows(7, 1) == 7);
+  // The buffers' bound holds for every count split: brute force over small cases.
+  for (int64_t align : {1, 3, 16, 128})
+    for (int64_t experts : {1, 2, 5})
+      for (int64_t rows = 0; rows <= 12; ++rows) {
+        // Every split of `rows` over the experts: the counts as the digits of code in base rows + 1.
+        int64_t splits = 1;
+        for (int64_t e = 0; e < experts; ++e) splits *= rows + 1;
+        int64_t worst = 0;
+        for (int64_t code = 0; code < splits; ++code) {
+          int64_t c = code, sum = 0, padded = 0;
+          for (int64_t e = 0; e < experts; ++e, c /= rows + 1) {
+            sum += c % (rows + 1);
+            padded += expert_bucket_rows(c % (rows + 1), align);
+          }
+          if (sum == rows) worst = std::max(worst, padded);
+        }
+        CAPTURE(align);
+        CAPTURE(experts);
+        CAPTURE(rows);
+        CHECK(worst <= expert_bucket_capacity(rows, experts, align));
+      }
+  CHECK(expert_bucket_capacity(131072, 128, 128) == 131072 + 128 * 127);
+  CHECK(expert_bucket_capacity(3, 128, 128) == 3 * 128);  // at most 3 experts have rows
+  CHECK(is_bucketed_expert_gemm(kExpertGemmBucketed));
+  CHECK(is_bucketed_expert_gemm(kExpertGemmBucketedBatched));
+  CHECK_FALSE(is_bucketed_expert_gemm(kExpertGemmPaddedBatch));
+  CHECK_FALSE(is_bucketed_expert_gemm(kExpertGemmStreams));
+  CHECK(kExpertGemmStreamsMin == kExpertGemmBucketedBatched);
+  // Every special value stays distinct and >= the minimum the validation takes.
+  for (int v : {kExpertGemmGroupedCall, kExpertGemmPaddedBatch, kExpertGemmBucketed, kExpertGemmBucketedBatched})
+    CHECK(v >= kExpertGemmStreamsMin);
+  CHECK(kExpertBucketRowAlign >= 1);
+  CHECK(kExpertBucketRowAlign <= kExpertBucketRowAlignMax);
+}

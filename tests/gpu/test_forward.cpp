@@ -171,7 +171,8 @@ struct Pair {
   GpuModel gpu;
   Pair(const ModelSpec& m, uint64_t seed, int block_size, int num_blocks, int max_tokens,
        gpu::ExpertPath path = gpu::ExpertPath::automatic, int expert_streams = kExpertGemmStreams,
-       double padded_capacity = GpuModelConfig{}.expert_padded_capacity)
+       double padded_capacity = GpuModelConfig{}.expert_padded_capacity,
+       int64_t bucket_align = GpuModelConfig{}.expert_bucket_row_align)
       : w(model::synthetic_weights(m, seed)),
         ref(w, model::KVCacheConfig{block_size, num_blocks}),
         gpu(w, [&] {
@@ -184,6 +185,7 @@ struct Pair {
           c.expert_path = path;
           c.expert_gemm_streams = expert_streams;
           c.expert_padded_capacity = padded_capacity;
+          c.expert_bucket_row_align = bucket_align;
           return c;
         }()) {}
   void run(const std::string& what, const std::vector<SequenceStep>& batch, CompareStats& st) {
@@ -219,14 +221,17 @@ std::vector<int32_t> random_tokens(std::mt19937_64& rng, int n, int vocab) {
 // forked over streams, each expert on the least-loaded one; kExpertGemmGroupedCall: one cuBLAS
 // grouped call per projection; kExpertGemmPaddedBatch: one strided-batched GEMM per projection
 // over the padded layout, with padded_capacity kPaddedAlwaysFits (every layer padded) or 0
-// (every layer falls back to the streams)).
+// (every layer falls back to the streams)); kExpertGemmBucketed / kExpertGemmBucketedBatched: the
+// bucketed padded layout with bucket_align rows (small alignments give several buckets at these
+// 64-token steps; 128 puts every expert with rows in one bucket of 128).
 // The small models' padded layout is at most E x round_up(64 tokens, 16) rows = 8 x 64 = 4x the
 // routed rows (64 tokens x top-2), so 4 always fits.
 constexpr double kPaddedAlwaysFits = 4.0;
 void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int expert_streams = kExpertGemmStreams,
-                  double padded_capacity = GpuModelConfig{}.expert_padded_capacity) {
+                  double padded_capacity = GpuModelConfig{}.expert_padded_capacity,
+                  int64_t bucket_align = GpuModelConfig{}.expert_bucket_row_align) {
   const int block = 8, num_blocks = 40;
-  Pair p(m, seed, block, num_blocks, 64, path, expert_streams, padded_capacity);
+  Pair p(m, seed, block, num_blocks, 64, path, expert_streams, padded_capacity, bucket_align);
   std::mt19937_64 rng(seed * 7919 + 1);
   std::vector<int32_t> pool(num_blocks);
   std::iota(pool.begin(), pool.end(), 0);
@@ -247,6 +252,10 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int e
            ? (expert_streams == kExpertGemmGroupedCall ? std::string(" cuBLAS grouped call")
               : expert_streams == kExpertGemmPaddedBatch
                   ? " padded batch (capacity " + std::to_string(padded_capacity) + ")"
+              : is_bucketed_expert_gemm(expert_streams)
+                  ? std::string(expert_streams == kExpertGemmBucketed ? " bucketed grouped call"
+                                                                      : " bucketed batched calls") +
+                        " (align " + std::to_string(bucket_align) + ")"
                   : " cublaslt x" + std::to_string(expert_streams) + " streams")
        : path == gpu::ExpertPath::grouped_gemm ? std::string(" grouped")
                                                : std::string(" gemv")) +
@@ -296,6 +305,13 @@ void run_scenario(const ModelSpec& m, uint64_t seed, gpu::ExpertPath path, int e
       CHECK(pc.fallback > 0);
     }
   }
+  if (is_bucketed_expert_gemm(expert_streams) && path == gpu::ExpertPath::cublaslt) {
+    // The path under test ran: every MoE layer run has routed rows, so at least one bucket.
+    const auto& pc = p.gpu.padded_batch_counts();
+    INFO(name << ": " << pc.bucketed << " layer runs bucketed, " << pc.buckets << " buckets");
+    CHECK(pc.bucketed > 0);
+    CHECK(pc.buckets >= pc.bucketed);
+  }
 }
 
 }  // namespace
@@ -313,6 +329,15 @@ TEST_CASE("forward: Qwen3-MoE (GQA, per-head QK-norm, dense first layer) vs the 
   SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
     run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
   }
+  SUBCASE("experts: bucketed padded layout, one cuBLAS grouped call, align 16") {
+    run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmBucketed, 0.0, 16);
+  }
+  SUBCASE("experts: bucketed padded layout, one batched call per bucket, align 8") {
+    run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmBucketedBatched, 0.0, 8);
+  }
+  SUBCASE("experts: bucketed padded layout, one cuBLAS grouped call, align 128 (one bucket)") {
+    run_scenario(small_qwen3(), 11, gpu::ExpertPath::cublaslt, kExpertGemmBucketed, 0.0, 128);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen3(), 11, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) vs the float64 reference") {
@@ -327,6 +352,12 @@ TEST_CASE("forward: Qwen2-MoE (QKV bias, gated shared expert, tied embeddings) v
   }
   SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
     run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
+  }
+  SUBCASE("experts: bucketed padded layout, one cuBLAS grouped call, align 16") {
+    run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, kExpertGemmBucketed, 0.0, 16);
+  }
+  SUBCASE("experts: bucketed padded layout, one batched call per bucket, align 8") {
+    run_scenario(small_qwen2(), 12, gpu::ExpertPath::cublaslt, kExpertGemmBucketedBatched, 0.0, 8);
   }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_qwen2(), 12, gpu::ExpertPath::grouped_gemm); }
 }
@@ -343,6 +374,12 @@ TEST_CASE("forward: Mixtral (GQA 2/1, renormalised top-2) vs the float64 referen
   SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
     run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
   }
+  SUBCASE("experts: bucketed padded layout, one cuBLAS grouped call, align 16") {
+    run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, kExpertGemmBucketed, 0.0, 16);
+  }
+  SUBCASE("experts: bucketed padded layout, one batched call per bucket, align 8") {
+    run_scenario(small_mixtral(), 13, gpu::ExpertPath::cublaslt, kExpertGemmBucketedBatched, 0.0, 8);
+  }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_mixtral(), 13, gpu::ExpertPath::grouped_gemm); }
 }
 TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 reference") {
@@ -357,6 +394,12 @@ TEST_CASE("forward: OLMoE (full-width QK-norm, top-3 of 8) vs the float64 refere
   }
   SUBCASE("experts: padded batched GEMM, capacity 0: every layer falls back") {
     run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, 0.0);
+  }
+  SUBCASE("experts: bucketed padded layout, one cuBLAS grouped call, align 16") {
+    run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, kExpertGemmBucketed, 0.0, 16);
+  }
+  SUBCASE("experts: bucketed padded layout, one batched call per bucket, align 8") {
+    run_scenario(small_olmoe(), 14, gpu::ExpertPath::cublaslt, kExpertGemmBucketedBatched, 0.0, 8);
   }
   SUBCASE("experts: grouped GEMM") { run_scenario(small_olmoe(), 14, gpu::ExpertPath::grouped_gemm); }
 }
@@ -503,6 +546,48 @@ TEST_CASE("forward: bad batches and unsupported models throw InputError") {
     "vocab_size": 32, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2})",
                                           "tiny-mixtral/config.json");
   CHECK_THROWS_AS(GpuModel(model::synthetic_weights(tiny, 1), c), InputError);
+}
+
+TEST_CASE("forward: the expert GEMM switch rejects bad values, naming the legal ones") {
+  const ModelSpec m = small_mixtral();
+  const auto w = model::synthetic_weights(m, 3);
+  GpuModelConfig c;
+  c.block_size = 8;
+  c.num_blocks = 4;
+  c.max_tokens_per_step = 16;
+  c.max_seqs_per_step = 2;
+  c.max_blocks_per_seq = 4;
+  auto message = [](auto&& f) {
+    try {
+      f();
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no InputError)");
+  };
+  auto bad = c;
+  bad.expert_gemm_streams = kExpertGemmStreamsMin - 1;
+  CHECK(message([&] { GpuModel g(w, bad); }).find(std::string(kExpertGemmStreamsLegal)) != std::string::npos);
+  bad = c;
+  bad.expert_bucket_row_align = 0;
+  CHECK(message([&] { GpuModel g(w, bad); }).find("expert_bucket_row_align") != std::string::npos);
+  // Built without the bucketed buffers: switching to the bucketed layout does not fit (16 routed
+  // rows x top-2 = 32 rows; the layout can need 32 + 8 experts x 127).
+  GpuModel plain(w, c);
+  CHECK(message([&] { plain.set_expert_gemm_streams(kExpertGemmStreamsMin - 1); }).find(std::string(kExpertGemmStreamsLegal)) !=
+        std::string::npos);
+  CHECK_THROWS_AS(plain.set_expert_gemm_streams(kExpertGemmBucketed), InputError);
+  CHECK_THROWS_AS(plain.set_expert_bucket_row_align(0), InputError);
+  plain.set_expert_bucket_row_align(64);  // allowed: the bucketed layout is not selected
+  // Built for the bucketed layout at align 16: any align up to 16 fits, 32 does not.
+  auto bucketed = c;
+  bucketed.expert_gemm_streams = kExpertGemmBucketed;
+  bucketed.expert_bucket_row_align = 16;
+  GpuModel b(w, bucketed);
+  b.set_expert_bucket_row_align(8);
+  b.set_expert_gemm_streams(kExpertGemmBucketedBatched);
+  CHECK_THROWS_AS(b.set_expert_bucket_row_align(32), InputError);
+  CHECK(b.config().expert_bucket_row_align == 8);
 }
 
 // One Qwen3-30B-A3B layer at full width (hidden 2048, 32/4 heads x 128, 128 experts x 768,

@@ -4,7 +4,9 @@
 // of the 128-row tile, n and k that are not multiples of the 128 x 64 tile, k = 8, one expert,
 // 128 experts) and Qwen3-30B-A3B's expert shapes. Rows at and past offsets[E] must stay poisoned.
 // The per-expert cuBLASLt path (gpu::ExpertGemm) serially and forked over streams likewise, and
-// the same GEMMs as one cuBLAS grouped call (ExpertGemm::run_grouped_call).
+// the same GEMMs as one cuBLAS grouped call (ExpertGemm::run_grouped_call), the padded batch
+// (run_padded_batch) and the bucketed padded layout (kernels/expert_pad.cuh per-expert mode +
+// ExpertGemm::run_bucketed_call, both issue forms).
 // The prefill-step benchmark (8 x 2048 tokens of Qwen3-30B-A3B in one step) is here too.
 // The benchmark (TFLOP/s against one cuBLASLt GEMM of the same FLOPs and against the per-expert
 // cuBLASLt path, measured in the same run) is skipped by default; run it with:
@@ -12,12 +14,14 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -424,6 +428,227 @@ TEST_CASE("expert GEMM: padded strided-batched cuBLASLt GEMM vs the float64 refe
   }
 }
 
+namespace {
+
+// One configuration of the bucketed layout to run on the same inputs.
+struct BucketRun {
+  int64_t align;
+  gpu::BucketIssue issue;
+};
+
+const char* issue_name(gpu::BucketIssue i) {
+  return i == gpu::BucketIssue::grouped_call ? "one grouped call" : "batched call per bucket";
+}
+
+// The bucketed padded layout as the executor runs it (kExpertGemmBucketed[Batched],
+// GpuModel::run_bucketed_experts): index-only permute of top_k = 1 ids with the given counts plus
+// `dropped` tokens routed off the rank (id -1), pairs in shuffled order; host copy of the counts;
+// padded counts expert_bucket_rows(count, align) and their prefix sums poff uploaded;
+// launch_pad_expert_rows in the per-expert mode; launch_gather_rows; ExpertGemm::run_bucketed_call.
+// Checked exactly: slot_row (a routed token's row moves from p to poff[e] + (p - offsets[e]); a
+// dropped token keeps -1), padded_token over all poff[E] rows (expert e's first counts[e] rows map
+// to permuted_token[offsets[e] + i], the rest are -1), the pad rows gathered as zeros, and the
+// number of buckets (distinct non-zero padded counts). The GEMM output read through slot_row must
+// match the float64 reference of x[t] . W_e^T (every ref_stride-th token; the reference is
+// computed once for all runs). Pad rows' outputs are not checked (computed, never read).
+// Every run poisons its outputs first and runs twice (the second reuses the uploaded pointer
+// arrays; each ExpertGemm is new per run, so the first call uploads).
+void check_bucketed(const std::vector<int>& counts, int dropped, int64_t n, int64_t k, uint64_t seed,
+                    const std::vector<BucketRun>& runs, int64_t ref_stride = 1) {
+  const int E = static_cast<int>(counts.size());
+  std::vector<int32_t> ids;
+  for (int e = 0; e < E; ++e) ids.insert(ids.end(), std::size_t(counts[e]), e);
+  ids.insert(ids.end(), std::size_t(dropped), -1);
+  std::mt19937_64 rng(seed);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  const int64_t T = static_cast<int64_t>(ids.size());
+  const int64_t routed = T - dropped;
+  const auto x = rand_bf16(std::size_t(std::max<int64_t>(T, 1) * k), seed + 1);
+  const auto w = rand_bf16(std::size_t(E) * n * k, seed + 2);
+  // The float64 reference for the sampled routed tokens, once.
+  std::vector<int64_t> sampled;
+  for (int64_t t = 0, seen = 0; t < T; ++t)
+    if (ids[t] >= 0 && seen++ % ref_stride == 0) sampled.push_back(t);
+  std::vector<double> ref;
+  ref.reserve(sampled.size() * std::size_t(n));
+  {
+    std::vector<float> wf(w.size()), xf(x.size());
+    for (std::size_t i = 0; i < w.size(); ++i) wf[i] = __bfloat162float(w[i]);
+    for (std::size_t i = 0; i < x.size(); ++i) xf[i] = __bfloat162float(x[i]);
+    for (int64_t t : sampled)
+      for (int64_t j = 0; j < n; ++j) {
+        double sum = 0;
+        const float* a = &xf[std::size_t(t * k)];
+        const float* b = &wf[std::size_t((int64_t(ids[t]) * n + j) * k)];
+        for (int64_t c = 0; c < k; ++c) sum += double(a[c]) * double(b[c]);
+        ref.push_back(sum);
+      }
+  }
+  if (!ref.empty()) {
+    double mag = 0;
+    for (double v : ref) mag = std::max(mag, std::abs(v));
+    REQUIRE(mag > 0);  // the reference is not all zeros
+  }
+  int64_t max_align = 1;
+  for (const auto& r : runs) max_align = std::max(max_align, r.align);
+  const int64_t cap = std::max<int64_t>(expert_bucket_capacity(routed, E, max_align), 1);
+  gpu::DeviceBuffer d_x(x.size() * 2), d_w(w.size() * 2), d_act(std::size_t(cap * k) * 2),
+      d_out(std::size_t(cap * n) * 2), ws(gpu::LtGemm::kWorkspaceBytes);
+  const std::size_t pairs = std::max<std::size_t>(ids.size(), 1);
+  gpu::DeviceBuffer d_ids(pairs * 4), d_counts(std::size_t(E) * 4), d_offsets(std::size_t(E + 1) * 4),
+      d_slot(pairs * 4), d_ptok(pairs * 4), d_padtok(std::size_t(cap) * 4), d_poff(std::size_t(E + 1) * 4);
+  const std::size_t pws_bytes = kernels::permute_workspace_bytes(T, 1, E);
+  gpu::DeviceBuffer d_pws(std::max<std::size_t>(pws_bytes, 4));
+  upload(d_x.get(), x);
+  upload(d_w.get(), w);
+  if (T > 0) upload(d_ids.get(), ids);
+  gpu::Stream st;
+  gpu::LtHandle lt;
+  gpu::BlasHandle blas;
+  for (const BucketRun& run : runs) {
+    const int64_t P = run.align;
+    std::vector<int64_t> padded(static_cast<std::size_t>(E));
+    std::vector<int32_t> poff(std::size_t(E + 1), 0);
+    std::set<int64_t> distinct;
+    for (int e = 0; e < E; ++e) {
+      padded[std::size_t(e)] = expert_bucket_rows(counts[e], P);
+      poff[std::size_t(e + 1)] = poff[std::size_t(e)] + int32_t(padded[std::size_t(e)]);
+      if (padded[std::size_t(e)] > 0) distinct.insert(padded[std::size_t(e)]);
+    }
+    const int64_t total = poff[std::size_t(E)];
+    INFO("bucketed E=" << E << " tokens=" << T << " dropped=" << dropped << " n=" << n << " k=" << k << " align=" << P
+                       << " padded rows=" << total << " buckets=" << distinct.size() << " " << issue_name(run.issue));
+    REQUIRE(total <= cap);
+    upload(d_poff.get(), poff);
+    MIXSERVE_CUDA_CHECK(cudaDeviceSynchronize());  // the pageable uploads have landed before st reads them
+    gpu::ExpertGemm eg(lt, E, n, k, DType::bf16, ws.get(), ws.bytes());
+    for (int rep = 0; rep < 2; ++rep) {
+      INFO("rep " << rep);
+      MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_act.get(), 0xff, d_act.bytes(), st.get()));
+      MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xff, d_out.bytes(), st.get()));
+      MIXSERVE_CUDA_CHECK(cudaMemsetAsync(d_padtok.get(), 0x7f, d_padtok.bytes(), st.get()));
+      kernels::PermuteParams pp;
+      pp.topk_ids = d_ids.as<int32_t>();
+      pp.x = nullptr;  // index maps only
+      pp.permuted_x = d_act.as<bf16>();
+      pp.expert_counts = d_counts.as<int32_t>();
+      pp.expert_offsets = d_offsets.as<int32_t>();
+      pp.slot_row = d_slot.as<int32_t>();
+      pp.permuted_token = d_ptok.as<int32_t>();
+      pp.workspace = d_pws.get();
+      pp.workspace_bytes = pws_bytes;
+      pp.num_tokens = T;
+      pp.top_k = 1;
+      pp.num_experts = E;
+      pp.hidden = k;
+      kernels::launch_permute(pp, st.get());
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+      const auto got_counts = download<int32_t>(d_counts.get(), std::size_t(E));
+      const auto off = download<int32_t>(d_offsets.get(), std::size_t(E + 1));
+      const auto slot_before = download<int32_t>(d_slot.get(), pairs);
+      const auto ptok = download<int32_t>(d_ptok.get(), pairs);
+      for (int e = 0; e < E; ++e) REQUIRE(got_counts[e] == counts[e]);
+      kernels::PadExpertRowsParams pr;
+      pr.topk_ids = d_ids.as<int32_t>();
+      pr.expert_counts = d_counts.as<int32_t>();
+      pr.expert_offsets = d_offsets.as<int32_t>();
+      pr.permuted_token = d_ptok.as<int32_t>();
+      pr.slot_row = d_slot.as<int32_t>();
+      pr.padded_token = d_padtok.as<int32_t>();
+      pr.num_tokens = T;
+      pr.top_k = 1;
+      pr.num_experts = E;
+      pr.padded_offsets = d_poff.as<int32_t>();
+      pr.num_padded_rows = total;
+      kernels::launch_pad_expert_rows(pr, st.get());
+      kernels::GatherRowsParams gp;
+      gp.x = d_x.as<bf16>();
+      gp.row_token = d_padtok.as<int32_t>();
+      gp.dst = d_act.as<bf16>();
+      gp.num_rows = total;
+      gp.hidden = k;
+      kernels::launch_gather_rows(gp, st.get());
+      const int buckets = eg.run_bucketed_call(d_act.get(), d_w.get(), d_out.get(), padded, st.get(), blas, run.issue);
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+      CHECK(buckets == static_cast<int>(distinct.size()));
+      const auto slot = download<int32_t>(d_slot.get(), pairs);
+      const auto padtok = download<int32_t>(d_padtok.get(), std::size_t(cap));
+      const auto act = download<bf16>(d_act.get(), std::size_t(cap * k));
+      const auto got = download<bf16>(d_out.get(), std::size_t(cap * n));
+      // slot_row: exact.
+      int64_t bad_slots = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const int e = ids[t];
+        const int64_t want = e < 0 ? -1 : int64_t(poff[std::size_t(e)]) + (slot_before[t] - off[std::size_t(e)]);
+        bad_slots += slot[t] != want || (e >= 0 && padtok[std::size_t(slot[t])] != t);
+      }
+      CHECK_MESSAGE(bad_slots == 0, bad_slots << " tokens with a wrong bucketed row");
+      // padded_token and the gathered rows: exact over every padded row.
+      int64_t bad_map = 0, bad_rows = 0, pad_rows = 0;
+      for (int e = 0; e < E; ++e)
+        for (int64_t r = poff[std::size_t(e)]; r < poff[std::size_t(e + 1)]; ++r) {
+          const int64_t i = r - poff[std::size_t(e)];
+          const bool real = i < counts[e];
+          const int32_t want = real ? ptok[std::size_t(off[std::size_t(e)] + i)] : -1;
+          const bool bad = padtok[std::size_t(r)] != want || (real && (want < 0 || want >= T || ids[std::size_t(want)] != e));
+          bad_map += bad;
+          pad_rows += !real;
+          if (bad) continue;  // want may not index x
+          for (int64_t c = 0; c < k; ++c) {
+            const uint16_t b = bits(act[std::size_t(r * k + c)]);
+            bad_rows += real ? b != bits(x[std::size_t(int64_t(want) * k + c)]) : b != 0;
+          }
+        }
+      CHECK_MESSAGE(bad_map == 0, bad_map << " padded_token entries differ from the expected map");
+      CHECK_MESSAGE(bad_rows == 0, bad_rows << " gathered elements differ from x (or a pad row is not zero)");
+      CHECK(pad_rows == total - routed);
+      // The GEMM output of the sampled tokens, through slot_row.
+      std::vector<double> gd;
+      gd.reserve(ref.size());
+      for (int64_t t : sampled)
+        for (int64_t j = 0; j < n; ++j) gd.push_back(__bfloat162float(got[std::size_t(int64_t(slot[t]) * n + j)]));
+      CHECK(all_finite(gd));
+      if (!ref.empty()) CHECK(rel_error(gd, ref) < kTol);
+    }
+  }
+}
+
+std::vector<BucketRun> both_issues(std::initializer_list<int64_t> aligns) {
+  std::vector<BucketRun> r;
+  for (int64_t a : aligns)
+    for (auto i : {gpu::BucketIssue::grouped_call, gpu::BucketIssue::batched_per_bucket}) r.push_back({a, i});
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("expert GEMM: bucketed padded layout, cuBLAS grouped call and batched calls vs the float64 reference") {
+  SUBCASE("ragged experts with empty ones, dropped tokens, n and k off the tile") {
+    check_bucketed({5, 0, 130, 17, 64, 1, 0, 33}, 7, 136, 72, 41, both_issues({16, 64, 1}));
+  }
+  SUBCASE("every count already a multiple of the alignment") {
+    check_bucketed({64, 128, 0, 64, 192}, 0, 200, 520, 42, both_issues({64}));
+  }
+  SUBCASE("one expert holds every row") { check_bucketed({0, 0, 300, 0}, 3, 264, 200, 43, both_issues({128, 64})); }
+  SUBCASE("every expert empty (nothing to run)") { check_bucketed({0, 0, 0}, 5, 64, 64, 44, both_issues({128})); }
+  SUBCASE("one expert, one row, k = 8") { check_bucketed({1}, 0, 8, 8, 45, both_issues({128})); }
+  SUBCASE("128 experts, skewed counts (log-normal around 100 rows), one empty, one of 1031 rows") {
+    std::mt19937_64 rng(46);
+    std::lognormal_distribution<double> d(std::log(100.0), 0.6);
+    std::vector<int> counts(128);
+    for (int& c : counts) c = static_cast<int>(d(rng));
+    counts[17] = 0;
+    counts[90] = 1031;
+    counts[3] = 128;
+    check_bucketed(counts, 11, 200, 520, 46, both_issues({128, 64, 1}), 5);
+  }
+  SUBCASE("Qwen3-30B-A3B gate|up (n 1536, k 2048) and down (n 2048, k 768), ~1024-row experts") {
+    const std::vector<int> counts{40, 0, 129, 3, 1024, 977, 1100, 896};
+    check_bucketed(counts, 0, 1536, 2048, 47, both_issues({128, 64}), 13);
+    check_bucketed(counts, 0, 2048, 768, 48, both_issues({128, 64}), 13);
+  }
+}
+
 TEST_CASE("expert GEMM: padded batch rejects bad parameters") {
   gpu::LtHandle lt;
   gpu::DeviceBuffer ws(gpu::LtGemm::kWorkspaceBytes);
@@ -442,6 +667,33 @@ TEST_CASE("expert GEMM: padded batch rejects bad parameters") {
   gp.num_rows = 1;
   gp.hidden = 0;
   CHECK_THROWS_AS(kernels::launch_gather_rows(gp, st.get()), InputError);
+  // The per-expert layout: rows_per_expert must be 0 with padded_offsets, num_padded_rows 0 without.
+  gpu::DeviceBuffer ints(64 * 4);
+  kernels::PadExpertRowsParams ok;
+  ok.topk_ids = ok.expert_counts = ok.expert_offsets = ok.permuted_token = ints.as<int32_t>();
+  ok.slot_row = ok.padded_token = ints.as<int32_t>();
+  ok.num_tokens = 1;
+  ok.top_k = 1;
+  ok.num_experts = 1;
+  ok.padded_offsets = ints.as<int32_t>();
+  ok.num_padded_rows = 16;
+  CHECK(kernels::pad_expert_rows_unsupported_reason(ok).empty());
+  auto with_rpe = ok;
+  with_rpe.rows_per_expert = 16;
+  CHECK_THROWS_AS(kernels::launch_pad_expert_rows(with_rpe, st.get()), InputError);
+  auto negative = ok;
+  negative.num_padded_rows = -1;
+  CHECK_THROWS_AS(kernels::launch_pad_expert_rows(negative, st.get()), InputError);
+  auto uniform_with_rows = ok;
+  uniform_with_rows.padded_offsets = nullptr;
+  uniform_with_rows.rows_per_expert = 16;
+  CHECK_THROWS_AS(kernels::launch_pad_expert_rows(uniform_with_rows, st.get()), InputError);
+  // The bucketed call: bf16 only, one padded count per expert, counts >= 0.
+  gpu::BlasHandle blas;
+  CHECK_THROWS_AS(fp8.run_bucketed_call(ws.get(), ws.get(), ws.get(), {16, 16}, st.get(), blas), InputError);
+  CHECK_THROWS_AS(eg.run_bucketed_call(ws.get(), ws.get(), ws.get(), {16}, st.get(), blas), InputError);
+  CHECK_THROWS_AS(eg.run_bucketed_call(ws.get(), ws.get(), ws.get(), {16, -16}, st.get(), blas), InputError);
+  CHECK(eg.run_bucketed_call(ws.get(), ws.get(), ws.get(), {0, 0}, st.get(), blas) == 0);
 }
 
 TEST_CASE("expert GEMM: stream fan-out rejects bad parameters") {
@@ -496,16 +748,23 @@ TEST_CASE("grouped_gemm: rejects unsupported parameters") {
 
 namespace {
 
-// Row counts of `tokens` tokens each routed to `top_k` distinct experts drawn uniformly.
-std::vector<int64_t> routed_counts(int64_t tokens, int top_k, int E, uint64_t seed) {
+// Expert ids [tokens, top_k] of `tokens` tokens each routed to `top_k` distinct experts drawn
+// uniformly, and their row counts per expert.
+std::vector<int32_t> routed_ids(int64_t tokens, int top_k, int E, uint64_t seed) {
   std::mt19937_64 rng(seed);
-  std::vector<int64_t> c(E, 0);
+  std::vector<int32_t> out;
+  out.reserve(std::size_t(tokens * top_k));
   std::vector<int> ids(E);
   std::iota(ids.begin(), ids.end(), 0);
   for (int64_t t = 0; t < tokens; ++t) {
     for (int i = 0; i < top_k; ++i) std::swap(ids[i], ids[i + rng() % (E - i)]);
-    for (int i = 0; i < top_k; ++i) ++c[ids[i]];
+    out.insert(out.end(), ids.begin(), ids.begin() + top_k);
   }
+  return out;
+}
+std::vector<int64_t> counts_of(const std::vector<int32_t>& ids, int E) {
+  std::vector<int64_t> c(E, 0);
+  for (int32_t e : ids) ++c[e];
   return c;
 }
 
@@ -515,8 +774,14 @@ std::vector<int64_t> routed_counts(int64_t tokens, int top_k, int E, uint64_t se
 // 8 x 2048-token prefill step: the grouped kernel, the executor's per-expert cuBLASLt path (its
 // GEMMs only: the host count copy and sync are not timed) on 1 stream (the "vs per-exp"
 // baseline) and forked over 2, 4 and 8 streams, as one cuBLAS grouped call (cublasGemmGroupedBatchedEx;
-// its pointer-array upload happens before the timed runs), and one cuBLASLt GEMM of the same
-// total rows (the dense bound), all in this run. Not a test: prints only.
+// its pointer-array upload happens before the timed runs), on the bucketed padded layout
+// (kExpertGemmBucketed / kExpertGemmBucketedBatched: every expert's rows rounded up to P = 128 and
+// 64, one cuBLAS grouped call with a group per distinct padded count, or one batched call per
+// count; TFLOP/s over the real rows' FLOPs, the pad rows' work counted as overhead), and one
+// cuBLASLt GEMM of the same total rows (the dense bound), all in this run. The layout's own cost
+// is timed apart, once per token count: the per-expert path's permute with its row gather, against
+// the bucketed path's index-only permute + padded-offset upload + pad remap + gather (both also
+// pay the host count copy, not timed). Not a test: prints only.
 TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)" * doctest::skip()) {
   const int E = 128, K = 8;
   const int64_t H = 2048, I = 768;
@@ -527,20 +792,97 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
   topt.timed_iters = 20;
   gpu::LtHandle lt;
   gpu::DeviceBuffer ws(gpu::LtGemm::kWorkspaceBytes);
-  std::printf("%-44s %10s %8s %10s %10s %10s %10s\n", "case", "time(us)", "noise", "TFLOP/s", "vs dense", "vs per-exp",
+  std::printf("%-76s %10s %8s %10s %10s %10s %10s\n", "case", "time(us)", "noise", "TFLOP/s", "vs dense", "vs per-exp",
               "% 797.6");
   for (int64_t tokens : {int64_t(2048), int64_t(16384)}) {
     const int64_t rows = tokens * K;
-    const auto counts = routed_counts(tokens, K, E, 11);
+    const auto ids = routed_ids(tokens, K, E, 11);
+    const auto counts = counts_of(ids, E);
     std::vector<int32_t> off(E + 1, 0);
     for (int e = 0; e < E; ++e) off[e + 1] = off[e] + int32_t(counts[e]);
+    constexpr int64_t kAligns[] = {128, 64};
+    // Rows of the bucketed layout at the largest alignment (the buffers below hold it).
+    const int64_t cap = expert_bucket_capacity(rows, E, kAligns[0]);
+    {
+      // The layout's cost: the per-expert path's permute (index maps + gather of x in expert order)
+      // against the bucketed path's index-only permute, the padded-offset upload (pinned host ->
+      // device) and the pad remap + gather into the bucketed rows.
+      gpu::DeviceBuffer x(std::size_t(tokens * H) * 2), px(std::size_t(cap * H) * 2), d_ids(ids.size() * 4),
+          d_counts(std::size_t(E) * 4), d_offs(std::size_t(E + 1) * 4), d_slot(ids.size() * 4),
+          d_ptok(ids.size() * 4), d_padtok(std::size_t(cap) * 4), d_poff(std::size_t(E + 1) * 4),
+          d_pws(kernels::permute_workspace_bytes(tokens, K, E));
+      kernels::FillParams f;
+      f.data = x.get();
+      f.num_elements = tokens * H;
+      kernels::launch_fill_uniform(f, st.get());
+      upload(d_ids.get(), ids);
+      kernels::PermuteParams pp;
+      pp.topk_ids = d_ids.as<int32_t>();
+      pp.x = x.as<bf16>();
+      pp.permuted_x = px.as<bf16>();
+      pp.expert_counts = d_counts.as<int32_t>();
+      pp.expert_offsets = d_offs.as<int32_t>();
+      pp.slot_row = d_slot.as<int32_t>();
+      pp.permuted_token = d_ptok.as<int32_t>();
+      pp.workspace = d_pws.get();
+      pp.workspace_bytes = d_pws.bytes();
+      pp.num_tokens = tokens;
+      pp.top_k = K;
+      pp.num_experts = E;
+      pp.hidden = H;
+      const auto t_permute = gpu::time_op([&](cudaStream_t s) { kernels::launch_permute(pp, s); }, st.get(), topt,
+                                          &flusher);
+      std::printf("%-76s %10.1f %8.3f   (memory-bound: no TFLOP/s)\n",
+                  (std::to_string(tokens) + " tok permute + gather, per-expert rows").c_str(), t_permute.time_us.median,
+                  t_permute.time_us.noise());
+      int32_t* poff_host = nullptr;
+      MIXSERVE_CUDA_CHECK(cudaMallocHost(&poff_host, std::size_t(E + 1) * 4));
+      for (int64_t P : kAligns) {
+        poff_host[0] = 0;
+        for (int e = 0; e < E; ++e) poff_host[e + 1] = poff_host[e] + int32_t(expert_bucket_rows(counts[e], P));
+        const int64_t total = poff_host[E];
+        kernels::PadExpertRowsParams pr;
+        pr.topk_ids = d_ids.as<int32_t>();
+        pr.expert_counts = d_counts.as<int32_t>();
+        pr.expert_offsets = d_offs.as<int32_t>();
+        pr.permuted_token = d_ptok.as<int32_t>();
+        pr.slot_row = d_slot.as<int32_t>();
+        pr.padded_token = d_padtok.as<int32_t>();
+        pr.num_tokens = tokens;
+        pr.top_k = K;
+        pr.num_experts = E;
+        pr.padded_offsets = d_poff.as<int32_t>();
+        pr.num_padded_rows = total;
+        kernels::GatherRowsParams gp;
+        gp.x = x.as<bf16>();
+        gp.row_token = d_padtok.as<int32_t>();
+        gp.dst = px.as<bf16>();
+        gp.num_rows = total;
+        gp.hidden = H;
+        auto idx_only = pp;
+        idx_only.x = nullptr;
+        // The permute rewrites slot_row before the pad remaps it, so every timed run is a real one.
+        const auto t_pad = gpu::time_op([&](cudaStream_t s) {
+          kernels::launch_permute(idx_only, s);
+          MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(d_poff.get(), poff_host, std::size_t(E + 1) * 4, cudaMemcpyHostToDevice, s));
+          kernels::launch_pad_expert_rows(pr, s);
+          kernels::launch_gather_rows(gp, s);
+        }, st.get(), topt, &flusher);
+        std::printf("%-76s %10.1f %8.3f   (%.1f%% pad rows)\n",
+                    (std::to_string(tokens) + " tok permute + pad + gather, bucketed P=" + std::to_string(P)).c_str(),
+                    t_pad.time_us.median, t_pad.time_us.noise(), 100.0 * double(total - rows) / double(total));
+      }
+      MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st.get()));
+      MIXSERVE_CUDA_CHECK(cudaFreeHost(poff_host));
+    }
     for (const auto& [name, n, k] : {std::tuple<const char*, int64_t, int64_t>{"gate|up", 2 * I, H},
                                      std::tuple<const char*, int64_t, int64_t>{"down", H, I}}) {
-      gpu::DeviceBuffer act(std::size_t(rows * k) * 2), w(std::size_t(E * n * k) * 2), out(std::size_t(rows * n) * 2),
+      // act and out hold the bucketed layout's rows (the other paths use the first `rows`).
+      gpu::DeviceBuffer act(std::size_t(cap * k) * 2), w(std::size_t(E * n * k) * 2), out(std::size_t(cap * n) * 2),
           d_off(off.size() * 4);
       kernels::FillParams f;
       f.data = act.get();
-      f.num_elements = rows * k;
+      f.num_elements = cap * k;
       kernels::launch_fill_uniform(f, st.get());
       f.data = w.get();
       f.num_elements = E * n * k;
@@ -583,6 +925,29 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       gpu::BlasHandle blas;
       const auto tg = gpu::time_op([&](cudaStream_t s) { eg.run_grouped_call(act.get(), w.get(), out.get(), s, blas); },
                                    st.get(), topt, &flusher);
+      // The bucketed layout's GEMMs (pointer arrays uploaded on the first call only, as above).
+      struct BucketedRow {
+        std::string what;
+        gpu::TimingResult t;
+      };
+      std::vector<BucketedRow> t_bucketed;
+      for (int64_t P : kAligns) {
+        std::vector<int64_t> padded(static_cast<std::size_t>(E));
+        int64_t total = 0;
+        for (int e = 0; e < E; ++e) total += padded[std::size_t(e)] = expert_bucket_rows(counts[e], P);
+        for (auto issue : {gpu::BucketIssue::grouped_call, gpu::BucketIssue::batched_per_bucket}) {
+          gpu::ExpertGemm egb(lt, E, n, k, DType::bf16, ws.get(), ws.bytes());
+          int buckets = 0;
+          const auto t = gpu::time_op([&](cudaStream_t s) {
+            buckets = egb.run_bucketed_call(act.get(), w.get(), out.get(), padded, s, blas, issue);
+          }, st.get(), topt, &flusher);
+          char what[96];
+          std::snprintf(what, sizeof what, " bucketed P=%lld %s (%d buckets, +%.1f%% rows)", static_cast<long long>(P),
+                        issue == gpu::BucketIssue::grouped_call ? "1 grouped call" : "batched/bucket", buckets,
+                        100.0 * double(total - rows) / double(rows));
+          t_bucketed.push_back({what, t});
+        }
+      }
       gpu::LtGemm dense(lt, {rows, n, k, DType::bf16}, ws.get(), ws.bytes());
       gpu::GemmOperands ops;
       ops.act = act.get();
@@ -591,7 +956,7 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       const auto td = gpu::time_op([&](cudaStream_t s) { dense.run(ops, s); }, st.get(), topt, &flusher);
       auto row = [&](const std::string& what, const gpu::TimingResult& r) {
         const double tf = flops / (r.time_us.median * 1e6);
-        std::printf("%-44s %10.1f %8.3f %10.1f %9.2fx %9.2fx %9.1f%%\n", what.c_str(), r.time_us.median,
+        std::printf("%-76s %10.1f %8.3f %10.1f %9.2fx %9.2fx %9.1f%%\n", what.c_str(), r.time_us.median,
                     r.time_us.noise(), tf, td.time_us.median / r.time_us.median, te.time_us.median / r.time_us.median,
                     100.0 * tf / 797.6);
       };
@@ -602,6 +967,7 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
       row(tag + " per-expert cuBLASLt", te);
       for (const auto& [ns, t] : t_streams) row(tag + " per-expert cuBLASLt " + std::to_string(ns) + " streams", t);
       row(tag + " per-expert cuBLAS grouped call", tg);
+      for (const auto& b : t_bucketed) row(tag + b.what, b.t);
       row(tag + " dense cuBLASLt", td);
     }
   }
@@ -610,7 +976,9 @@ TEST_CASE("bench: grouped expert GEMM vs cuBLASLt (Qwen3-30B-A3B expert shapes)"
 // One prefill step of 8 sequences x 2048 tokens (16384 tokens, 131072 routed rows) of
 // Qwen3-30B-A3B at full width (device-drawn weights), with the grouped-GEMM, the per-expert
 // cuBLASLt expert paths on 1, 2, 4 and 8 streams and as one cuBLAS grouped call per projection
-// (host count copy included, as the step runs it), the automatic path, and the previous and the
+// (host count copy included, as the step runs it), the padded batch, the bucketed padded layout
+// (P = 128 and 64; one grouped call, or one batched call per bucket; its layer runs and buckets per
+// projection printed under each row), the automatic path, and the previous and the
 // pipelined prefill attention kernels in the same run: step time and TFLOP/s over the step's matrix FLOPs (q/k/v/o,
 // router, top-8 experts, causal attention QK^T and PV, LM head per sequence) against the measured
 // cuBLAS bf16 peak (797.6 TFLOP/s, profiles/h200.yaml). Layers: MIXSERVE_BENCH_LAYERS (default
@@ -632,6 +1000,10 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
   c.max_blocks_per_seq = len / c.block_size;
   c.num_blocks = seqs * c.max_blocks_per_seq;
   c.expert_padded_capacity = 1.25;  // room for the padded-batch rows (off by default)
+  // Built for the bucketed layout at the largest alignment timed below (its buffers: routed rows +
+  // 128 x 127; the rows above set the path of each variant).
+  c.expert_gemm_streams = kExpertGemmBucketed;
+  c.expert_bucket_row_align = 128;
   gpu::GpuModel g(m, 7, c);
   std::mt19937_64 rng(1);
   std::uniform_int_distribution<int32_t> tok(0, m.vocab_size - 1);
@@ -668,6 +1040,7 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
     gpu::ExpertPath path;
     int streams;
     kernels::AttentionPrefillKernel attention;
+    int64_t bucket_align = kExpertBucketRowAlign;  // kExpertGemmBucketed[Batched] only
   };
   // The first row is the baseline of the "vs first" column: the step as it ran before the
   // streams and the pipelined attention (grouped GEMM, the previous attention kernel).
@@ -683,6 +1056,11 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
       {"cuBLAS grouped call per projection", gpu::ExpertPath::cublaslt, kExpertGemmGroupedCall, kNewAttn},
       {"cuBLASLt padded batch", gpu::ExpertPath::cublaslt, kExpertGemmPaddedBatch, kNewAttn},
       {"automatic, cuBLASLt padded batch", gpu::ExpertPath::automatic, kExpertGemmPaddedBatch, kNewAttn},
+      {"bucketed P=128, 1 grouped call", gpu::ExpertPath::cublaslt, kExpertGemmBucketed, kNewAttn, 128},
+      {"bucketed P=64, 1 grouped call", gpu::ExpertPath::cublaslt, kExpertGemmBucketed, kNewAttn, 64},
+      {"bucketed P=128, batched call per bucket", gpu::ExpertPath::cublaslt, kExpertGemmBucketedBatched, kNewAttn, 128},
+      {"bucketed P=64, batched call per bucket", gpu::ExpertPath::cublaslt, kExpertGemmBucketedBatched, kNewAttn, 64},
+      {"automatic, bucketed P=128, 1 grouped call", gpu::ExpertPath::automatic, kExpertGemmBucketed, kNewAttn, 128},
       {"automatic, old attention", gpu::ExpertPath::automatic, kExpertGemmStreams, kOldAttn},
       {"automatic, attention pipelined (8 warps)", gpu::ExpertPath::automatic, kExpertGemmStreams,
        kernels::AttentionPrefillKernel::pipelined},
@@ -692,6 +1070,7 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
   for (const Variant& v : variants) {
     try {
       g.set_expert_path(v.path);
+      g.set_expert_bucket_row_align(v.bucket_align);
       g.set_expert_gemm_streams(v.streams);
       g.set_attention_prefill_kernel(v.attention);
       g.prepare(batch, gpu::StepOptions{});
@@ -708,11 +1087,21 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
                     static_cast<long long>(after.padded - before.padded),
                     static_cast<long long>(after.fallback - before.fallback), kExpertGemmStreams);
       }
+      if (is_bucketed_expert_gemm(v.streams)) {
+        // Layer runs on the bucketed layout, and the buckets per projection (the groups of the one
+        // grouped call, or the host calls of the batched form).
+        const auto& after = g.padded_batch_counts();
+        const auto runs = after.bucketed - before.bucketed;
+        std::printf("#   %s: %lld MoE layer runs bucketed, %.1f buckets per projection on average\n", v.name,
+                    static_cast<long long>(runs),
+                    runs > 0 ? double(after.buckets - before.buckets) / double(runs) : 0.0);
+      }
     } catch (const std::runtime_error& e) {
       FAIL_CHECK(v.name << ": " << e.what());
     }
   }
   g.set_expert_gemm_streams(kExpertGemmStreams);
+  g.set_expert_bucket_row_align(kExpertBucketRowAlign);
   g.set_attention_prefill_kernel(kNewAttn);
   if (profile) {
     g.set_expert_path(gpu::ExpertPath::automatic);

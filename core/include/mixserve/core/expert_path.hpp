@@ -46,6 +46,45 @@ inline constexpr int kExpertGemmGroupedCall = 0;
 // 2 streams with 21 of 28 layer runs padded at capacity 1.25, and at 48 layers most layers fell
 // back (the largest expert above 1.25x the mean), docs/prefill.md.
 inline constexpr int kExpertGemmPaddedBatch = -1;
+// The values of GpuModelConfig::expert_gemm_streams that run the per-expert GEMMs on the bucketed
+// padded layout: each local expert's rows padded up to a multiple of P
+// (GpuModelConfig::expert_bucket_row_align, kExpertBucketRowAlign by default; expert e's rows
+// start at sum over e' < e of round_up(count[e'], P)), the experts grouped by their padded count,
+// one group per distinct padded count (a "bucket"):
+//   kExpertGemmBucketed (-2):        ONE cublasGemmGroupedBatchedEx call per projection, one group
+//                                    per bucket (gpu::ExpertGemm::run_bucketed_call, BucketIssue::
+//                                    grouped_call): the host issues 1 call, not 128.
+//   kExpertGemmBucketedBatched (-3): one cublasGemmBatchedEx per bucket (BucketIssue::
+//                                    batched_per_bucket): as many host calls as buckets.
+// The padded rows never exceed the routed rows + local experts x (P - 1), so unlike
+// kExpertGemmPaddedBatch the layout always fits once the buffers are sized for it (the model is
+// built with expert_gemm_streams set to one of the two). Not the default: written without a GPU,
+// not yet measured (docs/prefill.md, "Bucketed padded grouped call").
+inline constexpr int kExpertGemmBucketed = -2;
+inline constexpr int kExpertGemmBucketedBatched = -3;
+inline constexpr bool is_bucketed_expert_gemm(int expert_gemm_streams) {
+  return expert_gemm_streams == kExpertGemmBucketed || expert_gemm_streams == kExpertGemmBucketedBatched;
+}
+// The smallest legal value of expert_gemm_streams and the legal values in words: the one text every
+// validation message of the switch quotes.
+inline constexpr int kExpertGemmStreamsMin = kExpertGemmBucketedBatched;
+inline constexpr std::string_view kExpertGemmStreamsLegal =
+    ">= 1 streams, 0 for the cuBLAS grouped call, -1 for the padded batched GEMM, -2 for the bucketed "
+    "grouped call or -3 for the bucketed batched calls";
+// P of the bucketed layout. 128: a tensor-core kernel with 128-row tiles runs a partial last
+// tile as a whole one, so padding to 128 adds no tile it would not run anyway, and ~1024-row
+// experts fall into few buckets; 64 halves the pad rows and about doubles the buckets. Neither is
+// measured yet: the bench times both (docs/prefill.md).
+inline constexpr int64_t kExpertBucketRowAlign = 128;
+inline constexpr int64_t kExpertBucketRowAlignMax = 4096;
+inline constexpr int64_t expert_bucket_rows(int64_t count, int64_t align) {
+  return (count + align - 1) / align * align;
+}
+// Rows the bucketed layout can need for `routed_rows` rows over `num_local_experts` experts: every
+// expert with rows wastes at most align - 1 pad rows, and at most min(experts, rows) have rows.
+inline constexpr int64_t expert_bucket_capacity(int64_t routed_rows, int64_t num_local_experts, int64_t align) {
+  return routed_rows + (num_local_experts < routed_rows ? num_local_experts : routed_rows) * (align - 1);
+}
 // Rows per expert of the padded layout: the largest expert's count rounded up to this.
 inline constexpr int64_t kExpertPaddedRowAlign = 16;
 inline constexpr int64_t expert_padded_rows(int64_t max_count) {

@@ -134,6 +134,13 @@ class StreamFanout {
   void release();
 };
 
+// How ExpertGemm::run_bucketed_call issues its buckets (core/expert_path.hpp kExpertGemmBucketed,
+// kExpertGemmBucketedBatched).
+enum class BucketIssue {
+  grouped_call,        // ONE cublasGemmGroupedBatchedEx, one group per bucket
+  batched_per_bucket,  // one cublasGemmBatchedEx per bucket
+};
+
 // Grouped expert GEMM: for every expert e with tokens, out[rows of e] = act[rows of e] · W_e^T.
 // Rows are grouped by expert in order (the permuted layout after dispatch); experts with no
 // tokens launch nothing. One cuBLASLt GEMM per non-empty expert, back to back on one stream
@@ -177,6 +184,23 @@ class ExpertGemm {
   // rows_per_expert = 0 runs nothing.
   void run_padded_batch(const void* act, const void* weights, void* out, int64_t rows_per_expert,
                         cudaStream_t stream);
+  // The GEMMs of the bucketed padded layout (core/expert_path.hpp kExpertGemmBucketed): expert e
+  // has padded_counts[e] rows (0: none; the executor passes its count rounded up to the bucket
+  // alignment) starting at row poff[e] = sum over e' < e of padded_counts[e'] of act
+  // [sum, k] and out [sum, n]; weights [E, n, k]. The experts with rows are grouped by padded
+  // count, one "bucket" per distinct count, ascending; each bucket is a batch of GEMMs of the same
+  // shape (A = W_e, B = act + poff[e] * k, C = out + poff[e] * n; the transposes and leading
+  // dimensions of run_grouped_call), run as ONE cublasGemmGroupedBatchedEx with group_count =
+  // buckets (BucketIssue::grouped_call) or one cublasGemmBatchedEx per bucket
+  // (batched_per_bucket), on `stream` with this ExpertGemm's workspace. Rows past an expert's real
+  // count are computed like the others (their outputs are for the caller to ignore). The pointer
+  // arrays are built and uploaded as run_grouped_call's (pinned host memory, cudaMemcpyAsync on
+  // `stream`, only when padded_counts or the buffers changed, after waiting for the previous
+  // bucketed call of this ExpertGemm to finish). Does not use set_counts. bf16 only; InputError
+  // for a padded count < 0 or > INT_MAX, or a padded_counts size other than num_experts. Returns
+  // the number of buckets (host calls: 1 or that many; 0 runs nothing).
+  int run_bucketed_call(const void* act, const void* weights, void* out, const std::vector<int64_t>& padded_counts,
+                        cudaStream_t stream, const BlasHandle& blas, BucketIssue issue = BucketIssue::grouped_call);
   int64_t act_scale_offset(int e) const { return act_scale_offsets_[e]; }
   double flops() const;
 
@@ -192,8 +216,8 @@ class ExpertGemm {
   std::map<int64_t, std::unique_ptr<LtGemm>> plans_;
   std::map<int64_t, std::unique_ptr<LtGemm>> padded_plans_;  // run_padded_batch's, by rows_per_expert
   uint64_t counts_generation_ = 0;  // bumped by set_counts: run_grouped_call re-uploads its arrays
-  struct GroupedCall;                // run_grouped_call's arrays; made on its first call
-  std::unique_ptr<GroupedCall> grouped_call_;
+  struct GroupedCall;                // run_grouped_call's / run_bucketed_call's arrays; made on first call
+  std::unique_ptr<GroupedCall> grouped_call_, bucketed_call_;
   GemmOperands operands(int e, const void* act, const void* weights, void* out, const float* act_scale,
                         const float* weight_scale) const;
 };

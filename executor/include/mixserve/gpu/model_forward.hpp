@@ -25,7 +25,8 @@
 //                projection for all experts, tiles scheduled on the device from the offsets; no
 //                host sync (graph-capturable). For prefill-sized steps.
 //   automatic    device_gemv when tokens * top_k <= device_gemv_max_rows; the cublaslt path on
-//                expert_gemm_streams streams (0: one cuBLAS grouped call per projection) when
+//                expert_gemm_streams streams (0: one cuBLAS grouped call per projection; -1, -2,
+//                -3: the padded batch and the bucketed padded layouts, below) when
 //                the routed rows average at least
 //                kExpertStreamsMinRowsPerExpert per local expert (core/expert_path.hpp
 //                uses_expert_streams: large prefill steps); else grouped_gemm.
@@ -88,7 +89,19 @@ struct GpuModelConfig {
   // (index-only permute, host copy of the counts, kernels/expert_pad.cuh remap + gather,
   // ExpertGemm::run_padded_batch); falls back to kExpertGemmStreams streams when
   // local experts x padded rows exceed the padded capacity below.
+  // kExpertGemmBucketed (-2) / kExpertGemmBucketedBatched (-3): each local expert's rows padded up
+  // to a multiple of expert_bucket_row_align (index-only permute, host copy of the counts, the
+  // padded offsets uploaded, kernels/expert_pad.cuh remap + gather), the experts grouped by padded
+  // count, ONE cublasGemmGroupedBatchedEx per projection with one group per distinct count (-2) or
+  // one cublasGemmBatchedEx per distinct count (-3) (ExpertGemm::run_bucketed_call). A model
+  // built with one of these values gets expert buffers for routed rows + local experts x
+  // (align - 1) rows, so the layout always fits; set_expert_gemm_streams(-2 or -3) on a model built
+  // otherwise throws unless its buffers happen to be large enough (expert_padded_capacity).
   int expert_gemm_streams = kExpertGemmStreams;
+  // The bucketed layout's row alignment P (1 .. kExpertBucketRowAlignMax): see
+  // core/expert_path.hpp kExpertBucketRowAlign. Costs memory only when expert_gemm_streams is -2
+  // or -3 at construction.
+  int64_t expert_bucket_row_align = kExpertBucketRowAlign;
   // The capacity of kExpertGemmPaddedBatch's padded layout as a multiple of the step's routed
   // rows (max_tokens_per_step * top_k), rounded up to kExpertPaddedRowAlign; the expert
   // activation buffers (permuted_x, gate|up, SwiGLU, expert output) get max(routed rows,
@@ -179,12 +192,19 @@ class GpuModel {
   double weight_bytes() const { return weight_bytes_; }
   cudaStream_t stream() const { return stream_.get(); }
   void set_expert_path(ExpertPath p) { cfg_.expert_path = p; }
-  // InputError unless n >= -1 (0: kExpertGemmGroupedCall, -1: kExpertGemmPaddedBatch)
+  // InputError unless n >= kExpertGemmStreamsMin (core/expert_path.hpp kExpertGemmStreamsLegal),
+  // or, for -2 and -3, when the expert buffers cannot hold the bucketed layout (GpuModelConfig).
   void set_expert_gemm_streams(int n);
+  // InputError outside 1 .. kExpertBucketRowAlignMax, or when the bucketed path is selected and the
+  // buffers cannot hold the layout with this alignment (a model built with align P takes any <= P).
+  void set_expert_bucket_row_align(int64_t align);
   // MoE layers run by kExpertGemmPaddedBatch since construction: in the padded layout, and
-  // fallen back to the streams because the padded rows exceeded expert_padded_capacity.
+  // fallen back to the streams because the padded rows exceeded expert_padded_capacity; and by
+  // kExpertGemmBucketed[Batched]: layer runs, and the buckets of their gate|up projections summed
+  // (buckets / bucketed = the mean host calls per projection of -3, the groups of -2's one call).
   struct PaddedBatchCounts {
     int64_t padded = 0, fallback = 0;
+    int64_t bucketed = 0, buckets = 0;
   };
   const PaddedBatchCounts& padded_batch_counts() const { return padded_counts_; }
   void set_attention_prefill_kernel(kernels::AttentionPrefillKernel k) { cfg_.attention_prefill_kernel = k; }
@@ -252,6 +272,13 @@ class GpuModel {
   // the padded layout, gather x into it, one strided-batched GEMM per projection, the SwiGLU.
   void run_padded_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
                           int64_t rows_per_expert, cudaStream_t s);
+  // kExpertGemmBucketed[Batched] after the permute and the host copy of the counts: padded offsets
+  // uploaded, slot_row remapped to the bucketed layout, x gathered into it, the bucketed cuBLAS
+  // call(s) per projection, the SwiGLU over every padded row.
+  void run_bucketed_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
+                            const std::vector<int64_t>& counts, cudaStream_t s);
+  // InputError unless the expert buffers hold the bucketed layout with this alignment.
+  void check_bucket_rows_fit(int64_t align) const;
   // Router logits, top-k and permute in one launch (kernels/moe_route.cuh): decode-sized steps of
   // the whole model (core/decode_path.hpp uses_fused_moe_route).
   void moe_route_permute(const Layer& L, const __nv_bfloat16* x, int64_t T, cudaStream_t s);
@@ -277,7 +304,7 @@ class GpuModel {
   std::unique_ptr<ExpertGemm> expert_w13_, expert_w2_;
   std::unique_ptr<StreamFanout> expert_fanout_;  // expert_gemm_streams > 1; made on first use
   PaddedBatchCounts padded_counts_;
-  std::unique_ptr<BlasHandle> blas_;             // expert_gemm_streams == kExpertGemmGroupedCall; on first use
+  std::unique_ptr<BlasHandle> blas_;  // the cuBLAS grouped / bucketed calls (expert_gemm_streams 0, -2, -3); on first use
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
   int64_t fused_layers_run_ = 0;
   // The fused decode layer's parameters for layer l (decode_layer.hpp); unsupported layers get
