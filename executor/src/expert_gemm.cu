@@ -14,6 +14,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Static shared memory of the by_column kernel (its s_rows), counted against the opt-in limit.
+constexpr int64_t kByColumnStaticSmem = 3 * sizeof(int);
 
 struct GemvArgs {
   const __nv_bfloat16* act;
@@ -47,6 +49,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
   constexpr int U = L / C;          // vectors along k per column per batch of loads
   extern __shared__ uint4 smem[];   // [R, k / 8] activation rows
   __shared__ int s_rows[3];              // expert, first row, end row
+  static_assert(int64_t(sizeof(s_rows)) == kByColumnStaticSmem, "the row tile counts it");
   // Before the wait on the previous kernel only what it does not write is read: the block's rows
   // for a plain GEMV, the expert offsets when the launcher says they were written earlier
   // (offsets_early); then this warp's weight columns are prefetched into L2 so that, under a
@@ -250,7 +253,7 @@ template <int R, int L, bool kF32, bool kSwiglu>
 __global__ void __launch_bounds__(kThreads, 2) gemv_balanced_kernel(GemvArgs a) {
   extern __shared__ uint4 smem[];  // [R, k / 8] staged rows, then float [kWarps][R][kBalTileCols]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int kv = static_cast<int>(a.k / 8);  // 16-byte vectors per column, <= kGroupedGemvMaxK / 8
+  const int kv = static_cast<int>(a.k / 8);  // 16-byte vectors per column, <= kGroupedGemvMaxK / 8 = 4096
   const int spc = (kv + 31) / 32;            // 512-byte segments per column (the last may be partial)
   float* part = reinterpret_cast<float*>(smem + R * kv);
   const bool grouped = a.expert_offsets != nullptr;
@@ -411,6 +414,47 @@ int num_sms() {
 
 int rows_tile(int64_t rows) { return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8; }
 
+// The device's opt-in shared memory per block (static + dynamic; 227 KiB on the H100/H200).
+int64_t smem_optin() {
+  int dev = 0, bytes = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&dev));
+  MIXSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return bytes;
+}
+
+// Shared memory of a block staging R rows: R x per_row dynamic bytes (the row, k bf16, and for
+// balanced its partials, float [kWarps][R][kBalTileCols]) plus the kernel's static `fixed` bytes.
+struct SmemNeed {
+  int64_t per_row, fixed;
+};
+SmemNeed smem_need(GemvKernel kernel, int64_t k) {
+  if (kernel == GemvKernel::balanced) return {2 * k + int64_t(kWarps) * kBalTileCols * 4, 0};
+  return {2 * k, kByColumnStaticSmem};  // by_column
+}
+SmemNeed v1_smem_need(int64_t k) { return {2 * k, 0}; }
+
+// The largest of 1, 2, 4, 8 up to rows_tile(wanted) whose R x per_row + fixed bytes fit max_smem;
+// 0 when none does.
+int rows_tile_for_smem(int64_t wanted, int64_t per_row, int64_t fixed, int64_t max_smem) {
+  for (int r = rows_tile(wanted); r >= 1; r /= 2)
+    if (int64_t(r) * per_row + fixed <= max_smem) return r;
+  return 0;
+}
+
+// The row tile on this device, or InputError naming the limit (k up to kGroupedGemvMaxK fits one
+// row on every SM >= 8.0: at most 66 KiB against at least 99 KiB).
+int fitting_rows_tile(const char* kernel, int64_t wanted, int64_t k, SmemNeed need) {
+  const int64_t optin = smem_optin();
+  const int r = rows_tile_for_smem(wanted, need.per_row, need.fixed, optin);
+  if (r == 0)
+    throw InputError(std::string(kernel) + ": k=" + std::to_string(k) + " needs " +
+                     std::to_string(need.per_row + need.fixed) +
+                     " B of shared memory for one staged row, the device allows " + std::to_string(optin) +
+                     " B per block (legal: k a multiple of 8 in 8.." + std::to_string(kGroupedGemvMaxK) +
+                     " whose row fits)");
+  return r;
+}
+
 // 16-byte weight loads per lane issued together: 16 for 1-2 rows, 8 for 4-8 rows (registers).
 int loads_in_flight(int rows) { return rows <= 2 ? 16 : 8; }
 
@@ -456,11 +500,13 @@ void dispatch(int c, int r, bool f32, bool swiglu, F&& f) {
   }
 }
 
+// r: the row tile (by_column_rows_tile); grid_y: the row chunks (plain) or expert slots (grouped).
 void launch(const GemvArgs& a, int r, bool f32, bool swiglu, unsigned grid_y, bool pdl, cudaStream_t stream) {
   int c = cols_per_warp(a.k, loads_in_flight(r));
   // Narrower tiles while that leaves fewer than two blocks per SM (router: n = 128).
   while (c > 1 && (a.n + kWarps * c - 1) / (kWarps * c) * int64_t(grid_y) < 2 * int64_t(num_sms())) c /= 2;
-  const std::size_t smem = std::size_t(r) * std::size_t(a.k) * 2;
+  // [r, k] bf16 rows
+  const std::size_t smem = std::size_t(r) * std::size_t(smem_need(GemvKernel::by_column, a.k).per_row);
   const unsigned grid_x = static_cast<unsigned>((a.n + kWarps * c - 1) / (kWarps * c));
   dispatch(c, r, f32, swiglu, [&](auto cc, auto rr, auto ll, auto ff, auto sw) {
     auto* kernel = gemv_kernel<decltype(cc)::value, decltype(rr)::value, decltype(ll)::value, decltype(ff)::value,
@@ -473,12 +519,20 @@ void launch(const GemvArgs& a, int r, bool f32, bool swiglu, unsigned grid_y, bo
   MIXSERVE_LAUNCH_CHECK("gemv_kernel");
 }
 
+int by_column_rows_tile(int64_t wanted, int64_t k) {
+  return fitting_rows_tile("gemv (by_column)", wanted, k, smem_need(GemvKernel::by_column, k));
+}
+int balanced_rows_tile(int64_t wanted, int64_t k) {
+  return fitting_rows_tile("gemv (balanced)", wanted, k, smem_need(GemvKernel::balanced, k));
+}
+
 // GemvKernel::balanced: as many blocks as fit on the GPU at once (the occupancy calculator's blocks
 // per SM x SMs), fewer when the columns of max_slots slots give less than one segment per warp.
 void launch_balanced(const GemvArgs& a, int r, bool f32, bool swiglu, int64_t max_slots, bool pdl,
                      cudaStream_t stream) {
   const int64_t kv = a.k / 8, spc = (kv + 31) / 32;
-  const std::size_t smem = std::size_t(r) * std::size_t(kv) * 16 + std::size_t(kWarps) * r * kBalTileCols * 4;
+  // [r, k] bf16 rows, then float [kWarps][r][kBalTileCols] partials
+  const std::size_t smem = std::size_t(r) * std::size_t(smem_need(GemvKernel::balanced, a.k).per_row);
   dispatch_rows(r, f32, swiglu, [&](auto rr, auto ll, auto ff, auto sw) {
     auto* kernel = gemv_balanced_kernel<decltype(rr)::value, decltype(ll)::value, decltype(ff)::value,
                                         decltype(sw)::value>;
@@ -509,16 +563,17 @@ constexpr int kV1Cols = kGroupedGemvColsPerBlock;
 constexpr int kV1Rows = kGroupedGemvRowsPerChunk;
 static_assert(kV1Cols % kWarps == 0, "every warp owns the same number of columns");
 
-__global__ void __launch_bounds__(kThreads) grouped_gemv_v1_kernel(GroupedGemvParams p) {
-  extern __shared__ uint4 smem[];  // [kV1Rows, k / 8]
+// rows_per_chunk (1, 2, 4 or kV1Rows): the rows staged at a time, as many as fit the shared memory.
+__global__ void __launch_bounds__(kThreads) grouped_gemv_v1_kernel(GroupedGemvParams p, int rows_per_chunk) {
+  extern __shared__ uint4 smem[];  // [rows_per_chunk, k / 8]
   const int e = blockIdx.y;
   const int row_begin = p.expert_offsets[e], row_end = p.expert_offsets[e + 1];
   if (row_end <= row_begin) return;
   const int64_t kv = p.k / 8;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const __nv_bfloat16* w = p.weights + int64_t(e) * p.n * p.k;
-  for (int r0 = row_begin; r0 < row_end; r0 += kV1Rows) {
-    const int nr = min(kV1Rows, row_end - r0);
+  for (int r0 = row_begin; r0 < row_end; r0 += rows_per_chunk) {
+    const int nr = min(rows_per_chunk, row_end - r0);
     __syncthreads();
     const uint4* a = reinterpret_cast<const uint4*>(p.act + int64_t(r0) * p.k);
     for (int64_t i = threadIdx.x; i < int64_t(nr) * kv; i += kThreads) smem[i] = a[i];
@@ -556,6 +611,15 @@ __global__ void __launch_bounds__(kThreads) grouped_gemv_v1_kernel(GroupedGemvPa
 }
 
 }  // namespace
+
+int gemv_rows_tile(GemvKernel kernel, int64_t wanted_rows, int64_t k, int64_t max_smem_bytes) {
+  if (kernel == GemvKernel::balanced || kernel == GemvKernel::by_column) {
+    const SmemNeed need = smem_need(kernel, k);
+    return rows_tile_for_smem(wanted_rows, need.per_row, need.fixed, max_smem_bytes);
+  }
+  throw InputError(std::string("gemv_rows_tile: kernel ") + gemv_kernel_name(kernel) +
+                   " (legal: balanced, by_column; gemv_kernel_for resolves automatic)");
+}
 
 const char* gemv_kernel_name(GemvKernel k) {
   switch (k) {
@@ -628,11 +692,13 @@ void launch_grouped_gemv_v2(const GroupedGemvParams& p, cudaStream_t stream) {
   a.num_experts = p.num_experts;
   a.offsets_early = p.offsets_before_previous;
   const int64_t slots = p.max_rows > 0 ? std::min<int64_t>(p.num_experts, p.max_rows) : p.num_experts;
-  const int r = rows_tile(p.max_rows_per_expert > 0 ? p.max_rows_per_expert : kGroupedGemvRowsPerChunk);
+  // Rows staged at a time: the most one expert can have (up to 8), fewer where they do not fit the
+  // shared memory (an expert with more rows loops over chunks).
+  const int64_t wanted = p.max_rows_per_expert > 0 ? p.max_rows_per_expert : kGroupedGemvRowsPerChunk;
   if (gemv_kernel_for(p.kernel, p.max_rows_per_expert) == GemvKernel::balanced)
-    launch_balanced(a, r, false, p.swiglu_act, slots, p.pdl, stream);
+    launch_balanced(a, balanced_rows_tile(wanted, p.k), false, p.swiglu_act, slots, p.pdl, stream);
   else
-    launch(a, r, false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);
+    launch(a, by_column_rows_tile(wanted, p.k), false, p.swiglu_act, static_cast<unsigned>(slots), p.pdl, stream);
 }
 
 void launch_gemv(const GemvParams& p, cudaStream_t stream) {
@@ -650,23 +716,32 @@ void launch_gemv(const GemvParams& p, cudaStream_t stream) {
   a.n = p.n;
   a.k = p.k;
   a.num_rows = p.num_rows;
-  const int r = rows_tile(p.num_rows);
+  if (gemv_kernel_for(p.kernel, p.num_rows) == GemvKernel::balanced) {
+    const int r = balanced_rows_tile(p.num_rows, p.k);
+    launch_balanced(a, r, p.out_fp32, p.swiglu_act, (p.num_rows + r - 1) / r, p.pdl, stream);
+    return;
+  }
+  // by_column: one block row per chunk of r rows (grid y <= 65535).
+  const int r = by_column_rows_tile(p.num_rows, p.k);
   const int64_t chunks = (p.num_rows + r - 1) / r;
-  if (gemv_kernel_for(p.kernel, p.num_rows) == GemvKernel::balanced)
-    launch_balanced(a, r, p.out_fp32, p.swiglu_act, chunks, p.pdl, stream);
-  else
-    launch(a, r, p.out_fp32, p.swiglu_act, static_cast<unsigned>(chunks), p.pdl, stream);
+  if (chunks > 65535)
+    throw InputError("gemv: unsupported parameters: num_rows=" + std::to_string(p.num_rows) + " with k=" +
+                     std::to_string(p.k) + " on the by_column kernel, whose row chunk here is " + std::to_string(r) +
+                     " (legal: num_rows <= 65535 x " + std::to_string(r) + " = " + std::to_string(65535 * r) +
+                     "; the balanced kernel has no such limit)");
+  launch(a, r, p.out_fp32, p.swiglu_act, static_cast<unsigned>(chunks), p.pdl, stream);
 }
 
 void launch_grouped_gemv(const GroupedGemvParams& p, cudaStream_t stream) {
   const std::string why = grouped_gemv_unsupported_reason(p);
   if (!why.empty()) throw InputError("grouped_gemv: unsupported parameters: " + why);
-  const std::size_t smem = std::size_t(kV1Rows) * std::size_t(p.k) * 2;
+  const int r = fitting_rows_tile("grouped_gemv", kV1Rows, p.k, v1_smem_need(p.k));
+  const std::size_t smem = std::size_t(r) * std::size_t(v1_smem_need(p.k).per_row);  // [r, k] bf16
   if (smem > 48 * 1024)
     MIXSERVE_CUDA_CHECK(cudaFuncSetAttribute(grouped_gemv_v1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.n / kV1Cols), static_cast<unsigned>(p.num_experts));
-  grouped_gemv_v1_kernel<<<grid, kThreads, smem, stream>>>(p);
+  grouped_gemv_v1_kernel<<<grid, kThreads, smem, stream>>>(p, r);
   MIXSERVE_LAUNCH_CHECK("grouped_gemv_v1_kernel");  // v1: the kernel before 2026-11-29
 }
 

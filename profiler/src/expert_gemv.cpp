@@ -34,9 +34,10 @@ struct Family {
   ExpertFamily f;
   bool eager = false;  // also time the eager cuBLASLt path and the grouped GEMM above the GEMV rows
   // The executor's device GEMV takes this model's experts (core/expert_path.hpp: both projections'
-  // k fit the kernel). When it does not (Mixtral, whose down projection has k = 14336), the
-  // executor runs the tensor-core grouped GEMM at every row count, decode included: the family's
-  // grouped points then start at the GEMV's row counts (grouped_small) and no GEMV is timed.
+  // k fit the kernel, k <= kGemvMaxK = 32768; Mixtral's k = 14336 down projection since session 5).
+  // When it does not, the executor runs the tensor-core grouped GEMM at every row count, decode
+  // included: the family's grouped points then start at the GEMV's row counts (grouped_small) and
+  // no GEMV is timed.
   bool gemv = true;
   bool grouped_small = false;
   // Rows per expert of every point: "routed:<top_k>" (profiler/shapes.hpp tokens_per_expert), the

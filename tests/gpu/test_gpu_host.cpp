@@ -1,12 +1,15 @@
-// CPU tests (label unit) of the GPU side's host logic: rank-map groups for communicators and the
-// profiler's shapes and token distributions. Expected values are derived by hand in comments.
+// CPU tests (label unit) of the GPU side's host logic: rank-map groups for communicators, the
+// profiler's shapes and token distributions, and the GEMV's parameter checks and row tile.
+// Expected values are derived by hand in comments.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <numeric>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/core/expert_path.hpp"
 #include "mixserve/core/io.hpp"
+#include "mixserve/gpu/expert_gemm.hpp"
 #include "mixserve/gpu/groups.hpp"
 #include "mixserve/profiler/shapes.hpp"
 
@@ -29,6 +32,70 @@ std::vector<RankInfo> hybrid_2x4() {
   return m;
 }
 }  // namespace
+
+TEST_CASE("gemv k limit: 8..32768 in multiples of 8 for every GEMV, the rule the executor and cost model read") {
+  static_assert(gpu::kGroupedGemvMaxK == kGemvMaxK);
+  const auto* p16 = reinterpret_cast<const __nv_bfloat16*>(16);
+  gpu::GroupedGemvParams g;
+  g.act = g.weights = p16;
+  g.out = reinterpret_cast<__nv_bfloat16*>(16);
+  g.expert_offsets = reinterpret_cast<const int32_t*>(16);
+  g.num_experts = 8;
+  g.n = 4096;
+  gpu::GemvParams d;
+  d.act = d.weights = p16;
+  d.seg[0] = {reinterpret_cast<void*>(16), 4096};
+  d.num_rows = 1;
+  d.n = 4096;
+  d.swiglu_act = true;
+  // Mixtral expert down, Qwen2-57B shared expert down, the limit; then past it / not a multiple of 8.
+  for (int64_t k : {int64_t(14336), int64_t(20480), int64_t(32768), int64_t(32760)}) {
+    INFO("k=" << k);
+    g.k = d.k = k;
+    CHECK(gpu::grouped_gemv_v2_unsupported_reason(g) == "");
+    CHECK(gpu::grouped_gemv_unsupported_reason(g) == "");
+    CHECK(gpu::gemv_unsupported_reason(d) == "");
+    CHECK(gemv_k_fits(k));
+  }
+  for (int64_t k : {int64_t(32776), int64_t(65536), int64_t(14340), int64_t(4)}) {
+    INFO("k=" << k);
+    g.k = d.k = k;
+    const std::string want = "k=" + std::to_string(k) + " (legal: a multiple of 8 in 8..32768)";
+    CHECK(gpu::grouped_gemv_v2_unsupported_reason(g) == want);
+    CHECK(gpu::grouped_gemv_unsupported_reason(g) == want);
+    CHECK(gpu::gemv_unsupported_reason(d) == want);
+    CHECK_FALSE(gemv_k_fits(k));
+  }
+}
+
+TEST_CASE("gemv row tile: the chunk R fits the opt-in shared memory, H200 values") {
+  // 227 KiB per block (H100/H200): R x k x 2 bytes of rows (+ 2 KiB of partials per row, balanced;
+  // + 12 static bytes, by_column).
+  constexpr int64_t kH200 = 232448;
+  using gpu::GemvKernel;
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 8, 8192, kH200) == 8);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 8, 8192, kH200) == 8);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 3, 2048, kH200) == 4);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 0, 2048, kH200) == 1);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 8, 14336, kH200) == 8);  // 224 KiB
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 8, 14336, kH200) == 4);   // 8 rows: 240 KiB
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 1, 14336, kH200) == 1);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 2, 14336, kH200) == 2);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 3, 14336, kH200) == 4);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 8, 20480, kH200) == 4);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 5, 20480, kH200) == 4);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 8, 32768, kH200) == 2);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 8, 32768, kH200) == 2);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 1, 32768, kH200) == 1);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 8, 32768, 101376) == 1);     // 99 KiB (sm_86/89)
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 1, 32768, 48 * 1024) == 0);  // no row fits
+  // The largest k whose 8 rows fit: by_column 14528 - 1 vector (12 static bytes), balanced 13504.
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 8, 14520, kH200) == 8);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::by_column, 8, 14528, kH200) == 4);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 8, 13504, kH200) == 8);
+  CHECK(gpu::gemv_rows_tile(GemvKernel::balanced, 8, 13512, kH200) == 4);
+  CHECK_THROWS_AS(gpu::gemv_rows_tile(GemvKernel::automatic, 1, 4096, kH200), InputError);
+}
 
 TEST_CASE("communicator groups of the 2x4 hybrid rank map") {
   const auto m = hybrid_2x4();

@@ -23,6 +23,7 @@
 #include "mixserve/gpu/model_forward_kernels.hpp"
 #include "mixserve/gpu/timing.hpp"
 #include "mixserve/kernels/combine.cuh"
+#include "mixserve/kernels/grouped_gemm.cuh"
 #include "mixserve/kernels/moe_route.cuh"
 #include "mixserve/kernels/permute.cuh"
 #include "mixserve/kernels/rmsnorm.cuh"
@@ -40,7 +41,7 @@ using bf16 = __nv_bfloat16;
 namespace {
 
 // bf16 outputs: one rounding to bf16 (unit roundoff 2^-9 = 2e-3 per element, ~1e-3 norm-wise for
-// random data), bf16 inputs read exactly, fp32 accumulation (<= 16384 terms: ~1e-4 at worst);
+// random data), bf16 inputs read exactly, fp32 accumulation (<= 32768 terms: ~1e-4 at worst);
 // the residual path rounds the sum once more before normalising. 1e-2 leaves margin, while any
 // indexing, layout or formula error gives O(1).
 constexpr double kTolBf16Out = 1e-2;
@@ -528,14 +529,29 @@ TEST_CASE("permute: device-side counts, offsets, stable expert-contiguous order 
 
 // ---------------------------------------------------------------------------------------------
 // GEMV (expert_gemm.hpp): out = act * W^T (+ bias) in float64 from the same bf16 inputs. bf16
-// outputs: kTolBf16Out. fp32 outputs: fp32 accumulation of <= 8192 products in a fixed order,
-// relative error ~sqrt(k) * 6e-8 <= 1e-5 norm-wise for random data; kTolGemvF32 = 1e-4.
+// outputs: kTolBf16Out. fp32 outputs: fp32 accumulation of <= 32768 products in a fixed order,
+// relative error ~sqrt(k) * 6e-8 <= 1.1e-5 norm-wise for random data; kTolGemvF32 = 1e-4.
 constexpr double kTolGemvF32 = 1e-4;
 
-// swiglu: act rows are gate | up [rows, 2k] and the input is silu(gate) * up, in float64.
+// The output columns compared with the float64 reference: all of them, or, when the reference
+// would take more than kRefMacs multiply-adds (k = 14336..32768 at model widths), every
+// stride-th column (an odd stride, so that both parities and every position in the kernels'
+// 64-column tiles are hit) and the last one. Every output is still checked to be written (finite).
+constexpr int64_t kRefMacs = int64_t(1) << 27;
+std::vector<int64_t> ref_columns(int64_t rows, int64_t n, int64_t k) {
+  const int64_t stride = std::max<int64_t>(1, rows * n * k / kRefMacs) | 1;
+  std::vector<int64_t> cols;
+  for (int64_t j = 0; j < n; j += stride) cols.push_back(j);
+  if (cols.back() != n - 1) cols.push_back(n - 1);
+  return cols;
+}
+
+// out[r, i] = the reference of column cols[i]. swiglu: act rows are gate | up [rows, 2k] and the
+// input is silu(gate) * up, in float64.
 std::vector<double> ref_gemv(const std::vector<bf16>& act, int64_t act_row0, const std::vector<bf16>& w,
-                             int64_t w_off, const std::vector<bf16>* bias, int64_t rows, int64_t n, int64_t k,
-                             bool swiglu = false) {
+                             int64_t w_off, const std::vector<bf16>* bias, int64_t rows,
+                             const std::vector<int64_t>& cols, int64_t k, bool swiglu = false) {
+  const int64_t n = static_cast<int64_t>(cols.size());
   std::vector<double> out(static_cast<std::size_t>(rows * n));
   std::vector<double> a(static_cast<std::size_t>(k));
   for (int64_t r = 0; r < rows; ++r) {
@@ -548,13 +564,24 @@ std::vector<double> ref_gemv(const std::vector<bf16>& act, int64_t act_row0, con
         a[c] = double(__bfloat162float(act[(act_row0 + r) * k + c]));
       }
     }
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t j = cols[std::size_t(i)];
       double acc = bias ? double(__bfloat162float((*bias)[j])) : 0.0;
       const bf16* b = w.data() + w_off + j * k;
       for (int64_t c = 0; c < k; ++c) acc += a[c] * double(__bfloat162float(b[c]));
-      out[std::size_t(r * n + j)] = acc;
+      out[std::size_t(r * n + i)] = acc;
     }
   }
+  return out;
+}
+
+// got[r, cols[i]] of a [rows, n] result, as ref_gemv lays them out.
+std::vector<double> at_columns(const std::vector<double>& got, int64_t rows, int64_t n,
+                               const std::vector<int64_t>& cols) {
+  std::vector<double> out;
+  out.reserve(std::size_t(rows) * cols.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j : cols) out.push_back(got[std::size_t(r * n + j)]);
   return out;
 }
 
@@ -581,6 +608,74 @@ const GemvVariant kGemvVariants[] = {
     {"balanced, pdl", gpu::GemvKernel::balanced, true},
 };
 
+// One case on every kernel variant (kGemvVariants) against the float64 reference.
+void run_plain_gemv_case(const PlainGemvCase& c, uint64_t seed) {
+  const auto act = rand_bf16(c.rows * c.k * (c.swiglu ? 2 : 1), seed, -2, 2);
+  const auto w = rand_bf16(c.n * c.k, seed + 1, -1, 1);
+  const auto bias = rand_bf16(c.n, seed + 2, -1, 1);
+  Dev da(act.size() * 2), dw(w.size() * 2), db(bias.size() * 2);
+  upload(da.as<bf16>(), act);
+  upload(dw.as<bf16>(), w);
+  upload(db.as<bf16>(), bias);
+  std::vector<Dev> outs;
+  outs.reserve(c.widths.size());
+  const int64_t eb = c.f32 ? 4 : 2;
+  for (int64_t wd : c.widths) outs.emplace_back(std::size_t(c.rows * wd * eb));
+  const auto cols = ref_columns(c.rows, c.n, c.k);
+  const auto ref = ref_gemv(act, 0, w, 0, c.bias ? &bias : nullptr, c.rows, cols, c.k, c.swiglu);
+  std::vector<std::vector<uint8_t>> balanced_bits;  // the first balanced run's outputs
+  for (const auto& var : kGemvVariants) {
+    INFO(c.name << " rows=" << c.rows << " n=" << c.n << " k=" << c.k << " kernel " << var.name);
+    gpu::GemvParams p;
+    p.act = da.as<bf16>();
+    p.weights = dw.as<bf16>();
+    p.bias = c.bias ? db.as<bf16>() : nullptr;
+    p.num_segments = static_cast<int>(c.widths.size());
+    for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
+      outs[s2].poison();
+      p.seg[s2] = {outs[s2].get(), c.widths[s2]};
+    }
+    p.out_fp32 = c.f32;
+    p.swiglu_act = c.swiglu;
+    p.num_rows = c.rows;
+    p.n = c.n;
+    p.k = c.k;
+    p.kernel = var.kernel;
+    p.pdl = var.pdl;
+    REQUIRE(gpu::gemv_unsupported_reason(p).empty());
+    gpu::launch_gemv(p, nullptr);
+    sync();
+    std::vector<double> got(std::size_t(c.rows * c.n));  // [rows, n]
+    std::vector<std::vector<uint8_t>> bits_now;
+    int64_t col0 = 0;
+    for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
+      const int64_t wd = c.widths[s2];
+      bits_now.push_back(download<uint8_t>(outs[s2].get(), std::size_t(c.rows * wd * eb)));
+      std::vector<double> seg;
+      if (c.f32) {
+        for (float v : download<float>(outs[s2].get(), std::size_t(c.rows * wd))) seg.push_back(v);
+      } else {
+        seg = to_double(download<bf16>(outs[s2].get(), std::size_t(c.rows * wd)));
+      }
+      for (int64_t r = 0; r < c.rows; ++r)
+        for (int64_t j = 0; j < wd; ++j) got[std::size_t(r * c.n + col0 + j)] = seg[std::size_t(r * wd + j)];
+      col0 += wd;
+    }
+    if (var.kernel == gpu::GemvKernel::balanced) {
+      if (balanced_bits.empty())
+        balanced_bits = bits_now;
+      else
+        CHECK(bits_now == balanced_bits);  // same grid, same order: the same bits
+    }
+    if (c.rows == 0) continue;
+    REQUIRE(all_finite(got));
+    CHECK(norm(ref) > 0);
+    const double err = rel_error(at_columns(got, c.rows, c.n, cols), ref);
+    INFO("rel error " << err << " over " << cols.size() << " of " << c.n << " columns");
+    CHECK(err <= (c.f32 ? kTolGemvF32 : kTolBf16Out));
+  }
+}
+
 TEST_CASE("gemv (plain): float64 reference, fused q|k|v segments, bias, fp32 out, awkward sizes, both kernels") {
   const std::vector<PlainGemvCase> cases = {
       {"qwen3 q|k|v b=1", 1, 5120, 2048, {4096, 512, 512}, false, false},
@@ -606,71 +701,29 @@ TEST_CASE("gemv (plain): float64 reference, fused q|k|v segments, bias, fp32 out
       {"SwiGLU input, 17 rows, k=1544, n=31", 17, 31, 1544, {31}, true, false, true},
   };
   uint64_t seed = 9100;
-  for (const auto& c : cases) {
-    const auto act = rand_bf16(c.rows * c.k * (c.swiglu ? 2 : 1), seed += 3, -2, 2);
-    const auto w = rand_bf16(c.n * c.k, seed + 1, -1, 1);
-    const auto bias = rand_bf16(c.n, seed + 2, -1, 1);
-    Dev da(act.size() * 2), dw(w.size() * 2), db(bias.size() * 2);
-    upload(da.as<bf16>(), act);
-    upload(dw.as<bf16>(), w);
-    upload(db.as<bf16>(), bias);
-    std::vector<Dev> outs;
-    outs.reserve(c.widths.size());
-    const int64_t eb = c.f32 ? 4 : 2;
-    for (int64_t wd : c.widths) outs.emplace_back(std::size_t(c.rows * wd * eb));
-    const auto ref = ref_gemv(act, 0, w, 0, c.bias ? &bias : nullptr, c.rows, c.n, c.k, c.swiglu);
-    std::vector<std::vector<uint8_t>> balanced_bits;  // the first balanced run's outputs
-    for (const auto& var : kGemvVariants) {
-      INFO(c.name << " rows=" << c.rows << " n=" << c.n << " k=" << c.k << " kernel " << var.name);
-      gpu::GemvParams p;
-      p.act = da.as<bf16>();
-      p.weights = dw.as<bf16>();
-      p.bias = c.bias ? db.as<bf16>() : nullptr;
-      p.num_segments = static_cast<int>(c.widths.size());
-      for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
-        outs[s2].poison();
-        p.seg[s2] = {outs[s2].get(), c.widths[s2]};
-      }
-      p.out_fp32 = c.f32;
-      p.swiglu_act = c.swiglu;
-      p.num_rows = c.rows;
-      p.n = c.n;
-      p.k = c.k;
-      p.kernel = var.kernel;
-      p.pdl = var.pdl;
-      REQUIRE(gpu::gemv_unsupported_reason(p).empty());
-      gpu::launch_gemv(p, nullptr);
-      sync();
-      std::vector<double> got(ref.size());
-      std::vector<std::vector<uint8_t>> bits_now;
-      int64_t col0 = 0;
-      for (std::size_t s2 = 0; s2 < c.widths.size(); ++s2) {
-        const int64_t wd = c.widths[s2];
-        bits_now.push_back(download<uint8_t>(outs[s2].get(), std::size_t(c.rows * wd * eb)));
-        std::vector<double> seg;
-        if (c.f32) {
-          for (float v : download<float>(outs[s2].get(), std::size_t(c.rows * wd))) seg.push_back(v);
-        } else {
-          seg = to_double(download<bf16>(outs[s2].get(), std::size_t(c.rows * wd)));
-        }
-        for (int64_t r = 0; r < c.rows; ++r)
-          for (int64_t j = 0; j < wd; ++j) got[std::size_t(r * c.n + col0 + j)] = seg[std::size_t(r * wd + j)];
-        col0 += wd;
-      }
-      if (var.kernel == gpu::GemvKernel::balanced) {
-        if (balanced_bits.empty())
-          balanced_bits = bits_now;
-        else
-          CHECK(bits_now == balanced_bits);  // same grid, same order: the same bits
-      }
-      if (c.rows == 0) continue;
-      REQUIRE(all_finite(got));
-      CHECK(norm(ref) > 0);
-      const double err = rel_error(got, ref);
-      INFO("rel error " << err);
-      CHECK(err <= (c.f32 ? kTolGemvF32 : kTolBf16Out));
+  for (const auto& c : cases) run_plain_gemv_case(c, seed += 3);
+}
+
+TEST_CASE("gemv (plain), k up to 32768: float64 reference, row chunks below 8, SwiGLU input, both kernels, pdl") {
+  // k = 14336 (Mixtral expert down), 20480 (Qwen2-57B shared expert down), 32768 (kGemvMaxK); rows
+  // 1, 2, 3, 5, 8 against the row chunk R the shared memory allows (H200: by_column 8 / 4 / 2,
+  // balanced 4 / 4 / 2): 5 and 8 rows take two or more chunks wherever R < 8.
+  std::vector<PlainGemvCase> cases = {
+      {"Mixtral expert down shape, 1 row, SwiGLU input", 1, 4096, 14336, {4096}, false, false, true},
+      {"Mixtral expert down shape, 2 rows, SwiGLU input", 2, 4096, 14336, {4096}, false, false, true},
+      {"Qwen2-57B shared expert down, 1 row, SwiGLU input", 1, 3584, 20480, {3584}, false, false, true},
+      {"Qwen2-57B shared expert down, 8 rows, SwiGLU input", 8, 3584, 20480, {3584}, false, false, true},
+      {"k=32760 (last segment partial), 3 rows, fp32 out, bias", 3, 19, 32760, {19}, true, true},
+      {"k=32768, 64 rows (chunks of 2), n=24, fp32 out", 64, 24, 32768, {24}, false, true},
+      {"k=32768, 2 segments, bias, 7 rows", 7, 130, 32768, {100, 30}, true, false},
+  };
+  for (int64_t k : {int64_t(14336), int64_t(20480), int64_t(32768)})
+    for (int64_t rows : {1, 2, 3, 5, 8}) {
+      cases.push_back({"k sweep, SwiGLU input", rows, 136, k, {136}, false, false, true});
+      cases.push_back({"k sweep, bias", rows, 72, k, {72}, true, false});
     }
-  }
+  uint64_t seed = 9300;
+  for (const auto& c : cases) run_plain_gemv_case(c, seed += 3);
 }
 
 TEST_CASE("gemv, grouped gemv, qk_norm_rope_kv: unsupported parameters are rejected naming the legal values") {
@@ -683,6 +736,18 @@ TEST_CASE("gemv, grouped gemv, qk_norm_rope_kv: unsupported parameters are rejec
   p.n = 16;
   p.k = 12;
   check_rejects([&] { gpu::launch_gemv(p, nullptr); }, "a multiple of 8");
+  // k: a multiple of 8 up to kGroupedGemvMaxK = 32768 (core/expert_path.hpp kGemvMaxK), every
+  // kernel; the message names the range.
+  static_assert(gpu::kGroupedGemvMaxK == 32768);
+  for (int64_t k : {int64_t(32776), int64_t(65536), int64_t(14340), int64_t(0)}) {
+    INFO("k=" << k);
+    p.k = k;
+    for (auto kernel : {gpu::GemvKernel::by_column, gpu::GemvKernel::balanced}) {
+      p.kernel = kernel;
+      check_rejects([&] { gpu::launch_gemv(p, nullptr); }, "a multiple of 8 in 8..32768");
+    }
+  }
+  p.kernel = gpu::GemvKernel::automatic;
   p.k = 16;
   p.seg[0].width = 15;
   check_rejects([&] { gpu::launch_gemv(p, nullptr); }, "sum to 15");
@@ -701,6 +766,17 @@ TEST_CASE("gemv, grouped gemv, qk_norm_rope_kv: unsupported parameters are rejec
   g.k = 16;
   check_rejects([&] { gpu::launch_grouped_gemv_v2(g, nullptr); }, "legal: 1..65535");
   g.num_experts = 2;
+  for (int64_t k : {int64_t(32776), int64_t(20484)}) {
+    INFO("k=" << k);
+    g.k = k;
+    g.swiglu_act = true;
+    check_rejects([&] { gpu::launch_grouped_gemv_v2(g, nullptr); }, "a multiple of 8 in 8..32768");
+    g.swiglu_act = false;
+    g.n = 32;
+    check_rejects([&] { gpu::launch_grouped_gemv(g, nullptr); }, "a multiple of 8 in 8..32768");
+    g.n = 16;
+  }
+  g.k = 16;
   g.n = 24;
   check_rejects([&] { gpu::launch_grouped_gemv(g, nullptr); }, "multiple of 16");
   g.n = 32;
@@ -723,6 +799,94 @@ struct GroupedGemvCase {
   bool v1;           // the previous kernel
   bool swiglu = false;
 };
+
+// One case on v1 or every v2 kernel variant (kGemvVariants) against the float64 reference.
+void run_grouped_gemv_case(const GroupedGemvCase& c, uint64_t seed) {
+  INFO(c.name << " E=" << c.E << " n=" << c.n << " k=" << c.k);
+  std::mt19937_64 rng(seed);
+  std::vector<int> counts = c.counts;
+  int max_per_expert = 0;
+  if (counts.empty()) {  // tokens x top_k distinct experts per token
+    counts.assign(c.E, 0);
+    std::vector<int> pool(c.E);
+    for (int t = 0; t < c.tokens; ++t) {
+      std::iota(pool.begin(), pool.end(), 0);
+      for (int j = 0; j < c.top_k; ++j) {
+        std::swap(pool[j], pool[j + int(rng() % uint64_t(c.E - j))]);
+        ++counts[pool[j]];
+      }
+    }
+  }
+  std::vector<int32_t> off(c.E + 1, 0);
+  for (int e = 0; e < c.E; ++e) {
+    off[e + 1] = off[e] + counts[e];
+    max_per_expert = std::max(max_per_expert, counts[e]);
+  }
+  const int64_t rows = off[c.E], alloc_rows = rows + 3;  // 3 rows past the routed ones
+  const auto act = rand_bf16(alloc_rows * c.k * (c.swiglu ? 2 : 1), seed + 1, -2, 2);
+  const auto w = rand_bf16(int64_t(c.E) * c.n * c.k, seed + 2, -1, 1);
+  Dev da(act.size() * 2), dw(w.size() * 2), doff(off.size() * 4), dout(alloc_rows * c.n * 2);
+  upload(da.as<bf16>(), act);
+  upload(dw.as<bf16>(), w);
+  upload(doff.as<int32_t>(), off);
+  const auto cols = ref_columns(rows, c.n, c.k);
+  std::vector<double> ref;  // [rows, cols]
+  for (int e = 0; e < c.E; ++e) {
+    const auto r = ref_gemv(act, off[e], w, int64_t(e) * c.n * c.k, nullptr, counts[e], cols, c.k, c.swiglu);
+    ref.insert(ref.end(), r.begin(), r.end());
+  }
+  // v1: its one kernel; v2: every variant (kGemvVariants), the pdl one also reading the offsets
+  // before its wait (valid here: they were uploaded before the launch).
+  std::vector<uint16_t> balanced_bits;
+  for (const auto& var : kGemvVariants) {
+    if (c.v1 && var.kernel != gpu::GemvKernel::by_column) continue;
+    INFO("kernel " << (c.v1 ? "v1" : var.name));
+    dout.poison();
+    gpu::GroupedGemvParams p;
+    p.act = da.as<bf16>();
+    p.weights = dw.as<bf16>();
+    p.out = dout.as<bf16>();
+    p.expert_offsets = doff.as<int32_t>();
+    p.num_experts = c.E;
+    p.n = c.n;
+    p.k = c.k;
+    p.swiglu_act = c.swiglu;
+    p.kernel = var.kernel;
+    p.pdl = !c.v1 && var.pdl;
+    p.offsets_before_previous = p.pdl;
+    if (c.pass_bounds) {
+      p.max_rows = std::max<int64_t>(rows, 1);
+      p.max_rows_per_expert = std::max(max_per_expert, 1);
+    }
+    REQUIRE((c.v1 ? gpu::grouped_gemv_unsupported_reason(p) : gpu::grouped_gemv_v2_unsupported_reason(p)).empty());
+    if (c.v1)
+      gpu::launch_grouped_gemv(p, nullptr);
+    else
+      gpu::launch_grouped_gemv_v2(p, nullptr);
+    sync();
+    const auto raw = download<bf16>(dout.get(), std::size_t(alloc_rows * c.n));
+    if (!c.v1 && var.kernel == gpu::GemvKernel::balanced) {
+      std::vector<uint16_t> b(raw.size());
+      for (std::size_t i = 0; i < raw.size(); ++i) b[i] = bits(raw[i]);
+      if (balanced_bits.empty())
+        balanced_bits = b;
+      else
+        CHECK(b == balanced_bits);  // same grid, same order: the same bits
+    }
+    const auto got_all = to_double(raw);
+    std::vector<double> got(got_all.begin(), got_all.begin() + std::ptrdiff_t(rows * c.n));
+    int64_t touched_past_end = 0;
+    for (int64_t i = rows * c.n; i < alloc_rows * c.n; ++i) touched_past_end += !std::isnan(got_all[std::size_t(i)]);
+    CHECK(touched_past_end == 0);
+    if (rows == 0) continue;
+    REQUIRE(all_finite(got));
+    CHECK(norm(ref) > 0);
+    const double err = rel_error(at_columns(got, rows, c.n, cols), ref);
+    INFO("rel error " << err << " over " << cols.size() << " of " << c.n << " columns, rows " << rows
+                      << " max rows per expert " << max_per_expert);
+    CHECK(err <= kTolBf16Out);
+  }
+}
 
 TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, chunks, rows past the end untouched, both v2 kernels") {
   std::vector<GroupedGemvCase> cases = {
@@ -747,90 +911,31 @@ TEST_CASE("grouped gemv: float64 reference over device offsets, empty experts, c
       {"k=136 SwiGLU, n=997 (prime), 3 experts", 7, 997, 136, {0, 1, 0, 6, 0, 2, 0}, 0, 0, true, false, true},
   };
   uint64_t seed = 9500;
-  for (const auto& c : cases) {
-    INFO(c.name << " E=" << c.E << " n=" << c.n << " k=" << c.k);
-    std::mt19937_64 rng(seed += 7);
-    std::vector<int> counts = c.counts;
-    int max_per_expert = 0;
-    if (counts.empty()) {  // tokens x top_k distinct experts per token
-      counts.assign(c.E, 0);
-      std::vector<int> pool(c.E);
-      for (int t = 0; t < c.tokens; ++t) {
-        std::iota(pool.begin(), pool.end(), 0);
-        for (int j = 0; j < c.top_k; ++j) {
-          std::swap(pool[j], pool[j + int(rng() % uint64_t(c.E - j))]);
-          ++counts[pool[j]];
-        }
-      }
-    }
-    std::vector<int32_t> off(c.E + 1, 0);
-    for (int e = 0; e < c.E; ++e) {
-      off[e + 1] = off[e] + counts[e];
-      max_per_expert = std::max(max_per_expert, counts[e]);
-    }
-    const int64_t rows = off[c.E], alloc_rows = rows + 3;  // 3 rows past the routed ones
-    const auto act = rand_bf16(alloc_rows * c.k * (c.swiglu ? 2 : 1), seed + 1, -2, 2);
-    const auto w = rand_bf16(int64_t(c.E) * c.n * c.k, seed + 2, -1, 1);
-    Dev da(act.size() * 2), dw(w.size() * 2), doff(off.size() * 4), dout(alloc_rows * c.n * 2);
-    upload(da.as<bf16>(), act);
-    upload(dw.as<bf16>(), w);
-    upload(doff.as<int32_t>(), off);
-    std::vector<double> ref;
-    for (int e = 0; e < c.E; ++e) {
-      const auto r = ref_gemv(act, off[e], w, int64_t(e) * c.n * c.k, nullptr, counts[e], c.n, c.k, c.swiglu);
-      ref.insert(ref.end(), r.begin(), r.end());
-    }
-    // v1: its one kernel; v2: every variant (kGemvVariants), the pdl one also reading the offsets
-    // before its wait (valid here: they were uploaded before the launch).
-    std::vector<uint16_t> balanced_bits;
-    for (const auto& var : kGemvVariants) {
-      if (c.v1 && var.kernel != gpu::GemvKernel::by_column) continue;
-      INFO("kernel " << (c.v1 ? "v1" : var.name));
-      dout.poison();
-      gpu::GroupedGemvParams p;
-      p.act = da.as<bf16>();
-      p.weights = dw.as<bf16>();
-      p.out = dout.as<bf16>();
-      p.expert_offsets = doff.as<int32_t>();
-      p.num_experts = c.E;
-      p.n = c.n;
-      p.k = c.k;
-      p.swiglu_act = c.swiglu;
-      p.kernel = var.kernel;
-      p.pdl = !c.v1 && var.pdl;
-      p.offsets_before_previous = p.pdl;
-      if (c.pass_bounds) {
-        p.max_rows = std::max<int64_t>(rows, 1);
-        p.max_rows_per_expert = std::max(max_per_expert, 1);
-      }
-      REQUIRE((c.v1 ? gpu::grouped_gemv_unsupported_reason(p) : gpu::grouped_gemv_v2_unsupported_reason(p)).empty());
-      if (c.v1)
-        gpu::launch_grouped_gemv(p, nullptr);
-      else
-        gpu::launch_grouped_gemv_v2(p, nullptr);
-      sync();
-      const auto raw = download<bf16>(dout.get(), std::size_t(alloc_rows * c.n));
-      if (!c.v1 && var.kernel == gpu::GemvKernel::balanced) {
-        std::vector<uint16_t> b(raw.size());
-        for (std::size_t i = 0; i < raw.size(); ++i) b[i] = bits(raw[i]);
-        if (balanced_bits.empty())
-          balanced_bits = b;
-        else
-          CHECK(b == balanced_bits);  // same grid, same order: the same bits
-      }
-      const auto got_all = to_double(raw);
-      std::vector<double> got(got_all.begin(), got_all.begin() + std::ptrdiff_t(rows * c.n));
-      int64_t touched_past_end = 0;
-      for (int64_t i = rows * c.n; i < alloc_rows * c.n; ++i) touched_past_end += !std::isnan(got_all[std::size_t(i)]);
-      CHECK(touched_past_end == 0);
-      if (rows == 0) continue;
-      REQUIRE(all_finite(got));
-      CHECK(norm(ref) > 0);
-      const double err = rel_error(got, ref);
-      INFO("rel error " << err << " rows " << rows << " max rows per expert " << max_per_expert);
-      CHECK(err <= kTolBf16Out);
-    }
-  }
+  for (const auto& c : cases) run_grouped_gemv_case(c, seed += 7);
+}
+
+TEST_CASE("grouped gemv, k up to 32768: float64 reference, row chunks below 8, SwiGLU input, v1 and both v2 kernels, pdl") {
+  // k = 14336 (Mixtral expert down), 20480 (Qwen2-57B's shared width), 32768 (kGemvMaxK); experts
+  // with 1, 2, 3, 5 and 8 rows against the row chunk R the shared memory allows (H200: by_column
+  // 8 / 4 / 2, balanced 4 / 4 / 2, v1 8 / 4 / 2): 5- and 8-row experts loop over chunks where R < 8.
+  const std::vector<GroupedGemvCase> cases = {
+      {"Mixtral down b=1 (top-2 of 8), n=512, SwiGLU input", 8, 512, 14336, {}, 1, 2, true, false, true},
+      {"Mixtral down b=8 (top-2 of 8), n=512, SwiGLU input", 8, 512, 14336, {}, 8, 2, true, false, true},
+      {"Mixtral gate|up shape b=1 (k=4096 unchanged), E=8, n=2048", 8, 2048, 4096, {}, 1, 2, true, false},
+      {"k=14336, rows 1,2,3,5,8 + an empty expert, n=136", 6, 136, 14336, {1, 2, 0, 3, 5, 8}, 0, 0, true, false},
+      {"k=14336, rows 1,2,3,5,8, n=72, SwiGLU input", 5, 72, 14336, {1, 2, 3, 5, 8}, 0, 0, true, false, true},
+      {"k=20480, rows 1,2,3,5,8, n=40, SwiGLU input", 5, 40, 20480, {8, 5, 3, 2, 1}, 0, 0, true, false, true},
+      {"k=20480, rows 1,2,3,5,8, n=40, bounds unknown", 5, 40, 20480, {3, 8, 1, 5, 2}, 0, 0, false, false},
+      {"k=32768, rows 1,2,3,5,8, n=24, SwiGLU input", 6, 24, 32768, {1, 2, 3, 0, 5, 8}, 0, 0, true, false, true},
+      {"k=32768, rows 1,2,3,5,8, n=33, bounds unknown", 5, 33, 32768, {5, 1, 8, 2, 3}, 0, 0, false, false},
+      {"k=32768, 1 row per expert (b=1), n=100", 4, 100, 32768, {0, 1, 0, 1}, 0, 0, true, false},
+      {"k=32760 (partial segment), rows 3 and 8, n=19, SwiGLU input", 3, 19, 32760, {3, 0, 8}, 0, 0, true, false, true},
+      {"v1 kernel, k=14336, rows 1,2,3,5,8, n=32", 5, 32, 14336, {1, 2, 3, 5, 8}, 0, 0, true, true},
+      {"v1 kernel, k=20480, rows 8 and 5, n=16", 3, 16, 20480, {8, 0, 5}, 0, 0, false, true},
+      {"v1 kernel, k=32768, rows 1,2,3,5,8, n=16", 5, 16, 32768, {1, 2, 3, 5, 8}, 0, 0, true, true},
+  };
+  uint64_t seed = 9700;
+  for (const auto& c : cases) run_grouped_gemv_case(c, seed += 7);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1565,10 +1670,9 @@ TEST_CASE("moe_route: unsupported parameters are rejected naming the legal value
 // GB/s is reported against a 1 GiB device-to-device copy timed in the same run; "new/old" is the
 // time ratio (< 1: the balanced kernel is faster). The check: both kernels' outputs agree within
 // kTolBf16Out / kTolGemvF32 (they differ only in the fp32 summation order).
-TEST_CASE("bench: gemv by_column vs balanced, Qwen3-30B-A3B decode shapes, GB/s vs device copy" * doctest::skip()) {
-  const gpu::DeviceInfo info = gpu::query_device(device());
-  gpu::Stream s;
-  gpu::L2Flusher flusher(device());
+// The device's copy bandwidth this run (1 GiB D2D in a graph, read + write bytes), the GEMV
+// benches' yardstick.
+gpu::TimingResult time_device_copy(cudaStream_t s, double& copy_GBps) {
   const std::size_t copy_bytes = std::size_t(1) << 30;
   Dev ca(copy_bytes), cb(copy_bytes);
   MIXSERVE_CUDA_CHECK(cudaMemset(ca.buf.get(), 1, copy_bytes));
@@ -1579,8 +1683,17 @@ TEST_CASE("bench: gemv by_column vs balanced, Qwen3-30B-A3B decode shapes, GB/s 
       [&](cudaStream_t st) {
         MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(cb.buf.get(), ca.buf.get(), copy_bytes, cudaMemcpyDeviceToDevice, st));
       },
-      s.get(), copt, nullptr);
-  const double copy_GBps = 2.0 * copy_bytes / (ct.time_us.median * 1e3);
+      s, copt, nullptr);
+  copy_GBps = 2.0 * copy_bytes / (ct.time_us.median * 1e3);
+  return ct;
+}
+
+TEST_CASE("bench: gemv by_column vs balanced, Qwen3-30B-A3B decode shapes, GB/s vs device copy" * doctest::skip()) {
+  const gpu::DeviceInfo info = gpu::query_device(device());
+  gpu::Stream s;
+  gpu::L2Flusher flusher(device());
+  double copy_GBps = 0;
+  const auto ct = time_device_copy(s.get(), copy_GBps);
   gpu::TimingOptions graph_opt;
   graph_opt.cuda_graph = true;
   graph_opt.flush_l2 = true;
@@ -1711,4 +1824,137 @@ TEST_CASE("bench: gemv by_column vs balanced, Qwen3-30B-A3B decode shapes, GB/s 
     agree("experts down", T, eo.get(), std::size_t(rows * H), false, down);
   }
   std::printf("# end of bench: gemv\n");
+}
+
+// Mixtral-8x7B's expert down projection (n = 4096, k = 14336: the GEMV's k limit was 8192 until
+// session 5, so the executor ran it on the tensor-core grouped GEMM: 211 us per layer at b=1 on the
+// H200, ncu). Plain launch_gemv on one expert's weights with 1 and 2 rows, and the grouped v2 GEMV
+// over 8 experts for T = 1 and 2 tokens routed top-2 at random, each with the SwiGLU input
+// (gate | up [rows, 2k]) as the executor runs it; the grouped GEMM on the same rows (its input
+// already SwiGLU'd, as the executor's separate SwiGLU launch leaves it) for comparison. Bytes:
+// the weights of the experts with rows plus the activations in and out.
+TEST_CASE("bench: gemv Mixtral-8x7B expert down (k=14336), by_column / balanced / grouped GEMM, GB/s vs device copy" *
+          doctest::skip()) {
+  const gpu::DeviceInfo info = gpu::query_device(device());
+  gpu::Stream s;
+  gpu::L2Flusher flusher(device());
+  double copy_GBps = 0;
+  const auto ct = time_device_copy(s.get(), copy_GBps);
+  gpu::TimingOptions graph_opt;
+  graph_opt.cuda_graph = true;
+  graph_opt.flush_l2 = true;
+  gpu::TimingOptions alone_opt = graph_opt;
+  alone_opt.cuda_graph = false;
+  std::printf("# test_gpu_kernels bench: gemv Mixtral down  device %s (%d SMs, L2 %.0f MB)  cuda_runtime %s\n",
+              info.name.c_str(), info.sm_count, info.l2_bytes / 1e6,
+              info.versions.count("cuda_runtime") ? info.versions.at("cuda_runtime").c_str() : "?");
+  std::printf("# timing: median of %d after %d warm-up, L2 flushed before each run; copy 1 GiB D2D this run: %.1f GB/s "
+              "(noise %.3f)\n",
+              graph_opt.timed_iters, graph_opt.warmup_iters, copy_GBps, ct.time_us.noise());
+  std::printf("# %-24s %2s %4s %10s | %-6s | %9s %8s %7s | %9s %8s %7s | %9s %8s %7s\n", "op", "T", "rows", "bytes",
+              "mode", "bycol(us)", "GB/s", "%copy", "bal(us)", "GB/s", "%copy", "gemm(us)", "GB/s", "%copy");
+  const int64_t H = 4096, I = 14336, E = 8, K = 2;  // Mixtral-8x7B
+  // One expert's random weights copied into all 8 (distinct addresses: the L2 flush makes every
+  // run read them from HBM).
+  Dev w2(E * H * I * 2);
+  {
+    const auto one = rand_bf16(std::size_t(H * I), 9950, -0.05f, 0.05f);
+    for (int64_t e = 0; e < E; ++e) upload(w2.as<bf16>() + e * H * I, one);
+  }
+  // op(kernel, stream); kernel automatic: the tensor-core grouped GEMM (plain rows: not timed).
+  auto report = [&](const char* op_name, int T, int64_t rows, double bytes, bool with_gemm,
+                    const std::function<void(gpu::GemvKernel, cudaStream_t)>& op) {
+    for (const bool graph : {true, false}) {
+      const gpu::TimingOptions& o = graph ? graph_opt : alone_opt;
+      double us[3] = {0, 0, 0};
+      const gpu::GemvKernel kerns[3] = {gpu::GemvKernel::by_column, gpu::GemvKernel::balanced,
+                                        gpu::GemvKernel::automatic};
+      for (int i = 0; i < (with_gemm ? 3 : 2); ++i) {
+        us[i] = gpu::time_op([&](cudaStream_t st) { op(kerns[i], st); }, s.get(), o, &flusher).time_us.median;
+        CHECK(us[i] > 0);
+      }
+      std::printf("  %-24s %2d %4lld %10.0f | %-6s", op_name, T, static_cast<long long>(rows), bytes,
+                  graph ? "graph" : "alone");
+      for (int i = 0; i < 3; ++i) {
+        if (us[i] > 0) {
+          const double gbps = bytes / (us[i] * 1e3);
+          std::printf(" | %9.2f %8.1f %6.1f%%", us[i], gbps, 100.0 * gbps / copy_GBps);
+        } else {
+          std::printf(" | %9s %8s %7s", "-", "-", "-");
+        }
+      }
+      std::printf("\n");
+    }
+  };
+  uint64_t seed = 9960;
+  for (const int rows : {1, 2}) {  // plain GEMV, SwiGLU input
+    Dev gu(rows * 2 * I * 2), out(rows * H * 2);
+    upload(gu.as<bf16>(), rand_bf16(std::size_t(rows * 2 * I), seed += 1, -2, 2));
+    auto op = [&](gpu::GemvKernel kern, cudaStream_t st) {
+      gpu::GemvParams p;
+      p.act = gu.as<bf16>();
+      p.weights = w2.as<bf16>();
+      p.seg[0] = {out.get(), H};
+      p.swiglu_act = true;
+      p.num_rows = rows;
+      p.n = H;
+      p.k = I;
+      p.kernel = kern;
+      gpu::launch_gemv(p, st);
+    };
+    report("down plain (SwiGLU)", rows, rows, double(H) * I * 2 + rows * 2 * I * 2.0 + rows * H * 2.0, false, op);
+  }
+  for (const int T : {1, 2}) {  // grouped over 8 experts, T tokens top-2
+    const int64_t rows = int64_t(T) * K;
+    std::mt19937_64 rng(seed += 1);
+    std::vector<int> counts(E, 0), pool(E);
+    for (int t = 0; t < T; ++t) {
+      std::iota(pool.begin(), pool.end(), 0);
+      for (int j = 0; j < K; ++j) {
+        std::swap(pool[j], pool[j + int(rng() % uint64_t(E - j))]);
+        ++counts[pool[j]];
+      }
+    }
+    std::vector<int32_t> offs(E + 1, 0);
+    int64_t active = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      offs[e + 1] = offs[e] + counts[e];
+      active += counts[e] > 0;
+    }
+    Dev gu(rows * 2 * I * 2), act(rows * I * 2), out(rows * H * 2), off((E + 1) * 4);
+    upload(gu.as<bf16>(), rand_bf16(std::size_t(rows * 2 * I), seed += 1, -2, 2));
+    upload(act.as<bf16>(), rand_bf16(std::size_t(rows * I), seed += 1, -1, 1));
+    upload(off.as<int32_t>(), offs);
+    auto op = [&](gpu::GemvKernel kern, cudaStream_t st) {
+      if (kern == gpu::GemvKernel::automatic) {  // the path before: tensor-core grouped GEMM
+        kernels::GroupedGemmParams g;
+        g.act = act.as<bf16>();
+        g.weights = w2.as<bf16>();
+        g.out = out.as<bf16>();
+        g.expert_offsets = off.as<int32_t>();
+        g.num_experts = static_cast<int>(E);
+        g.n = H;
+        g.k = I;
+        kernels::launch_grouped_gemm(g, st);
+        return;
+      }
+      gpu::GroupedGemvParams p;
+      p.act = gu.as<bf16>();
+      p.weights = w2.as<bf16>();
+      p.out = out.as<bf16>();
+      p.expert_offsets = off.as<int32_t>();
+      p.num_experts = static_cast<int>(E);
+      p.n = H;
+      p.k = I;
+      p.max_rows = rows;
+      p.max_rows_per_expert = T;
+      p.swiglu_act = true;
+      p.kernel = kern;
+      gpu::launch_grouped_gemv_v2(p, st);
+    };
+    const double bytes = double(active) * H * I * 2 + rows * 2 * I * 2.0 + rows * H * 2.0;
+    report("experts down (SwiGLU)", T, rows, bytes, true, op);
+  }
+  std::printf("# end of bench: gemv Mixtral down (the executor's automatic kernel: by_column at T=1, balanced "
+              "at T=2)\n");
 }

@@ -154,26 +154,41 @@ TEST_CASE("expert path: per-expert cuBLASLt on streams for large steps only") {
 
 TEST_CASE("GEMV k limit: wide projections fall back to the GEMM") {
   CHECK(gemv_k_fits(8192));
-  CHECK_FALSE(gemv_k_fits(8200));
-  CHECK_FALSE(gemv_k_fits(14336));  // Mixtral expert down
+  CHECK(gemv_k_fits(14336));  // Mixtral expert down (on the GEMM before session 5: k <= 8192)
+  CHECK(gemv_k_fits(20480));  // Qwen2-57B shared expert down
+  CHECK(gemv_k_fits(kGemvMaxK));
+  CHECK(kGemvMaxK == 32768);
+  CHECK_FALSE(gemv_k_fits(kGemvMaxK + 8));
+  CHECK_FALSE(gemv_k_fits(65536));
   CHECK_FALSE(gemv_k_fits(20));     // not a multiple of 8
+  CHECK_FALSE(gemv_k_fits(14340));  // not a multiple of 8
+  CHECK_FALSE(gemv_k_fits(0));
   CHECK(dense_gemv_for(true, 1, 4096));
-  CHECK_FALSE(dense_gemv_for(true, 1, 20480));  // Qwen2-57B shared expert down
+  CHECK(dense_gemv_for(true, 1, 20480));  // Qwen2-57B shared expert down
+  CHECK_FALSE(dense_gemv_for(true, 1, 40960));
   CHECK_FALSE(dense_gemv_for(true, 9, 4096));
   CHECK(uses_device_gemv(8, 4096, 8192));
-  CHECK_FALSE(uses_device_gemv(8, 4096, 14336));
-  CHECK(uses_grouped_gemm(8, 4096, 14336));
+  // Mixtral-8x7B decode (b=1: 2 routed rows; up to 256 tokens x top-2) takes the GEMV for both
+  // projections, the tensor-core grouped GEMM above kDeviceGemvMaxRows.
+  CHECK(uses_device_gemv(2, 4096, 14336));
+  CHECK(uses_device_gemv(kDeviceGemvMaxRows, 4096, 14336));
+  CHECK(uses_grouped_gemm(kDeviceGemvMaxRows + 1, 4096, 14336));
+  CHECK_FALSE(uses_device_gemv(8, 4096, 40960));
+  CHECK(uses_grouped_gemm(8, 4096, 40960));
   CHECK_FALSE(uses_device_gemv(1024, 2048, 768));
-  // A shared expert of width 20480 at 1 token: gate|up GEMV, then SwiGLU + GEMM (one launch more
-  // than the fused GEMV down projection of a width that fits).
-  ModelSpec narrow = small_qwen3(2), wide = small_qwen3(2);
-  for (ModelSpec* m : {&narrow, &wide}) {
+  // A shared expert wider than kGemvMaxK at 1 token: gate|up GEMV, then SwiGLU + GEMM (one launch
+  // more than the fused GEMV down projection of a width that fits, 20480 included).
+  ModelSpec narrow = small_qwen3(2), wide = small_qwen3(2), qwen2 = small_qwen3(2);
+  for (ModelSpec* m : {&narrow, &wide, &qwen2}) {
     m->moe.num_shared_experts = 1;
     m->moe.shared_expert_gate = false;
   }
   narrow.moe.shared_intermediate_size = 2048;
-  wide.moe.shared_intermediate_size = 20480;
-  CHECK(run(wide, kOne, decodes(1, 32)).moe_layer_launches == run(narrow, kOne, decodes(1, 32)).moe_layer_launches + 1);
+  qwen2.moe.shared_intermediate_size = 20480;
+  wide.moe.shared_intermediate_size = 40960;
+  const int narrow_launches = run(narrow, kOne, decodes(1, 32)).moe_layer_launches;
+  CHECK(run(wide, kOne, decodes(1, 32)).moe_layer_launches == narrow_launches + 1);
+  CHECK(run(qwen2, kOne, decodes(1, 32)).moe_layer_launches == narrow_launches);
 }
 
 TEST_CASE("profile timer: GEMV table and grouped GEMV v2 points, fallbacks labelled") {

@@ -96,12 +96,19 @@ inline constexpr bool uses_expert_streams(int64_t routed_rows, int64_t num_local
          routed_rows >= kExpertStreamsMinRowsPerExpert * num_local_experts;
 }
 
-// The GEMV kernels (executor/expert_gemm.hpp: launch_gemv, launch_grouped_gemv[_v2]) stage an
-// activation row in shared memory, so their inner size k is a multiple of 8 up to kGemvMaxK
-// (the executor static_asserts its kGroupedGemvMaxK against it). A projection whose k does not
-// fit runs on the GEMM instead (Mixtral's expert down projection, k = 14336; Qwen2-57B's shared
-// expert down, k = 20480).
-inline constexpr int64_t kGemvMaxK = 8192;
+// The GEMV kernels (executor/expert_gemm.hpp: launch_gemv, launch_grouped_gemv[_v2]) stage their
+// activation rows in shared memory, R rows of k bf16 at a time, so their inner size k is a
+// multiple of 8 up to kGemvMaxK (the executor static_asserts its kGroupedGemvMaxK against it). The
+// launcher picks the row chunk R (1, 2, 4, 8) whose R x k x 2 bytes, with the kernel's other
+// shared memory, fit the device's opt-in shared memory per block (227 KiB on the H100/H200);
+// experts with more rows loop over chunks. At k = 32768 one chunk of 2 rows fits on an H200 and
+// one row on any SM >= 8.0. The limit was 8192 until session 5: Mixtral-8x7B's expert down
+// projection (k = 14336) and Qwen2-57B-A14B's shared expert down (k = 20480) then ran on the GEMM.
+// Measured on the H200 with ncu, Mixtral's batch-1 down projection on the tensor-core grouped GEMM
+// (2 routed rows, 32 tiles of 128x256 on 132 SMs) took 211 us per layer where streaming its 235 MB
+// at ~4 TB/s takes ~60 us, and the profile's grouped point for it (255-282 us) made the cost model
+// over-predict the step by 13%. A projection whose k does not fit runs on the GEMM.
+inline constexpr int64_t kGemvMaxK = 32768;
 inline constexpr bool gemv_k_fits(int64_t k) { return k >= 8 && k % 8 == 0 && k <= kGemvMaxK; }
 
 // The automatic expert path with the model's shapes: the device GEMV needs both projections'

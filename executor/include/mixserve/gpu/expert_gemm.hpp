@@ -16,16 +16,25 @@
 // columns, U vectors apart along k, all issued before use (C * U = 16 independent 16-byte loads in
 // flight per lane for 1-2 rows, 8 for 4-8 rows; streaming: evict-first), converts them once and
 // multiplies them with the R staged rows; the lanes reduce by shuffles. Each weight element is read
-// once per R rows of its expert (R = 1, 2, 4 or 8 from the most rows an expert can have; experts
-// with more rows loop over chunks and re-read the weights, from L2). C (4, 2 or 1) is the largest
+// once per R rows of its expert (R = 1, 2, 4 or 8 from the most rows an expert can have, capped
+// so that the R staged rows fit the device's opt-in shared memory per block: gemv_rows_tile
+// below; experts with more rows loop over chunks and re-read the weights, from L2). C (4, 2 or 1) is the largest
 // whose batch of loads still covers a whole column (short k: down_proj), else 1, narrowed while the
 // grid has fewer than two blocks per SM.
-// Sync contract: stream order only. Requirements: SM >= 8.0; k a multiple of 8 and <= kMaxK;
-// n >= 1; 16-byte aligned act and weights.
+// Sync contract: stream order only. Requirements: SM >= 8.0; k a multiple of 8 and <=
+// kGroupedGemvMaxK (32768); n >= 1; 16-byte aligned act and weights.
+// Shared memory: R x k x 2 bytes of staged rows (by_column, v1), plus the partials
+// kWarps x R x 64 x 4 bytes (balanced). On an H200 (227 KiB per block) the largest R is:
+//   k        by_column  balanced  v1
+//   <= 8192      8          8      8
+//   14336        8          4      8     (balanced R = 8 would need 240 KiB)
+//   20480        4          4      4
+//   32768        2          2      2
 //
 // launch_grouped_gemv is the previous kernel ("v1": grid over all E experts, 16 columns per block,
-// one column per warp at a time, kRowsPerChunk rows; n a multiple of 16, no swiglu_act, launched
-// without PDL). The executor takes it above GpuModelConfig::grouped_gemv_v2_max_tokens (on the
+// one column per warp at a time, chunks of up to kGroupedGemvRowsPerChunk rows, fewer where they
+// do not fit the shared memory; n a multiple of 16, no swiglu_act, launched without PDL; same k
+// limit as v2). The executor takes it above GpuModelConfig::grouped_gemv_v2_max_tokens (on the
 // H200 it beat v2 at 64 tokens, lost at 1) and with decode_kernels off; mixserve-profile times it.
 //
 // Two kernels serve launch_gemv and launch_grouped_gemv_v2 (GemvParams::kernel,
@@ -56,7 +65,8 @@ namespace mixserve::gpu {
 
 inline constexpr int kGroupedGemvColsPerBlock = 16;  // n granularity of the v1 kernel
 inline constexpr int kGroupedGemvRowsPerChunk = 8;
-inline constexpr int64_t kGroupedGemvMaxK = 8192;
+// k limit of every GEMV kernel here (core/expert_path.hpp kGemvMaxK, static_asserted equal).
+inline constexpr int64_t kGroupedGemvMaxK = 32768;
 inline constexpr int kGemvMaxSegments = 3;
 
 // Which GEMV kernel launch_gemv / launch_grouped_gemv_v2 run (see above). One list feeds the enum
@@ -127,6 +137,13 @@ inline constexpr GemvKernel gemv_kernel_for(GemvKernel requested, int64_t rows_p
   if (requested != GemvKernel::automatic) return requested;
   return rows_per_weight == 1 ? GemvKernel::by_column : GemvKernel::balanced;
 }
+
+// The row chunk R that launch_gemv / launch_grouped_gemv_v2 run `kernel` (balanced or by_column;
+// automatic is refused: gemv_kernel_for resolves it) with for wanted_rows rows per weight matrix
+// (plain: num_rows; grouped: max_rows_per_expert, 8 when unknown): the largest of 1, 2, 4, 8 that
+// is at most the first of them >= wanted_rows (8 above 4) and whose shared memory (above) fits
+// max_smem_bytes, the device's opt-in shared memory per block; 0 when not even one row fits.
+int gemv_rows_tile(GemvKernel kernel, int64_t wanted_rows, int64_t k, int64_t max_smem_bytes);
 
 // "" when supported, else why not (legal values named).
 std::string grouped_gemv_unsupported_reason(const GroupedGemvParams& p);     // v1
