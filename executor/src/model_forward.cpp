@@ -393,7 +393,11 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   A.padded_capacity = expert_padded_rows(static_cast<int64_t>(std::ceil(cfg_.expert_padded_capacity * double(rows))));
   A.routed_rows = rows;
   A.expert_rows = std::max(rows, A.padded_capacity);
-  if (is_bucketed_expert_gemm(cfg_.expert_gemm_streams))
+  // (Only when a step can take the bucketed layout: the cuBLASLt path, or automatic at rows where
+  // uses_expert_streams picks the per-expert path; a decode-sized model pays nothing.)
+  const bool bucket_reachable =
+      cfg_.expert_path == ExpertPath::cublaslt || (cfg_.expert_path == ExpertPath::automatic && uses_expert_streams(rows, El));
+  if (is_bucketed_expert_gemm(cfg_.expert_gemm_streams) && bucket_reachable)
     A.expert_rows = std::max(A.expert_rows, expert_bucket_capacity(rows, El, cfg_.expert_bucket_row_align));
   const int64_t xrows = A.expert_rows;
   int64_t gu_elems = 0, act_elems = 0;
@@ -860,7 +864,7 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   // The padded batched GEMM gathers the rows itself (into its padded layout, or in expert order
   // when it falls back), so its permute writes the index maps only.
   const bool padded_batch = per_expert && cfg_.expert_gemm_streams == kExpertGemmPaddedBatch;
-  // The bucketed layout likewise (it always fits: the buffers were sized for it).
+  // The bucketed layout likewise (a step whose padded rows exceed the buffers falls back).
   const bool bucketed = per_expert && is_bucketed_expert_gemm(cfg_.expert_gemm_streams);
   // The weighted sum of each token's expert rows (through slot_row: expert-ordered or padded rows)
   // plus the shared expert.
@@ -975,11 +979,15 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
       touched += counts[e] > 0;
     }
     prep_->experts_touched.push_back(touched);
-    if (bucketed) {
+    int64_t bucket_total = 0;  // the bucketed layout's rows (a step that does not fit them falls back)
+    if (bucketed)
+      for (int e = 0; e < El; ++e) bucket_total += expert_bucket_rows(counts[e], cfg_.expert_bucket_row_align);
+    if (bucketed && bucket_total <= A.expert_rows) {
       run_bucketed_experts(L, x, T, K, ids, counts, s);
       combine();
       return;
     }
+    if (bucketed) ++padded_counts_.fallback;
     expert_w13_->set_counts(counts);
     expert_w2_->set_counts(counts);
     const int64_t rows = expert_w13_->total_rows();
@@ -1003,7 +1011,16 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
         kernels::launch_gather_rows(gp, s);
       }
     }
-    const int streams = padded_batch ? kExpertGemmStreams : cfg_.expert_gemm_streams;
+    if (bucketed && !permuted) {  // the bucketed layout did not fit: rows in expert order, as above
+      kernels::GatherRowsParams gp;
+      gp.x = x;
+      gp.row_token = A.permuted_token;
+      gp.dst = A.permuted_x;  // [rows, H]
+      gp.num_rows = rows;
+      gp.hidden = H;
+      kernels::launch_gather_rows(gp, s);
+    }
+    const int streams = (padded_batch || bucketed) ? kExpertGemmStreams : cfg_.expert_gemm_streams;
     const bool grouped_call = streams == kExpertGemmGroupedCall;
     if (grouped_call && !blas_) blas_ = std::make_unique<BlasHandle>();
     if (streams > 1 && !expert_fanout_) expert_fanout_ = std::make_unique<StreamFanout>(streams, lt_workspace_.bytes());

@@ -10,8 +10,10 @@
 //   - the executor's automatic path above kDeviceGemvMaxRows, no graph (as a prefill step runs
 //     it): the tensor-core grouped GEMM (kernels/grouped_gemm.cuh, one launch per projection,
 //     rows from device offsets), or, at the rows where core/expert_path.hpp uses_expert_streams,
-//     the cuBLASLt path on streams as above; rows 1024 .. 131072 (an 8 x 2048-token step of
-//     top-8), EP 1 families; points tagged "grouped:routed:K".
+//     the executor's per-expert default (kExpertGemmDefault: the bucketed layout, one
+//     cublasGemmBatchedEx per bucket of padded counts, after the host copy of the counts); rows
+//     1024 .. 131072 (an 8 x 2048-token step of top-8), EP 1 families; points tagged
+//     "grouped:routed:K".
 #include <algorithm>
 #include <memory>
 #include <optional>
@@ -106,7 +108,9 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
   for (const auto& f : fams) {
     max_w = std::max(max_w, int64_t(f.f.num_experts) * f.f.n * f.f.k);
     max_e = std::max<int64_t>(max_e, f.f.num_experts);
-    const int64_t top = f.eager ? std::max(kEagerRows.back(), kGroupedRows.back()) : rows.back();
+    int64_t top = f.eager ? std::max(kEagerRows.back(), kGroupedRows.back()) : rows.back();
+    if (f.eager)  // the bucketed layout's pad rows (kExpertGemmDefault at uses_expert_streams rows)
+      top = expert_bucket_capacity(top, f.f.num_experts, kExpertBucketRowAlign);
     max_act = std::max(max_act, top * f.f.k);
     max_out = std::max(max_out, top * f.f.n);
     for (int64_t r : rows) {
@@ -242,6 +246,36 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
         return std::nullopt;
       }
     };
+    // The executor's default at uses_expert_streams rows (kExpertGemmDefault, the bucketed layout):
+    // counts to the host, sync, padded counts, one cublasGemmBatchedEx per bucket. The pad and
+    // gather kernels that lay the rows out are not timed (the per-expert path's gather is not
+    // either: both are the permute's cost).
+    std::optional<gpu::BlasHandle> blas;
+    auto time_bucketed = [&](int64_t r, const std::vector<int64_t>& counts, int active) -> std::optional<gpu::TimingResult> {
+      if (!eg) eg.emplace(ctx.lt, f.num_experts, f.n, f.k, DType::bf16, ctx.workspace.get(), ctx.workspace.bytes());
+      if (!blas) blas.emplace();
+      std::vector<int32_t> c32(counts.begin(), counts.end());
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(counts_dev.get(), c32.data(), c32.size() * 4, cudaMemcpyHostToDevice, s));
+      const int E = f.num_experts;
+      const gpu::BucketIssue issue = kExpertGemmDefault == kExpertGemmBucketed ? gpu::BucketIssue::grouped_call
+                                                                               : gpu::BucketIssue::batched_per_bucket;
+      auto op = [&](cudaStream_t st) {
+        MIXSERVE_CUDA_CHECK(
+            cudaMemcpyAsync(counts_host, counts_dev.get(), std::size_t(E) * 4, cudaMemcpyDeviceToHost, st));
+        MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(st));
+        std::vector<int64_t> padded(static_cast<std::size_t>(E));
+        for (int e = 0; e < E; ++e) padded[std::size_t(e)] = expert_bucket_rows(counts_host[e], kExpertBucketRowAlign);
+        eg->run_bucketed_call(act.get(), w.get(), o.get(), padded, st, *blas, issue);
+      };
+      const double est = guess_us(2.0 * r * f.n * f.k, active * double(f.n * f.k) * 2.0, DType::bf16) + 20.0;
+      try {
+        return gpu::time_op(op, s, timing_for(cfg, est, false), &ctx.flusher);
+      } catch (const RuntimeError& e) {
+        fmt::print(out.table, "# skipped bucketed experts E={} n={} k={} rows={}: {}\n", f.num_experts, f.n, f.k, r,
+                   e.what());
+        return std::nullopt;
+      }
+    };
     std::vector<int64_t> grouped_rows;
     if (fam.grouped_small) grouped_rows = rows;
     if (fam.eager) grouped_rows.insert(grouped_rows.end(), kGroupedRows.begin(), kGroupedRows.end());
@@ -265,7 +299,8 @@ void profile_expert_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& o
       const int active = int(std::count_if(counts.begin(), counts.end(), [](int64_t c) { return c > 0; }));
       const int64_t max_rows = *std::max_element(counts.begin(), counts.end());
       if (uses_expert_streams(r, f.num_experts)) {  // what the executor runs at these rows
-        if (const auto res = time_per_expert(r, counts, active))
+        const bool bucketed = is_bucketed_expert_gemm(kExpertGemmDefault);
+        if (const auto res = bucketed ? time_bucketed(r, counts, active) : time_per_expert(r, counts, active))
           record(f, "grouped", std::string(kExpertGroupedTag) + fam.distribution, r, max_rows, active, *res);
         continue;
       }

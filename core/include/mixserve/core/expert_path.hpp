@@ -58,10 +58,16 @@ inline constexpr int kExpertGemmPaddedBatch = -1;
 //                                    batched_per_bucket): as many host calls as buckets.
 // The padded rows never exceed the routed rows + local experts x (P - 1), so unlike
 // kExpertGemmPaddedBatch the layout always fits once the buffers are sized for it (the model is
-// built with expert_gemm_streams set to one of the two). Not the default: written without a GPU,
-// not yet measured (docs/prefill.md, "Bucketed padded grouped call").
+// built for it, see GpuModelConfig). Measured on the H200 (session 5 call 9, docs/prefill.md): at
+// 16384 tokens of Qwen3-30B-A3B gate|up 1197 us (-3, P = 128, 5 buckets, +5.6% rows) vs 1536 on
+// 2 streams and 2930 for -2 (cuBLAS runs the grouped call's groups one after another); down 657
+// vs 938; the 4-layer 8 x 2048 step 20.43 ms = 52.5% of the cuBLAS peak vs 22.46 ms on 2 streams.
+// So kExpertGemmDefault is -3 with P = 128.
 inline constexpr int kExpertGemmBucketed = -2;
 inline constexpr int kExpertGemmBucketedBatched = -3;
+// GpuModelConfig::expert_gemm_streams by default (the per-expert path of large steps); the
+// profiler's expert points at uses_expert_streams rows time the same (profiler/src/expert_gemv.cpp).
+inline constexpr int kExpertGemmDefault = kExpertGemmBucketedBatched;
 inline constexpr bool is_bucketed_expert_gemm(int expert_gemm_streams) {
   return expert_gemm_streams == kExpertGemmBucketed || expert_gemm_streams == kExpertGemmBucketedBatched;
 }

@@ -95,9 +95,12 @@ struct GpuModelConfig {
   // count, ONE cublasGemmGroupedBatchedEx per projection with one group per distinct count (-2) or
   // one cublasGemmBatchedEx per distinct count (-3) (ExpertGemm::run_bucketed_call). A model
   // built with one of these values gets expert buffers for routed rows + local experts x
-  // (align - 1) rows, so the layout always fits; set_expert_gemm_streams(-2 or -3) on a model built
-  // otherwise throws unless its buffers happen to be large enough (expert_padded_capacity).
-  int expert_gemm_streams = kExpertGemmStreams;
+  // (align - 1) rows when the bucketed layout can be taken (expert_path cublaslt, or automatic with
+  // max_tokens_per_step x top_k reaching uses_expert_streams); a step whose padded rows do not fit
+  // (e.g. expert_path switched to cublaslt later) falls back to kExpertGemmStreams streams.
+  // set_expert_gemm_streams(-2 or -3) on a model without the room throws.
+  // Default kExpertGemmDefault (-3): measured fastest (core/expert_path.hpp).
+  int expert_gemm_streams = kExpertGemmDefault;
   // The bucketed layout's row alignment P (1 .. kExpertBucketRowAlignMax): see
   // core/expert_path.hpp kExpertBucketRowAlign. Costs memory only when expert_gemm_streams is -2
   // or -3 at construction.
