@@ -1064,7 +1064,8 @@ TEST_CASE("bench: prefill 8x2048 in one step, Qwen3-30B-A3B" * doctest::skip()) 
       {"automatic, old attention", gpu::ExpertPath::automatic, kExpertGemmStreams, kOldAttn},
       {"automatic, attention pipelined (8 warps)", gpu::ExpertPath::automatic, kExpertGemmStreams,
        kernels::AttentionPrefillKernel::pipelined},
-      {"automatic (executor default)", gpu::ExpertPath::automatic, kExpertGemmStreams, kNewAttn},
+      {"automatic, 2 streams (the default before session 5)", gpu::ExpertPath::automatic, kExpertGemmStreams, kNewAttn},
+      {"automatic (executor default)", gpu::ExpertPath::automatic, gpu::GpuModelConfig{}.expert_gemm_streams, kNewAttn},
   };
   double first_us = 0;
   for (const Variant& v : variants) {
