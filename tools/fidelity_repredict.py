@@ -11,6 +11,7 @@ with each step's predicted_ms replaced by validate's into out-dir, and prints th
 not a new measurement.
 """
 import argparse
+import hashlib
 import glob
 import json
 import os
@@ -27,6 +28,10 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--profile", default="")
     ap.add_argument("--plan-bin", default=os.path.join(ROOT, "build", "planner", "mixserve-plan"))
+    ap.add_argument("--regenerated-plans", action="store_true",
+                    help="the plans were re-made by `tools/fidelity.sh prepare` (same model, cluster, workload "
+                         "and layout; another creation time, so another sha256): the results' plan.sha256 is "
+                         "replaced by the given plan's (after checking model and layout agree)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     files = sorted(glob.glob(os.path.join(a.results, "*-L*-B*.json")))
@@ -37,6 +42,13 @@ def main():
         if a.profile:
             r["prediction"]["profile"] = os.path.abspath(a.profile)
         model = r["plan"]["model"]
+        plan_path = os.path.join(a.plans, f"plan-{model}.yaml")
+        if a.regenerated_plans:
+            text = open(plan_path, "rb").read()
+            layout = r["plan"].get("layout", "")
+            if layout and layout.encode() not in text:
+                sys.exit(f"fidelity_repredict: {plan_path} does not hold the results' layout '{layout}'")
+            r["plan"]["sha256"] = hashlib.sha256(text).hexdigest()
         tmp = os.path.join(a.out, os.path.basename(f))
         json.dump(r, open(tmp, "w"))
         vj = tmp + ".validate"
