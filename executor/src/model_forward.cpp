@@ -839,7 +839,8 @@ void GpuModel::set_expert_bucket_row_align(int64_t align) {
   if (align < 1 || align > kExpertBucketRowAlignMax)
     throw InputError(fmt::format("expert_bucket_row_align: {} not supported (1 .. {} rows)", align,
                                  kExpertBucketRowAlignMax));
-  if (is_bucketed_expert_gemm(cfg_.expert_gemm_streams)) check_bucket_rows_fit(align);
+  // No room check: a step whose bucketed layout does not fit the buffers falls back to the streams
+  // (the default expert_gemm_streams is bucketed, so this must work on any model).
   cfg_.expert_bucket_row_align = align;
 }
 

@@ -548,6 +548,24 @@ TEST_CASE("forward: bad batches and unsupported models throw InputError") {
   CHECK_THROWS_AS(GpuModel(model::synthetic_weights(tiny, 1), c), InputError);
 }
 
+// The default expert_gemm_streams is the bucketed layout (kExpertGemmDefault); a model built for
+// the automatic path at decode sizes gets no room for it, so a step switched to the cuBLASLt path
+// falls back to the streams, and must still match the float64 reference.
+TEST_CASE("forward: the bucketed default without room falls back to the streams") {
+  const ModelSpec m = small_mixtral();
+  Pair p(m, 51, 8, 40, 64, gpu::ExpertPath::automatic, kExpertGemmDefault);
+  REQUIRE(is_bucketed_expert_gemm(p.gpu.config().expert_gemm_streams));
+  p.gpu.set_expert_path(gpu::ExpertPath::cublaslt);
+  std::mt19937_64 rng(52);
+  CompareStats st;
+  p.run("mixtral bucketed default, no room: prefill 40",
+        {SequenceStep{random_tokens(rng, 40, m.vocab_size), 0, {3, 1, 4, 0, 2}}}, st);
+  const auto& pc = p.gpu.padded_batch_counts();
+  INFO(pc.bucketed << " bucketed, " << pc.fallback << " fell back");
+  CHECK(pc.bucketed == 0);
+  CHECK(pc.fallback > 0);
+}
+
 TEST_CASE("forward: the expert GEMM switch rejects bad values, naming the legal ones") {
   const ModelSpec m = small_mixtral();
   const auto w = model::synthetic_weights(m, 3);
@@ -578,16 +596,20 @@ TEST_CASE("forward: the expert GEMM switch rejects bad values, naming the legal 
         std::string::npos);
   CHECK_THROWS_AS(plain.set_expert_gemm_streams(kExpertGemmBucketed), InputError);
   CHECK_THROWS_AS(plain.set_expert_bucket_row_align(0), InputError);
-  plain.set_expert_bucket_row_align(64);  // allowed: the bucketed layout is not selected
-  // Built for the bucketed layout at align 16: any align up to 16 fits, 32 does not.
+  plain.set_expert_bucket_row_align(64);  // allowed: a step without room falls back to the streams
+  // Built for the bucketed layout at align 16 (the cuBLASLt path, where the layout is reachable):
+  // switching between the two bucketed values fits; a larger align is accepted (steps that do not
+  // fit fall back to the streams).
   auto bucketed = c;
+  bucketed.expert_path = gpu::ExpertPath::cublaslt;
   bucketed.expert_gemm_streams = kExpertGemmBucketed;
   bucketed.expert_bucket_row_align = 16;
   GpuModel b(w, bucketed);
   b.set_expert_bucket_row_align(8);
   b.set_expert_gemm_streams(kExpertGemmBucketedBatched);
-  CHECK_THROWS_AS(b.set_expert_bucket_row_align(32), InputError);
   CHECK(b.config().expert_bucket_row_align == 8);
+  b.set_expert_bucket_row_align(32);
+  CHECK(b.config().expert_bucket_row_align == 32);
 }
 
 // One Qwen3-30B-A3B layer at full width (hidden 2048, 32/4 heads x 128, 128 experts x 768,
