@@ -815,21 +815,11 @@ void GpuModel::moe_route_permute(const Layer& L, const bf16* x, int64_t T, cudaS
   kernels::launch_moe_route(mr, s);
 }
 
-void GpuModel::check_bucket_rows_fit(int64_t align) const {
-  if (!act_ || act_->routed_rows == 0) return;  // no MoE layers: the switch does nothing
-  const int64_t need = expert_bucket_capacity(act_->routed_rows, dims_.experts, align);
-  if (need > act_->expert_rows)
-    throw InputError(fmt::format(
-        "bucketed expert GEMM (expert_gemm_streams {} or {}) with expert_bucket_row_align {}: needs expert buffers of "
-        "{} rows, the model has {} (build it with expert_gemm_streams {} or {} and an alignment >= {})",
-        kExpertGemmBucketed, kExpertGemmBucketedBatched, align, need, act_->expert_rows, kExpertGemmBucketed,
-        kExpertGemmBucketedBatched, align));
-}
-
 void GpuModel::set_expert_gemm_streams(int n) {
   if (n < kExpertGemmStreamsMin)
     throw InputError(fmt::format("expert GEMM streams: {} not supported ({})", n, kExpertGemmStreamsLegal));
-  if (is_bucketed_expert_gemm(n)) check_bucket_rows_fit(cfg_.expert_bucket_row_align);
+  // No room check for the bucketed values: a step whose padded rows exceed the buffers falls back
+  // to the streams (moe_experts), and the default is bucketed, so this must work on any model.
   if (n == cfg_.expert_gemm_streams) return;
   cfg_.expert_gemm_streams = n;
   expert_fanout_.reset();  // the next step that needs it makes one with n streams
@@ -1000,19 +990,11 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
         combine();
         return;
       }
-      // Falls back: the per-expert GEMMs on kExpertGemmStreams streams, rows in expert order.
       ++padded_counts_.fallback;
-      if (!permuted) {
-        kernels::GatherRowsParams gp;
-        gp.x = x;
-        gp.row_token = A.permuted_token;
-        gp.dst = A.permuted_x;  // [rows, H]
-        gp.num_rows = rows;
-        gp.hidden = H;
-        kernels::launch_gather_rows(gp, s);
-      }
     }
-    if (bucketed && !permuted) {  // the bucketed layout did not fit: rows in expert order, as above
+    // A padded or bucketed layout that did not fit falls back to the per-expert GEMMs on
+    // kExpertGemmStreams streams: the index-only permute left the rows to gather, in expert order.
+    if ((padded_batch || bucketed) && !permuted) {
       kernels::GatherRowsParams gp;
       gp.x = x;
       gp.row_token = A.permuted_token;
@@ -1158,7 +1140,7 @@ void GpuModel::run_bucketed_experts(const Layer& L, const bf16* x, int64_t T, in
     padded[e] = expert_bucket_rows(counts[e], align);
     total += padded[e];
   }
-  if (total > A.expert_rows)  // set_expert_gemm_streams / set_expert_bucket_row_align checked the room
+  if (total > A.expert_rows)  // moe_experts checked the room (else it fell back to the streams)
     throw RuntimeError(fmt::format("bucketed expert GEMM: {} padded rows, the buffers hold {}", total, A.expert_rows));
   ++padded_counts_.bucketed;
   if (total == 0) return;  // no local rows: every slot_row is -1, the combine adds nothing
@@ -1231,8 +1213,11 @@ void GpuModel::enqueue(cudaStream_t s) {
     launch_rope_table(A.positions, A.rope_cs, T, at.head_dim, static_cast<float>(m.rope_theta), s);
   // The fused batch-1 decode layer (decode_layer.hpp) for the MoE layers it supports: one
   // sequence, one token, the whole model; its grid-barrier counters zeroed once per step.
+  // (Only where the experts would run on the device GEMV anyway: a forced cublaslt or grouped_gemm
+  // expert path keeps the unfused kernels.)
   const bool fused_layer_now = uses_fused_decode_layer(cfg_.decode_kernels, cfg_.fused_decode_layer, T, P.S) &&
-                               A.fused_barrier.bytes() > 0 && dims_.experts == m.moe.num_experts;
+                               A.fused_barrier.bytes() > 0 && dims_.experts == m.moe.num_experts &&
+                               (cfg_.expert_path == ExpertPath::automatic || cfg_.expert_path == ExpertPath::device_gemv);
   if (fused_layer_now) MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_barrier.get(), 0, A.fused_barrier.bytes(), s));
   for (int l = dims_.layer_begin; l < dims_.layer_end; ++l) {
     const Layer& L = layers_[l];

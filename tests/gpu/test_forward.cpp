@@ -594,7 +594,8 @@ TEST_CASE("forward: the expert GEMM switch rejects bad values, naming the legal 
   GpuModel plain(w, c);
   CHECK(message([&] { plain.set_expert_gemm_streams(kExpertGemmStreamsMin - 1); }).find(std::string(kExpertGemmStreamsLegal)) !=
         std::string::npos);
-  CHECK_THROWS_AS(plain.set_expert_gemm_streams(kExpertGemmBucketed), InputError);
+  plain.set_expert_gemm_streams(kExpertGemmBucketed);  // allowed: steps without room fall back
+  plain.set_expert_gemm_streams(kExpertGemmDefault);
   CHECK_THROWS_AS(plain.set_expert_bucket_row_align(0), InputError);
   plain.set_expert_bucket_row_align(64);  // allowed: a step without room falls back to the streams
   // Built for the bucketed layout at align 16 (the cuBLASLt path, where the layout is reachable):

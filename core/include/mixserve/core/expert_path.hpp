@@ -133,8 +133,13 @@ inline constexpr bool uses_grouped_gemm(int64_t routed_rows, int64_t hidden, int
 //                    stream sync, per-expert plans, one GEMM per non-empty expert, no graph;
 //   "grouped:<dist>" - the executor's automatic path above the GEMV rows, no graph (as a prefill
 //                    step runs it; mixserve-profile expert_gemv): the tensor-core grouped GEMM,
-//                    one launch, or, where uses_expert_streams, the per-expert cuBLASLt GEMMs on
-//                    kExpertGemmStreams streams with the host copy of the counts.
+//                    one launch, or, where uses_expert_streams, the per-expert default
+//                    (kExpertGemmDefault: the bucketed layout, one batched call per bucket) with the
+//                    host copy of the counts.
+// Known gap: the "eager:" points time the per-expert GEMMs on kExpertGemmStreams streams, while
+// an executor forced onto ExpertPath::cublaslt now takes kExpertGemmDefault (bucketed: every
+// expert with rows padded to 128, wasteful at decode sizes) unless expert_gemm_streams is set;
+// the automatic path (the default) is not affected.
 inline constexpr std::string_view kExpertGemvTag = "gemv:";
 inline constexpr std::string_view kExpertEagerTag = "eager:";
 inline constexpr std::string_view kExpertGroupedTag = "grouped:";

@@ -19,7 +19,7 @@
 //      gu = normed2 . W13[e]^T for the k experts              (columns over warps)
 //   -- barrier
 //   6  tmp_out[d] = bf16(sum_j w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d]))  (columns over warps)
-//      res = x2 (block 0)
+// (res = x2 is written by block 0 in phase 4, after every block read res in phase 0.)
 // So on return res holds the residual after attention and tmp_out the MoE output, the contract of
 // GpuModel's decode kernels (the next layer's input norm adds them). The same formulas and bf16
 // rounding points as the unfused kernels (rmsnorm.cuh, the QK-norm/RoPE kernel, the grouped GEMV
@@ -35,7 +35,11 @@
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
 // (weights prefetched before the wait). The grid barrier needs every block resident at once: the
-// launch uses at most one block per SM and checks with the occupancy calculator. `barrier` must be
+// launch uses at most one block per SM and checks with the occupancy calculator, but it is not a
+// cooperative launch, so kernels of other streams (or MPS clients) that hold SMs could keep blocks
+// out and deadlock it (a known limit of this off-by-default kernel; a cooperative launch attribute
+// is the fix, not tried on the GPU). The shape check assumes 227 KiB of opt-in shared memory (H100/
+// H200); each launch queries the device and the occupancy (host time in eager steps). `barrier` must be
 // zero at launch (the executor clears the step's counters with one memset before the layers) and
 // is left at 6 x blocks.
 // Requirements: SM >= 8.0 (barrier and PDL as on SM 9.0 where available); head_dim 64 or 128;

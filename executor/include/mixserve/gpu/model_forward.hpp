@@ -97,8 +97,8 @@ struct GpuModelConfig {
   // built with one of these values gets expert buffers for routed rows + local experts x
   // (align - 1) rows when the bucketed layout can be taken (expert_path cublaslt, or automatic with
   // max_tokens_per_step x top_k reaching uses_expert_streams); a step whose padded rows do not fit
-  // (e.g. expert_path switched to cublaslt later) falls back to kExpertGemmStreams streams.
-  // set_expert_gemm_streams(-2 or -3) on a model without the room throws.
+  // (e.g. expert_path switched to cublaslt later) falls back to kExpertGemmStreams streams
+  // (GpuModel::padded_batch_counts().fallback counts them).
   // Default kExpertGemmDefault (-3): measured fastest (core/expert_path.hpp).
   int expert_gemm_streams = kExpertGemmDefault;
   // The bucketed layout's row alignment P (1 .. kExpertBucketRowAlignMax): see
@@ -281,7 +281,6 @@ class GpuModel {
   void run_bucketed_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
                             const std::vector<int64_t>& counts, cudaStream_t s);
   // InputError unless the expert buffers hold the bucketed layout with this alignment.
-  void check_bucket_rows_fit(int64_t align) const;
   // Router logits, top-k and permute in one launch (kernels/moe_route.cuh): decode-sized steps of
   // the whole model (core/decode_path.hpp uses_fused_moe_route).
   void moe_route_permute(const Layer& L, const __nv_bfloat16* x, int64_t T, cudaStream_t s);
