@@ -242,6 +242,9 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
   const int E = m.moe.num_experts, K = m.moe.top_k, El = sd.experts;
   const int64_t I = sd.inter, S = sd.shared, D = sd.dense;
   const int64_t T = cfg_.max_tokens_per_step;
+  // The planner's memory model counts the MoE buffers below (and moe_comm.cpp's) exactly:
+  // sim::executor_moe_buffers (simulator/src/executor_buffers.cpp) mirrors their sizes; change it
+  // with them.
   // Rows of the MoE buffers: the stage's gathered tokens in the gathered mode.
   int64_t Tm = T * (cfg_.shard.moe_mode == MoeMode::gathered ? cfg_.shard.stage_size : 1);
   if (cfg_.shard.moe_sched != MoeSched::none && m.num_moe_layers() > 0) {

@@ -11,6 +11,7 @@
 #include "mixserve/gpu/moe_comm.hpp"
 #include "mixserve/gpu/transport.hpp"
 #include "mixserve/model/weights.hpp"
+#include "mixserve/sim/executor_buffers.hpp"
 
 namespace mixserve::gpu {
 
@@ -96,17 +97,14 @@ const char* to_string(MoeSched s) {
 }
 
 MoeSched moe_sched_for(const Layout& l, const ModelSpec& m) {
-  if (l.stage_size() == 1 || l.moe_ep == 1 || m.num_moe_layers() == 0) return MoeSched::none;
-  switch (l.moe_comm) {
-    case MoeComm::nccl_a2a:
-      return MoeSched::ep;  // build_ep_schedule: any moe_tp (all-gather / reduce-scatter inside)
-    case MoeComm::fused:
-    case MoeComm::rs_a2a_ag:
-      if (l.attn_tp != l.moe_tp || m.hidden_size % l.moe_tp != 0) return MoeSched::none;
-      return l.moe_comm == MoeComm::fused ? MoeSched::fused : MoeSched::rs_a2a_ag;
-    default:
-      return MoeSched::none;
+  // One decision for the executor and the planner's memory model (sim/executor_buffers.hpp).
+  switch (sim::executor_moe_path(l, m)) {
+    case sim::ExecutorMoePath::ep: return MoeSched::ep;  // build_ep_schedule: any moe_tp
+    case sim::ExecutorMoePath::fused: return MoeSched::fused;
+    case sim::ExecutorMoePath::rs_a2a_ag: return MoeSched::rs_a2a_ag;
+    case sim::ExecutorMoePath::exchange: return MoeSched::none;
   }
+  return MoeSched::none;
 }
 
 void check_plan_for_run(const Plan& p, const ModelSpec& model, const LaunchShape& launch) {

@@ -1,5 +1,8 @@
 // Search space: objectives, layout enumeration, runtime-limit candidates, legality predicates.
 #include <algorithm>
+#include <utility>
+
+#include <fmt/format.h>
 
 #include "mixserve/core/enum_names.hpp"
 #include "mixserve/core/error.hpp"
@@ -131,6 +134,36 @@ const std::vector<Predicate>& predicates() {
        true},
   };
   return table;
+}
+
+double kv_room(const MemoryBreakdown& mb, const RuntimeLimits& limits) {
+  return mb.capacity * limits.gpu_memory_utilization - mb.weights - mb.reserved - mb.activations -
+         mb.comm_buffers;
+}
+
+std::string memory_shortfall(const MemoryBreakdown& mb, const RuntimeLimits& limits) {
+  constexpr double GiB = 1073741824.0;
+  const double room = kv_room(mb, limits);
+  const std::pair<const char*, double> parts[] = {
+      {"activations", mb.activations}, {"comm_buffers", mb.comm_buffers}, {"reserved", mb.reserved}};
+  const auto* largest = &parts[0];
+  for (const auto& p : parts)
+    if (p.second > largest->second) largest = &p;
+  std::string out = fmt::format(
+      "max_num_seqs {}, max_num_batched_tokens {}: weights {:.1f} GiB + activations {:.1f} GiB + "
+      "comm_buffers {:.1f} GiB + reserved {:.1f} GiB ",
+      limits.max_num_seqs, limits.max_num_batched_tokens, mb.weights / GiB, mb.activations / GiB,
+      mb.comm_buffers / GiB, mb.reserved / GiB);
+  if (room <= 0)
+    out += fmt::format("exceed {:.1f} GiB ({:.1f} GiB x gpu_memory_utilization {:.2f}) by {:.1f} GiB",
+                       mb.capacity * limits.gpu_memory_utilization / GiB, mb.capacity / GiB,
+                       limits.gpu_memory_utilization, -room / GiB);
+  else
+    out += fmt::format("leave {:.1f} GiB for {} KV tokens, fewer than the {} needed", room / GiB,
+                       mb.kv_tokens, limits.max_model_len > 0 ? limits.max_model_len
+                                                              : limits.max_num_batched_tokens);
+  out += fmt::format("; the largest after the weights: {}", largest->first);
+  return out;
 }
 
 std::optional<std::string_view> first_structural_failure(const ModelSpec& m, const ClusterSpec& c,

@@ -21,6 +21,8 @@ struct LayoutEval {
   std::optional<PlanCandidate> best;
   int64_t evaluations = 0;
   int64_t memory_checked = 0, memory_rejected = 0;
+  // The rejected limits closest to fitting (most KV space) and their breakdown.
+  std::optional<std::pair<RuntimeLimits, MemoryBreakdown>> closest_rejected;
 };
 
 // Best limits of one structurally legal layout.
@@ -37,6 +39,9 @@ LayoutEval eval_layout(const SearchInputs& in, const SearchOptions& opt, const L
     const PredicateInput pin{in.model, in.cluster, l, &mem};
     if (!predicates().back().fn(pin)) {
       ++out.memory_rejected;
+      if (!out.closest_rejected || kv_room(mem, lim0) > kv_room(out.closest_rejected->second,
+                                                                out.closest_rejected->first))
+        out.closest_rejected.emplace(lim0, mem);
       continue;
     }
     PlanCandidate cand;
@@ -76,7 +81,11 @@ std::optional<PlanCandidate> evaluate_layout(const SearchInputs& in, const Searc
     return std::nullopt;
   }
   auto e = eval_layout(in, opt, l, limits_of(opt), true);
-  if (!e.best && rejected_by) *rejected_by = std::string(predicates().back().name);
+  if (!e.best && rejected_by) {
+    *rejected_by = std::string(predicates().back().name);
+    if (e.closest_rejected)
+      *rejected_by += " (" + memory_shortfall(e.closest_rejected->second, e.closest_rejected->first) + ")";
+  }
   return e.best;
 }
 

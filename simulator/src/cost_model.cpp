@@ -49,6 +49,7 @@
 #include "mixserve/sim/cost_constants.hpp"
 #include "mixserve/sim/cost_moe_comm.hpp"
 #include "mixserve/sim/cost_shapes.hpp"
+#include "mixserve/sim/executor_buffers.hpp"
 #include "mixserve/sim/moe_load.hpp"
 #include "mixserve/sim/op_timer.hpp"
 #include "mixserve/sim/paper_model.hpp"
@@ -229,6 +230,7 @@ class MixServeModel final : public StepCostModel {
     }
     h_ = m.hidden_size;
     act_ = dtype_bytes(m.activation_dtype);
+    cluster_ = c;
     const AttentionSpec& a = m.attention;
     heads_ = a.num_heads / l.attn_tp;
     mla_ = a.type == AttentionType::mla;
@@ -424,41 +426,40 @@ class MixServeModel final : public StepCostModel {
     mb.reserved = K.reserved_bytes;
     const RankWeights w = rank_weights(m_, l_);
     const double T = double(std::max<int64_t>(1, limits.max_num_batched_tokens));
-    const double T_all = T * l_.attn_dp;
-    // Activations at the peak of a layer for a full token budget.
+    // Activations at the peak of a layer for a full token budget: an estimate of the attention
+    // and hidden-state buffers, plus (MoE models) the MoE buffers exactly as the executor
+    // preallocates them.
+    //
+    // MoE buffers: the executor sizes them for the WORST case of a step, not for the expected
+    // routing (ep_rows_max, which the step TIME keeps using), so the memory model counts what it
+    // allocates per rank, from the same capacity functions (executor_buffers.hpp lists every
+    // buffer; T = max_tokens_per_step = max(max_num_batched_tokens, max_num_seqs), mixserve-run's
+    // online_gpu_config):
+    //  activations += GpuModel::allocate's MoE buffers (model_forward.cpp): permuted_x and
+    //    expert_out [X, H], gate|up [X, 2I] and SwiGLU [X, I] (or the shared / dense widths when
+    //    wider: the buffers are shared), shared_out [Tm, H], the gathered mode's moe_in / moe_out
+    //    [Tm, H], router logits, top-k and index tables; Tm = T (x stage_size in the gathered
+    //    mode, attn_dp > 1), for a schedule at least ceil(ep_capacity_rows / K) (EP) or
+    //    fused_capacity_rows (fused, rs-a2a-ag); X = Tm x K, or expert_bucket_capacity(Tm x K,
+    //    E / moe_ep, kExpertBucketRowAlign) where uses_expert_streams (the bucketed default).
+    //  comm_buffers = the StageMoe's rank buffers: EpMoeComm (a2a: x, sendbuf [T K, H], recvbuf /
+    //    outbuf (and with moe_tp > 1 rsbuf / redbuf) [ep_capacity_rows, H], backbuf [T (K+1), H],
+    //    y, counts and combine/pair tables) or FusedMoeComm (fused / rs-a2a-ag: x, xr / partial
+    //    [fused_capacity_rows, H], the rounds' slices [(3 moe_ep - 1 + moe_tp) T, H / moe_tp], y,
+    //    route and pair tables); none for the all-reduce exchange (tp_allreduce, TP-only stages);
+    //    plus TransportComm's [T, H] all-reduce scratch on every rank of a sharded layout.
     double widest = mla_ ? double(m_.attention.q_lora_rank + m_.attention.kv_lora_rank +
                                   heads_ * (m_.attention.qk_nope_head_dim + m_.attention.v_head_dim))
                          : double((heads_ + 2 * kv_heads_) * m_.attention.head_dim);
-    widest = std::max(widest, 2.0 * m_.dense_intermediate_size / l_.attn_tp);
+    // (MoE models: the dense FFN shares the expert gate|up / SwiGLU buffers, counted below.)
+    if (E_ == 0) widest = std::max(widest, 2.0 * m_.dense_intermediate_size / l_.attn_tp);
     mb.activations = T * act_ * (K.activation_hidden_buffers * h_ + widest) +
                      double(limits.max_num_seqs) * m_.vocab_size / l_.attn_tp *
                          K.logits_bytes_per_element;
-    if (E_ > 0) {
-      const double rows = ep_rows_max(T_all);
-      const double I = double(m_.moe.expert_intermediate_size) / l_.moe_tp;
-      mb.activations += rows * act_ * (3 * I + h_);
-      const double Tg = group_tokens(T_all, T);
-      switch (l_.moe_comm) {
-        case MoeComm::tp_allreduce:
-          mb.comm_buffers = (l_.attn_dp > 1 ? T_all : Tg) * h_ * act_;
-          break;
-        case MoeComm::nccl_a2a: {
-          const double send_rows = Tg / l_.moe_tp * k_;
-          mb.comm_buffers = 2 * (send_rows + rows / l_.moe_tp) * h_ * act_;
-          break;
-        }
-        case MoeComm::rs_a2a_ag:
-        case MoeComm::fused: {
-          // Per-round receive buffers of the dispatch (slices), the gathered rows, the
-          // RS-Combine's O(output) home buffer and its per-round send slices.
-          const FusedRoundBytes fr = fused_round_bytes(Tg, h_, act_, E_, k_, l_.moe_tp,
-                                                       l_.moe_ep, true);
-          mb.comm_buffers = 2.0 * (l_.moe_ep - 1) * fr.p2p_bytes + l_.moe_ep * fr.gather_bytes +
-                            Tg * h_ * act_;
-          break;
-        }
-      }
-    }
+    const ExecutorMoeBuffers xb =
+        executor_moe_buffers(cluster_, m_, l_, executor_max_tokens_per_step(limits));
+    mb.activations += xb.expert_bytes;
+    mb.comm_buffers = xb.comm_bytes;
     const double kv_layer = kv_bytes_per_token_layer(m_, l_);
     const double usable = capacity_bytes_ * limits.gpu_memory_utilization;
     int64_t kv_tokens = std::numeric_limits<int64_t>::max();
@@ -894,6 +895,7 @@ class MixServeModel final : public StepCostModel {
   int sm_count_ = 132;
   int E_ = 0, k_ = 0, E_local_ = 0;
   double c_ep_ = 0;
+  ClusterSpec cluster_;       // memory(): the executor's MoE buffers (executor_buffers.hpp)
   bool skewed_ = false;
   RoutingModel routing_;
   std::vector<int> moe_layer_ids_;

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "mixserve/core/error.hpp"
+#include "mixserve/core/io.hpp"
 #include "mixserve/planner/search.hpp"
 
 using namespace mixserve;
@@ -239,4 +240,29 @@ TEST_CASE("tie-break helpers") {
   a.metrics.ttft_ms = 500;
   CHECK(better(a, b, Objective::itl, c));
   CHECK(better(a, b, Objective::throughput, c));
+}
+
+TEST_CASE("fits_memory: worst-case MoE buffers that exceed the GPU reject the layout, naming the parts") {
+  // DeepSeek-V3 at EP 8 on one 8 x H200 node with 32768 tokens per replica: the executor's
+  // expert buffers hold 8 replicas x 32768 tokens x top-8 rows (+ the bucketed room) and its
+  // FusedMoeComm 8 x 32768 received rows, far beyond what the ~94 GiB of weights leave.
+  SearchInputs in;
+  in.model = load_model("deepseek-v3");
+  in.cluster = load_cluster("h200-1x8");
+  in.profile = load_profile("h200-datasheet");
+  SearchOptions opt;
+  opt.batched_tokens = {32768};
+  opt.max_batch = 256;
+  Layout l;
+  l.attn_tp = 1, l.attn_dp = 8, l.moe_tp = 1, l.moe_ep = 8, l.pp = 1, l.moe_comm = MoeComm::fused;
+  std::string why;
+  CHECK_FALSE(evaluate_layout(in, opt, l, &why).has_value());
+  CAPTURE(why);
+  CHECK(why.rfind("fits_memory (", 0) == 0);
+  CHECK(why.find("comm_buffers") != std::string::npos);
+  CHECK(why.find("exceed") != std::string::npos);
+  CHECK(why.find("the largest after the weights: activations") != std::string::npos);
+  // The same layout at 2048 tokens fits.
+  opt.batched_tokens = {2048};
+  CHECK(evaluate_layout(in, opt, l, &why).has_value());
 }

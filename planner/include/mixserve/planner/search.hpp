@@ -79,6 +79,13 @@ struct Predicate {
 // layers_divisible_pp, fits_memory (last; needs the cost model's memory breakdown).
 const std::vector<Predicate>& predicates();
 // Name of the first structural (per-layout) predicate the layout fails, or nullopt.
+// Bytes left for the KV cache at `limits` (negative: over by that much): capacity x
+// gpu_memory_utilization - weights - reserved - activations - comm_buffers.
+double kv_room(const MemoryBreakdown& mb, const RuntimeLimits& limits);
+// Why a breakdown fails fits_memory, naming its parts in GiB and the largest part after the
+// weights (e.g. "comm_buffers 40.1 GiB ... the largest after the weights: comm_buffers").
+std::string memory_shortfall(const MemoryBreakdown& mb, const RuntimeLimits& limits);
+
 std::optional<std::string_view> first_structural_failure(const ModelSpec& m, const ClusterSpec& c,
                                                          const Layout& l);
 
