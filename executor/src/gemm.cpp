@@ -224,6 +224,21 @@ struct ExpertGemm::GroupedCall {
     guard.armed = false;
   }
   ~GroupedCall() { release(); }
+  // The parameters every group shares (n and group_size are per group, set by the caller).
+  // cuBLAS is column-major: as in LtGemm, A = W_e (k x n, ld k) transposed, B = the expert's
+  // activation rows (k x rows, ld k), C = its output rows (n x rows, ld n), i.e. row-major
+  // [rows, n] = act . W_e^T. cuBLAS's m is our n, its n the expert's (padded) row count.
+  void set_shared(std::size_t groups, int64_t n, int64_t k) {
+    trans_a.assign(groups, CUBLAS_OP_T);
+    trans_b.assign(groups, CUBLAS_OP_N);
+    m.assign(groups, int(n));
+    this->k.assign(groups, int(k));
+    lda.assign(groups, int(k));
+    ldb.assign(groups, int(k));
+    ldc.assign(groups, int(n));
+    alpha.assign(groups, 1.0f);
+    beta.assign(groups, 0.0f);
+  }
   GroupedCall(const GroupedCall&) = delete;
   GroupedCall& operator=(const GroupedCall&) = delete;
   void release() {
@@ -351,19 +366,8 @@ void ExpertGemm::run_grouped_call(const void* act, const void* weights, void* ou
       ++groups;
     }
     const std::size_t G = std::size_t(groups);
-    // cuBLAS is column-major: as in LtGemm, A = W_e (k x n, ld k) transposed, B = the expert's
-    // activation rows (k x rows, ld k), C = its output rows (n x rows, ld n), i.e. row-major
-    // [rows, n] = act . W_e^T. cuBLAS's m is our n, its n the expert's row count (g.n, above).
-    g.trans_a.assign(G, CUBLAS_OP_T);
-    g.trans_b.assign(G, CUBLAS_OP_N);
-    g.m.assign(G, int(n_));
-    g.k.assign(G, int(k_));
-    g.lda.assign(G, int(k_));
-    g.ldb.assign(G, int(k_));
-    g.ldc.assign(G, int(n_));
+    g.set_shared(G, n_, k_);  // cuBLAS's n: the expert's row count (g.n, above)
     g.group_size.assign(G, 1);
-    g.alpha.assign(G, 1.0f);
-    g.beta.assign(G, 0.0f);
     std::size_t i = 0;
     for (int e = 0; e < num_experts_; ++e) {
       if (counts_[e] == 0) continue;
@@ -437,15 +441,7 @@ int ExpertGemm::run_bucketed_call(const void* act, const void* weights, void* ou
       g.group_size.push_back(int(experts.size()));
       problems += int(experts.size());
     }
-    g.trans_a.assign(G, CUBLAS_OP_T);
-    g.trans_b.assign(G, CUBLAS_OP_N);
-    g.m.assign(G, int(n_));
-    g.k.assign(G, int(k_));
-    g.lda.assign(G, int(k_));
-    g.ldb.assign(G, int(k_));
-    g.ldc.assign(G, int(n_));
-    g.alpha.assign(G, 1.0f);
-    g.beta.assign(G, 0.0f);
+    g.set_shared(G, n_, k_);
     const std::size_t P = std::size_t(problems);
     std::size_t i = 0;
     for (const auto& [rows, experts] : buckets)

@@ -998,13 +998,7 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
     // A padded or bucketed layout that did not fit falls back to the per-expert GEMMs on
     // kExpertGemmStreams streams: the index-only permute left the rows to gather, in expert order.
     if ((padded_batch || bucketed) && !permuted) {
-      kernels::GatherRowsParams gp;
-      gp.x = x;
-      gp.row_token = A.permuted_token;
-      gp.dst = A.permuted_x;  // [rows, H]
-      gp.num_rows = rows;
-      gp.hidden = H;
-      kernels::launch_gather_rows(gp, s);
+      gather_token_rows(x, A.permuted_token, A.permuted_x, rows, s);  // [rows, H]
     }
     const int streams = (padded_batch || bucketed) ? kExpertGemmStreams : cfg_.expert_gemm_streams;
     const bool grouped_call = streams == kExpertGemmGroupedCall;
@@ -1032,10 +1026,21 @@ void GpuModel::moe_experts(const Layer& L, const bf16* x, int64_t T, int K, cons
   combine();
 }
 
+void GpuModel::gather_token_rows(const bf16* x, const int32_t* row_token, bf16* dst, int64_t rows,
+                                 cudaStream_t s) const {
+  kernels::GatherRowsParams gp;
+  gp.x = x;
+  gp.row_token = row_token;  // -1: a zero row
+  gp.dst = dst;
+  gp.num_rows = rows;
+  gp.hidden = spec_.hidden_size;
+  kernels::launch_gather_rows(gp, s);
+}
+
 void GpuModel::run_padded_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
                                   int64_t rows_per_expert, cudaStream_t s) {
   Act& A = *act_;
-  const int64_t H = spec_.hidden_size, I = dims_.inter;
+  const int64_t I = dims_.inter;
   const int El = dims_.experts;
   if (rows_per_expert == 0) return;  // no local rows: every slot_row is -1, the combine adds nothing
   const int64_t padded = El * rows_per_expert;
@@ -1053,13 +1058,7 @@ void GpuModel::run_padded_experts(const Layer& L, const bf16* x, int64_t T, int 
   pr.rows_per_expert = rows_per_expert;
   kernels::launch_pad_expert_rows(pr, s);
   // Token rows into the padded layout; pad rows zero.
-  kernels::GatherRowsParams gp;
-  gp.x = x;
-  gp.row_token = A.padded_token;
-  gp.dst = A.permuted_x;  // [El * rows_per_expert, H]
-  gp.num_rows = padded;
-  gp.hidden = H;
-  kernels::launch_gather_rows(gp, s);
+  gather_token_rows(x, A.padded_token, A.permuted_x, padded, s);  // [El * rows_per_expert, H]
   expert_w13_->run_padded_batch(A.permuted_x, L.w13, A.gu, rows_per_expert, s);  // [padded, 2I]
   kernels::SwigluParams sw;
   sw.gate_up = A.gu;
@@ -1134,7 +1133,7 @@ std::vector<double> GpuModel::take_fused_phase_us() {
 void GpuModel::run_bucketed_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,
                                     const std::vector<int64_t>& counts, cudaStream_t s) {
   Act& A = *act_;
-  const int64_t H = spec_.hidden_size, I = dims_.inter, align = cfg_.expert_bucket_row_align;
+  const int64_t I = dims_.inter, align = cfg_.expert_bucket_row_align;
   const int El = dims_.experts;
   // Each expert's rows rounded up to the alignment, and their prefix sums (the padded offsets).
   std::vector<int64_t> padded(counts.size());
@@ -1172,13 +1171,7 @@ void GpuModel::run_bucketed_experts(const Layer& L, const bf16* x, int64_t T, in
   pr.num_padded_rows = total;
   kernels::launch_pad_expert_rows(pr, s);
   // Token rows into the padded layout; pad rows zero.
-  kernels::GatherRowsParams gp;
-  gp.x = x;
-  gp.row_token = A.padded_token;
-  gp.dst = A.permuted_x;  // [total, H]
-  gp.num_rows = total;
-  gp.hidden = H;
-  kernels::launch_gather_rows(gp, s);
+  gather_token_rows(x, A.padded_token, A.permuted_x, total, s);  // [total, H]
   if (!blas_) blas_ = std::make_unique<BlasHandle>();
   const BucketIssue issue = cfg_.expert_gemm_streams == kExpertGemmBucketedBatched ? BucketIssue::batched_per_bucket
                                                                                    : BucketIssue::grouped_call;

@@ -273,6 +273,9 @@ class GpuModel {
                    bool permuted = false);
   // kExpertGemmPaddedBatch after the permute and the host copy of the counts: remap slot_row to
   // the padded layout, gather x into it, one strided-batched GEMM per projection, the SwiGLU.
+  // dst[r, :] = x[row_token[r], :] (H wide), zero rows for -1 (kernels/expert_pad.cuh gather).
+  void gather_token_rows(const __nv_bfloat16* x, const int32_t* row_token, __nv_bfloat16* dst, int64_t rows,
+                         cudaStream_t s) const;
   void run_padded_experts(const Layer& L, const __nv_bfloat16* x, int64_t T, int K, const int32_t* ids,
                           int64_t rows_per_expert, cudaStream_t s);
   // kExpertGemmBucketed[Batched] after the permute and the host copy of the counts: padded offsets
