@@ -11,24 +11,29 @@
 #include "mixserve/kernels/detail/router_device.cuh"
 #include "mixserve/kernels/router.cuh"
 
+// The compute_80 pass compiles the kernel body out (sm_90 only), leaving its helpers unused.
+#pragma nv_diag_suppress 177
+
 namespace mixserve::gpu {
 
 namespace {
 using bf16 = __nv_bfloat16;
-constexpr int kWarps = 8;
-constexpr int kLoadU = 8;  // 16-byte weight vectors per lane per chunk (4 KB per warp)
-constexpr int kThreads = 32 * kWarps;
+constexpr int kWarps = 8;                     // consumer warps: every phase's work
+constexpr int kThreads = 32 * kWarps;         // consumer threads
+constexpr int kBlockThreads = kThreads + 32;  // + one producer warp: the weight stream
 constexpr int kTile = 32;   // context positions per attention tile (one per lane)
-constexpr int kChunk = 256; // k elements one warp covers with one 16-byte load per lane
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int64_t kMinStageBytes = 12288;  // a stage of the weight ring holds whole rows, >= 12 KB
+constexpr int kMaxStages = 32;
+constexpr int kDiagStamps = 16;  // per block (decode_layer.hpp diag)
+// Weight bytes in flight per block: ~ the copy bandwidth's share of one SM x the memory latency,
+// so the stream runs at full speed without queueing everything else behind it.
+constexpr int64_t kDefaultInflightBytes = 49152;
+// Named barriers: 0 is __syncthreads (used once, after the ring's barriers are initialised);
+// 1 the consumer warps; 2 the routing hand-over from the consumers to the producer.
+constexpr int kConsumerBar = 1, kRoutedBar = 2;
 
-__device__ __forceinline__ uint4 ld_weights(const bf16* p) {  // streamed: no L1 allocation
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
+__device__ __forceinline__ void csync() { asm volatile("bar.sync %0, %1;" ::"n"(kConsumerBar), "n"(kThreads) : "memory"); }
 
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
@@ -36,16 +41,28 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
-__device__ __forceinline__ float dot8(const uint4& w, const uint4& a, float acc) {
-  const auto* wh = reinterpret_cast<const __nv_bfloat162*>(&w);
-  const auto* ah = reinterpret_cast<const __nv_bfloat162*>(&a);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 wf = __bfloat1622float2(wh[j]), af = __bfloat1622float2(ah[j]);
-    acc = fmaf(wf.x, af.x, acc);
-    acc = fmaf(wf.y, af.y, acc);
-  }
+// 8 bf16 weights (a 16-byte vector: element 2i in the low half of word i) . 8 fp32 activations,
+// elements 0-3 at lo, 4-7 at hi. bf16 -> fp32 is a shift or a mask of the word.
+// Activations of k elements live in shared memory as two planes (store_act8): vector v's elements
+// 8v..8v+3 at [4v], 8v+4..8v+7 at [k/2 + 4v], so that a warp's 16-byte loads of consecutive vectors
+// are consecutive (one 32-byte load per lane would conflict two ways: measured, ncu).
+__device__ __forceinline__ float dot8f(const uint4& w, const float* lo, const float* hi, float acc) {
+  const float4 a0 = *reinterpret_cast<const float4*>(lo), a1 = *reinterpret_cast<const float4*>(hi);
+  acc = fmaf(__uint_as_float(w.x << 16), a0.x, acc);
+  acc = fmaf(__uint_as_float(w.x & 0xffff0000u), a0.y, acc);
+  acc = fmaf(__uint_as_float(w.y << 16), a0.z, acc);
+  acc = fmaf(__uint_as_float(w.y & 0xffff0000u), a0.w, acc);
+  acc = fmaf(__uint_as_float(w.z << 16), a1.x, acc);
+  acc = fmaf(__uint_as_float(w.z & 0xffff0000u), a1.y, acc);
+  acc = fmaf(__uint_as_float(w.w << 16), a1.z, acc);
+  acc = fmaf(__uint_as_float(w.w & 0xffff0000u), a1.w, acc);
   return acc;
+}
+
+// Stores 8 activations (elements 8v..8v+7 of a k-element vector) in the two-plane layout.
+__device__ __forceinline__ void store_act8(float* base, int64_t k, int64_t v, const float (&f)[8]) {
+  *reinterpret_cast<float4*>(base + 4 * v) = make_float4(f[0], f[1], f[2], f[3]);
+  *reinterpret_cast<float4*>(base + k / 2 + 4 * v) = make_float4(f[4], f[5], f[6], f[7]);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -59,95 +76,291 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Grid-wide barrier number `phase` (1-based) over a counter that was zero at launch. Writes before
-// it (any block) are visible after it; data written inside the launch is read with ld.cg (L2).
+// Grid-wide barrier number `phase` (1-based) over a counter that was zero at launch, among the
+// consumer warps of every block (the producer warp never takes part). Writes before it (any
+// block) are visible after it; data written inside the launch is read with ld.cg (L2).
 __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned phase) {
-  __syncthreads();
+  csync();
   if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(counter, 1u);
+    // The block's writes (ordered before this thread's by the barrier above) released at GPU
+    // scope with the arrival; the acquire load orders the reads after it.
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
     const unsigned target = phase * gridDim.x;
     unsigned seen;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
     } while (seen < target);
-    __threadfence();
   }
-  __syncthreads();
+  csync();
 }
 
-// One warp: for columns col = first, first + stride, ... < ncols, the sum over parts j < `parts`
-// of part_round(j, row_of(col, j) . act_of(j)) (k elements each: bf16 rows in global memory,
-// activations bf16 in shared memory, fp32 dot products reduced over the warp), summed in order
-// j = 0, 1, ...; `emit(col, v)` gets it on lane 0. A column's 16-byte vectors (parts x k / 256 per
-// lane) are streamed in chunks of U per lane across part boundaries; the next chunk's loads are
-// issued (into registers) before the current chunk is summed. (A cp.async ring of 4 chunks in
-// shared memory per warp measured slower on the H200, session 5: docs/forward.md.)
-template <int U, class RowOf, class ActOf, class PartRound, class Emit>
-__device__ __forceinline__ void warp_columns(int64_t first, int64_t stride, int64_t ncols, int parts, int64_t k,
-                                                  RowOf row_of, ActOf act_of, PartRound part_round, Emit emit) {
+// The weight ring (sm_90: bulk copies into shared memory completing on mbarriers). Stage i has a
+// `full` barrier (the producer's expect_tx arrival + the copy's bytes) and an `empty` one (the
+// consuming warp's arrival). The parity trick as usual: the producer's first pass does not wait.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_fence_init() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+// The wait sleeps until the phase completes or the hint (ns) runs out, instead of re-polling.
+constexpr unsigned kSuspendHintNs = 20000;
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t a = smem_u32(b);
+  uint32_t ok = 0;
+  while (!ok)
+    asm volatile(
+        "{\n .reg .pred P;\n mbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2, %3;\n selp.u32 %0, 1, 0, P;\n}\n"
+        : "=r"(ok)
+        : "r"(a), "r"(parity), "r"(kSuspendHintNs)
+        : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(b)) : "memory");
+#endif
+}
+// The producer's arrival on a full barrier, announcing `bytes`, and the copy that completes them.
+// evict_first (a createpolicy value, or 0): the weights are read once per step, so they may leave
+// L2 first and keep the KV cache and the activations there.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* full,
+                                          uint64_t evict_first) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full)), "r"(bytes) : "memory");
+  if (evict_first) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+            smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(full)), "l"(evict_first)
+        : "memory");
+    return;
+  }
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(full))
+               : "memory");
+#endif
+}
+
+// The weight matrices a block streams, in the order the producer issues them and the consumers
+// take them: q|k|v, o_proj, router, then (once routed) gate|up and down of the chosen experts.
+enum Kind : int { kQkv = 0, kOproj = 1, kRouter = 2, kGateUp = 3, kDown = 4 };
+
+// The shapes and weights the stream needs (passed by value to the out-of-line stream functions).
+struct Mats {
+  const bf16 *wqkv, *wo, *router, *w13, *w2;
+  int64_t H, QW, KVW, I;
+  int E, K;
+};
+
+// A run of `rows` consecutive weight rows of k elements starting at `src`; `out0` numbers the first
+// row in the phase's outputs; `slot` is the expert slot (gate|up, down).
+struct Seg {
+  const bf16* src;
+  int64_t rows, k, out0;
+  int slot;
+};
+
+__device__ __forceinline__ void block_range(int64_t n, int64_t& lo, int64_t& hi) {
+  lo = n * blockIdx.x / gridDim.x;
+  hi = n * (int64_t(blockIdx.x) + 1) / gridDim.x;
+}
+
+// Segment `i` of this block's segments of `kind` (ids: the routed experts, gate|up and down only);
+// false past the last. gate|up: columns slot x 2I + r over the K slots, cut at slot boundaries;
+// down: this block's output columns, each slot's rows in turn.
+__device__ __forceinline__ bool seg_at(const Mats& m, int kind, const int32_t* ids, int i, Seg& s) {
+  int64_t lo, hi;
+  switch (kind) {
+    case kQkv:
+      block_range(m.QW + 2 * m.KVW, lo, hi);
+      s = Seg{m.wqkv + lo * m.H, hi - lo, m.H, lo, 0};
+      return i == 0 && hi > lo;
+    case kOproj:
+      block_range(m.H, lo, hi);
+      s = Seg{m.wo + lo * m.QW, hi - lo, m.QW, lo, 0};
+      return i == 0 && hi > lo;
+    case kRouter:
+      block_range(m.E, lo, hi);
+      s = Seg{m.router + lo * m.H, hi - lo, m.H, lo, 0};
+      return i == 0 && hi > lo;
+    case kGateUp: {
+      block_range(int64_t(m.K) * 2 * m.I, lo, hi);
+      int64_t c = lo;
+      for (int n = 0; c < hi; ++n) {
+        const int j = int(c / (2 * m.I));
+        const int64_t r = c - j * 2 * m.I, len = hi - c < 2 * m.I - r ? hi - c : 2 * m.I - r;
+        if (n == i) {
+          s = Seg{m.w13 + (int64_t(ids[j]) * 2 * m.I + r) * m.H, len, m.H, c, j};
+          return true;
+        }
+        c += len;
+      }
+      return false;
+    }
+    default:
+      block_range(m.H, lo, hi);
+      if (hi <= lo || i >= m.K) return false;
+      s = Seg{m.w2 + (int64_t(ids[i]) * m.H + lo) * m.I, hi - lo, m.I, lo, i};
+      return true;
+  }
+}
+
+// Rows of k elements per stage.
+__device__ __host__ __forceinline__ int64_t stage_rows(int64_t stage_bytes, int64_t k) {
+  const int64_t n = stage_bytes / (k * 2);
+  return n < 1 ? 1 : n;
+}
+
+// The ring: stages, their barriers, the counts that producer and consumers share.
+struct Ring {
+  bf16* buf;
+  uint64_t *full, *empty;
+  int64_t stage_bytes;
+  int ns;
+  unsigned inflight;  // bytes in flight at most (at least one copy)
+  uint32_t* sizes;    // [ns] bytes of the copy in each slot (producer only)
+  uint32_t* state;    // [2] oldest copy not yet seen landed, bytes outstanding (producer only)
+  uint64_t evict_first;  // L2 policy of the copies, or 0
+};
+
+// The producer (one warp, lane 0 issues): this block's stages of `kind` into the ring; `g` counts
+// the block's stages since the launch (the consumers count the same way). Out of line, like
+// consume(): inlined at each call the kernel's code grew to ~350 KB and ran from a cold
+// instruction cache, phase after phase (measured, docs/forward.md).
+__device__ __noinline__ uint32_t produce(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g) {
   const int lane = threadIdx.x & 31;
-  if (first >= ncols) return;
-  const int vpp = int((k + kChunk - 1) / kChunk);
-  const int nv = vpp * parts;
-  int64_t col = first;
-  int v0 = 0;
-  auto load = [&](int64_t c, int vb, uint4 (&w)[U]) {
-    int j = vb / vpp, kv = vb - j * vpp;
-    const bf16* row = row_of(c, j < parts ? j : 0);  // row_of once per part, not per vector
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t idx = int64_t(kv) * kChunk + lane * 8;
-      w[u] = (vb + u < nv && idx < k) ? ld_weights(row + idx) : make_uint4(0, 0, 0, 0);
-      if (++kv == vpp) {
-        kv = 0;
-        ++j;
-        if (vb + u + 1 < nv) row = row_of(c, j);
+  Seg s;
+  for (int i = 0; seg_at(m, kind, ids, i, s); ++i) {
+    const int64_t cps = stage_rows(R.stage_bytes, s.k);
+    for (int64_t r0 = 0; r0 < s.rows; r0 += cps, ++g) {
+      const int slot = int(g % unsigned(R.ns));
+      if (lane == 0) {
+        mbar_wait(R.empty + slot, ((g / unsigned(R.ns)) & 1u) ^ 1u);
+        const int64_t n = s.rows - r0 < cps ? s.rows - r0 : cps;
+        const unsigned bytes = unsigned(n * s.k * 2);
+        // At most R.inflight bytes outstanding: more only queues the step's other accesses
+        // (barriers, activations) behind the weight stream. Copies at least ns stages old have
+        // landed (their consumer freed the slot); younger ones are waited for on their full
+        // barrier, whose parity is theirs (their slot is not re-issued before g).
+        uint32_t oldest = R.state[0], out = R.state[1];
+        while (g - oldest >= unsigned(R.ns)) out -= R.sizes[oldest++ % unsigned(R.ns)];
+        while (out > 0 && out + bytes > R.inflight && oldest < g) {
+          mbar_wait(R.full + oldest % unsigned(R.ns), (oldest / unsigned(R.ns)) & 1u);
+          out -= R.sizes[oldest++ % unsigned(R.ns)];
+        }
+        R.sizes[slot] = bytes;
+        R.state[0] = oldest;
+        R.state[1] = out + bytes;
+        bulk_load(R.buf + int64_t(slot) * (R.stage_bytes / 2), s.src + r0 * s.k, bytes, R.full + slot, R.evict_first);
       }
     }
-  };
-  uint4 cur[U], nxt[U];
-  load(col, v0, cur);
-  float part = 0.0f, total = 0.0f;
-  while (true) {
-    int64_t ncol = col;
-    int nv0 = v0 + U;
-    if (nv0 >= nv) {
-      ncol = col + stride;
-      nv0 = 0;
-    }
-    const bool more = ncol < ncols;
-    if (more) load(ncol, nv0, nxt);
-    int j = v0 / vpp, kv = v0 - j * vpp;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (v0 + u >= nv) break;
-      const int64_t idx = int64_t(kv) * kChunk + lane * 8;
-      if (idx < k) part = dot8(cur[u], *reinterpret_cast<const uint4*>(act_of(j) + idx), part);
-      if (kv == vpp - 1) {
-        total += part_round(j, warp_sum(part));
-        part = 0.0f;
-        kv = 0;
-        ++j;
-      } else {
-        ++kv;
-      }
-    }
-    if (v0 + U >= nv) {
-      if (lane == 0) emit(col, total);
-      total = 0.0f;
-    }
-    if (!more) break;
-    col = ncol;
-    v0 = nv0;
-#pragma unroll
-    for (int u = 0; u < U; ++u) cur[u] = nxt[u];
   }
+  __syncwarp();
+  return g;
 }
 
-// out = bf16(x * inv_rms * w) as rmsnorm.cuh, x and out in shared memory (bf16), w global;
+// Where consume() puts a row's value v (row c = seg.out0 + r of the phase's numbering).
+enum Out : int {
+  kOutQkv = 0,   // c < split: bf16 out[c], else bf16 out2[c - split]
+  kOutBf16 = 1,  // bf16 out[c]
+  kOutF32 = 2,   // float out[c]
+  kOutPart = 3,  // float out[slot * split + r] = w[slot] * bf16(v) (r: row within the segment)
+};
+struct Sink {
+  int mode;
+  void *out, *out2;
+  int64_t split;
+  const float* w;
+};
+
+// The consumers: warp (slot mod kWarps) takes stage g (slot g mod ns) of this block's stages of
+// `kind`, so each slot has one consumer that takes its uses in order (the full barrier's parity
+// then never runs two phases behind); a row's dot product with act + slot x act_stride (fp32
+// values of bf16 activations, shared memory; fp32 sums, four partial sums per lane) is reduced over the warp and stored by
+// lane 0 as `sink` says. Every row is summed by one warp in one fixed order. t_arrive / t_busy
+// (diagnostics, shared, or null): the last arrival, the longest time one stage took from its
+// arrival to its release.
+__device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g, const float* act,
+                                         int64_t act_stride, Sink sink, bool skip_dot,
+                                         unsigned long long* t_arrive, unsigned long long* t_busy) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  Seg s;
+  for (int i = 0; seg_at(m, kind, ids, i, s); ++i) {
+    const int64_t cps = stage_rows(R.stage_bytes, s.k);
+    const float* a = act + s.slot * act_stride;  // two planes (dot8f)
+    const float* ah = a + s.k / 2;
+    const int nv = int(s.k / 8);
+    for (int64_t r0 = 0; r0 < s.rows; r0 += cps, ++g) {
+      const int slot = int(g % unsigned(R.ns));
+      if (slot % kWarps != warp) continue;
+      mbar_wait(R.full + slot, (g / unsigned(R.ns)) & 1u);
+      const unsigned long long t_in = t_arrive || t_busy ? global_ns() : 0;
+      if (t_arrive && lane == 0) atomicMax(t_arrive, t_in);
+      const int n = int(s.rows - r0 < cps ? s.rows - r0 : cps);
+      const bf16* rows = R.buf + int64_t(slot) * (R.stage_bytes / 2);
+      for (int r = 0; r < n; ++r) {
+        float t = 0.0f;
+        if (!skip_dot) {  // diagnostics: the stream without the arithmetic (zeros: WRONG results)
+          const bf16* row = rows + int64_t(r) * s.k;
+          float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
+          int v = lane;
+          for (; v + 96 < nv; v += 128) {
+            const uint4 w0 = *reinterpret_cast<const uint4*>(row + v * 8);
+            const uint4 w1 = *reinterpret_cast<const uint4*>(row + (v + 32) * 8);
+            const uint4 w2 = *reinterpret_cast<const uint4*>(row + (v + 64) * 8);
+            const uint4 w3 = *reinterpret_cast<const uint4*>(row + (v + 96) * 8);
+            acc0 = dot8f(w0, a + v * 4, ah + v * 4, acc0);
+            acc1 = dot8f(w1, a + (v + 32) * 4, ah + (v + 32) * 4, acc1);
+            acc2 = dot8f(w2, a + (v + 64) * 4, ah + (v + 64) * 4, acc2);
+            acc3 = dot8f(w3, a + (v + 96) * 4, ah + (v + 96) * 4, acc3);
+          }
+          // The last 1-3 vectors per lane on independent sums too (k = 768: three per lane).
+          if (v < nv) acc0 = dot8f(*reinterpret_cast<const uint4*>(row + v * 8), a + v * 4, ah + v * 4, acc0);
+          if (v + 32 < nv)
+            acc1 = dot8f(*reinterpret_cast<const uint4*>(row + (v + 32) * 8), a + (v + 32) * 4, ah + (v + 32) * 4, acc1);
+          if (v + 64 < nv)
+            acc2 = dot8f(*reinterpret_cast<const uint4*>(row + (v + 64) * 8), a + (v + 64) * 4, ah + (v + 64) * 4, acc2);
+          t = warp_sum((acc0 + acc1) + (acc2 + acc3));
+        }
+        if (lane == 0) {
+          const int64_t c = s.out0 + r0 + r;
+          switch (sink.mode) {
+            case kOutQkv:
+              if (c < sink.split)
+                static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t);
+              else
+                static_cast<bf16*>(sink.out2)[c - sink.split] = __float2bfloat16_rn(t);
+              break;
+            case kOutBf16: static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t); break;
+            case kOutF32: static_cast<float*>(sink.out)[c] = t; break;
+            default:
+              static_cast<float*>(sink.out)[int64_t(s.slot) * sink.split + r0 + r] =
+                  sink.w[s.slot] * __bfloat162float(__float2bfloat16_rn(t));
+          }
+        }
+      }
+      __syncwarp();
+      if (t_busy && lane == 0) atomicMax(t_busy, global_ns() - t_in);
+      if (lane == 0) mbar_arrive(R.empty + slot);
+    }
+  }
+  return g;
+}
+
+// out = bf16(x * inv_rms * w) as rmsnorm.cuh (fp32 values, two-plane layout: dot8f), x and out in
+// shared memory (x bf16), w global;
 // 8 elements per thread per step (n % 8 == 0), the weights' loads issued before the sum.
-__device__ void block_rmsnorm(const bf16* x, const bf16* w, bf16* out, int64_t n, float eps, float* red) {
+__device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, int64_t n, float eps, float* red) {
   constexpr int kMaxSteps = 8;  // n <= kMaxSteps * 8 * kThreads = 16384 keeps w in registers
   uint4 wv[kMaxSteps];
 #pragma unroll
@@ -168,7 +381,7 @@ __device__ void block_rmsnorm(const bf16* x, const bf16* w, bf16* out, int64_t n
   }
   ss = warp_sum(ss);
   if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = ss;
-  __syncthreads();
+  csync();
   float tot = 0.0f;
 #pragma unroll
   for (int i = 0; i < kWarps; ++i) tot += red[i];
@@ -180,16 +393,16 @@ __device__ void block_rmsnorm(const bf16* x, const bf16* w, bf16* out, int64_t n
     const uint4 v = *reinterpret_cast<const uint4*>(x + i);
     const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
     const auto* wh = reinterpret_cast<const __nv_bfloat162*>(&wv[u]);
-    uint4 o;
-    auto* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+    float o[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float2 f = __bfloat1622float2(h[j]), g = __bfloat1622float2(wh[j]);
-      oh[j] = __floats2bfloat162_rn(f.x * inv * g.x, f.y * inv * g.y);
+      o[2 * j] = __bfloat162float(__float2bfloat16_rn(f.x * inv * g.x));
+      o[2 * j + 1] = __bfloat162float(__float2bfloat16_rn(f.y * inv * g.y));
     }
-    *reinterpret_cast<uint4*>(out + i) = o;
+    store_act8(out, n, i / 8, o);
   }
-  __syncthreads();
+  csync();
 }
 
 // A head (D elements, lane + 32 m layout) normed (optional) and rotated as the QK-norm/RoPE kernel.
@@ -217,32 +430,74 @@ __device__ __forceinline__ void norm_rope(float (&f)[D / 32], const bf16* nw, co
   }
 }
 
+// Shared memory of a launch: [x | normed | phase scratch | down partials | ring] (byte offsets).
+struct Layout {
+  int64_t scratch = 0, part = 0, ring = 0, total = 0;
+  int64_t stage_bytes = 0;  // ring stage size
+  int ns = 0;               // ring stages
+  int64_t inflight = 0;     // bytes in flight at most
+  int64_t cols = 0;         // down columns per block, at most
+};
+
 template <int D>
-__global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDecodeLayerParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+__global__ void __launch_bounds__(kBlockThreads, 1) fused_decode_layer_kernel(FusedDecodeLayerParams p, Layout lay) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char smem[];
   const int64_t H = p.hidden, QW = int64_t(p.q_heads) * D, KVW = int64_t(p.kv_heads) * D, I = p.inter;
   const int K = p.top_k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  const int64_t gwarp = int64_t(blockIdx.x) * kWarps + warp, nwarps = int64_t(gridDim.x) * kWarps;
   bf16* s_x = reinterpret_cast<bf16*>(smem);  // [H] residual
-  bf16* s_n = s_x + H;                        // [H] normed
-  unsigned char* s_u = reinterpret_cast<unsigned char*>(s_n + H);  // phase scratch (16-byte aligned: H % 8 == 0)
-  auto gemv = [&](int64_t first, int64_t stride, int64_t ncols, int parts, int64_t k, auto row_of, auto act_of,
-                  auto part_round, auto emit) {
-    warp_columns<kLoadU>(first, stride, ncols, parts, k, row_of, act_of, part_round, emit);
-  };
-  // L2 prefetch of the next phase's known weights (o_proj during the attention, the chosen
-  // experts' down rows during gate|up, q|k|v before the PDL wait): measured slower (session 5).
-  const bool prefetch = p.prefetch_l2;
+  float* s_n = reinterpret_cast<float*>(s_x + H);  // [H] normed (fp32 values of the bf16 results, two planes)
+  unsigned char* s_u = smem + lay.scratch;    // phase scratch
+  float* s_part = reinterpret_cast<float*>(smem + lay.part);  // [K][cols] down partials
+  bf16* ring = reinterpret_cast<bf16*>(smem + lay.ring);      // [ns][stage_bytes]
+  const int ns = lay.ns;
+  const int64_t sb = lay.stage_bytes;
+  __shared__ uint64_t s_full[kMaxStages], s_empty[kMaxStages];
   __shared__ float s_red[kWarps];
   __shared__ int32_t s_ids[kFusedDecodeMaxTopK];
   __shared__ float s_w[kFusedDecodeMaxTopK];
+  __shared__ unsigned long long s_t[5];  // diagnostics: last arrivals of q|k|v, gate|up, down; busy o, gate|up
+  unsigned long long* diag = p.diag ? p.diag + int64_t(blockIdx.x) * kDiagStamps : nullptr;
+  if (threadIdx.x == 0) {
+    s_t[0] = s_t[1] = s_t[2] = s_t[3] = s_t[4] = 0;
+    for (int i = 0; i < ns; ++i) {
+      mbar_init(s_full + i, 1);
+      mbar_init(s_empty + i, 1);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();  // the only whole-block barrier: the producer warp leaves here
+  uint32_t g = 0;   // this block's ring stages so far (producer and consumers count alike)
+  const Mats mats{p.wqkv, p.wo, p.router, p.w13, p.w2, H, QW, KVW, I, p.num_experts, K};
+  __shared__ uint32_t s_sizes[kMaxStages], s_prod[2];
+  if (threadIdx.x == kThreads) s_prod[0] = s_prod[1] = 0;  // the producer's own lane 0, before it starts
+  uint64_t policy = 0;  // the weights leave L2 first: read once per step (measured 4% faster)
+  if (p.evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const Ring R{ring, s_full, s_empty, sb, ns, unsigned(lay.inflight), s_sizes, s_prod, policy};
+  const bool skip = p.diag_skip_dot;
 
-  // Prologue: this warp's q|k|v rows into L2 before waiting on the previous kernel.
-  const int64_t nqkv = QW + 2 * KVW;
-  for (int64_t c = gwarp; c < nqkv; c += nwarps)
-    if (prefetch && lane == 0) kernels::detail::prefetch_l2(p.wqkv + c * H, unsigned(H * 2));
+  if (warp == kWarps) {
+    // The producer: the weights do not depend on the previous kernel, so no PDL wait. It runs
+    // ahead of the consumers as far as the ring allows, across their grid barriers, and waits only
+    // for the routing (the experts to stream).
+    if (diag && lane == 0) diag[0] = global_ns();
+    g = produce(mats, kQkv, nullptr, R, g);
+    g = produce(mats, kOproj, nullptr, R, g);
+    g = produce(mats, kRouter, nullptr, R, g);
+    asm volatile("bar.sync %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
+    if (diag && lane == 0) {
+      diag[3] = global_ns();
+    }
+    g = produce(mats, kGateUp, s_ids, R, g);
+    if (diag && lane == 0) diag[15] = global_ns();
+    g = produce(mats, kDown, s_ids, R, g);
+    if (diag && lane == 0) diag[14] = global_ns();
+    return;
+  }
+
   kernels::detail::wait_for_previous_kernel();
+  if (diag && threadIdx.x == 0) diag[1] = global_ns();
   // Diagnostics: block 0 adds each phase's time (ns, barrier wait included) to phase_ns[0..6].
   const bool timed = p.phase_ns && blockIdx.x == 0 && threadIdx.x == 0;
   unsigned long long t_last = timed ? global_ns() : 0;
@@ -269,18 +524,15 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
     *reinterpret_cast<uint4*>(s_x + i) = r;
     if (blockIdx.x == 0 && p.rec_in) *reinterpret_cast<uint4*>(p.rec_in + i) = r;
   }
-  __syncthreads();
+  csync();
   block_rmsnorm(s_x, p.in_norm, s_n, H, p.eps, s_red);
-  gemv(
-      gwarp, nwarps, nqkv, 1, H, [&](int64_t c, int) { return p.wqkv + c * H; }, [&](int) { return (const bf16*)s_n; },
-      [](int, float v) { return v; },
-      [&](int64_t c, float v) {
-        if (c < QW)
-          p.q[c] = __float2bfloat16_rn(v);
-        else
-          p.kv[c - QW] = __float2bfloat16_rn(v);
-      });
+  g = consume(mats, kQkv, nullptr, R, g, s_n, 0, Sink{kOutQkv, p.q, p.kv, QW, nullptr}, skip, diag ? s_t : nullptr,
+              nullptr);
   grid_barrier(p.barrier, 1);
+  if (diag && threadIdx.x == 0) {
+    diag[2] = s_t[0];
+    diag[8] = global_ns();
+  }
   mark(0);
 
   // Phase 1: attention partials. Items = kv heads x chunks of the context (tiles of kTile
@@ -293,9 +545,6 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
   const int chunk = (ctx + splits - 1) / splits;
   const float scale2 = (p.softmax_scale > 0.0f ? p.softmax_scale : rsqrtf(float(D))) * kLog2e;
   {
-    // o_proj rows of this warp into L2 while the attention runs.
-    for (int64_t c = gwarp; c < H; c += nwarps)
-      if (prefetch && lane == 0) kernels::detail::prefetch_l2(p.wo + c * QW, unsigned(QW * 2));
     constexpr int kRow = D + 8;  // padded smem row (bf16)
     constexpr int kVecPerRow = D / 8;
     constexpr int kTileVecs = 2 * kTile * kVecPerRow;  // K and V vectors of a tile
@@ -333,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
         *reinterpret_cast<uint4*>((which ? s_v : s_k) + row * kRow + v * 8) = r[u];
       }
     };
-    __syncthreads();
+    csync();
     for (int item = blockIdx.x; item < p.kv_heads * splits; item += gridDim.x) {
       const int kvh = item / splits, sp = item % splits;
       const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
@@ -381,7 +630,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
             s_v[row * kRow + lane + 32 * m] = vb;
           }
         }
-        __syncthreads();
+        csync();
         if (t0 + kTile < p1) load_tile(kvh, t0 + kTile, min(kTile, p1 - t0 - kTile), tile);  // next tile
 #pragma unroll
         for (int r = 0; r < kMaxHeadsPerWarp; ++r) {
@@ -421,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
             for (int m = 0; m < D / 32; ++m) acc[r][m] = fmaf(pjj, __bfloat162float(vr[lane + 32 * m]), acc[r][m]);
           }
         }
-        __syncthreads();
+        csync();
       }
       // Partials: [h][sp] = (m, l, acc[D]).
 #pragma unroll
@@ -477,7 +726,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
         for (int j = 0; j < D / 32; ++j)
           vals[r][j] = sp < splits ? __ldcg(w + int64_t(sp) * (D + 2) + 2 + lane + 32 * j) : 0.0f;
       }
-      __syncthreads();  // s_f, s_l
+      csync();  // s_f, s_l
 #pragma unroll
       for (int r = 0; r < kMaxPerWarp; ++r) {
         const int sp = warp + r * kWarps;
@@ -490,30 +739,32 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
         for (int j = 0; j < D / 32; ++j) a[j] = fmaf(__ldcg(w + int64_t(sp) * (D + 2) + 2 + lane + 32 * j), s_f[sp], a[j]);
 #pragma unroll
       for (int j = 0; j < D / 32; ++j) s_part[warp * D + lane + 32 * j] = a[j];
-      __syncthreads();
+      csync();
       for (int d = threadIdx.x; d < D; d += kThreads) {
         float t = 0.0f;
         for (int ww = 0; ww < kWarps; ++ww) t += s_part[ww * D + d];
         p.attn[int64_t(h) * D + d] = __float2bfloat16_rn(s_l > 0.0f ? t / s_l : 0.0f);
       }
-      __syncthreads();
+      csync();
     }
   }
   grid_barrier(p.barrier, 3);
   mark(2);
+  if (diag && threadIdx.x == 0) diag[9] = global_ns();
 
   // Phase 3: o = attn . Wo^T.
   {
-    bf16* s_a = reinterpret_cast<bf16*>(s_u);  // [QW]
-    for (int64_t i = threadIdx.x * 8; i < QW; i += kThreads * 8)
-      *reinterpret_cast<uint4*>(s_a + i) = __ldcg(reinterpret_cast<const uint4*>(p.attn + i));
-    __syncthreads();
-    // The router rows (small) into L2.
-    for (int64_t c = gwarp; c < p.num_experts; c += nwarps)
-      if (prefetch && lane == 0) kernels::detail::prefetch_l2(p.router + c * H, unsigned(H * 2));
-    gemv(
-        gwarp, nwarps, H, 1, QW, [&](int64_t c, int) { return p.wo + c * QW; }, [&](int) { return (const bf16*)s_a; },
-        [](int, float v) { return v; }, [&](int64_t c, float v) { p.o[c] = __float2bfloat16_rn(v); });
+    float* s_a = reinterpret_cast<float*>(s_u);  // [QW] (two planes)
+    for (int64_t i = threadIdx.x * 8; i < QW; i += kThreads * 8) {
+      const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p.attn + i));
+      const float f[8] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y << 16),
+                          __uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.z << 16), __uint_as_float(v.z & 0xffff0000u),
+                          __uint_as_float(v.w << 16), __uint_as_float(v.w & 0xffff0000u)};
+      store_act8(s_a, QW, i / 8, f);
+    }
+    csync();
+    g = consume(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutBf16, p.o, nullptr, 0, nullptr}, skip, nullptr,
+                diag ? s_t + 3 : nullptr);
   }
   grid_barrier(p.barrier, 4);
   mark(3);
@@ -535,19 +786,20 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
       if (p.rec_attn) *reinterpret_cast<uint4*>(p.rec_attn + i) = r;
     }
   }
-  __syncthreads();
+  csync();
   block_rmsnorm(s_x, p.post_norm, s_n, H, p.eps, s_red);
-  gemv(
-      gwarp, nwarps, p.num_experts, 1, H, [&](int64_t c, int) { return p.router + c * H; },
-      [&](int) { return (const bf16*)s_n; }, [](int, float v) { return v; }, [&](int64_t c, float v) { p.logits[c] = v; });
+  g = consume(mats, kRouter, nullptr, R, g, s_n, 0, Sink{kOutF32, p.logits, nullptr, 0, nullptr}, skip, nullptr,
+              nullptr);
   grid_barrier(p.barrier, 5);
   mark(4);
+  if (diag && threadIdx.x == 0) diag[10] = global_ns();
 
-  // Phase 5: routing (every block, warp 0), then gate|up for the chosen experts.
+  // Phase 5: routing (every block, warp 0), handed to the producer, then gate|up for the chosen
+  // experts.
   {
     float* s_lg = reinterpret_cast<float*>(s_u);  // [E]
     for (int e = threadIdx.x; e < p.num_experts; e += kThreads) s_lg[e] = __ldcg(p.logits + e);
-    __syncthreads();
+    csync();
     if (warp == 0) {
       kernels::RouterParams rp;
       rp.logits = s_lg;
@@ -568,25 +820,30 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
       else
         kernels::detail::route_token<8>(rp, s_lg, 0, lane);
     }
-    __syncthreads();
+    csync();
+    if (diag && threadIdx.x == 0) {
+      diag[11] = global_ns();
+    }
+    asm volatile("bar.arrive %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
   }
-  // This warp's down rows (phase 6) into L2 while gate|up streams.
-  for (int64_t c = gwarp; c < H; c += nwarps)
-    if (prefetch && lane == 0)
-      for (int j = 0; j < K; ++j) kernels::detail::prefetch_l2(p.w2 + (int64_t(s_ids[j]) * H + c) * I, unsigned(I * 2));
-  gemv(
-      gwarp, nwarps, int64_t(K) * 2 * I, 1, H,
-      [&](int64_t c, int) { return p.w13 + (int64_t(s_ids[c / (2 * I)]) * 2 * I + c % (2 * I)) * H; },
-      [&](int) { return (const bf16*)s_n; }, [](int, float v) { return v; },
-      [&](int64_t c, float v) { p.gu[c] = __float2bfloat16_rn(v); });
+  g = consume(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutBf16, p.gu, nullptr, 0, nullptr}, skip,
+              diag ? s_t + 1 : nullptr, diag ? s_t + 4 : nullptr);
+  if (diag) {
+    csync();
+    if (threadIdx.x == 0) {
+      diag[4] = s_t[1];
+      diag[5] = global_ns();
+    }
+  }
   grid_barrier(p.barrier, 6);
   mark(5);
   kernels::detail::allow_next_kernel();
 
-  // Phase 6: SwiGLU of every chosen expert into shared memory, then the down projection and the
-  // weighted combine per output column.
+  // Phase 6: SwiGLU of every chosen expert into shared memory, then the down rows of this block's
+  // output columns for each expert in turn (partials per expert), and the weighted combine summed
+  // in slot order.
   {
-    bf16* s_a = reinterpret_cast<bf16*>(s_u);  // [K][I]
+    float* s_a = reinterpret_cast<float*>(s_u);  // [K][I] (two planes per expert)
 #pragma unroll 4
     for (int64_t i = threadIdx.x * 8; i < int64_t(K) * I; i += kThreads * 8) {  // I % 8 == 0
       const int64_t j = i / I, c = i % I;
@@ -594,51 +851,95 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_layer_kernel(FusedDe
       const uint4 uv = __ldcg(reinterpret_cast<const uint4*>(p.gu + j * 2 * I + I + c));
       const auto* gh = reinterpret_cast<const __nv_bfloat162*>(&gv);
       const auto* uh = reinterpret_cast<const __nv_bfloat162*>(&uv);
-      uint4 o;
-      auto* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+      float o[8];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const float2 g = __bfloat1622float2(gh[q]), u = __bfloat1622float2(uh[q]);
-        oh[q] = __floats2bfloat162_rn(g.x / (1.0f + __expf(-g.x)) * u.x, g.y / (1.0f + __expf(-g.y)) * u.y);  // swiglu.cuh
+        const float2 gg = __bfloat1622float2(gh[q]), u = __bfloat1622float2(uh[q]);
+        o[2 * q] = __bfloat162float(__float2bfloat16_rn(gg.x / (1.0f + __expf(-gg.x)) * u.x));  // swiglu.cuh
+        o[2 * q + 1] = __bfloat162float(__float2bfloat16_rn(gg.y / (1.0f + __expf(-gg.y)) * u.y));
       }
-      *reinterpret_cast<uint4*>(s_a + i) = o;
+      store_act8(s_a + j * I, I, c / 8, o);
     }
-    __syncthreads();
-    gemv(
-        gwarp, nwarps, H, K, I, [&](int64_t c, int j) { return p.w2 + (int64_t(s_ids[j]) * H + c) * I; },
-        [&](int j) { return (const bf16*)(s_a + int64_t(j) * I); },
-        [&](int j, float v) { return s_w[j] * __bfloat162float(__float2bfloat16_rn(v)); },
-        [&](int64_t c, float v) { p.tmp_out[c] = __float2bfloat16_rn(v); });
+    csync();
+    g = consume(mats, kDown, s_ids, R, g, s_a, I, Sink{kOutPart, s_part, nullptr, lay.cols, s_w}, skip,
+                diag ? s_t + 2 : nullptr, nullptr);
+    csync();
+    int64_t lo, hi;
+    block_range(H, lo, hi);
+    for (int64_t c = lo + threadIdx.x; c < hi; c += kThreads) {
+      float t = 0.0f;
+      for (int j = 0; j < K; ++j) t += s_part[int64_t(j) * lay.cols + (c - lo)];
+      p.tmp_out[c] = __float2bfloat16_rn(t);
+    }
   }
   mark(6);
   if (timed) atomicAdd(p.phase_ns + 7, 1ull);
+  if (diag) {
+    csync();
+    if (threadIdx.x == 0) {
+      diag[6] = s_t[2];
+      diag[7] = global_ns();
+      diag[12] = s_t[3];
+      diag[13] = s_t[4];
+    }
+  }
+#else
+  __trap();  // sm_90 only: launch_fused_decode_layer refuses older devices
+#endif
 }
 
 int64_t scratch_bytes(const FusedDecodeLayerParams& p, int blocks) {
   const int64_t D = p.head_dim, group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
   const int64_t merge = p.kv_heads > 0 ? (int64_t(blocks + p.kv_heads - 1) / p.kv_heads + int64_t(kWarps) * D) * 4 : 0;
   const int64_t attn = 2 * kTile * (D + 8) * 2 + (group * D + D) * 4;
-  const int64_t oproj = int64_t(p.q_heads) * D * 2;
+  const int64_t oproj = int64_t(p.q_heads) * D * 4;
   const int64_t route = int64_t(p.num_experts) * 4;
-  const int64_t down = int64_t(p.top_k) * p.inter * 2;
+  const int64_t down = int64_t(p.top_k) * p.inter * 4;
   return std::max(std::max(std::max(attn, oproj), std::max(route, down)), merge);
 }
 
-int64_t smem_bytes(const FusedDecodeLayerParams& p, int blocks) {
-  return 2 * p.hidden * 2 + (scratch_bytes(p, blocks) + 15) / 16 * 16;
-}
-constexpr int64_t kMaxSmem = 227 * 1024;
+constexpr int64_t kMaxSmem = 227 * 1024;      // opt-in shared memory per block (H100 / H200)
+constexpr int64_t kStaticSmem = 2048;         // the kernel's static shared memory, rounded up
+int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
-// The blocks of a launch: the reason check sizes shared memory for at most this many SMs.
-constexpr int kMaxBlocks = 1024;
+Layout make_layout(const FusedDecodeLayerParams& p, int blocks) {
+  Layout L;
+  const int64_t H = p.hidden, QW = int64_t(p.q_heads) * p.head_dim;
+  L.scratch = round_up(H * 2 + H * 4, 16);
+  L.cols = (H + blocks - 1) / blocks;
+  L.part = round_up(L.scratch + scratch_bytes(p, blocks), 16);
+  L.ring = round_up(L.part + int64_t(p.top_k) * L.cols * 4, 128);
+  L.stage_bytes = std::max(p.stage_bytes > 0 ? round_up(p.stage_bytes, 128) : kMinStageBytes,
+                           round_up(std::max({H, QW, p.inter}) * 2, 128));
+  const int64_t room = kMaxSmem - kStaticSmem - L.ring;
+  L.ns = int(std::min<int64_t>(p.max_stages > 0 ? std::min(p.max_stages, kMaxStages) : kMaxStages,
+                               room > 0 ? room / L.stage_bytes : 0));
+  L.inflight = p.inflight_bytes > 0 ? p.inflight_bytes : kDefaultInflightBytes;
+  L.total = L.ring + int64_t(L.ns) * L.stage_bytes;
+  return L;
+}
+
+struct DeviceInfo {
+  int sms = 0, major = 0;
+};
+DeviceInfo device_info(int device) {
+  static DeviceInfo cache[64];
+  if (device >= 0 && device < 64 && cache[device].sms > 0) return cache[device];
+  DeviceInfo d;
+  MIXSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+  MIXSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device));
+  if (device >= 0 && device < 64) cache[device] = d;
+  return d;
+}
+DeviceInfo current_device() {
+  int device = 0;
+  MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  return device_info(device);
+}
 
 }  // namespace
 
-int fused_decode_layer_blocks(int device) {
-  int sms = 0;
-  MIXSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
+int fused_decode_layer_blocks(int device) { return device_info(device).sms; }
 
 int64_t fused_decode_layer_ws_floats(int blocks, int q_heads, int kv_heads, int head_dim) {
   if (kv_heads < 1) return 0;
@@ -663,33 +964,36 @@ std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& 
   if (!(p.routed_scaling > 0.0f)) return "routed_scaling must be > 0";
   if (p.block_tokens < 1) return "block_tokens=" + s(p.block_tokens) + " (need >= 1)";
   if (p.hidden > 16384) return "hidden=" + s(p.hidden) + " (legal: <= 16384)";
-  if (smem_bytes(p, kMaxBlocks) > kMaxSmem)
-    return "shared memory " + s(smem_bytes(p, kMaxBlocks)) + " bytes (hidden, top_k x inter or q width too large; limit " +
-           s(kMaxSmem) + ")";
   if (!p.res || !p.tmp_out || !p.in_norm || !p.post_norm || !p.wqkv || !p.wo || !p.rope_cs || !p.position ||
       !p.seq_len || !p.k_cache || !p.v_cache || !p.block_table || !p.router || !p.w13 || !p.w2 || !p.q || !p.kv ||
       !p.attn_ws || !p.attn || !p.o || !p.logits || !p.gu || !p.barrier)
     return "a required pointer is null";
+  const DeviceInfo d = current_device();
+  if (d.major < 9) return "compute capability " + s(d.major) + ".x (the weight ring needs sm_90 bulk copies)";
+  const Layout L = make_layout(p, d.sms);
+  if (L.ns < 2)
+    return "shared memory: " + s(L.ring) + " bytes before the weight ring leave room for " + s(L.ns) + " stages of " +
+           s(L.stage_bytes) + " bytes (need 2; hidden, top_k x inter, q width or the largest row too large; limit " +
+           s(kMaxSmem) + ")";
   return {};
 }
 
 void launch_fused_decode_layer(const FusedDecodeLayerParams& p, cudaStream_t stream) {
   if (const auto why = fused_decode_layer_unsupported_reason(p); !why.empty())
     throw InputError("fused decode layer: " + why);
-  int device = 0;
-  MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
-  const int blocks = fused_decode_layer_blocks(device);
+  const int blocks = current_device().sms;
   if (p.attn_ws_floats < fused_decode_layer_ws_floats(blocks, p.q_heads, p.kv_heads, p.head_dim))
     throw InputError("fused decode layer: attention workspace of " + std::to_string(p.attn_ws_floats) +
                      " floats, need " + std::to_string(fused_decode_layer_ws_floats(blocks, p.q_heads, p.kv_heads, p.head_dim)));
-  const std::size_t smem = std::size_t(smem_bytes(p, blocks));
+  const Layout L = make_layout(p, blocks);
+  const std::size_t smem = std::size_t(L.total);
   auto go = [&](auto kernel) {
     MIXSERVE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     int per_sm = 0;
-    MIXSERVE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    MIXSERVE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, smem));
     if (per_sm < 1)
       throw InputError("fused decode layer: no block fits on an SM (" + std::to_string(smem) + " bytes of shared memory)");
-    kernels::detail::launch_kernel(p.pdl, kernel, dim3(unsigned(blocks)), dim3(kThreads), smem, stream, p);
+    kernels::detail::launch_kernel(p.pdl, kernel, dim3(unsigned(blocks)), dim3(kBlockThreads), smem, stream, p, L);
   };
   if (p.head_dim == 64)
     go(fused_decode_layer_kernel<64>);

@@ -100,6 +100,7 @@ struct GpuModel::Act {
   // layer (zeroed by one memset per step that runs it). Empty when the model cannot take it.
   DeviceBuffer fused_kv, fused_ws, fused_o, fused_barrier;
   DeviceBuffer fused_phase_ns;  // [8] u64 when MIXSERVE_FUSED_PHASE_TIMING is set (diagnostics)
+  DeviceBuffer fused_diag;      // [blocks][16] u64 with it: one layer's per-block stamps
   int64_t fused_ws_floats = 0;
   ~Act() {
     if (bucket_offsets_copied) cudaEventDestroy(bucket_offsets_copied);
@@ -475,8 +476,16 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     A.fused_ws = DeviceBuffer(std::size_t(A.fused_ws_floats) * 4);
     A.fused_o = DeviceBuffer(std::size_t(H) * 2);
     A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * sizeof(unsigned));
+    if (const char* e = std::getenv("MIXSERVE_FUSED_STAGE_KB"); e && *e) fused_stage_bytes_ = std::atoll(e) * 1024;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_STAGES"); e && *e) fused_max_stages_ = std::atoi(e);
+    if (const char* e = std::getenv("MIXSERVE_FUSED_INFLIGHT_KB"); e && *e) fused_inflight_bytes_ = std::atoll(e) * 1024;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_EVICT_FIRST"); e && *e == '0') fused_evict_first_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_PHASE_TIMING"); e && *e && *e != '0') {
+      // Diagnostics only: the weight stream timed without its arithmetic (wrong results).
+      if (const char* z = std::getenv("MIXSERVE_FUSED_SKIP_DOT"); z && *z && *z != '0') fused_skip_dot_ = true;
       A.fused_phase_ns = DeviceBuffer(8 * sizeof(unsigned long long));
+      A.fused_diag = DeviceBuffer(std::size_t(blocks) * 16 * sizeof(unsigned long long));
+      MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_diag.get(), 0, A.fused_diag.bytes(), s));
       MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_phase_ns.get(), 0, A.fused_phase_ns.bytes(), s));
     }
   }
@@ -1115,6 +1124,12 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.gu = A.gu;
   fp.barrier = A.fused_barrier.as<unsigned>() + l;
   fp.phase_ns = A.fused_phase_ns.as<unsigned long long>();
+  if (l == (dims_.layer_begin + dims_.layer_end) / 2) fp.diag = A.fused_diag.as<unsigned long long>();
+  fp.stage_bytes = fused_stage_bytes_;
+  fp.max_stages = fused_max_stages_;
+  fp.inflight_bytes = fused_inflight_bytes_;
+  fp.diag_skip_dot = fused_skip_dot_;
+  fp.evict_first = fused_evict_first_;
   return fp;
 }
 
@@ -1128,6 +1143,15 @@ std::vector<double> GpuModel::take_fused_phase_us() {
   std::vector<double> us(7, 0.0);
   for (int i = 0; i < 7; ++i) us[std::size_t(i)] = h[7] ? double(h[i]) / double(h[7]) / 1e3 : 0.0;
   return us;
+}
+
+std::vector<unsigned long long> GpuModel::fused_layer_diag() {
+  Act& A = *act_;
+  if (A.fused_diag.bytes() == 0) return {};
+  std::vector<unsigned long long> h(A.fused_diag.bytes() / sizeof(unsigned long long));
+  MIXSERVE_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+  MIXSERVE_CUDA_CHECK(cudaMemcpy(h.data(), A.fused_diag.get(), A.fused_diag.bytes(), cudaMemcpyDeviceToHost));
+  return h;
 }
 
 void GpuModel::run_bucketed_experts(const Layer& L, const bf16* x, int64_t T, int K, const int32_t* ids,

@@ -420,6 +420,35 @@ ModelSpec small_qwen3_d128() {  // GQA 8/2 (group 4), head_dim 128, per-head QK-
     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
                           "small-qwen3-d128/config.json");
 }
+// MIXSERVE_FUSED_PHASE_TIMING: one fused launch's per-block stamps (decode_layer.hpp diag), as
+// microseconds after the earliest block start: median and max over the blocks of each event.
+void print_fused_diag(const std::vector<unsigned long long>& d) {
+  constexpr int kStamps = 16;
+  const std::size_t blocks = d.size() / kStamps;
+  if (blocks == 0 || d[0] == 0) return;
+  unsigned long long t0 = ~0ull;
+  for (std::size_t b = 0; b < blocks; ++b) t0 = std::min(t0, d[b * kStamps]);
+  static const char* names[kStamps] = {"start",   "pdl wait", "qkv in", "routed(prod)", "gu in",   "gu done",
+                                       "down in", "end",      "bar1",   "bar3",         "bar5",    "routed",
+                                       "",        "",         "down issued", "down first"};
+  std::printf("#   fused layer stamps (us after the first block start, median / max over %zu blocks):", blocks);
+  for (int e = 0; e < kStamps; ++e) {
+    if (!*names[e]) continue;
+    std::vector<double> v;
+    for (std::size_t b = 0; b < blocks; ++b)
+      v.push_back(d[b * kStamps + e] >= t0 ? double(d[b * kStamps + e] - t0) / 1e3 : -1.0);
+    std::sort(v.begin(), v.end());
+    std::printf(" %s %.2f/%.2f", names[e], v[v.size() / 2], v.back());
+  }
+  for (int e : {12, 13}) {
+    std::vector<double> v;
+    for (std::size_t b = 0; b < blocks; ++b) v.push_back(double(d[b * kStamps + e]) / 1e3);
+    std::sort(v.begin(), v.end());
+    std::printf(" | %s stage busy %.2f/%.2f", e == 12 ? "o_proj" : "gate|up", v[v.size() / 2], v.back());
+  }
+  std::printf("\n");
+}
+
 void run_fused_decode(const ModelSpec& m, uint64_t seed) {
   const int block = 8, num_blocks = 64, prompt = 300;
   Pair p(m, seed, block, num_blocks, 512, gpu::ExpertPath::device_gemv);
@@ -457,6 +486,23 @@ TEST_CASE("forward: fused batch-1 decode layer vs the float64 reference") {
   SUBCASE("Qwen3 head_dim 64, dense first layer") { run_fused_decode(small_qwen3(), 41); }
   SUBCASE("Mixtral head_dim 64, GQA 2/1") { run_fused_decode(small_mixtral(), 42); }
   SUBCASE("Qwen3 head_dim 128, GQA 8/2, top-4 of 16") { run_fused_decode(small_qwen3_d128(), 43); }
+  SUBCASE("Qwen3 head_dim 128, a 2-stage weight ring with one copy in flight") {
+    // The ring wraps on every phase and the producer waits for each copy before the next: the
+    // slot / parity bookkeeping under the tightest schedule (the model reads these at allocation).
+    struct Env {
+      Env() {
+        setenv("MIXSERVE_FUSED_STAGES", "2", 1);
+        setenv("MIXSERVE_FUSED_INFLIGHT_KB", "1", 1);
+        setenv("MIXSERVE_FUSED_EVICT_FIRST", "0", 1);
+      }
+      ~Env() {
+        unsetenv("MIXSERVE_FUSED_STAGES");
+        unsetenv("MIXSERVE_FUSED_INFLIGHT_KB");
+        unsetenv("MIXSERVE_FUSED_EVICT_FIRST");
+      }
+    } env;
+    run_fused_decode(small_qwen3_d128(), 44);
+  }
 }
 
 TEST_CASE("forward: last-token logits equal the all-token logits' last rows") {
@@ -749,6 +795,7 @@ static void run_bench(int num_layers, bool all_rows) {
         std::printf("#   fused layer phases (us, block 0, mean per launch):");
         for (double v : ph) std::printf(" %.2f", v);
         std::printf("\n");
+        print_fused_diag(g.fused_layer_diag());
       }
       g.set_fused_decode_layer(fused_default);
       with_gemv(gpu::GemvKernel::balanced, n + " GEMV, graph, decode kernels", batch);

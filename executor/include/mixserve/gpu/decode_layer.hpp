@@ -1,9 +1,9 @@
 // One launch per MoE layer for a decode step of ONE sequence and ONE token (batch 1), on the
-// whole GPU: a persistent grid (one block of 8 warps per SM) that runs the layer's phases with
-// grid-wide barriers between them instead of ~13 dependent launches (docs/forward.md "Fused decode
-// layer"):
+// whole GPU: a persistent grid (one block per SM: 8 consumer warps + 1 producer warp) that runs the
+// layer's phases with grid-wide barriers between them instead of ~13 dependent launches
+// (docs/forward.md "Fused decode layer"):
 //   0  x = bf16(res + tmp_in) (tmp_in null: x = res), normed = RMSNorm(x) * in_norm    (every block)
-//      q | k | v = normed . Wqkv^T                            (columns over all warps of the grid)
+//      q | k | v = normed . Wqkv^T                                    (rows over the blocks)
 //   -- barrier
 //   1  attention: QK-norm and RoPE of q (per head) and of the new k, the new k / v written to the
 //      paged cache, softmax(scale q . K^T) V over the context split into chunks: partials
@@ -11,40 +11,45 @@
 //   -- barrier
 //   2  merge of the chunks' partials -> attn [q_heads * head_dim] bf16      (a block per q head)
 //   -- barrier
-//   3  o = attn . Wo^T                                                       (columns over warps)
+//   3  o = attn . Wo^T                                                        (rows over the blocks)
 //   -- barrier
 //   4  x2 = bf16(x + o), normed2 = RMSNorm(x2) * post_norm (every block); router logits (fp32)
 //   -- barrier
 //   5  top-k (every block: routing as router.cuh, softmax top-k, optional renormalisation)
-//      gu = normed2 . W13[e]^T for the k experts              (columns over warps)
+//      gu = normed2 . W13[e]^T for the k experts                           (rows over the blocks)
 //   -- barrier
-//   6  tmp_out[d] = bf16(sum_j w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d]))  (columns over warps)
+//   6  tmp_out[d] = bf16(sum_j w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d]))  (columns over blocks)
 // (res = x2 is written by block 0 in phase 4, after every block read res in phase 0.)
 // So on return res holds the residual after attention and tmp_out the MoE output, the contract of
 // GpuModel's decode kernels (the next layer's input norm adds them). The same formulas and bf16
 // rounding points as the unfused kernels (rmsnorm.cuh, the QK-norm/RoPE kernel, the grouped GEMV
 // with the SwiGLU fused, combine.cuh); fp32 sums in a different order, so not bit-identical to them.
-// Weights are streamed with 16-byte non-caching loads, one warp per output column (its loads for
-// the next chunk issued before the current one is summed); optionally (prefetch_l2) the next
-// phase's weights that are already known are prefetched into L2.
 //
-// Measured on the H200 (session 5, docs/forward.md "Fused decode layer"): correct against the
-// float64 reference, but SLOWER than the unfused decode kernels (48-layer b=1 step 4622 vs 4060
-// us): its GEMV phases stream at ~1.3-1.8 TB/s and each of the 7 phases ends in a grid barrier.
-// So GpuModelConfig::fused_decode_layer is off by default; kept for the next attempt.
+// Weights (session 6): each block's rows of q|k|v, o_proj, router, and (once routed) gate|up and
+// down stream through a ring of shared-memory stages (cp.async.bulk completing on mbarriers) fed by
+// the producer warp, which runs ahead of the consumers across their grid barriers: the o_proj rows
+// arrive during the attention, the down rows while gate|up is summed. Each stage slot has one
+// consumer warp. At most `inflight_bytes` are outstanding per block; the copies carry an L2
+// evict_first policy. The stream code is out of line (the kernel inlined everything and ran at
+// ~350 KB of code).
+//
+// Measured on the H200 (session 6, docs/forward.md): correct against the float64 reference, and
+// still NOT faster than the unfused decode kernels (48-layer b=1 step 4.3-4.5 ms vs 4.07 ms): a
+// warp needs 2.5-3.5 us to sum one 16 KB stage, and the phases without weights (attention, merge,
+// routing) plus 6 grid barriers cost ~20 us per layer. So GpuModelConfig::fused_decode_layer stays
+// off by default.
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
-// (weights prefetched before the wait). The grid barrier needs every block resident at once: the
-// launch uses at most one block per SM and checks with the occupancy calculator, but it is not a
-// cooperative launch, so kernels of other streams (or MPS clients) that hold SMs could keep blocks
-// out and deadlock it (a known limit of this off-by-default kernel; a cooperative launch attribute
-// is the fix, not tried on the GPU). The shape check assumes 227 KiB of opt-in shared memory (H100/
-// H200); each launch queries the device and the occupancy (host time in eager steps). `barrier` must be
-// zero at launch (the executor clears the step's counters with one memset before the layers) and
-// is left at 6 x blocks.
-// Requirements: SM >= 8.0 (barrier and PDL as on SM 9.0 where available); head_dim 64 or 128;
-// q_heads a multiple of kv_heads; hidden, q width and expert width multiples of 8; num_experts <=
-// kRouterMaxExperts and top_k <= 8; 16-byte aligned weights and buffers.
+// (the producer issues weight copies before the consumers' wait). The grid barrier needs every block
+// resident at once: the launch uses one block per SM and checks with the occupancy calculator, but
+// it is not a cooperative launch, so kernels of other streams (or MPS clients) that hold SMs could
+// keep blocks out and deadlock it (a known limit of this off-by-default kernel). The layout
+// assumes 227 KiB of opt-in shared memory (H100/H200); the device's SM count and compute
+// capability are cached per device. `barrier` must be zero at launch (the executor clears the
+// step's counters with one memset before the layers) and is left at 6 x blocks.
+// Requirements: sm_90 (bulk copies; the reason names older devices); head_dim 64 or 128; q_heads a
+// multiple of kv_heads; hidden, q width and expert width multiples of 8; num_experts <=
+// kRouterMaxExperts and top_k <= 8; 16-byte aligned weights and buffers; a ring of >= 2 stages.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -103,8 +108,21 @@ struct FusedDecodeLayerParams {
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
   // its wait at the barrier that ends the phase) to [0..6] and counts the launch in [7].
   unsigned long long* phase_ns = nullptr;
-  // Prefetch the next phase's known weights into L2 (see the kernel): off, measured slower.
-  bool prefetch_l2 = false;
+  // The weight ring: stage size in bytes (0: 12 KiB, at least one weight row) and stage count (0:
+  // as many as shared memory holds, at most 32). Experiments: docs/forward.md.
+  int64_t stage_bytes = 0;
+  int max_stages = 0;
+  int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: 48 KiB)
+  // Diagnostics or null: [blocks][16] u64 per block of this launch: globaltimer stamps 0 block
+  // start, 1 after the PDL wait, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
+  // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 after
+  // barrier 3, 10 after barrier 5, 11 routing done, 14 last down copy issued, 15 first down copy
+  // issued; 12 / 13 the longest time (ns) one o_proj / gate|up stage took from arrival to release
+  // in the block. diag_skip_dot
+  // skips the dot products (zeros: WRONG results; times the weight stream alone).
+  unsigned long long* diag = nullptr;
+  bool diag_skip_dot = false;
+  bool evict_first = true;  // the weight copies with an L2 evict_first policy
 };
 
 // Blocks of the launch on `device` (one per SM), and the attention workspace it needs (floats).

@@ -223,6 +223,9 @@ class GpuModel {
   // With MIXSERVE_FUSED_PHASE_TIMING set at construction: the mean time (us) of the fused layer's
   // phases 0..6 over the launches since the last call (block 0's view; diagnostics), else empty.
   std::vector<double> take_fused_phase_us();
+  // MIXSERVE_FUSED_PHASE_TIMING: the fused layer's per-block stamps of the middle MoE layer's last
+  // launch ([blocks][8] u64 ns, decode_layer.hpp FusedDecodeLayerParams::diag); empty otherwise.
+  std::vector<unsigned long long> fused_layer_diag();
 
   // Runs one step (prepare + enqueue + synchronise + copy back). InputError on a bad batch (as
   // the reference, plus the limits of the config). A sharded model runs the step of its rank: every
@@ -312,6 +315,14 @@ class GpuModel {
   std::unique_ptr<BlasHandle> blas_;  // the cuBLAS grouped / bucketed calls (expert_gemm_streams 0, -2, -3); on first use
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
   int64_t fused_layers_run_ = 0;
+  // MIXSERVE_FUSED_STAGE_KB, _STAGES, _INFLIGHT_KB, _EVICT_FIRST=0 and, with _PHASE_TIMING,
+  // _SKIP_DOT (experiments): the fused layer's weight ring (decode_layer.hpp stage_bytes,
+  // max_stages, inflight_bytes, evict_first, diag_skip_dot).
+  int64_t fused_stage_bytes_ = 0;
+  int fused_max_stages_ = 0;
+  int64_t fused_inflight_bytes_ = 0;
+  bool fused_skip_dot_ = false;
+  bool fused_evict_first_ = true;  // MIXSERVE_FUSED_EVICT_FIRST=0 turns it off
   // The fused decode layer's parameters for layer l (decode_layer.hpp); unsupported layers get
   // parameters that fused_decode_layer_unsupported_reason refuses.
   FusedDecodeLayerParams fused_layer_params(const Layer& L, int l, cudaStream_t s) const;
