@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 
 #include "mixserve/core/error.hpp"
@@ -440,11 +441,14 @@ struct Layout {
 };
 
 template <int D>
-__global__ void __launch_bounds__(kBlockThreads, 1) fused_decode_layer_kernel(FusedDecodeLayerParams p, Layout lay) {
+__global__ void __launch_bounds__(kBlockThreads, 1)
+    fused_decode_layer_kernel(const __grid_constant__ FusedDecodeStepParams P, Layout lay) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t H = p.hidden, QW = int64_t(p.q_heads) * D, KVW = int64_t(p.kv_heads) * D, I = p.inter;
-  const int K = p.top_k;
+  const FusedDecodeLayerParams& p0 = P.layer[0];  // the shapes and switches (every layer's are equal)
+  const int64_t H = p0.hidden, QW = int64_t(p0.q_heads) * D, KVW = int64_t(p0.kv_heads) * D, I = p0.inter;
+  const int K = p0.top_k;
+  const int L = P.num_layers;
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   bf16* s_x = reinterpret_cast<bf16*>(smem);  // [H] residual
   float* s_n = reinterpret_cast<float*>(s_x + H);  // [H] normed (fp32 values of the bf16 results, two planes)
@@ -455,10 +459,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) fused_decode_layer_kernel(Fu
   const int64_t sb = lay.stage_bytes;
   __shared__ uint64_t s_full[kMaxStages], s_empty[kMaxStages];
   __shared__ float s_red[kWarps];
-  __shared__ int32_t s_ids[kFusedDecodeMaxTopK];
-  __shared__ float s_w[kFusedDecodeMaxTopK];
+  // The routing of layer l in [l % 2]: the producer may still read layer l's while the consumers
+  // route layer l + 1.
+  __shared__ int32_t s_ids2[2][kFusedDecodeMaxTopK];
+  __shared__ float s_w2[2][kFusedDecodeMaxTopK];
   __shared__ unsigned long long s_t[5];  // diagnostics: last arrivals of q|k|v, gate|up, down; busy o, gate|up
-  unsigned long long* diag = p.diag ? p.diag + int64_t(blockIdx.x) * kDiagStamps : nullptr;
   if (threadIdx.x == 0) {
     s_t[0] = s_t[1] = s_t[2] = s_t[3] = s_t[4] = 0;
     for (int i = 0; i < ns; ++i) {
@@ -469,38 +474,55 @@ __global__ void __launch_bounds__(kBlockThreads, 1) fused_decode_layer_kernel(Fu
   }
   __syncthreads();  // the only whole-block barrier: the producer warp leaves here
   uint32_t g = 0;   // this block's ring stages so far (producer and consumers count alike)
-  const Mats mats{p.wqkv, p.wo, p.router, p.w13, p.w2, H, QW, KVW, I, p.num_experts, K};
+  auto mats_of = [&](const FusedDecodeLayerParams& p) {
+    return Mats{p.wqkv, p.wo, p.router, p.w13, p.w2, H, QW, KVW, I, p.num_experts, K};
+  };
+  auto diag_of = [&](const FusedDecodeLayerParams& p) {
+    return p.diag ? p.diag + int64_t(blockIdx.x) * kDiagStamps : nullptr;
+  };
   __shared__ uint32_t s_sizes[kMaxStages], s_prod[2];
   if (threadIdx.x == kThreads) s_prod[0] = s_prod[1] = 0;  // the producer's own lane 0, before it starts
   uint64_t policy = 0;  // the weights leave L2 first: read once per step (measured 4% faster)
-  if (p.evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  if (p0.evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   const Ring R{ring, s_full, s_empty, sb, ns, unsigned(lay.inflight), s_sizes, s_prod, policy};
-  const bool skip = p.diag_skip_dot;
+  const bool skip = p0.diag_skip_dot;
 
   if (warp == kWarps) {
     // The producer: the weights do not depend on the previous kernel, so no PDL wait. It runs
     // ahead of the consumers as far as the ring allows, across their grid barriers, and waits only
-    // for the routing (the experts to stream).
-    if (diag && lane == 0) diag[0] = global_ns();
-    g = produce(mats, kQkv, nullptr, R, g);
-    g = produce(mats, kOproj, nullptr, R, g);
-    g = produce(mats, kRouter, nullptr, R, g);
-    asm volatile("bar.sync %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
-    if (diag && lane == 0) {
-      diag[3] = global_ns();
+    // for the routing (the experts to stream). Layer after layer: the next layer's q|k|v rows
+    // follow the down rows into the ring while the consumers still sum those.
+    for (int l = 0; l < L; ++l) {
+      const FusedDecodeLayerParams& p = P.layer[l];
+      const Mats mats = mats_of(p);
+      unsigned long long* diag = diag_of(p);
+      const int32_t* s_ids = s_ids2[l & 1];
+      if (diag && lane == 0) diag[0] = global_ns();
+      g = produce(mats, kQkv, nullptr, R, g);
+      g = produce(mats, kOproj, nullptr, R, g);
+      g = produce(mats, kRouter, nullptr, R, g);
+      asm volatile("bar.sync %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
+      if (diag && lane == 0) diag[3] = global_ns();
+      g = produce(mats, kGateUp, s_ids, R, g);
+      if (diag && lane == 0) diag[15] = global_ns();
+      g = produce(mats, kDown, s_ids, R, g);
+      if (diag && lane == 0) diag[14] = global_ns();
     }
-    g = produce(mats, kGateUp, s_ids, R, g);
-    if (diag && lane == 0) diag[15] = global_ns();
-    g = produce(mats, kDown, s_ids, R, g);
-    if (diag && lane == 0) diag[14] = global_ns();
     return;
   }
 
   kernels::detail::wait_for_previous_kernel();
-  if (diag && threadIdx.x == 0) diag[1] = global_ns();
-  // Diagnostics: block 0 adds each phase's time (ns, barrier wait included) to phase_ns[0..6].
-  const bool timed = p.phase_ns && blockIdx.x == 0 && threadIdx.x == 0;
+  // Diagnostics: block 0 adds each phase's time (ns, barrier wait included) to phase_ns[0..6] and
+  // counts the layers in [7].
+  const bool timed = p0.phase_ns && blockIdx.x == 0 && threadIdx.x == 0;
   unsigned long long t_last = timed ? global_ns() : 0;
+  for (int l = 0; l < L; ++l) {
+  const FusedDecodeLayerParams& p = P.layer[l];
+  const Mats mats = mats_of(p);
+  unsigned long long* diag = diag_of(p);
+  int32_t* s_ids = s_ids2[l & 1];
+  float* s_w = s_w2[l & 1];
+  if (diag && threadIdx.x == 0) diag[1] = global_ns();
   auto mark = [&](int phase) {
     if (!timed) return;
     const unsigned long long t = global_ns();
@@ -837,7 +859,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) fused_decode_layer_kernel(Fu
   }
   grid_barrier(p.barrier, 6);
   mark(5);
-  kernels::detail::allow_next_kernel();
+  if (l + 1 == L) kernels::detail::allow_next_kernel();
 
   // Phase 6: SwiGLU of every chosen expert into shared memory, then the down rows of this block's
   // output columns for each expert in turn (partials per expert), and the weighted combine summed
@@ -872,6 +894,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) fused_decode_layer_kernel(Fu
       p.tmp_out[c] = __float2bfloat16_rn(t);
     }
   }
+  // The next layer's phase 0 reads res (block 0, phase 4) and every block's tmp_out.
+  if (l + 1 < L) grid_barrier(p.barrier, 7);
   mark(6);
   if (timed) atomicAdd(p.phase_ns + 7, 1ull);
   if (diag) {
@@ -883,6 +907,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) fused_decode_layer_kernel(Fu
       diag[13] = s_t[4];
     }
   }
+  }  // layers
 #else
   __trap();  // sm_90 only: launch_fused_decode_layer refuses older devices
 #endif
@@ -978,13 +1003,23 @@ std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& 
   return {};
 }
 
-void launch_fused_decode_layer(const FusedDecodeLayerParams& p, cudaStream_t stream) {
-  if (const auto why = fused_decode_layer_unsupported_reason(p); !why.empty())
-    throw InputError("fused decode layer: " + why);
+void launch_fused_decode_layers(const FusedDecodeStepParams& P, cudaStream_t stream) {
+  if (P.num_layers < 1 || P.num_layers > kFusedDecodeMaxLayers)
+    throw InputError("fused decode layer: " + std::to_string(P.num_layers) + " layers in one launch (legal: 1.." +
+                     std::to_string(kFusedDecodeMaxLayers) + ")");
+  const FusedDecodeLayerParams& p = P.layer[0];
   const int blocks = current_device().sms;
-  if (p.attn_ws_floats < fused_decode_layer_ws_floats(blocks, p.q_heads, p.kv_heads, p.head_dim))
-    throw InputError("fused decode layer: attention workspace of " + std::to_string(p.attn_ws_floats) +
-                     " floats, need " + std::to_string(fused_decode_layer_ws_floats(blocks, p.q_heads, p.kv_heads, p.head_dim)));
+  for (int l = 0; l < P.num_layers; ++l) {
+    const FusedDecodeLayerParams& q = P.layer[l];
+    if (const auto why = fused_decode_layer_unsupported_reason(q); !why.empty())
+      throw InputError("fused decode layer " + std::to_string(l) + " of the launch: " + why);
+    if (q.hidden != p.hidden || q.q_heads != p.q_heads || q.kv_heads != p.kv_heads || q.head_dim != p.head_dim ||
+        q.inter != p.inter || q.num_experts != p.num_experts || q.top_k != p.top_k)
+      throw InputError("fused decode layer " + std::to_string(l) + " of the launch: shapes differ from layer 0's");
+    if (q.attn_ws_floats < fused_decode_layer_ws_floats(blocks, q.q_heads, q.kv_heads, q.head_dim))
+      throw InputError("fused decode layer: attention workspace of " + std::to_string(q.attn_ws_floats) +
+                       " floats, need " + std::to_string(fused_decode_layer_ws_floats(blocks, q.q_heads, q.kv_heads, q.head_dim)));
+  }
   const Layout L = make_layout(p, blocks);
   const std::size_t smem = std::size_t(L.total);
   auto go = [&](auto kernel) {
@@ -993,13 +1028,20 @@ void launch_fused_decode_layer(const FusedDecodeLayerParams& p, cudaStream_t str
     MIXSERVE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, smem));
     if (per_sm < 1)
       throw InputError("fused decode layer: no block fits on an SM (" + std::to_string(smem) + " bytes of shared memory)");
-    kernels::detail::launch_kernel(p.pdl, kernel, dim3(unsigned(blocks)), dim3(kBlockThreads), smem, stream, p, L);
+    kernels::detail::launch_kernel(p.pdl, kernel, dim3(unsigned(blocks)), dim3(kBlockThreads), smem, stream, P, L);
   };
   if (p.head_dim == 64)
     go(fused_decode_layer_kernel<64>);
   else
     go(fused_decode_layer_kernel<128>);
   MIXSERVE_LAUNCH_CHECK("fused_decode_layer_kernel");
+}
+
+void launch_fused_decode_layer(const FusedDecodeLayerParams& p, cudaStream_t stream) {
+  auto P = std::make_unique<FusedDecodeStepParams>();
+  P->layer[0] = p;
+  P->num_layers = 1;
+  launch_fused_decode_layers(*P, stream);
 }
 
 }  // namespace mixserve::gpu

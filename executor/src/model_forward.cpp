@@ -1249,16 +1249,29 @@ void GpuModel::enqueue(cudaStream_t s) {
     // decode_kernels: the previous layer's residual add (res += tmp) is fused into this norm.
     const bool fused_residual = cfg_.decode_kernels && l > dims_.layer_begin;
     if (fused_layer_now) {
-      FusedDecodeLayerParams fp = fused_layer_params(L, l, s);
-      if (fused_decode_layer_unsupported_reason(fp).empty()) {
-        fp.tmp_in = fused_residual ? A.tmp : nullptr;
-        fp.rec_in = fused_residual && P.record
-                        ? A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l - 1) * plane
+      // This layer and the supported layers after it in one launch (decode_layer.hpp
+      // launch_fused_decode_layers): the weight stream runs on from layer to layer.
+      if (!fused_step_) fused_step_ = std::make_unique<FusedDecodeStepParams>();
+      FusedDecodeStepParams& FP = *fused_step_;
+      FP.num_layers = 0;
+      int last = l;
+      for (int k = l; k < dims_.layer_end && FP.num_layers < kFusedDecodeMaxLayers; ++k) {
+        FusedDecodeLayerParams fp = fused_layer_params(layers_[k], k, s);
+        if (!fused_decode_layer_unsupported_reason(fp).empty()) break;
+        const bool residual_k = cfg_.decode_kernels && k > dims_.layer_begin;
+        fp.tmp_in = residual_k ? A.tmp : nullptr;
+        fp.rec_in = residual_k && P.record
+                        ? A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + k - 1) * plane
                         : nullptr;
-        fp.rec_attn = P.record ? A.hidden_rec.as<bf16>() + std::size_t(l) * plane : nullptr;
-        fp.pdl = pdl_ && l > 0;
-        launch_fused_decode_layer(fp, s);
-        ++fused_layers_run_;
+        fp.rec_attn = P.record ? A.hidden_rec.as<bf16>() + std::size_t(k) * plane : nullptr;
+        fp.pdl = pdl_ && k > 0;
+        FP.layer[FP.num_layers++] = fp;
+        last = k;
+      }
+      if (FP.num_layers > 0) {
+        launch_fused_decode_layers(FP, s);
+        fused_layers_run_ += FP.num_layers;
+        l = last;
         if (l + 1 < dims_.layer_end) continue;  // the next layer's norm adds tmp
         kernels::AxpbyParams ax;
         ax.x = A.res;

@@ -54,7 +54,8 @@ inline constexpr bool uses_grouped_gemv_v2(bool decode_kernels, int64_t tokens,
 }
 
 // The fused batch-1 decode layer (executor gpu/decode_layer.hpp): a step of one sequence and one
-// token with the decode kernels runs each MoE layer the kernel supports as one launch.
+// token with the decode kernels runs the MoE layers the kernel supports in one launch (consecutive
+// layers together). Off by default; the cost model predicts the unfused kernels.
 inline constexpr bool kFusedDecodeLayerDefault = false;
 inline constexpr bool uses_fused_decode_layer(bool decode_kernels, bool enabled, int64_t tokens, int64_t seqs) {
   return decode_kernels && enabled && tokens == 1 && seqs == 1;

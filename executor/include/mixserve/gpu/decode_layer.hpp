@@ -33,11 +33,15 @@
 // evict_first policy. The stream code is out of line (the kernel inlined everything and ran at
 // ~350 KB of code).
 //
+// The executor launches all consecutive supported layers of a step at once
+// (launch_fused_decode_layers), so the producer streams the next layer's q|k|v rows while the
+// consumers still sum the down rows.
+//
 // Measured on the H200 (session 6, docs/forward.md): correct against the float64 reference, and
-// still NOT faster than the unfused decode kernels (48-layer b=1 step 4.3-4.5 ms vs 4.07 ms): a
-// warp needs 2.5-3.5 us to sum one 16 KB stage, and the phases without weights (attention, merge,
-// routing) plus 6 grid barriers cost ~20 us per layer. So GpuModelConfig::fused_decode_layer stays
-// off by default.
+// only 3.4% faster than the unfused decode kernels (48-layer b=1 step 3926 us vs 4068 us, 37.2% of
+// the copy bandwidth): a warp needs ~1-2 us to sum one 12 KB stage, and the phases without weights
+// (attention, merge, routing) plus 6-7 grid barriers cost ~20 us per layer. So
+// GpuModelConfig::fused_decode_layer stays off by default.
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
 // (the producer issues weight copies before the consumers' wait). The grid barrier needs every block
@@ -125,6 +129,18 @@ struct FusedDecodeLayerParams {
   bool evict_first = true;  // the weight copies with an L2 evict_first policy
 };
 
+// Consecutive layers in ONE launch (session 6): the layers one after another inside the kernel, a
+// grid barrier between them (the barrier counter of layer l < last is left at 7 x blocks), the
+// weight ring running on from one layer's down rows into the next one's q|k|v rows. Every layer's
+// shapes must equal layer 0's; layer 0's pdl, evict_first, ring sizes and diagnostics switches
+// apply to the launch. Passed by value as the kernel's parameter (__grid_constant__, < 32 KB).
+inline constexpr int kFusedDecodeMaxLayers = 64;
+struct FusedDecodeStepParams {
+  FusedDecodeLayerParams layer[kFusedDecodeMaxLayers];
+  int num_layers = 0;
+};
+static_assert(sizeof(FusedDecodeStepParams) <= 32000, "kernel parameters are limited to 32 KB");
+
 // Blocks of the launch on `device` (one per SM), and the attention workspace it needs (floats).
 int fused_decode_layer_blocks(int device);
 int64_t fused_decode_layer_ws_floats(int blocks, int q_heads, int kv_heads, int head_dim);
@@ -132,5 +148,6 @@ int64_t fused_decode_layer_ws_floats(int blocks, int q_heads, int kv_heads, int 
 std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& p);
 // Throws mixserve::InputError naming the unsupported parameter; launch errors are checked.
 void launch_fused_decode_layer(const FusedDecodeLayerParams& p, cudaStream_t stream);
+void launch_fused_decode_layers(const FusedDecodeStepParams& p, cudaStream_t stream);
 
 }  // namespace mixserve::gpu

@@ -315,6 +315,7 @@ class GpuModel {
   std::unique_ptr<BlasHandle> blas_;  // the cuBLAS grouped / bucketed calls (expert_gemm_streams 0, -2, -3); on first use
   bool pdl_ = false;  // this enqueue launches its decode kernels as programmatic dependents
   int64_t fused_layers_run_ = 0;
+  std::unique_ptr<FusedDecodeStepParams> fused_step_;  // the fused launch's parameters (22 KB), reused
   // MIXSERVE_FUSED_STAGE_KB, _STAGES, _INFLIGHT_KB, _EVICT_FIRST=0 and, with _PHASE_TIMING,
   // _SKIP_DOT (experiments): the fused layer's weight ring (decode_layer.hpp stage_bytes,
   // max_stages, inflight_bytes, evict_first, diag_skip_dot).
