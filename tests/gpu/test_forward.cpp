@@ -792,7 +792,7 @@ static void run_bench(int num_layers, bool all_rows) {
       g.take_fused_phase_us();
       bench(n + " GEMV, graph, fused decode layer", batch, gpu::ExpertPath::device_gemv, true, true);
       if (const auto ph = g.take_fused_phase_us(); !ph.empty()) {
-        std::printf("#   fused layer phases (us, block 0, mean per launch):");
+        std::printf("#   fused layer phases (us, block 0, mean per layer):");
         for (double v : ph) std::printf(" %.2f", v);
         std::printf("\n");
         print_fused_diag(g.fused_layer_diag());

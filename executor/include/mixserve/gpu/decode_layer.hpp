@@ -110,15 +110,15 @@ struct FusedDecodeLayerParams {
   unsigned* barrier = nullptr;            // one counter, zero at launch
   bool pdl = false;
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
-  // its wait at the barrier that ends the phase) to [0..6] and counts the launch in [7].
+  // its wait at the barrier that ends the phase) to [0..6] and counts the layer in [7].
   unsigned long long* phase_ns = nullptr;
   // The weight ring: stage size in bytes (0: 12 KiB, at least one weight row) and stage count (0:
   // as many as shared memory holds, at most 32). Experiments: docs/forward.md.
   int64_t stage_bytes = 0;
   int max_stages = 0;
   int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: 48 KiB)
-  // Diagnostics or null: [blocks][16] u64 per block of this launch: globaltimer stamps 0 block
-  // start, 1 after the PDL wait, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
+  // Diagnostics or null: [blocks][16] u64 per block for this layer: globaltimer stamps 0 the
+  // producer's start of the layer, 1 the consumers' start, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
   // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 after
   // barrier 3, 10 after barrier 5, 11 routing done, 14 last down copy issued, 15 first down copy
   // issued; 12 / 13 the longest time (ns) one o_proj / gate|up stage took from arrival to release

@@ -221,7 +221,7 @@ class GpuModel {
   // Layers run by the fused decode layer since construction (tests check that it ran).
   int64_t fused_layers_run() const { return fused_layers_run_; }
   // With MIXSERVE_FUSED_PHASE_TIMING set at construction: the mean time (us) of the fused layer's
-  // phases 0..6 over the launches since the last call (block 0's view; diagnostics), else empty.
+  // phases 0..6 over the layers run since the last call (block 0's view; diagnostics), else empty.
   std::vector<double> take_fused_phase_us();
   // MIXSERVE_FUSED_PHASE_TIMING: the fused layer's per-block stamps of the middle MoE layer's last
   // launch ([blocks][8] u64 ns, decode_layer.hpp FusedDecodeLayerParams::diag); empty otherwise.
