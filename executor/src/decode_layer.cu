@@ -66,6 +66,18 @@ __device__ __forceinline__ void store_act8(float* base, int64_t k, int64_t v, co
   *reinterpret_cast<float4*>(base + k / 2 + 4 * v) = make_float4(f[4], f[5], f[6], f[7]);
 }
 
+// bf16(a + b) of 8 bf16 pairs (rmsnorm.cuh's residual add: bf16(x + residual)).
+__device__ __forceinline__ uint4 add_bf16x8(uint4 a, const uint4& b) {
+  auto* ah = reinterpret_cast<__nv_bfloat162*>(&a);
+  const auto* bh = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 x = __bfloat1622float2(ah[j]), y = __bfloat1622float2(bh[j]);
+    ah[j] = __floats2bfloat162_rn(y.x + x.x, y.y + x.y);
+  }
+  return a;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -533,16 +545,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // Phase 0: x, normed, q|k|v.
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
     uint4 r = __ldcg(reinterpret_cast<const uint4*>(p.res + i));
-    if (p.tmp_in) {
-      const uint4 t = __ldcg(reinterpret_cast<const uint4*>(p.tmp_in + i));
-      auto* rh = reinterpret_cast<__nv_bfloat162*>(&r);
-      const auto* th = reinterpret_cast<const __nv_bfloat162*>(&t);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = __bfloat1622float2(rh[j]), b = __bfloat1622float2(th[j]);
-        rh[j] = __floats2bfloat162_rn(b.x + a.x, b.y + a.y);  // rmsnorm.cuh: bf16(x + residual)
-      }
-    }
+    if (p.tmp_in) r = add_bf16x8(r, __ldcg(reinterpret_cast<const uint4*>(p.tmp_in + i)));
     *reinterpret_cast<uint4*>(s_x + i) = r;
     if (blockIdx.x == 0 && p.rec_in) *reinterpret_cast<uint4*>(p.rec_in + i) = r;
   }
@@ -793,15 +796,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
   // Phase 4: x2 = bf16(x + o), normed2, router logits.
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
-    uint4 r = *reinterpret_cast<const uint4*>(s_x + i);
-    const uint4 t = __ldcg(reinterpret_cast<const uint4*>(p.o + i));
-    auto* rh = reinterpret_cast<__nv_bfloat162*>(&r);
-    const auto* th = reinterpret_cast<const __nv_bfloat162*>(&t);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 a = __bfloat1622float2(rh[j]), b = __bfloat1622float2(th[j]);
-      rh[j] = __floats2bfloat162_rn(b.x + a.x, b.y + a.y);
-    }
+    const uint4 r = add_bf16x8(*reinterpret_cast<const uint4*>(s_x + i), __ldcg(reinterpret_cast<const uint4*>(p.o + i)));
     *reinterpret_cast<uint4*>(s_x + i) = r;
     if (blockIdx.x == 0) {
       *reinterpret_cast<uint4*>(p.res + i) = r;

@@ -1235,6 +1235,20 @@ void GpuModel::enqueue(cudaStream_t s) {
   // sequence, one token, the whole model; its grid-barrier counters zeroed once per step.
   // (Only where the experts would run on the device GEMV anyway: a forced cublaslt or grouped_gemm
   // expert path keeps the unfused kernels.)
+  // A layer's closing residual add, res += tmp (with the decode kernels only after the stage's last
+  // layer: the next layer's norm adds it otherwise), and its record.
+  auto close_layer = [&](int l) {
+    const std::size_t plane = std::size_t(T) * std::size_t(H);
+    kernels::AxpbyParams ax;
+    ax.x = A.res;
+    ax.y = A.tmp;
+    ax.out = A.res;
+    ax.num_elements = T * H;
+    kernels::launch_axpby(ax, s);
+    if (P.record)
+      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l) * plane, A.res,
+                                          plane * 2, cudaMemcpyDeviceToDevice, s));
+  };
   const bool fused_layer_now = uses_fused_decode_layer(cfg_.decode_kernels, cfg_.fused_decode_layer, T, P.S) &&
                                A.fused_barrier.bytes() > 0 && dims_.experts == m.moe.num_experts &&
                                (cfg_.expert_path == ExpertPath::automatic || cfg_.expert_path == ExpertPath::device_gemv);
@@ -1272,16 +1286,7 @@ void GpuModel::enqueue(cudaStream_t s) {
         launch_fused_decode_layers(FP, s);
         fused_layers_run_ += FP.num_layers;
         l = last;
-        if (l + 1 < dims_.layer_end) continue;  // the next layer's norm adds tmp
-        kernels::AxpbyParams ax;
-        ax.x = A.res;
-        ax.y = A.tmp;
-        ax.out = A.res;
-        ax.num_elements = T * H;
-        kernels::launch_axpby(ax, s);
-        if (P.record)
-          MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l) * plane,
-                                              A.res, plane * 2, cudaMemcpyDeviceToDevice, s));
+        if (l + 1 == dims_.layer_end) close_layer(l);  // else the next layer's norm adds tmp
         continue;
       }
     }
@@ -1439,15 +1444,7 @@ void GpuModel::enqueue(cudaStream_t s) {
       if (attn_tp) cfg_.comm->all_reduce(CommGroup::attn_tp, A.tmp, T * H, s);
     }
     if (cfg_.decode_kernels && l + 1 < dims_.layer_end) continue;  // added by the next layer's norm
-    kernels::AxpbyParams ax;
-    ax.x = A.res;
-    ax.y = A.tmp;
-    ax.out = A.res;
-    ax.num_elements = T * H;
-    kernels::launch_axpby(ax, s);
-    if (P.record)
-      MIXSERVE_CUDA_CHECK(cudaMemcpyAsync(A.hidden_rec.as<bf16>() + (std::size_t(m.num_layers) + l) * plane, A.res,
-                                          plane * 2, cudaMemcpyDeviceToDevice, s));
+    close_layer(l);
   }
   if (!dims_.last_stage) {
     cfg_.comm->send_next_stage(A.res, std::size_t(T * H) * 2, s);
