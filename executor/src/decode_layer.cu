@@ -27,9 +27,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int64_t kMinStageBytes = 12288;  // a stage of the weight ring holds whole rows, >= 12 KB
 constexpr int kMaxStages = 32;
 constexpr int kDiagStamps = 16;  // per block (decode_layer.hpp diag)
-// Weight bytes in flight per block: ~ the copy bandwidth's share of one SM x the memory latency,
-// so the stream runs at full speed without queueing everything else behind it.
-constexpr int64_t kDefaultInflightBytes = 49152;
 // Named barriers: 0 is __syncthreads (used once, after the ring's barriers are initialised);
 // 1 the consumer warps; 2 the routing hand-over from the consumers to the producer.
 constexpr int kConsumerBar = 1, kRoutedBar = 2;
@@ -47,8 +44,7 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // Activations of k elements live in shared memory as two planes (store_act8): vector v's elements
 // 8v..8v+3 at [4v], 8v+4..8v+7 at [k/2 + 4v], so that a warp's 16-byte loads of consecutive vectors
 // are consecutive (one 32-byte load per lane would conflict two ways: measured, ncu).
-__device__ __forceinline__ float dot8f(const uint4& w, const float* lo, const float* hi, float acc) {
-  const float4 a0 = *reinterpret_cast<const float4*>(lo), a1 = *reinterpret_cast<const float4*>(hi);
+__device__ __forceinline__ float dot8r(const uint4& w, const float4& a0, const float4& a1, float acc) {
   acc = fmaf(__uint_as_float(w.x << 16), a0.x, acc);
   acc = fmaf(__uint_as_float(w.x & 0xffff0000u), a0.y, acc);
   acc = fmaf(__uint_as_float(w.y << 16), a0.z, acc);
@@ -58,6 +54,9 @@ __device__ __forceinline__ float dot8f(const uint4& w, const float* lo, const fl
   acc = fmaf(__uint_as_float(w.w << 16), a1.z, acc);
   acc = fmaf(__uint_as_float(w.w & 0xffff0000u), a1.w, acc);
   return acc;
+}
+__device__ __forceinline__ float dot8f(const uint4& w, const float* lo, const float* hi, float acc) {
+  return dot8r(w, *reinterpret_cast<const float4*>(lo), *reinterpret_cast<const float4*>(hi), acc);
 }
 
 // Stores 8 activations (elements 8v..8v+7 of a k-element vector) in the two-plane layout.
@@ -83,6 +82,29 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// v[r] summed over the warp for 8 rows at once (9 shuffles instead of 8 x 5, a reduce-scatter):
+// every lane returns the total of row 4 b4 + 2 b3 + b2 (bits 4, 3, 2 of the lane), so row r's total
+// is in lane row_lane(r) (and the 3 lanes above it).
+__device__ __forceinline__ float reduce8(float (&v)[8]) {
+  const int lane = threadIdx.x & 31;
+  const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // keep rows 4 b4 + i
+    const float send = b4 ? v[i] : v[i + 4], keep = b4 ? v[i + 4] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // keep rows 4 b4 + 2 b3 + i
+    const float send = b3 ? v[i] : v[i + 2], keep = b3 ? v[i + 2] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+  }
+  const float send = b2 ? v[0] : v[1], keep = b2 ? v[1] : v[0];
+  float t = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+  t += __shfl_xor_sync(0xffffffffu, t, 2);
+  return t + __shfl_xor_sync(0xffffffffu, t, 1);
+}
+__device__ __forceinline__ int row_lane(int r) { return ((r & 4) << 2) | ((r & 2) << 2) | ((r & 1) << 2); }
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -164,6 +186,19 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned b
 #endif
 }
 
+// An L2 prefetch of [p, p + bytes) (16-byte aligned, a multiple of 16) with a createpolicy value, or
+// without a hint when policy is 0.
+__device__ __forceinline__ void prefetch_l2_hint(const void* p, unsigned bytes, uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (policy) {
+    asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p), "r"(bytes), "l"(policy)
+                 : "memory");
+    return;
+  }
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // The weight matrices a block streams, in the order the producer issues them and the consumers
 // take them: q|k|v, o_proj, router, then (once routed) gate|up and down of the chosen experts.
 enum Kind : int { kQkv = 0, kOproj = 1, kRouter = 2, kGateUp = 3, kDown = 4 };
@@ -173,6 +208,8 @@ struct Mats {
   const bf16 *wqkv, *wo, *router, *w13, *w2;
   int64_t H, QW, KVW, I;
   int E, K;
+  int down_rot;   // the block's first expert slot of the down rows (FusedDecodeLayerParams::rotate_down)
+  bool multirow;  // FusedDecodeLayerParams::multirow
 };
 
 // A run of `rows` consecutive weight rows of k elements starting at `src`; `out0` numbers the first
@@ -190,7 +227,7 @@ __device__ __forceinline__ void block_range(int64_t n, int64_t& lo, int64_t& hi)
 
 // Segment `i` of this block's segments of `kind` (ids: the routed experts, gate|up and down only);
 // false past the last. gate|up: columns slot x 2I + r over the K slots, cut at slot boundaries;
-// down: this block's output columns, each slot's rows in turn.
+// down: this block's output columns, each slot's rows in turn, from slot down_rot on.
 __device__ __forceinline__ bool seg_at(const Mats& m, int kind, const int32_t* ids, int i, Seg& s) {
   int64_t lo, hi;
   switch (kind) {
@@ -223,7 +260,8 @@ __device__ __forceinline__ bool seg_at(const Mats& m, int kind, const int32_t* i
     default:
       block_range(m.H, lo, hi);
       if (hi <= lo || i >= m.K) return false;
-      s = Seg{m.w2 + (int64_t(ids[i]) * m.H + lo) * m.I, hi - lo, m.I, lo, i};
+      const int j = (i + m.down_rot) % m.K;
+      s = Seg{m.w2 + (int64_t(ids[j]) * m.H + lo) * m.I, hi - lo, m.I, lo, j};
       return true;
   }
 }
@@ -296,6 +334,59 @@ struct Sink {
   const float* w;
 };
 
+// Stores row rr (of the segment) = v as `sink` says.
+__device__ __forceinline__ void sink_store(const Sink& sink, const Seg& s, int64_t rr, float t) {
+  const int64_t c = s.out0 + rr;
+  switch (sink.mode) {
+    case kOutQkv:
+      if (c < sink.split)
+        static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t);
+      else
+        static_cast<bf16*>(sink.out2)[c - sink.split] = __float2bfloat16_rn(t);
+      break;
+    case kOutBf16: static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t); break;
+    case kOutF32: static_cast<float*>(sink.out)[c] = t; break;
+    default:
+      static_cast<float*>(sink.out)[int64_t(s.slot) * sink.split + rr] = sink.w[s.slot] * __bfloat162float(__float2bfloat16_rn(t));
+  }
+}
+
+// One warp's stage of n rows of k = 256 VPL elements (Mats::multirow): up to 8 rows summed at once,
+// each lane's activation vectors loaded into registers once per 8 rows (4 at a time: 9 warps per
+// SM leave 168 registers a thread), one reduce8 per 8 rows.
+template <int VPL>
+__device__ __forceinline__ void multirow_stage(const bf16* rows, int n, const float* a, const float* ah,
+                                               const Sink& sink, const Seg& s, int64_t r0) {
+  constexpr int64_t k = 256 * VPL;
+  constexpr int kChunk = 4;
+  const int lane = threadIdx.x & 31;
+  const int mine = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);  // reduce8's row
+  for (int rb = 0; rb < n; rb += 8) {
+    float acc[8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) acc[r] = 0.0f;
+#pragma unroll
+    for (int j0 = 0; j0 < VPL; j0 += kChunk) {
+      float4 lo[kChunk], hi[kChunk];
+#pragma unroll
+      for (int j = 0; j < kChunk && j0 + j < VPL; ++j) {
+        lo[j] = *reinterpret_cast<const float4*>(a + (lane + 32 * (j0 + j)) * 4);
+        hi[j] = *reinterpret_cast<const float4*>(ah + (lane + 32 * (j0 + j)) * 4);
+      }
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        if (rb + r >= n) break;
+        const bf16* row = rows + int64_t(rb + r) * k;
+#pragma unroll
+        for (int j = 0; j < kChunk && j0 + j < VPL; ++j)
+          acc[r] = dot8r(*reinterpret_cast<const uint4*>(row + (lane + 32 * (j0 + j)) * 8), lo[j], hi[j], acc[r]);
+      }
+    }
+    const float t = reduce8(acc);
+    if ((lane & 3) == 0 && rb + mine < n) sink_store(sink, s, r0 + rb + mine, t);
+  }
+}
+
 // The consumers: warp (slot mod kWarps) takes stage g (slot g mod ns) of this block's stages of
 // `kind`, so each slot has one consumer that takes its uses in order (the full barrier's parity
 // then never runs two phases behind); a row's dot product with act + slot x act_stride (fp32
@@ -321,7 +412,19 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
       if (t_arrive && lane == 0) atomicMax(t_arrive, t_in);
       const int n = int(s.rows - r0 < cps ? s.rows - r0 : cps);
       const bf16* rows = R.buf + int64_t(slot) * (R.stage_bytes / 2);
-      for (int r = 0; r < n; ++r) {
+      const int vpl = s.k % 256 == 0 && s.k <= 8 * 256 && m.multirow && !skip_dot ? int(s.k / 256) : 0;
+      switch (vpl) {
+        case 1: multirow_stage<1>(rows, n, a, ah, sink, s, r0); break;
+        case 2: multirow_stage<2>(rows, n, a, ah, sink, s, r0); break;
+        case 3: multirow_stage<3>(rows, n, a, ah, sink, s, r0); break;
+        case 4: multirow_stage<4>(rows, n, a, ah, sink, s, r0); break;
+        case 5: multirow_stage<5>(rows, n, a, ah, sink, s, r0); break;
+        case 6: multirow_stage<6>(rows, n, a, ah, sink, s, r0); break;
+        case 7: multirow_stage<7>(rows, n, a, ah, sink, s, r0); break;
+        case 8: multirow_stage<8>(rows, n, a, ah, sink, s, r0); break;
+        default: break;
+      }
+      for (int r = 0; r < n && vpl == 0; ++r) {
         float t = 0.0f;
         if (!skip_dot) {  // diagnostics: the stream without the arithmetic (zeros: WRONG results)
           const bf16* row = rows + int64_t(r) * s.k;
@@ -345,22 +448,7 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
             acc2 = dot8f(*reinterpret_cast<const uint4*>(row + (v + 64) * 8), a + (v + 64) * 4, ah + (v + 64) * 4, acc2);
           t = warp_sum((acc0 + acc1) + (acc2 + acc3));
         }
-        if (lane == 0) {
-          const int64_t c = s.out0 + r0 + r;
-          switch (sink.mode) {
-            case kOutQkv:
-              if (c < sink.split)
-                static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t);
-              else
-                static_cast<bf16*>(sink.out2)[c - sink.split] = __float2bfloat16_rn(t);
-              break;
-            case kOutBf16: static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t); break;
-            case kOutF32: static_cast<float*>(sink.out)[c] = t; break;
-            default:
-              static_cast<float*>(sink.out)[int64_t(s.slot) * sink.split + r0 + r] =
-                  sink.w[s.slot] * __bfloat162float(__float2bfloat16_rn(t));
-          }
-        }
+        if (lane == 0) sink_store(sink, s, r0 + r, t);
       }
       __syncwarp();
       if (t_busy && lane == 0) atomicMax(t_busy, global_ns() - t_in);
@@ -487,7 +575,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   __syncthreads();  // the only whole-block barrier: the producer warp leaves here
   uint32_t g = 0;   // this block's ring stages so far (producer and consumers count alike)
   auto mats_of = [&](const FusedDecodeLayerParams& p) {
-    return Mats{p.wqkv, p.wo, p.router, p.w13, p.w2, H, QW, KVW, I, p.num_experts, K};
+    return Mats{p.wqkv, p.wo, p.router, p.w13, p.w2, H, QW, KVW, I, p.num_experts, K,
+                p0.rotate_down ? int(blockIdx.x % unsigned(K)) : 0, p0.multirow};
   };
   auto diag_of = [&](const FusedDecodeLayerParams& p) {
     return p.diag ? p.diag + int64_t(blockIdx.x) * kDiagStamps : nullptr;
@@ -496,6 +585,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   if (threadIdx.x == kThreads) s_prod[0] = s_prod[1] = 0;  // the producer's own lane 0, before it starts
   uint64_t policy = 0;  // the weights leave L2 first: read once per step (measured 4% faster)
   if (p0.evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  uint64_t l2_policy = 0;  // l2_next's prefetches: 0 normal, else evict_last
+  if (p0.l2_next == 2) asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(l2_policy));
   const Ring R{ring, s_full, s_empty, sb, ns, unsigned(lay.inflight), s_sizes, s_prod, policy};
   const bool skip = p0.diag_skip_dot;
 
@@ -513,6 +604,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       g = produce(mats, kQkv, nullptr, R, g);
       g = produce(mats, kOproj, nullptr, R, g);
       g = produce(mats, kRouter, nullptr, R, g);
+      if (p0.l2_next && l + 1 < L && lane == 0) {
+        // While the consumers route: the next layer's q|k|v rows of this block into L2.
+        int64_t lo, hi;
+        block_range(QW + 2 * KVW, lo, hi);
+        const char* src = reinterpret_cast<const char*>(P.layer[l + 1].wqkv + lo * H);
+        const int64_t bytes = (hi - lo) * H * 2;
+        for (int64_t off = 0; off < bytes; off += 65536)
+          prefetch_l2_hint(src + off, unsigned(bytes - off < 65536 ? bytes - off : 65536), l2_policy);
+      }
       asm volatile("bar.sync %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
       if (diag && lane == 0) diag[3] = global_ns();
       g = produce(mats, kGateUp, s_ids, R, g);
@@ -934,7 +1034,9 @@ Layout make_layout(const FusedDecodeLayerParams& p, int blocks) {
   const int64_t room = kMaxSmem - kStaticSmem - L.ring;
   L.ns = int(std::min<int64_t>(p.max_stages > 0 ? std::min(p.max_stages, kMaxStages) : kMaxStages,
                                room > 0 ? room / L.stage_bytes : 0));
-  L.inflight = p.inflight_bytes > 0 ? p.inflight_bytes : kDefaultInflightBytes;
+  // Bytes in flight: the whole ring by default (call 1 of session 7: 48 KiB per block held the
+  // stream back, 3956 vs 3853 us per step); the knob stays for experiments.
+  L.inflight = p.inflight_bytes > 0 ? p.inflight_bytes : int64_t(L.ns) * L.stage_bytes;
   L.total = L.ring + int64_t(L.ns) * L.stage_bytes;
   return L;
 }
@@ -1023,7 +1125,25 @@ void launch_fused_decode_layers(const FusedDecodeStepParams& P, cudaStream_t str
     MIXSERVE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, smem));
     if (per_sm < 1)
       throw InputError("fused decode layer: no block fits on an SM (" + std::to_string(smem) + " bytes of shared memory)");
-    kernels::detail::launch_kernel(p.pdl, kernel, dim3(unsigned(blocks)), dim3(kBlockThreads), smem, stream, P, L);
+    if (!p.cooperative) {
+      kernels::detail::launch_kernel(p.pdl, kernel, dim3(unsigned(blocks)), dim3(kBlockThreads), smem, stream, P, L);
+      return;
+    }
+    // A cooperative launch: the runtime refuses it unless every block can be resident at once,
+    // which the grid barriers need.
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(blocks));
+    cfg.blockDim = dim3(kBlockThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = p.pdl ? 2 : 1;
+    MIXSERVE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, P, L));
   };
   if (p.head_dim == 64)
     go(fused_decode_layer_kernel<64>);

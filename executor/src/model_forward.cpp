@@ -480,6 +480,10 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGES"); e && *e) fused_max_stages_ = std::atoi(e);
     if (const char* e = std::getenv("MIXSERVE_FUSED_INFLIGHT_KB"); e && *e) fused_inflight_bytes_ = std::atoll(e) * 1024;
     if (const char* e = std::getenv("MIXSERVE_FUSED_EVICT_FIRST"); e && *e == '0') fused_evict_first_ = false;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_ROTATE"); e && *e == '0') fused_rotate_down_ = false;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_MULTIROW"); e && *e == '0') fused_multirow_ = false;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_L2_NEXT"); e && *e) fused_l2_next_ = std::atoi(e);
+    if (const char* e = std::getenv("MIXSERVE_FUSED_COOP"); e && *e == '1') fused_cooperative_ = true;
     if (const char* e = std::getenv("MIXSERVE_FUSED_PHASE_TIMING"); e && *e && *e != '0') {
       // Diagnostics only: the weight stream timed without its arithmetic (wrong results).
       if (const char* z = std::getenv("MIXSERVE_FUSED_SKIP_DOT"); z && *z && *z != '0') fused_skip_dot_ = true;
@@ -1130,6 +1134,10 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.inflight_bytes = fused_inflight_bytes_;
   fp.diag_skip_dot = fused_skip_dot_;
   fp.evict_first = fused_evict_first_;
+  fp.rotate_down = fused_rotate_down_;
+  fp.multirow = fused_multirow_;
+  fp.l2_next = fused_l2_next_;
+  fp.cooperative = fused_cooperative_;
   return fp;
 }
 

@@ -420,6 +420,16 @@ ModelSpec small_qwen3_d128() {  // GQA 8/2 (group 4), head_dim 128, per-head QK-
     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
                           "small-qwen3-d128/config.json");
 }
+// Qwen3-30B-A3B's row lengths (hidden 768 = 3 x 256 and expert inter 2048 = 8 x 256, q width 512):
+// the fused layer's register multi-row sums for 3, 8 and 2 vectors per lane, 8 rows per stage.
+ModelSpec small_qwen3_wide() {
+  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 768,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+    "vocab_size": 136, "intermediate_size": 256, "moe_intermediate_size": 2048, "num_experts": 4,
+    "num_experts_per_tok": 2, "norm_topk_prob": true,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
+                          "small-qwen3-wide/config.json");
+}
 // MIXSERVE_FUSED_PHASE_TIMING: one fused launch's per-block stamps (decode_layer.hpp diag), as
 // microseconds after the earliest block start: median and max over the blocks of each event.
 void print_fused_diag(const std::vector<unsigned long long>& d) {
@@ -502,6 +512,26 @@ TEST_CASE("forward: fused batch-1 decode layer vs the float64 reference") {
       }
     } env;
     run_fused_decode(small_qwen3_d128(), 44);
+  }
+  SUBCASE("Qwen3 hidden 768, expert inter 2048: rows of 3 and 8 vectors per lane") {
+    run_fused_decode(small_qwen3_wide(), 45);
+  }
+  SUBCASE("the experiment switches off / on: per-row sums, unrotated down rows, L2 prefetch, cooperative") {
+    struct Env {
+      Env() {
+        setenv("MIXSERVE_FUSED_MULTIROW", "0", 1);
+        setenv("MIXSERVE_FUSED_ROTATE", "0", 1);
+        setenv("MIXSERVE_FUSED_L2_NEXT", "2", 1);
+        setenv("MIXSERVE_FUSED_COOP", "1", 1);
+      }
+      ~Env() {
+        unsetenv("MIXSERVE_FUSED_MULTIROW");
+        unsetenv("MIXSERVE_FUSED_ROTATE");
+        unsetenv("MIXSERVE_FUSED_L2_NEXT");
+        unsetenv("MIXSERVE_FUSED_COOP");
+      }
+    } env;
+    run_fused_decode(small_qwen3_wide(), 46);
   }
 }
 

@@ -116,7 +116,19 @@ struct FusedDecodeLayerParams {
   // as many as shared memory holds, at most 32). Experiments: docs/forward.md.
   int64_t stage_bytes = 0;
   int max_stages = 0;
-  int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: 48 KiB)
+  int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: the whole ring)
+  // Experiments (docs/forward.md), each measured on the H200 against its alternative:
+  // rotate_down: block b takes the experts' down rows starting at slot b mod top_k (else every
+  // block starts at slot 0, so all blocks read one expert's rows at once);
+  // multirow: a stage of several short rows summed with the activations held in registers and one
+  // reduction for up to 8 rows (else one warp reduction per row);
+  // l2_next: 1 / 2 the producer prefetches the next layer's q|k|v rows into L2 (normal / evict_last
+  // policy) while it waits for the routing; 0 off.
+  bool rotate_down = true;
+  bool multirow = true;
+  int l2_next = 0;
+  // A cooperative launch (the runtime checks that all blocks fit at once; the grid barriers need it).
+  bool cooperative = false;
   // Diagnostics or null: [blocks][16] u64 per block for this layer: globaltimer stamps 0 the
   // producer's start of the layer, 1 the consumers' start, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
   // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 after
