@@ -26,7 +26,6 @@ constexpr int kTile = 32;   // context positions per attention tile (one per lan
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int64_t kMinStageBytes = 12288;  // a stage of the weight ring holds whole rows, >= 12 KB
 constexpr int kMaxStages = 32;
-constexpr int kDiagStamps = 16;  // per block (decode_layer.hpp diag)
 // Named barriers: 0 is __syncthreads (used once, after the ring's barriers are initialised);
 // 1 the consumer warps; 2 the routing hand-over from the consumers to the producer.
 constexpr int kConsumerBar = 1, kRoutedBar = 2;
@@ -186,19 +185,6 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned b
 #endif
 }
 
-// An L2 prefetch of [p, p + bytes) (16-byte aligned, a multiple of 16) with a createpolicy value, or
-// without a hint when policy is 0.
-__device__ __forceinline__ void prefetch_l2_hint(const void* p, unsigned bytes, uint64_t policy) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (policy) {
-    asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p), "r"(bytes), "l"(policy)
-                 : "memory");
-    return;
-  }
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
 // The weight matrices a block streams, in the order the producer issues them and the consumers
 // take them: q|k|v, o_proj, router, then (once routed) gate|up and down of the chosen experts.
 enum Kind : int { kQkv = 0, kOproj = 1, kRouter = 2, kGateUp = 3, kDown = 4 };
@@ -208,7 +194,6 @@ struct Mats {
   const bf16 *wqkv, *wo, *router, *w13, *w2;
   int64_t H, QW, KVW, I;
   int E, K;
-  int down_rot;   // the block's first expert slot of the down rows (FusedDecodeLayerParams::rotate_down)
   bool multirow;  // FusedDecodeLayerParams::multirow
 };
 
@@ -226,8 +211,7 @@ __device__ __forceinline__ void block_range(int64_t n, int64_t& lo, int64_t& hi)
 }
 
 // Segment `i` of this block's segments of `kind` (ids: the routed experts, gate|up and down only);
-// false past the last. gate|up: columns slot x 2I + r over the K slots, cut at slot boundaries;
-// down: this block's output columns, each slot's rows in turn, from slot down_rot on.
+// false past the last.
 __device__ __forceinline__ bool seg_at(const Mats& m, int kind, const int32_t* ids, int i, Seg& s) {
   int64_t lo, hi;
   switch (kind) {
@@ -243,26 +227,28 @@ __device__ __forceinline__ bool seg_at(const Mats& m, int kind, const int32_t* i
       block_range(m.E, lo, hi);
       s = Seg{m.router + lo * m.H, hi - lo, m.H, lo, 0};
       return i == 0 && hi > lo;
-    case kGateUp: {
-      block_range(int64_t(m.K) * 2 * m.I, lo, hi);
+    case kGateUp:
+    default: {
+      // The block's share of the K x n rows (gate|up: n = 2I; down: n = H, the output columns of
+      // every slot), slot-major, cut at slot boundaries: a block reads one or two experts' rows in
+      // long runs. (Down rows by output column, all K experts per block, streamed at a third of
+      // gate|up's rate in session 6: docs/forward.md.)
+      const bool gu = kind == kGateUp;
+      const int64_t n = gu ? 2 * m.I : m.H;
+      block_range(int64_t(m.K) * n, lo, hi);
       int64_t c = lo;
-      for (int n = 0; c < hi; ++n) {
-        const int j = int(c / (2 * m.I));
-        const int64_t r = c - j * 2 * m.I, len = hi - c < 2 * m.I - r ? hi - c : 2 * m.I - r;
-        if (n == i) {
-          s = Seg{m.w13 + (int64_t(ids[j]) * 2 * m.I + r) * m.H, len, m.H, c, j};
+      for (int q = 0; c < hi; ++q) {
+        const int j = int(c / n);
+        const int64_t r = c - j * n, len = hi - c < n - r ? hi - c : n - r;
+        if (q == i) {
+          s = gu ? Seg{m.w13 + (int64_t(ids[j]) * n + r) * m.H, len, m.H, c, j}
+                 : Seg{m.w2 + (int64_t(ids[j]) * n + r) * m.I, len, m.I, c, j};
           return true;
         }
         c += len;
       }
       return false;
     }
-    default:
-      block_range(m.H, lo, hi);
-      if (hi <= lo || i >= m.K) return false;
-      const int j = (i + m.down_rot) % m.K;
-      s = Seg{m.w2 + (int64_t(ids[j]) * m.H + lo) * m.I, hi - lo, m.I, lo, j};
-      return true;
   }
 }
 
@@ -299,10 +285,9 @@ __device__ __noinline__ uint32_t produce(Mats m, int kind, const int32_t* ids, R
         mbar_wait(R.empty + slot, ((g / unsigned(R.ns)) & 1u) ^ 1u);
         const int64_t n = s.rows - r0 < cps ? s.rows - r0 : cps;
         const unsigned bytes = unsigned(n * s.k * 2);
-        // At most R.inflight bytes outstanding: more only queues the step's other accesses
-        // (barriers, activations) behind the weight stream. Copies at least ns stages old have
-        // landed (their consumer freed the slot); younger ones are waited for on their full
-        // barrier, whose parity is theirs (their slot is not re-issued before g).
+        // At most R.inflight bytes outstanding. Copies at least ns stages old have landed (their
+        // consumer freed the slot); younger ones are waited for on their full barrier, whose
+        // parity is theirs (their slot is not re-issued before g).
         uint32_t oldest = R.state[0], out = R.state[1];
         while (g - oldest >= unsigned(R.ns)) out -= R.sizes[oldest++ % unsigned(R.ns)];
         while (out > 0 && out + bytes > R.inflight && oldest < g) {
@@ -325,7 +310,7 @@ enum Out : int {
   kOutQkv = 0,   // c < split: bf16 out[c], else bf16 out2[c - split]
   kOutBf16 = 1,  // bf16 out[c]
   kOutF32 = 2,   // float out[c]
-  kOutPart = 3,  // float out[slot * split + r] = w[slot] * bf16(v) (r: row within the segment)
+  kOutPart = 3,  // float out[c] = w[slot] * bf16(v) (c = slot x H + output column)
 };
 struct Sink {
   int mode;
@@ -347,7 +332,7 @@ __device__ __forceinline__ void sink_store(const Sink& sink, const Seg& s, int64
     case kOutBf16: static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t); break;
     case kOutF32: static_cast<float*>(sink.out)[c] = t; break;
     default:
-      static_cast<float*>(sink.out)[int64_t(s.slot) * sink.split + rr] = sink.w[s.slot] * __bfloat162float(__float2bfloat16_rn(t));
+      static_cast<float*>(sink.out)[c] = sink.w[s.slot] * __bfloat162float(__float2bfloat16_rn(t));
   }
 }
 
@@ -391,12 +376,11 @@ __device__ __forceinline__ void multirow_stage(const bf16* rows, int n, const fl
 // `kind`, so each slot has one consumer that takes its uses in order (the full barrier's parity
 // then never runs two phases behind); a row's dot product with act + slot x act_stride (fp32
 // values of bf16 activations, shared memory; fp32 sums, four partial sums per lane) is reduced over the warp and stored by
-// lane 0 as `sink` says. Every row is summed by one warp in one fixed order. t_arrive / t_busy
-// (diagnostics, shared, or null): the last arrival, the longest time one stage took from its
-// arrival to its release.
+// lane 0 as `sink` says. Every row is summed by one warp in one fixed order. t_arrive / t_first
+// (diagnostics, shared, or null): the last and the first arrival of a stage (globaltimer).
 __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g, const float* act,
                                          int64_t act_stride, Sink sink, bool skip_dot,
-                                         unsigned long long* t_arrive, unsigned long long* t_busy) {
+                                         unsigned long long* t_arrive, unsigned long long* t_first) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   Seg s;
   for (int i = 0; seg_at(m, kind, ids, i, s); ++i) {
@@ -408,10 +392,13 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
       const int slot = int(g % unsigned(R.ns));
       if (slot % kWarps != warp) continue;
       mbar_wait(R.full + slot, (g / unsigned(R.ns)) & 1u);
-      const unsigned long long t_in = t_arrive || t_busy ? global_ns() : 0;
+      const unsigned long long t_in = t_arrive || t_first ? global_ns() : 0;
       if (t_arrive && lane == 0) atomicMax(t_arrive, t_in);
+      if (t_first && lane == 0) atomicMin(t_first, t_in);
       const int n = int(s.rows - r0 < cps ? s.rows - r0 : cps);
       const bf16* rows = R.buf + int64_t(slot) * (R.stage_bytes / 2);
+      // Up to 8 vectors per lane (the rows of o_proj, k = 4096 and one per stage, were slower this
+      // way: 9.0 vs 7.5 us per layer, session 7).
       const int vpl = s.k % 256 == 0 && s.k <= 8 * 256 && m.multirow && !skip_dot ? int(s.k / 256) : 0;
       switch (vpl) {
         case 1: multirow_stage<1>(rows, n, a, ah, sink, s, r0); break;
@@ -451,7 +438,6 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
         if (lane == 0) sink_store(sink, s, r0 + r, t);
       }
       __syncwarp();
-      if (t_busy && lane == 0) atomicMax(t_busy, global_ns() - t_in);
       if (lane == 0) mbar_arrive(R.empty + slot);
     }
   }
@@ -506,6 +492,22 @@ __device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, int64_t 
   csync();
 }
 
+// bf16(sum over the K slots, in slot order, of part[slot][i .. i + 8)) as 8 packed bf16 (the MoE
+// output of columns i..i+7; part written inside the launch, so read from L2).
+__device__ __forceinline__ uint4 combine8(const float* part, int K, int64_t H, int64_t i) {
+  float t[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  for (int j = 0; j < K; ++j) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(part + int64_t(j) * H + i));
+    const float4 b = __ldcg(reinterpret_cast<const float4*>(part + int64_t(j) * H + i + 4));
+    t[0] += a.x, t[1] += a.y, t[2] += a.z, t[3] += a.w, t[4] += b.x, t[5] += b.y, t[6] += b.z, t[7] += b.w;
+  }
+  uint4 o;
+  auto* h = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(t[2 * e], t[2 * e + 1]);
+  return o;
+}
+
 // A head (D elements, lane + 32 m layout) normed (optional) and rotated as the QK-norm/RoPE kernel.
 template <int D>
 __device__ __forceinline__ void norm_rope(float (&f)[D / 32], const bf16* nw, const float* cs, float eps) {
@@ -531,13 +533,12 @@ __device__ __forceinline__ void norm_rope(float (&f)[D / 32], const bf16* nw, co
   }
 }
 
-// Shared memory of a launch: [x | normed | phase scratch | down partials | ring] (byte offsets).
+// Shared memory of a launch: [x | normed | phase scratch | ring] (byte offsets).
 struct Layout {
-  int64_t scratch = 0, part = 0, ring = 0, total = 0;
+  int64_t scratch = 0, ring = 0, total = 0;
   int64_t stage_bytes = 0;  // ring stage size
   int ns = 0;               // ring stages
   int64_t inflight = 0;     // bytes in flight at most
-  int64_t cols = 0;         // down columns per block, at most
 };
 
 template <int D>
@@ -553,7 +554,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   bf16* s_x = reinterpret_cast<bf16*>(smem);  // [H] residual
   float* s_n = reinterpret_cast<float*>(s_x + H);  // [H] normed (fp32 values of the bf16 results, two planes)
   unsigned char* s_u = smem + lay.scratch;    // phase scratch
-  float* s_part = reinterpret_cast<float*>(smem + lay.part);  // [K][cols] down partials
   bf16* ring = reinterpret_cast<bf16*>(smem + lay.ring);      // [ns][stage_bytes]
   const int ns = lay.ns;
   const int64_t sb = lay.stage_bytes;
@@ -563,9 +563,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // route layer l + 1.
   __shared__ int32_t s_ids2[2][kFusedDecodeMaxTopK];
   __shared__ float s_w2[2][kFusedDecodeMaxTopK];
-  __shared__ unsigned long long s_t[5];  // diagnostics: last arrivals of q|k|v, gate|up, down; busy o, gate|up
+  __shared__ unsigned long long s_t[5];  // diagnostics: last arrivals of q|k|v, gate|up, down; first of gate|up, down
   if (threadIdx.x == 0) {
-    s_t[0] = s_t[1] = s_t[2] = s_t[3] = s_t[4] = 0;
+    s_t[0] = s_t[1] = s_t[2] = 0;
+    s_t[3] = s_t[4] = ~0ull;
     for (int i = 0; i < ns; ++i) {
       mbar_init(s_full + i, 1);
       mbar_init(s_empty + i, 1);
@@ -576,17 +577,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   uint32_t g = 0;   // this block's ring stages so far (producer and consumers count alike)
   auto mats_of = [&](const FusedDecodeLayerParams& p) {
     return Mats{p.wqkv, p.wo, p.router, p.w13, p.w2, H, QW, KVW, I, p.num_experts, K,
-                p0.rotate_down ? int(blockIdx.x % unsigned(K)) : 0, p0.multirow};
+                p0.multirow};
   };
   auto diag_of = [&](const FusedDecodeLayerParams& p) {
-    return p.diag ? p.diag + int64_t(blockIdx.x) * kDiagStamps : nullptr;
+    return p.diag ? p.diag + int64_t(blockIdx.x) * kFusedDecodeDiagStamps : nullptr;
   };
   __shared__ uint32_t s_sizes[kMaxStages], s_prod[2];
   if (threadIdx.x == kThreads) s_prod[0] = s_prod[1] = 0;  // the producer's own lane 0, before it starts
   uint64_t policy = 0;  // the weights leave L2 first: read once per step (measured 4% faster)
   if (p0.evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  uint64_t l2_policy = 0;  // l2_next's prefetches: 0 normal, else evict_last
-  if (p0.l2_next == 2) asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(l2_policy));
   const Ring R{ring, s_full, s_empty, sb, ns, unsigned(lay.inflight), s_sizes, s_prod, policy};
   const bool skip = p0.diag_skip_dot;
 
@@ -604,15 +603,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       g = produce(mats, kQkv, nullptr, R, g);
       g = produce(mats, kOproj, nullptr, R, g);
       g = produce(mats, kRouter, nullptr, R, g);
-      if (p0.l2_next && l + 1 < L && lane == 0) {
-        // While the consumers route: the next layer's q|k|v rows of this block into L2.
-        int64_t lo, hi;
-        block_range(QW + 2 * KVW, lo, hi);
-        const char* src = reinterpret_cast<const char*>(P.layer[l + 1].wqkv + lo * H);
-        const int64_t bytes = (hi - lo) * H * 2;
-        for (int64_t off = 0; off < bytes; off += 65536)
-          prefetch_l2_hint(src + off, unsigned(bytes - off < 65536 ? bytes - off : 65536), l2_policy);
-      }
       asm volatile("bar.sync %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
       if (diag && lane == 0) diag[3] = global_ns();
       g = produce(mats, kGateUp, s_ids, R, g);
@@ -645,7 +635,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // Phase 0: x, normed, q|k|v.
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
     uint4 r = __ldcg(reinterpret_cast<const uint4*>(p.res + i));
-    if (p.tmp_in) r = add_bf16x8(r, __ldcg(reinterpret_cast<const uint4*>(p.tmp_in + i)));
+    if (l > 0)  // the previous layer's MoE output, combined here
+      r = add_bf16x8(r, combine8(P.layer[l - 1].part, K, H, i));
+    else if (p.tmp_in)
+      r = add_bf16x8(r, __ldcg(reinterpret_cast<const uint4*>(p.tmp_in + i)));
     *reinterpret_cast<uint4*>(s_x + i) = r;
     if (blockIdx.x == 0 && p.rec_in) *reinterpret_cast<uint4*>(p.rec_in + i) = r;
   }
@@ -889,7 +882,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     csync();
     g = consume(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutBf16, p.o, nullptr, 0, nullptr}, skip, nullptr,
-                diag ? s_t + 3 : nullptr);
+                nullptr);
   }
   grid_barrier(p.barrier, 4);
   mark(3);
@@ -944,7 +937,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     asm volatile("bar.arrive %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
   }
   g = consume(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutBf16, p.gu, nullptr, 0, nullptr}, skip,
-              diag ? s_t + 1 : nullptr, diag ? s_t + 4 : nullptr);
+              diag ? s_t + 1 : nullptr, diag ? s_t + 3 : nullptr);
   if (diag) {
     csync();
     if (threadIdx.x == 0) {
@@ -954,15 +947,20 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
   grid_barrier(p.barrier, 6);
   mark(5);
+  if (diag && threadIdx.x == 0) diag[16] = global_ns();
   if (l + 1 == L) kernels::detail::allow_next_kernel();
 
-  // Phase 6: SwiGLU of every chosen expert into shared memory, then the down rows of this block's
-  // output columns for each expert in turn (partials per expert), and the weighted combine summed
-  // in slot order.
+  // Phase 6: SwiGLU of the experts whose down rows the block has (one or two of the K x H rows'
+  // slots) into shared memory, then those rows: partials w_j * bf16(row . SwiGLU_j) into p.part
+  // [K][H], combined in slot order by the next layer's phase 0 or, after the launch's last layer,
+  // into tmp_out below.
   {
     float* s_a = reinterpret_cast<float*>(s_u);  // [K][I] (two planes per expert)
+    int64_t lo, hi;
+    block_range(int64_t(K) * H, lo, hi);
+    const int64_t i_end = hi > lo ? ((hi - 1) / H + 1) * I : 0;
 #pragma unroll 4
-    for (int64_t i = threadIdx.x * 8; i < int64_t(K) * I; i += kThreads * 8) {  // I % 8 == 0
+    for (int64_t i = lo / H * I + threadIdx.x * 8; i < i_end; i += kThreads * 8) {  // I % 8 == 0
       const int64_t j = i / I, c = i % I;
       const uint4 gv = __ldcg(reinterpret_cast<const uint4*>(p.gu + j * 2 * I + c));
       const uint4 uv = __ldcg(reinterpret_cast<const uint4*>(p.gu + j * 2 * I + I + c));
@@ -978,19 +976,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       store_act8(s_a + j * I, I, c / 8, o);
     }
     csync();
-    g = consume(mats, kDown, s_ids, R, g, s_a, I, Sink{kOutPart, s_part, nullptr, lay.cols, s_w}, skip,
-                diag ? s_t + 2 : nullptr, nullptr);
-    csync();
-    int64_t lo, hi;
-    block_range(H, lo, hi);
-    for (int64_t c = lo + threadIdx.x; c < hi; c += kThreads) {
-      float t = 0.0f;
-      for (int j = 0; j < K; ++j) t += s_part[int64_t(j) * lay.cols + (c - lo)];
-      p.tmp_out[c] = __float2bfloat16_rn(t);
-    }
+    if (diag && threadIdx.x == 0) diag[17] = global_ns();
+    g = consume(mats, kDown, s_ids, R, g, s_a, I, Sink{kOutPart, p.part, nullptr, 0, s_w}, skip,
+                diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
   }
-  // The next layer's phase 0 reads res (block 0, phase 4) and every block's tmp_out.
-  if (l + 1 < L) grid_barrier(p.barrier, 7);
+  // The next layer's phase 0 reads res (block 0, phase 4) and every block's partials.
+  grid_barrier(p.barrier, 7);
+  if (l + 1 == L)
+    for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8; i < H; i += int64_t(gridDim.x) * kThreads * 8)
+      *reinterpret_cast<uint4*>(p.tmp_out + i) = combine8(p.part, K, H, i);
   mark(6);
   if (timed) atomicAdd(p.phase_ns + 7, 1ull);
   if (diag) {
@@ -1000,6 +994,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       diag[7] = global_ns();
       diag[12] = s_t[3];
       diag[13] = s_t[4];
+      s_t[3] = s_t[4] = ~0ull;
     }
   }
   }  // layers
@@ -1026,9 +1021,7 @@ Layout make_layout(const FusedDecodeLayerParams& p, int blocks) {
   Layout L;
   const int64_t H = p.hidden, QW = int64_t(p.q_heads) * p.head_dim;
   L.scratch = round_up(H * 2 + H * 4, 16);
-  L.cols = (H + blocks - 1) / blocks;
-  L.part = round_up(L.scratch + scratch_bytes(p, blocks), 16);
-  L.ring = round_up(L.part + int64_t(p.top_k) * L.cols * 4, 128);
+  L.ring = round_up(L.scratch + scratch_bytes(p, blocks), 128);
   L.stage_bytes = std::max(p.stage_bytes > 0 ? round_up(p.stage_bytes, 128) : kMinStageBytes,
                            round_up(std::max({H, QW, p.inter}) * 2, 128));
   const int64_t room = kMaxSmem - kStaticSmem - L.ring;
@@ -1086,7 +1079,7 @@ std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& 
   if (!(p.routed_scaling > 0.0f)) return "routed_scaling must be > 0";
   if (p.block_tokens < 1) return "block_tokens=" + s(p.block_tokens) + " (need >= 1)";
   if (p.hidden > 16384) return "hidden=" + s(p.hidden) + " (legal: <= 16384)";
-  if (!p.res || !p.tmp_out || !p.in_norm || !p.post_norm || !p.wqkv || !p.wo || !p.rope_cs || !p.position ||
+  if (!p.res || !p.tmp_out || !p.part || !p.in_norm || !p.post_norm || !p.wqkv || !p.wo || !p.rope_cs || !p.position ||
       !p.seq_len || !p.k_cache || !p.v_cache || !p.block_table || !p.router || !p.w13 || !p.w2 || !p.q || !p.kv ||
       !p.attn_ws || !p.attn || !p.o || !p.logits || !p.gu || !p.barrier)
     return "a required pointer is null";

@@ -98,9 +98,9 @@ struct GpuModel::Act {
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
   // The fused batch-1 decode layer (decode_layer.hpp): scratch, and one grid-barrier counter per
   // layer (zeroed by one memset per step that runs it). Empty when the model cannot take it.
-  DeviceBuffer fused_kv, fused_ws, fused_o, fused_barrier;
+  DeviceBuffer fused_kv, fused_ws, fused_o, fused_part, fused_barrier;
   DeviceBuffer fused_phase_ns;  // [8] u64 when MIXSERVE_FUSED_PHASE_TIMING is set (diagnostics)
-  DeviceBuffer fused_diag;      // [blocks][16] u64 with it: one layer's per-block stamps
+  DeviceBuffer fused_diag;      // [blocks][kFusedDecodeDiagStamps] u64 with it: one layer's per-block stamps
   int64_t fused_ws_floats = 0;
   ~Act() {
     if (bucket_offsets_copied) cudaEventDestroy(bucket_offsets_copied);
@@ -475,20 +475,19 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     A.fused_kv = DeviceBuffer(std::size_t(2 * KVW) * 2);
     A.fused_ws = DeviceBuffer(std::size_t(A.fused_ws_floats) * 4);
     A.fused_o = DeviceBuffer(std::size_t(H) * 2);
+    A.fused_part = DeviceBuffer(std::size_t(m.moe.top_k) * std::size_t(H) * sizeof(float));
     A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * sizeof(unsigned));
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGE_KB"); e && *e) fused_stage_bytes_ = std::atoll(e) * 1024;
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGES"); e && *e) fused_max_stages_ = std::atoi(e);
     if (const char* e = std::getenv("MIXSERVE_FUSED_INFLIGHT_KB"); e && *e) fused_inflight_bytes_ = std::atoll(e) * 1024;
     if (const char* e = std::getenv("MIXSERVE_FUSED_EVICT_FIRST"); e && *e == '0') fused_evict_first_ = false;
-    if (const char* e = std::getenv("MIXSERVE_FUSED_ROTATE"); e && *e == '0') fused_rotate_down_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_MULTIROW"); e && *e == '0') fused_multirow_ = false;
-    if (const char* e = std::getenv("MIXSERVE_FUSED_L2_NEXT"); e && *e) fused_l2_next_ = std::atoi(e);
-    if (const char* e = std::getenv("MIXSERVE_FUSED_COOP"); e && *e == '1') fused_cooperative_ = true;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_COOP"); e && *e == '0') fused_cooperative_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_PHASE_TIMING"); e && *e && *e != '0') {
       // Diagnostics only: the weight stream timed without its arithmetic (wrong results).
       if (const char* z = std::getenv("MIXSERVE_FUSED_SKIP_DOT"); z && *z && *z != '0') fused_skip_dot_ = true;
       A.fused_phase_ns = DeviceBuffer(8 * sizeof(unsigned long long));
-      A.fused_diag = DeviceBuffer(std::size_t(blocks) * 16 * sizeof(unsigned long long));
+      A.fused_diag = DeviceBuffer(std::size_t(blocks) * kFusedDecodeDiagStamps * sizeof(unsigned long long));
       MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_diag.get(), 0, A.fused_diag.bytes(), s));
       MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_phase_ns.get(), 0, A.fused_phase_ns.bytes(), s));
     }
@@ -1124,6 +1123,7 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.attn_ws_floats = A.fused_ws_floats;
   fp.attn = A.attn;
   fp.o = A.fused_o.as<bf16>();
+  fp.part = A.fused_part.as<float>();
   fp.logits = A.router_logits;
   fp.gu = A.gu;
   fp.barrier = A.fused_barrier.as<unsigned>() + l;
@@ -1134,9 +1134,7 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.inflight_bytes = fused_inflight_bytes_;
   fp.diag_skip_dot = fused_skip_dot_;
   fp.evict_first = fused_evict_first_;
-  fp.rotate_down = fused_rotate_down_;
   fp.multirow = fused_multirow_;
-  fp.l2_next = fused_l2_next_;
   fp.cooperative = fused_cooperative_;
   return fp;
 }

@@ -18,12 +18,16 @@
 //   5  top-k (every block: routing as router.cuh, softmax top-k, optional renormalisation)
 //      gu = normed2 . W13[e]^T for the k experts                           (rows over the blocks)
 //   -- barrier
-//   6  tmp_out[d] = bf16(sum_j w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d]))  (columns over blocks)
+//   6  part[j][d] = w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d])   (the K x H rows over the blocks)
+//   -- barrier
+//      tmp_out[d] = bf16(sum_j part[j][d]) (slot order): the next layer of the launch does this in
+//      its phase 0, adding it to res; after the last layer every block writes its columns
 // (res = x2 is written by block 0 in phase 4, after every block read res in phase 0.)
 // So on return res holds the residual after attention and tmp_out the MoE output, the contract of
 // GpuModel's decode kernels (the next layer's input norm adds them). The same formulas and bf16
 // rounding points as the unfused kernels (rmsnorm.cuh, the QK-norm/RoPE kernel, the grouped GEMV
-// with the SwiGLU fused, combine.cuh); fp32 sums in a different order, so not bit-identical to them.
+// with the SwiGLU fused, combine.cuh); fp32 sums possibly in a different order, so not guaranteed
+// bit-identical to them (on Qwen3-30B-A3B the first 24 of 48 layers were, session 7).
 //
 // Weights (session 6): each block's rows of q|k|v, o_proj, router, and (once routed) gate|up and
 // down stream through a ring of shared-memory stages (cp.async.bulk completing on mbarriers) fed by
@@ -31,26 +35,29 @@
 // arrive during the attention, the down rows while gate|up is summed. Each stage slot has one
 // consumer warp. At most `inflight_bytes` are outstanding per block; the copies carry an L2
 // evict_first policy. The stream code is out of line (the kernel inlined everything and ran at
-// ~350 KB of code).
+// ~350 KB of code). Session 7: a warp sums up to 8 rows of a stage at once with its activations in
+// registers and one reduction (multirow); gate|up and down rows are both split over the blocks as
+// runs of the K experts' rows (one or two experts per block).
 //
 // The executor launches all consecutive supported layers of a step at once
 // (launch_fused_decode_layers), so the producer streams the next layer's q|k|v rows while the
 // consumers still sum the down rows.
 //
-// Measured on the H200 (session 6, docs/forward.md): correct against the float64 reference, and
-// only 3.4% faster than the unfused decode kernels (48-layer b=1 step 3926 us vs 4068 us, 37.2% of
-// the copy bandwidth): a warp needs ~1-2 us to sum one 12 KB stage, and the phases without weights
-// (attention, merge, routing) plus 6-7 grid barriers cost ~20 us per layer. So
-// GpuModelConfig::fused_decode_layer stays off by default.
+// Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
+// step of Qwen3-30B-A3B takes ~3520 us against ~4070 us with the unfused decode kernels (session
+// 7; 41% of the copy bandwidth). The phases without weights (attention, merge, routing) and 7
+// grid barriers cost ~30 us of a layer's ~73. GpuModelConfig::fused_decode_layer stays off by
+// default: the cost model predicts the unfused kernels (docs/forward.md).
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
 // (the producer issues weight copies before the consumers' wait). The grid barrier needs every block
-// resident at once: the launch uses one block per SM and checks with the occupancy calculator, but
-// it is not a cooperative launch, so kernels of other streams (or MPS clients) that hold SMs could
-// keep blocks out and deadlock it (a known limit of this off-by-default kernel). The layout
+// resident at once: the launch uses one block per SM and checks with the occupancy calculator;
+// with `cooperative` (the executor's default since session 7) the runtime refuses the launch unless
+// every block fits at once; without it, kernels of other streams (or MPS clients) that hold SMs
+// could keep blocks out and deadlock it. The layout
 // assumes 227 KiB of opt-in shared memory (H100/H200); the device's SM count and compute
 // capability are cached per device. `barrier` must be zero at launch (the executor clears the
-// step's counters with one memset before the layers) and is left at 6 x blocks.
+// step's counters with one memset before the layers) and is left at 7 x blocks.
 // Requirements: sm_90 (bulk copies; the reason names older devices); head_dim 64 or 128; q_heads a
 // multiple of kv_heads; hidden, q width and expert width multiples of 8; num_experts <=
 // kRouterMaxExperts and top_k <= 8; 16-byte aligned weights and buffers; a ring of >= 2 stages.
@@ -64,6 +71,7 @@
 namespace mixserve::gpu {
 
 inline constexpr int kFusedDecodeMaxTopK = 8;
+inline constexpr int kFusedDecodeDiagStamps = 18;  // per block (FusedDecodeLayerParams::diag)
 
 struct FusedDecodeLayerParams {
   // Residual stream and outputs.
@@ -107,6 +115,7 @@ struct FusedDecodeLayerParams {
   __nv_bfloat16* o = nullptr;             // [H]
   float* logits = nullptr;                // [E]
   __nv_bfloat16* gu = nullptr;            // [top_k, 2I]
+  float* part = nullptr;                  // [top_k, H] the experts' weighted down outputs
   unsigned* barrier = nullptr;            // one counter, zero at launch
   bool pdl = false;
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
@@ -117,24 +126,17 @@ struct FusedDecodeLayerParams {
   int64_t stage_bytes = 0;
   int max_stages = 0;
   int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: the whole ring)
-  // Experiments (docs/forward.md), each measured on the H200 against its alternative:
-  // rotate_down: block b takes the experts' down rows starting at slot b mod top_k (else every
-  // block starts at slot 0, so all blocks read one expert's rows at once);
-  // multirow: a stage of several short rows summed with the activations held in registers and one
-  // reduction for up to 8 rows (else one warp reduction per row);
-  // l2_next: 1 / 2 the producer prefetches the next layer's q|k|v rows into L2 (normal / evict_last
-  // policy) while it waits for the routing; 0 off.
-  bool rotate_down = true;
+  // multirow: a stage of several rows of k = 256 m (m <= 8) summed with the activations in
+  // registers and one warp reduction per 8 rows (else one per row; measured in docs/forward.md).
   bool multirow = true;
-  int l2_next = 0;
   // A cooperative launch (the runtime checks that all blocks fit at once; the grid barriers need it).
-  bool cooperative = false;
-  // Diagnostics or null: [blocks][16] u64 per block for this layer: globaltimer stamps 0 the
+  bool cooperative = true;
+  // Diagnostics or null: [blocks][kFusedDecodeDiagStamps] u64 for this layer: globaltimer stamps 0 the
   // producer's start of the layer, 1 the consumers' start, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
   // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 after
-  // barrier 3, 10 after barrier 5, 11 routing done, 14 last down copy issued, 15 first down copy
-  // issued; 12 / 13 the longest time (ns) one o_proj / gate|up stage took from arrival to release
-  // in the block. diag_skip_dot
+  // barrier 3, 10 after barrier 5, 11 routing done, 12 first gate|up arrival, 13 first down
+  // arrival, 14 last down copy issued, 15 last gate|up copy issued, 16 after grid barrier 6, 17 the
+  // SwiGLU staged. diag_skip_dot
   // skips the dot products (zeros: WRONG results; times the weight stream alone).
   unsigned long long* diag = nullptr;
   bool diag_skip_dot = false;

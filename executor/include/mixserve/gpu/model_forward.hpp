@@ -324,10 +324,8 @@ class GpuModel {
   int64_t fused_inflight_bytes_ = 0;
   bool fused_skip_dot_ = false;
   bool fused_evict_first_ = true;  // MIXSERVE_FUSED_EVICT_FIRST=0 turns it off
-  bool fused_rotate_down_ = true;  // MIXSERVE_FUSED_ROTATE=0 turns it off
   bool fused_multirow_ = true;     // MIXSERVE_FUSED_MULTIROW=0 turns it off
-  int fused_l2_next_ = 0;          // MIXSERVE_FUSED_L2_NEXT=1|2 turns it on
-  bool fused_cooperative_ = false; // MIXSERVE_FUSED_COOP=1 turns it on
+  bool fused_cooperative_ = true;  // MIXSERVE_FUSED_COOP=0 turns it off
   // The fused decode layer's parameters for layer l (decode_layer.hpp); unsupported layers get
   // parameters that fused_decode_layer_unsupported_reason refuses.
   FusedDecodeLayerParams fused_layer_params(const Layer& L, int l, cudaStream_t s) const;
