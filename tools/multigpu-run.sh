@@ -13,7 +13,8 @@
 #      which every rank must refuse.
 # Usage: tools/multigpu-run.sh <bundle-dir> <log-dir>
 # Logs: tests.log, bench.log, bench-*.json (the last ones dropped past 8 files). Exit 1 on a
-# failed test or bench. It has not run yet: only 1-GPU machines were lent (docs/distributed.md).
+# failed test or bench. It has not run as a whole yet; its tests and two of its benches ran on two
+# H200s in session 7 (docs/distributed.md "First run on two GPUs").
 set -uo pipefail
 BUNDLE="$(cd "${1:?bundle dir}" && pwd)"
 LOGS="${2:?log dir}"
