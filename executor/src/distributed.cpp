@@ -103,6 +103,13 @@ void EmulatedRanks::on_every_rank(const std::function<void(int)>& fn) {
       try {
         MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
         fn(r);
+        // The rank's thread must end on its own device (Rendezvous::meet runs collectives for
+        // every rank on one thread and puts its device back).
+        int now = -1;
+        MIXSERVE_CUDA_CHECK(cudaGetDevice(&now));
+        if (now != device_[std::size_t(r)])
+          throw RuntimeError(fmt::format("rank {}: its thread ended on device {}, not its device {}", r, now,
+                                         device_[std::size_t(r)]));
       } catch (...) {
         errors[std::size_t(r)] = std::current_exception();
         rendezvous_->abort();  // the peers waiting on this rank would never be released

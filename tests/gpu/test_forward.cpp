@@ -422,8 +422,8 @@ ModelSpec small_qwen3_d128() {  // GQA 8/2 (group 4), head_dim 128, per-head QK-
                           "small-qwen3-d128/config.json");
 }
 // Row lengths of Qwen3-30B-A3B's kind (hidden 768 = 3 x 256, expert inter 2048 = 8 x 256, q width
-// 4096): the fused layer's register multi-row sums for 3 and 8 vectors per lane (8 and 3 rows a
-// stage), o_proj's 8 KB rows one per stage on the per-row path.
+// 4096): the fused layer's register multi-row sums for 3 and 8 vectors per lane (with 16 KB stages
+// 10 and 4 rows a stage), o_proj's 8 KB rows on the per-row path.
 ModelSpec small_qwen3_wide() {
   return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 768,
     "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
