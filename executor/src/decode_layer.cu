@@ -377,8 +377,9 @@ __device__ __forceinline__ void multirow_stage(const bf16* rows, int n, const fl
 // The consumers: warp (slot mod kWarps) takes stage g (slot g mod ns) of this block's stages of
 // `kind`, so each slot has one consumer that takes its uses in order (the full barrier's parity
 // then never runs two phases behind); a row's dot product with act + slot x act_stride (fp32
-// values of bf16 activations, shared memory; fp32 sums, four partial sums per lane) is reduced over the warp and stored by
-// lane 0 as `sink` says. Every row is summed by one warp in one fixed order. t_arrive / t_first
+// values of bf16 activations, shared memory) is summed in fp32 by one warp in one fixed order:
+// rows of k = 256 m (m <= 8) by multirow_stage (8 rows at once, one reduce8), others one row at a
+// time (four partial sums per lane, warp_sum), and stored as `sink` says. t_arrive / t_first
 // (diagnostics, shared, or null): the last and the first arrival of a stage (globaltimer).
 __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g, const float* act,
                                          int64_t act_stride, Sink sink, bool skip_dot,

@@ -2,7 +2,8 @@
 // whole GPU: a persistent grid (one block per SM: 8 consumer warps + 1 producer warp) that runs the
 // layer's phases with grid-wide barriers between them instead of ~13 dependent launches
 // (docs/forward.md "Fused decode layer"):
-//   0  x = bf16(res + tmp_in) (tmp_in null: x = res), normed = RMSNorm(x) * in_norm    (every block)
+//   0  x = bf16(res + tmp_in) (tmp_in null: x = res; in a launch's later layers tmp_in is the
+//      previous layer's partials combined, see 6), normed = RMSNorm(x) * in_norm    (every block)
 //      q | k | v = normed . Wqkv^T                                    (rows over the blocks)
 //   -- barrier
 //   1  attention: QK-norm and RoPE of q (per head) and of the new k, the new k / v written to the
@@ -76,8 +77,10 @@ inline constexpr int kFusedDecodeDiagStamps = 18;  // per block (FusedDecodeLaye
 struct FusedDecodeLayerParams {
   // Residual stream and outputs.
   __nv_bfloat16* res = nullptr;           // [H]: x in, x2 out
-  const __nv_bfloat16* tmp_in = nullptr;  // [H] previous layer's FFN output, or null (first layer)
-  __nv_bfloat16* tmp_out = nullptr;       // [H] this layer's MoE output (may alias tmp_in)
+  // [H] previous layer's FFN output, or null (first layer); read by a launch's first layer only.
+  const __nv_bfloat16* tmp_in = nullptr;
+  // [H] this layer's MoE output (may alias tmp_in); written by a launch's last layer only.
+  __nv_bfloat16* tmp_out = nullptr;
   __nv_bfloat16* rec_in = nullptr;        // [H] or null: x (the previous layer's output) recorded
   __nv_bfloat16* rec_attn = nullptr;      // [H] or null: x2 recorded
   int64_t hidden = 0;
