@@ -38,17 +38,9 @@ for label in gpu multigpu unit; do
   ctest --test-dir "$BUILD" -N -L "^${label}\$" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \(test_gpu_[a-z0-9_]*\)$/\1/p' |
     while read -r t; do if [ -x "$BUNDLE/bin/$t" ]; then echo "$t"; fi; done > "$BUNDLE/tests-$label.txt"
 done
-# Shared libraries the host image may not have: everything the binaries link that is not glibc,
-# libstdc++/libgcc, the driver, cuBLAS or NCCL (those come from the host).
-for bin in "$BUNDLE"/bin/*; do
-  ldd "$bin" | awk '/=> \//{print $3}'
-done | sort -u | while read -r lib; do
-  case "$(basename "$lib")" in
-    libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|libstdc++.so*|libgcc_s.so*|ld-linux*|libcuda.so*) ;;
-    libcublas.so*|libcublasLt.so*|libnccl.so*) ;;
-    *) cp -L "$lib" "$BUNDLE/lib/" ;;
-  esac
-done
+# Shared libraries the host image may not have (tools/bundle-libs.sh).
+source "$ROOT/tools/bundle-libs.sh"
+mixserve_bundle_libs "$BUNDLE"
 ( cd "$ROOT" && git rev-parse HEAD 2>/dev/null || echo unknown ) > "$BUNDLE/commit.txt"
 du -sh "$BUNDLE"
 ls -l "$BUNDLE/bin" "$BUNDLE/lib"
