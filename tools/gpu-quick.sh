@@ -29,6 +29,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="${1:?usage: tools/gpu-quick.sh NAME \"BINARY ...\" < steps}"
 BINS="${2:?usage: tools/gpu-quick.sh NAME \"BINARY ...\" < steps}"
 BUILD="${MIXSERVE_GPU_BUILD:-$ROOT/build}"
+trap 'echo "gpu-quick: failed; $NAME not packed" >&2' ERR
 B="$ROOT/$NAME"
 case "$NAME" in gpu-bundle-*) ;; *) echo "gpu-quick: NAME must start with gpu-bundle- (git-ignored)" >&2; exit 2 ;; esac
 
@@ -39,7 +40,11 @@ for name in $BINS; do
   for dir in tests/gpu profiler run planner; do
     if [ -x "$BUILD/$dir/$name" ] && [ -f "$BUILD/$dir/$name" ]; then found="$BUILD/$dir/$name"; break; fi
   done
-  if [ -z "$found" ]; then echo "gpu-quick: no binary $name under $BUILD/{tests/gpu,profiler,run,planner}" >&2; exit 2; fi
+  if [ -z "$found" ]; then
+    echo "gpu-quick: no binary $name under $BUILD/{tests/gpu,profiler,run,planner}" >&2
+    rm -rf "$B"
+    exit 2
+  fi
   cp "$found" "$B/bin/"
 done
 strip "$B"/bin/* 2>/dev/null || true
@@ -71,4 +76,8 @@ rm -f "$ROOT/gpu-bundle-pack/"*.tgz
 tar -C "$ROOT" -czf "$ROOT/gpu-bundle-pack/$NAME.tgz" "$NAME"
 SIZE=$(du -m "$ROOT/gpu-bundle-pack/$NAME.tgz" | cut -f1)
 echo "gpu-quick: gpu-bundle-pack/$NAME.tgz (${SIZE} MiB): run(command=\"tar -xzf gpu-bundle-pack/$NAME.tgz && bash $NAME/x.sh\", carry=[\"gpu-bundle-pack\"])"
-if [ "$SIZE" -gt 63 ]; then echo "gpu-quick: over the 64 MiB carry limit: fewer binaries" >&2; exit 1; fi
+if [ "$SIZE" -gt 63 ]; then
+  echo "gpu-quick: ${SIZE} MiB is over the 64 MiB carry limit: fewer binaries (nothing kept)" >&2
+  rm -f "$ROOT/gpu-bundle-pack/$NAME.tgz"
+  exit 1
+fi
