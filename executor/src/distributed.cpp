@@ -33,6 +33,7 @@ void EmulatedRanks::build(const model::WeightSet* w, const ModelSpec& m, uint64_
   const int R = layout_.world_size();
   int current = 0;
   MIXSERVE_CUDA_CHECK(cudaGetDevice(&current));
+  const KeepDevice keep;  // the per-rank setup below switches devices, also when it throws
   Transport* attn = nullptr;
   Transport* stage = nullptr;
   Transport* moe = nullptr;  // the scheduled MoE's: groups of moe_tp ranks (NCCL), rails r % moe_tp
@@ -87,7 +88,6 @@ void EmulatedRanks::build(const model::WeightSet* w, const ModelSpec& m, uint64_
     else
       models_.push_back(std::make_unique<GpuModel>(m, seed, cfg));
   }
-  MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
 }
 
 int EmulatedRanks::replica_of(int rank) const {
@@ -159,14 +159,14 @@ std::vector<GpuStepOutput> EmulatedRanks::step(const std::vector<std::vector<mod
 
 std::vector<GpuStepOutput> EmulatedRanks::collect(bool record_hidden) {
   std::vector<GpuStepOutput> outs(static_cast<std::size_t>(num_ranks()));
-  int current = 0;
-  MIXSERVE_CUDA_CHECK(cudaGetDevice(&current));
-  for (int r = 0; r < num_ranks(); ++r) {
-    MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
-    GpuModel& g = *models_[std::size_t(r)];
-    outs[std::size_t(r)] = g.collect(g.stream());
+  {
+    const KeepDevice keep;
+    for (int r = 0; r < num_ranks(); ++r) {
+      MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
+      GpuModel& g = *models_[std::size_t(r)];
+      outs[std::size_t(r)] = g.collect(g.stream());
+    }
   }
-  MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
   const int S = layout_.stage_size();
   std::vector<GpuStepOutput> res;
   for (int d = 0; d < layout_.attn_dp; ++d) {
@@ -187,13 +187,11 @@ std::vector<GpuStepOutput> EmulatedRanks::collect(bool record_hidden) {
 }
 
 void EmulatedRanks::reset_cache() {
-  int current = 0;
-  MIXSERVE_CUDA_CHECK(cudaGetDevice(&current));
+  const KeepDevice keep;
   for (int r = 0; r < num_ranks(); ++r) {
     MIXSERVE_CUDA_CHECK(cudaSetDevice(device_[std::size_t(r)]));
     models_[std::size_t(r)]->reset_cache();
   }
-  MIXSERVE_CUDA_CHECK(cudaSetDevice(current));
 }
 
 #if MIXSERVE_HAVE_NCCL

@@ -6,6 +6,16 @@
 
 namespace mixserve::gpu {
 
+KeepDevice::KeepDevice() {
+  if (cudaGetDevice(&device_) != cudaSuccess) {
+    device_ = -1;
+    (void)cudaGetLastError();  // no device: not an error of the caller's next launch
+  }
+}
+KeepDevice::~KeepDevice() {
+  if (device_ >= 0) (void)cudaSetDevice(device_);
+}
+
 int device_count_or_zero() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {

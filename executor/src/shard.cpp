@@ -336,31 +336,6 @@ void StageMoe::combine(std::span<const cudaStream_t> main) {
 
 // ----------------------------------------------------------------------------- rendezvous
 
-namespace {
-// The calling thread's current CUDA device, put back on destruction. A meeting's collective runs
-// on the thread of the rank that arrives last, and it switches to every rank's device (moe_comm,
-// the NCCL transport); without this that thread went on with another rank's device current. Found
-// on two H200s (session 7): the EP2 bench's grouped GEMM launched on rank 0's stream with device 1
-// current and failed (its shared-memory opt-in is per device). Without a CUDA device (CPU tests)
-// there is nothing to keep.
-class KeepDevice {
- public:
-  KeepDevice() {
-    if (cudaGetDevice(&device_) != cudaSuccess) {
-      device_ = -1;
-      (void)cudaGetLastError();  // no device: not an error of the caller's next launch
-    }
-  }
-  ~KeepDevice() {
-    if (device_ >= 0) (void)cudaSetDevice(device_);
-  }
-  KeepDevice(const KeepDevice&) = delete;
-  KeepDevice& operator=(const KeepDevice&) = delete;
-
- private:
-  int device_ = -1;
-};
-}  // namespace
 
 void Rendezvous::meet(const std::vector<int>& group, int index, const void* arg,
                       const std::function<void(std::span<const void* const>)>& fn) {
@@ -372,7 +347,7 @@ void Rendezvous::meet(const std::vector<int>& group, int index, const void* arg,
   if (++m.arrived == int(group.size())) {
     m.error = nullptr;
     try {
-      const KeepDevice keep;
+      const KeepDevice keep;  // fn switches to every rank's device (runtime.hpp)
       fn(m.args);  // under the lock: transport calls of different groups never interleave
     } catch (...) {
       m.error = std::current_exception();

@@ -14,6 +14,21 @@ namespace mixserve::gpu {
 // Number of visible CUDA devices; 0 when there is no driver or no device (never throws).
 int device_count_or_zero();
 
+// The calling thread's current CUDA device, put back on destruction (also when an exception
+// leaves the scope). Without a CUDA device (CPU tests) there is nothing to keep. Used where one
+// thread works on several ranks' devices: Rendezvous::meet (a collective run for every rank on the
+// last-arriving thread; the EP2 failure of session 7) and EmulatedRanks' per-rank loops.
+class KeepDevice {
+ public:
+  KeepDevice();
+  ~KeepDevice();
+  KeepDevice(const KeepDevice&) = delete;
+  KeepDevice& operator=(const KeepDevice&) = delete;
+
+ private:
+  int device_ = -1;
+};
+
 class Stream {
  public:
   explicit Stream(int device = -1);  // -1: the current device
