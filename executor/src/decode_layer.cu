@@ -115,12 +115,18 @@ __device__ __forceinline__ float warp_max(float v) {
 // Grid-wide barrier number `phase` (1-based) over a counter that was zero at launch, among the
 // consumer warps of every block (the producer warp never takes part). Writes before it (any
 // block) are visible after it; data written inside the launch is read with ld.cg (L2).
-__device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned phase) {
+__device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned phase, unsigned long long* stamp = nullptr) {
   csync();
   if (threadIdx.x == 0) {
     // The block's writes (ordered before this thread's by the barrier above) released at GPU
     // scope with the arrival; the acquire load orders the reads after it.
+    if (stamp) stamp[0] = global_ns();
     asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+    if (stamp) {
+      unsigned long long t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) :: "memory");
+      stamp[1] = t;
+    }
     const unsigned target = phase * gridDim.x;
     unsigned seen;
     do {
@@ -313,12 +319,14 @@ enum Out : int {
   kOutBf16 = 1,  // bf16 out[c]
   kOutF32 = 2,   // float out[c]
   kOutPart = 3,  // float out[c] = w[slot] * bf16(v) (c = slot x H + output column)
+  kOutTagged = 4,  // uint32 out[c] = bits of bf16(v) | tag << 16 (one relaxed store: value and tag together)
 };
 struct Sink {
   int mode;
   void *out, *out2;
   int64_t split;
   const float* w;
+  unsigned tag = 0;  // kOutTagged
 };
 
 // Stores row rr (of the segment) = v as `sink` says.
@@ -333,6 +341,11 @@ __device__ __forceinline__ void sink_store(const Sink& sink, const Seg& s, int64
       break;
     case kOutBf16: static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t); break;
     case kOutF32: static_cast<float*>(sink.out)[c] = t; break;
+    case kOutTagged: {
+      const unsigned w = unsigned(__bfloat16_as_ushort(__float2bfloat16_rn(t))) | (sink.tag << 16);
+      asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(static_cast<uint32_t*>(sink.out) + c), "r"(w) : "memory");
+      break;
+    }
     default:
       static_cast<float*>(sink.out)[c] = sink.w[s.slot] * __bfloat162float(__float2bfloat16_rn(t));
   }
@@ -566,10 +579,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // route layer l + 1.
   __shared__ int32_t s_ids2[2][kFusedDecodeMaxTopK];
   __shared__ float s_w2[2][kFusedDecodeMaxTopK];
-  __shared__ unsigned long long s_t[5];  // diagnostics: last arrivals of q|k|v, gate|up, down; first of gate|up, down
+  // diagnostics: last arrivals of q|k|v, gate|up, down; first of gate|up, down; last and first of o_proj
+  __shared__ unsigned long long s_t[7];
   if (threadIdx.x == 0) {
     s_t[0] = s_t[1] = s_t[2] = 0;
-    s_t[3] = s_t[4] = ~0ull;
+    s_t[3] = s_t[4] = s_t[6] = ~0ull;
+    s_t[5] = 0;
     for (int i = 0; i < ns; ++i) {
       mbar_init(s_full + i, 1);
       mbar_init(s_empty + i, 1);
@@ -617,6 +632,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
 
   kernels::detail::wait_for_previous_kernel();
+  // The launch's number (FusedDecodeLayerParams::epoch): layer l's gate|up values carry the tag
+  // (epoch x kFusedDecodeMaxLayers + l) mod 2^16, so a reader tells this layer's from the previous one's.
+  const unsigned epoch = __ldcg(p0.epoch);
   // Diagnostics: block 0 adds each phase's time (ns, barrier wait included) to phase_ns[0..6] and
   // counts the layers in [7].
   const bool timed = p0.phase_ns && blockIdx.x == 0 && threadIdx.x == 0;
@@ -649,7 +667,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   block_rmsnorm(s_x, p.in_norm, s_n, H, p.eps, s_red);
   g = consume(mats, kQkv, nullptr, R, g, s_n, 0, Sink{kOutQkv, p.q, p.kv, QW, nullptr}, skip, diag ? s_t : nullptr,
               nullptr);
-  grid_barrier(p.barrier, 1);
+  grid_barrier(p.barrier, 1, diag ? diag + 23 : nullptr);
   if (diag && threadIdx.x == 0) {
     diag[2] = s_t[0];
     diag[8] = global_ns();
@@ -811,6 +829,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
   grid_barrier(p.barrier, 2);
   mark(1);
+  if (diag && threadIdx.x == 0) diag[18] = global_ns();
 
   // Phase 2: merge the chunks of each q head: a block per head; every warp finds the max and the
   // weights, warp w sums chunks w, w + kWarps, ..., the block adds the warps' sums in order.
@@ -884,11 +903,16 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       store_act8(s_a, QW, i / 8, f);
     }
     csync();
-    g = consume(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutBf16, p.o, nullptr, 0, nullptr}, skip, nullptr,
-                nullptr);
+    g = consume(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutBf16, p.o, nullptr, 0, nullptr}, skip,
+                diag ? s_t + 5 : nullptr, diag ? s_t + 6 : nullptr);
+    if (diag) {
+      csync();
+      if (threadIdx.x == 0) diag[21] = global_ns();
+    }
   }
-  grid_barrier(p.barrier, 4);
+  grid_barrier(p.barrier, 4, diag ? diag + 25 : nullptr);
   mark(3);
+  if (diag && threadIdx.x == 0) diag[19] = global_ns();
 
   // Phase 4: x2 = bf16(x + o), normed2, router logits.
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
@@ -939,7 +963,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     asm volatile("bar.arrive %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
   }
-  g = consume(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutBf16, p.gu, nullptr, 0, nullptr}, skip,
+  const unsigned tag = (epoch * unsigned(kFusedDecodeMaxLayers) + unsigned(l)) & 0xffffu;
+  g = consume(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t + 1 : nullptr, diag ? s_t + 3 : nullptr);
   if (diag) {
     csync();
@@ -948,7 +973,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       diag[5] = global_ns();
     }
   }
-  grid_barrier(p.barrier, 6);
+  // No grid barrier: the SwiGLU below waits for the tagged gate|up values it reads (session 8;
+  // grid barrier 6's release waited 1.8 us a layer behind the ring's copies in flight).
   mark(5);
   if (diag && threadIdx.x == 0) diag[16] = global_ns();
   if (l + 1 == L) kernels::detail::allow_next_kernel();
@@ -965,16 +991,27 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 #pragma unroll 4
     for (int64_t i = lo / H * I + threadIdx.x * 8; i < i_end; i += kThreads * 8) {  // I % 8 == 0
       const int64_t j = i / I, c = i % I;
-      const uint4 gv = __ldcg(reinterpret_cast<const uint4*>(p.gu + j * 2 * I + c));
-      const uint4 uv = __ldcg(reinterpret_cast<const uint4*>(p.gu + j * 2 * I + I + c));
-      const auto* gh = reinterpret_cast<const __nv_bfloat162*>(&gv);
-      const auto* uh = reinterpret_cast<const __nv_bfloat162*>(&uv);
+      // Gate and up words of columns c..c+7 (value | tag), re-read until all carry this layer's tag.
+      uint32_t w[4][4];
+      const uint32_t* src[4] = {p.gu_tagged + j * 2 * I + c, p.gu_tagged + j * 2 * I + c + 4,
+                                p.gu_tagged + j * 2 * I + I + c, p.gu_tagged + j * 2 * I + I + c + 4};
+      for (bool ready = false; !ready;) {
+        ready = true;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(w[v][0]), "=r"(w[v][1]), "=r"(w[v][2]), "=r"(w[v][3])
+                       : "l"(src[v])
+                       : "memory");
+#pragma unroll
+          for (int e = 0; e < 4; ++e) ready = ready && (w[v][e] >> 16) == tag;
+        }
+      }
       float o[8];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 gg = __bfloat1622float2(gh[q]), u = __bfloat1622float2(uh[q]);
-        o[2 * q] = __bfloat162float(__float2bfloat16_rn(gg.x / (1.0f + __expf(-gg.x)) * u.x));  // swiglu.cuh
-        o[2 * q + 1] = __bfloat162float(__float2bfloat16_rn(gg.y / (1.0f + __expf(-gg.y)) * u.y));
+      for (int q = 0; q < 8; ++q) {
+        const float gg = __uint_as_float(w[q / 4][q % 4] << 16), u = __uint_as_float(w[2 + q / 4][q % 4] << 16);
+        o[q] = __bfloat162float(__float2bfloat16_rn(gg / (1.0f + __expf(-gg)) * u));  // swiglu.cuh
       }
       store_act8(s_a + j * I, I, c / 8, o);
     }
@@ -984,10 +1021,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
   }
   // The next layer's phase 0 reads res (block 0, phase 4) and every block's partials.
-  grid_barrier(p.barrier, 7);
+  grid_barrier(p.barrier, 6, diag ? diag + 29 : nullptr);
   if (l + 1 == L)
     for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8; i < H; i += int64_t(gridDim.x) * kThreads * 8)
       *reinterpret_cast<uint4*>(p.tmp_out + i) = combine8(p.part, K, H, i);
+  if (l + 1 == L && blockIdx.x == 0 && threadIdx.x == 0)
+    atomicAdd(p0.epoch, 1u);  // every block read it at its start (before this layer's last barrier)
   mark(6);
   if (timed) atomicAdd(p.phase_ns + 7, 1ull);
   if (diag) {
@@ -997,7 +1036,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       diag[7] = global_ns();
       diag[12] = s_t[3];
       diag[13] = s_t[4];
-      s_t[3] = s_t[4] = ~0ull;
+      diag[20] = s_t[5];
+      diag[22] = s_t[6];
+      s_t[3] = s_t[4] = s_t[6] = ~0ull;
     }
   }
   }  // layers
@@ -1084,7 +1125,8 @@ std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& 
   if (p.hidden > 16384) return "hidden=" + s(p.hidden) + " (legal: <= 16384)";
   if (!p.res || !p.tmp_out || !p.part || !p.in_norm || !p.post_norm || !p.wqkv || !p.wo || !p.rope_cs || !p.position ||
       !p.seq_len || !p.k_cache || !p.v_cache || !p.block_table || !p.router || !p.w13 || !p.w2 || !p.q || !p.kv ||
-      !p.attn_ws || !p.attn || !p.o || !p.logits || !p.gu || !p.barrier)
+      !p.attn_ws || !p.attn || !p.o || !p.logits || !p.gu_tagged || !p.epoch ||
+      !p.barrier)
     return "a required pointer is null";
   const DeviceInfo d = current_device();
   if (d.major < 9) return "compute capability " + s(d.major) + ".x (the weight ring needs sm_90 bulk copies)";

@@ -98,7 +98,7 @@ struct GpuModel::Act {
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
   // The fused batch-1 decode layer (decode_layer.hpp): scratch, and one grid-barrier counter per
   // layer (zeroed by one memset per step that runs it). Empty when the model cannot take it.
-  DeviceBuffer fused_kv, fused_ws, fused_o, fused_part, fused_barrier;
+  DeviceBuffer fused_kv, fused_ws, fused_o, fused_part, fused_barrier, fused_gu, fused_epoch;
   DeviceBuffer fused_phase_ns;  // [8] u64 when MIXSERVE_FUSED_PHASE_TIMING is set (diagnostics)
   DeviceBuffer fused_diag;      // [blocks][kFusedDecodeDiagStamps] u64 with it: one layer's per-block stamps
   int64_t fused_ws_floats = 0;
@@ -476,6 +476,10 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     A.fused_ws = DeviceBuffer(std::size_t(A.fused_ws_floats) * 4);
     A.fused_o = DeviceBuffer(std::size_t(H) * 2);
     A.fused_part = DeviceBuffer(std::size_t(m.moe.top_k) * std::size_t(H) * sizeof(float));
+    A.fused_gu = DeviceBuffer(std::size_t(m.moe.top_k) * std::size_t(2 * I) * sizeof(uint32_t));
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_gu.get(), 0xff, A.fused_gu.bytes(), s));  // decode_layer.hpp gu_tagged
+    A.fused_epoch = DeviceBuffer(sizeof(unsigned));
+    MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_epoch.get(), 0, A.fused_epoch.bytes(), s));
     A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * sizeof(unsigned));
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGE_KB"); e && *e) fused_stage_bytes_ = std::atoll(e) * 1024;
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGES"); e && *e) fused_max_stages_ = std::atoi(e);
@@ -1125,7 +1129,8 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.o = A.fused_o.as<bf16>();
   fp.part = A.fused_part.as<float>();
   fp.logits = A.router_logits;
-  fp.gu = A.gu;
+  fp.gu_tagged = A.fused_gu.as<uint32_t>();
+  fp.epoch = A.fused_epoch.as<unsigned>();
   fp.barrier = A.fused_barrier.as<unsigned>() + l;
   fp.phase_ns = A.fused_phase_ns.as<unsigned long long>();
   if (l == (dims_.layer_begin + dims_.layer_end) / 2) fp.diag = A.fused_diag.as<unsigned long long>();

@@ -443,7 +443,9 @@ void print_fused_diag(const std::vector<unsigned long long>& d) {
   static const char* names[kStamps] = {"start",   "pdl wait", "qkv in", "routed(prod)", "gu in",   "gu done",
                                        "down in", "end",      "bar1",   "bar3",         "bar5",    "routed",
                                        "gu first in", "down first in", "down issued", "gu issued",
-                                       "bar6",        "staged"};
+                                       "gu done2",    "staged",      "bar2",      "bar4",
+                                       "oproj in",    "oproj done",  "oproj first in", "b1 red", "b1 red done",
+                                       "b4 red",      "b4 red done", "",            "",            "last red",    "last red done"};
   std::printf("#   fused layer stamps (us after the first block start, median / max over %zu blocks):", blocks);
   for (int e = 0; e < kStamps; ++e) {
     if (!*names[e]) continue;

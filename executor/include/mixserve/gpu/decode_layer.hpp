@@ -17,8 +17,9 @@
 //   4  x2 = bf16(x + o), normed2 = RMSNorm(x2) * post_norm (every block); router logits (fp32)
 //   -- barrier
 //   5  top-k (every block: routing as router.cuh, softmax top-k, optional renormalisation)
-//      gu = normed2 . W13[e]^T for the k experts                           (rows over the blocks)
-//   -- barrier
+//      gu = normed2 . W13[e]^T for the k experts, stored tagged with the layer (rows over the blocks)
+//   -- no barrier (session 8): each block's SwiGLU re-reads the gu values it needs until they
+//      carry this layer's tag (value and tag in one 32-bit word, relaxed stores and loads)
 //   6  part[j][d] = w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d])   (the K x H rows over the blocks)
 //   -- barrier
 //      tmp_out[d] = bf16(sum_j part[j][d]) (slot order): the next layer of the launch does this in
@@ -45,9 +46,10 @@
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~3520 us against ~4070 us with the unfused decode kernels (session
-// 7; 41% of the copy bandwidth). The phases without weights (attention, merge, routing) and 7
-// grid barriers cost ~30 us of a layer's ~73. GpuModelConfig::fused_decode_layer stays off by
+// step of Qwen3-30B-A3B takes ~3295 us against ~4070 us with the unfused decode kernels (session
+// 8; 44% of the copy bandwidth). The phases without weights (attention, merge, routing) and 6
+// grid barriers cost ~30 us of a layer's ~68; a grid barrier's release waits ~1-2.5 us while the
+// block's weight copies are in flight (session 8's stamps), which the tagged gate|up values avoid. GpuModelConfig::fused_decode_layer stays off by
 // default: the cost model predicts the unfused kernels (docs/forward.md).
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
@@ -58,7 +60,7 @@
 // could keep blocks out and deadlock it. The layout
 // assumes 227 KiB of opt-in shared memory (H100/H200); the device's SM count and compute
 // capability are cached per device. `barrier` must be zero at launch (the executor clears the
-// step's counters with one memset before the layers) and is left at 7 x blocks.
+// step's counters with one memset before the layers) and is left at 6 x blocks.
 // Requirements: sm_90 (bulk copies; the reason names older devices); head_dim 64 or 128; q_heads a
 // multiple of kv_heads; hidden, q width and expert width multiples of 8; num_experts <=
 // kRouterMaxExperts and top_k <= 8; 16-byte aligned weights and buffers; a ring of >= 2 stages.
@@ -72,7 +74,7 @@
 namespace mixserve::gpu {
 
 inline constexpr int kFusedDecodeMaxTopK = 8;
-inline constexpr int kFusedDecodeDiagStamps = 18;  // per block (FusedDecodeLayerParams::diag)
+inline constexpr int kFusedDecodeDiagStamps = 31;  // per block (FusedDecodeLayerParams::diag)
 
 struct FusedDecodeLayerParams {
   // Residual stream and outputs.
@@ -117,7 +119,11 @@ struct FusedDecodeLayerParams {
   __nv_bfloat16* attn = nullptr;          // [q_heads * head_dim]
   __nv_bfloat16* o = nullptr;             // [H]
   float* logits = nullptr;                // [E]
-  __nv_bfloat16* gu = nullptr;            // [top_k, 2I]
+  // [top_k, 2I] gate|up values tagged with the layer (bf16 bits | tag << 16): the SwiGLU waits on
+  // the tags instead of a grid barrier. Filled with 0xff bytes when allocated (a tag no launch's
+  // first layer uses).
+  uint32_t* gu_tagged = nullptr;
+  unsigned* epoch = nullptr;              // [1] launches so far (layer 0's), zero when allocated
   float* part = nullptr;                  // [top_k, H] the experts' weighted down outputs
   unsigned* barrier = nullptr;            // one counter, zero at launch
   bool pdl = false;
@@ -138,8 +144,10 @@ struct FusedDecodeLayerParams {
   // producer's start of the layer, 1 the consumers' start, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
   // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 after
   // barrier 3, 10 after barrier 5, 11 routing done, 12 first gate|up arrival, 13 first down
-  // arrival, 14 last down copy issued, 15 last gate|up copy issued, 16 after grid barrier 6, 17 the
-  // SwiGLU staged. diag_skip_dot
+  // arrival, 14 last down copy issued, 15 last gate|up copy issued, 16 gate|up done (session 8: no grid barrier 6), 17 the
+  // SwiGLU staged, 18 after grid barrier 2, 19 after barrier 4, 20 last o_proj stage arrival, 21
+  // o_proj summed, 22 first o_proj stage arrival, 23-26 and 29-30 before and after the arrival
+  // (release) of grid barriers 1, 4 and the layer's last (27-28 unused). diag_skip_dot
   // skips the dot products (zeros: WRONG results; times the weight stream alone).
   unsigned long long* diag = nullptr;
   bool diag_skip_dot = false;
@@ -147,7 +155,7 @@ struct FusedDecodeLayerParams {
 };
 
 // Consecutive layers in ONE launch (session 6): the layers one after another inside the kernel, a
-// grid barrier between them (the barrier counter of layer l < last is left at 7 x blocks), the
+// grid barrier between them (the barrier counter of layer l < last is left at 6 x blocks), the
 // weight ring running on from one layer's down rows into the next one's q|k|v rows. Every layer's
 // shapes must equal layer 0's; layer 0's pdl, evict_first, ring sizes and diagnostics switches
 // apply to the launch. Passed by value as the kernel's parameter (__grid_constant__, < 32 KB).
