@@ -320,6 +320,7 @@ enum Out : int {
   kOutF32 = 2,   // float out[c]
   kOutPart = 3,  // float out[c] = w[slot] * bf16(v) (c = slot x H + output column)
   kOutTagged = 4,  // uint32 out[c] = bits of bf16(v) | tag << 16 (one relaxed store: value and tag together)
+  kOutF32Tagged = 5,  // uint64 out[c] = bits of v | tag << 32 (one relaxed store)
 };
 struct Sink {
   int mode;
@@ -341,6 +342,12 @@ __device__ __forceinline__ void sink_store(const Sink& sink, const Seg& s, int64
       break;
     case kOutBf16: static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t); break;
     case kOutF32: static_cast<float*>(sink.out)[c] = t; break;
+    case kOutF32Tagged: {
+      const unsigned long long w = (static_cast<unsigned long long>(sink.tag) << 32) | __float_as_uint(t);
+      asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(static_cast<unsigned long long*>(sink.out) + c), "l"(w)
+                   : "memory");
+      break;
+    }
     case kOutTagged: {
       const unsigned w = unsigned(__bfloat16_as_ushort(__float2bfloat16_rn(t))) | (sink.tag << 16);
       asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(static_cast<uint32_t*>(sink.out) + c), "r"(w) : "memory");
@@ -350,6 +357,27 @@ __device__ __forceinline__ void sink_store(const Sink& sink, const Seg& s, int64
       static_cast<float*>(sink.out)[c] = sink.w[s.slot] * __bfloat162float(__float2bfloat16_rn(t));
   }
 }
+
+// 8 tagged words (kOutTagged) from src, re-read until all carry `tag` (relaxed loads: each word is
+// single-copy atomic, so a word with the tag has the value written with it).
+__device__ __forceinline__ void load_tagged8(const uint32_t* src, unsigned tag, uint32_t (&w)[8]) {
+  for (bool ready = false; !ready;) {
+    asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                 : "l"(src)
+                 : "memory");
+    asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7])
+                 : "l"(src + 4)
+                 : "memory");
+    ready = true;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ready = ready && (w[e] >> 16) == tag;
+    if (!ready) __nanosleep(32);  // fewer polls while the writers' stores travel
+  }
+}
+// The bf16 bits of a tagged word as a float.
+__device__ __forceinline__ float tagged_value(uint32_t w) { return __uint_as_float(w << 16); }
 
 // One warp's stage of n rows of k = 256 VPL elements (Mats::multirow): up to 8 rows summed at once,
 // each lane's activation vectors loaded into registers once per 8 rows (4 at a time: 9 warps per
@@ -646,6 +674,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   int32_t* s_ids = s_ids2[l & 1];
   float* s_w = s_w2[l & 1];
   if (diag && threadIdx.x == 0) diag[1] = global_ns();
+  // This layer's tag of the values exchanged without a grid barrier (gu, attn, o, logits).
+  const unsigned tag = (epoch * unsigned(kFusedDecodeMaxLayers) + unsigned(l)) & 0xffffu;
   auto mark = [&](int phase) {
     if (!timed) return;
     const unsigned long long t = global_ns();
@@ -883,40 +913,45 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       for (int d = threadIdx.x; d < D; d += kThreads) {
         float t = 0.0f;
         for (int ww = 0; ww < kWarps; ++ww) t += s_part[ww * D + d];
-        p.attn[int64_t(h) * D + d] = __float2bfloat16_rn(s_l > 0.0f ? t / s_l : 0.0f);
+        const unsigned w = unsigned(__bfloat16_as_ushort(__float2bfloat16_rn(s_l > 0.0f ? t / s_l : 0.0f))) | (tag << 16);
+        asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p.attn_tagged + int64_t(h) * D + d), "r"(w) : "memory");
       }
       csync();
     }
   }
-  grid_barrier(p.barrier, 3);
+  // No grid barrier (session 8): phase 3 waits for the tagged attn words.
   mark(2);
-  if (diag && threadIdx.x == 0) diag[9] = global_ns();
 
   // Phase 3: o = attn . Wo^T.
   {
     float* s_a = reinterpret_cast<float*>(s_u);  // [QW] (two planes)
     for (int64_t i = threadIdx.x * 8; i < QW; i += kThreads * 8) {
-      const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p.attn + i));
-      const float f[8] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u), __uint_as_float(v.y << 16),
-                          __uint_as_float(v.y & 0xffff0000u), __uint_as_float(v.z << 16), __uint_as_float(v.z & 0xffff0000u),
-                          __uint_as_float(v.w << 16), __uint_as_float(v.w & 0xffff0000u)};
+      uint32_t w[8];
+      load_tagged8(p.attn_tagged + i, tag, w);
+      float f[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = tagged_value(w[e]);
       store_act8(s_a, QW, i / 8, f);
     }
     csync();
-    g = consume(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutBf16, p.o, nullptr, 0, nullptr}, skip,
+    if (diag && threadIdx.x == 0) diag[9] = global_ns();
+    g = consume(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutTagged, p.o_tagged, nullptr, 0, nullptr, tag}, skip,
                 diag ? s_t + 5 : nullptr, diag ? s_t + 6 : nullptr);
     if (diag) {
       csync();
       if (threadIdx.x == 0) diag[21] = global_ns();
     }
   }
-  grid_barrier(p.barrier, 4, diag ? diag + 25 : nullptr);
+  // No grid barrier: phase 4 waits for the tagged o words.
   mark(3);
-  if (diag && threadIdx.x == 0) diag[19] = global_ns();
 
   // Phase 4: x2 = bf16(x + o), normed2, router logits.
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
-    const uint4 r = add_bf16x8(*reinterpret_cast<const uint4*>(s_x + i), __ldcg(reinterpret_cast<const uint4*>(p.o + i)));
+    uint32_t w[8];
+    load_tagged8(p.o_tagged + i, tag, w);
+    const uint4 o8 = make_uint4((w[0] & 0xffffu) | (w[1] << 16), (w[2] & 0xffffu) | (w[3] << 16),
+                                (w[4] & 0xffffu) | (w[5] << 16), (w[6] & 0xffffu) | (w[7] << 16));
+    const uint4 r = add_bf16x8(*reinterpret_cast<const uint4*>(s_x + i), o8);
     *reinterpret_cast<uint4*>(s_x + i) = r;
     if (blockIdx.x == 0) {
       *reinterpret_cast<uint4*>(p.res + i) = r;
@@ -924,19 +959,26 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
   }
   csync();
+  if (diag && threadIdx.x == 0) diag[19] = global_ns();
   block_rmsnorm(s_x, p.post_norm, s_n, H, p.eps, s_red);
-  g = consume(mats, kRouter, nullptr, R, g, s_n, 0, Sink{kOutF32, p.logits, nullptr, 0, nullptr}, skip, nullptr,
-              nullptr);
-  grid_barrier(p.barrier, 5);
+  g = consume(mats, kRouter, nullptr, R, g, s_n, 0, Sink{kOutF32Tagged, p.logits_tagged, nullptr, 0, nullptr, tag},
+              skip, nullptr, nullptr);
+  // No grid barrier: the routing waits for the tagged logits.
   mark(4);
-  if (diag && threadIdx.x == 0) diag[10] = global_ns();
 
   // Phase 5: routing (every block, warp 0), handed to the producer, then gate|up for the chosen
   // experts.
   {
     float* s_lg = reinterpret_cast<float*>(s_u);  // [E]
-    for (int e = threadIdx.x; e < p.num_experts; e += kThreads) s_lg[e] = __ldcg(p.logits + e);
+    for (int e = threadIdx.x; e < p.num_experts; e += kThreads) {
+      unsigned long long w;
+      do
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(p.logits_tagged + e) : "memory");
+      while (unsigned(w >> 32) != tag && (__nanosleep(32), true));
+      s_lg[e] = __uint_as_float(unsigned(w));
+    }
     csync();
+    if (diag && threadIdx.x == 0) diag[10] = global_ns();
     if (warp == 0) {
       kernels::RouterParams rp;
       rp.logits = s_lg;
@@ -963,7 +1005,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     asm volatile("bar.arrive %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
   }
-  const unsigned tag = (epoch * unsigned(kFusedDecodeMaxLayers) + unsigned(l)) & 0xffffu;
   g = consume(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t + 1 : nullptr, diag ? s_t + 3 : nullptr);
   if (diag) {
@@ -992,25 +1033,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     for (int64_t i = lo / H * I + threadIdx.x * 8; i < i_end; i += kThreads * 8) {  // I % 8 == 0
       const int64_t j = i / I, c = i % I;
       // Gate and up words of columns c..c+7 (value | tag), re-read until all carry this layer's tag.
-      uint32_t w[4][4];
-      const uint32_t* src[4] = {p.gu_tagged + j * 2 * I + c, p.gu_tagged + j * 2 * I + c + 4,
-                                p.gu_tagged + j * 2 * I + I + c, p.gu_tagged + j * 2 * I + I + c + 4};
-      for (bool ready = false; !ready;) {
-        ready = true;
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(w[v][0]), "=r"(w[v][1]), "=r"(w[v][2]), "=r"(w[v][3])
-                       : "l"(src[v])
-                       : "memory");
-#pragma unroll
-          for (int e = 0; e < 4; ++e) ready = ready && (w[v][e] >> 16) == tag;
-        }
-      }
+      uint32_t wg[8], wu[8];
+      load_tagged8(p.gu_tagged + j * 2 * I + c, tag, wg);
+      load_tagged8(p.gu_tagged + j * 2 * I + I + c, tag, wu);
       float o[8];
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        const float gg = __uint_as_float(w[q / 4][q % 4] << 16), u = __uint_as_float(w[2 + q / 4][q % 4] << 16);
+        const float gg = tagged_value(wg[q]), u = tagged_value(wu[q]);
         o[q] = __bfloat162float(__float2bfloat16_rn(gg / (1.0f + __expf(-gg)) * u));  // swiglu.cuh
       }
       store_act8(s_a + j * I, I, c / 8, o);
@@ -1021,7 +1050,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
   }
   // The next layer's phase 0 reads res (block 0, phase 4) and every block's partials.
-  grid_barrier(p.barrier, 6, diag ? diag + 29 : nullptr);
+  grid_barrier(p.barrier, 3, diag ? diag + 29 : nullptr);
   if (l + 1 == L)
     for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8; i < H; i += int64_t(gridDim.x) * kThreads * 8)
       *reinterpret_cast<uint4*>(p.tmp_out + i) = combine8(p.part, K, H, i);
@@ -1125,7 +1154,7 @@ std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& 
   if (p.hidden > 16384) return "hidden=" + s(p.hidden) + " (legal: <= 16384)";
   if (!p.res || !p.tmp_out || !p.part || !p.in_norm || !p.post_norm || !p.wqkv || !p.wo || !p.rope_cs || !p.position ||
       !p.seq_len || !p.k_cache || !p.v_cache || !p.block_table || !p.router || !p.w13 || !p.w2 || !p.q || !p.kv ||
-      !p.attn_ws || !p.attn || !p.o || !p.logits || !p.gu_tagged || !p.epoch ||
+      !p.attn_ws || !p.attn_tagged || !p.o_tagged || !p.logits_tagged || !p.gu_tagged || !p.epoch ||
       !p.barrier)
     return "a required pointer is null";
   const DeviceInfo d = current_device();

@@ -98,7 +98,8 @@ struct GpuModel::Act {
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
   // The fused batch-1 decode layer (decode_layer.hpp): scratch, and one grid-barrier counter per
   // layer (zeroed by one memset per step that runs it). Empty when the model cannot take it.
-  DeviceBuffer fused_kv, fused_ws, fused_o, fused_part, fused_barrier, fused_gu, fused_epoch;
+  DeviceBuffer fused_kv, fused_ws, fused_part, fused_barrier, fused_gu, fused_epoch;
+  DeviceBuffer fused_attn, fused_o_tagged, fused_logits;  // tagged words (decode_layer.hpp)
   DeviceBuffer fused_phase_ns;  // [8] u64 when MIXSERVE_FUSED_PHASE_TIMING is set (diagnostics)
   DeviceBuffer fused_diag;      // [blocks][kFusedDecodeDiagStamps] u64 with it: one layer's per-block stamps
   int64_t fused_ws_floats = 0;
@@ -474,10 +475,14 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     A.fused_ws_floats = fused_decode_layer_ws_floats(blocks, dims_.q_heads, dims_.kv_heads, m.attention.head_dim);
     A.fused_kv = DeviceBuffer(std::size_t(2 * KVW) * 2);
     A.fused_ws = DeviceBuffer(std::size_t(A.fused_ws_floats) * 4);
-    A.fused_o = DeviceBuffer(std::size_t(H) * 2);
     A.fused_part = DeviceBuffer(std::size_t(m.moe.top_k) * std::size_t(H) * sizeof(float));
     A.fused_gu = DeviceBuffer(std::size_t(m.moe.top_k) * std::size_t(2 * I) * sizeof(uint32_t));
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_gu.get(), 0xff, A.fused_gu.bytes(), s));  // decode_layer.hpp gu_tagged
+    A.fused_attn = DeviceBuffer(std::size_t(QW) * sizeof(uint32_t));
+    A.fused_o_tagged = DeviceBuffer(std::size_t(H) * sizeof(uint32_t));
+    A.fused_logits = DeviceBuffer(std::size_t(m.moe.num_experts) * sizeof(unsigned long long));
+    for (DeviceBuffer* b : {&A.fused_attn, &A.fused_o_tagged, &A.fused_logits})
+      MIXSERVE_CUDA_CHECK(cudaMemsetAsync(b->get(), 0xff, b->bytes(), s));  // no launch's tag
     A.fused_epoch = DeviceBuffer(sizeof(unsigned));
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_epoch.get(), 0, A.fused_epoch.bytes(), s));
     A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * sizeof(unsigned));
@@ -1125,10 +1130,10 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.kv = A.fused_kv.as<bf16>();
   fp.attn_ws = A.fused_ws.as<float>();
   fp.attn_ws_floats = A.fused_ws_floats;
-  fp.attn = A.attn;
-  fp.o = A.fused_o.as<bf16>();
+  fp.attn_tagged = A.fused_attn.as<uint32_t>();
+  fp.o_tagged = A.fused_o_tagged.as<uint32_t>();
   fp.part = A.fused_part.as<float>();
-  fp.logits = A.router_logits;
+  fp.logits_tagged = A.fused_logits.as<unsigned long long>();
   fp.gu_tagged = A.fused_gu.as<uint32_t>();
   fp.epoch = A.fused_epoch.as<unsigned>();
   fp.barrier = A.fused_barrier.as<unsigned>() + l;

@@ -11,11 +11,11 @@
 //      (max, sum, acc) per q head and chunk                     (work items = kv heads x chunks)
 //   -- barrier
 //   2  merge of the chunks' partials -> attn [q_heads * head_dim] bf16      (a block per q head)
-//   -- barrier
+//   -- no barrier (session 8): phase 3 re-reads the attn words it needs until tagged (below)
 //   3  o = attn . Wo^T                                                        (rows over the blocks)
-//   -- barrier
+//   -- no barrier: phase 4 waits for the tagged o words
 //   4  x2 = bf16(x + o), normed2 = RMSNorm(x2) * post_norm (every block); router logits (fp32)
-//   -- barrier
+//   -- no barrier: the routing waits for the tagged logits
 //   5  top-k (every block: routing as router.cuh, softmax top-k, optional renormalisation)
 //      gu = normed2 . W13[e]^T for the k experts, stored tagged with the layer (rows over the blocks)
 //   -- no barrier (session 8): each block's SwiGLU re-reads the gu values it needs until they
@@ -60,7 +60,7 @@
 // could keep blocks out and deadlock it. The layout
 // assumes 227 KiB of opt-in shared memory (H100/H200); the device's SM count and compute
 // capability are cached per device. `barrier` must be zero at launch (the executor clears the
-// step's counters with one memset before the layers) and is left at 6 x blocks.
+// step's counters with one memset before the layers) and is left at 3 x blocks.
 // Requirements: sm_90 (bulk copies; the reason names older devices); head_dim 64 or 128; q_heads a
 // multiple of kv_heads; hidden, q width and expert width multiples of 8; num_experts <=
 // kRouterMaxExperts and top_k <= 8; 16-byte aligned weights and buffers; a ring of >= 2 stages.
@@ -116,9 +116,11 @@ struct FusedDecodeLayerParams {
   __nv_bfloat16* kv = nullptr;            // [2 * kv_heads * head_dim]
   float* attn_ws = nullptr;               // [q_heads, max chunks, head_dim + 2]
   int64_t attn_ws_floats = 0;
-  __nv_bfloat16* attn = nullptr;          // [q_heads * head_dim]
-  __nv_bfloat16* o = nullptr;             // [H]
-  float* logits = nullptr;                // [E]
+  // Exchanged without grid barriers (session 8): tagged words as gu_tagged (bf16 | tag << 16; the
+  // logits fp32 bits | tag << 32), filled with 0xff bytes when allocated.
+  uint32_t* attn_tagged = nullptr;        // [q_heads * head_dim]
+  uint32_t* o_tagged = nullptr;           // [H]
+  unsigned long long* logits_tagged = nullptr;  // [E]
   // [top_k, 2I] gate|up values tagged with the layer (bf16 bits | tag << 16): the SwiGLU waits on
   // the tags instead of a grid barrier. Filled with 0xff bytes when allocated (a tag no launch's
   // first layer uses).
@@ -142,12 +144,12 @@ struct FusedDecodeLayerParams {
   bool cooperative = true;
   // Diagnostics or null: [blocks][kFusedDecodeDiagStamps] u64 for this layer: globaltimer stamps 0 the
   // producer's start of the layer, 1 the consumers' start, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
-  // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 after
-  // barrier 3, 10 after barrier 5, 11 routing done, 12 first gate|up arrival, 13 first down
-  // arrival, 14 last down copy issued, 15 last gate|up copy issued, 16 gate|up done (session 8: no grid barrier 6), 17 the
-  // SwiGLU staged, 18 after grid barrier 2, 19 after barrier 4, 20 last o_proj stage arrival, 21
-  // o_proj summed, 22 first o_proj stage arrival, 23-26 and 29-30 before and after the arrival
-  // (release) of grid barriers 1, 4 and the layer's last (27-28 unused). diag_skip_dot
+  // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 the
+  // tagged attn read, 10 the tagged logits read, 11 routing done, 12 first gate|up arrival, 13
+  // first down arrival, 14 last down copy issued, 15 last gate|up copy issued, 16 gate|up done,
+  // 17 the SwiGLU staged, 18 after grid barrier 2, 19 the tagged o read, 20 last o_proj stage
+  // arrival, 21 o_proj summed, 22 first o_proj stage arrival, 23-24 and 29-30 before and after the
+  // arrival (release) of grid barrier 1 and the layer's last (25-28 unused). diag_skip_dot
   // skips the dot products (zeros: WRONG results; times the weight stream alone).
   unsigned long long* diag = nullptr;
   bool diag_skip_dot = false;
@@ -155,7 +157,7 @@ struct FusedDecodeLayerParams {
 };
 
 // Consecutive layers in ONE launch (session 6): the layers one after another inside the kernel, a
-// grid barrier between them (the barrier counter of layer l < last is left at 6 x blocks), the
+// grid barrier between them (the barrier counter of layer l < last is left at 3 x blocks), the
 // weight ring running on from one layer's down rows into the next one's q|k|v rows. Every layer's
 // shapes must equal layer 0's; layer 0's pdl, evict_first, ring sizes and diagnostics switches
 // apply to the launch. Passed by value as the kernel's parameter (__grid_constant__, < 32 KB).
