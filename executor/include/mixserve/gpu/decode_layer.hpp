@@ -46,10 +46,11 @@
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~3295 us against ~4070 us with the unfused decode kernels (session
-// 8; 44% of the copy bandwidth). The phases without weights (attention, merge, routing) and 6
-// grid barriers cost ~30 us of a layer's ~68; a grid barrier's release waits ~1-2.5 us while the
-// block's weight copies are in flight (session 8's stamps), which the tagged gate|up values avoid. GpuModelConfig::fused_decode_layer stays off by
+// step of Qwen3-30B-A3B takes ~3275 us against ~4070 us with the unfused decode kernels (session
+// 8; 44.3% of the copy bandwidth). The phases without weights (attention, merge, routing) cost
+// ~25 us of a layer's ~66; a grid barrier's release waits ~1-2.5 us while the block's weight
+// copies are in flight (session 8's stamps): 4 of the 7 barriers are now tagged words instead
+// (gu, attn, o, logits: bf16 or fp32 bits with a 16-bit layer tag in one relaxed store). GpuModelConfig::fused_decode_layer stays off by
 // default: the cost model predicts the unfused kernels (docs/forward.md).
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
