@@ -315,7 +315,6 @@ __device__ __noinline__ uint32_t produce(Mats m, int kind, const int32_t* ids, R
 
 // Where consume() puts a row's value v (row c = seg.out0 + r of the phase's numbering).
 enum Out : int {
-  kOutQkv = 0,   // c < split: bf16 out[c], else bf16 out2[c - split]
   kOutBf16 = 1,  // bf16 out[c]
   kOutF32 = 2,   // float out[c]
   kOutPart = 3,  // float out[c] = w[slot] * bf16(v) (c = slot x H + output column)
@@ -334,12 +333,6 @@ struct Sink {
 __device__ __forceinline__ void sink_store(const Sink& sink, const Seg& s, int64_t rr, float t) {
   const int64_t c = s.out0 + rr;
   switch (sink.mode) {
-    case kOutQkv:
-      if (c < sink.split)
-        static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t);
-      else
-        static_cast<bf16*>(sink.out2)[c - sink.split] = __float2bfloat16_rn(t);
-      break;
     case kOutBf16: static_cast<bf16*>(sink.out)[c] = __float2bfloat16_rn(t); break;
     case kOutF32: static_cast<float*>(sink.out)[c] = t; break;
     case kOutF32Tagged: {
@@ -378,6 +371,43 @@ __device__ __forceinline__ void load_tagged8(const uint32_t* src, unsigned tag, 
 }
 // The bf16 bits of a tagged word as a float.
 __device__ __forceinline__ float tagged_value(uint32_t w) { return __uint_as_float(w << 16); }
+// src[32 m] for m < N (kOutTagged words; a lane's elements of a head in the lane + 32 m layout),
+// re-read until all carry `tag`.
+template <int N>
+__device__ __forceinline__ void load_tagged_lane(const uint32_t* src, unsigned tag, uint32_t (&w)[N]) {
+  for (bool ready = false; !ready;) {
+    ready = true;
+#pragma unroll
+    for (int m = 0; m < N; ++m) {
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(w[m]) : "l"(src + 32 * m) : "memory");
+      ready = ready && (w[m] >> 16) == tag;
+    }
+    if (!ready) __nanosleep(32);
+  }
+}
+// 64-bit tagged words (fp32 bits | tag32 << 32: the attention partials): n <= N words at
+// src + stride i (i < n), re-read until all carry tag32: the loads of a pass are
+// independent (in flight together), so a ready batch costs one round trip.
+template <int N>
+__device__ __forceinline__ void load_tagged64_batch(const unsigned long long* src, int64_t stride, int n, unsigned tag32,
+                                                    float (&v)[N]) {
+  for (bool ready = false; !ready;) {
+    ready = true;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (i >= n) break;
+      unsigned long long w;
+      asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(src + stride * i) : "memory");
+      ready = ready && unsigned(w >> 32) == tag32;
+      v[i] = __uint_as_float(unsigned(w));
+    }
+    if (!ready) __nanosleep(32);
+  }
+}
+__device__ __forceinline__ void store_tagged64(unsigned long long* dst, float v, unsigned tag32) {
+  const unsigned long long w = (static_cast<unsigned long long>(tag32) << 32) | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(dst), "l"(w) : "memory");
+}
 
 // One warp's stage of n rows of k = 256 VPL elements (Mats::multirow): up to 8 rows summed at once,
 // each lane's activation vectors loaded into registers once per 8 rows (4 at a time: 9 warps per
@@ -674,8 +704,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   int32_t* s_ids = s_ids2[l & 1];
   float* s_w = s_w2[l & 1];
   if (diag && threadIdx.x == 0) diag[1] = global_ns();
-  // This layer's tag of the values exchanged without a grid barrier (gu, attn, o, logits).
-  const unsigned tag = (epoch * unsigned(kFusedDecodeMaxLayers) + unsigned(l)) & 0xffffu;
+  // This layer's tag of the values exchanged without a grid barrier: 16 bits next to a bf16 value
+  // (q|k|v, attn, o, gu) or the logits' fp32, 32 bits next to the attention partials' fp32.
+  const unsigned tag32 = epoch * unsigned(kFusedDecodeMaxLayers) + unsigned(l);
+  const unsigned tag = tag32 & 0xffffu;
+  // The experts' partials alternate between two buffers by layer: layer l + 1's phase 6 may write
+  // while a slow block still reads layer l's in its phase 0 (no grid barrier between them).
+  float* part = p.part + int64_t(l & 1) * K * H;
   auto mark = [&](int phase) {
     if (!timed) return;
     const unsigned long long t = global_ns();
@@ -683,21 +718,27 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     t_last = t;
   };
 
-  // Phase 0: x, normed, q|k|v.
+  // Phase 0: x, normed, q|k|v. After the launch's first layer the residual is this block's own
+  // x2 of the previous layer (s_x: every block computes all of it in phase 4), so res is read
+  // once and written once per launch.
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
-    uint4 r = __ldcg(reinterpret_cast<const uint4*>(p.res + i));
-    if (l > 0)  // the previous layer's MoE output, combined here
-      r = add_bf16x8(r, combine8(P.layer[l - 1].part, K, H, i));
-    else if (p.tmp_in)
-      r = add_bf16x8(r, __ldcg(reinterpret_cast<const uint4*>(p.tmp_in + i)));
+    uint4 r;
+    if (l > 0) {  // the previous layer's MoE output, combined here
+      r = add_bf16x8(*reinterpret_cast<const uint4*>(s_x + i),
+                     combine8(P.layer[l - 1].part + int64_t((l - 1) & 1) * K * H, K, H, i));
+    } else {
+      r = __ldcg(reinterpret_cast<const uint4*>(p.res + i));
+      if (p.tmp_in) r = add_bf16x8(r, __ldcg(reinterpret_cast<const uint4*>(p.tmp_in + i)));
+    }
     *reinterpret_cast<uint4*>(s_x + i) = r;
     if (blockIdx.x == 0 && p.rec_in) *reinterpret_cast<uint4*>(p.rec_in + i) = r;
   }
   csync();
   block_rmsnorm(s_x, p.in_norm, s_n, H, p.eps, s_red);
-  g = consume(mats, kQkv, nullptr, R, g, s_n, 0, Sink{kOutQkv, p.q, p.kv, QW, nullptr}, skip, diag ? s_t : nullptr,
-              nullptr);
-  grid_barrier(p.barrier, 1, diag ? diag + 23 : nullptr);
+  g = consume(mats, kQkv, nullptr, R, g, s_n, 0, Sink{kOutTagged, p.qkv_tagged, nullptr, 0, nullptr, tag}, skip,
+              diag ? s_t : nullptr, nullptr);
+  // No grid barrier (session 9): the attention re-reads the q|k|v words it needs until tagged.
+  if (diag) csync();
   if (diag && threadIdx.x == 0) {
     diag[2] = s_t[0];
     diag[8] = global_ns();
@@ -723,7 +764,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     float* s_q = reinterpret_cast<float*>(s_v + kTile * kRow);  // [group][D] (scaled)
     float* s_cs = s_q + group * D;                 // [D] cos | sin
     for (int i = threadIdx.x; i < D; i += kThreads) s_cs[i] = __ldcg(p.rope_cs + i);
-    // The tile's K / V vectors (the new token's row excluded: it comes from p.kv below).
+    // The tile's K / V vectors (the new token's row excluded: it comes from the q|k|v words below).
     auto load_tile = [&](int kvh, int t0, int n, uint4 (&r)[kVecsPerThread]) {
 #pragma unroll
       for (int u = 0; u < kVecsPerThread; ++u) {
@@ -747,7 +788,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         if (i >= kTileVecs) continue;
         const int which = i / (kTile * kVecPerRow), rem = i % (kTile * kVecPerRow);
         const int row = rem / kVecPerRow, v = rem % kVecPerRow;
-        if (t0 + row == pos) continue;  // written from p.kv
+        if (t0 + row == pos) continue;  // written from the q|k|v words
         *reinterpret_cast<uint4*>((which ? s_v : s_k) + row * kRow + v * 8) = r[u];
       }
     };
@@ -761,8 +802,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       for (int hh = warp; hh < group; hh += kWarps) {
         const int h = kvh * group + hh;
         float f[D / 32];
+        uint32_t qw[D / 32];
+        load_tagged_lane<D / 32>(p.qkv_tagged + int64_t(h) * D + lane, tag, qw);
 #pragma unroll
-        for (int m = 0; m < D / 32; ++m) f[m] = __bfloat162float(__ldcg(p.q + int64_t(h) * D + lane + 32 * m));
+        for (int m = 0; m < D / 32; ++m) f[m] = tagged_value(qw[m]);
         norm_rope<D>(f, p.q_norm, s_cs, p.eps);
 #pragma unroll
         for (int m = 0; m < D / 32; ++m) s_q[hh * D + lane + 32 * m] = f[m] * scale2;
@@ -783,8 +826,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         // The new token's k (normed, rotated) and v: into the tile and the paged cache.
         if (pos >= t0 && pos < t0 + n && warp == 0) {
           float f[D / 32];
+          uint32_t kw[D / 32], vw[D / 32];
+          load_tagged_lane<D / 32>(p.qkv_tagged + QW + int64_t(kvh) * D + lane, tag, kw);
+          load_tagged_lane<D / 32>(p.qkv_tagged + QW + KVW + int64_t(kvh) * D + lane, tag, vw);
 #pragma unroll
-          for (int m = 0; m < D / 32; ++m) f[m] = __bfloat162float(__ldcg(p.kv + int64_t(kvh) * D + lane + 32 * m));
+          for (int m = 0; m < D / 32; ++m) f[m] = tagged_value(kw[m]);
           norm_rope<D>(f, p.k_norm, s_cs, p.eps);
           const int64_t blk = p.block_table[pos / p.block_tokens];
           const int64_t off = ((blk * p.block_tokens + pos % p.block_tokens) * p.kv_heads + kvh) * D;
@@ -792,7 +838,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 #pragma unroll
           for (int m = 0; m < D / 32; ++m) {
             const bf16 kb = __float2bfloat16_rn(f[m]);
-            const bf16 vb = __ldcg(p.kv + KVW + int64_t(kvh) * D + lane + 32 * m);
+            const bf16 vb = __ushort_as_bfloat16(static_cast<unsigned short>(vw[m] & 0xffffu));
             p.k_cache[off + lane + 32 * m] = kb;
             p.v_cache[off + lane + 32 * m] = vb;
             s_k[row * kRow + lane + 32 * m] = kb;
@@ -847,38 +893,45 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         const int hh = warp + r * kWarps;
         if (hh >= group) break;
         const int h = kvh * group + hh;
-        float* w = p.attn_ws + (int64_t(h) * max_splits + sp) * (D + 2);
+        unsigned long long* w = p.attn_ws + (int64_t(h) * max_splits + sp) * (D + 2);
         if (lane == 0) {
-          w[0] = st_m[r];
-          w[1] = st_l[r];
+          store_tagged64(w, st_m[r], tag32);
+          store_tagged64(w + 1, st_l[r], tag32);
         }
 #pragma unroll
-        for (int m = 0; m < D / 32; ++m) w[2 + lane + 32 * m] = acc[r][m];
+        for (int m = 0; m < D / 32; ++m) store_tagged64(w + 2 + lane + 32 * m, acc[r][m], tag32);
       }
     }
   }
-  grid_barrier(p.barrier, 2);
+  // No grid barrier (session 9): the merge re-reads the partial words it needs until tagged.
   mark(1);
   if (diag && threadIdx.x == 0) diag[18] = global_ns();
 
   // Phase 2: merge the chunks of each q head: a block per head; every warp finds the max and the
   // weights, warp w sums chunks w, w + kWarps, ..., the block adds the warps' sums in order.
   {
-    float* s_f = reinterpret_cast<float*>(s_u);            // [max_splits] chunk weights
-    float* s_part = s_f + max_splits;                      // [kWarps][D]
+    float* s_f = reinterpret_cast<float*>(s_u);            // [2][max_splits] chunk weights, sums
+    float* s_part = s_f + 2 * max_splits;                  // [kWarps][D]
     __shared__ float s_l;
     for (int h = blockIdx.x; h < p.q_heads; h += gridDim.x) {
-      const float* w = p.attn_ws + int64_t(h) * max_splits * (D + 2);
+      const unsigned long long* w = p.attn_ws + int64_t(h) * max_splits * (D + 2);
       if (warp == 0) {
+        // (max, sum) of the lane's chunks sp = lane, lane + 32, ...: polled as one batch each.
         float m = -INFINITY;
-        for (int sp = lane; sp < splits; sp += 32) m = fmaxf(m, __ldcg(w + int64_t(sp) * (D + 2)));
+        for (int sp = lane; sp < splits; sp += 32) {
+          float ml[2];
+          load_tagged64_batch<2>(w + int64_t(sp) * (D + 2), 1, 2, tag32, ml);
+          m = fmaxf(m, ml[0]);
+          s_f[sp] = ml[0];
+          s_f[max_splits + sp] = ml[1];
+        }
         m = warp_max(m);
         float l = 0.0f;
-        for (int sp = lane; sp < splits; sp += 32) {
-          const float ms = __ldcg(w + int64_t(sp) * (D + 2));
+        for (int sp = lane; sp < splits; sp += 32) {  // the lane's own entries: no sync needed
+          const float ms = s_f[sp];
           const float f = ms == -INFINITY ? 0.0f : exp2f(ms - m);
           s_f[sp] = f;
-          l += __ldcg(w + int64_t(sp) * (D + 2) + 1) * f;
+          l += s_f[max_splits + sp] * f;
         }
         l = warp_sum(l);
         if (lane == 0) s_l = l;
@@ -893,8 +946,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       for (int r = 0; r < kMaxPerWarp; ++r) {
         const int sp = warp + r * kWarps;
 #pragma unroll
-        for (int j = 0; j < D / 32; ++j)
-          vals[r][j] = sp < splits ? __ldcg(w + int64_t(sp) * (D + 2) + 2 + lane + 32 * j) : 0.0f;
+        for (int j = 0; j < D / 32; ++j) vals[r][j] = 0.0f;
+        if (sp < splits) load_tagged64_batch<D / 32>(w + int64_t(sp) * (D + 2) + 2 + lane, 32, D / 32, tag32, vals[r]);
       }
       csync();  // s_f, s_l
 #pragma unroll
@@ -904,9 +957,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 #pragma unroll
         for (int j = 0; j < D / 32; ++j) a[j] = fmaf(vals[r][j], s_f[sp], a[j]);
       }
-      for (int sp = warp + kMaxPerWarp * kWarps; sp < splits; sp += kWarps)  // more chunks than kMaxPerWarp per warp
+      for (int sp = warp + kMaxPerWarp * kWarps; sp < splits; sp += kWarps) {  // more chunks than kMaxPerWarp per warp
+        float v[D / 32];
+        load_tagged64_batch<D / 32>(w + int64_t(sp) * (D + 2) + 2 + lane, 32, D / 32, tag32, v);
 #pragma unroll
-        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(__ldcg(w + int64_t(sp) * (D + 2) + 2 + lane + 32 * j), s_f[sp], a[j]);
+        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(v[j], s_f[sp], a[j]);
+      }
 #pragma unroll
       for (int j = 0; j < D / 32; ++j) s_part[warp * D + lane + 32 * j] = a[j];
       csync();
@@ -953,10 +1009,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
                                 (w[4] & 0xffffu) | (w[5] << 16), (w[6] & 0xffffu) | (w[7] << 16));
     const uint4 r = add_bf16x8(*reinterpret_cast<const uint4*>(s_x + i), o8);
     *reinterpret_cast<uint4*>(s_x + i) = r;
-    if (blockIdx.x == 0) {
-      *reinterpret_cast<uint4*>(p.res + i) = r;
-      if (p.rec_attn) *reinterpret_cast<uint4*>(p.rec_attn + i) = r;
-    }
+    if (blockIdx.x == 0 && p.rec_attn) *reinterpret_cast<uint4*>(p.rec_attn + i) = r;
   }
   csync();
   if (diag && threadIdx.x == 0) diag[19] = global_ns();
@@ -998,12 +1051,17 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         kernels::detail::route_token<4>(rp, s_lg, 0, lane);
       else
         kernels::detail::route_token<8>(rp, s_lg, 0, lane);
+      // The producer needs only the ids: released by warp 0 as soon as they are written (the
+      // other warps arrived before the routing).
+      __syncwarp();
+      asm volatile("bar.arrive %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
+    } else {
+      asm volatile("bar.arrive %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
     }
     csync();
     if (diag && threadIdx.x == 0) {
       diag[11] = global_ns();
     }
-    asm volatile("bar.arrive %0, %1;" ::"n"(kRoutedBar), "n"(kBlockThreads) : "memory");
   }
   g = consume(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t + 1 : nullptr, diag ? s_t + 3 : nullptr);
@@ -1046,14 +1104,19 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     csync();
     if (diag && threadIdx.x == 0) diag[17] = global_ns();
-    g = consume(mats, kDown, s_ids, R, g, s_a, I, Sink{kOutPart, p.part, nullptr, 0, s_w}, skip,
+    g = consume(mats, kDown, s_ids, R, g, s_a, I, Sink{kOutPart, part, nullptr, 0, s_w}, skip,
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
   }
-  // The next layer's phase 0 reads res (block 0, phase 4) and every block's partials.
-  grid_barrier(p.barrier, 3, diag ? diag + 29 : nullptr);
-  if (l + 1 == L)
+  // The layer's one grid barrier: the next layer's phase 0 reads every block's partials, and every
+  // buffer exchanged as tagged words is rewritten only after it (docs/forward.md, session 9).
+  grid_barrier(p.barrier, 1, diag ? diag + 29 : nullptr);
+  if (l + 1 == L) {
     for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8; i < H; i += int64_t(gridDim.x) * kThreads * 8)
-      *reinterpret_cast<uint4*>(p.tmp_out + i) = combine8(p.part, K, H, i);
+      *reinterpret_cast<uint4*>(p.tmp_out + i) = combine8(part, K, H, i);
+    if (blockIdx.x == 0)  // x2, the residual after attention (every block read res in layer 0's phase 0)
+      for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8)
+        *reinterpret_cast<uint4*>(p.res + i) = *reinterpret_cast<const uint4*>(s_x + i);
+  }
   if (l + 1 == L && blockIdx.x == 0 && threadIdx.x == 0)
     atomicAdd(p0.epoch, 1u);  // every block read it at its start (before this layer's last barrier)
   mark(6);
@@ -1078,7 +1141,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
 int64_t scratch_bytes(const FusedDecodeLayerParams& p, int blocks) {
   const int64_t D = p.head_dim, group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
-  const int64_t merge = p.kv_heads > 0 ? (int64_t(blocks + p.kv_heads - 1) / p.kv_heads + int64_t(kWarps) * D) * 4 : 0;
+  const int64_t merge = p.kv_heads > 0 ? (2 * (int64_t(blocks + p.kv_heads - 1) / p.kv_heads) + int64_t(kWarps) * D) * 4 : 0;
   const int64_t attn = 2 * kTile * (D + 8) * 2 + (group * D + D) * 4;
   const int64_t oproj = int64_t(p.q_heads) * D * 4;
   const int64_t route = int64_t(p.num_experts) * 4;
@@ -1129,7 +1192,7 @@ DeviceInfo current_device() {
 
 int fused_decode_layer_blocks(int device) { return device_info(device).sms; }
 
-int64_t fused_decode_layer_ws_floats(int blocks, int q_heads, int kv_heads, int head_dim) {
+int64_t fused_decode_layer_ws_words(int blocks, int q_heads, int kv_heads, int head_dim) {
   if (kv_heads < 1) return 0;
   const int64_t max_splits = (blocks + kv_heads - 1) / kv_heads;
   return int64_t(q_heads) * max_splits * (head_dim + 2);
@@ -1153,7 +1216,7 @@ std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& 
   if (p.block_tokens < 1) return "block_tokens=" + s(p.block_tokens) + " (need >= 1)";
   if (p.hidden > 16384) return "hidden=" + s(p.hidden) + " (legal: <= 16384)";
   if (!p.res || !p.tmp_out || !p.part || !p.in_norm || !p.post_norm || !p.wqkv || !p.wo || !p.rope_cs || !p.position ||
-      !p.seq_len || !p.k_cache || !p.v_cache || !p.block_table || !p.router || !p.w13 || !p.w2 || !p.q || !p.kv ||
+      !p.seq_len || !p.k_cache || !p.v_cache || !p.block_table || !p.router || !p.w13 || !p.w2 || !p.qkv_tagged ||
       !p.attn_ws || !p.attn_tagged || !p.o_tagged || !p.logits_tagged || !p.gu_tagged || !p.epoch ||
       !p.barrier)
     return "a required pointer is null";
@@ -1180,9 +1243,9 @@ void launch_fused_decode_layers(const FusedDecodeStepParams& P, cudaStream_t str
     if (q.hidden != p.hidden || q.q_heads != p.q_heads || q.kv_heads != p.kv_heads || q.head_dim != p.head_dim ||
         q.inter != p.inter || q.num_experts != p.num_experts || q.top_k != p.top_k)
       throw InputError("fused decode layer " + std::to_string(l) + " of the launch: shapes differ from layer 0's");
-    if (q.attn_ws_floats < fused_decode_layer_ws_floats(blocks, q.q_heads, q.kv_heads, q.head_dim))
-      throw InputError("fused decode layer: attention workspace of " + std::to_string(q.attn_ws_floats) +
-                       " floats, need " + std::to_string(fused_decode_layer_ws_floats(blocks, q.q_heads, q.kv_heads, q.head_dim)));
+    if (q.attn_ws_words < fused_decode_layer_ws_words(blocks, q.q_heads, q.kv_heads, q.head_dim))
+      throw InputError("fused decode layer: attention workspace of " + std::to_string(q.attn_ws_words) +
+                       " words, need " + std::to_string(fused_decode_layer_ws_words(blocks, q.q_heads, q.kv_heads, q.head_dim)));
   }
   const Layout L = make_layout(p, blocks);
   const std::size_t smem = std::size_t(L.total);

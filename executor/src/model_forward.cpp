@@ -98,11 +98,11 @@ struct GpuModel::Act {
   DeviceBuffer hidden_rec;  // [2, L, T, H] bf16 when recording
   // The fused batch-1 decode layer (decode_layer.hpp): scratch, and one grid-barrier counter per
   // layer (zeroed by one memset per step that runs it). Empty when the model cannot take it.
-  DeviceBuffer fused_kv, fused_ws, fused_part, fused_barrier, fused_gu, fused_epoch;
+  DeviceBuffer fused_qkv, fused_ws, fused_part, fused_barrier, fused_gu, fused_epoch;
   DeviceBuffer fused_attn, fused_o_tagged, fused_logits;  // tagged words (decode_layer.hpp)
   DeviceBuffer fused_phase_ns;  // [8] u64 when MIXSERVE_FUSED_PHASE_TIMING is set (diagnostics)
   DeviceBuffer fused_diag;      // [blocks][kFusedDecodeDiagStamps] u64 with it: one layer's per-block stamps
-  int64_t fused_ws_floats = 0;
+  int64_t fused_ws_words = 0;
   ~Act() {
     if (bucket_offsets_copied) cudaEventDestroy(bucket_offsets_copied);
     if (bucket_offsets_host) cudaFreeHost(bucket_offsets_host);
@@ -472,16 +472,16 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     int device = 0;
     MIXSERVE_CUDA_CHECK(cudaGetDevice(&device));
     const int blocks = fused_decode_layer_blocks(device);
-    A.fused_ws_floats = fused_decode_layer_ws_floats(blocks, dims_.q_heads, dims_.kv_heads, m.attention.head_dim);
-    A.fused_kv = DeviceBuffer(std::size_t(2 * KVW) * 2);
-    A.fused_ws = DeviceBuffer(std::size_t(A.fused_ws_floats) * 4);
-    A.fused_part = DeviceBuffer(std::size_t(m.moe.top_k) * std::size_t(H) * sizeof(float));
+    A.fused_ws_words = fused_decode_layer_ws_words(blocks, dims_.q_heads, dims_.kv_heads, m.attention.head_dim);
+    A.fused_qkv = DeviceBuffer(std::size_t(QW + 2 * KVW) * sizeof(uint32_t));
+    A.fused_ws = DeviceBuffer(std::size_t(A.fused_ws_words) * sizeof(unsigned long long));
+    A.fused_part = DeviceBuffer(2 * std::size_t(m.moe.top_k) * std::size_t(H) * sizeof(float));
     A.fused_gu = DeviceBuffer(std::size_t(m.moe.top_k) * std::size_t(2 * I) * sizeof(uint32_t));
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_gu.get(), 0xff, A.fused_gu.bytes(), s));  // decode_layer.hpp gu_tagged
     A.fused_attn = DeviceBuffer(std::size_t(QW) * sizeof(uint32_t));
     A.fused_o_tagged = DeviceBuffer(std::size_t(H) * sizeof(uint32_t));
     A.fused_logits = DeviceBuffer(std::size_t(m.moe.num_experts) * sizeof(unsigned long long));
-    for (DeviceBuffer* b : {&A.fused_attn, &A.fused_o_tagged, &A.fused_logits})
+    for (DeviceBuffer* b : {&A.fused_attn, &A.fused_o_tagged, &A.fused_logits, &A.fused_qkv, &A.fused_ws})
       MIXSERVE_CUDA_CHECK(cudaMemsetAsync(b->get(), 0xff, b->bytes(), s));  // no launch's tag
     A.fused_epoch = DeviceBuffer(sizeof(unsigned));
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_epoch.get(), 0, A.fused_epoch.bytes(), s));
@@ -1126,10 +1126,9 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.inter = dims_.inter;
   fp.renormalize = m.moe.norm_topk_prob;
   fp.routed_scaling = static_cast<float>(m.moe.routed_scaling_factor);
-  fp.q = A.q;
-  fp.kv = A.fused_kv.as<bf16>();
-  fp.attn_ws = A.fused_ws.as<float>();
-  fp.attn_ws_floats = A.fused_ws_floats;
+  fp.qkv_tagged = A.fused_qkv.as<uint32_t>();
+  fp.attn_ws = A.fused_ws.as<unsigned long long>();
+  fp.attn_ws_words = A.fused_ws_words;
   fp.attn_tagged = A.fused_attn.as<uint32_t>();
   fp.o_tagged = A.fused_o_tagged.as<uint32_t>();
   fp.part = A.fused_part.as<float>();

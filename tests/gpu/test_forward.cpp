@@ -441,10 +441,10 @@ void print_fused_diag(const std::vector<unsigned long long>& d) {
   unsigned long long t0 = ~0ull;
   for (std::size_t b = 0; b < blocks; ++b) t0 = std::min(t0, d[b * kStamps]);
   static const char* names[kStamps] = {"start",   "pdl wait", "qkv in", "routed(prod)", "gu in",   "gu done",
-                                       "down in", "end",      "bar1",   "attn read",    "logits read", "routed",
+                                       "down in", "end",      "qkv done", "attn read",    "logits read", "routed",
                                        "gu first in", "down first in", "down issued", "gu issued",
-                                       "gu done2",    "staged",      "bar2",      "o read",
-                                       "oproj in",    "oproj done",  "oproj first in", "b1 red", "b1 red done",
+                                       "gu done2",    "staged",      "partials",  "o read",
+                                       "oproj in",    "oproj done",  "oproj first in", "", "",
                                        "",            "",            "",            "",            "last red",    "last red done"};
   std::printf("#   fused layer stamps (us after the first block start, median / max over %zu blocks):", blocks);
   for (int e = 0; e < kStamps; ++e) {

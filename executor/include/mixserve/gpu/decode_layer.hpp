@@ -2,14 +2,15 @@
 // whole GPU: a persistent grid (one block per SM: 8 consumer warps + 1 producer warp) that runs the
 // layer's phases with grid-wide barriers between them instead of ~13 dependent launches
 // (docs/forward.md "Fused decode layer"):
-//   0  x = bf16(res + tmp_in) (tmp_in null: x = res; in a launch's later layers tmp_in is the
-//      previous layer's partials combined, see 6), normed = RMSNorm(x) * in_norm    (every block)
-//      q | k | v = normed . Wqkv^T                                    (rows over the blocks)
-//   -- barrier
+//   0  x = bf16(res + tmp_in) (tmp_in null: x = res; in a launch's later layers res is the block's
+//      own x2 of the previous layer and tmp_in that layer's partials combined, see 6),
+//      normed = RMSNorm(x) * in_norm                                                (every block)
+//      q | k | v = normed . Wqkv^T, stored tagged                     (rows over the blocks)
+//   -- no barrier (session 9): the attention re-reads the q|k|v words it needs until tagged
 //   1  attention: QK-norm and RoPE of q (per head) and of the new k, the new k / v written to the
 //      paged cache, softmax(scale q . K^T) V over the context split into chunks: partials
-//      (max, sum, acc) per q head and chunk                     (work items = kv heads x chunks)
-//   -- barrier
+//      (max, sum, acc) per q head and chunk, stored tagged      (work items = kv heads x chunks)
+//   -- no barrier (session 9): the merge re-reads its head's partial words until tagged
 //   2  merge of the chunks' partials -> attn [q_heads * head_dim] bf16      (a block per q head)
 //   -- no barrier (session 8): phase 3 re-reads the attn words it needs until tagged (below)
 //   3  o = attn . Wo^T                                                        (rows over the blocks)
@@ -21,10 +22,10 @@
 //   -- no barrier (session 8): each block's SwiGLU re-reads the gu values it needs until they
 //      carry this layer's tag (value and tag in one 32-bit word, relaxed stores and loads)
 //   6  part[j][d] = w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d])   (the K x H rows over the blocks)
-//   -- barrier
+//   -- barrier (the layer's only grid barrier)
 //      tmp_out[d] = bf16(sum_j part[j][d]) (slot order): the next layer of the launch does this in
-//      its phase 0, adding it to res; after the last layer every block writes its columns
-// (res = x2 is written by block 0 in phase 4, after every block read res in phase 0.)
+//      its phase 0, adding it to x2; after the last layer every block writes its columns
+// (res = x2 of the last layer is written by block 0 after the last barrier.)
 // So on return res holds the residual after attention and tmp_out the MoE output, the contract of
 // GpuModel's decode kernels (the next layer's input norm adds them). The same formulas and bf16
 // rounding points as the unfused kernels (rmsnorm.cuh, the QK-norm/RoPE kernel, the grouped GEMV
@@ -49,8 +50,9 @@
 // step of Qwen3-30B-A3B takes ~3275 us against ~4070 us with the unfused decode kernels (session
 // 8; 44.3% of the copy bandwidth). The phases without weights (attention, merge, routing) cost
 // ~25 us of a layer's ~66; a grid barrier's release waits ~1-2.5 us while the block's weight
-// copies are in flight (session 8's stamps): 4 of the 7 barriers are now tagged words instead
-// (gu, attn, o, logits: bf16 or fp32 bits with a 16-bit layer tag in one relaxed store). GpuModelConfig::fused_decode_layer stays off by
+// copies are in flight (session 8's stamps): 6 of the 7 barriers are now tagged words instead
+// (q|k|v, attention partials, attn, o, logits, gu: bf16 or fp32 bits with a layer tag in one relaxed
+// store; sessions 8-9). GpuModelConfig::fused_decode_layer stays off by
 // default: the cost model predicts the unfused kernels (docs/forward.md).
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
@@ -61,7 +63,7 @@
 // could keep blocks out and deadlock it. The layout
 // assumes 227 KiB of opt-in shared memory (H100/H200); the device's SM count and compute
 // capability are cached per device. `barrier` must be zero at launch (the executor clears the
-// step's counters with one memset before the layers) and is left at 3 x blocks.
+// step's counters with one memset before the layers) and is left at 1 x blocks.
 // Requirements: sm_90 (bulk copies; the reason names older devices); head_dim 64 or 128; q_heads a
 // multiple of kv_heads; hidden, q width and expert width multiples of 8; num_experts <=
 // kRouterMaxExperts and top_k <= 8; 16-byte aligned weights and buffers; a ring of >= 2 stages.
@@ -112,13 +114,13 @@ struct FusedDecodeLayerParams {
   int64_t inter = 0;                      // I
   bool renormalize = false;
   float routed_scaling = 1.0f;
-  // Scratch (device): written and read inside the launch.
-  __nv_bfloat16* q = nullptr;             // [q_heads * head_dim]
-  __nv_bfloat16* kv = nullptr;            // [2 * kv_heads * head_dim]
-  float* attn_ws = nullptr;               // [q_heads, max chunks, head_dim + 2]
-  int64_t attn_ws_floats = 0;
-  // Exchanged without grid barriers (session 8): tagged words as gu_tagged (bf16 | tag << 16; the
-  // logits fp32 bits | tag << 32), filled with 0xff bytes when allocated.
+  // Scratch (device): written and read inside the launch, exchanged between the blocks without
+  // grid barriers (sessions 8-9) as tagged words: bf16 bits | tag << 16 (u32), the logits fp32 bits
+  // | tag << 32 with a 16-bit tag, the attention partials fp32 bits | tag << 32 with a 32-bit tag;
+  // all filled with 0xff bytes when allocated (a tag no launch's first layer uses).
+  uint32_t* qkv_tagged = nullptr;         // [(q_heads + 2 kv_heads) * head_dim] q | k | v
+  unsigned long long* attn_ws = nullptr;  // [q_heads, max chunks, head_dim + 2] (max, sum, acc) per chunk
+  int64_t attn_ws_words = 0;
   uint32_t* attn_tagged = nullptr;        // [q_heads * head_dim]
   uint32_t* o_tagged = nullptr;           // [H]
   unsigned long long* logits_tagged = nullptr;  // [E]
@@ -127,7 +129,7 @@ struct FusedDecodeLayerParams {
   // first layer uses).
   uint32_t* gu_tagged = nullptr;
   unsigned* epoch = nullptr;              // [1] launches so far (layer 0's), zero when allocated
-  float* part = nullptr;                  // [top_k, H] the experts' weighted down outputs
+  float* part = nullptr;                  // [2, top_k, H] the experts' weighted down outputs (by layer parity)
   unsigned* barrier = nullptr;            // one counter, zero at launch
   bool pdl = false;
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
@@ -145,12 +147,12 @@ struct FusedDecodeLayerParams {
   bool cooperative = true;
   // Diagnostics or null: [blocks][kFusedDecodeDiagStamps] u64 for this layer: globaltimer stamps 0 the
   // producer's start of the layer, 1 the consumers' start, 2 last q|k|v stage arrival, 3 routing seen by the producer, 4 last
-  // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 after grid barrier 1, 9 the
+  // gate|up arrival, 5 gate|up done, 6 last down arrival, 7 end, 8 q|k|v summed, 9 the
   // tagged attn read, 10 the tagged logits read, 11 routing done, 12 first gate|up arrival, 13
   // first down arrival, 14 last down copy issued, 15 last gate|up copy issued, 16 gate|up done,
-  // 17 the SwiGLU staged, 18 after grid barrier 2, 19 the tagged o read, 20 last o_proj stage
-  // arrival, 21 o_proj summed, 22 first o_proj stage arrival, 23-24 and 29-30 before and after the
-  // arrival (release) of grid barrier 1 and the layer's last (25-28 unused). diag_skip_dot
+  // 17 the SwiGLU staged, 18 attention partials stored, 19 the tagged o read, 20 last o_proj stage
+  // arrival, 21 o_proj summed, 22 first o_proj stage arrival, 29-30 before and after the arrival
+  // (release) of the layer's grid barrier (23-28 unused). diag_skip_dot
   // skips the dot products (zeros: WRONG results; times the weight stream alone).
   unsigned long long* diag = nullptr;
   bool diag_skip_dot = false;
@@ -158,7 +160,7 @@ struct FusedDecodeLayerParams {
 };
 
 // Consecutive layers in ONE launch (session 6): the layers one after another inside the kernel, a
-// grid barrier between them (the barrier counter of layer l < last is left at 3 x blocks), the
+// grid barrier between them (the barrier counter of layer l < last is left at 1 x blocks), the
 // weight ring running on from one layer's down rows into the next one's q|k|v rows. Every layer's
 // shapes must equal layer 0's; layer 0's pdl, evict_first, ring sizes and diagnostics switches
 // apply to the launch. Passed by value as the kernel's parameter (__grid_constant__, < 32 KB).
@@ -169,9 +171,9 @@ struct FusedDecodeStepParams {
 };
 static_assert(sizeof(FusedDecodeStepParams) <= 32000, "kernel parameters are limited to 32 KB");
 
-// Blocks of the launch on `device` (one per SM), and the attention workspace it needs (floats).
+// Blocks of the launch on `device` (one per SM), and the attention workspace it needs (64-bit words).
 int fused_decode_layer_blocks(int device);
-int64_t fused_decode_layer_ws_floats(int blocks, int q_heads, int kv_heads, int head_dim);
+int64_t fused_decode_layer_ws_words(int blocks, int q_heads, int kv_heads, int head_dim);
 // "" when the shapes are supported (the device is not checked), else why not, naming the legal values.
 std::string fused_decode_layer_unsupported_reason(const FusedDecodeLayerParams& p);
 // Throws mixserve::InputError naming the unsupported parameter; launch errors are checked.

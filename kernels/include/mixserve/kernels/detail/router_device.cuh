@@ -21,6 +21,14 @@ inline constexpr unsigned kRouterFullMask = 0xffffffffu;
 __device__ __forceinline__ bool beats(float va, int ia, float vb, int ib) {
   return va > vb || (va == vb && ia < ib);
 }
+// A 32-bit key ordered as beats() orders values: a larger float has a larger key, -0 and +0 are
+// equal, 0 is below every value (the key of an expert that is not eligible), and NaN, which never
+// beats anything, maps to 0 too.
+__device__ __forceinline__ unsigned order_key(float v) {
+  if (v != v) return 0u;
+  const unsigned b = __float_as_uint(v + 0.0f);  // -0 + 0 = +0
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
 // Warp-wide arg-max under beats(); every lane ends with the winner.
 __device__ __forceinline__ void warp_argmax(float& v, int& id) {
 #pragma unroll
@@ -113,19 +121,26 @@ __device__ __forceinline__ void route_token(const RouterParams& p, const float* 
     for (int j = 0; j < kPerLane; ++j)
       if (present[j] && !((keep >> ((lane + 32 * j) / group_size)) & 1u)) sel[j] = kNegInf;
   }
-  // top_k rounds of the warp arg-max; lane r keeps the r-th id.
+  // top_k rounds of the warp arg-max under beats(); lane r keeps the r-th id. Each round is two
+  // warp reductions of 32-bit keys (redux.sync, sm_80+) instead of 5 rounds of shuffling
+  // (value, id) pairs: the largest order key, then the lowest id holding it.
+  unsigned key[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) key[j] = present[j] ? order_key(sel[j]) : 0u;
   unsigned taken = 0;
   int my_id = -1;
   for (int r = 0; r < p.top_k; ++r) {
-    float v = kNegInf;
+    unsigned best = 0;
     int id = INT_MAX;
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j)
-      if (present[j] && !((taken >> j) & 1u) && beats(sel[j], lane + 32 * j, v, id)) {
-        v = sel[j];
+    for (int j = 0; j < kPerLane; ++j)  // j ascending: the lane's lowest id among its equal keys
+      if (!((taken >> j) & 1u) && key[j] > best) {
+        best = key[j];
         id = lane + 32 * j;
       }
-    warp_argmax(v, id);
+    const unsigned top = __reduce_max_sync(kRouterFullMask, best);
+    const unsigned won = __reduce_min_sync(kRouterFullMask, top != 0u && best == top ? unsigned(id) : UINT_MAX);
+    id = won == UINT_MAX ? INT_MAX : int(won);  // INT_MAX: nothing eligible left (as beats() leaves it)
     if (lane == r) my_id = id;
     if (lane == (id & 31)) taken |= 1u << (id >> 5);
   }
