@@ -487,6 +487,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_epoch.get(), 0, A.fused_epoch.bytes(), s));
     A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * sizeof(unsigned));
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGE_KB"); e && *e) fused_stage_bytes_ = std::atoll(e) * 1024;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_STAGE_BYTES"); e && *e) fused_stage_bytes_ = std::atoll(e);
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGES"); e && *e) fused_max_stages_ = std::atoi(e);
     if (const char* e = std::getenv("MIXSERVE_FUSED_INFLIGHT_KB"); e && *e) fused_inflight_bytes_ = std::atoll(e) * 1024;
     if (const char* e = std::getenv("MIXSERVE_FUSED_EVICT_FIRST"); e && *e == '0') fused_evict_first_ = false;
