@@ -39,7 +39,9 @@ def read_log(path):
 
 
 def write_svg(rows, path):
-    left, right, top, bar_h, gap = 190, 380, 64, 26, 14
+    # Room at the left for the longest label (~6.6 px a character at 12 px sans-serif).
+    left = max(190, int(max(len(r[0]) for r in rows) * 6.6) + 16)
+    right, top, bar_h, gap = 380, 78, 26, 14
     scale = 9.0  # px per us of a layer
     longest = max(sum(r[1]) for r in rows)
     W = int(left + longest * scale + right)
@@ -54,8 +56,9 @@ def write_svg(rows, path):
     tx = left + target * scale
     out.append(f'<line x1="{tx:.1f}" y1="{top - 8}" x2="{tx:.1f}" y2="{top + len(rows) * (bar_h + gap) - gap + 4}" '
                f'stroke="#333" stroke-dasharray="4,3"/>')
-    out.append(f'<text x="{tx + 4:.1f}" y="{top - 10}" fill="#333">60% of the copy bandwidth: ~{target:.1f} us/layer '
-               f'(estimate: {outside:.0f} us of each step outside the layers)</text>')
+    out.append(f'<text x="{tx + 4:.1f}" y="{top - 24}" fill="#333">60% of the copy bandwidth: ~{target:.1f} us/layer</text>')
+    out.append(f'<text x="{tx + 4:.1f}" y="{top - 10}" fill="#333">(estimate: {outside:.0f} us of each step outside the '
+               f'layers)</text>')
     for i, (label, phases, fused, pct, unfused, _) in enumerate(rows):
         y = top + i * (bar_h + gap)
         out.append(f'<text x="{left - 8}" y="{y + bar_h * 0.68:.1f}" text-anchor="end">{label}</text>')
