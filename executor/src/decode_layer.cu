@@ -32,6 +32,11 @@ constexpr int kMaxStages = 32;
 // 1 the consumer warps; 2 the routing hand-over from the consumers to the producer.
 constexpr int kConsumerBar = 1, kRoutedBar = 2;
 
+// The back-off between two polls of tagged words (ns). Session 9 (H200 call 11, with the relaxed
+// grid-barrier polls below): 128 ns 3116.9 / 3119.4 us a step, 32 ns 3137.2 / 3130.6, 512 ns
+// 3160.4 / 3154.5 (ncu, call 9: at 32 ns the SwiGLU's polls alone read ~2 GB of L2 a step).
+constexpr unsigned kPollNs = 128;
+
 __device__ __forceinline__ void csync() { asm volatile("bar.sync %0, %1;" ::"n"(kConsumerBar), "n"(kThreads) : "memory"); }
 
 __device__ __forceinline__ unsigned long long global_ns() {
@@ -129,9 +134,13 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned phase, 
     }
     const unsigned target = phase * gridDim.x;
     unsigned seen;
+    // Relaxed polls (an acquire load also invalidates the SM's L1 each time: ncu showed
+    // CCTL.IVALL per poll), then one acquire load: it reads a value of the counter's release
+    // sequence, so it synchronises with every arrival before it.
     do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
     } while (seen < target);
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
   }
   csync();
 }
@@ -366,7 +375,7 @@ __device__ __forceinline__ void load_tagged8(const uint32_t* src, unsigned tag, 
     ready = true;
 #pragma unroll
     for (int e = 0; e < 8; ++e) ready = ready && (w[e] >> 16) == tag;
-    if (!ready) __nanosleep(32);  // fewer polls while the writers' stores travel
+    if (!ready) __nanosleep(kPollNs);  // fewer polls while the writers' stores travel
   }
 }
 // The bf16 bits of a tagged word as a float.
@@ -382,7 +391,7 @@ __device__ __forceinline__ void load_tagged_lane(const uint32_t* src, unsigned t
       asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(w[m]) : "l"(src + 32 * m) : "memory");
       ready = ready && (w[m] >> 16) == tag;
     }
-    if (!ready) __nanosleep(32);
+    if (!ready) __nanosleep(kPollNs);
   }
 }
 // 64-bit tagged words (fp32 bits | tag32 << 32: the attention partials): n <= N words at
@@ -401,7 +410,7 @@ __device__ __forceinline__ void load_tagged64_batch(const unsigned long long* sr
       ready = ready && unsigned(w >> 32) == tag32;
       v[i] = __uint_as_float(unsigned(w));
     }
-    if (!ready) __nanosleep(32);
+    if (!ready) __nanosleep(kPollNs);
   }
 }
 __device__ __forceinline__ void store_tagged64(unsigned long long* dst, float v, unsigned tag32) {
@@ -1027,7 +1036,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       unsigned long long w;
       do
         asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(p.logits_tagged + e) : "memory");
-      while (unsigned(w >> 32) != tag && (__nanosleep(32), true));
+      while (unsigned(w >> 32) != tag && (__nanosleep(kPollNs), true));
       s_lg[e] = __uint_as_float(unsigned(w));
     }
     csync();
