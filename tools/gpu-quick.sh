@@ -57,7 +57,7 @@ echo "$(cd "$ROOT" && git rev-parse --short HEAD) + working tree: $(cd "$ROOT" &
   echo "B=$NAME"
   cat <<'HEADER'
 source tools/gpu-env.sh; mixserve_gpu_env "$(pwd)/$B"
-L=/tmp/logs; mkdir -p $L
+L=/tmp/logs; rm -rf $L; mkdir -p $L  # a warm host keeps /tmp: start empty
 save() { tar -C /tmp -czf $OUT/logs.tgz logs; }
 run() { local name=$1 lim=$2; shift 2; echo "=== $name: $*" >> $L/summary.txt; local t0=$(date +%s)
   timeout $lim stdbuf -o0 -e0 "$@" > $L/$name.log 2>&1; local rc=$?

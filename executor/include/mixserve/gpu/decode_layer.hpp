@@ -47,8 +47,8 @@
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~3140 us against ~4050 us with the unfused decode kernels (session
-// 9; 46.2-46.5% of the copy bandwidth). The phases without weights (attention, merge, routing) and
+// step of Qwen3-30B-A3B takes ~3120 us against ~4045 us with the unfused decode kernels (session
+// 9; 46.8-46.9% of the copy bandwidth). The phases without weights (attention, merge, routing) and
 // the waits between phases are most of the gap in a layer's ~62 us; a grid barrier's release waits ~1-2.5 us while the block's weight
 // copies are in flight (session 8's stamps): 6 of the 7 barriers are now tagged words instead
 // (q|k|v, attention partials, attn, o, logits, gu: bf16 or fp32 bits with a layer tag in one relaxed
