@@ -316,6 +316,7 @@ int run_search(const SearchConfig& cfg) {
         {"workload", w.name},
         {"profile", {{"name", in.profile.name}, {"source", in.profile.source}}},
         {"datasheet_estimates", in.profile.is_datasheet()},
+        {"multi_gpu_unvalidated", in.cluster.world_size() > 1},
         {"objective", cfg.objective},
         {"cost_model", cfg.cost_model},
         {"routing", opt.routing.kind == "zipf" ? fmt::format("zipf:{}", opt.routing.skew) : "uniform"},
@@ -366,6 +367,10 @@ int run_search(const SearchConfig& cfg) {
                                                 : std::string("uniform"),
                      opt.max_batch, opt.max_model_len > 0 ? std::to_string(opt.max_model_len)
                                                            : std::string("model max"));
+  if (c.world_size() > 1)
+    out += "fidelity: multi-GPU predictions are not yet checked against measured runs the way the\n"
+           "  single-GPU ones are (docs/fidelity.md); mixserve-run's sharded executor (no CUDA graphs or\n"
+           "  decode kernels) measured slower than predicted on two H200s (docs/distributed.md)\n";
   out += fmt::format("searched {} layouts, {} (layout, limits) evaluations in {:.3f} s\n\n",
                      r.layouts, r.evaluations, wall_s);
 

@@ -173,6 +173,7 @@ TEST_CASE("--json documents parse and carry the promised fields") {
     }
   }
   CHECK(sj.at("datasheet_estimates").get<bool>());
+  CHECK(sj.at("multi_gpu_unvalidated").get<bool>() == (sj.at("world_size").get<int>() > 1));
   CHECK(sj.at("evaluations").get<int64_t>() > 0);
 
   // The written plan passes check, in text and JSON.
@@ -207,11 +208,28 @@ TEST_CASE("the datasheet note is printed for datasheet profiles") {
   CAPTURE(s.err);
   REQUIRE(s.code == 0);
   CHECK(s.out.find("costs: datasheet estimates (profile ") != std::string::npos);
+  // A multi-GPU cluster: the search says its predictions are not yet checked against runs.
+  CHECK(s.out.find("fidelity: multi-GPU predictions are not yet checked") != std::string::npos);
   CHECK(s.out.find("vllm-tp-pp") != std::string::npos);
   CHECK(s.out.find("fits_memory") != std::string::npos);
   Run x = run(std::string(kSearch) + " --top 3 --explain 1");
   REQUIRE(x.code == 0);
   CHECK(x.out.find("per-op breakdown") != std::string::npos);
+}
+
+TEST_CASE("the multi-GPU fidelity note: printed and flagged for clusters of several GPUs only") {
+  Run one = run("search --model qwen3-30b-a3b --cluster h200-1x1 --workload sharegpt-like --top 1 --json");
+  CAPTURE(one.err);
+  REQUIRE(one.code == 0);
+  const auto oj = nlohmann::json::parse(one.out);
+  CHECK(oj.at("world_size").get<int>() == 1);
+  CHECK_FALSE(oj.at("multi_gpu_unvalidated").get<bool>());
+  Run onet = run("search --model qwen3-30b-a3b --cluster h200-1x1 --workload sharegpt-like --top 1");
+  REQUIRE(onet.code == 0);
+  CHECK(onet.out.find("fidelity: multi-GPU") == std::string::npos);
+  Run eight = run("search --model qwen3-30b-a3b --cluster h200-1x8 --workload sharegpt-like --top 1 --json");
+  REQUIRE(eight.code == 0);
+  CHECK(nlohmann::json::parse(eight.out).at("multi_gpu_unvalidated").get<bool>());
 }
 
 TEST_CASE("the shipped example plans pass check") {
