@@ -286,6 +286,8 @@ void check_bench_plan(const Plan& plan, const BenchConfig& cfg, const std::strin
                                                                                       : MultiGpuPlan::needs_flag);
   if (int(cfg.emulate_ranks) + int(cfg.gpu_per_rank) + int(cfg.process_per_rank) > 1)
     throw InputError("--emulate-ranks, --gpu-per-rank and --mpi exclude each other");
+  if (cfg.fused_decode_layer && (cfg.emulate_ranks || cfg.gpu_per_rank || cfg.process_per_rank))
+    throw InputError("--fused-decode-layer: one-GPU plans only (the sharded forward does not run it)");
   if (cfg.process_per_rank && !cfg.weights_dir.empty())
     throw InputError("--weights with --mpi: not built (each process draws its shard's synthetic weights on the "
                      "device); use --emulate-ranks or --gpu-per-rank with --weights");
@@ -478,6 +480,7 @@ GpuModelConfig bench_gpu_config(const BenchResult& r) {
   const BenchConfig& cfg = r.config;
   GpuModelConfig gc;
   gc.block_size = cfg.block_size;
+  gc.fused_decode_layer = cfg.fused_decode_layer;
   gc.max_seqs_per_step = cfg.batch;
   gc.max_blocks_per_seq = static_cast<int>(blocks_per_seq(cfg));
   gc.num_blocks = static_cast<int>(int64_t(cfg.batch) * blocks_per_seq(cfg));
@@ -756,6 +759,7 @@ nlohmann::json bench_json(const BenchResult& r) {
       {"weights", c.weights_dir.empty() ? nlohmann::json{{"kind", "synthetic"}, {"seed", c.seed}}
                                         : nlohmann::json{{"kind", "safetensors"}, {"path", c.weights_dir}}},
       {"args", {{"seed", c.seed}, {"warmup", c.warmup}, {"num_layers", c.num_layers}, {"cuda_graph", c.cuda_graph},
+                {"fused_decode_layer", c.fused_decode_layer},
                 {"block_size", c.block_size}, {"prefill_chunk_tokens", r.prefill_chunk_tokens}}},
       {"plan", {{"path", r.plan_path}, {"sha256", r.plan_sha256}, {"model", p.model.name}, {"layout", p.chosen.layout.name()}, {"cluster", p.cluster.name},
                 {"gpu_model", p.cluster.gpu_model}, {"limits", to_json(p.chosen.limits)},
@@ -782,6 +786,10 @@ std::string format_bench_report(const BenchResult& r) {
                    c.output_len, c.warmup, c.seed));
   line(fmt::format("# device {} | prefill chunk {} tokens | memory estimate {:.2f} GiB of {:.2f} GiB free",
                    r.device_name, r.prefill_chunk_tokens, r.memory.total() / kGiB, r.memory.free_device / kGiB));
+  if (c.fused_decode_layer)
+    line(c.batch == 1 ? "# --fused-decode-layer: the decode steps run the fused batch-1 MoE layer; the prediction is "
+                        "of the unfused kernels (expect those steps faster than predicted: docs/forward.md)"
+                      : "# --fused-decode-layer: not used (it runs steps of one sequence; batch > 1)");
   if (r.ranks > 1)
     line(fmt::format("# MoE communication: {} (plan moe_comm {})",
                      to_string(moe_sched_for(r.plan.chosen.layout, r.model)), to_string(r.plan.chosen.layout.moe_comm)));

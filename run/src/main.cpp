@@ -141,6 +141,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->group(off);
   bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly (offline and online)");
+  bench->add_flag("--fused-decode-layer", cfg.fused_decode_layer,
+                  "offline, one GPU: decode steps of one sequence run each MoE layer as one fused launch "
+                  "(not in the cost model's prediction)")
+      ->group(off);
   bench->add_flag("--emulate-ranks", cfg.emulate_ranks,
                   "a multi-GPU plan (offline and online): run its ranks as logical ranks on this one GPU "
                   "(docs/distributed.md)");
@@ -202,6 +206,8 @@ int main(int argc, char** argv) {
           "one process per rank", launched > 1 ? fmt::format("launched as {} MPI processes", launched) : "--mpi"));
 #endif
     }
+    if (online && bench->count("--fused-decode-layer") > 0)
+      throw InputError("--fused-decode-layer is an offline option (give --batch 1; the online mode does not take it)");
     for (const char* opt : {"--batch", "--input-len", "--output-len", "--warmup"})
       if (online && bench->count(opt) > 0)
         throw InputError(fmt::format("{} is an offline option; online mode (--workload) takes the lengths from "

@@ -160,6 +160,35 @@ TEST_CASE("run bench: small Qwen3-MoE, deterministic greedy tokens, timed and pr
   CHECK(e.output_ids == a.output_ids);
 }
 
+TEST_CASE("run bench --fused-decode-layer: batch-1 decode steps through the fused layer, labelled, one GPU only") {
+  const Plan plan = make_plan(small_qwen3(), 1, device_gpu_model());
+  auto c = small_config();
+  c.batch = 1;
+  const gpu::BenchResult a = gpu::run_bench(plan, "test-plan", c);
+  auto f = c;
+  f.fused_decode_layer = true;
+  const gpu::BenchResult b = gpu::run_bench(plan, "test-plan", f);
+  REQUIRE(b.output_ids.size() == 1);
+  REQUIRE(b.output_ids[0].size() == std::size_t(c.output_len));
+  for (int t : b.output_ids[0]) CHECK((t >= 0 && t < 96));
+  // The fused layer sums in another order, so a near-tie may pick another token: reported, not checked.
+  MESSAGE("greedy tokens equal to the unfused run's: " << std::string(b.output_ids == a.output_ids ? "yes" : "no"));
+  for (const auto& s : b.steps) CHECK(s.measured_ms > 0.0);
+  const std::string report = gpu::format_bench_report(b);
+  CHECK(report.find("# --fused-decode-layer: the decode steps run the fused batch-1 MoE layer") != std::string::npos);
+  CHECK(gpu::format_bench_report(a).find("--fused-decode-layer") == std::string::npos);
+  CHECK(gpu::bench_json(b)["args"]["fused_decode_layer"].get<bool>());
+  // Batch > 1: accepted, said unused.
+  auto f3 = small_config();
+  f3.fused_decode_layer = true;
+  CHECK(gpu::format_bench_report(gpu::run_bench(plan, "test-plan", f3)).find("--fused-decode-layer: not used") !=
+        std::string::npos);
+  // Not with the multi-GPU launches.
+  auto e = f;
+  e.emulate_ranks = true;
+  CHECK_THROWS_AS((void)gpu::run_bench(make_plan(small_qwen3(), 2, device_gpu_model()), "test-plan", e), InputError);
+}
+
 TEST_CASE("run bench: a plan of two GPUs, another GPU model, an unsupported model raise InputError") {
   const auto c = small_config();
   auto message = [&](const Plan& p) -> std::string {

@@ -52,6 +52,11 @@ struct BenchConfig {
   bool gpu_per_rank = false;
   // One process per rank (run_bench_process: mpirun mixserve-run bench --mpi); set by it.
   bool process_per_rank = false;
+  // Decode steps of one sequence run every supported MoE layer as the fused batch-1 layer
+  // (GpuModelConfig::fused_decode_layer, gpu/decode_layer.hpp; needs every SM of the GPU). One-GPU
+  // plans only. The cost model predicts the unfused kernels, so those steps measure faster than
+  // predicted (the output says so).
+  bool fused_decode_layer = false;
 };
 
 // The results' `launch` key: "mpi" (a process per rank), "emulated" (R ranks on one GPU),
