@@ -787,8 +787,9 @@ std::string format_bench_report(const BenchResult& r) {
   line(fmt::format("# device {} | prefill chunk {} tokens | memory estimate {:.2f} GiB of {:.2f} GiB free",
                    r.device_name, r.prefill_chunk_tokens, r.memory.total() / kGiB, r.memory.free_device / kGiB));
   if (c.fused_decode_layer)
-    line(c.batch == 1 ? "# --fused-decode-layer: the decode steps run the fused batch-1 MoE layer; the prediction is "
-                        "of the unfused kernels (expect those steps faster than predicted: docs/forward.md)"
+    line(c.batch == 1 ? "# --fused-decode-layer: the decode steps run the fused batch-1 MoE layer in the MoE layers it "
+                        "supports (no shared expert, no q/k/v bias); the prediction is of the unfused kernels "
+                        "(expect those steps faster than predicted: docs/forward.md)"
                       : "# --fused-decode-layer: not used (it runs steps of one sequence; batch > 1)");
   if (r.ranks > 1)
     line(fmt::format("# MoE communication: {} (plan moe_comm {})",
