@@ -465,16 +465,26 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
                                          int64_t act_stride, Sink sink, bool skip_dot,
                                          unsigned long long* t_arrive, unsigned long long* t_first) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  // The stage's slot and its full barrier's parity, advanced without divisions (the loop walks
+  // every stage of the block, the other warps' too).
+  int slot = int(g % unsigned(R.ns));
+  unsigned parity = (g / unsigned(R.ns)) & 1u;
+  auto advance = [&]() {
+    ++g;
+    if (++slot == R.ns) {
+      slot = 0;
+      parity ^= 1u;
+    }
+  };
   Seg s;
   for (int i = 0; seg_at(m, kind, ids, i, s); ++i) {
     const int64_t cps = stage_rows(R.stage_bytes, s.k);
     const float* a = act + s.slot * act_stride;  // two planes (dot8f)
     const float* ah = a + s.k / 2;
     const int nv = int(s.k / 8);
-    for (int64_t r0 = 0; r0 < s.rows; r0 += cps, ++g) {
-      const int slot = int(g % unsigned(R.ns));
+    for (int64_t r0 = 0; r0 < s.rows; r0 += cps, advance()) {
       if (slot % kWarps != warp) continue;
-      mbar_wait(R.full + slot, (g / unsigned(R.ns)) & 1u);
+      mbar_wait(R.full + slot, parity);
       const unsigned long long t_in = t_arrive || t_first ? global_ns() : 0;
       if (t_arrive && lane == 0) atomicMax(t_arrive, t_in);
       if (t_first && lane == 0) atomicMin(t_first, t_in);
@@ -579,10 +589,51 @@ __device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, int64_t 
 // output of columns i..i+7; part written inside the launch, so read from L2).
 __device__ __forceinline__ uint4 combine8(const float* part, int K, int64_t H, int64_t i) {
   float t[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  for (int j = 0; j < K; ++j) {
+#pragma unroll  // the K slots' loads in flight together (one L2 round trip, ~1 us under the weight stream)
+  for (int j = 0; j < kFusedDecodeMaxTopK; ++j) {
+    if (j >= K) break;
     const float4 a = __ldcg(reinterpret_cast<const float4*>(part + int64_t(j) * H + i));
     const float4 b = __ldcg(reinterpret_cast<const float4*>(part + int64_t(j) * H + i + 4));
     t[0] += a.x, t[1] += a.y, t[2] += a.z, t[3] += a.w, t[4] += b.x, t[5] += b.y, t[6] += b.z, t[7] += b.w;
+  }
+  uint4 o;
+  auto* h = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(t[2 * e], t[2 * e + 1]);
+  return o;
+}
+
+// bf16(sum over the K slots, in slot order, of w[slot] * part[slot][i .. i + 8)) from tagged words
+// (FusedDecodeLayerParams::tagged_part: bf16 | tag << 16), re-read until all carry `tag`: the same
+// fp32 products and sums as the float partials of combine8 (w * bf16, then the slot-order sum).
+__device__ __forceinline__ uint4 combine8_tagged(const uint32_t* part, const float* w, int K, int64_t H, int64_t i,
+                                                 unsigned tag) {
+  float t[8];
+  for (bool ready = false; !ready;) {
+    ready = true;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) t[e] = 0.0f;
+#pragma unroll  // the K slots' loads in flight together
+    for (int j = 0; j < kFusedDecodeMaxTopK; ++j) {
+      if (j >= K) break;
+      const uint32_t* src = part + int64_t(j) * H + i;
+      uint32_t v[8];
+      asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                   : "l"(src)
+                   : "memory");
+      asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(v[4]), "=r"(v[5]), "=r"(v[6]), "=r"(v[7])
+                   : "l"(src + 4)
+                   : "memory");
+      const float wj = w[j];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        ready = ready && (v[e] >> 16) == tag;
+        t[e] = __fadd_rn(t[e], __fmul_rn(wj, __uint_as_float(v[e] << 16)));
+      }
+    }
+    if (!ready) __nanosleep(kPollNs);
   }
   uint4 o;
   auto* h = reinterpret_cast<__nv_bfloat162*>(&o);
@@ -733,8 +784,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
     uint4 r;
     if (l > 0) {  // the previous layer's MoE output, combined here
+      const float* prev = P.layer[l - 1].part + int64_t((l - 1) & 1) * K * H;
       r = add_bf16x8(*reinterpret_cast<const uint4*>(s_x + i),
-                     combine8(P.layer[l - 1].part + int64_t((l - 1) & 1) * K * H, K, H, i));
+                     p0.tagged_part ? combine8_tagged(reinterpret_cast<const uint32_t*>(prev), s_w2[(l - 1) & 1], K, H,
+                                                      i, (tag32 - 1u) & 0xffffu)
+                                    : combine8(prev, K, H, i));
     } else {
       r = __ldcg(reinterpret_cast<const uint4*>(p.res + i));
       if (p.tmp_in) r = add_bf16x8(r, __ldcg(reinterpret_cast<const uint4*>(p.tmp_in + i)));
@@ -1113,15 +1167,26 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     csync();
     if (diag && threadIdx.x == 0) diag[17] = global_ns();
-    g = consume(mats, kDown, s_ids, R, g, s_a, I, Sink{kOutPart, part, nullptr, 0, s_w}, skip,
+    g = consume(mats, kDown, s_ids, R, g, s_a, I,
+                p0.tagged_part ? Sink{kOutTagged, part, nullptr, 0, nullptr, tag} : Sink{kOutPart, part, nullptr, 0, s_w},
+                skip,
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
   }
-  // The layer's one grid barrier: the next layer's phase 0 reads every block's partials, and every
-  // buffer exchanged as tagged words is rewritten only after it (docs/forward.md, session 9).
-  grid_barrier(p.barrier, 1, diag ? diag + 29 : nullptr);
+  // Without tagged_part, the layer's one grid barrier: the next layer's phase 0 reads every
+  // block's partials, and every buffer exchanged as tagged words is rewritten only after it
+  // (session 9). With tagged_part (session 10) only after the launch's last layer (res, tmp_out,
+  // the epoch): the next layer's phase 0 polls the partials' tags, and a buffer is rewritten only
+  // by stores that depend on every read of it (decode_layer.hpp, "no thin air").
+  if (!p0.tagged_part || l + 1 == L) {
+    grid_barrier(p.barrier, 1, diag ? diag + 29 : nullptr);
+  } else if (diag) {
+    csync();
+    if (threadIdx.x == 0) diag[29] = diag[30] = global_ns();
+  }
   if (l + 1 == L) {
     for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8; i < H; i += int64_t(gridDim.x) * kThreads * 8)
-      *reinterpret_cast<uint4*>(p.tmp_out + i) = combine8(part, K, H, i);
+      *reinterpret_cast<uint4*>(p.tmp_out + i) =
+          p0.tagged_part ? combine8_tagged(reinterpret_cast<const uint32_t*>(part), s_w, K, H, i, tag) : combine8(part, K, H, i);
     if (blockIdx.x == 0)  // x2, the residual after attention (every block read res in layer 0's phase 0)
       for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8)
         *reinterpret_cast<uint4*>(p.res + i) = *reinterpret_cast<const uint4*>(s_x + i);

@@ -481,7 +481,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     A.fused_attn = DeviceBuffer(std::size_t(QW) * sizeof(uint32_t));
     A.fused_o_tagged = DeviceBuffer(std::size_t(H) * sizeof(uint32_t));
     A.fused_logits = DeviceBuffer(std::size_t(m.moe.num_experts) * sizeof(unsigned long long));
-    for (DeviceBuffer* b : {&A.fused_attn, &A.fused_o_tagged, &A.fused_logits, &A.fused_qkv, &A.fused_ws})
+    for (DeviceBuffer* b : {&A.fused_attn, &A.fused_o_tagged, &A.fused_logits, &A.fused_qkv, &A.fused_ws, &A.fused_part})
       MIXSERVE_CUDA_CHECK(cudaMemsetAsync(b->get(), 0xff, b->bytes(), s));  // no launch's tag
     A.fused_epoch = DeviceBuffer(sizeof(unsigned));
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_epoch.get(), 0, A.fused_epoch.bytes(), s));
@@ -493,6 +493,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     if (const char* e = std::getenv("MIXSERVE_FUSED_EVICT_FIRST"); e && *e == '0') fused_evict_first_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_MULTIROW"); e && *e == '0') fused_multirow_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_COOP"); e && *e == '0') fused_cooperative_ = false;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_TAGGED_PART"); e && *e == '0') fused_tagged_part_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_PHASE_TIMING"); e && *e && *e != '0') {
       // Diagnostics only: the weight stream timed without its arithmetic (wrong results).
       if (const char* z = std::getenv("MIXSERVE_FUSED_SKIP_DOT"); z && *z && *z != '0') fused_skip_dot_ = true;
@@ -1146,6 +1147,7 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.evict_first = fused_evict_first_;
   fp.multirow = fused_multirow_;
   fp.cooperative = fused_cooperative_;
+  fp.tagged_part = fused_tagged_part_;
   return fp;
 }
 

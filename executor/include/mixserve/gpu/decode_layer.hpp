@@ -21,10 +21,12 @@
 //      gu = normed2 . W13[e]^T for the k experts, stored tagged with the layer (rows over the blocks)
 //   -- no barrier (session 8): each block's SwiGLU re-reads the gu values it needs until they
 //      carry this layer's tag (value and tag in one 32-bit word, relaxed stores and loads)
-//   6  part[j][d] = w_j * bf16(bf16(silu(g_j) * u_j) . W2[e_j][d])   (the K x H rows over the blocks)
-//   -- barrier (the layer's only grid barrier)
-//      tmp_out[d] = bf16(sum_j part[j][d]) (slot order): the next layer of the launch does this in
-//      its phase 0, adding it to x2; after the last layer every block writes its columns
+//   6  part[j][d] = bf16(bf16(silu(g_j) * u_j) . W2[e_j][d]), stored tagged (the K x H rows over
+//      the blocks)
+//   -- no barrier (session 10) except after the launch's last layer: the next layer's phase 0
+//      re-reads the partial words until tagged
+//      tmp_out[d] = bf16(sum_j w_j * part[j][d]) (slot order): the next layer of the launch does
+//      this in its phase 0, adding it to x2; after the last layer every block writes its columns
 // (res = x2 of the last layer is written by block 0 after the last barrier.)
 // So on return res holds the residual after attention and tmp_out the MoE output, the contract of
 // GpuModel's decode kernels (the next layer's input norm adds them). The same formulas and bf16
@@ -47,13 +49,21 @@
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~3120 us against ~4045 us with the unfused decode kernels (session
-// 9; 46.8-46.9% of the copy bandwidth). The phases without weights (attention, merge, routing) and
-// the waits between phases are most of the gap in a layer's ~62 us; a grid barrier's release waits ~1-2.5 us while the block's weight
-// copies are in flight (session 8's stamps): 6 of the 7 barriers are now tagged words instead
-// (q|k|v, attention partials, attn, o, logits, gu: bf16 or fp32 bits with a layer tag in one relaxed
-// store; sessions 8-9). GpuModelConfig::fused_decode_layer stays off by
-// default: the cost model predicts the unfused kernels (docs/forward.md).
+// step of Qwen3-30B-A3B takes ~3020 us against ~4050 us with the unfused decode kernels (session
+// 10; 48.3% of the copy bandwidth). The phases without weights (attention, merge, routing) and
+// the waits between phases are most of the gap in a layer's ~60 us; a grid barrier's release
+// waits ~1-2.5 us while the block's weight copies are in flight (session 8's stamps): all 7
+// barriers of session 7 are now tagged words instead (q|k|v, attention partials, attn, o, logits,
+// gu, the experts' partials: bf16 or fp32 bits with a layer tag in one relaxed store; sessions
+// 8-10), one grid barrier is left after the launch's last layer.
+// Why a writer may reuse a buffer without a barrier (session 10): every value a block stores in
+// layer l + 1 depends (data dependencies through the tagged words it read) on the partials of
+// every block of layer l, and each of those depends on every read of layer l's buffers; the PTX
+// memory model's "no thin air" axiom (dependencies and observed values form no cycle) then forbids
+// a layer-l read from seeing a layer-(l + 1) store. The experts' partials, read in the next layer
+// and rewritten in the one after, alternate between two buffers by layer parity.
+// GpuModelConfig::fused_decode_layer stays off by default: the cost model predicts the unfused
+// kernels (docs/forward.md).
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
 // (the producer issues weight copies before the consumers' wait). The grid barrier needs every block
@@ -129,7 +139,9 @@ struct FusedDecodeLayerParams {
   // first layer uses).
   uint32_t* gu_tagged = nullptr;
   unsigned* epoch = nullptr;              // [1] launches so far (layer 0's), zero when allocated
-  float* part = nullptr;                  // [2, top_k, H] the experts' weighted down outputs (by layer parity)
+  // [2, top_k, H] the experts' down outputs by layer parity: tagged words (bf16 bits | tag << 16,
+  // unweighted) with tagged_part, else floats weighted by the routing. Filled with 0xff bytes.
+  float* part = nullptr;
   unsigned* barrier = nullptr;            // one counter, zero at launch
   bool pdl = false;
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
@@ -157,10 +169,16 @@ struct FusedDecodeLayerParams {
   unsigned long long* diag = nullptr;
   bool diag_skip_dot = false;
   bool evict_first = true;  // the weight copies with an L2 evict_first policy
+  // The experts' partials stored as tagged words (bf16 | tag << 16; the next layer's phase 0
+  // applies the block's own routing weights and polls the tags): no grid barrier between the
+  // layers of a launch, one after its last layer (session 10: 3021-3025 us against 3091 us with
+  // the barrier, docs/forward.md). false: float partials and a grid barrier after every layer.
+  bool tagged_part = true;
 };
 
-// Consecutive layers in ONE launch (session 6): the layers one after another inside the kernel, a
-// grid barrier between them (the barrier counter of layer l < last is left at 1 x blocks), the
+// Consecutive layers in ONE launch (session 6): the layers one after another inside the kernel
+// (without tagged_part a grid barrier between them: the barrier counter of layer l < last is left
+// at 1 x blocks), the
 // weight ring running on from one layer's down rows into the next one's q|k|v rows. Every layer's
 // shapes must equal layer 0's; layer 0's pdl, evict_first, ring sizes and diagnostics switches
 // apply to the launch. Passed by value as the kernel's parameter (__grid_constant__, < 32 KB).

@@ -326,6 +326,7 @@ class GpuModel {
   bool fused_evict_first_ = true;  // MIXSERVE_FUSED_EVICT_FIRST=0 turns it off
   bool fused_multirow_ = true;     // MIXSERVE_FUSED_MULTIROW=0 turns it off
   bool fused_cooperative_ = true;  // MIXSERVE_FUSED_COOP=0 turns it off
+  bool fused_tagged_part_ = true;  // MIXSERVE_FUSED_TAGGED_PART=0 turns it off (a grid barrier a layer)
   // The fused decode layer's parameters for layer l (decode_layer.hpp); unsupported layers get
   // parameters that fused_decode_layer_unsupported_reason refuses.
   FusedDecodeLayerParams fused_layer_params(const Layer& L, int l, cudaStream_t s) const;
