@@ -461,6 +461,11 @@ __device__ __forceinline__ void multirow_stage(const bf16* rows, int n, const fl
 // rows of k = 256 m (m <= 8) by multirow_stage (8 rows at once, one reduce8), others one row at a
 // time (four partial sums per lane, warp_sum), and stored as `sink` says. t_arrive / t_first
 // (diagnostics, shared, or null): the last and the first arrival of a stage (globaltimer).
+// VH > 0 (a specialised kernel, see kSpecialised): the multi-row sums only for rows of k = 256 VH
+// and 256 VI (the model's hidden and expert widths), the others row by row; VH = 0: every k = 256 m,
+// m <= 8. Session 10: with only the two needed multirow_stage instantiations in the kernel (271
+// instead of 350 KB of code) the Qwen3-30B-A3B step took 2943-2945 instead of 3015-3017 us.
+template <int VH, int VI>
 __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g, const float* act,
                                          int64_t act_stride, Sink sink, bool skip_dot,
                                          unsigned long long* t_arrive, unsigned long long* t_first) {
@@ -492,17 +497,26 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
       const bf16* rows = R.buf + int64_t(slot) * (R.stage_bytes / 2);
       // Up to 8 vectors per lane (the rows of o_proj, k = 4096 and one per stage, were slower this
       // way: 9.0 vs 7.5 us per layer, session 7).
-      const int vpl = s.k % 256 == 0 && s.k <= 8 * 256 && m.multirow && !skip_dot ? int(s.k / 256) : 0;
-      switch (vpl) {
-        case 1: multirow_stage<1>(rows, n, a, ah, sink, s, r0); break;
-        case 2: multirow_stage<2>(rows, n, a, ah, sink, s, r0); break;
-        case 3: multirow_stage<3>(rows, n, a, ah, sink, s, r0); break;
-        case 4: multirow_stage<4>(rows, n, a, ah, sink, s, r0); break;
-        case 5: multirow_stage<5>(rows, n, a, ah, sink, s, r0); break;
-        case 6: multirow_stage<6>(rows, n, a, ah, sink, s, r0); break;
-        case 7: multirow_stage<7>(rows, n, a, ah, sink, s, r0); break;
-        case 8: multirow_stage<8>(rows, n, a, ah, sink, s, r0); break;
-        default: break;
+      int vpl = s.k % 256 == 0 && s.k <= 8 * 256 && m.multirow && !skip_dot ? int(s.k / 256) : 0;
+      if constexpr (VH > 0) {
+        if (vpl == VH)
+          multirow_stage<VH>(rows, n, a, ah, sink, s, r0);
+        else if (vpl == VI)
+          multirow_stage<VI>(rows, n, a, ah, sink, s, r0);
+        else
+          vpl = 0;
+      } else {
+        switch (vpl) {
+          case 1: multirow_stage<1>(rows, n, a, ah, sink, s, r0); break;
+          case 2: multirow_stage<2>(rows, n, a, ah, sink, s, r0); break;
+          case 3: multirow_stage<3>(rows, n, a, ah, sink, s, r0); break;
+          case 4: multirow_stage<4>(rows, n, a, ah, sink, s, r0); break;
+          case 5: multirow_stage<5>(rows, n, a, ah, sink, s, r0); break;
+          case 6: multirow_stage<6>(rows, n, a, ah, sink, s, r0); break;
+          case 7: multirow_stage<7>(rows, n, a, ah, sink, s, r0); break;
+          case 8: multirow_stage<8>(rows, n, a, ah, sink, s, r0); break;
+          default: break;
+        }
       }
       for (int r = 0; r < n && vpl == 0; ++r) {
         float t = 0.0f;
@@ -667,6 +681,11 @@ __device__ __forceinline__ void norm_rope(float (&f)[D / 32], const bf16* nw, co
   }
 }
 
+// The one specialised kernel (consume's VH, VI): hidden 2048 and expert width 768 with head_dim 128
+// (Qwen3-30B-A3B, the model of issue #5's benchmark; other shapes run the general kernel, whose
+// multi-row sums cover every k = 256 m, m <= 8, at the cost of ~80 KB more code).
+constexpr int kSpecialisedH = 8, kSpecialisedI = 3;
+
 // Shared memory of a launch: [x | normed | phase scratch | ring] (byte offsets).
 struct Layout {
   int64_t scratch = 0, ring = 0, total = 0;
@@ -675,7 +694,7 @@ struct Layout {
   int64_t inflight = 0;     // bytes in flight at most
 };
 
-template <int D>
+template <int D, int VH, int VI>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     fused_decode_layer_kernel(const __grid_constant__ FusedDecodeStepParams P, Layout lay) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -798,7 +817,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
   csync();
   block_rmsnorm(s_x, p.in_norm, s_n, H, p.eps, s_red);
-  g = consume(mats, kQkv, nullptr, R, g, s_n, 0, Sink{kOutTagged, p.qkv_tagged, nullptr, 0, nullptr, tag}, skip,
+  g = consume<VH, VI>(mats, kQkv, nullptr, R, g, s_n, 0, Sink{kOutTagged, p.qkv_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t : nullptr, nullptr);
   // No grid barrier (session 9): the attention re-reads the q|k|v words it needs until tagged.
   if (diag) csync();
@@ -1054,7 +1073,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     csync();
     if (diag && threadIdx.x == 0) diag[9] = global_ns();
-    g = consume(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutTagged, p.o_tagged, nullptr, 0, nullptr, tag}, skip,
+    g = consume<VH, VI>(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutTagged, p.o_tagged, nullptr, 0, nullptr, tag}, skip,
                 diag ? s_t + 5 : nullptr, diag ? s_t + 6 : nullptr);
     if (diag) {
       csync();
@@ -1077,7 +1096,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   csync();
   if (diag && threadIdx.x == 0) diag[19] = global_ns();
   block_rmsnorm(s_x, p.post_norm, s_n, H, p.eps, s_red);
-  g = consume(mats, kRouter, nullptr, R, g, s_n, 0, Sink{kOutF32Tagged, p.logits_tagged, nullptr, 0, nullptr, tag},
+  g = consume<VH, VI>(mats, kRouter, nullptr, R, g, s_n, 0, Sink{kOutF32Tagged, p.logits_tagged, nullptr, 0, nullptr, tag},
               skip, nullptr, nullptr);
   // No grid barrier: the routing waits for the tagged logits.
   mark(4);
@@ -1126,7 +1145,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       diag[11] = global_ns();
     }
   }
-  g = consume(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
+  g = consume<VH, VI>(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t + 1 : nullptr, diag ? s_t + 3 : nullptr);
   if (diag) {
     csync();
@@ -1167,7 +1186,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     csync();
     if (diag && threadIdx.x == 0) diag[17] = global_ns();
-    g = consume(mats, kDown, s_ids, R, g, s_a, I,
+    g = consume<VH, VI>(mats, kDown, s_ids, R, g, s_a, I,
                 p0.tagged_part ? Sink{kOutTagged, part, nullptr, 0, nullptr, tag} : Sink{kOutPart, part, nullptr, 0, s_w},
                 skip,
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
@@ -1349,10 +1368,12 @@ void launch_fused_decode_layers(const FusedDecodeStepParams& P, cudaStream_t str
     cfg.numAttrs = p.pdl ? 2 : 1;
     MIXSERVE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, P, L));
   };
-  if (p.head_dim == 64)
-    go(fused_decode_layer_kernel<64>);
+  if (p.head_dim == 128 && p.hidden == 256 * kSpecialisedH && p.inter == 256 * kSpecialisedI)
+    go(fused_decode_layer_kernel<128, kSpecialisedH, kSpecialisedI>);
+  else if (p.head_dim == 64)
+    go(fused_decode_layer_kernel<64, 0, 0>);
   else
-    go(fused_decode_layer_kernel<128>);
+    go(fused_decode_layer_kernel<128, 0, 0>);
   MIXSERVE_LAUNCH_CHECK("fused_decode_layer_kernel");
 }
 

@@ -421,6 +421,16 @@ ModelSpec small_qwen3_d128() {  // GQA 8/2 (group 4), head_dim 128, per-head QK-
     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
                           "small-qwen3-d128/config.json");
 }
+// Qwen3-30B-A3B's widths (hidden 2048, expert inter 768, 32 / 4 heads of 128): the fused layer's
+// specialised kernel (decode_layer.cu kSpecialisedH / kSpecialisedI), few experts and layers.
+ModelSpec small_qwen3_30b_widths() {
+  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+    "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "vocab_size": 136, "intermediate_size": 256, "moe_intermediate_size": 768, "num_experts": 8,
+    "num_experts_per_tok": 4, "norm_topk_prob": true,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
+                          "small-qwen3-30b-widths/config.json");
+}
 // Row lengths of Qwen3-30B-A3B's kind (hidden 768 = 3 x 256, expert inter 2048 = 8 x 256, q width
 // 4096): the fused layer's register multi-row sums for 3 and 8 vectors per lane (with 16 KB stages
 // 10 and 4 rows a stage), o_proj's 8 KB rows on the per-row path.
@@ -515,15 +525,20 @@ TEST_CASE("forward: fused batch-1 decode layer vs the float64 reference") {
   SUBCASE("Qwen3 hidden 768, expert inter 2048: rows of 3 and 8 vectors per lane") {
     run_fused_decode(small_qwen3_wide(), 45);
   }
-  SUBCASE("the switches off: per-row sums, an ordinary (not cooperative) launch") {
+  SUBCASE("Qwen3 hidden 2048, expert inter 768: the kernel specialised for these widths") {
+    run_fused_decode(small_qwen3_30b_widths(), 47);
+  }
+  SUBCASE("the switches off: per-row sums, an ordinary (not cooperative) launch, a grid barrier a layer") {
     struct Env {
       Env() {
         setenv("MIXSERVE_FUSED_MULTIROW", "0", 1);
         setenv("MIXSERVE_FUSED_COOP", "0", 1);
+        setenv("MIXSERVE_FUSED_TAGGED_PART", "0", 1);
       }
       ~Env() {
         unsetenv("MIXSERVE_FUSED_MULTIROW");
         unsetenv("MIXSERVE_FUSED_COOP");
+        unsetenv("MIXSERVE_FUSED_TAGGED_PART");
       }
     } env;
     run_fused_decode(small_qwen3_wide(), 46);
