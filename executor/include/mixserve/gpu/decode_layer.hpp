@@ -49,9 +49,10 @@
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~3020 us against ~4050 us with the unfused decode kernels (session
-// 10; 48.3% of the copy bandwidth). The phases without weights (attention, merge, routing) and
-// the waits between phases are most of the gap in a layer's ~60 us; a grid barrier's release
+// step of Qwen3-30B-A3B takes ~2960 us against ~4050 us with the unfused decode kernels (session
+// 10; 49.0% of the copy bandwidth; the launch runs a kernel specialised for its hidden / expert
+// widths, decode_layer.cu kSpecialisedH). The phases without weights (attention, merge, routing)
+// and the waits between phases are most of the gap in a layer's ~58 us; a grid barrier's release
 // waits ~1-2.5 us while the block's weight copies are in flight (session 8's stamps): all 7
 // barriers of session 7 are now tagged words instead (q|k|v, attention partials, attn, o, logits,
 // gu, the experts' partials: bf16 or fp32 bits with a layer tag in one relaxed store; sessions
@@ -172,7 +173,8 @@ struct FusedDecodeLayerParams {
   // The experts' partials stored as tagged words (bf16 | tag << 16; the next layer's phase 0
   // applies the block's own routing weights and polls the tags): no grid barrier between the
   // layers of a launch, one after its last layer (session 10: 3021-3025 us against 3091 us with
-  // the barrier, docs/forward.md). false: float partials and a grid barrier after every layer.
+  // the barrier in one H200 run, docs/forward.md). false: float partials and a grid barrier after
+  // every layer (MIXSERVE_FUSED_TAGGED_PART=0).
   bool tagged_part = true;
 };
 
