@@ -360,18 +360,22 @@ __device__ __forceinline__ void sink_store(const Sink& sink, const Seg& s, int64
   }
 }
 
+// 8 consecutive 32-bit words by two relaxed 16-byte loads (each word single-copy atomic).
+__device__ __forceinline__ void ld_relaxed8(const uint32_t* src, uint32_t (&w)[8]) {
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+               : "l"(src)
+               : "memory");
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7])
+               : "l"(src + 4)
+               : "memory");
+}
 // 8 tagged words (kOutTagged) from src, re-read until all carry `tag` (relaxed loads: each word is
 // single-copy atomic, so a word with the tag has the value written with it).
 __device__ __forceinline__ void load_tagged8(const uint32_t* src, unsigned tag, uint32_t (&w)[8]) {
   for (bool ready = false; !ready;) {
-    asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
-                 : "l"(src)
-                 : "memory");
-    asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(w[4]), "=r"(w[5]), "=r"(w[6]), "=r"(w[7])
-                 : "l"(src + 4)
-                 : "memory");
+    ld_relaxed8(src, w);
     ready = true;
 #pragma unroll
     for (int e = 0; e < 8; ++e) ready = ready && (w[e] >> 16) == tag;
@@ -630,16 +634,8 @@ __device__ __forceinline__ uint4 combine8_tagged(const uint32_t* part, const flo
 #pragma unroll  // the K slots' loads in flight together
     for (int j = 0; j < kFusedDecodeMaxTopK; ++j) {
       if (j >= K) break;
-      const uint32_t* src = part + int64_t(j) * H + i;
       uint32_t v[8];
-      asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                   : "l"(src)
-                   : "memory");
-      asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(v[4]), "=r"(v[5]), "=r"(v[6]), "=r"(v[7])
-                   : "l"(src + 4)
-                   : "memory");
+      ld_relaxed8(part + int64_t(j) * H + i, v);
       const float wj = w[j];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {

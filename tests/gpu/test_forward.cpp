@@ -421,27 +421,24 @@ ModelSpec small_qwen3_d128() {  // GQA 8/2 (group 4), head_dim 128, per-head QK-
     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
                           "small-qwen3-d128/config.json");
 }
-// Qwen3-30B-A3B's widths (hidden 2048, expert inter 768, 32 / 4 heads of 128): the fused layer's
-// specialised kernel (decode_layer.cu kSpecialisedH / kSpecialisedI), few experts and layers.
-ModelSpec small_qwen3_30b_widths() {
-  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
-    "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
-    "vocab_size": 136, "intermediate_size": 256, "moe_intermediate_size": 768, "num_experts": 8,
-    "num_experts_per_tok": 4, "norm_topk_prob": true,
-    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
-                          "small-qwen3-30b-widths/config.json");
+// A 2-layer Qwen3-MoE with 32 / 4 heads of 128 (q width 4096) and the given hidden and expert
+// widths, expert count and top-k (vocabulary 136).
+ModelSpec small_qwen3_q4096(int hidden, int moe_inter, int experts, int top_k, const std::string& name) {
+  const std::string json = R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": )" + std::to_string(hidden) +
+                           R"(, "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "vocab_size": 136, "intermediate_size": 256, "moe_intermediate_size": )" +
+                           std::to_string(moe_inter) + R"(, "num_experts": )" + std::to_string(experts) +
+                           R"(, "num_experts_per_tok": )" + std::to_string(top_k) + R"(, "norm_topk_prob": true,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})";
+  return import_hf_config(json, name + "/config.json");
 }
+// Qwen3-30B-A3B's widths (hidden 2048, expert inter 768): the fused layer's specialised kernel
+// (decode_layer.cu kSpecialisedH / kSpecialisedI), with 8 experts (top-4) and 2 layers.
+ModelSpec small_qwen3_30b_widths() { return small_qwen3_q4096(2048, 768, 8, 4, "small-qwen3-30b-widths"); }
 // Row lengths of Qwen3-30B-A3B's kind (hidden 768 = 3 x 256, expert inter 2048 = 8 x 256, q width
 // 4096): the fused layer's register multi-row sums for 3 and 8 vectors per lane (with 16 KB stages
-// 10 and 4 rows a stage), o_proj's 8 KB rows on the per-row path.
-ModelSpec small_qwen3_wide() {
-  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 768,
-    "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
-    "vocab_size": 136, "intermediate_size": 256, "moe_intermediate_size": 2048, "num_experts": 4,
-    "num_experts_per_tok": 2, "norm_topk_prob": true,
-    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
-                          "small-qwen3-wide/config.json");
-}
+// 10 and 4 rows a stage), o_proj's 8 KB rows on the per-row path (the general kernel).
+ModelSpec small_qwen3_wide() { return small_qwen3_q4096(768, 2048, 4, 2, "small-qwen3-wide"); }
 // MIXSERVE_FUSED_PHASE_TIMING: one fused launch's per-block stamps (decode_layer.hpp diag), as
 // microseconds after the earliest block start: median and max over the blocks of each event.
 void print_fused_diag(const std::vector<unsigned long long>& d) {
