@@ -1239,6 +1239,7 @@ int64_t scratch_bytes(const FusedDecodeLayerParams& p, int blocks) {
 }
 
 constexpr int64_t kMaxSmem = 227 * 1024;      // opt-in shared memory per block (H100 / H200)
+constexpr int64_t kDefaultInflight = 128 * 1024;  // weight bytes in flight per block (make_layout)
 constexpr int64_t kStaticSmem = 2048;         // the kernel's static shared memory, rounded up
 int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -1252,9 +1253,11 @@ Layout make_layout(const FusedDecodeLayerParams& p, int blocks) {
   const int64_t room = kMaxSmem - kStaticSmem - L.ring;
   L.ns = int(std::min<int64_t>(p.max_stages > 0 ? std::min(p.max_stages, kMaxStages) : kMaxStages,
                                room > 0 ? room / L.stage_bytes : 0));
-  // Bytes in flight: the whole ring by default (call 1 of session 7: 48 KiB per block held the
-  // stream back, 3956 vs 3853 us per step); the knob stays for experiments.
-  L.inflight = p.inflight_bytes > 0 ? p.inflight_bytes : int64_t(L.ns) * L.stage_bytes;
+  // Bytes in flight: at most kDefaultInflight of the ring by default. Session 7 (7 grid barriers a
+  // layer) measured the whole ring faster than 48 KiB (3853 vs 3956 us a step); session 10 (H200
+  // call 11, no barrier between layers, 11 stages of 16 KiB): 64-144 KiB 2885-2889 us, 160 KiB
+  // 2916, the whole ring 2945-2946.
+  L.inflight = p.inflight_bytes > 0 ? p.inflight_bytes : std::min<int64_t>(kDefaultInflight, int64_t(L.ns) * L.stage_bytes);
   L.total = L.ring + int64_t(L.ns) * L.stage_bytes;
   return L;
 }

@@ -152,7 +152,7 @@ struct FusedDecodeLayerParams {
   // as many as shared memory holds, at most 32). Experiments: docs/forward.md.
   int64_t stage_bytes = 0;
   int max_stages = 0;
-  int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: the whole ring)
+  int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: 128 KiB or the whole ring if smaller)
   // multirow: a stage of several rows of k = 256 m (m <= 8) summed with the activations in
   // registers and one warp reduction per 8 rows (else one per row; measured in docs/forward.md).
   bool multirow = true;
