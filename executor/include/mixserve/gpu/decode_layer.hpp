@@ -49,8 +49,8 @@
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~2960 us against ~4050 us with the unfused decode kernels (session
-// 10; 49.0% of the copy bandwidth; the launch runs a kernel specialised for its hidden / expert
+// step of Qwen3-30B-A3B takes ~2900 us against ~4050 us with the unfused decode kernels (session
+// 10; 50.0% of the copy bandwidth; the launch runs a kernel specialised for its hidden / expert
 // widths, decode_layer.cu kSpecialisedH). The phases without weights (attention, merge, routing)
 // and the waits between phases are most of the gap in a layer's ~58 us; a grid barrier's release
 // waits ~1-2.5 us while the block's weight copies are in flight (session 8's stamps): all 7
