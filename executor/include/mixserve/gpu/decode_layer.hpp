@@ -1,5 +1,5 @@
 // One launch per MoE layer for a decode step of ONE sequence and ONE token (batch 1), on the
-// whole GPU: a persistent grid (one block per SM: 8 consumer warps + 1 producer warp) that runs the
+// whole GPU: a persistent grid (one block per SM: 11 consumer warps + 1 producer warp) that runs the
 // layer's phases with grid-wide barriers between them instead of ~13 dependent launches
 // (docs/forward.md "Fused decode layer"):
 //   0  x = bf16(res + tmp_in) (tmp_in null: x = res; in a launch's later layers res is the block's
