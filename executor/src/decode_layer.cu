@@ -772,6 +772,38 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // The launch's number (FusedDecodeLayerParams::epoch): layer l's gate|up values carry the tag
   // (epoch x kFusedDecodeMaxLayers + l) mod 2^16, so a reader tells this layer's from the previous one's.
   const unsigned epoch = __ldcg(p0.epoch);
+  // Launch constants (session 11): every layer of a launch serves the same token of one sequence
+  // (launch_fused_decode_layers checks that the layers share position, seq_len, rope_cs and the
+  // block table), so the context length, the position, RoPE's cos | sin and the cache rows of the
+  // block's first attention tile are read once here instead of in every layer's attention, where
+  // each was a dependent global round trip before the first K / V load.
+  __shared__ int s_ctx, s_pos, s_splits, s_chunk;
+  __shared__ float s_cs[D];           // cos | sin
+  __shared__ int64_t s_row0[kTile];   // cache row of each position of the block's first tile
+  if (threadIdx.x == 0) {
+    s_ctx = __ldcg(p0.seq_len);
+    s_pos = __ldcg(p0.position);
+  }
+  for (int i = threadIdx.x; i < D; i += kThreads) s_cs[i] = __ldcg(p0.rope_cs + i);
+  csync();
+  {
+    // The attention's split of the context into chunks (phase 1, phase 2).
+    const int max_splits = (int(gridDim.x) + p0.kv_heads - 1) / p0.kv_heads;
+    const int splits = max(1, min(max_splits, (s_ctx + kTile - 1) / kTile));
+    const int chunk = (s_ctx + splits - 1) / splits;
+    if (threadIdx.x == 0) {
+      s_splits = splits;
+      s_chunk = chunk;
+    }
+    // The block's first work item (kv head, chunk) is blockIdx.x (phase 1): its first tile's rows.
+    if (int(blockIdx.x) < p0.kv_heads * splits && threadIdx.x < kTile) {
+      const int ps = (int(blockIdx.x) % splits) * chunk + int(threadIdx.x);
+      s_row0[threadIdx.x] = ps < s_ctx ? int64_t(__ldg(p0.block_table + ps / p0.block_tokens)) * p0.block_tokens +
+                                             ps % p0.block_tokens
+                                       : 0;
+    }
+  }
+  // (phase 0's barriers order these stores before phase 1's reads)
   // Diagnostics: block 0 adds each phase's time (ns, barrier wait included) to phase_ns[0..6] and
   // counts the layers in [7].
   const bool timed = p0.phase_ns && blockIdx.x == 0 && threadIdx.x == 0;
@@ -829,12 +861,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
   // Phase 1: attention partials. Items = kv heads x chunks of the context (tiles of kTile
   // positions); a warp per q head of the item's group.
-  const int ctx = __ldcg(p.seq_len);
-  const int pos = __ldcg(p.position);
+  const int ctx = s_ctx;  // the launch constants (above)
+  const int pos = s_pos;
   const int group = p.q_heads / p.kv_heads;
   const int max_splits = (int(gridDim.x) + p.kv_heads - 1) / p.kv_heads;
-  const int splits = max(1, min(max_splits, (ctx + kTile - 1) / kTile));
-  const int chunk = (ctx + splits - 1) / splits;
+  const int splits = s_splits, chunk = s_chunk;
   const float scale2 = (p.softmax_scale > 0.0f ? p.softmax_scale : rsqrtf(float(D))) * kLog2e;
   {
     constexpr int kRow = D + 8;  // padded smem row (bf16)
@@ -844,10 +875,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     bf16* s_k = reinterpret_cast<bf16*>(s_u);      // [kTile][kRow]
     bf16* s_v = s_k + kTile * kRow;                // [kTile][kRow]
     float* s_q = reinterpret_cast<float*>(s_v + kTile * kRow);  // [group][D] (scaled)
-    float* s_cs = s_q + group * D;                 // [D] cos | sin
-    for (int i = threadIdx.x; i < D; i += kThreads) s_cs[i] = __ldcg(p.rope_cs + i);
     // The tile's K / V vectors (the new token's row excluded: it comes from the q|k|v words below).
-    auto load_tile = [&](int kvh, int t0, int n, uint4 (&r)[kVecsPerThread]) {
+    // first: the block's first tile, whose cache rows are in s_row0.
+    auto load_tile = [&](int kvh, int t0, int n, uint4 (&r)[kVecsPerThread], bool first) {
 #pragma unroll
       for (int u = 0; u < kVecsPerThread; ++u) {
         const int i = threadIdx.x + u * kThreads;
@@ -857,8 +887,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         const int row = rem / kVecPerRow, v = rem % kVecPerRow;
         const int ps = t0 + row;
         if (row < n && ps != pos) {
-          const int64_t blk = __ldg(p.block_table + ps / p.block_tokens);
-          const int64_t off = ((blk * p.block_tokens + ps % p.block_tokens) * p.kv_heads + kvh) * D + v * 8;
+          const int64_t crow =
+              first ? s_row0[row] : int64_t(__ldg(p.block_table + ps / p.block_tokens)) * p.block_tokens + ps % p.block_tokens;
+          const int64_t off = (crow * p.kv_heads + kvh) * D + v * 8;
           r[u] = __ldcg(reinterpret_cast<const uint4*>((which ? p.v_cache : p.k_cache) + off));
         }
       }
@@ -879,7 +910,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       const int kvh = item / splits, sp = item % splits;
       const int p0 = sp * chunk, p1 = min(ctx, p0 + chunk);
       uint4 tile[kVecsPerThread];
-      if (p0 < p1) load_tile(kvh, p0, min(kTile, p1 - p0), tile);  // in flight during the q work
+      if (p0 < p1) load_tile(kvh, p0, min(kTile, p1 - p0), tile, item == int(blockIdx.x));  // in flight during the q work
       // The q heads of the group: normed, rotated, scaled.
       for (int hh = warp; hh < group; hh += kWarps) {
         const int h = kvh * group + hh;
@@ -928,7 +959,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
           }
         }
         csync();
-        if (t0 + kTile < p1) load_tile(kvh, t0 + kTile, min(kTile, p1 - t0 - kTile), tile);  // next tile
+        if (t0 + kTile < p1) load_tile(kvh, t0 + kTile, min(kTile, p1 - t0 - kTile), tile, false);  // next tile
 #pragma unroll
         for (int r = 0; r < kMaxHeadsPerWarp; ++r) {
           const int hh = warp + r * kWarps;
@@ -989,61 +1020,100 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   mark(1);
   if (diag && threadIdx.x == 0) diag[18] = global_ns();
 
-  // Phase 2: merge the chunks of each q head: a block per head; every warp finds the max and the
-  // weights, warp w sums chunks w, w + kWarps, ..., the block adds the warps' sums in order.
+  // Phase 2: merge the chunks of each q head: a block per head. Every warp finds the max and the
+  // chunk weights itself (the same values as any other warp), warp w sums chunks w, w + kWarps, ...,
+  // the block adds the warps' sums in order. Session 11: a warp's (max, sum) words of chunks lane
+  // and lane + 32 and the acc words of its first kMergePerWarp chunks are polled as one batch (one
+  // L2 round trip; warp 0 had polled up to 7 batches one after the other).
   {
-    float* s_f = reinterpret_cast<float*>(s_u);            // [2][max_splits] chunk weights, sums
-    float* s_part = s_f + 2 * max_splits;                  // [kWarps][D]
+    constexpr int kMergePerWarp = 3;  // 33 chunks (Qwen3-30B-A3B on 132 SMs) over 11 warps
+    float* s_part = reinterpret_cast<float*>(s_u);        // [kWarps][D]
+    float* s_mw = s_part + kWarps * D + warp * 2 * max_splits;  // the warp's [2][max_splits]: max | weight, sum
     __shared__ float s_l;
     for (int h = blockIdx.x; h < p.q_heads; h += gridDim.x) {
       const unsigned long long* w = p.attn_ws + int64_t(h) * max_splits * (D + 2);
-      if (warp == 0) {
-        // (max, sum) of the lane's chunks sp = lane, lane + 32, ...: polled as one batch each.
-        float m = -INFINITY;
-        for (int sp = lane; sp < splits; sp += 32) {
-          float ml[2];
-          load_tagged64_batch<2>(w + int64_t(sp) * (D + 2), 1, 2, tag32, ml);
-          m = fmaxf(m, ml[0]);
-          s_f[sp] = ml[0];
-          s_f[max_splits + sp] = ml[1];
+      float ml[2][2];                          // (max, sum) of chunks lane, lane + 32
+      float vals[kMergePerWarp][D / 32];       // acc of chunks warp + kWarps r
+      for (bool ready = false; !ready;) {
+        ready = true;
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int sp = lane + 32 * q;
+          ml[q][0] = -INFINITY;
+          ml[q][1] = 0.0f;
+          if (sp < splits) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              unsigned long long x;
+              asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(x) : "l"(w + int64_t(sp) * (D + 2) + e) : "memory");
+              ready = ready && unsigned(x >> 32) == tag32;
+              ml[q][e] = __uint_as_float(unsigned(x));
+            }
+          }
         }
-        m = warp_max(m);
-        float l = 0.0f;
-        for (int sp = lane; sp < splits; sp += 32) {  // the lane's own entries: no sync needed
-          const float ms = s_f[sp];
-          const float f = ms == -INFINITY ? 0.0f : exp2f(ms - m);
-          s_f[sp] = f;
-          l += s_f[max_splits + sp] * f;
+#pragma unroll
+        for (int r = 0; r < kMergePerWarp; ++r) {
+          const int sp = warp + r * kWarps;
+#pragma unroll
+          for (int j = 0; j < D / 32; ++j) {
+            vals[r][j] = 0.0f;
+            if (sp < splits) {
+              unsigned long long x;
+              asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
+                           : "=l"(x)
+                           : "l"(w + int64_t(sp) * (D + 2) + 2 + lane + 32 * j)
+                           : "memory");
+              ready = ready && unsigned(x >> 32) == tag32;
+              vals[r][j] = __uint_as_float(unsigned(x));
+            }
+          }
         }
-        l = warp_sum(l);
-        if (lane == 0) s_l = l;
+        if (!ready) __nanosleep(kPollNs);
       }
+      // (max, sum) of the lane's chunks sp = lane, lane + 32, ... in that order.
+      float m = -INFINITY;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int sp = lane + 32 * q;
+        if (sp < splits) {
+          m = fmaxf(m, ml[q][0]);
+          s_mw[sp] = ml[q][0];
+          s_mw[max_splits + sp] = ml[q][1];
+        }
+      }
+      for (int sp = lane + 64; sp < splits; sp += 32) {  // more than 64 chunks
+        float x[2];
+        load_tagged64_batch<2>(w + int64_t(sp) * (D + 2), 1, 2, tag32, x);
+        m = fmaxf(m, x[0]);
+        s_mw[sp] = x[0];
+        s_mw[max_splits + sp] = x[1];
+      }
+      m = warp_max(m);
+      float l = 0.0f;
+      for (int sp = lane; sp < splits; sp += 32) {  // the lane's own entries
+        const float ms = s_mw[sp];
+        const float f = ms == -INFINITY ? 0.0f : exp2f(ms - m);
+        s_mw[sp] = f;
+        l += s_mw[max_splits + sp] * f;
+      }
+      l = warp_sum(l);
+      if (warp == 0 && lane == 0) s_l = l;
+      __syncwarp();  // s_mw's weights, written by the warp's lanes
       float a[D / 32];
 #pragma unroll
       for (int j = 0; j < D / 32; ++j) a[j] = 0.0f;
-      // The acc loads do not need the weights: issue them first.
-      constexpr int kMaxPerWarp = 2;
-      float vals[kMaxPerWarp][D / 32];
 #pragma unroll
-      for (int r = 0; r < kMaxPerWarp; ++r) {
-        const int sp = warp + r * kWarps;
-#pragma unroll
-        for (int j = 0; j < D / 32; ++j) vals[r][j] = 0.0f;
-        if (sp < splits) load_tagged64_batch<D / 32>(w + int64_t(sp) * (D + 2) + 2 + lane, 32, D / 32, tag32, vals[r]);
-      }
-      csync();  // s_f, s_l
-#pragma unroll
-      for (int r = 0; r < kMaxPerWarp; ++r) {
+      for (int r = 0; r < kMergePerWarp; ++r) {
         const int sp = warp + r * kWarps;
         if (sp >= splits) break;
 #pragma unroll
-        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(vals[r][j], s_f[sp], a[j]);
+        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(vals[r][j], s_mw[sp], a[j]);
       }
-      for (int sp = warp + kMaxPerWarp * kWarps; sp < splits; sp += kWarps) {  // more chunks than kMaxPerWarp per warp
+      for (int sp = warp + kMergePerWarp * kWarps; sp < splits; sp += kWarps) {  // more chunks per warp
         float v[D / 32];
         load_tagged64_batch<D / 32>(w + int64_t(sp) * (D + 2) + 2 + lane, 32, D / 32, tag32, v);
 #pragma unroll
-        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(v[j], s_f[sp], a[j]);
+        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(v[j], s_mw[sp], a[j]);
       }
 #pragma unroll
       for (int j = 0; j < D / 32; ++j) s_part[warp * D + lane + 32 * j] = a[j];
@@ -1234,8 +1304,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
 int64_t scratch_bytes(const FusedDecodeLayerParams& p, int blocks) {
   const int64_t D = p.head_dim, group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
-  const int64_t merge = p.kv_heads > 0 ? (2 * (int64_t(blocks + p.kv_heads - 1) / p.kv_heads) + int64_t(kWarps) * D) * 4 : 0;
-  const int64_t attn = 2 * kTile * (D + 8) * 2 + (group * D + D) * 4;
+  const int64_t merge =
+      p.kv_heads > 0 ? (int64_t(kWarps) * 2 * (int64_t(blocks + p.kv_heads - 1) / p.kv_heads) + int64_t(kWarps) * D) * 4 : 0;
+  const int64_t attn = 2 * kTile * (D + 8) * 2 + group * D * 4;
   const int64_t oproj = int64_t(p.q_heads) * D * 4;
   const int64_t route = int64_t(p.num_experts) * 4;
   const int64_t down = int64_t(p.top_k) * p.inter * 4;
@@ -1339,6 +1410,13 @@ void launch_fused_decode_layers(const FusedDecodeStepParams& P, cudaStream_t str
     if (q.hidden != p.hidden || q.q_heads != p.q_heads || q.kv_heads != p.kv_heads || q.head_dim != p.head_dim ||
         q.inter != p.inter || q.num_experts != p.num_experts || q.top_k != p.top_k)
       throw InputError("fused decode layer " + std::to_string(l) + " of the launch: shapes differ from layer 0's");
+    // The kernel reads the token's position, context length, RoPE angles and block table once
+    // per launch (one token of one sequence).
+    if (q.position != p.position || q.seq_len != p.seq_len || q.rope_cs != p.rope_cs ||
+        q.block_table != p.block_table || q.block_tokens != p.block_tokens)
+      throw InputError("fused decode layer " + std::to_string(l) +
+                       " of the launch: position, seq_len, rope_cs or the block table differ from layer 0's "
+                       "(a launch serves one token of one sequence)");
     if (q.attn_ws_words < fused_decode_layer_ws_words(blocks, q.q_heads, q.kv_heads, q.head_dim))
       throw InputError("fused decode layer: attention workspace of " + std::to_string(q.attn_ws_words) +
                        " words, need " + std::to_string(fused_decode_layer_ws_words(blocks, q.q_heads, q.kv_heads, q.head_dim)));
