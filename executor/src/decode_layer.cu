@@ -1020,100 +1020,61 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   mark(1);
   if (diag && threadIdx.x == 0) diag[18] = global_ns();
 
-  // Phase 2: merge the chunks of each q head: a block per head. Every warp finds the max and the
-  // chunk weights itself (the same values as any other warp), warp w sums chunks w, w + kWarps, ...,
-  // the block adds the warps' sums in order. Session 11: a warp's (max, sum) words of chunks lane
-  // and lane + 32 and the acc words of its first kMergePerWarp chunks are polled as one batch (one
-  // L2 round trip; warp 0 had polled up to 7 batches one after the other).
+  // Phase 2: merge the chunks of each q head: a block per head; every warp finds the max and the
+  // weights, warp w sums chunks w, w + kWarps, ..., the block adds the warps' sums in order.
   {
-    constexpr int kMergePerWarp = 3;  // 33 chunks (Qwen3-30B-A3B on 132 SMs) over 11 warps
-    float* s_part = reinterpret_cast<float*>(s_u);        // [kWarps][D]
-    float* s_mw = s_part + kWarps * D + warp * 2 * max_splits;  // the warp's [2][max_splits]: max | weight, sum
+    float* s_f = reinterpret_cast<float*>(s_u);            // [2][max_splits] chunk weights, sums
+    float* s_part = s_f + 2 * max_splits;                  // [kWarps][D]
     __shared__ float s_l;
     for (int h = blockIdx.x; h < p.q_heads; h += gridDim.x) {
       const unsigned long long* w = p.attn_ws + int64_t(h) * max_splits * (D + 2);
-      float ml[2][2];                          // (max, sum) of chunks lane, lane + 32
-      float vals[kMergePerWarp][D / 32];       // acc of chunks warp + kWarps r
-      for (bool ready = false; !ready;) {
-        ready = true;
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int sp = lane + 32 * q;
-          ml[q][0] = -INFINITY;
-          ml[q][1] = 0.0f;
-          if (sp < splits) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              unsigned long long x;
-              asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(x) : "l"(w + int64_t(sp) * (D + 2) + e) : "memory");
-              ready = ready && unsigned(x >> 32) == tag32;
-              ml[q][e] = __uint_as_float(unsigned(x));
-            }
-          }
+      if (warp == 0) {
+        // (max, sum) of the lane's chunks sp = lane, lane + 32, ...: polled as one batch each.
+        float m = -INFINITY;
+        for (int sp = lane; sp < splits; sp += 32) {
+          float ml[2];
+          load_tagged64_batch<2>(w + int64_t(sp) * (D + 2), 1, 2, tag32, ml);
+          m = fmaxf(m, ml[0]);
+          s_f[sp] = ml[0];
+          s_f[max_splits + sp] = ml[1];
         }
-#pragma unroll
-        for (int r = 0; r < kMergePerWarp; ++r) {
-          const int sp = warp + r * kWarps;
-#pragma unroll
-          for (int j = 0; j < D / 32; ++j) {
-            vals[r][j] = 0.0f;
-            if (sp < splits) {
-              unsigned long long x;
-              asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
-                           : "=l"(x)
-                           : "l"(w + int64_t(sp) * (D + 2) + 2 + lane + 32 * j)
-                           : "memory");
-              ready = ready && unsigned(x >> 32) == tag32;
-              vals[r][j] = __uint_as_float(unsigned(x));
-            }
-          }
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int sp = lane; sp < splits; sp += 32) {  // the lane's own entries: no sync needed
+          const float ms = s_f[sp];
+          const float f = ms == -INFINITY ? 0.0f : exp2f(ms - m);
+          s_f[sp] = f;
+          l += s_f[max_splits + sp] * f;
         }
-        if (!ready) __nanosleep(kPollNs);
+        l = warp_sum(l);
+        if (lane == 0) s_l = l;
       }
-      // (max, sum) of the lane's chunks sp = lane, lane + 32, ... in that order.
-      float m = -INFINITY;
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int sp = lane + 32 * q;
-        if (sp < splits) {
-          m = fmaxf(m, ml[q][0]);
-          s_mw[sp] = ml[q][0];
-          s_mw[max_splits + sp] = ml[q][1];
-        }
-      }
-      for (int sp = lane + 64; sp < splits; sp += 32) {  // more than 64 chunks
-        float x[2];
-        load_tagged64_batch<2>(w + int64_t(sp) * (D + 2), 1, 2, tag32, x);
-        m = fmaxf(m, x[0]);
-        s_mw[sp] = x[0];
-        s_mw[max_splits + sp] = x[1];
-      }
-      m = warp_max(m);
-      float l = 0.0f;
-      for (int sp = lane; sp < splits; sp += 32) {  // the lane's own entries
-        const float ms = s_mw[sp];
-        const float f = ms == -INFINITY ? 0.0f : exp2f(ms - m);
-        s_mw[sp] = f;
-        l += s_mw[max_splits + sp] * f;
-      }
-      l = warp_sum(l);
-      if (warp == 0 && lane == 0) s_l = l;
-      __syncwarp();  // s_mw's weights, written by the warp's lanes
       float a[D / 32];
 #pragma unroll
       for (int j = 0; j < D / 32; ++j) a[j] = 0.0f;
+      // The acc loads do not need the weights: issue them first.
+      constexpr int kMaxPerWarp = 2;
+      float vals[kMaxPerWarp][D / 32];
 #pragma unroll
-      for (int r = 0; r < kMergePerWarp; ++r) {
+      for (int r = 0; r < kMaxPerWarp; ++r) {
+        const int sp = warp + r * kWarps;
+#pragma unroll
+        for (int j = 0; j < D / 32; ++j) vals[r][j] = 0.0f;
+        if (sp < splits) load_tagged64_batch<D / 32>(w + int64_t(sp) * (D + 2) + 2 + lane, 32, D / 32, tag32, vals[r]);
+      }
+      csync();  // s_f, s_l
+#pragma unroll
+      for (int r = 0; r < kMaxPerWarp; ++r) {
         const int sp = warp + r * kWarps;
         if (sp >= splits) break;
 #pragma unroll
-        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(vals[r][j], s_mw[sp], a[j]);
+        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(vals[r][j], s_f[sp], a[j]);
       }
-      for (int sp = warp + kMergePerWarp * kWarps; sp < splits; sp += kWarps) {  // more chunks per warp
+      for (int sp = warp + kMaxPerWarp * kWarps; sp < splits; sp += kWarps) {  // more chunks than kMaxPerWarp per warp
         float v[D / 32];
         load_tagged64_batch<D / 32>(w + int64_t(sp) * (D + 2) + 2 + lane, 32, D / 32, tag32, v);
 #pragma unroll
-        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(v[j], s_mw[sp], a[j]);
+        for (int j = 0; j < D / 32; ++j) a[j] = fmaf(v[j], s_f[sp], a[j]);
       }
 #pragma unroll
       for (int j = 0; j < D / 32; ++j) s_part[warp * D + lane + 32 * j] = a[j];
@@ -1304,8 +1265,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
 int64_t scratch_bytes(const FusedDecodeLayerParams& p, int blocks) {
   const int64_t D = p.head_dim, group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
-  const int64_t merge =
-      p.kv_heads > 0 ? (int64_t(kWarps) * 2 * (int64_t(blocks + p.kv_heads - 1) / p.kv_heads) + int64_t(kWarps) * D) * 4 : 0;
+  const int64_t merge = p.kv_heads > 0 ? (2 * (int64_t(blocks + p.kv_heads - 1) / p.kv_heads) + int64_t(kWarps) * D) * 4 : 0;
   const int64_t attn = 2 * kTile * (D + 8) * 2 + group * D * 4;
   const int64_t oproj = int64_t(p.q_heads) * D * 4;
   const int64_t route = int64_t(p.num_experts) * 4;
