@@ -75,6 +75,15 @@ __device__ __forceinline__ void store_act8(float* base, int64_t k, int64_t v, co
   *reinterpret_cast<float4*>(base + k / 2 + 4 * v) = make_float4(f[4], f[5], f[6], f[7]);
 }
 
+// 8 floats (bf16 values) as 8 packed bf16, element 2i in the low half of word i.
+__device__ __forceinline__ uint4 pack_bf16x8(const float (&f)[8]) {
+  uint4 o;
+  auto* h = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) h[e] = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
+  return o;
+}
+
 // bf16(a + b) of 8 bf16 pairs (rmsnorm.cuh's residual add: bf16(x + residual)).
 __device__ __forceinline__ uint4 add_bf16x8(uint4 a, const uint4& b) {
   auto* ah = reinterpret_cast<__nv_bfloat162*>(&a);
@@ -216,6 +225,7 @@ struct Mats {
   int64_t H, QW, KVW, I;
   int E, K;
   bool multirow;  // FusedDecodeLayerParams::multirow
+  bool mma;       // FusedDecodeLayerParams::mma
 };
 
 // A run of `rows` consecutive weight rows of k elements starting at `src`; `out0` numbers the first
@@ -462,6 +472,91 @@ __device__ __forceinline__ void multirow_stage(const bf16* rows, int n, const fl
   }
 }
 
+// ldmatrix .x4 (four 8 x 8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, which
+// lands in r[i]). volatile: ordered after the ring's mbarrier wait and the consumers' barriers.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+// c += A . B, m16n8k16, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One warp's stage of n rows of k elements (k % 256 == 0) on the tensor cores (Mats::mma, session
+// 11). A 128-element chunk of a row is cut into 8 segments of 16 (segment s: elements 8s..8s+7 and
+// 64 + 8s..64 + 8s + 7 of the chunk, so that ldmatrix reads 128 contiguous bytes); one m16n8k16
+// product takes two rows' segments as A (rows 8r + s) and the activations' segments as B (column s),
+// so the diagonal entries C[8r + s][s] are the segment dots of row r. Up to 4 row pairs share each
+// activation load, two accumulators a pair (even and odd chunks); the 8 diagonal entries of each row
+// are summed with the same reduce8 as multirow_stage. xb: the activations as bf16 (exactly the
+// values the fp32 path reads). fp32 sums in the tensor cores' order.
+// NP row pairs (rows rb + 2q, rb + 2q + 1; a missing second row repeats the first) of mma_stage:
+// no branch inside, so that the pairs' loads and products interleave.
+template <int NP>
+__device__ __forceinline__ void mma_pairs(const bf16* rows, int n, int rb, int64_t k, const bf16* xl, float (&v)[8]) {
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const bool on_diag = (lane & 3) == (g >> 1), odd = g & 1;
+  const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: this lane's matrix and row
+  const int nc = int(k / 128);
+  // A (weights): matrices 0, 1 = piece 0 of the pair's two rows, 2, 3 = piece 1.
+  const bf16* wl[NP];
+#pragma unroll
+  for (int q = 0; q < NP; ++q) {
+    const int ra = rb + 2 * q, r1 = min(ra + 1, n - 1);
+    wl[q] = rows + int64_t((mi & 1) ? r1 : ra) * k + (mi >> 1) * 64 + mr * 8;
+  }
+  float acc[NP][2][4];
+#pragma unroll
+  for (int q = 0; q < NP; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[q][0][e] = acc[q][1][e] = 0.0f;
+#pragma unroll 2
+  for (int c = 0; c < nc; c += 2) {
+    uint32_t bx[4];
+    ldsm_x4(bx, xl + c * 128);
+#pragma unroll
+    for (int q = 0; q < NP; ++q) {
+      uint32_t a0[4], a1[4];
+      ldsm_x4(a0, wl[q] + c * 128);
+      ldsm_x4(a1, wl[q] + (c + 1) * 128);
+      mma_bf16(acc[q][0], a0, bx[0], bx[1]);
+      mma_bf16(acc[q][1], a1, bx[2], bx[3]);
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < NP; ++q) {
+    const bool has1 = on_diag && rb + 2 * q + 1 < n;
+    v[2 * q] = on_diag ? (odd ? acc[q][0][1] + acc[q][1][1] : acc[q][0][0] + acc[q][1][0]) : 0.0f;
+    v[2 * q + 1] = has1 ? (odd ? acc[q][0][3] + acc[q][1][3] : acc[q][0][2] + acc[q][1][2]) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void mma_stage(const bf16* rows, int n, int64_t k, const bf16* xb, const Sink& sink,
+                                          const Seg& s, int64_t r0) {
+  const int lane = threadIdx.x & 31;
+  const int mi = lane >> 3, mr = lane & 7;
+  const int mine = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);  // reduce8's row
+  // B (activations): matrices 0, 1 = pieces 0, 1 of chunk c; 2, 3 = those of chunk c + 1.
+  const bf16* xl = xb + (mi >> 1) * 128 + (mi & 1) * 64 + mr * 8;
+  for (int rb = 0; rb < n; rb += 8) {
+    float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    switch (min(4, (n - rb + 1) / 2)) {  // row pairs in this group
+      case 1: mma_pairs<1>(rows, n, rb, k, xl, v); break;
+      case 2: mma_pairs<2>(rows, n, rb, k, xl, v); break;
+      case 3: mma_pairs<3>(rows, n, rb, k, xl, v); break;
+      default: mma_pairs<4>(rows, n, rb, k, xl, v); break;
+    }
+    const float t = reduce8(v);
+    if ((lane & 3) == 0 && rb + mine < n) sink_store(sink, s, r0 + rb + mine, t);
+  }
+}
+
 // The consumers: warp (slot mod kWarps) takes stage g (slot g mod ns) of this block's stages of
 // `kind`, so each slot has one consumer that takes its uses in order (the full barrier's parity
 // then never runs two phases behind); a row's dot product with act + slot x act_stride (fp32
@@ -475,7 +570,7 @@ __device__ __forceinline__ void multirow_stage(const bf16* rows, int n, const fl
 // instead of 350 KB of code) the Qwen3-30B-A3B step took 2943-2945 instead of 3015-3017 us.
 template <int VH, int VI>
 __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g, const float* act,
-                                         int64_t act_stride, Sink sink, bool skip_dot,
+                                         int64_t act_stride, const bf16* actb, Sink sink, bool skip_dot,
                                          unsigned long long* t_arrive, unsigned long long* t_first) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   // The stage's slot and its full barrier's parity, advanced without divisions (the loop walks
@@ -506,13 +601,15 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
       // Up to 8 vectors per lane (the rows of o_proj, k = 4096 and one per stage, were slower this
       // way: 9.0 vs 7.5 us per layer, session 7).
       int vpl = s.k % 256 == 0 && s.k <= 8 * 256 && m.multirow && !skip_dot ? int(s.k / 256) : 0;
-      if constexpr (VH > 0) {
-        if (vpl == VH)
-          multirow_stage<VH>(rows, n, a, ah, sink, s, r0);
-        else if (vpl == VI)
-          multirow_stage<VI>(rows, n, a, ah, sink, s, r0);
-        else
-          vpl = 0;
+      if (actb && m.mma && s.k % 256 == 0 && !skip_dot) {
+        mma_stage(rows, n, s.k, actb + s.slot * act_stride, sink, s, r0);
+        vpl = -1;
+      } else if constexpr (VH > 0) {
+        // The specialised kernel: no multi-row CUDA-core sums compiled (session 11: with every row
+        // on the tensor cores they were unexecuted code, which cost ~2%: 2618.9-2628.8 us a step
+        // without them, 2677.1-2678.0 with them); rows mma_stage does not take (MIXSERVE_FUSED_MMA=0)
+        // are summed one at a time below.
+        vpl = 0;
       } else {
         switch (vpl) {
           case 1: multirow_stage<1>(rows, n, a, ah, sink, s, r0); break;
@@ -526,7 +623,7 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
           default: break;
         }
       }
-      for (int r = 0; r < n && vpl == 0; ++r) {
+      for (int r = 0; r < n && vpl == 0; ++r) {  // (vpl < 0: summed by mma_stage)
         float t = 0.0f;
         if (!skip_dot) {  // diagnostics: the stream without the arithmetic (zeros: WRONG results)
           const bf16* row = rows + int64_t(r) * s.k;
@@ -562,7 +659,7 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
 // out = bf16(x * inv_rms * w) as rmsnorm.cuh (fp32 values, two-plane layout: dot8f), x and out in
 // shared memory (x bf16), w global;
 // 8 elements per thread per step (n % 8 == 0), the weights' loads issued before the sum.
-__device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, int64_t n, float eps, float* red) {
+__device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, bf16* outb, int64_t n, float eps, float* red) {
   constexpr int kMaxSteps = 8;  // n <= kMaxSteps * 8 * kThreads = 16384 keeps w in registers
   uint4 wv[kMaxSteps];
 #pragma unroll
@@ -603,6 +700,7 @@ __device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, int64_t 
       o[2 * j + 1] = __bfloat162float(__float2bfloat16_rn(f.y * inv * g.y));
     }
     store_act8(out, n, i / 8, o);
+    *reinterpret_cast<uint4*>(outb + i) = pack_bf16x8(o);  // the same values as bf16 (mma_stage)
   }
   csync();
 }
@@ -692,7 +790,15 @@ struct Layout {
   int64_t stage_bytes = 0;  // ring stage size
   int ns = 0;               // ring stages
   int64_t inflight = 0;     // bytes in flight at most
+  int down_slots = 0;       // expert slots a block's down rows touch, at most (down_slots())
 };
+
+// The expert slots a block's share of the K x H down rows touches at most: a run of at most
+// ceil(K H / blocks) rows spans at most (run - 1) / H + 2 slots.
+int down_slots(const FusedDecodeLayerParams& p, int blocks) {
+  const int64_t run = (int64_t(p.top_k) * p.hidden + blocks - 1) / std::max(blocks, 1);
+  return int(std::min<int64_t>(p.top_k, (run - 1) / std::max<int64_t>(p.hidden, 1) + 2));
+}
 
 template <int D, int VH, int VI>
 __global__ void __launch_bounds__(kBlockThreads, 1)
@@ -706,6 +812,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   bf16* s_x = reinterpret_cast<bf16*>(smem);  // [H] residual
   float* s_n = reinterpret_cast<float*>(s_x + H);  // [H] normed (fp32 values of the bf16 results, two planes)
+  bf16* s_nb = reinterpret_cast<bf16*>(s_n + H);    // [H] the same as bf16 (mma_stage)
   unsigned char* s_u = smem + lay.scratch;    // phase scratch
   bf16* ring = reinterpret_cast<bf16*>(smem + lay.ring);      // [ns][stage_bytes]
   const int ns = lay.ns;
@@ -732,7 +839,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   uint32_t g = 0;   // this block's ring stages so far (producer and consumers count alike)
   auto mats_of = [&](const FusedDecodeLayerParams& p) {
     return Mats{p.wqkv, p.wo, p.router, p.w13, p.w2, H, QW, KVW, I, p.num_experts, K,
-                p0.multirow};
+                p0.multirow, p0.mma};
   };
   auto diag_of = [&](const FusedDecodeLayerParams& p) {
     return p.diag ? p.diag + int64_t(blockIdx.x) * kFusedDecodeDiagStamps : nullptr;
@@ -848,8 +955,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (blockIdx.x == 0 && p.rec_in) *reinterpret_cast<uint4*>(p.rec_in + i) = r;
   }
   csync();
-  block_rmsnorm(s_x, p.in_norm, s_n, H, p.eps, s_red);
-  g = consume<VH, VI>(mats, kQkv, nullptr, R, g, s_n, 0, Sink{kOutTagged, p.qkv_tagged, nullptr, 0, nullptr, tag}, skip,
+  block_rmsnorm(s_x, p.in_norm, s_n, s_nb, H, p.eps, s_red);
+  g = consume<VH, VI>(mats, kQkv, nullptr, R, g, s_n, 0, s_nb, Sink{kOutTagged, p.qkv_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t : nullptr, nullptr);
   // No grid barrier (session 9): the attention re-reads the q|k|v words it needs until tagged.
   if (diag) csync();
@@ -1094,6 +1201,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // Phase 3: o = attn . Wo^T.
   {
     float* s_a = reinterpret_cast<float*>(s_u);  // [QW] (two planes)
+    bf16* s_ab = reinterpret_cast<bf16*>(s_a + QW);  // [QW] the same as bf16 (mma_stage)
     for (int64_t i = threadIdx.x * 8; i < QW; i += kThreads * 8) {
       uint32_t w[8];
       load_tagged8(p.attn_tagged + i, tag, w);
@@ -1101,10 +1209,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 #pragma unroll
       for (int e = 0; e < 8; ++e) f[e] = tagged_value(w[e]);
       store_act8(s_a, QW, i / 8, f);
+      *reinterpret_cast<uint4*>(s_ab + i) = make_uint4((w[0] & 0xffffu) | (w[1] << 16), (w[2] & 0xffffu) | (w[3] << 16),
+                                                      (w[4] & 0xffffu) | (w[5] << 16), (w[6] & 0xffffu) | (w[7] << 16));
     }
     csync();
     if (diag && threadIdx.x == 0) diag[9] = global_ns();
-    g = consume<VH, VI>(mats, kOproj, nullptr, R, g, s_a, 0, Sink{kOutTagged, p.o_tagged, nullptr, 0, nullptr, tag}, skip,
+    g = consume<VH, VI>(mats, kOproj, nullptr, R, g, s_a, 0, s_ab, Sink{kOutTagged, p.o_tagged, nullptr, 0, nullptr, tag}, skip,
                 diag ? s_t + 5 : nullptr, diag ? s_t + 6 : nullptr);
     if (diag) {
       csync();
@@ -1126,8 +1236,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
   csync();
   if (diag && threadIdx.x == 0) diag[19] = global_ns();
-  block_rmsnorm(s_x, p.post_norm, s_n, H, p.eps, s_red);
-  g = consume<VH, VI>(mats, kRouter, nullptr, R, g, s_n, 0, Sink{kOutF32Tagged, p.logits_tagged, nullptr, 0, nullptr, tag},
+  block_rmsnorm(s_x, p.post_norm, s_n, s_nb, H, p.eps, s_red);
+  g = consume<VH, VI>(mats, kRouter, nullptr, R, g, s_n, 0, s_nb, Sink{kOutF32Tagged, p.logits_tagged, nullptr, 0, nullptr, tag},
               skip, nullptr, nullptr);
   // No grid barrier: the routing waits for the tagged logits.
   mark(4);
@@ -1176,7 +1286,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       diag[11] = global_ns();
     }
   }
-  g = consume<VH, VI>(mats, kGateUp, s_ids, R, g, s_n, 0, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
+  g = consume<VH, VI>(mats, kGateUp, s_ids, R, g, s_n, 0, s_nb, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t + 1 : nullptr, diag ? s_t + 3 : nullptr);
   if (diag) {
     csync();
@@ -1196,9 +1306,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // [K][H], combined in slot order by the next layer's phase 0 or, after the launch's last layer,
   // into tmp_out below.
   {
-    float* s_a = reinterpret_cast<float*>(s_u);  // [K][I] (two planes per expert)
+    // [slots][I] (two planes per expert) for the block's slots j0, j0 + 1, ... (at most
+    // Layout::down_slots, 2 when K <= the blocks), then the same as bf16 (mma_stage)
+    float* s_a = reinterpret_cast<float*>(s_u);
     int64_t lo, hi;
     block_range(int64_t(K) * H, lo, hi);
+    const int64_t j0 = lo / H;
+    bf16* s_sb = reinterpret_cast<bf16*>(s_a + int64_t(lay.down_slots) * I);
     const int64_t i_end = hi > lo ? ((hi - 1) / H + 1) * I : 0;
 #pragma unroll 4
     for (int64_t i = lo / H * I + threadIdx.x * 8; i < i_end; i += kThreads * 8) {  // I % 8 == 0
@@ -1213,11 +1327,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         const float gg = tagged_value(wg[q]), u = tagged_value(wu[q]);
         o[q] = __bfloat162float(__float2bfloat16_rn(gg / (1.0f + __expf(-gg)) * u));  // swiglu.cuh
       }
-      store_act8(s_a + j * I, I, c / 8, o);
+      store_act8(s_a + (j - j0) * I, I, c / 8, o);
+      *reinterpret_cast<uint4*>(s_sb + (j - j0) * I + c) = pack_bf16x8(o);
     }
     csync();
     if (diag && threadIdx.x == 0) diag[17] = global_ns();
-    g = consume<VH, VI>(mats, kDown, s_ids, R, g, s_a, I,
+    g = consume<VH, VI>(mats, kDown, s_ids, R, g, s_a - j0 * I, I, s_sb - j0 * I,
                 p0.tagged_part ? Sink{kOutTagged, part, nullptr, 0, nullptr, tag} : Sink{kOutPart, part, nullptr, 0, s_w},
                 skip,
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
@@ -1267,9 +1382,9 @@ int64_t scratch_bytes(const FusedDecodeLayerParams& p, int blocks) {
   const int64_t D = p.head_dim, group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
   const int64_t merge = p.kv_heads > 0 ? (2 * (int64_t(blocks + p.kv_heads - 1) / p.kv_heads) + int64_t(kWarps) * D) * 4 : 0;
   const int64_t attn = 2 * kTile * (D + 8) * 2 + group * D * 4;
-  const int64_t oproj = int64_t(p.q_heads) * D * 4;
+  const int64_t oproj = int64_t(p.q_heads) * D * (4 + 2);  // fp32 and bf16
   const int64_t route = int64_t(p.num_experts) * 4;
-  const int64_t down = int64_t(p.top_k) * p.inter * 4;
+  const int64_t down = int64_t(down_slots(p, blocks)) * p.inter * (4 + 2);  // fp32 and bf16
   return std::max(std::max(std::max(attn, oproj), std::max(route, down)), merge);
 }
 
@@ -1281,7 +1396,8 @@ int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 Layout make_layout(const FusedDecodeLayerParams& p, int blocks) {
   Layout L;
   const int64_t H = p.hidden, QW = int64_t(p.q_heads) * p.head_dim;
-  L.scratch = round_up(H * 2 + H * 4, 16);
+  L.scratch = round_up(H * 2 + H * 4 + H * 2, 16);  // x, normed (fp32 and bf16)
+  L.down_slots = down_slots(p, blocks);
   L.ring = round_up(L.scratch + scratch_bytes(p, blocks), 128);
   L.stage_bytes = std::max(p.stage_bytes > 0 ? round_up(p.stage_bytes, 128) : kMinStageBytes,
                            round_up(std::max({H, QW, p.inter}) * 2, 128));

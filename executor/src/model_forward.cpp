@@ -492,6 +492,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
     if (const char* e = std::getenv("MIXSERVE_FUSED_INFLIGHT_KB"); e && *e) fused_inflight_bytes_ = std::atoll(e) * 1024;
     if (const char* e = std::getenv("MIXSERVE_FUSED_EVICT_FIRST"); e && *e == '0') fused_evict_first_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_MULTIROW"); e && *e == '0') fused_multirow_ = false;
+    if (const char* e = std::getenv("MIXSERVE_FUSED_MMA"); e && *e == '0') fused_mma_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_COOP"); e && *e == '0') fused_cooperative_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_TAGGED_PART"); e && *e == '0') fused_tagged_part_ = false;
     if (const char* e = std::getenv("MIXSERVE_FUSED_PHASE_TIMING"); e && *e && *e != '0') {
@@ -1146,6 +1147,7 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.diag_skip_dot = fused_skip_dot_;
   fp.evict_first = fused_evict_first_;
   fp.multirow = fused_multirow_;
+  fp.mma = fused_mma_;
   fp.cooperative = fused_cooperative_;
   fp.tagged_part = fused_tagged_part_;
   return fp;

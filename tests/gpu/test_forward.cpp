@@ -13,9 +13,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <cuda_profiler_api.h>
@@ -498,46 +500,49 @@ void run_fused_decode(const ModelSpec& m, uint64_t seed) {
               st.top1_checked);
   CHECK(st.top1_checked > 0);
 }
+// Environment variables set for a scope (the model reads the MIXSERVE_FUSED_* switches at allocation).
+struct ScopedEnv {
+  std::vector<std::string> names;
+  ScopedEnv(std::initializer_list<std::pair<const char*, const char*>> vars) {
+    for (const auto& [name, value] : vars) {
+      setenv(name, value, 1);
+      names.emplace_back(name);
+    }
+  }
+  ~ScopedEnv() {
+    for (const auto& name : names) unsetenv(name.c_str());
+  }
+};
+
 TEST_CASE("forward: fused batch-1 decode layer vs the float64 reference") {
   SUBCASE("Qwen3 head_dim 64, dense first layer") { run_fused_decode(small_qwen3(), 41); }
   SUBCASE("Mixtral head_dim 64, GQA 2/1") { run_fused_decode(small_mixtral(), 42); }
   SUBCASE("Qwen3 head_dim 128, GQA 8/2, top-4 of 16") { run_fused_decode(small_qwen3_d128(), 43); }
   SUBCASE("Qwen3 head_dim 128, a 2-stage weight ring with one copy in flight") {
     // The ring wraps on every phase and the producer waits for each copy before the next: the
-    // slot / parity bookkeeping under the tightest schedule (the model reads these at allocation).
-    struct Env {
-      Env() {
-        setenv("MIXSERVE_FUSED_STAGES", "2", 1);
-        setenv("MIXSERVE_FUSED_INFLIGHT_KB", "1", 1);
-        setenv("MIXSERVE_FUSED_EVICT_FIRST", "0", 1);
-      }
-      ~Env() {
-        unsetenv("MIXSERVE_FUSED_STAGES");
-        unsetenv("MIXSERVE_FUSED_INFLIGHT_KB");
-        unsetenv("MIXSERVE_FUSED_EVICT_FIRST");
-      }
-    } env;
+    // slot / parity bookkeeping under the tightest schedule.
+    ScopedEnv env{{"MIXSERVE_FUSED_STAGES", "2"}, {"MIXSERVE_FUSED_INFLIGHT_KB", "1"}, {"MIXSERVE_FUSED_EVICT_FIRST", "0"}};
     run_fused_decode(small_qwen3_d128(), 44);
   }
-  SUBCASE("Qwen3 hidden 768, expert inter 2048: rows of 3 and 8 vectors per lane") {
+  SUBCASE("Qwen3 hidden 768, expert inter 2048: tensor-core sums of rows of 768 and 2048") {
     run_fused_decode(small_qwen3_wide(), 45);
+  }
+  SUBCASE("Qwen3 hidden 768, expert inter 2048, tensor cores off: rows of 3 and 8 vectors per lane") {
+    ScopedEnv env{{"MIXSERVE_FUSED_MMA", "0"}};
+    run_fused_decode(small_qwen3_wide(), 48);
   }
   SUBCASE("Qwen3 hidden 2048, expert inter 768: the kernel specialised for these widths") {
     run_fused_decode(small_qwen3_30b_widths(), 47);
   }
+  SUBCASE("Qwen3 hidden 2048, expert inter 768, tensor cores off: the specialised kernel's per-row sums") {
+    ScopedEnv env{{"MIXSERVE_FUSED_MMA", "0"}};
+    run_fused_decode(small_qwen3_30b_widths(), 49);
+  }
   SUBCASE("the switches off: per-row sums, an ordinary (not cooperative) launch, a grid barrier a layer") {
-    struct Env {
-      Env() {
-        setenv("MIXSERVE_FUSED_MULTIROW", "0", 1);
-        setenv("MIXSERVE_FUSED_COOP", "0", 1);
-        setenv("MIXSERVE_FUSED_TAGGED_PART", "0", 1);
-      }
-      ~Env() {
-        unsetenv("MIXSERVE_FUSED_MULTIROW");
-        unsetenv("MIXSERVE_FUSED_COOP");
-        unsetenv("MIXSERVE_FUSED_TAGGED_PART");
-      }
-    } env;
+    ScopedEnv env{{"MIXSERVE_FUSED_MMA", "0"},
+                  {"MIXSERVE_FUSED_MULTIROW", "0"},
+                  {"MIXSERVE_FUSED_COOP", "0"},
+                  {"MIXSERVE_FUSED_TAGGED_PART", "0"}};
     run_fused_decode(small_qwen3_wide(), 46);
   }
 }

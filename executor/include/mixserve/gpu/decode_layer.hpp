@@ -156,6 +156,9 @@ struct FusedDecodeLayerParams {
   // multirow: a stage of several rows of k = 256 m (m <= 8) summed with the activations in
   // registers and one warp reduction per 8 rows (else one per row; measured in docs/forward.md).
   bool multirow = true;
+  // mma: rows of k = 256 m summed on the tensor cores (mma.sync m16n8k16, fp32 accumulators; session
+  // 11), before multirow (MIXSERVE_FUSED_MMA=0 turns it off).
+  bool mma = true;
   // A cooperative launch (the runtime checks that all blocks fit at once; the grid barriers need it).
   bool cooperative = true;
   // Diagnostics or null: [blocks][kFusedDecodeDiagStamps] u64 for this layer: globaltimer stamps 0 the

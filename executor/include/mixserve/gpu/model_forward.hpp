@@ -325,6 +325,7 @@ class GpuModel {
   bool fused_skip_dot_ = false;
   bool fused_evict_first_ = true;  // MIXSERVE_FUSED_EVICT_FIRST=0 turns it off
   bool fused_multirow_ = true;     // MIXSERVE_FUSED_MULTIROW=0 turns it off
+  bool fused_mma_ = true;          // MIXSERVE_FUSED_MMA=0 turns it off
   bool fused_cooperative_ = true;  // MIXSERVE_FUSED_COOP=0 turns it off
   bool fused_tagged_part_ = true;  // MIXSERVE_FUSED_TAGGED_PART=0 turns it off (a grid barrier a layer)
   // The fused decode layer's parameters for layer l (decode_layer.hpp); unsupported layers get
