@@ -28,9 +28,12 @@ constexpr int kThreads = 32 * kWarps;         // consumer threads
 constexpr int kBlockThreads = kThreads + 32;  // + one producer warp: the weight stream
 constexpr int kTile = 32;   // context positions per attention tile (one per lane)
 constexpr float kLog2e = 1.4426950408889634f;
-// A stage of the weight ring holds whole rows, >= 16 KB (o_proj rows of 8 KB two a stage; 12 KB stages
-// were ~1% slower: session 7).
-constexpr int64_t kMinStageBytes = 16384;
+// A stage of the weight ring holds whole rows, >= 16.5 KiB by default (o_proj rows of 8 KB two a
+// stage; 12 KB stages were ~1% slower: session 7). Session 11 (tensor-core sums, H200 calls 9-10):
+// 16896 bytes (11 expert rows of 768 instead of 10, so a block's ~124 down rows of Qwen3-30B-A3B
+// take 12 stages instead of 13 of the 11-stage ring) 2585.1-2599.8 us a step against 2617.0-2621.0
+// with 16384.
+constexpr int64_t kMinStageBytes = 16896;
 constexpr int kMaxStages = 32;
 // Named barriers: 0 is __syncthreads (used once, after the ring's barriers are initialised);
 // 1 the consumer warps; 2 the routing hand-over from the consumers to the producer.

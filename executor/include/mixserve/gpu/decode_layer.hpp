@@ -148,7 +148,7 @@ struct FusedDecodeLayerParams {
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
   // its wait at the barrier that ends the phase) to [0..6] and counts the layer in [7].
   unsigned long long* phase_ns = nullptr;
-  // The weight ring: stage size in bytes (0: 16 KiB, at least one weight row) and stage count (0:
+  // The weight ring: stage size in bytes (0: 16896 bytes, at least one weight row) and stage count (0:
   // as many as shared memory holds, at most 32). Experiments: docs/forward.md.
   int64_t stage_bytes = 0;
   int max_stages = 0;
