@@ -490,14 +490,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One warp's stage of n rows of k elements (k % 256 == 0) on the tensor cores (Mats::mma, session
-// 11). A 128-element chunk of a row is cut into 8 segments of 16 (segment s: elements 8s..8s+7 and
-// 64 + 8s..64 + 8s + 7 of the chunk, so that ldmatrix reads 128 contiguous bytes); one m16n8k16
-// product takes two rows' segments as A (rows 8r + s) and the activations' segments as B (column s),
-// so the diagonal entries C[8r + s][s] are the segment dots of row r. Up to 4 row pairs share each
-// activation load, two accumulators a pair (even and odd chunks); the 8 diagonal entries of each row
-// are summed with the same reduce8 as multirow_stage. xb: the activations as bf16 (exactly the
-// values the fp32 path reads). fp32 sums in the tensor cores' order.
 // NP row pairs (rows rb + 2q, rb + 2q + 1; a missing second row repeats the first) of mma_stage:
 // no branch inside, so that the pairs' loads and products interleave.
 template <int NP>
@@ -540,6 +532,14 @@ __device__ __forceinline__ void mma_pairs(const bf16* rows, int n, int rb, int64
   }
 }
 
+// One warp's stage of n rows of k elements (k % 256 == 0) on the tensor cores (Mats::mma, session
+// 11). A 128-element chunk of a row is cut into 8 segments of 16 (segment s: elements 8s..8s+7 and
+// 64 + 8s..64 + 8s + 7 of the chunk, so that ldmatrix reads 128 contiguous bytes); one m16n8k16
+// product takes two rows' segments as A (rows 8r + s) and the activations' segments as B (column s),
+// so the diagonal entries C[8r + s][s] are the segment dots of row r. Up to 4 row pairs share each
+// activation load, two accumulators a pair (even and odd chunks); the 8 diagonal entries of each row
+// are summed with the same reduce8 as multirow_stage. xb: the activations as bf16 (exactly the
+// values the fp32 path reads). fp32 sums in the tensor cores' order.
 __device__ __forceinline__ void mma_stage(const bf16* rows, int n, int64_t k, const bf16* xb, const Sink& sink,
                                           const Seg& s, int64_t r0) {
   const int lane = threadIdx.x & 31;
