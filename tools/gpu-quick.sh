@@ -18,7 +18,7 @@
 #                            the 48-layer Qwen3-30B-A3B decode bench of test_gpu_forward with
 #                            MIXSERVE_FUSED_PHASE_TIMING=1 and the given environment; its b=1 rows
 #                            and the fused layer's phase lines go into the summary
-#   ab_bench BINARY NAME [VAR=VALUE ...]
+#   ab_bench BINARY NAME [VAR=VALUE ...]   (time limit: $BENCH_LIMIT s, default 60)
 #                            the same bench from another binary of the bundle, for A/B builds in
 #                            one call (sessions 10-11: copy build/tests/gpu/test_gpu_forward to
 #                            test_gpu_forward_<variant> per build, bundle them all, alternate)
@@ -66,7 +66,7 @@ save() { tar -C /tmp -czf $OUT/logs.tgz logs; }
 run() { local name=$1 lim=$2; shift 2; echo "=== $name: $*" >> $L/summary.txt; local t0=$(date +%s)
   timeout $lim stdbuf -o0 -e0 "$@" > $L/$name.log 2>&1; local rc=$?
   echo "=== $name rc=$rc $(( $(date +%s)-t0 )) s; $(grep -E '^\[doctest\] (test cases|assertions)' $L/$name.log | tr '\n' ' ')" >> $L/summary.txt; save; }
-ab_bench() { local bin=$1 name=$2; shift 2; run $name 60 env MIXSERVE_FUSED_PHASE_TIMING=1 "$@" $B/bin/$bin --no-skip -tc='bench: Qwen3-30B-A3B all 48*'
+ab_bench() { local bin=$1 name=$2; shift 2; run $name ${BENCH_LIMIT:-60} env MIXSERVE_FUSED_PHASE_TIMING=1 "$@" $B/bin/$bin --no-skip -tc='bench: Qwen3-30B-A3B all 48*'
   grep -hE "b=1 .*(fused|decode kernels  )|fused layer|fused vs unfused" $L/$name.log | sed "s/^/[$name] /" >> $L/summary.txt; save; }
 fused_bench() { local name=$1; shift; ab_bench test_gpu_forward $name "$@"; }
 cat $B/commit.txt >> $L/summary.txt

@@ -32,8 +32,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 // stage; 12 KB stages were ~1% slower: session 7). Session 11 (tensor-core sums, H200 calls 9-10):
 // 16896 bytes (11 expert rows of 768 instead of 10, so a block's ~124 down rows of Qwen3-30B-A3B
 // take 12 stages instead of 13 of the 11-stage ring) 2585.1-2599.8 us a step against 2617.0-2621.0
-// with 16384.
+// with 16384. (The general kernel's default.)
 constexpr int64_t kMinStageBytes = 16896;
+// The compact layout (specialised(), session 12) leaves room for 11 stages of 18432 bytes: 12 down
+// rows of 768 a stage, so a block's <= 128 down rows (one expert's share, kind_table) take <= 11.
+// H200 call 5 (with the down rows by expert): 2601.2 / 2598.1 us a step, 16896-byte stages (12 of
+// them) 2633.4; call 4 (without): 18432 2586.2 / 2581.9, 16896 2629.7 / 2628.8.
+constexpr int64_t kCompactStageBytes = 18432;
 constexpr int kMaxStages = 32;
 // Named barriers: 0 is __syncthreads (used once, after the ring's barriers are initialised);
 // 1 the consumer warps; 2 the routing hand-over from the consumers to the producer.
@@ -43,6 +48,14 @@ constexpr int kConsumerBar = 1, kRoutedBar = 2;
 // grid-barrier polls below): 128 ns 3116.9 / 3119.4 us a step, 32 ns 3137.2 / 3130.6, 512 ns
 // 3160.4 / 3154.5 (ncu, call 9: at 32 ns the SwiGLU's polls alone read ~2 GB of L2 a step).
 constexpr unsigned kPollNs = 128;
+// The specialised kernel's compact shared-memory layout (specialised(), session 12): no fp32 copies
+// of the activations (only the general kernel's CUDA-core sums read them), the attention's q heads
+// in the normed activations' bf16 copy; false gives the session-11 layout (an A/B switch).
+constexpr bool kCompactLayout = true;
+// Trace builds (kFusedDecodeTraceStages > 0): the stamped layer's stage records (decode_layer.hpp),
+// the producer's and the consumers' pointer (null outside that layer) and stage count at its start.
+__shared__ unsigned long long *s_trp, *s_trc;
+__shared__ uint32_t s_g0p, s_g0c;
 
 __device__ __forceinline__ void csync() { asm volatile("bar.sync %0, %1;" ::"n"(kConsumerBar), "n"(kThreads) : "memory"); }
 
@@ -70,6 +83,20 @@ __device__ __forceinline__ float dot8r(const uint4& w, const float4& a0, const f
 }
 __device__ __forceinline__ float dot8f(const uint4& w, const float* lo, const float* hi, float acc) {
   return dot8r(w, *reinterpret_cast<const float4*>(lo), *reinterpret_cast<const float4*>(hi), acc);
+}
+
+// The same sum with the 8 activations as packed bf16 (the compact layout): the same products in the
+// same order as dot8r of their fp32 values.
+__device__ __forceinline__ float dot8b(const uint4& w, const uint4& x, float acc) {
+  acc = fmaf(__uint_as_float(w.x << 16), __uint_as_float(x.x << 16), acc);
+  acc = fmaf(__uint_as_float(w.x & 0xffff0000u), __uint_as_float(x.x & 0xffff0000u), acc);
+  acc = fmaf(__uint_as_float(w.y << 16), __uint_as_float(x.y << 16), acc);
+  acc = fmaf(__uint_as_float(w.y & 0xffff0000u), __uint_as_float(x.y & 0xffff0000u), acc);
+  acc = fmaf(__uint_as_float(w.z << 16), __uint_as_float(x.z << 16), acc);
+  acc = fmaf(__uint_as_float(w.z & 0xffff0000u), __uint_as_float(x.z & 0xffff0000u), acc);
+  acc = fmaf(__uint_as_float(w.w << 16), __uint_as_float(x.w << 16), acc);
+  acc = fmaf(__uint_as_float(w.w & 0xffff0000u), __uint_as_float(x.w & 0xffff0000u), acc);
+  return acc;
 }
 
 // Stores 8 activations (elements 8v..8v+7 of a k-element vector) in the two-plane layout.
@@ -244,52 +271,82 @@ __device__ __forceinline__ void block_range(int64_t n, int64_t& lo, int64_t& hi)
   hi = n * (int64_t(blockIdx.x) + 1) / gridDim.x;
 }
 
-// Segment `i` of this block's segments of `kind` (ids: the routed experts, gate|up and down only);
-// false past the last.
-__device__ __forceinline__ bool seg_at(const Mats& m, int kind, const int32_t* ids, int i, Seg& s) {
-  int64_t lo, hi;
-  switch (kind) {
-    case kQkv:
-      block_range(m.QW + 2 * m.KVW, lo, hi);
-      s = Seg{m.wqkv + lo * m.H, hi - lo, m.H, lo, 0};
-      return i == 0 && hi > lo;
-    case kOproj:
-      block_range(m.H, lo, hi);
-      s = Seg{m.wo + lo * m.QW, hi - lo, m.QW, lo, 0};
-      return i == 0 && hi > lo;
-    case kRouter:
-      block_range(m.E, lo, hi);
-      s = Seg{m.router + lo * m.H, hi - lo, m.H, lo, 0};
-      return i == 0 && hi > lo;
-    case kGateUp:
-    default: {
-      // The block's share of the K x n rows (gate|up: n = 2I; down: n = H, the output columns of
-      // every slot), slot-major, cut at slot boundaries: a block reads one or two experts' rows in
-      // long runs. (Down rows by output column, all K experts per block, streamed at a third of
-      // gate|up's rate in session 6: docs/forward.md.)
-      const bool gu = kind == kGateUp;
-      const int64_t n = gu ? 2 * m.I : m.H;
-      block_range(int64_t(m.K) * n, lo, hi);
-      int64_t c = lo;
-      for (int q = 0; c < hi; ++q) {
-        const int j = int(c / n);
-        const int64_t r = c - j * n, len = hi - c < n - r ? hi - c : n - r;
-        if (q == i) {
-          s = gu ? Seg{m.w13 + (int64_t(ids[j]) * n + r) * m.H, len, m.H, c, j}
-                 : Seg{m.w2 + (int64_t(ids[j]) * n + r) * m.I, len, m.I, c, j};
-          return true;
-        }
-        c += len;
-      }
-      return false;
-    }
-  }
-}
-
 // Rows of k elements per stage.
 __device__ __host__ __forceinline__ int64_t stage_rows(int64_t stage_bytes, int64_t k) {
   const int64_t n = stage_bytes / (k * 2);
   return n < 1 ? 1 : n;
+}
+
+// A block's segments of each kind, computed once per launch (kind_table) into shared memory: the
+// shapes, the grid and the stage size are the launch's, only the experts' ids change by layer.
+// (Session 12: computed at every phase, seg_at's 64-bit divisions cost the producer ~1.5 us
+// at each change of kind and the consumers ~1 us before each phase's first stage.)
+// Segment: rows off .. off + rows of the matrix (gate|up, down: of expert slot j's n rows),
+// numbered out0 .. in the phase's outputs.
+struct SegT {
+  int32_t off, rows, out0, j;
+};
+struct KindT {
+  int32_t nseg, k, cps, stages;  // segments; row length; rows a stage; stages (all segments)
+  SegT seg[kFusedDecodeMaxTopK];
+};
+constexpr int kKinds = 5;
+__shared__ KindT s_kinds[kKinds];
+
+// Thread `kind` of the prologue: s_kinds[kind] (gate|up and down: the block's share of the K x n
+// rows, slot-major, cut at slot boundaries, so a block reads one or two experts' rows in long runs;
+// down rows by output column, all K experts per block, streamed at a third of gate|up's rate in
+// session 6: docs/forward.md).
+__device__ void kind_table(const Mats& m, int kind, int64_t stage_bytes) {
+  int64_t n, k, per = 0;
+  switch (kind) {
+    case kQkv: n = m.QW + 2 * m.KVW, k = m.H; break;
+    case kOproj: n = m.H, k = m.QW; break;
+    case kRouter: n = m.E, k = m.H; break;
+    case kGateUp: per = 2 * m.I, n = int64_t(m.K) * per, k = m.H; break;
+    default: per = m.H, n = int64_t(m.K) * per, k = m.I; break;
+  }
+  int64_t lo, hi;
+  block_range(n, lo, hi);
+  if (kind == kDown && int64_t(m.K) <= int64_t(gridDim.x)) {
+    // Down rows by expert (session 12): the blocks [j G / K, (j + 1) G / K) share expert slot j's
+    // H rows, so that a block's rows are one run of one expert (at most ceil(H / floor(G / K)) rows)
+    // and never two partial runs: cut at a slot boundary, ~124 rows took one stage more than the
+    // ring held in some blocks, whose last copy waited for a free slot while every block's next
+    // layer waited for them.
+    const int G = int(gridDim.x), b = int(blockIdx.x), K = m.K;
+    int j = 0;
+    while ((j + 1) * G / K <= b) ++j;
+    const int b0 = j * G / K, nb = (j + 1) * G / K - b0, q = b - b0;
+    lo = int64_t(j) * per + per * q / nb;
+    hi = int64_t(j) * per + per * (q + 1) / nb;
+  }
+  KindT& t = s_kinds[kind];
+  t.k = int32_t(k);
+  t.cps = int32_t(stage_rows(stage_bytes, k));
+  t.nseg = 0;
+  t.stages = 0;
+  for (int64_t c = lo; c < hi && t.nseg < kFusedDecodeMaxTopK;) {
+    const int64_t j = per ? c / per : 0, r = c - j * per, len = per ? min(hi - c, per - r) : hi - c;
+    t.seg[t.nseg++] = SegT{int32_t(r), int32_t(len), int32_t(c), int32_t(j)};
+    t.stages += int32_t((len + t.cps - 1) / t.cps);
+    c += len;
+  }
+}
+// Segment i of `kind` as a Seg: the first row's address (the experts' from this layer's ids).
+__device__ __forceinline__ Seg seg_of(const Mats& m, int kind, const int32_t* ids, int i) {
+  const KindT& t = s_kinds[kind];
+  const SegT& q = t.seg[i];
+  const bf16* base;
+  int64_t row = q.off;
+  switch (kind) {
+    case kQkv: base = m.wqkv; break;
+    case kOproj: base = m.wo; break;
+    case kRouter: base = m.router; break;
+    case kGateUp: base = m.w13, row += int64_t(ids[q.j]) * 2 * m.I; break;
+    default: base = m.w2, row += int64_t(ids[q.j]) * m.H; break;
+  }
+  return Seg{base + row * t.k, q.rows, t.k, q.out0, q.j};
 }
 
 // The ring: stages, their barriers, the counts that producer and consumers share.
@@ -300,7 +357,7 @@ struct Ring {
   int ns;
   unsigned inflight;  // bytes in flight at most (at least one copy)
   uint32_t* sizes;    // [ns] bytes of the copy in each slot (producer only)
-  uint32_t* state;    // [2] oldest copy not yet seen landed, bytes outstanding (producer only)
+  uint32_t* state;    // [4] oldest copy not yet seen landed, bytes outstanding, its slot, parity (producer only)
   uint64_t evict_first;  // L2 policy of the copies, or 0
 };
 
@@ -308,35 +365,53 @@ struct Ring {
 // the block's stages since the launch (the consumers count the same way). Out of line, like
 // consume(): inlined at each call the kernel's code grew to ~350 KB and ran from a cold
 // instruction cache, phase after phase (measured, docs/forward.md).
-__device__ __noinline__ uint32_t produce(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g) {
+__device__ __noinline__ uint32_t produce(Mats m, int kind, const int32_t* ids, Ring R, uint32_t g0) {
   const int lane = threadIdx.x & 31;
-  Seg s;
-  for (int i = 0; seg_at(m, kind, ids, i, s); ++i) {
-    const int64_t cps = stage_rows(R.stage_bytes, s.k);
-    for (int64_t r0 = 0; r0 < s.rows; r0 += cps, ++g) {
-      const int slot = int(g % unsigned(R.ns));
-      if (lane == 0) {
-        mbar_wait(R.empty + slot, ((g / unsigned(R.ns)) & 1u) ^ 1u);
-        const int64_t n = s.rows - r0 < cps ? s.rows - r0 : cps;
+  const KindT& t = s_kinds[kind];
+  if (lane == 0) {
+    uint32_t g = g0;  // (lane 0's count; every lane returns g0 + the kind's stages)
+    const unsigned ns = unsigned(R.ns);
+    // Slots and barrier parities advanced without divisions; R.state: [0] the oldest copy not yet
+    // seen landed, [1] bytes outstanding, [2] its slot, [3] its full barrier's parity.
+    unsigned slot = g % ns, epar = ((g / ns) & 1u) ^ 1u;
+    uint32_t oldest = R.state[0], out = R.state[1], oslot = R.state[2], opar = R.state[3];
+    auto drop_oldest = [&]() {
+      out -= R.sizes[oslot];
+      ++oldest;
+      if (++oslot == ns) oslot = 0, opar ^= 1u;
+    };
+    const unsigned cap = R.inflight;
+    for (int i = 0; i < t.nseg; ++i) {
+      const Seg s = seg_of(m, kind, ids, i);
+      for (int64_t r0 = 0; r0 < s.rows; r0 += t.cps, ++g) {
+        mbar_wait(R.empty + slot, epar);
+        const int64_t n = s.rows - r0 < t.cps ? s.rows - r0 : t.cps;
         const unsigned bytes = unsigned(n * s.k * 2);
-        // At most R.inflight bytes outstanding. Copies at least ns stages old have landed (their
+        // At most `cap` bytes outstanding. Copies at least ns stages old have landed (their
         // consumer freed the slot); younger ones are waited for on their full barrier, whose
         // parity is theirs (their slot is not re-issued before g).
-        uint32_t oldest = R.state[0], out = R.state[1];
-        while (g - oldest >= unsigned(R.ns)) out -= R.sizes[oldest++ % unsigned(R.ns)];
-        while (out > 0 && out + bytes > R.inflight && oldest < g) {
-          mbar_wait(R.full + oldest % unsigned(R.ns), (oldest / unsigned(R.ns)) & 1u);
-          out -= R.sizes[oldest++ % unsigned(R.ns)];
+        while (g - oldest >= ns) drop_oldest();
+        while (out > 0 && out + bytes > cap && oldest < g) {
+          mbar_wait(R.full + oslot, opar);
+          drop_oldest();
         }
         R.sizes[slot] = bytes;
-        R.state[0] = oldest;
-        R.state[1] = out + bytes;
+        out += bytes;
+        if constexpr (kFusedDecodeTraceStages > 0) {
+          const uint32_t gi = g - s_g0p;
+          if (s_trp && int64_t(gi) < kFusedDecodeTraceStages) s_trp[4 + 4 * gi] = global_ns();
+        }
         bulk_load(R.buf + int64_t(slot) * (R.stage_bytes / 2), s.src + r0 * s.k, bytes, R.full + slot, R.evict_first);
+        if (++slot == ns) slot = 0, epar ^= 1u;
       }
     }
+    R.state[0] = oldest;
+    R.state[1] = out;
+    R.state[2] = oslot;
+    R.state[3] = opar;
   }
   __syncwarp();
-  return g;
+  return g0 + uint32_t(t.stages);
 }
 
 // Where consume() puts a row's value v (row c = seg.out0 + r of the phase's numbering).
@@ -587,16 +662,35 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
       parity ^= 1u;
     }
   };
-  Seg s;
-  for (int i = 0; seg_at(m, kind, ids, i, s); ++i) {
-    const int64_t cps = stage_rows(R.stage_bytes, s.k);
-    const float* a = act + s.slot * act_stride;  // two planes (dot8f)
-    const float* ah = a + s.k / 2;
+  const KindT& kt = s_kinds[kind];
+  for (int i = 0; i < kt.nseg; ++i) {
+    const SegT& q = kt.seg[i];
+    const Seg s{nullptr, q.rows, kt.k, q.out0, q.j};  // (src: the producer's)
+    const int64_t cps = kt.cps;
+    const float* a = act ? act + s.slot * act_stride : nullptr;  // two planes (dot8f); null: compact
+    const float* ah = a ? a + s.k / 2 : nullptr;
+    const bf16* xb = actb ? actb + s.slot * act_stride : nullptr;
+    // Vector v's dot product for the per-row sums: fp32 activations, or (the specialised kernel's
+    // compact layout) the bf16 ones, the same values.
+    auto dotv = [&](const uint4& w, int v, float acc) {
+      if constexpr (kCompactLayout && VH > 0)
+        return dot8b(w, *reinterpret_cast<const uint4*>(xb + v * 8), acc);
+      else
+        return dot8f(w, a + v * 4, ah + v * 4, acc);
+    };
     const int nv = int(s.k / 8);
     for (int64_t r0 = 0; r0 < s.rows; r0 += cps, advance()) {
       if (slot % kWarps != warp) continue;
       mbar_wait(R.full + slot, parity);
       const unsigned long long t_in = t_arrive || t_first ? global_ns() : 0;
+      uint32_t tr_gi = ~0u;
+      if constexpr (kFusedDecodeTraceStages > 0) {
+        tr_gi = g - s_g0c;
+        if (s_trc && int64_t(tr_gi) < kFusedDecodeTraceStages && lane == 0) {
+          s_trc[4 + 4 * tr_gi + 1] = global_ns();
+          s_trc[4 + 4 * tr_gi + 3] = unsigned(kind);
+        }
+      }
       if (t_arrive && lane == 0) atomicMax(t_arrive, t_in);
       if (t_first && lane == 0) atomicMin(t_first, t_in);
       const int n = int(s.rows - r0 < cps ? s.rows - r0 : cps);
@@ -637,23 +731,23 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
             const uint4 w1 = *reinterpret_cast<const uint4*>(row + (v + 32) * 8);
             const uint4 w2 = *reinterpret_cast<const uint4*>(row + (v + 64) * 8);
             const uint4 w3 = *reinterpret_cast<const uint4*>(row + (v + 96) * 8);
-            acc0 = dot8f(w0, a + v * 4, ah + v * 4, acc0);
-            acc1 = dot8f(w1, a + (v + 32) * 4, ah + (v + 32) * 4, acc1);
-            acc2 = dot8f(w2, a + (v + 64) * 4, ah + (v + 64) * 4, acc2);
-            acc3 = dot8f(w3, a + (v + 96) * 4, ah + (v + 96) * 4, acc3);
+            acc0 = dotv(w0, v, acc0);
+            acc1 = dotv(w1, v + 32, acc1);
+            acc2 = dotv(w2, v + 64, acc2);
+            acc3 = dotv(w3, v + 96, acc3);
           }
           // The last 1-3 vectors per lane on independent sums too (k = 768: three per lane).
-          if (v < nv) acc0 = dot8f(*reinterpret_cast<const uint4*>(row + v * 8), a + v * 4, ah + v * 4, acc0);
-          if (v + 32 < nv)
-            acc1 = dot8f(*reinterpret_cast<const uint4*>(row + (v + 32) * 8), a + (v + 32) * 4, ah + (v + 32) * 4, acc1);
-          if (v + 64 < nv)
-            acc2 = dot8f(*reinterpret_cast<const uint4*>(row + (v + 64) * 8), a + (v + 64) * 4, ah + (v + 64) * 4, acc2);
+          if (v < nv) acc0 = dotv(*reinterpret_cast<const uint4*>(row + v * 8), v, acc0);
+          if (v + 32 < nv) acc1 = dotv(*reinterpret_cast<const uint4*>(row + (v + 32) * 8), v + 32, acc1);
+          if (v + 64 < nv) acc2 = dotv(*reinterpret_cast<const uint4*>(row + (v + 64) * 8), v + 64, acc2);
           t = warp_sum((acc0 + acc1) + (acc2 + acc3));
         }
         if (lane == 0) sink_store(sink, s, r0 + r, t);
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(R.empty + slot);
+      if constexpr (kFusedDecodeTraceStages > 0)
+        if (s_trc && int64_t(tr_gi) < kFusedDecodeTraceStages && lane == 0) s_trc[4 + 4 * tr_gi + 2] = global_ns();
     }
   }
   return g;
@@ -702,7 +796,7 @@ __device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, bf16* ou
       o[2 * j] = __bfloat162float(__float2bfloat16_rn(f.x * inv * g.x));
       o[2 * j + 1] = __bfloat162float(__float2bfloat16_rn(f.y * inv * g.y));
     }
-    store_act8(out, n, i / 8, o);
+    if (out) store_act8(out, n, i / 8, o);  // (null: the compact layout, bf16 only)
     *reinterpret_cast<uint4*>(outb + i) = pack_bf16x8(o);  // the same values as bf16 (mma_stage)
   }
   csync();
@@ -796,9 +890,11 @@ struct Layout {
   int down_slots = 0;       // expert slots a block's down rows touch, at most (down_slots())
 };
 
-// The expert slots a block's share of the K x H down rows touches at most: a run of at most
-// ceil(K H / blocks) rows spans at most (run - 1) / H + 2 slots.
+// The expert slots a block's share of the K x H down rows touches at most: one when the blocks
+// are shared out by expert (kind_table, top_k <= blocks); else a run of at most ceil(K H / blocks)
+// rows spans at most (run - 1) / H + 2 slots.
 int down_slots(const FusedDecodeLayerParams& p, int blocks) {
+  if (p.top_k <= blocks) return 1;  // by expert (kind_table)
   const int64_t run = (int64_t(p.top_k) * p.hidden + blocks - 1) / std::max(blocks, 1);
   return int(std::min<int64_t>(p.top_k, (run - 1) / std::max<int64_t>(p.hidden, 1) + 2));
 }
@@ -814,8 +910,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int L = P.num_layers;
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
   bf16* s_x = reinterpret_cast<bf16*>(smem);  // [H] residual
-  float* s_n = reinterpret_cast<float*>(s_x + H);  // [H] normed (fp32 values of the bf16 results, two planes)
-  bf16* s_nb = reinterpret_cast<bf16*>(s_n + H);    // [H] the same as bf16 (mma_stage)
+  // The specialised kernel's compact layout (session 12: no fp32 copies of the activations, which
+  // only the general kernel's CUDA-core sums read; one more ring stage or larger stages): s_n null.
+  constexpr bool kCompact = kCompactLayout && VH > 0;
+  float* s_n = kCompact ? nullptr : reinterpret_cast<float*>(s_x + H);  // [H] normed (fp32 values of the bf16 results, two planes)
+  bf16* s_nb = kCompact ? s_x + H : reinterpret_cast<bf16*>(s_n + H);  // [H] the same as bf16 (mma_stage)
   unsigned char* s_u = smem + lay.scratch;    // phase scratch
   bf16* ring = reinterpret_cast<bf16*>(smem + lay.ring);      // [ns][stage_bytes]
   const int ns = lay.ns;
@@ -827,10 +926,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   __shared__ int32_t s_ids2[2][kFusedDecodeMaxTopK];
   __shared__ float s_w2[2][kFusedDecodeMaxTopK];
   // diagnostics: last arrivals of q|k|v, gate|up, down; first of gate|up, down; last and first of o_proj
-  __shared__ unsigned long long s_t[7];
+  __shared__ unsigned long long s_t[8];
   if (threadIdx.x == 0) {
+    if constexpr (kFusedDecodeTraceStages > 0) {
+      s_trp = s_trc = nullptr;
+      s_g0p = s_g0c = 0;
+    }
     s_t[0] = s_t[1] = s_t[2] = 0;
-    s_t[3] = s_t[4] = s_t[6] = ~0ull;
+    s_t[3] = s_t[4] = s_t[6] = s_t[7] = ~0ull;
     s_t[5] = 0;
     for (int i = 0; i < ns; ++i) {
       mbar_init(s_full + i, 1);
@@ -838,6 +941,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     mbar_fence_init();
   }
+  if (threadIdx.x >= 32 && threadIdx.x < 32 + kKinds)  // (another warp than the barriers' thread)
+    kind_table(Mats{nullptr, nullptr, nullptr, nullptr, nullptr, H, QW, KVW, I, p0.num_experts, K, false, false},
+               int(threadIdx.x) - 32, sb);
+  __shared__ uint32_t s_sizes[kMaxStages], s_prod[4];
+  if (threadIdx.x == 64) s_prod[0] = s_prod[1] = s_prod[2] = s_prod[3] = 0;
   __syncthreads();  // the only whole-block barrier: the producer warp leaves here
   uint32_t g = 0;   // this block's ring stages so far (producer and consumers count alike)
   auto mats_of = [&](const FusedDecodeLayerParams& p) {
@@ -847,8 +955,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   auto diag_of = [&](const FusedDecodeLayerParams& p) {
     return p.diag ? p.diag + int64_t(blockIdx.x) * kFusedDecodeDiagStamps : nullptr;
   };
-  __shared__ uint32_t s_sizes[kMaxStages], s_prod[2];
-  if (threadIdx.x == kThreads) s_prod[0] = s_prod[1] = 0;  // the producer's own lane 0, before it starts
   uint64_t policy = 0;  // the weights leave L2 first: read once per step (measured 4% faster)
   if (p0.evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   const Ring R{ring, s_full, s_empty, sb, ns, unsigned(lay.inflight), s_sizes, s_prod, policy};
@@ -865,6 +971,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       unsigned long long* diag = diag_of(p);
       const int32_t* s_ids = s_ids2[l & 1];
       if (diag && lane == 0) diag[0] = global_ns();
+      if constexpr (kFusedDecodeTraceStages > 0) {
+        if (lane == 0) {
+          s_trp = diag ? diag + kFusedDecodeDiagNamed : nullptr;
+          s_g0p = g;
+        }
+        __syncwarp();
+      }
       g = produce(mats, kQkv, nullptr, R, g);
       g = produce(mats, kOproj, nullptr, R, g);
       g = produce(mats, kRouter, nullptr, R, g);
@@ -925,6 +1038,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   int32_t* s_ids = s_ids2[l & 1];
   float* s_w = s_w2[l & 1];
   if (diag && threadIdx.x == 0) diag[1] = global_ns();
+  if constexpr (kFusedDecodeTraceStages > 0) {
+    if (threadIdx.x == 0) {
+      s_trc = diag ? diag + kFusedDecodeDiagNamed : nullptr;
+      s_g0c = g;
+    }
+  }
   // This layer's tag of the values exchanged without a grid barrier: 16 bits next to a bf16 value
   // (q|k|v, attn, o, gu) or the logits' fp32, 32 bits next to the attention partials' fp32.
   const unsigned tag32 = epoch * unsigned(kFusedDecodeMaxLayers) + unsigned(l);
@@ -958,9 +1077,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (blockIdx.x == 0 && p.rec_in) *reinterpret_cast<uint4*>(p.rec_in + i) = r;
   }
   csync();
+  if (diag && threadIdx.x == 0) diag[23] = global_ns();
   block_rmsnorm(s_x, p.in_norm, s_n, s_nb, H, p.eps, s_red);
+  if (diag && threadIdx.x == 0) diag[24] = global_ns();
   g = consume<VH, VI>(mats, kQkv, nullptr, R, g, s_n, 0, s_nb, Sink{kOutTagged, p.qkv_tagged, nullptr, 0, nullptr, tag}, skip,
-              diag ? s_t : nullptr, nullptr);
+              diag ? s_t : nullptr, diag ? s_t + 7 : nullptr);
   // No grid barrier (session 9): the attention re-reads the q|k|v words it needs until tagged.
   if (diag) csync();
   if (diag && threadIdx.x == 0) {
@@ -984,7 +1105,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     constexpr int kVecsPerThread = (kTileVecs + kThreads - 1) / kThreads;
     bf16* s_k = reinterpret_cast<bf16*>(s_u);      // [kTile][kRow]
     bf16* s_v = s_k + kTile * kRow;                // [kTile][kRow]
-    float* s_q = reinterpret_cast<float*>(s_v + kTile * kRow);  // [group][D] (scaled)
+    // [group][D] (scaled); compact: in s_nb (free from q|k|v's last sum to phase 4; the launch
+    // checks group x D x 4 <= H x 2)
+    float* s_q = kCompact ? reinterpret_cast<float*>(s_nb) : reinterpret_cast<float*>(s_v + kTile * kRow);
     // The tile's K / V vectors (the new token's row excluded: it comes from the q|k|v words below).
     // first: the block's first tile, whose cache rows are in s_row0.
     auto load_tile = [&](int kvh, int t0, int n, uint4 (&r)[kVecsPerThread], bool first) {
@@ -1203,15 +1326,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
   // Phase 3: o = attn . Wo^T.
   {
-    float* s_a = reinterpret_cast<float*>(s_u);  // [QW] (two planes)
-    bf16* s_ab = reinterpret_cast<bf16*>(s_a + QW);  // [QW] the same as bf16 (mma_stage)
+    float* s_a = kCompact ? nullptr : reinterpret_cast<float*>(s_u);  // [QW] (two planes)
+    bf16* s_ab = kCompact ? reinterpret_cast<bf16*>(s_u) : reinterpret_cast<bf16*>(s_a + QW);  // [QW] the same as bf16 (mma_stage)
     for (int64_t i = threadIdx.x * 8; i < QW; i += kThreads * 8) {
       uint32_t w[8];
       load_tagged8(p.attn_tagged + i, tag, w);
       float f[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) f[e] = tagged_value(w[e]);
-      store_act8(s_a, QW, i / 8, f);
+      if constexpr (!kCompact) store_act8(s_a, QW, i / 8, f);
       *reinterpret_cast<uint4*>(s_ab + i) = make_uint4((w[0] & 0xffffu) | (w[1] << 16), (w[2] & 0xffffu) | (w[3] << 16),
                                                       (w[4] & 0xffffu) | (w[5] << 16), (w[6] & 0xffffu) | (w[7] << 16));
     }
@@ -1311,15 +1434,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   {
     // [slots][I] (two planes per expert) for the block's slots j0, j0 + 1, ... (at most
     // Layout::down_slots, 2 when K <= the blocks), then the same as bf16 (mma_stage)
-    float* s_a = reinterpret_cast<float*>(s_u);
-    int64_t lo, hi;
-    block_range(int64_t(K) * H, lo, hi);
-    const int64_t j0 = lo / H;
-    bf16* s_sb = reinterpret_cast<bf16*>(s_a + int64_t(lay.down_slots) * I);
-    const int64_t i_end = hi > lo ? ((hi - 1) / H + 1) * I : 0;
+    float* s_a = kCompact ? nullptr : reinterpret_cast<float*>(s_u);
+    // The block's slots j0 .. j1 - 1 (the launch's segment table: no 64-bit divisions here).
+    const KindT& kd = s_kinds[kDown];
+    const int j0 = kd.nseg > 0 ? kd.seg[0].j : 0, j1 = kd.nseg > 0 ? kd.seg[kd.nseg - 1].j + 1 : 0;
+    bf16* s_sb = kCompact ? reinterpret_cast<bf16*>(s_u) : reinterpret_cast<bf16*>(s_a + int64_t(lay.down_slots) * I);
+    const int iI = int(I), i_end = (j1 - j0) * iI;
 #pragma unroll 4
-    for (int64_t i = lo / H * I + threadIdx.x * 8; i < i_end; i += kThreads * 8) {  // I % 8 == 0
-      const int64_t j = i / I, c = i % I;
+    for (int i0 = threadIdx.x * 8; i0 < i_end; i0 += kThreads * 8) {  // I % 8 == 0
+      const int jj = i0 / iI, c = i0 - jj * iI, j = j0 + jj;
       // Gate and up words of columns c..c+7 (value | tag), re-read until all carry this layer's tag.
       uint32_t wg[8], wu[8];
       load_tagged8(p.gu_tagged + j * 2 * I + c, tag, wg);
@@ -1330,12 +1453,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         const float gg = tagged_value(wg[q]), u = tagged_value(wu[q]);
         o[q] = __bfloat162float(__float2bfloat16_rn(gg / (1.0f + __expf(-gg)) * u));  // swiglu.cuh
       }
-      store_act8(s_a + (j - j0) * I, I, c / 8, o);
+      if constexpr (!kCompact) store_act8(s_a + (j - j0) * I, I, c / 8, o);
       *reinterpret_cast<uint4*>(s_sb + (j - j0) * I + c) = pack_bf16x8(o);
     }
     csync();
     if (diag && threadIdx.x == 0) diag[17] = global_ns();
-    g = consume<VH, VI>(mats, kDown, s_ids, R, g, s_a - j0 * I, I, s_sb - j0 * I,
+    g = consume<VH, VI>(mats, kDown, s_ids, R, g, kCompact ? nullptr : s_a - j0 * I, I, s_sb - j0 * I,
                 p0.tagged_part ? Sink{kOutTagged, part, nullptr, 0, nullptr, tag} : Sink{kOutPart, part, nullptr, 0, s_w},
                 skip,
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
@@ -1372,7 +1495,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       diag[13] = s_t[4];
       diag[20] = s_t[5];
       diag[22] = s_t[6];
-      s_t[3] = s_t[4] = s_t[6] = ~0ull;
+      diag[25] = s_t[7];
+      s_t[3] = s_t[4] = s_t[6] = s_t[7] = ~0ull;
+      if constexpr (kFusedDecodeTraceStages > 0) diag[kFusedDecodeDiagNamed] = g - s_g0c;
     }
   }
   }  // layers
@@ -1381,28 +1506,39 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 #endif
 }
 
+// The specialised kernel (kSpecialisedH, kSpecialisedI, head_dim 128) with its compact layout,
+// whose attention keeps the scaled q heads in the normed activations' bf16 copy (group x D fp32 <=
+// H bf16); other shapes run the general kernel.
+bool specialised(const FusedDecodeLayerParams& p) {
+  return p.head_dim == 128 && p.hidden == 256 * kSpecialisedH && p.inter == 256 * kSpecialisedI && p.kv_heads > 0 &&
+         int64_t(p.q_heads / p.kv_heads) * p.head_dim * 4 <= int64_t(p.hidden) * 2;
+}
+
 int64_t scratch_bytes(const FusedDecodeLayerParams& p, int blocks) {
+  const bool compact = kCompactLayout && specialised(p);  // bf16 activations only, q in s_nb
   const int64_t D = p.head_dim, group = p.kv_heads > 0 ? p.q_heads / p.kv_heads : 0;
   const int64_t merge = p.kv_heads > 0 ? (2 * (int64_t(blocks + p.kv_heads - 1) / p.kv_heads) + int64_t(kWarps) * D) * 4 : 0;
-  const int64_t attn = 2 * kTile * (D + 8) * 2 + group * D * 4;
-  const int64_t oproj = int64_t(p.q_heads) * D * (4 + 2);  // fp32 and bf16
+  const int64_t attn = 2 * kTile * (D + 8) * 2 + (compact ? 0 : group * D * 4);
+  const int64_t act = compact ? 2 : 4 + 2;  // bytes an activation: bf16 (and fp32)
+  const int64_t oproj = int64_t(p.q_heads) * D * act;
   const int64_t route = int64_t(p.num_experts) * 4;
-  const int64_t down = int64_t(down_slots(p, blocks)) * p.inter * (4 + 2);  // fp32 and bf16
+  const int64_t down = int64_t(down_slots(p, blocks)) * p.inter * act;
   return std::max(std::max(std::max(attn, oproj), std::max(route, down)), merge);
 }
 
 constexpr int64_t kMaxSmem = 227 * 1024;      // opt-in shared memory per block (H100 / H200)
 constexpr int64_t kDefaultInflight = 128 * 1024;  // weight bytes in flight per block (make_layout)
-constexpr int64_t kStaticSmem = 2048;         // the kernel's static shared memory, rounded up
+constexpr int64_t kStaticSmem = 3072;         // the kernel's static shared memory, rounded up
 int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 Layout make_layout(const FusedDecodeLayerParams& p, int blocks) {
   Layout L;
   const int64_t H = p.hidden, QW = int64_t(p.q_heads) * p.head_dim;
-  L.scratch = round_up(H * 2 + H * 4 + H * 2, 16);  // x, normed (fp32 and bf16)
+  L.scratch = round_up(kCompactLayout && specialised(p) ? H * 2 + H * 2 : H * 2 + H * 4 + H * 2, 16);  // x, normed (fp32 and bf16)
   L.down_slots = down_slots(p, blocks);
   L.ring = round_up(L.scratch + scratch_bytes(p, blocks), 128);
-  L.stage_bytes = std::max(p.stage_bytes > 0 ? round_up(p.stage_bytes, 128) : kMinStageBytes,
+  const int64_t dflt = kCompactLayout && specialised(p) ? kCompactStageBytes : kMinStageBytes;
+  L.stage_bytes = std::max(p.stage_bytes > 0 ? round_up(p.stage_bytes, 128) : dflt,
                            round_up(std::max({H, QW, p.inter}) * 2, 128));
   const int64_t room = kMaxSmem - kStaticSmem - L.ring;
   L.ns = int(std::min<int64_t>(p.max_stages > 0 ? std::min(p.max_stages, kMaxStages) : kMaxStages,
@@ -1528,7 +1664,7 @@ void launch_fused_decode_layers(const FusedDecodeStepParams& P, cudaStream_t str
     cfg.numAttrs = p.pdl ? 2 : 1;
     MIXSERVE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, P, L));
   };
-  if (p.head_dim == 128 && p.hidden == 256 * kSpecialisedH && p.inter == 256 * kSpecialisedI)
+  if (specialised(p))
     go(fused_decode_layer_kernel<128, kSpecialisedH, kSpecialisedI>);
   else if (p.head_dim == 64)
     go(fused_decode_layer_kernel<64, 0, 0>);

@@ -449,14 +449,14 @@ void print_fused_diag(const std::vector<unsigned long long>& d) {
   if (blocks == 0 || d[0] == 0) return;
   unsigned long long t0 = ~0ull;
   for (std::size_t b = 0; b < blocks; ++b) t0 = std::min(t0, d[b * kStamps]);
-  static const char* names[kStamps] = {"start",   "pdl wait", "qkv in", "routed(prod)", "gu in",   "gu done",
+  static const char* names[gpu::kFusedDecodeDiagNamed] = {"start",   "pdl wait", "qkv in", "routed(prod)", "gu in",   "gu done",
                                        "down in", "end",      "qkv done", "attn read",    "logits read", "routed",
                                        "gu first in", "down first in", "down issued", "gu issued",
                                        "gu done2",    "staged",      "partials",  "o read",
-                                       "oproj in",    "oproj done",  "oproj first in", "", "",
-                                       "",            "",            "",            "",            "last red",    "last red done"};
+                                       "oproj in",    "oproj done",  "oproj first in", "combined", "normed",
+                                       "qkv first in", "",            "",            "",            "last red",    "last red done"};
   std::printf("#   fused layer stamps (us after the first block start, median / max over %zu blocks):", blocks);
-  for (int e = 0; e < kStamps; ++e) {
+  for (int e = 0; e < gpu::kFusedDecodeDiagNamed; ++e) {
     if (!*names[e]) continue;
     std::vector<double> v;
     for (std::size_t b = 0; b < blocks; ++b)
@@ -465,6 +465,28 @@ void print_fused_diag(const std::vector<unsigned long long>& d) {
     std::printf(" %s %.2f/%.2f", names[e], v[v.size() / 2], v.back());
   }
   std::printf("\n");
+  // Trace builds: each ring stage of the stamped layer (the block's stage index), median over the
+  // blocks that have it: issued by the producer, seen landed by its consumer, summed; its kind.
+  if constexpr (gpu::kFusedDecodeTraceStages > 0) {
+    static const char* kinds[] = {"qkv", "oproj", "router", "gateup", "down"};
+    constexpr int base = gpu::kFusedDecodeDiagNamed;
+    std::printf("#   fused layer stage trace (us after the first block start, median over the blocks; n blocks):\n");
+    for (int gi = 0; gi < gpu::kFusedDecodeTraceStages; ++gi) {
+      std::vector<double> f[3];
+      int kind = -1;
+      for (std::size_t b = 0; b < blocks; ++b) {
+        const unsigned long long* r = d.data() + b * kStamps + base;
+        if (unsigned(gi) >= r[0]) continue;  // the block's stage count in this layer
+        const unsigned long long* st = r + 4 + 4 * gi;
+        for (int k = 0; k < 3; ++k) f[k].push_back(st[k] >= t0 ? double(st[k] - t0) / 1e3 : -1.0);
+        kind = int(st[3]);
+      }
+      if (f[0].empty()) break;
+      for (auto& v : f) std::sort(v.begin(), v.end());
+      std::printf("#   stage %2d %-6s issue %7.2f land %7.2f done %7.2f (n %zu)\n", gi, kind >= 0 && kind < 5 ? kinds[kind] : "?",
+                  f[0][f[0].size() / 2], f[1][f[1].size() / 2], f[2][f[2].size() / 2], f[0].size());
+    }
+  }
 }
 
 void run_fused_decode(const ModelSpec& m, uint64_t seed) {

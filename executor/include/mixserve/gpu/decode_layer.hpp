@@ -89,7 +89,16 @@
 namespace mixserve::gpu {
 
 inline constexpr int kFusedDecodeMaxTopK = 8;
-inline constexpr int kFusedDecodeDiagStamps = 31;  // per block (FusedDecodeLayerParams::diag)
+// A diagnostic build (-DMIXSERVE_FUSED_TRACE_STAGES=N, off by default) also records, for the stamped
+// layer, each of a block's first N ring stages: producer issue, consumer arrival, consumer done, kind.
+#ifndef MIXSERVE_FUSED_TRACE_STAGES
+#define MIXSERVE_FUSED_TRACE_STAGES 0
+#endif
+inline constexpr int kFusedDecodeTraceStages = MIXSERVE_FUSED_TRACE_STAGES;
+inline constexpr int kFusedDecodeDiagNamed = 31;  // named stamps per block (FusedDecodeLayerParams::diag)
+// per block: the named stamps, then (trace builds) the stage count and 4 words a stage
+inline constexpr int kFusedDecodeDiagStamps =
+    kFusedDecodeDiagNamed + (kFusedDecodeTraceStages > 0 ? 4 + 4 * kFusedDecodeTraceStages : 0);
 
 struct FusedDecodeLayerParams {
   // Residual stream and outputs.
@@ -168,8 +177,9 @@ struct FusedDecodeLayerParams {
   // tagged attn read, 10 the tagged logits read, 11 routing done, 12 first gate|up arrival, 13
   // first down arrival, 14 last down copy issued, 15 last gate|up copy issued, 16 gate|up done,
   // 17 the SwiGLU staged, 18 attention partials stored, 19 the tagged o read, 20 last o_proj stage
-  // arrival, 21 o_proj summed, 22 first o_proj stage arrival, 29-30 before and after the arrival
-  // (release) of the layer's grid barrier (23-28 unused). diag_skip_dot
+  // arrival, 21 o_proj summed, 22 first o_proj stage arrival, 23 the residual combined, 24 normed,
+  // 25 first q|k|v stage arrival, 29-30 before and after the arrival
+  // (release) of the layer's grid barrier (26-28 unused). diag_skip_dot
   // skips the dot products (zeros: WRONG results; times the weight stream alone).
   unsigned long long* diag = nullptr;
   bool diag_skip_dot = false;
