@@ -21,7 +21,8 @@
 #   ab_bench BINARY NAME [VAR=VALUE ...]   (time limit: $BENCH_LIMIT s, default 60)
 #                            the same bench from another binary of the bundle, for A/B builds in
 #                            one call (sessions 10-11: copy build/tests/gpu/test_gpu_forward to
-#                            test_gpu_forward_<variant> per build, bundle them all, alternate)
+#                            test_gpu_forward_<variant> per build, bundle them all, alternate;
+#                            tools/build-variants.sh NAME=PATCH ... makes those copies)
 # Example (the fused decode layer's check and bench):
 #   tools/gpu-quick.sh gpu-bundle-q1 "test_gpu_forward" <<'STEPS'
 #   run fused 150 $B/bin/test_gpu_forward -tc='forward: fused*'
