@@ -43,15 +43,18 @@
 // ~350 KB of code). Session 7: a warp sums up to 8 rows of a stage at once with its activations in
 // registers and one reduction (multirow); gate|up and down rows are both split over the blocks as
 // runs of the K experts' rows (one or two experts per block). Session 11: 11 consumer warps, and
-// rows of k = 256 m summed on the tensor cores (mma), the activations kept as bf16 too.
+// rows of k = 256 m summed on the tensor cores (mma), the activations kept as bf16 too. Session 12:
+// the blocks' segments computed once per launch; down rows shared out by expert (a block's rows
+// are one expert's); the specialised kernel keeps only bf16 activations (compact layout) and
+// streams 18432-byte stages.
 //
 // The executor launches all consecutive supported layers of a step at once
 // (launch_fused_decode_layers), so the producer streams the next layer's q|k|v rows while the
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~2590 us against ~4055 us with the unfused decode kernels (session
-// 11; 56.4% of the copy bandwidth; the launch runs a kernel specialised for its hidden / expert
+// step of Qwen3-30B-A3B takes ~2580-2600 us against ~4055 us with the unfused decode kernels
+// (sessions 11-12; ~56% of the copy bandwidth; the launch runs a kernel specialised for its hidden / expert
 // widths, decode_layer.cu kSpecialisedH). The phases without weights (attention, merge, routing)
 // and the waits between phases are most of the gap in a layer's ~51 us; a grid barrier's release
 // waits ~1-2.5 us while the block's weight copies are in flight (session 8's stamps): all 7
