@@ -293,10 +293,11 @@ struct KindT {
 constexpr int kKinds = 5;
 __shared__ KindT s_kinds[kKinds];
 
-// Thread `kind` of the prologue: s_kinds[kind] (gate|up and down: the block's share of the K x n
-// rows, slot-major, cut at slot boundaries, so a block reads one or two experts' rows in long runs;
-// down rows by output column, all K experts per block, streamed at a third of gate|up's rate in
-// session 6: docs/forward.md).
+// Thread `kind` of the prologue: s_kinds[kind]. q|k|v, o_proj, router: a contiguous share of the
+// rows. gate|up: the block's share of the K x 2I rows, slot-major, cut at slot boundaries (one or
+// two experts' rows in long runs). down: by expert when top_k <= blocks (below; down_slots() on the
+// host assumes the same), else like gate|up. (Down rows by output column, all K experts per block,
+// streamed at a third of gate|up's rate in session 6: docs/forward.md.)
 __device__ void kind_table(const Mats& m, int kind, int64_t stage_bytes) {
   int64_t n, k, per = 0;
   switch (kind) {
@@ -753,8 +754,8 @@ __device__ __noinline__ uint32_t consume(Mats m, int kind, const int32_t* ids, R
   return g;
 }
 
-// out = bf16(x * inv_rms * w) as rmsnorm.cuh (fp32 values, two-plane layout: dot8f), x and out in
-// shared memory (x bf16), w global;
+// out = bf16(x * inv_rms * w) as rmsnorm.cuh (fp32 values, two-plane layout: dot8f; null in the
+// compact layout) and outb (the same as bf16), x, out and outb in shared memory (x bf16), w global;
 // 8 elements per thread per step (n % 8 == 0), the weights' loads issued before the sum.
 __device__ void block_rmsnorm(const bf16* x, const bf16* w, float* out, bf16* outb, int64_t n, float eps, float* red) {
   constexpr int kMaxSteps = 8;  // n <= kMaxSteps * 8 * kThreads = 16384 keeps w in registers

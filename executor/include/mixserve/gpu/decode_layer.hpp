@@ -161,8 +161,9 @@ struct FusedDecodeLayerParams {
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
   // its wait at the barrier that ends the phase) to [0..6] and counts the layer in [7].
   unsigned long long* phase_ns = nullptr;
-  // The weight ring: stage size in bytes (0: 16896 bytes, at least one weight row) and stage count (0:
-  // as many as shared memory holds, at most 32). Experiments: docs/forward.md.
+  // The weight ring: stage size in bytes (0: 16896 bytes, 18432 for the specialised kernel's compact
+  // layout; at least one weight row) and stage count (0: as many as shared memory holds, at most 32).
+  // Experiments: docs/forward.md.
   int64_t stage_bytes = 0;
   int max_stages = 0;
   int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: 128 KiB or the whole ring if smaller)
