@@ -52,6 +52,18 @@ constexpr unsigned kPollNs = 128;
 // of the activations (only the general kernel's CUDA-core sums read them), the attention's q heads
 // in the normed activations' bf16 copy; false gives the session-11 layout (an A/B switch).
 constexpr bool kCompactLayout = true;
+// The residual's combine gated by a counter (session 13): each block adds 1 to its layer's
+// (otherwise unused) grid-barrier counter once its down sums are stored; the next layer's phase 0
+// has one thread poll that word until every block has, then reads the tagged partials once (still
+// checking the tags), instead of 256 threads re-reading all K x H words while the slowest block
+// finishes. Alone it measured no gain (H200, session 13 call 1: 2582.0 / 2589.1 us a step vs
+// 2577.5 / 2578.1); with kCountedSwiglu and route_token<4> below, 2520.0 / 2520.9.
+constexpr bool kCountedCombine = true;
+// The same for the SwiGLU: each block adds 1 to the counter of every expert slot its gate|up rows
+// touch (barrier[1 + j]); a block whose down rows are one slot's (down rows by expert) has one
+// thread wait for all of that slot's gate|up writers (session 13 call 1: 2555.3 / 2559.1 us with
+// the counted combine, 2520.0 / 2520.9 with route_token<4> as well).
+constexpr bool kCountedSwiglu = true;
 // Trace builds (kFusedDecodeTraceStages > 0): the stamped layer's stage records (decode_layer.hpp),
 // the producer's and the consumers' pointer (null outside that layer) and stage count at its start.
 __shared__ unsigned long long *s_trp, *s_trc;
@@ -945,6 +957,29 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   if (threadIdx.x >= 32 && threadIdx.x < 32 + kKinds)  // (another warp than the barriers' thread)
     kind_table(Mats{nullptr, nullptr, nullptr, nullptr, nullptr, H, QW, KVW, I, p0.num_experts, K, false, false},
                int(threadIdx.x) - 32, sb);
+  // kCountedSwiglu: how many blocks write gate|up rows of this block's down slot (0: not counted)
+  __shared__ int s_gu_writers;
+  if (threadIdx.x == 40) {
+    s_gu_writers = 0;
+    if (kCountedSwiglu && int64_t(K) <= int64_t(gridDim.x)) {
+      const int64_t per = 2 * I, n = int64_t(K) * per, G = gridDim.x;
+      int64_t jj = 0;  // the block's down slot (kind_table's partition by expert)
+      while ((jj + 1) * G / K <= int64_t(blockIdx.x)) ++jj;
+      auto lo = [&](int64_t b) { return n * b / G; };  // block_range's lo of block b
+      // The blocks whose [lo, hi) meets [jj per, (jj + 1) per): from the one holding row jj per to
+      // the one holding row (jj + 1) per - 1.
+      auto holder = [&](int64_t r) {
+        int64_t b = r * G / n;
+        while (b + 1 < G && lo(b + 1) <= r) ++b;
+        while (b > 0 && lo(b) > r) --b;
+        return b;
+      };
+      int writers = 0;  // (blocks with no rows add nothing)
+      for (int64_t b = holder(jj * per), b1 = holder((jj + 1) * per - 1); b <= b1; ++b)
+        writers += lo(b + 1) > lo(b) ? 1 : 0;
+      s_gu_writers = writers;
+    }
+  }
   __shared__ uint32_t s_sizes[kMaxStages], s_prod[4];
   if (threadIdx.x == 64) s_prod[0] = s_prod[1] = s_prod[2] = s_prod[3] = 0;
   __syncthreads();  // the only whole-block barrier: the producer warp leaves here
@@ -1062,6 +1097,18 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // Phase 0: x, normed, q|k|v. After the launch's first layer the residual is this block's own
   // x2 of the previous layer (s_x: every block computes all of it in phase 4), so res is read
   // once and written once per launch.
+  if (kCountedCombine && l > 0 && p0.tagged_part) {
+    if (threadIdx.x == 0) {
+      const unsigned* cnt = P.layer[l - 1].barrier;
+      unsigned seen;
+      for (;;) {
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(cnt) : "memory");
+        if (seen >= gridDim.x) break;
+        __nanosleep(kPollNs);
+      }
+    }
+    csync();
+  }
   for (int64_t i = threadIdx.x * 8; i < H; i += kThreads * 8) {
     uint4 r;
     if (l > 0) {  // the previous layer's MoE output, combined here
@@ -1393,7 +1440,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       rp.scoring = kernels::RouterScoring::softmax_topk;
       rp.renormalize = p.renormalize;
       rp.routed_scaling = p.routed_scaling;
-      if (p.num_experts <= 32)
+      // The specialised kernel routes <= 128 experts with one instantiation (specialised() checks
+      // it): 30 KB less code (0x38d00 -> 0x31700 bytes); alone no change, with the counted
+      // combine and SwiGLU 2520 us a step against their 2555-2559 (session 13 call 1).
+      if constexpr (VH > 0)
+        kernels::detail::route_token<4>(rp, s_lg, 0, lane);
+      else if (p.num_experts <= 32)
         kernels::detail::route_token<1>(rp, s_lg, 0, lane);
       else if (p.num_experts <= 64)
         kernels::detail::route_token<2>(rp, s_lg, 0, lane);
@@ -1415,6 +1467,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
   g = consume<VH, VI>(mats, kGateUp, s_ids, R, g, s_n, 0, s_nb, Sink{kOutTagged, p.gu_tagged, nullptr, 0, nullptr, tag}, skip,
               diag ? s_t + 1 : nullptr, diag ? s_t + 3 : nullptr);
+  if (kCountedSwiglu && p0.tagged_part) {
+    csync();  // the block's gate|up sums stored (program order), then one relaxed count a slot
+    if (threadIdx.x == 0) {
+      const KindT& kg = s_kinds[kGateUp];
+      for (int i = 0; i < kg.nseg; ++i)
+        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(p.barrier + 1 + kg.seg[i].j) : "memory");
+    }
+  }
   if (diag) {
     csync();
     if (threadIdx.x == 0) {
@@ -1441,6 +1501,17 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     const int j0 = kd.nseg > 0 ? kd.seg[0].j : 0, j1 = kd.nseg > 0 ? kd.seg[kd.nseg - 1].j + 1 : 0;
     bf16* s_sb = kCompact ? reinterpret_cast<bf16*>(s_u) : reinterpret_cast<bf16*>(s_a + int64_t(lay.down_slots) * I);
     const int iI = int(I), i_end = (j1 - j0) * iI;
+    if (kCountedSwiglu && p0.tagged_part && s_gu_writers > 0) {
+      if (threadIdx.x == 0) {
+        unsigned seen;
+        for (;;) {
+          asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(p.barrier + 1 + j0) : "memory");
+          if (seen >= unsigned(s_gu_writers)) break;
+          __nanosleep(kPollNs);
+        }
+      }
+      csync();
+    }
 #pragma unroll 4
     for (int i0 = threadIdx.x * 8; i0 < i_end; i0 += kThreads * 8) {  // I % 8 == 0
       const int jj = i0 / iI, c = i0 - jj * iI, j = j0 + jj;
@@ -1463,6 +1534,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
                 p0.tagged_part ? Sink{kOutTagged, part, nullptr, 0, nullptr, tag} : Sink{kOutPart, part, nullptr, 0, s_w},
                 skip,
                 diag ? s_t + 2 : nullptr, diag ? s_t + 4 : nullptr);
+  }
+  if (kCountedCombine && p0.tagged_part && l + 1 < L) {
+    csync();  // the block's down sums stored (program order), then one relaxed count
+    if (threadIdx.x == 0) asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(p.barrier) : "memory");
   }
   // Without tagged_part, the layer's one grid barrier: the next layer's phase 0 reads every
   // block's partials, and every buffer exchanged as tagged words is rewritten only after it
@@ -1512,6 +1587,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 // H bf16); other shapes run the general kernel.
 bool specialised(const FusedDecodeLayerParams& p) {
   return p.head_dim == 128 && p.hidden == 256 * kSpecialisedH && p.inter == 256 * kSpecialisedI && p.kv_heads > 0 &&
+         p.num_experts <= 128 &&
          int64_t(p.q_heads / p.kv_heads) * p.head_dim * 4 <= int64_t(p.hidden) * 2;
 }
 

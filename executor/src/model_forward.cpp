@@ -485,7 +485,7 @@ void GpuModel::allocate(bool from_host, const model::WeightSet* w, uint64_t seed
       MIXSERVE_CUDA_CHECK(cudaMemsetAsync(b->get(), 0xff, b->bytes(), s));  // no launch's tag
     A.fused_epoch = DeviceBuffer(sizeof(unsigned));
     MIXSERVE_CUDA_CHECK(cudaMemsetAsync(A.fused_epoch.get(), 0, A.fused_epoch.bytes(), s));
-    A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * sizeof(unsigned));
+    A.fused_barrier = DeviceBuffer(std::size_t(m.num_layers) * (1 + kFusedDecodeMaxTopK) * sizeof(unsigned));
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGE_KB"); e && *e) fused_stage_bytes_ = std::atoll(e) * 1024;
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGE_BYTES"); e && *e) fused_stage_bytes_ = std::atoll(e);
     if (const char* e = std::getenv("MIXSERVE_FUSED_STAGES"); e && *e) fused_max_stages_ = std::atoi(e);
@@ -1138,7 +1138,7 @@ FusedDecodeLayerParams GpuModel::fused_layer_params(const Layer& L, int l, cudaS
   fp.logits_tagged = A.fused_logits.as<unsigned long long>();
   fp.gu_tagged = A.fused_gu.as<uint32_t>();
   fp.epoch = A.fused_epoch.as<unsigned>();
-  fp.barrier = A.fused_barrier.as<unsigned>() + l;
+  fp.barrier = A.fused_barrier.as<unsigned>() + int64_t(l) * (1 + kFusedDecodeMaxTopK);
   fp.phase_ns = A.fused_phase_ns.as<unsigned long long>();
   if (l == (dims_.layer_begin + dims_.layer_end) / 2) fp.diag = A.fused_diag.as<unsigned long long>();
   fp.stage_bytes = fused_stage_bytes_;

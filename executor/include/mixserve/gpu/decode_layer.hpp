@@ -156,7 +156,7 @@ struct FusedDecodeLayerParams {
   // [2, top_k, H] the experts' down outputs by layer parity: tagged words (bf16 bits | tag << 16,
   // unweighted) with tagged_part, else floats weighted by the routing. Filled with 0xff bytes.
   float* part = nullptr;
-  unsigned* barrier = nullptr;            // one counter, zero at launch
+  unsigned* barrier = nullptr;            // 1 + kFusedDecodeMaxTopK counters, zero at launch
   bool pdl = false;
   // Diagnostics or null: block 0 adds the time of phases 0..6 (ns, from its view: its work plus
   // its wait at the barrier that ends the phase) to [0..6] and counts the layer in [7].
