@@ -38,7 +38,8 @@
 // down stream through a ring of shared-memory stages (cp.async.bulk completing on mbarriers) fed by
 // the producer warp, which runs ahead of the consumers across their grid barriers: the o_proj rows
 // arrive during the attention, the down rows while gate|up is summed. Each stage slot has one
-// consumer warp. At most `inflight_bytes` are outstanding per block; the copies carry an L2
+// consumer warp. At most `inflight_bytes` are outstanding per block (session 13: fewer, because
+// copies in flight delay the exchanges between blocks); the copies carry an L2
 // evict_first policy. The stream code is out of line (the kernel inlined everything and ran at
 // ~350 KB of code). Session 7: a warp sums up to 8 rows of a stage at once with its activations in
 // registers and one reduction (multirow); gate|up and down rows are both split over the blocks as
@@ -166,7 +167,9 @@ struct FusedDecodeLayerParams {
   // Experiments: docs/forward.md.
   int64_t stage_bytes = 0;
   int max_stages = 0;
-  int64_t inflight_bytes = 0;  // weight bytes in flight per block at most (0: 128 KiB or the whole ring if smaller)
+  // weight bytes in flight per block at most (0: the specialised kernel 3 stages, o_proj's and the
+  // router's copies 1; else 128 KiB; at most the whole ring)
+  int64_t inflight_bytes = 0;
   // multirow: a stage of several rows of k = 256 m (m <= 8) summed with the activations in
   // registers and one warp reduction per 8 rows (else one per row; measured in docs/forward.md).
   bool multirow = true;
