@@ -167,8 +167,8 @@ struct FusedDecodeLayerParams {
   // Experiments: docs/forward.md.
   int64_t stage_bytes = 0;
   int max_stages = 0;
-  // weight bytes in flight per block at most (0: the specialised kernel 3 stages, o_proj's and the
-  // router's copies 1; else 128 KiB; at most the whole ring)
+  // weight bytes in flight per block at most (0: the specialised kernel 3 stages, q|k|v's copies
+  // 2, o_proj's and the router's 1; else 128 KiB; at most the whole ring)
   int64_t inflight_bytes = 0;
   // multirow: a stage of several rows of k = 256 m (m <= 8) summed with the activations in
   // registers and one warp reduction per 8 rows (else one per row; measured in docs/forward.md).
