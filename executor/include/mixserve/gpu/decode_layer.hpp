@@ -47,17 +47,19 @@
 // rows of k = 256 m summed on the tensor cores (mma), the activations kept as bf16 too. Session 12:
 // the blocks' segments computed once per launch; down rows shared out by expert (a block's rows
 // are one expert's); the specialised kernel keeps only bf16 activations (compact layout) and
-// streams 18432-byte stages.
+// streams 18432-byte stages. Session 13: the next layer's combine and the SwiGLU wait on a
+// counter of the writing blocks, then read the tagged words once; the specialised kernel keeps 3
+// stages in flight (q|k|v 2, o_proj and the router 1): copies in flight delay the exchanges.
 //
 // The executor launches all consecutive supported layers of a step at once
 // (launch_fused_decode_layers), so the producer streams the next layer's q|k|v rows while the
 // consumers still sum the down rows.
 //
 // Measured on the H200 (docs/forward.md): correct against the float64 reference; the 48-layer b=1
-// step of Qwen3-30B-A3B takes ~2580-2600 us against ~4055 us with the unfused decode kernels
-// (sessions 11-12; ~56% of the copy bandwidth; the launch runs a kernel specialised for its hidden / expert
-// widths, decode_layer.cu kSpecialisedH). The phases without weights (attention, merge, routing)
-// and the waits between phases are most of the gap in a layer's ~51 us; a grid barrier's release
+// step of Qwen3-30B-A3B takes ~2326-2332 us against ~4055 us with the unfused decode kernels
+// (session 13; 62.2-62.4% of the copy bandwidth; the launch runs a kernel specialised for its hidden /
+// expert widths, decode_layer.cu kSpecialisedH). The phases without weights (attention, merge,
+// routing) and the waits between phases are most of the gap in a layer's ~48.5 us; a grid barrier's release
 // waits ~1-2.5 us while the block's weight copies are in flight (session 8's stamps): all 7
 // barriers of session 7 are now tagged words instead (q|k|v, attention partials, attn, o, logits,
 // gu, the experts' partials: bf16 or fp32 bits with a layer tag in one relaxed store; sessions
