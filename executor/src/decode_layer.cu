@@ -1506,7 +1506,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     const int j0 = kd.nseg > 0 ? kd.seg[0].j : 0, j1 = kd.nseg > 0 ? kd.seg[kd.nseg - 1].j + 1 : 0;
     bf16* s_sb = kCompact ? reinterpret_cast<bf16*>(s_u) : reinterpret_cast<bf16*>(s_a + int64_t(lay.down_slots) * I);
     const int iI = int(I), i_end = (j1 - j0) * iI;
-    if (kCountedSwiglu && p0.tagged_part && s_gu_writers > 0) {
+    // (only a block with down rows: one without has j0 = 0, not its slot, and nothing to stage)
+    if (kCountedSwiglu && p0.tagged_part && s_gu_writers > 0 && i_end > 0) {
       if (threadIdx.x == 0) {
         unsigned seen;
         for (;;) {

@@ -423,6 +423,19 @@ ModelSpec small_qwen3_d128() {  // GQA 8/2 (group 4), head_dim 128, per-head QK-
     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
                           "small-qwen3-d128/config.json");
 }
+// Hidden 16 with top-7 of 8 on the H200's 132 blocks: the down rows' slot j goes to blocks
+// [j 132 / 7, (j + 1) 132 / 7), 18-19 of them for 16 rows, so some blocks have no down rows; and the
+// gate|up rows (7 x 32 over 132 blocks) give slot 5 one writer more than slot 0 (20 vs 19). A block
+// without down rows that waited for its slot's writers on slot 0's counter never finished (the
+// counted SwiGLU before session 13's fix).
+ModelSpec small_qwen3_top7_h16() {
+  return import_hf_config(R"({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 16,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64,
+    "vocab_size": 40, "intermediate_size": 32, "moe_intermediate_size": 16, "num_experts": 8,
+    "num_experts_per_tok": 7, "norm_topk_prob": true,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": false})",
+                          "small-qwen3-top7-h16/config.json");
+}
 // A 2-layer Qwen3-MoE with 32 / 4 heads of 128 (q width 4096) and the given hidden and expert
 // widths, expert count and top-k (vocabulary 136).
 ModelSpec small_qwen3_q4096(int hidden, int moe_inter, int experts, int top_k, const std::string& name) {
@@ -540,6 +553,9 @@ TEST_CASE("forward: fused batch-1 decode layer vs the float64 reference") {
   SUBCASE("Qwen3 head_dim 64, dense first layer") { run_fused_decode(small_qwen3(), 41); }
   SUBCASE("Mixtral head_dim 64, GQA 2/1") { run_fused_decode(small_mixtral(), 42); }
   SUBCASE("Qwen3 head_dim 128, GQA 8/2, top-4 of 16") { run_fused_decode(small_qwen3_d128(), 43); }
+  SUBCASE("Qwen3 hidden 16, top-7 of 8: blocks without down rows, slots with unequal gate|up writers") {
+    run_fused_decode(small_qwen3_top7_h16(), 50);
+  }
   SUBCASE("Qwen3 head_dim 128, a 2-stage weight ring with one copy in flight") {
     // The ring wraps on every phase and the producer waits for each copy before the next: the
     // slot / parity bookkeeping under the tightest schedule.
