@@ -10,6 +10,8 @@
 //   graph_launch {alone_graph_us, alone_eager_us, chain_us, chain_kernels, [alone_gemv_us,
 //     mixed_chain_us,] measured_with, [no_pdl_extra_us, no_pdl_measured_with]}
 //     (optional; written when chain_kernels > 0),
+//   fused_decode_layer {measured_with, points: [{hidden, q_heads, kv_heads, head_dim, inter, experts,
+//     top_k, context, time_us}]} (optional; written when it has points; FusedLayerPoint),
 //   versions {name: version}, measured_on, notes, provenance.
 #include <optional>
 
@@ -139,7 +141,7 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
   const YamlMap root(detail::yaml_parse(text, origin), origin, "");
   root.allow_keys({"version", "name", "gpu", "source", "sm_count", "memory_GiB", "peaks",
                    "efficiency", "kernel_launch_us", "tables", "versions", "measured_on", "notes",
-                   "provenance", "host_overhead", "graph_launch"});
+                   "provenance", "host_overhead", "graph_launch", "fused_decode_layer"});
   HardwareProfile p;
   p.version = root.integer("version");
   if (p.version != 1) root.fail("version", "1", std::to_string(p.version));
@@ -195,6 +197,29 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
     p.graph_launch.measured_with = g.str("measured_with");
     p.graph_launch.no_pdl_extra_us = g.nonneg_num("no_pdl_extra_us", 0.0);
     if (p.graph_launch.no_pdl_extra_us > 0) p.graph_launch.no_pdl_measured_with = g.str("no_pdl_measured_with");
+  }
+  if (root.has("fused_decode_layer")) {
+    const YamlMap f = root.map("fused_decode_layer");
+    f.allow_keys({"measured_with", "points"});
+    p.fused_decode_layer.measured_with = f.str("measured_with");
+    for_rows(f, "points", [&](const YamlMap& r) {
+      r.allow_keys({"hidden", "q_heads", "kv_heads", "head_dim", "inter", "experts", "top_k", "context", "time_us"});
+      FusedLayerPoint q;
+      q.hidden = r.positive_i64("hidden");
+      q.q_heads = r.positive_i64("q_heads");
+      q.kv_heads = r.positive_i64("kv_heads");
+      q.head_dim = r.positive_i64("head_dim");
+      q.inter = r.positive_i64("inter");
+      q.experts = r.positive_i64("experts");
+      q.top_k = r.positive_i64("top_k");
+      q.context = r.positive_i64("context");
+      q.time_us = r.positive_num("time_us");
+      for (const auto& o : p.fused_decode_layer.points)
+        if (o.same_shape(q) && o.context == q.context)
+          r.fail("context", "one point per layer shape and context", std::to_string(q.context) + " again");
+      p.fused_decode_layer.points.push_back(q);
+    });
+    if (p.fused_decode_layer.points.empty()) f.fail("points", "at least one point", "none");
   }
   p.measured_on = root.str("measured_on", "");
   p.notes = root.str("notes", "");
@@ -320,6 +345,22 @@ std::string profile_to_yaml(const HardwareProfile& p) {
       out << YAML::Key << "no_pdl_extra_us" << YAML::Value << fmt_num(p.graph_launch.no_pdl_extra_us);
       out << YAML::Key << "no_pdl_measured_with" << YAML::Value << p.graph_launch.no_pdl_measured_with;
     }
+    out << YAML::EndMap;
+  }
+  if (!p.fused_decode_layer.points.empty()) {
+    out << YAML::Key << "fused_decode_layer" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "measured_with" << YAML::Value << p.fused_decode_layer.measured_with;
+    out << YAML::Key << "points" << YAML::Value << YAML::BeginSeq;
+    for (const auto& q : p.fused_decode_layer.points) {
+      out << YAML::Flow << YAML::BeginMap;
+      out << YAML::Key << "hidden" << YAML::Value << q.hidden << YAML::Key << "q_heads" << YAML::Value << q.q_heads;
+      out << YAML::Key << "kv_heads" << YAML::Value << q.kv_heads << YAML::Key << "head_dim" << YAML::Value << q.head_dim;
+      out << YAML::Key << "inter" << YAML::Value << q.inter << YAML::Key << "experts" << YAML::Value << q.experts;
+      out << YAML::Key << "top_k" << YAML::Value << q.top_k << YAML::Key << "context" << YAML::Value << q.context;
+      out << YAML::Key << "time_us" << YAML::Value << fmt_num(q.time_us);
+      out << YAML::EndMap;
+    }
+    out << YAML::EndSeq;
     out << YAML::EndMap;
   }
   out << YAML::Key << "versions" << YAML::Value << YAML::BeginMap;

@@ -68,7 +68,7 @@ constexpr const CostConstants& K = kCostConstants;
   X(moe_experts, "moe.experts") X(moe_shared, "moe.shared")                          \
   X(moe_combine, "moe.combine") X(dense_ffn, "dense.ffn")                            \
   X(dense_ar, "dense.allreduce") X(embedding, "embedding") X(lm_head, "lm_head")     \
-  X(pp_send, "pp.send_recv")
+  X(pp_send, "pp.send_recv") X(fused_layer, "fused.decode_layer")
 enum Slot {
 #define MIXSERVE_X(e, s) e,
   MIXSERVE_SIM_SLOTS(MIXSERVE_X)
@@ -181,6 +181,29 @@ class GemmMemoTimer final : public OpTimer {
   mutable std::unordered_map<Key, OpTime, KeyHash> cache_;
 };
 
+// The profile's fused_decode_layer points of one layer shape, by context.
+std::vector<FusedLayerPoint> fused_points_of(const HardwareProfile& p, const FusedLayerPoint& shape) {
+  std::vector<FusedLayerPoint> pts;
+  for (const auto& q : p.fused_decode_layer.points)
+    if (q.same_shape(shape)) pts.push_back(q);
+  std::sort(pts.begin(), pts.end(), [](const auto& a, const auto& b) { return a.context < b.context; });
+  return pts;
+}
+// fused_layer_time over non-empty points of one shape sorted by context.
+OpTime fused_time_at(const std::vector<FusedLayerPoint>& pts, double context) {
+  for (const auto& q : pts)
+    if (double(q.context) == context) return OpTime{q.time_us, CostSource::measured};
+  if (pts.size() == 1 || context < double(pts.front().context))
+    return OpTime{(context < double(pts.front().context) ? pts.front() : pts.back()).time_us, CostSource::extrapolated};
+  size_t i = 1;
+  while (i + 1 < pts.size() && double(pts[i].context) < context) ++i;
+  const FusedLayerPoint &a = pts[i - 1], &b = pts[i];
+  const double slope = (b.time_us - a.time_us) / double(b.context - a.context);
+  const bool beyond = context > double(b.context);
+  const double t = a.time_us + (beyond ? std::max(slope, 0.0) : slope) * (context - double(a.context));
+  return OpTime{beyond ? std::max(t, b.time_us) : t, beyond ? CostSource::extrapolated : CostSource::interpolated};
+}
+
 struct StageLayers {
   int dense_full = 0, dense_sliding = 0, moe_full = 0, moe_sliding = 0;
   int moe_begin = 0;  // index of the stage's first MoE layer among the model's MoE layers
@@ -199,6 +222,12 @@ class MixServeModel final : public StepCostModel {
     host_step_us_ = p.host_overhead.step_us;  // 0 when the profile has none
     graph_saving_us_ = opt.decode_graphs ? p.graph_launch.saving_us() : 0.0;
     graph_saving_no_pdl_us_ = opt.decode_graphs ? p.graph_launch.saving_no_pdl_us() : 0.0;
+    // The fused batch-1 layer where the executor would run it and the profile has its shape.
+    if (opt.fused_decode_layer && uses_fused_decode_layer(dk_, true, 1, 1) && l.world_size() == 1 &&
+        fused_layer_model_ok(m)) {
+      fused_points_ = fused_points_of(p, fused_layer_shape(m));
+      fused_ = !fused_points_.empty();
+    }
     qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
     sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
@@ -342,14 +371,24 @@ class MixServeModel final : public StepCostModel {
 
     StepCost out;
     Acc total;
+    // A step of one sequence and one token: the executor runs each MoE layer (attention, router,
+    // experts) as one fused launch (core/decode_path.hpp uses_fused_decode_layer), one measured
+    // time per layer at the sequence's context (fused_layer_time).
+    Acc fused;
+    const bool fused_step = fused_ && per_replica.size() == 1 && per_replica[0].prefill_tokens == 0 &&
+                            uses_fused_decode_layer(dk_, true, per_replica[0].tokens(), per_replica[0].num_decode);
+    if (fused_step)  // (the launch of a run of layers is in the points: one a step, no table time)
+      fused.add_launches(fused_layer, fused_time_at(fused_points_, double(per_replica[0].decode_context)), 0);
     for (const StageLayers& st : stages_) {
       Acc stage;
       stage.add(best_dense_full, st.dense_full);
       stage.add(best_dense_slide, st.dense_sliding);
-      stage.add(best_full, st.moe_full);
+      stage.add(fused_step ? fused : best_full, st.moe_full);
       stage.add(best_slide, st.moe_sliding);
       const int n_stage_moe = st.moe_full + st.moe_sliding;
-      if (per_layer == nullptr) {
+      if (fused_step) {
+        // (the MoE blocks are inside the fused layers)
+      } else if (per_layer == nullptr) {
         stage.add(moe_lo, n_stage_moe);
       } else {
         double w_hi = 0;
@@ -888,6 +927,8 @@ class MixServeModel final : public StepCostModel {
   bool mla_ = false;
   double host_step_us_ = 0;   // profile host_overhead.step_us: once per step
   bool dk_ = false;           // the executor's decode kernels (core/decode_path.hpp)
+  bool fused_ = false;        // CostModelOptions::fused_decode_layer taken (the profile has the shape)
+  std::vector<FusedLayerPoint> fused_points_;  // of the model's layer shape, by context
   double graph_saving_us_ = 0;  // per launch of a graphed decode step (profile graph_launch)
   double graph_saving_no_pdl_us_ = 0;  // per launch made without PDL (saving_no_pdl_us)
   bool device_greedy_ = false;  // CostModelOptions::device_greedy
@@ -953,6 +994,36 @@ bool saturated_arrivals(const WorkloadSpec& w) {
 }
 
 }  // namespace
+
+FusedLayerPoint fused_layer_shape(const ModelSpec& m) {
+  FusedLayerPoint s;
+  s.hidden = m.hidden_size;
+  s.q_heads = m.attention.num_heads;
+  s.kv_heads = m.attention.num_kv_heads;
+  s.head_dim = m.attention.head_dim;
+  s.inter = m.moe.expert_intermediate_size;
+  s.experts = m.moe.num_experts;
+  s.top_k = m.moe.top_k;
+  return s;
+}
+
+bool fused_layer_model_ok(const ModelSpec& m) {
+  const AttentionSpec& a = m.attention;
+  const MoESpec& e = m.moe;
+  const bool qk_ok = !a.qk_norm || qk_norm_per_head(m.architecture);
+  return m.num_moe_layers() > 0 && a.type != AttentionType::mla && !a.qkv_bias && !a.o_bias && qk_ok &&
+         a.sliding_window == 0 && (a.head_dim == 64 || a.head_dim == 128) && a.num_kv_heads > 0 &&
+         a.num_heads % a.num_kv_heads == 0 && m.hidden_size % 8 == 0 && e.expert_intermediate_size % 8 == 0 &&
+         e.num_experts >= 1 && e.num_experts <= 256 && e.top_k >= 1 && e.top_k <= 8 && e.top_k <= e.num_experts &&
+         !e.has_shared_expert() && e.scoring == Scoring::softmax && !e.topk_before_softmax && e.n_group <= 1 &&
+         !e.router_bias && !e.score_correction_bias && !e.expert_bias;
+}
+
+std::optional<OpTime> fused_layer_time(const HardwareProfile& p, const FusedLayerPoint& shape, double context) {
+  const auto pts = fused_points_of(p, shape);
+  if (pts.empty()) return std::nullopt;
+  return fused_time_at(pts, context);
+}
 
 std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const ModelSpec& m,
                                                const ClusterSpec& c, const HardwareProfile& p,

@@ -196,3 +196,40 @@ TEST_CASE("profile graph_launch: optional, no saving when absent, bad values nam
       },
       "x.yaml", "chain_kernels");
 }
+
+TEST_CASE("profile fused_decode_layer: optional, round-trips, and bad values name the key") {
+  HardwareProfile p = load_profile("h200");
+  p.fused_decode_layer = {};
+  const std::string before = profile_to_yaml(p);
+  CHECK(before.find("fused_decode_layer") == std::string::npos);  // absent: not written
+  CHECK(parse_profile_yaml(before, "h200.yaml").fused_decode_layer.points.empty());
+  p.fused_decode_layer.measured_with = "mixserve-profile fused-layer --plan one.yaml | NVIDIA H200 | 2026-11-29";
+  p.fused_decode_layer.points = {{2048, 32, 4, 128, 768, 128, 8, 1039, 48.25}, {2048, 32, 4, 128, 768, 128, 8, 271, 47.5}};
+  const std::string text = profile_to_yaml(p);
+  const HardwareProfile q = parse_profile_yaml(text, "with.yaml");
+  REQUIRE(q.fused_decode_layer.points.size() == 2);
+  CHECK(q.fused_decode_layer.points[0].context == 1039);
+  CHECK(q.fused_decode_layer.points[0].top_k == 8);
+  CHECK(q.fused_decode_layer.points[1].time_us == 47.5);
+  CHECK(q.fused_decode_layer.measured_with == p.fused_decode_layer.measured_with);
+  CHECK(profile_to_yaml(q) == text);
+  const std::string head = "version: 1\nname: x\ngpu: H200\nsource: measured\nsm_count: 132\nmemory_GiB: 140\n"
+                           "peaks: {bf16_tflops: 800, fp8_tflops: 1500, fp32_tflops: 50, mem_bw_GBps: 4000}\n"
+                           "efficiency: {gemm: 1, memory: 1}\n";
+  const std::string row = "{hidden: 64, q_heads: 4, kv_heads: 2, head_dim: 64, inter: 32, experts: 8, top_k: 2, ";
+  expect_input_error([&] { parse_profile_yaml(head + "fused_decode_layer: {measured_with: a, points: [" + row +
+                                                  "context: 100, time_us: 0}]}\n", "x.yaml"); },
+                     "x.yaml", "time_us");
+  expect_input_error([&] { parse_profile_yaml(head + "fused_decode_layer: {measured_with: a, points: [" + row +
+                                                  "time_us: 5}]}\n", "x.yaml"); },
+                     "x.yaml", "context");
+  expect_input_error([&] { parse_profile_yaml(head + "fused_decode_layer: {measured_with: a, points: [" + row +
+                                                  "context: 100, time_us: 5}, " + row + "context: 100, time_us: 6}]}\n",
+                                              "x.yaml"); },
+                     "x.yaml", "context");
+  expect_input_error([&] { parse_profile_yaml(head + "fused_decode_layer: {measured_with: a, points: []}\n", "x.yaml"); },
+                     "x.yaml", "points");
+  expect_input_error([&] { parse_profile_yaml(head + "fused_decode_layer: {points: [" + row +
+                                                  "context: 100, time_us: 5}]}\n", "x.yaml"); },
+                     "x.yaml", "measured_with");
+}

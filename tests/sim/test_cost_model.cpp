@@ -417,3 +417,85 @@ TEST_CASE("graphed decode steps: launches without programmatic dependent launch 
   CHECK(back.graph_launch.no_pdl_measured_with == "test");
   CHECK(parse_profile_yaml(profile_to_yaml(p_base), "round-trip").graph_launch.no_pdl_extra_us == 0.0);
 }
+
+TEST_CASE("fused batch-1 decode layer: the profile's per-layer points replace the MoE layers of a 1-sequence decode step") {
+  const ModelSpec m = test::qwen3_235b();  // 94 MoE layers, no dense layer
+  HardwareProfile p = test::h200_datasheet(3.0);
+  const ClusterSpec c1 = test::h200_cluster(1, 1);
+  const Layout one = test::layout(1, 1, 1, 1, 1, MoeComm::tp_allreduce);
+  CostModelOptions on;
+  on.fused_decode_layer = true;
+  const auto d1 = decode_batch(1, 1, 512);
+  auto base = make_cost_model("mixserve", m, c1, p, one, {});
+  // No point of the model's layer shape: the unfused kernels, as without the option.
+  CHECK(make_cost_model("mixserve", m, c1, p, one, on)->step(d1, false).time_us ==
+        doctest::Approx(base->step(d1, false).time_us));
+  FusedLayerPoint a = fused_layer_shape(m), b = a, c = a, other = a;
+  CHECK(a.hidden == 4096);
+  CHECK(a.top_k == 8);
+  CHECK(a.inter == 1536);
+  a.context = 256, a.time_us = 40;
+  b.context = 1024, b.time_us = 44;
+  c.context = 4096, c.time_us = 50;
+  other.hidden = 2048, other.context = 512, other.time_us = 1;  // another shape: never used here
+  p.fused_decode_layer = {{c, a, other, b}, "test"};
+  // fused_layer_time: linear in the context between points, flat below, rising beyond.
+  CHECK(fused_layer_time(p, a, 256)->time_us == 40);
+  CHECK(fused_layer_time(p, a, 256)->source == CostSource::measured);
+  CHECK(fused_layer_time(p, a, 640)->time_us == doctest::Approx(42));
+  CHECK(fused_layer_time(p, a, 640)->source == CostSource::interpolated);
+  CHECK(fused_layer_time(p, a, 2560)->time_us == doctest::Approx(47));
+  CHECK(fused_layer_time(p, a, 100)->time_us == 40);
+  CHECK(fused_layer_time(p, a, 100)->source == CostSource::extrapolated);
+  CHECK(fused_layer_time(p, a, 8192)->time_us == doctest::Approx(58));
+  CHECK(fused_layer_time(p, a, 8192)->source == CostSource::extrapolated);
+  FusedLayerPoint none = a;
+  none.top_k = 4;
+  CHECK_FALSE(fused_layer_time(p, none, 512).has_value());
+
+  auto fused = make_cost_model("mixserve", m, c1, p, one, on);
+  auto unfused = make_cost_model("mixserve", m, c1, p, one, {});  // the same profile, option off
+  const StepCost f = fused->step(d1, true), u = unfused->step(d1, true);
+  double fused_op = -1, lm_f = -1, lm_u = -1;
+  bool attn_or_moe = false;
+  for (const OpCost& o : f.ops) {
+    if (o.op == "fused.decode_layer") fused_op = o.time_us;
+    if (o.op == "lm_head") lm_f = o.time_us;
+    if (o.op.rfind("attn.qkv", 0) == 0 || o.op.rfind("attn.core", 0) == 0 || o.op.rfind("moe.", 0) == 0) attn_or_moe = true;
+  }
+  for (const OpCost& o : u.ops)
+    if (o.op == "lm_head") lm_u = o.time_us;
+  CHECK(fused_op == doctest::Approx(94 * (40 + 4.0 / 768 * 256)));
+  CHECK_FALSE(attn_or_moe);
+  CHECK(lm_f == doctest::Approx(lm_u));  // the step's other launches as before
+  CHECK(f.time_us < u.time_us);
+  // Only steps of one sequence and one token: two sequences, a prefill, a sharded layout run unfused.
+  const auto d2 = decode_batch(1, 2, 512);
+  CHECK(fused->step(d2, false).time_us == doctest::Approx(unfused->step(d2, false).time_us));
+  const auto pf = prefill_batch(1, 1);
+  CHECK(fused->step(pf, false).time_us == doctest::Approx(unfused->step(pf, false).time_us));
+  const ClusterSpec c2 = test::h200_cluster(1, 2);
+  const Layout tp2 = test::layout(2, 1, 2, 1, 1, MoeComm::tp_allreduce);
+  CHECK(make_cost_model("mixserve", m, c2, p, tp2, on)->step(d1, false).time_us ==
+        doctest::Approx(make_cost_model("mixserve", m, c2, p, tp2, {})->step(d1, false).time_us));
+  // Models whose layers the executor does not fuse.
+  CHECK(fused_layer_model_ok(m));
+  auto not_ok = [&](auto change) {
+    ModelSpec x = m;
+    change(x);
+    return !fused_layer_model_ok(x);
+  };
+  CHECK(not_ok([](ModelSpec& x) { x.moe.num_shared_experts = 1, x.moe.shared_intermediate_size = 512; }));
+  CHECK(not_ok([](ModelSpec& x) { x.attention.qkv_bias = true; }));
+  CHECK(not_ok([](ModelSpec& x) { x.attention.sliding_window = 4096; }));
+  CHECK(not_ok([](ModelSpec& x) { x.moe.top_k = 9, x.moe.num_experts = 16; }));
+  CHECK(not_ok([](ModelSpec& x) { x.attention.head_dim = 96; }));
+  CHECK(not_ok([](ModelSpec& x) { x.architecture = "OlmoeForCausalLM"; }));  // q/k norm over the projection
+  CHECK(not_ok([](ModelSpec& x) { x.moe.scoring = Scoring::sigmoid; }));
+  CHECK_FALSE(fused_layer_model_ok(test::deepseek_r1()));  // MLA
+  // A model that is not fused keeps the unfused cost even with a point of its shape.
+  ModelSpec biased = m;
+  biased.attention.qkv_bias = true;
+  CHECK(make_cost_model("mixserve", biased, c1, p, one, on)->step(d1, false).time_us ==
+        doctest::Approx(make_cost_model("mixserve", biased, c1, p, one, {})->step(d1, false).time_us));
+}

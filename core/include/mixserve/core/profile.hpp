@@ -143,6 +143,26 @@ struct GraphLaunch {
   }
 };
 
+// The fused batch-1 decode layer (executor gpu/decode_layer.hpp, `mixserve-run bench
+// --fused-decode-layer`): one layer's time at one context length for one layer shape, measured by
+// `mixserve-profile fused-layer` as the difference of two graphed decode steps of the same model
+// with L1 and L2 layers divided by L2 - L1 (the step's embedding, final norm and LM head cancel).
+// The fused layer runs on every SM, so its time is a measured whole, not a sum of table ops.
+struct FusedLayerPoint {
+  int64_t hidden = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t inter = 0, experts = 0, top_k = 0;  // routed experts' width, count, experts per token
+  int64_t context = 0;                        // tokens the decode step attends to
+  double time_us = 0;                         // per layer
+  bool same_shape(const FusedLayerPoint& o) const {
+    return hidden == o.hidden && q_heads == o.q_heads && kv_heads == o.kv_heads && head_dim == o.head_dim &&
+           inter == o.inter && experts == o.experts && top_k == o.top_k;
+  }
+};
+struct FusedLayerTable {
+  std::vector<FusedLayerPoint> points;
+  std::string measured_with;  // the command, device and date
+};
+
 struct HardwareProfile {
   int version = 1;
   std::string name;                  // "h200-datasheet", "h200"
@@ -167,6 +187,7 @@ struct HardwareProfile {
   std::vector<CollectivePoint> collectives;
   HostOverhead host_overhead;        // host_overhead {step_us, steps, measured_with}; optional
   GraphLaunch graph_launch;          // graph_launch {alone_graph_us, ...}; optional
+  FusedLayerTable fused_decode_layer;  // fused_decode_layer {points, measured_with}; optional
   std::map<std::string, std::string> versions;  // driver, cuda, cublas, nccl
   std::string measured_on;           // host / date
   std::string notes;                 // e.g. "collectives are alpha-beta until measured"

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "mixserve/core/plan.hpp"
 #include "mixserve/core/profile.hpp"
 #include "mixserve/core/workload.hpp"
+#include "mixserve/sim/op_timer.hpp"
 
 namespace mixserve::sim {
 
@@ -85,8 +87,28 @@ struct CostModelOptions {
   // such a step's launches each cost the profile's graph_launch.saving_us() less than their table
   // points (timed alone). false: every step as the tables time it (--no-cuda-graph).
   bool decode_graphs = true;
+  // The executor's fused batch-1 decode layer (GpuModelConfig::fused_decode_layer, `mixserve-run
+  // bench --fused-decode-layer`): a step of one sequence and one token on an unsharded model with
+  // the decode kernels runs each MoE layer as one launch, costed from the profile's
+  // fused_decode_layer points of the model's layer shape (fused_layer_time). Without a point of
+  // that shape, or for a model whose layers the executor does not fuse, the unfused kernels.
+  bool fused_decode_layer = false;
   bool want_breakdown = false;
 };
+
+// The model's layer as the profile's fused_decode_layer points key it (context and time 0).
+FusedLayerPoint fused_layer_shape(const ModelSpec& m);
+// Whether the executor runs this model's MoE layers as the fused batch-1 layer when asked
+// (model_forward.cpp fused_layer_params and decode_layer.cu's checks of the widths): GQA / MHA
+// attention without q/k/v or o bias, q/k norms per head or none, no sliding window, MoE layers
+// with softmax top-k routing (top_k <= 8, <= 256 experts) and no shared expert, head_dim 64 or 128,
+// hidden and expert widths multiples of 8. The shared-memory fit is checked on the device.
+bool fused_layer_model_ok(const ModelSpec& m);
+// One fused layer's time at `context` tokens from the profile's points of `shape`: linear in the
+// context between the two points around it (interpolated; measured at a point's own context),
+// along the last two points beyond the largest context (extrapolated, never decreasing), the
+// smallest context's time below it (extrapolated). nullopt: no point of this shape.
+std::optional<OpTime> fused_layer_time(const HardwareProfile& p, const FusedLayerPoint& shape, double context);
 
 class StepCostModel {
  public:
