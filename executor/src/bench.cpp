@@ -427,7 +427,9 @@ BenchResult run_bench(const Plan& plan, const std::string& plan_path, const Benc
     else
       g->reset_cache();
   }
-  bench_finish(r, pass());
+  const BenchRun measured = pass();
+  if (g) r.fused_layers_run = g->fused_layers_run();
+  bench_finish(r, measured);
   return r;
 }
 
@@ -509,6 +511,10 @@ void bench_finish(BenchResult& r, const BenchRun& run) {
   // Per step the model of how it ran: decode steps as CUDA graphs or eagerly (graph_launch saving).
   sim::CostModelOptions graphed, eager;
   eager.decode_graphs = false;
+  // --fused-decode-layer: the fused layers from the profile's points of the model's layer shape.
+  graphed.fused_decode_layer = eager.fused_decode_layer = cfg.fused_decode_layer;
+  r.fused_predicted = cfg.fused_decode_layer && r.ranks == 1 && sim::fused_layer_model_ok(r.model) &&
+                      sim::fused_layer_time(profile, sim::fused_layer_shape(r.model), 1.0).has_value();
   const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, graphed);
   const auto cm_eager =
       sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, eager);
@@ -764,7 +770,7 @@ nlohmann::json bench_json(const BenchResult& r) {
       {"plan", {{"path", r.plan_path}, {"sha256", r.plan_sha256}, {"model", p.model.name}, {"layout", p.chosen.layout.name()}, {"cluster", p.cluster.name},
                 {"gpu_model", p.cluster.gpu_model}, {"limits", to_json(p.chosen.limits)},
                 {"provenance", {{"tool", p.provenance.tool}, {"created", p.provenance.created}}}}},
-      {"prediction", {{"cost_model", r.cost_model}, {"profile", r.profile_name}}},
+      {"prediction", {{"cost_model", r.cost_model}, {"profile", r.profile_name}, {"fused_decode_layer", r.fused_predicted}}},
       {"memory_estimate_bytes", {{"weights", r.memory.weights}, {"kv_cache", r.memory.kv_cache},
                                  {"activations", r.memory.activations}, {"reserved", r.memory.reserved},
                                  {"free_device", r.memory.free_device}}},
@@ -786,11 +792,18 @@ std::string format_bench_report(const BenchResult& r) {
                    c.output_len, c.warmup, c.seed));
   line(fmt::format("# device {} | prefill chunk {} tokens | memory estimate {:.2f} GiB of {:.2f} GiB free",
                    r.device_name, r.prefill_chunk_tokens, r.memory.total() / kGiB, r.memory.free_device / kGiB));
-  if (c.fused_decode_layer)
-    line(c.batch == 1 ? "# --fused-decode-layer: the decode steps run the fused batch-1 MoE layer in the MoE layers it "
-                        "supports (no shared expert, no q/k/v bias); the prediction is of the unfused kernels "
-                        "(expect those steps faster than predicted: docs/forward.md)"
-                      : "# --fused-decode-layer: not used (it runs steps of one sequence; batch > 1)");
+  if (c.fused_decode_layer && c.batch != 1)
+    line("# --fused-decode-layer: not used (it runs steps of one sequence; batch > 1)");
+  else if (c.fused_decode_layer)
+    line(fmt::format(
+        "# --fused-decode-layer: the decode steps run the MoE layers it supports (no shared expert, no q/k/v bias) "
+        "as the fused batch-1 layer ({} fused layer runs enqueued, warm-ups and graph captures included); {}",
+        r.fused_layers_run,
+        r.fused_predicted
+            ? "the prediction takes their time from the profile's fused_decode_layer points (mixserve-profile "
+              "fused-layer), interpolated in the context"
+            : "the profile has no fused_decode_layer point of this layer shape, so the prediction is of the unfused "
+              "kernels (expect those steps faster than predicted; mixserve-profile fused-layer measures the points)"));
   if (r.ranks > 1)
     line(fmt::format("# MoE communication: {} (plan moe_comm {})",
                      to_string(moe_sched_for(r.plan.chosen.layout, r.model)), to_string(r.plan.chosen.layout.moe_comm)));

@@ -132,6 +132,10 @@ int run_validate(const ValidateConfig& o) {
   sim::CostModelOptions copt;
   copt.routing = sim::routing_from_workload(w);
   copt.device_greedy = mode == "online";  // the online engine's argmax runs on the device, inside its events
+  // mixserve-run bench --fused-decode-layer, predicted from the profile's fused_decode_layer points
+  // (results JSON prediction.fused_decode_layer; absent in older results: false).
+  copt.fused_decode_layer = pred.contains("fused_decode_layer") && pred["fused_decode_layer"].is_boolean() &&
+                            pred["fused_decode_layer"].get<bool>();
   const HardwareProfile prof = load_profile(profile_name);
   const auto cm = sim::make_cost_model(cm_name, model, plan.cluster, prof, plan.chosen.layout, copt);
   sim::CostModelOptions copt_eager = copt;

@@ -2,6 +2,7 @@
 //   mixserve-profile all -o profiles/h200.yaml --json run.json
 //   mixserve-profile gemm|experts|elementwise|attention|expert_gemv|gemv|comm [-o FILE] [--merge OLD]
 //   mixserve-profile check --profile profiles/h200.yaml        (predicted vs measured)
+//   mixserve-profile fused-layer --plan one.yaml --merge profiles/h200.yaml -o profiles/h200.yaml
 // Exit codes: 0 ok, 1 runtime failure or a failed check, 2 bad input, 3 no GPU.
 #include <filesystem>
 #include <set>
@@ -27,6 +28,7 @@ constexpr int kExitNoGpu = 3;
 struct Cli {
   mixserve::profiler::ProfileConfig cfg;
   std::string output, json, profile_in, merge;
+  mixserve::profiler::FusedLayerConfig fused;
   int check_count = 30;
   double check_bar = 0.10;
   bool no_flush = false;
@@ -80,6 +82,10 @@ std::string notes_for(const mixserve::HardwareProfile& p, const nlohmann::json& 
 
 int run(const std::string& what, const Cli& cli, int argc, char** argv) {
   using namespace mixserve;
+  if (what == "fused-layer") {  // bad arguments or plan first, GPU or not
+    (void)profiler::check_fused_layer(cli.fused);
+    (void)load_profile(cli.merge);
+  }
   if (!cli.cfg.dry_run && gpu::device_count_or_zero() == 0) {
     std::cerr << "mixserve-profile: skipped: no GPU (no CUDA device visible)\n";
     return kExitNoGpu;
@@ -89,7 +95,21 @@ int run(const std::string& what, const Cli& cli, int argc, char** argv) {
   profiler::Output out{std::cout, std::cerr};
   HardwareProfile p;
   int rc = kExitOk;
-  if (what == "check") {
+  if (what == "fused-layer") {
+    // Needs a measured profile of this GPU to add to (the peaks and tables stay as they are).
+    p = load_profile(cli.merge);
+    HardwareProfile here;
+    profiler::describe_machine(cfg, here, out);
+    if (here.gpu != p.gpu)
+      throw InputError(fmt::format("{}: key 'gpu': expected this machine's GPU '{}', got '{}'", cli.merge, here.gpu, p.gpu));
+    profiler::profile_fused_layer(cli.fused, p, out);
+    fmt::print(std::cout, "# Verdict: OK ({} fused-layer points in the profile), exit code 0\n",
+               p.fused_decode_layer.points.size());
+    if (!cli.output.empty()) {
+      write_file_atomic(cli.output, profile_to_yaml(p));
+      std::cerr << "mixserve-profile: wrote " << cli.output << "\n";
+    }
+  } else if (what == "check") {
     p = load_profile(cli.profile_in);
     profiler::describe_machine(cfg, p, out);
     const double med = profiler::check_predictions(cfg, p, cli.check_count, out);
@@ -228,6 +248,19 @@ int main(int argc, char** argv) {
   check->add_option("--count", cli.check_count, "number of shapes")->capture_default_str();
   check->add_option("--bar", cli.check_bar, "largest acceptable median relative error")->capture_default_str();
   check->callback([&chosen] { chosen = "check"; });
+  auto* fl = app.add_subcommand(
+      "fused-layer", "time the fused batch-1 decode layer of a one-GPU plan's model at several contexts (two layer "
+                     "counts, the difference per layer) and add the points to a profile");
+  fl->add_option("--device", cfg.device, "CUDA device")->capture_default_str();
+  fl->add_option("--json", cli.json, "also write the results (args, versions, device, rows) as JSON here");
+  fl->add_option("--plan", cli.fused.plan, "a one-GPU plan of the model (mixserve-plan search ... --cluster h200-1x1)")
+      ->required();
+  fl->add_option("--contexts", cli.fused.contexts, "context lengths (prompt tokens)")->delimiter(',')->capture_default_str();
+  fl->add_option("--layers", cli.fused.layers, "two layer counts L1 < L2 of the model")->delimiter(',')->capture_default_str();
+  fl->add_option("--output-len", cli.fused.output_len, "tokens generated a run (decode steps + 1)")->capture_default_str();
+  fl->add_option("--merge", cli.merge, "the measured profile of this GPU to add the points to")->required();
+  fl->add_option("-o,--output", cli.output, "write the profile (YAML) here");
+  fl->callback([&chosen] { chosen = "fused-layer"; });
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
   bench->add_flag("!--no-cuda-graph", cfg.cuda_graph, "run decode steps eagerly (offline and online)");
   bench->add_flag("--fused-decode-layer", cfg.fused_decode_layer,
                   "offline, one GPU: decode steps of one sequence run each MoE layer as one fused launch "
-                  "(not in the cost model's prediction)")
+                  "(predicted from the profile's fused_decode_layer points when it has the model's layer shape)")
       ->group(off);
   bench->add_flag("--emulate-ranks", cfg.emulate_ranks,
                   "a multi-GPU plan (offline and online): run its ranks as logical ranks on this one GPU "

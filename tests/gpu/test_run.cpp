@@ -175,9 +175,42 @@ TEST_CASE("run bench --fused-decode-layer: batch-1 decode steps through the fuse
   MESSAGE("greedy tokens equal to the unfused run's: " << std::string(b.output_ids == a.output_ids ? "yes" : "no"));
   for (const auto& s : b.steps) CHECK(s.measured_ms > 0.0);
   const std::string report = gpu::format_bench_report(b);
-  CHECK(report.find("# --fused-decode-layer: the decode steps run the fused batch-1 MoE layer") != std::string::npos);
+  CHECK(report.find("# --fused-decode-layer: the decode steps run the MoE layers it supports") != std::string::npos);
   CHECK(gpu::format_bench_report(a).find("--fused-decode-layer") == std::string::npos);
   CHECK(gpu::bench_json(b)["args"]["fused_decode_layer"].get<bool>());
+  CHECK(a.fused_layers_run == 0);
+  CHECK(b.fused_layers_run > 0);
+  // The plan's profile has no fused_decode_layer point of this shape: the unfused prediction, said.
+  CHECK_FALSE(b.fused_predicted);
+  CHECK(report.find("the profile has no fused_decode_layer point of this layer shape") != std::string::npos);
+  CHECK_FALSE(gpu::bench_json(b)["prediction"]["fused_decode_layer"].get<bool>());
+  // With points of the shape (an invented 1000 us a layer, two contexts around the run's): the
+  // decode steps' prediction is the MoE layers' points plus the rest of the step.
+  HardwareProfile prof = load_profile(b.profile_name);
+  FusedLayerPoint lo = sim::fused_layer_shape(b.model), hi = lo;
+  lo.context = 1, lo.time_us = 1000;
+  hi.context = 100, hi.time_us = 1000;
+  prof.fused_decode_layer = {{lo, hi}, "test_gpu_run (invented points)"};
+  const auto path = std::filesystem::temp_directory_path() / "mixserve-test-run-fused-profile.yaml";
+  write_file_atomic(path, profile_to_yaml(prof));
+  auto fp = f;
+  fp.profile = path.string();
+  const gpu::BenchResult bp = gpu::run_bench(plan, "test-plan", fp);
+  std::filesystem::remove(path);
+  CHECK(bp.fused_predicted);
+  CHECK(gpu::format_bench_report(bp).find("the prediction takes their time from the profile's fused_decode_layer") !=
+        std::string::npos);
+  CHECK(gpu::bench_json(bp)["prediction"]["fused_decode_layer"].get<bool>());
+  const int moe_layers = bp.model.num_moe_layers();
+  REQUIRE(moe_layers > 0);
+  int decodes = 0;
+  for (std::size_t i = 0; i < bp.steps.size(); ++i) {
+    if (bp.steps[i].kind != "decode") continue;
+    ++decodes;
+    CHECK(bp.steps[i].predicted_ms >= moe_layers * 1.0);  // moe_layers x 1000 us and the rest
+    CHECK(bp.steps[i].predicted_ms < b.steps[i].predicted_ms + moe_layers * 1.0);
+  }
+  CHECK(decodes == c.output_len - 1);
   // Batch > 1: accepted, said unused.
   auto f3 = small_config();
   f3.fused_decode_layer = true;

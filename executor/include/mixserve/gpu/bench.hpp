@@ -54,8 +54,8 @@ struct BenchConfig {
   bool process_per_rank = false;
   // Decode steps of one sequence run every supported MoE layer as the fused batch-1 layer
   // (GpuModelConfig::fused_decode_layer, gpu/decode_layer.hpp; needs every SM of the GPU). One-GPU
-  // plans only. The cost model predicts the unfused kernels, so those steps measure faster than
-  // predicted (the output says so).
+  // plans only. The prediction costs those layers from the profile's fused_decode_layer points of
+  // the model's layer shape (mixserve-profile fused-layer), else the unfused kernels, and says which.
   bool fused_decode_layer = false;
 };
 
@@ -107,6 +107,10 @@ struct BenchResult {
   double median_decode_latency = 0, median_decode_throughput = 0;
   double total_latency = 0, overall_throughput = 0;
   double median_prefill_error_pct = 0, median_decode_error_pct = 0;
+  // --fused-decode-layer: MoE layers the executor ran fused (one GPU; every pass, warm-ups
+  // included), and whether the prediction costed them from the profile's points (else unfused).
+  int64_t fused_layers_run = 0;
+  bool fused_predicted = false;
 };
 
 // How check_single_gpu_plan treats a plan of several GPUs: refused naming --emulate-ranks /

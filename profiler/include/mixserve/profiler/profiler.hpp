@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mixserve/core/plan.hpp"
 #include "mixserve/core/profile.hpp"
 #include "mixserve/gpu/timing.hpp"
 
@@ -64,6 +65,25 @@ void profile_gemv(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
 // Collectives on 2, 4, ... GPUs of this node driven by one process (NCCL_NVLS_ENABLE=0).
 // Returns the total number of wrong elements (0 expected).
 int64_t profile_comm(const ProfileConfig& cfg, HardwareProfile& p, Output& out);
+
+// The fused batch-1 decode layer (HardwareProfile::fused_decode_layer) of the model of a one-GPU
+// plan, at each context: two graphed offline benchmarks (gpu/bench.hpp run_bench: batch 1, input
+// = the context, `output_len` tokens, --fused-decode-layer, seeded synthetic weights) with the
+// model's first layers[0] and layers[1] layers; the difference of their median decode steps over
+// the difference of their layers is one layer (the step's embedding, final norm and LM head
+// cancel). The added layers must all be MoE layers that ran fused. Replaces the profile's points of
+// that layer shape (fused_layer.cpp). InputError for a plan, model or arguments it cannot take.
+struct FusedLayerConfig {
+  std::string plan;                        // a one-GPU plan (mixserve-plan search ... --cluster h200-1x1)
+  std::vector<int64_t> contexts{256, 1024, 4096};
+  std::vector<int> layers{2, 8};           // two layer counts, the second larger
+  int output_len = 17;                     // 16 decode steps a run
+  uint64_t seed = 0;
+};
+// The checks without a device (arguments, the plan: one GPU, a model the fused layer takes);
+// returns the plan. InputError.
+Plan check_fused_layer(const FusedLayerConfig& cfg);
+void profile_fused_layer(const FusedLayerConfig& cfg, HardwareProfile& p, Output& out);
 
 // The prediction check: times `count` GEMM and expert shapes that are not in the profile's grid
 // and compares with the simulator's profile-table timer reading `p`. Returns the median relative
