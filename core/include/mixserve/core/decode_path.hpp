@@ -55,7 +55,8 @@ inline constexpr bool uses_grouped_gemv_v2(bool decode_kernels, int64_t tokens,
 
 // The fused batch-1 decode layer (executor gpu/decode_layer.hpp): a step of one sequence and one
 // token with the decode kernels runs the MoE layers the kernel supports in one launch (consecutive
-// layers together). Off by default; the cost model predicts the unfused kernels.
+// layers together). Off by default (`mixserve-run bench --fused-decode-layer`); the cost model
+// costs it from the profile's fused_decode_layer points when asked (CostModelOptions).
 inline constexpr bool kFusedDecodeLayerDefault = false;
 inline constexpr bool uses_fused_decode_layer(bool decode_kernels, bool enabled, int64_t tokens, int64_t seqs) {
   return decode_kernels && enabled && tokens == 1 && seqs == 1;

@@ -70,8 +70,9 @@
 // memory model's "no thin air" axiom (dependencies and observed values form no cycle) then forbids
 // a layer-l read from seeing a layer-(l + 1) store. The experts' partials, read in the next layer
 // and rewritten in the one after, alternate between two buffers by layer parity.
-// GpuModelConfig::fused_decode_layer stays off by default: the cost model predicts the unfused
-// kernels (docs/forward.md).
+// GpuModelConfig::fused_decode_layer stays off by default (mixserve-run bench --fused-decode-layer);
+// the cost model predicts it from the profile's measured per-layer points (HardwareProfile::
+// fused_decode_layer, mixserve-profile fused-layer) when told it runs.
 //
 // Sync contract: stream order; with pdl the launch may start while the previous kernel finishes
 // (the producer issues weight copies before the consumers' wait). The grid barrier needs every block
