@@ -377,3 +377,43 @@ TEST_CASE("validate: online results of two attention-DP replicas (emulated ranks
     CHECK(!fs::exists(out));
   }
 }
+
+TEST_CASE("validate: offline results of --fused-decode-layer are predicted from the profile's fused-layer points") {
+  const Plan plan = load_plan(plan_path().string());
+  const ModelSpec m = model::with_num_layers(plan.model, kLayers);
+  const HardwareProfile prof = load_profile(plan.profile_name);
+  // The shipped H200 profile holds measured points of Qwen3-30B-A3B's layer (docs/profile-h200.md).
+  REQUIRE(sim::fused_layer_time(prof, sim::fused_layer_shape(m), 600).has_value());
+  sim::CostModelOptions fo;
+  fo.routing = sim::routing_from_workload(plan.workload);
+  fo.fused_decode_layer = true;
+  const auto fused = sim::make_cost_model("mixserve", m, plan.cluster, prof, plan.chosen.layout, fo);
+  const auto plain = cost_model(plan, false);
+  sim::ReplicaBatch d;
+  d.num_decode = 1;
+  d.decode_context = 600;
+  const double pf = predict_ms(*fused, d), pu = predict_ms(*plain, d);
+  CHECK(pf < pu);  // 4 layers of ~44 us against the unfused kernels' ~13 launches a layer
+  auto results = [&](bool flag) {
+    json r = common(plan, "offline");
+    if (flag) r["prediction"]["fused_decode_layer"] = true;
+    r["batch_size"] = 1;
+    r["input_len"] = 599;
+    r["output_len"] = 2;
+    r["steps"] = json::array({{{"kind", "decode"}, {"batch", batch_json(d)}, {"measured_ms", pf}}});
+    r["total_latency"] = pf / 1e3;
+    return r;
+  };
+  for (bool flag : {true, false}) {
+    CAPTURE(flag);
+    const fs::path rf = scratch() / "fused.json", out = scratch() / "fused-validate.json";
+    spit(rf, results(flag).dump(2));
+    const Run v = run("validate --plan " + plan_path().string() + " --results " + rf.string() + " --json " +
+                      out.string());
+    REQUIRE_MESSAGE(v.code == 0, v.err);
+    const json doc = json::parse(slurp(out));
+    REQUIRE(doc["steps"].size() == 1);
+    // With the key: the fused prediction, which the "measurement" equals; without: the unfused one.
+    CHECK(doc["steps"][0]["error_pct"].get<double>() == doctest::Approx(flag ? 0.0 : 100.0 * (pu - pf) / pf));
+  }
+}
