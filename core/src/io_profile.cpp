@@ -53,6 +53,13 @@ void for_rows(const YamlMap& tables, std::string_view key, Fn fn) {
     fn(YamlMap(rows[i], tables.origin(), fmt::format("{}[{}]", tables.key_path(key), i)));
 }
 
+// FusedLayerPoint's integer keys, in the order they are written.
+constexpr std::pair<const char*, int64_t FusedLayerPoint::*> kFusedLayerIntKeys[] = {
+    {"hidden", &FusedLayerPoint::hidden},   {"q_heads", &FusedLayerPoint::q_heads},
+    {"kv_heads", &FusedLayerPoint::kv_heads}, {"head_dim", &FusedLayerPoint::head_dim},
+    {"inter", &FusedLayerPoint::inter},     {"experts", &FusedLayerPoint::experts},
+    {"top_k", &FusedLayerPoint::top_k},     {"context", &FusedLayerPoint::context}};
+
 void read_tables(const YamlMap& t, HardwareProfile& p) {
   t.allow_keys({"gemm", "experts", "elementwise", "attention", "collectives", "gemv"});
   for_rows(t, "gemv", [&](const YamlMap& r) {
@@ -205,14 +212,7 @@ HardwareProfile parse_profile_yaml(const std::string& text, const std::string& o
     for_rows(f, "points", [&](const YamlMap& r) {
       r.allow_keys({"hidden", "q_heads", "kv_heads", "head_dim", "inter", "experts", "top_k", "context", "time_us"});
       FusedLayerPoint q;
-      q.hidden = r.positive_i64("hidden");
-      q.q_heads = r.positive_i64("q_heads");
-      q.kv_heads = r.positive_i64("kv_heads");
-      q.head_dim = r.positive_i64("head_dim");
-      q.inter = r.positive_i64("inter");
-      q.experts = r.positive_i64("experts");
-      q.top_k = r.positive_i64("top_k");
-      q.context = r.positive_i64("context");
+      for (const auto& [key, field] : kFusedLayerIntKeys) q.*field = r.positive_i64(key);
       q.time_us = r.positive_num("time_us");
       for (const auto& o : p.fused_decode_layer.points)
         if (o.same_shape(q) && o.context == q.context)
@@ -353,10 +353,7 @@ std::string profile_to_yaml(const HardwareProfile& p) {
     out << YAML::Key << "points" << YAML::Value << YAML::BeginSeq;
     for (const auto& q : p.fused_decode_layer.points) {
       out << YAML::Flow << YAML::BeginMap;
-      out << YAML::Key << "hidden" << YAML::Value << q.hidden << YAML::Key << "q_heads" << YAML::Value << q.q_heads;
-      out << YAML::Key << "kv_heads" << YAML::Value << q.kv_heads << YAML::Key << "head_dim" << YAML::Value << q.head_dim;
-      out << YAML::Key << "inter" << YAML::Value << q.inter << YAML::Key << "experts" << YAML::Value << q.experts;
-      out << YAML::Key << "top_k" << YAML::Value << q.top_k << YAML::Key << "context" << YAML::Value << q.context;
+      for (const auto& [key, field] : kFusedLayerIntKeys) out << YAML::Key << key << YAML::Value << q.*field;
       out << YAML::Key << "time_us" << YAML::Value << fmt_num(q.time_us);
       out << YAML::EndMap;
     }
