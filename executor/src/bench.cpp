@@ -513,8 +513,8 @@ void bench_finish(BenchResult& r, const BenchRun& run) {
   eager.decode_graphs = false;
   // --fused-decode-layer: the fused layers from the profile's points of the model's layer shape.
   graphed.fused_decode_layer = eager.fused_decode_layer = cfg.fused_decode_layer;
-  r.fused_predicted = cfg.fused_decode_layer && r.ranks == 1 && sim::fused_layer_model_ok(r.model) &&
-                      sim::fused_layer_time(profile, sim::fused_layer_shape(r.model), 1.0).has_value();
+  r.fused_predicted = r.cost_model == "mixserve" &&
+                      sim::fused_layer_costed(r.model, r.plan.chosen.layout, profile, graphed);
   const auto cm = sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, graphed);
   const auto cm_eager =
       sim::make_cost_model(r.cost_model, r.model, r.plan.cluster, profile, r.plan.chosen.layout, eager);

@@ -223,11 +223,8 @@ class MixServeModel final : public StepCostModel {
     graph_saving_us_ = opt.decode_graphs ? p.graph_launch.saving_us() : 0.0;
     graph_saving_no_pdl_us_ = opt.decode_graphs ? p.graph_launch.saving_no_pdl_us() : 0.0;
     // The fused batch-1 layer where the executor would run it and the profile has its shape.
-    if (opt.fused_decode_layer && uses_fused_decode_layer(dk_, true, 1, 1) && l.world_size() == 1 &&
-        fused_layer_model_ok(m)) {
-      fused_points_ = fused_points_of(p, fused_layer_shape(m));
-      fused_ = !fused_points_.empty();
-    }
+    fused_ = fused_layer_costed(m, l, p, opt);
+    if (fused_) fused_points_ = fused_points_of(p, fused_layer_shape(m));
     qk_per_head_ = !m.attention.qk_norm || qk_norm_per_head(m.architecture);
     sm_count_ = p.sm_count > 0 ? p.sm_count : 132;
     capacity_bytes_ = (c.gpu_memory_GiB > 0 ? c.gpu_memory_GiB : p.memory_GiB) * 1073741824.0;
@@ -1023,6 +1020,12 @@ std::optional<OpTime> fused_layer_time(const HardwareProfile& p, const FusedLaye
   const auto pts = fused_points_of(p, shape);
   if (pts.empty()) return std::nullopt;
   return fused_time_at(pts, context);
+}
+
+bool fused_layer_costed(const ModelSpec& m, const Layout& l, const HardwareProfile& p, const CostModelOptions& opt) {
+  const bool dk = decode_kernels_enabled(opt.decode_kernels, l.world_size() > 1);
+  return opt.fused_decode_layer && uses_fused_decode_layer(dk, true, 1, 1) && l.world_size() == 1 &&
+         fused_layer_model_ok(m) && !fused_points_of(p, fused_layer_shape(m)).empty();
 }
 
 std::unique_ptr<StepCostModel> make_cost_model(const std::string& name, const ModelSpec& m,

@@ -453,6 +453,12 @@ TEST_CASE("fused batch-1 decode layer: the profile's per-layer points replace th
   none.top_k = 4;
   CHECK_FALSE(fused_layer_time(p, none, 512).has_value());
 
+  CHECK(fused_layer_costed(m, one, p, on));
+  CHECK_FALSE(fused_layer_costed(m, one, p, {}));  // option off
+  CostModelOptions on_plain = on;
+  on_plain.decode_kernels = false;  // the fused layer runs with the decode kernels only
+  CHECK_FALSE(fused_layer_costed(m, one, p, on_plain));
+  CHECK_FALSE(fused_layer_costed(m, test::layout(2, 1, 2, 1, 1, MoeComm::tp_allreduce), p, on));
   auto fused = make_cost_model("mixserve", m, c1, p, one, on);
   auto unfused = make_cost_model("mixserve", m, c1, p, one, {});  // the same profile, option off
   const StepCost f = fused->step(d1, true), u = unfused->step(d1, true);

@@ -109,6 +109,10 @@ bool fused_layer_model_ok(const ModelSpec& m);
 // along the last two points beyond the largest context (extrapolated, never decreasing), the
 // smallest context's time below it (extrapolated). nullopt: no point of this shape.
 std::optional<OpTime> fused_layer_time(const HardwareProfile& p, const FusedLayerPoint& shape, double context);
+// Whether the "mixserve" model made with these arguments costs the MoE layers of 1-sequence decode
+// steps as the fused layer: the option set, the decode kernels on an unsharded layout, a model the
+// executor fuses, and a point of its layer shape in the profile.
+bool fused_layer_costed(const ModelSpec& m, const Layout& l, const HardwareProfile& p, const CostModelOptions& opt);
 
 class StepCostModel {
  public:
